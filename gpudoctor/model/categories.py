@@ -1,0 +1,40 @@
+"""Kernel categories from kernel names, decided once per distinct name (names are categoricals)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+# Order matters: the first pattern that matches wins. Communication and attention come before GEMM
+# because fused attention kernels and NCCL kernels contain GEMM-like words.
+_RULES: list[tuple[str, re.Pattern]] = [
+    ("communication", re.compile(r"nccl|all_?reduce|all_?gather|reduce_?scatter|sendrecv|alltoall", re.I)),
+    ("attention", re.compile(
+        r"flash|fmha|attention|attn|xformers|cutlassF|cutlassB|pagedattention|paged_attention|"
+        r"xqa|flashinfer|sdpa|mha_|_mha|fused_mha", re.I)),
+    ("gemm", re.compile(
+        r"gemm|nvjet|cutlass|cublas|xmma|sm\d+_xmma|matmul|dot_kernel|gemv|gemvx|sgemm|hgemm|"
+        r"implicit_convolve|conv2d|convolution|wgrad|dgrad|fprop|cudnn.*conv|splitkreduce|_mm_|triton_mm|bmm", re.I)),
+    ("reduction", re.compile(r"reduce|softmax|norm|sum_|argmax|argmin|cross_entropy|nll_loss|topk|sort|scan|cumsum", re.I)),
+    ("memory", re.compile(r"memcpy|memset|copy_kernel|direct_copy|cat_|catarray|index_select|gather|scatter|fill", re.I)),
+    ("elementwise", re.compile(r"elementwise|vectorized|unrolled|pointwise|triton_poi|activation|gelu|relu|silu|dropout|add|mul|foreach", re.I)),
+]
+
+
+def category_of(name: str) -> str:
+    for cat, rx in _RULES:
+        if rx.search(name):
+            return cat
+    return "other"
+
+
+def categorize(names: pd.Series) -> pd.Categorical:
+    """Category of each kernel name. Works on the distinct names only, then maps back."""
+    cat = names.astype("category") if not isinstance(names.dtype, pd.CategoricalDtype) else names
+    uniq = cat.cat.categories
+    per_name = np.array([category_of(str(n)) for n in uniq], dtype=object)
+    codes = cat.cat.codes.to_numpy()
+    out = np.where(codes >= 0, per_name[np.clip(codes, 0, None)] if len(per_name) else "other", "other")
+    return pd.Categorical(out)

@@ -1,0 +1,136 @@
+"""The columns of every table of the trace model.
+
+One run = many ranks; every table carries ``rank``. All times are int64 nanoseconds on one clock per
+run (UTC epoch nanoseconds when the input says when it started, else the input's own clock). Readers
+build each table as a pandas DataFrame with exactly these columns (extra columns are not allowed, so
+that run.db and every analyzer see the same shape); missing values use the fill given here.
+
+Strings that repeat (kernel names, API names, range texts) are pandas categoricals to keep millions
+of rows cheap.
+"""
+
+from __future__ import annotations
+
+# dtype codes: i8 int64, f8 float64, cat categorical string, str plain string, b bool
+# (name, dtype, fill for "unknown")
+TABLES: dict[str, list[tuple[str, str, object]]] = {
+    # One row per GPU seen in the run (per rank).
+    "devices": [
+        ("rank", "i8", 0),
+        ("device_id", "i8", 0),
+        ("name", "str", ""),
+        ("sm_count", "i8", -1),
+        ("memory_bytes", "i8", -1),
+        ("memory_bandwidth_bytes_per_s", "f8", float("nan")),
+        ("sm_clock_hz", "f8", float("nan")),
+        ("compute_capability", "str", ""),
+        ("uuid", "str", ""),
+    ],
+    # One row per rank (process): where it came from and how its clock was aligned.
+    "ranks": [
+        ("rank", "i8", 0),
+        ("pid", "i8", -1),
+        ("hostname", "str", ""),
+        ("source_file", "str", ""),
+        ("source_format", "str", ""),  # nsys_sqlite | kineto_json | ncu_csv | nccl_tests | ...
+        ("clock_offset_ns", "i8", 0),  # added to the input's timestamps to reach the run clock
+        ("clock_source", "str", ""),  # what the offset came from (e.g. TARGET_INFO_SESSION_START_TIME)
+    ],
+    # GPU kernels.
+    "kernels": [
+        ("rank", "i8", 0),
+        ("device_id", "i8", 0),
+        ("stream_id", "i8", -1),
+        ("start_ns", "i8", 0),
+        ("end_ns", "i8", 0),
+        ("name", "cat", ""),  # short name (nsys shortName; Kineto: the name as given)
+        ("demangled_name", "cat", ""),
+        ("grid_x", "i8", -1),
+        ("grid_y", "i8", -1),
+        ("grid_z", "i8", -1),
+        ("block_x", "i8", -1),
+        ("block_y", "i8", -1),
+        ("block_z", "i8", -1),
+        ("registers_per_thread", "i8", -1),
+        ("shared_memory_bytes", "i8", -1),  # static + dynamic
+        ("correlation_id", "i8", -1),
+        ("graph_id", "i8", -1),  # CUDA graph (node) id when launched from a graph, else -1
+        ("category", "cat", ""),  # gemm | attention | elementwise | reduction | communication | memory | other
+    ],
+    # memcpy / memset on the GPU.
+    "memops": [
+        ("rank", "i8", 0),
+        ("device_id", "i8", 0),
+        ("stream_id", "i8", -1),
+        ("start_ns", "i8", 0),
+        ("end_ns", "i8", 0),
+        ("kind", "cat", ""),  # memcpy_htod | memcpy_dtoh | memcpy_dtod | memcpy_htoh | memcpy_peer | memset
+        ("bytes", "i8", 0),
+        ("src_kind", "cat", ""),  # pageable | pinned | device | managed | array | unknown
+        ("dst_kind", "cat", ""),
+        ("correlation_id", "i8", -1),
+    ],
+    # CUDA runtime / driver API calls on the host.
+    "api_calls": [
+        ("rank", "i8", 0),
+        ("thread_id", "i8", -1),
+        ("start_ns", "i8", 0),
+        ("end_ns", "i8", 0),
+        ("name", "cat", ""),
+        ("api", "cat", ""),  # runtime | driver
+        ("correlation_id", "i8", -1),
+        ("return_value", "i8", 0),
+    ],
+    # NVTX / record_function / ProfilerStep ranges (host time), with their projection onto the GPU:
+    # the span of the kernels and memops whose launch calls happened inside the range on its thread.
+    "ranges": [
+        ("rank", "i8", 0),
+        ("thread_id", "i8", -1),
+        ("start_ns", "i8", 0),
+        ("end_ns", "i8", 0),
+        ("text", "cat", ""),
+        ("domain", "cat", ""),  # NVTX domain ("" = default); "record_function" / "profiler_step" for Kineto
+        ("depth", "i8", 0),  # nesting depth on its thread, 0 = outermost
+        ("gpu_start_ns", "i8", -1),  # -1 when no GPU work was launched inside the range
+        ("gpu_end_ns", "i8", -1),
+        ("gpu_kernel_count", "i8", 0),
+    ],
+    # Collective / point-to-point communication calls where the input describes them.
+    "collectives": [
+        ("rank", "i8", 0),
+        ("start_ns", "i8", 0),
+        ("end_ns", "i8", 0),
+        ("op", "cat", ""),  # all_reduce | all_gather | reduce_scatter | broadcast | all_to_all | send | recv | ...
+        ("bytes", "i8", -1),
+        ("dtype", "cat", ""),
+        ("comm_size", "i8", -1),
+        ("source", "cat", ""),  # nvtx_nccl | kineto_args | kernel_name | nccl_tests
+    ],
+    # Named time series (NVML samples, engine metrics, annotations).
+    "counters": [
+        ("rank", "i8", 0),
+        ("device_id", "i8", -1),
+        ("ts_ns", "i8", 0),
+        ("name", "cat", ""),
+        ("value", "f8", float("nan")),
+    ],
+    # GPU memory allocation events (positive bytes = allocate, negative = free).
+    "memory_events": [
+        ("rank", "i8", 0),
+        ("device_id", "i8", 0),
+        ("ts_ns", "i8", 0),
+        ("address", "i8", -1),
+        ("bytes", "i8", 0),
+        ("kind", "cat", ""),  # alloc | free
+        ("source", "cat", ""),  # nsys_cuda_memory | kineto_memory
+    ],
+    # Events that a reader could not place, counted by reason. Never silently dropped.
+    "dropped": [
+        ("rank", "i8", 0),
+        ("source", "str", ""),  # which reader / table
+        ("reason", "str", ""),
+        ("count", "i8", 0),
+    ],
+}
+
+KERNEL_CATEGORIES = ("gemm", "attention", "elementwise", "reduction", "communication", "memory", "other")

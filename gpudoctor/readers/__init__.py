@@ -1,0 +1,60 @@
+"""Readers: raw exports -> trace model. Each reader is ``read(path, rank=None) -> Trace``.
+
+``detect(path)`` sniffs the format from the first bytes (never from the extension alone), so a
+misnamed file still gets the right reader or a clear error.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+from gpudoctor.errors import InputError
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _head(path: Path, n: int = 4096) -> bytes:
+    with open(path, "rb") as f:
+        head = f.read(n)
+    if head[:2] == b"\x1f\x8b":
+        try:
+            with gzip.open(path, "rb") as g:
+                return g.read(n)
+        except (OSError, EOFError) as e:
+            raise InputError(path, f"corrupt gzip: {e}") from None
+    return head
+
+
+def detect(path: str | Path) -> str:
+    """Return the format name of ``path`` or raise InputError."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file")
+    if path.is_dir():
+        if (path / "manifest.json").exists() or (path / "run.db").exists():
+            return "run_dir"
+        raise InputError(path, "directory holds no gpudoctor run (no manifest.json or run.db)")
+    if path.stat().st_size == 0:
+        raise InputError(path, "empty file")
+    if path.suffix == ".nsys-rep":
+        return "nsys_rep"
+    if path.suffix == ".ncu-rep":
+        return "ncu_rep"
+    head = _head(path)
+    if head.startswith(SQLITE_MAGIC):
+        return "sqlite"  # nsys export or a gpudoctor run.db; the reader checks which
+    if head[:2] == b"\x80\x04" or head[:2] == b"\x80\x05" or head[:2] == b"\x80\x02":
+        return "pickle"
+    text = head.lstrip(b"\xef\xbb\xbf").lstrip()
+    if text[:1] in (b"{", b"["):
+        return "json"
+    lowered = head.lower()
+    if b"==prof==" in lowered or b'"id","process id"' in lowered or b'"kernel name"' in lowered:
+        return "ncu_csv"
+    if b"nccl-tests" in lowered or b"# nthread" in lowered or b"out-of-place" in lowered:
+        return "nccl_tests"
+    if b"# help" in lowered or b"# type" in lowered or b"vllm:" in lowered:
+        return "prometheus"
+    raise InputError(path, "not a recognized trace (expected nsys SQLite/.nsys-rep, PyTorch profiler JSON, "
+                           "ncu CSV, nccl-tests log, CUDA memory snapshot or a gpudoctor run)")

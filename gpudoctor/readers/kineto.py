@@ -1,0 +1,1211 @@
+"""PyTorch profiler / Kineto Chrome-trace JSON (``export_chrome_trace``) -> trace model.
+
+``read(path, rank=None) -> Trace`` reads ``.json`` and gzip-compressed files (gzip is recognized by its
+magic bytes, not by the extension).
+
+Parsing and memory
+    Kineto writes every event of ``traceEvents`` as a block that starts on a new line at a fixed
+    indentation (``"\\n  {"``). The reader streams the file in blocks, cuts the array at those event
+    starts, parses each batch with orjson (stdlib json when orjson is missing) and turns the batch into
+    numpy columns before reading on, so only one batch of parsed dicts is alive at a time. A cut in a
+    wrong place can only make a batch invalid JSON, never a different valid one; on any failure the
+    reader starts over and parses the whole document at once (the path that also reports bad input).
+    Files that are not laid out that way (one-line JSON, a bare event list) take the whole-document
+    path directly.
+
+Times
+    ``ts``/``dur`` are microseconds (the Chrome trace rule; Kineto writes µs with 3 decimals, relative
+    to ``baseTimeNanoseconds``, whatever ``displayTimeUnit`` says). Absolute ns = ts * 1000 +
+    baseTimeNanoseconds (clock_source "baseTimeNanoseconds"), or ts * 1000 when the file has no base
+    (clock_source "trace"). The µs -> ns step splits integer and fraction so that it is exact for the
+    3-decimal values Kineto writes (while the float64 can hold them to better than 0.5 ns, i.e. up to
+    ~100 days after the base). ts are read as nanoseconds only when the µs reading is impossible
+    (more than a year after baseTimeNanoseconds, or past the year 2190 without one);
+    ``meta["torch_profiler"]["ts_unit"]`` says which reading was used.
+
+What becomes what
+    kernel -> kernels (+ collectives for NCCL kernels); gpu_memcpy / gpu_memset -> memops;
+    cuda_runtime / cuda_driver -> api_calls; user_annotation -> ranges (domain "record_function"),
+    ProfilerStep#N (cpu_op or user_annotation) -> ranges (domain "profiler_step"), with depth and GPU
+    projection; CUDA "[memory]" instants -> memory_events and counters; deviceProperties -> devices.
+    cpu_op, python_function, gpu_user_annotation and the other known Kineto categories are not part
+    of the model: they are counted in ``meta["torch_profiler"]["event_counts"]`` (and cpu_op also in
+    ``meta["cpu_op_count"]``). Unknown categories and unusable events are counted in ``dropped``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gc
+import gzip
+import json
+import operator
+import re
+import zlib
+from collections import Counter
+from itertools import compress, repeat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+try:  # orjson is several times faster and is what the performance numbers assume
+    import orjson
+
+    _loads = orjson.loads
+except ImportError:  # pragma: no cover - exercised only without orjson
+    orjson = None
+    _loads = json.loads
+
+from gpudoctor.errors import InputError
+from gpudoctor.model.categories import categorize
+from gpudoctor.model.projection import nesting_depth, project_ranges
+from gpudoctor.model.trace import Trace, conform
+
+FORMAT = "kineto_json"
+SOURCE = "kineto"
+
+_BOM = b"\xef\xbb\xbf"
+_GZIP_MAGIC = b"\x1f\x8b"
+_BLOCK = 16 << 20  # bytes read per streaming step
+_MAX_CARRY = 256 << 20  # an "event" this long without a cut point: give up streaming
+_FEED_CHUNK = 200_000  # events per batch on the whole-document path
+
+# Kineto category names (older versions used capitalized names for some).
+_CAT_ALIASES = {
+    "kernel": "kernel",
+    "gpu_memcpy": "gpu_memcpy",
+    "memcpy": "gpu_memcpy",
+    "gpu_memset": "gpu_memset",
+    "memset": "gpu_memset",
+    "cuda_runtime": "cuda_runtime",
+    "runtime": "cuda_runtime",
+    "cuda_driver": "cuda_driver",
+    "driver": "cuda_driver",
+    "cpu_op": "cpu_op",
+    "operator": "cpu_op",
+    "user_annotation": "user_annotation",
+}
+# Categories Kineto writes that the model does not hold (counted in meta, not "dropped").
+_KNOWN_UNMODELED = {
+    "python_function", "gpu_user_annotation", "overhead", "trace", "cuda_sync", "cpu_instant_event",
+    "cuda_profiler_range", "fwdbwd", "ac2g", "kineto", "collective_comm",
+}
+_FLOW_PHASES = {"s", "t", "f"}
+
+_PROFILER_STEP = "ProfilerStep#"
+_PARAM_COMMS = "record_param_comms"
+_SPECIAL_CPU_OPS = (_PROFILER_STEP, _PARAM_COMMS)
+
+_NCCL_RE = re.compile(r"nccl", re.I)
+_NCCL_OP_RE = re.compile(
+    r"(AllReduce|AllGather|ReduceScatter|Broadcast|AllToAll|SendRecv|Send|Recv|Reduce)", re.I)
+_KERNEL_OPS = {
+    "allreduce": "all_reduce", "allgather": "all_gather", "reducescatter": "reduce_scatter",
+    "broadcast": "broadcast", "alltoall": "all_to_all", "sendrecv": "send_recv", "send": "send",
+    "recv": "recv", "reduce": "reduce",
+}
+# "Collective name" of record_param_comms, letters only, checked in this order.
+_COLLECTIVE_OPS = [
+    ("allreduce", "all_reduce"), ("reducescatter", "reduce_scatter"), ("allgather", "all_gather"),
+    ("alltoall", "all_to_all"), ("broadcast", "broadcast"), ("sendrecv", "send_recv"),
+    ("send", "send"), ("recv", "recv"), ("barrier", "barrier"), ("reduce", "reduce"),
+    ("gather", "gather"), ("scatter", "scatter"),
+]
+# c10 ScalarType names (Kineto "dtype") -> (torch dtype name, bytes per element).
+_DTYPES = {
+    "Byte": ("uint8", 1), "Char": ("int8", 1), "Short": ("int16", 2), "Int": ("int32", 4),
+    "Long": ("int64", 8), "Half": ("float16", 2), "Float": ("float32", 4), "Double": ("float64", 8),
+    "ComplexHalf": ("complex32", 4), "ComplexFloat": ("complex64", 8), "ComplexDouble": ("complex128", 16),
+    "Bool": ("bool", 1), "QInt8": ("qint8", 1), "QUInt8": ("quint8", 1), "QInt32": ("qint32", 4),
+    "BFloat16": ("bfloat16", 2), "Float8_e5m2": ("float8_e5m2", 1), "Float8_e4m3fn": ("float8_e4m3fn", 1),
+    "Float8_e5m2fnuz": ("float8_e5m2fnuz", 1), "Float8_e4m3fnuz": ("float8_e4m3fnuz", 1),
+    "Float8_e8m0fnu": ("float8_e8m0fnu", 1), "UInt16": ("uint16", 2), "UInt32": ("uint32", 4),
+    "UInt64": ("uint64", 8), "Float4_e2m1fn_x2": ("float4_e2m1fn_x2", 1),
+}
+_DTYPE_SIZES = {name: size for name, size in _DTYPES.values()}
+# dtype tokens in NCCL kernel names (ncclDevKernel_AllReduce_Sum_bf16_RING_LL, older ..._float).
+_NCCL_DTYPE_TOKENS = {
+    "i8": "int8", "int8_t": "int8", "u8": "uint8", "uint8_t": "uint8", "i32": "int32", "int32_t": "int32",
+    "u32": "uint32", "uint32_t": "uint32", "i64": "int64", "int64_t": "int64", "u64": "uint64",
+    "uint64_t": "uint64", "f16": "float16", "half": "float16", "f32": "float32", "float": "float32",
+    "f64": "float64", "double": "float64", "bf16": "bfloat16", "__nv_bfloat16": "bfloat16",
+    "f8e4m3": "float8_e4m3fn", "f8e5m2": "float8_e5m2", "int8": "int8", "uint8": "uint8",
+    "int32": "int32", "uint32": "uint32", "int64": "int64", "uint64": "uint64",
+}
+
+_MEMCPY_RE = re.compile(r"^\s*Memcpy\s+(\w+)\s*(?:\(\s*(.*?)\s*->\s*(.*?)\s*\))?", re.I)
+_MEMSET_RE = re.compile(r"^\s*Memset\s*(?:\(\s*(.*?)\s*\))?", re.I)
+_MEMCPY_KINDS = {
+    "htod": "memcpy_htod", "dtoh": "memcpy_dtoh", "dtod": "memcpy_dtod", "htoh": "memcpy_htoh",
+    "ptop": "memcpy_peer", "htoa": "memcpy_htod", "atoh": "memcpy_dtoh", "atoa": "memcpy_dtod",
+    "atod": "memcpy_dtod", "dtoa": "memcpy_dtod",
+}
+_MEMORY_KINDS = {
+    "pageable": "pageable", "pinned": "pinned", "device": "device", "array": "array",
+    "managed": "managed", "device static": "device", "managed static": "managed", "unknown": "unknown",
+}
+
+_RANK_RE = re.compile(r"rank[_-]?(\d+)", re.I)
+# tensorboard_trace_handler names files "<hostname>_<pid>.<ms>.pt.trace.json[.gz]".
+_TB_NAME_RE = re.compile(r"^(?P<host>.+)_(?P<pid>\d+)\.\d+\.pt\.trace\.json(?:\.gz)?$")
+# Start of an event (after its "{") that the model does not need: flow events, and cpu_op /
+# python_function / gpu_user_annotation events except ProfilerStep#N and record_param_comms.
+_SKIP_RE = re.compile(
+    rb'\s*"ph"\s*:\s*"(?:([stf])"|X"\s*,\s*"cat"\s*:\s*"(cpu_op|python_function|gpu_user_annotation)"\s*,'
+    rb'\s*"name"\s*:\s*"(?!ProfilerStep#|record_param_comms"))')
+_SPECIAL_NAMES = (b"ProfilerStep#", b'record_param_comms"')
+_SKIP_KEYS = {b"s": ("flow", None), b"t": ("flow", None), b"f": ("flow", None), b"cpu_op": ("X", "cpu_op"),
+              b"python_function": ("X", "python_function"), b"gpu_user_annotation": ("X", "gpu_user_annotation")}
+_TE_KEY_RE = re.compile(rb'"traceEvents"\s*:\s*\[')
+_WS_B = re.compile(rb"\s*")
+_WS_S = re.compile(r"\s*")
+_OPEN_OBJ_RE = re.compile(rb"\s*\{")
+
+_EMPTY: dict = {}
+_NEG3 = (-1, -1, -1)
+_US_PER_YEAR = 3.2e13  # µs
+_NS_YEAR_2190 = 7.0e18
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+
+
+def read(path: str | Path, rank: int | None = None) -> Trace:
+    """Read one PyTorch profiler Chrome trace (``.json`` / ``.json.gz``) into a Trace.
+
+    ``rank``: the rank of this file; given, it wins over ``distributedInfo.rank`` in the file and a
+    ``rankN`` in the file name (else rank 0).
+    """
+    path = Path(path)
+    _check_file(path)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # millions of acyclic objects: the cyclic GC would rescan them over and over (4x slower)
+    try:
+        return _read(path, rank)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _read(path: Path, rank: int | None) -> Trace:
+    acc = _Accumulator()
+    header: dict | None
+    parser = "stream"
+    try:
+        header = _stream(path, acc)
+    except Exception:  # noqa: BLE001 - anything odd: start over on the whole-document path
+        header = None
+    if header is None:
+        parser = "whole"
+        acc = _Accumulator()
+        header = _parse_whole(path, acc)
+    try:
+        return _build(path, header, acc, rank, parser)
+    except InputError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:
+        raise InputError(path, f"unexpected event structure: {_one_line(e)}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# bytes -> events
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise InputError(path, "no such file")
+    if path.is_dir():
+        raise InputError(path, "is a directory, expected a PyTorch profiler JSON trace")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise InputError(path, f"cannot read: {_one_line(e.strerror or e)}") from None
+    if size == 0:
+        raise InputError(path, "empty file")
+
+
+def _one_line(x: Any) -> str:
+    return " ".join(str(x).split())
+
+
+class _NotStreamable(Exception):
+    pass
+
+
+class _Reader:
+    """Plain or gzip byte stream (gzip recognized by magic bytes)."""
+
+    def __init__(self, path: Path):
+        self._raw = open(path, "rb")
+        magic = self._raw.read(2)
+        self._raw.seek(0)
+        self._f = gzip.GzipFile(fileobj=self._raw, mode="rb") if magic == _GZIP_MAGIC else self._raw
+
+    def read(self, n: int) -> bytes:
+        return self._f.read(n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._f is not self._raw:
+            self._f.close()
+        self._raw.close()
+
+
+def _stream(path: Path, acc: "_Accumulator") -> dict:
+    """Stream-parse a Kineto-laid-out JSON object; return its header (all keys but traceEvents).
+
+    Raises on anything unexpected; the caller then parses the whole document.
+    """
+    with _Reader(path) as f:
+        buf = f.read(_BLOCK)
+        if buf.startswith(_BOM):
+            buf = buf[3:]
+        if not _OPEN_OBJ_RE.match(buf):
+            raise _NotStreamable("not an object")
+        m = _TE_KEY_RE.search(buf)
+        if m is None:
+            raise _NotStreamable("traceEvents not near the start")
+        head = buf[: m.start()].decode("utf-8")
+        j = _WS_B.match(buf, m.end()).end()
+        if j >= len(buf):
+            raise _NotStreamable("array start at block end")
+        first = buf[j:j + 1]
+        if first == b"{":
+            nl = buf.rfind(b"\n", m.end(), j)
+            if nl < 0:
+                raise _NotStreamable("events not one per line")
+            indent = buf[nl + 1:j]
+            if indent.strip(b" \t"):
+                raise _NotStreamable("odd indentation")
+            sep = b"\n" + indent + b"{"
+        elif first == b"]":
+            sep = None
+        else:
+            raise _NotStreamable("traceEvents does not hold objects")
+        if sep is None:
+            buf = buf[j:] + f.read(-1)
+            start = 0
+        else:
+            start = nl  # batches start at a separator
+        skipper = _Skipper()
+        while sep is not None:
+            k = buf.rfind(sep, start + 1)
+            if k > start:
+                end = k
+                while end > start and buf[end - 1] in b" \t\r\n":
+                    end -= 1
+                if end > start and buf[end - 1] == 0x2C:  # ","
+                    end -= 1
+                _feed_region(acc, skipper, buf[start:end], sep)
+                start = k
+            more = f.read(_BLOCK)
+            if not more:
+                break
+            if len(buf) - start > _MAX_CARRY:
+                raise _NotStreamable("no event boundary found")
+            buf = buf[start:] + more
+            start = 0
+        rest_text = bytes(memoryview(buf)[start:]).decode("utf-8")
+        del buf
+    events, tail = _decode_tail(rest_text)
+    acc.feed(events)
+    return _join_header(head, tail)
+
+
+class _Skipper:
+    """Recognizes, by their first bytes, the events the model does not use, so they are never parsed.
+
+    Those are most of a trace: cpu_op (except ProfilerStep#N and record_param_comms), python_function,
+    gpu_user_annotation and flow events. The exact prefixes (Kineto's layout) are learned with a regex
+    from the first events of each region; after that the test is a plain ``bytes.startswith``. An event
+    written differently is simply parsed (and then handled the same way), so this is only a shortcut.
+    """
+
+    LEARN = 5000
+
+    def __init__(self):
+        self.by_key: dict[tuple, set] = {}  # (ph, cat) -> prefixes
+        self.skip: tuple = ()
+        self.special: tuple = ()
+
+    def learn(self, pieces: list) -> None:
+        new = False
+        for p in pieces[1:self.LEARN]:
+            m = _SKIP_RE.match(p)
+            if m is not None:
+                key = _SKIP_KEYS[m.group(1) or m.group(2)]
+                known = self.by_key.setdefault(key, set())
+                if m.group(0) not in known:
+                    known.add(m.group(0))
+                    new = True
+        if new:
+            prefixes = [pre for pres in self.by_key.values() for pre in pres]
+            self.skip = tuple(prefixes)
+            self.special = tuple(pre + s for pre in prefixes if pre.rstrip().endswith(b'"')
+                                 for s in _SPECIAL_NAMES)
+
+    def split(self, region: bytes, sep: bytes) -> tuple[list, Counter]:
+        """Pieces to parse, and counts of the skipped ones by (ph, cat)."""
+        pieces = region.split(sep)
+        self.learn(pieces)
+        if not self.skip:
+            return pieces[1:], Counter()
+        skip = list(map(bytes.startswith, pieces, repeat(self.skip)))
+        kept = list(compress(pieces, map(operator.not_, skip)))
+        skipped = list(compress(pieces, skip))
+        del pieces, skip
+        # ProfilerStep#N / record_param_comms share the prefix of their category: take them back.
+        special_flags = list(map(bytes.startswith, skipped, repeat(self.special)))
+        special = list(compress(skipped, special_flags)) if any(special_flags) else []
+        kept.extend(special)
+        counts: Counter = Counter()
+        flows = len(skipped) - len(special)
+        for key, pres in self.by_key.items():
+            if key[0] == "X":
+                pres = tuple(pres)
+                n = sum(map(bytes.startswith, skipped, repeat(pres)))
+                if special:
+                    n -= sum(map(bytes.startswith, special, repeat(pres)))
+                counts[key] += n
+                flows -= n
+        if flows:
+            counts[("flow", None)] += flows
+        return kept[1:], counts
+
+
+def _feed_region(acc: "_Accumulator", skipper: _Skipper, region: bytes, sep: bytes) -> None:
+    """Events ``<sep>ev1<sep>ev2...`` (each without its opening brace, with its trailing comma) -> acc.
+
+    Dropping whole pieces can only unbalance the text if a cut was not at an event boundary, so a wrong
+    cut still ends in a parse error (and the whole-document path), never in different events.
+    """
+    kept, skipped = skipper.split(region, sep)
+    del region
+    if skipped:
+        acc.count_skipped(skipped)
+    if not kept:
+        return
+    last = kept[-1].rstrip(b" \t\r\n")
+    kept[-1] = last[:-1] if last.endswith(b",") else last
+    data = b"[{" + sep.join(kept) + b"]"
+    del kept
+    events = _loads(data)
+    del data
+    acc.feed(events)
+
+
+def _decode_tail(s: str) -> tuple[list, str]:
+    """Parse the last events and the closing ``]``; return them and the text after the array."""
+    dec = json.JSONDecoder()
+    i = _WS_S.match(s, 0).end()
+    events: list = []
+    if s.startswith("]", i):
+        return events, s[i + 1:]
+    while True:
+        obj, i = dec.raw_decode(s, i)
+        events.append(obj)
+        i = _WS_S.match(s, i).end()
+        if s.startswith(",", i):
+            i = _WS_S.match(s, i + 1).end()
+            continue
+        if s.startswith("]", i):
+            return events, s[i + 1:]
+        raise _NotStreamable("unexpected text after an event")
+
+
+def _join_header(head: str, tail: str) -> dict:
+    h, t = head.rstrip(), tail.strip()
+    if h.endswith(","):
+        if t.startswith(","):
+            t = t[1:]
+        elif t.startswith("}"):
+            h = h[:-1]
+    elif h.endswith("{") and t.startswith(","):
+        t = t[1:]
+    doc = json.loads(h + t)
+    if not isinstance(doc, dict):
+        raise _NotStreamable("header is not an object")
+    doc.pop("traceEvents", None)
+    return doc
+
+
+def _read_all(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InputError(path, f"cannot read: {_one_line(e.strerror or e)}") from None
+    if data[:2] == _GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise InputError(path, f"corrupt gzip: {_one_line(e)}") from None
+    if data.startswith(_BOM):
+        data = data[3:]
+    return data
+
+
+def _utf8_error_at(data: bytes) -> str:
+    dec = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(data)
+    step = 1 << 24
+    for i in range(0, len(data), step):
+        try:
+            dec.decode(view[i:i + step], final=i + step >= len(data))
+        except UnicodeDecodeError as e:
+            return f" near byte {i + e.start}"
+    return ""
+
+
+def _parse_whole(path: Path, acc: "_Accumulator") -> dict:
+    """Parse the whole document; the authority on what is wrong with bad input."""
+    data = _read_all(path)
+    if not data or data.isspace():
+        raise InputError(path, "empty file")
+    doc: Any = None
+    try:
+        doc = _loads(data)
+    except ValueError as e:  # orjson.JSONDecodeError, json.JSONDecodeError, UnicodeDecodeError
+        msg = str(e)
+        if isinstance(e, UnicodeDecodeError) or "UTF-8" in msg or "utf-8" in msg:
+            raise InputError(path, f"invalid UTF-8{_utf8_error_at(data)}") from None
+        doc = _retry_parse(data, msg)
+        if doc is None:
+            raise InputError(path, f"truncated or invalid JSON: {_one_line(msg)}") from None
+    del data
+    if isinstance(doc, dict):
+        if "traceEvents" not in doc:
+            raise InputError(path, "not a PyTorch profiler trace: the JSON object has no traceEvents")
+        events = doc.pop("traceEvents")
+        header = doc
+        if not isinstance(events, list):
+            raise InputError(path, f"traceEvents is a {type(events).__name__}, expected a list of events")
+    elif isinstance(doc, list):
+        events, header = doc, {}
+        probe = events[:100]
+        if not probe or not all(isinstance(e, dict) and "ph" in e for e in probe):
+            raise InputError(path, "not a trace: the top-level JSON list does not hold trace events "
+                                   "(objects with a 'ph' field)")
+    else:
+        raise InputError(path, f"not a trace: the top-level JSON value is a {type(doc).__name__}, "
+                               "expected an object with traceEvents")
+    del doc
+    n = len(events)
+    try:
+        for i in range(0, n, _FEED_CHUNK):
+            acc.feed(events[i:i + _FEED_CHUNK])
+            events[i:i + _FEED_CHUNK] = [None] * min(_FEED_CHUNK, n - i)  # free the dicts as we go
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:
+        bad = next((i for i, e in enumerate(events) if e is not None and not isinstance(e, dict)), None)
+        if bad is not None:
+            raise InputError(path, f"traceEvents[{bad}] is a {type(events[bad]).__name__}, "
+                                   "expected an event object") from None
+        raise InputError(path, f"unexpected event structure: {_one_line(e)}") from None
+    return header
+
+
+def _retry_parse(data: bytes, msg: str) -> Any:
+    """Second chances: what orjson refuses but is readable (NaN, Infinity, integers beyond 64 bits:
+    stdlib json takes them), and a Chrome-trace array without its closing ']' (the format allows it)."""
+    if orjson is not None and "unexpected end of data" not in msg:
+        try:
+            return json.loads(data)
+        except ValueError:
+            pass
+    stripped = data.strip()
+    if stripped.startswith(b"[") and not stripped.endswith(b"]"):
+        try:
+            return _loads(stripped.rstrip(b", \t\r\n") + b"]")
+        except ValueError:
+            pass
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# events -> columns
+
+
+def _nums(values: list) -> np.ndarray:
+    """ts/dur values -> int64 or float64 array; missing or non-numeric -> NaN (float64)."""
+    if not values:
+        return np.empty(0, dtype=np.float64)
+    try:
+        arr = np.array(values)
+    except (ValueError, TypeError, OverflowError):
+        arr = None
+    if arr is not None and arr.ndim == 1 and arr.dtype.kind in "if":
+        return arr
+    s = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce")
+    return s.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _ints(values: list, fill: int) -> np.ndarray:
+    """Integer column; missing / non-numeric values become ``fill``."""
+    if not values:
+        return np.empty(0, dtype=np.int64)
+    try:
+        arr = np.array(values, dtype=np.int64)
+        if arr.ndim == 1:
+            return arr
+    except (ValueError, TypeError, OverflowError):
+        pass
+    s = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(dtype=np.float64,
+                                                                                na_value=np.nan)
+    ok = np.isfinite(s) & (np.abs(s) < 9.2e18)
+    out = np.full(len(s), fill, dtype=np.int64)
+    out[ok] = s[ok].astype(np.int64)
+    return out
+
+
+def _triples(values: list) -> np.ndarray:
+    """grid/block [x, y, z] lists -> (n, 3) int64; anything else -> -1s."""
+    n = len(values)
+    if n == 0:
+        return np.empty((0, 3), dtype=np.int64)
+    try:
+        arr = np.array(values, dtype=np.int64)
+        if arr.shape == (n, 3):
+            return arr
+    except (ValueError, TypeError, OverflowError):
+        pass
+    fixed = []
+    for v in values:
+        if isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v):
+            fixed.append(v)
+        else:
+            fixed.append(_NEG3)
+    return np.array(fixed, dtype=np.int64).reshape(n, 3)
+
+
+def _field(dicts: list, key: str, fill: Any = None) -> list:
+    """``[d.get(key, fill) for d in dicts]`` without a Python frame per item (dicts must be dicts)."""
+    return list(map(dict.get, dicts, repeat(key), repeat(fill)))
+
+
+def _codes(lut: dict, values: list) -> np.ndarray:
+    """Intern strings into ``lut`` (value -> code); return the codes."""
+    return np.array([lut.setdefault(v, len(lut)) for v in values], dtype=np.int32)
+
+
+def _args_of(evs: list) -> list:
+    args = _field(evs, "args")
+    if not all(type(a) is dict for a in args):
+        args = [a if isinstance(a, dict) else _EMPTY for a in args]
+    return args
+
+
+def _name_of(x: Any) -> str:
+    return x if isinstance(x, str) else ("" if x is None else str(x))
+
+
+class _Cols:
+    """Column parts per batch, concatenated once at the end."""
+
+    def __init__(self):
+        self.parts: dict[str, list[np.ndarray]] = {}
+        self.n = 0
+
+    def add(self, n: int, **cols: np.ndarray) -> None:
+        for k, v in cols.items():
+            self.parts.setdefault(k, []).append(v)
+        self.n += n
+
+    def get(self, name: str, dtype=np.int64) -> np.ndarray:
+        parts = self.parts.get(name)
+        if not parts:
+            return np.empty(0, dtype=dtype)
+        if len(parts) == 1:
+            return parts[0]
+        if dtype is None:  # ts/dur: keep int64 only if every part is int
+            if all(p.dtype.kind == "i" for p in parts):
+                return np.concatenate(parts)
+            return np.concatenate([p.astype(np.float64) for p in parts])
+        return np.concatenate(parts)
+
+
+class _Accumulator:
+    """Turns batches of event dicts into column parts; keeps nothing per event beyond numpy arrays."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()  # (ph, cat) -> events
+        self.unknown_cats: Counter = Counter()
+        self.bad_phases: Counter = Counter()
+        self.kern, self.mem, self.api, self.rng, self.mev = _Cols(), _Cols(), _Cols(), _Cols(), _Cols()
+        self.kname: dict = {}
+        self.mname: dict = {}
+        self.aname: dict = {}
+        self.rtext: dict = {}
+        self.knccl: list[bool] = []  # per kernel-name code: NCCL kernel?
+        self.nccl: list[tuple] = []  # (kernel row, External id, collective info or None)
+        self.rpc: list[tuple] = []  # record_param_comms: (External id, tid, ts, dur, info)
+        self.cpu_op_count = 0
+        self.proc_names: dict = {}
+        self.proc_labels: dict = {}
+        self.host_pids: Counter = Counter()
+        self.cpu_memory_events = 0
+
+    def count_skipped(self, counts: Counter) -> None:
+        for key, n in counts.items():
+            self.counts[key] += n
+            if key[1] == "cpu_op":
+                self.cpu_op_count += n
+
+    # one batch
+    def feed(self, events: list) -> None:
+        buckets: dict = {}
+        for e in events:
+            k = (e.get("ph"), e.get("cat"))
+            lst = buckets.get(k)
+            if lst is None:
+                buckets[k] = [e]
+            else:
+                lst.append(e)
+        for (ph, cat), evs in buckets.items():
+            self.counts[("flow", None) if ph in _FLOW_PHASES else (ph, cat)] += len(evs)
+            if ph == "X":
+                c = _CAT_ALIASES.get(str(cat).lower(), str(cat).lower()) if cat is not None else ""
+                if c == "kernel":
+                    self._kernels(evs)
+                elif c in ("gpu_memcpy", "gpu_memset"):
+                    self._memops(evs, c)
+                elif c in ("cuda_runtime", "cuda_driver"):
+                    self._api(evs, 0 if c == "cuda_runtime" else 1)
+                elif c == "user_annotation":
+                    self._ranges(evs)
+                elif c == "cpu_op":
+                    self._cpu_ops(evs)
+                elif c not in _KNOWN_UNMODELED:
+                    self.unknown_cats[str(cat) if cat is not None else "<none>"] += len(evs)
+            elif ph == "M":
+                self._metadata(evs)
+            elif ph in ("i", "I"):
+                self._instants(evs)
+            elif ph in _FLOW_PHASES:
+                pass
+            else:
+                self.bad_phases[str(ph)] += len(evs)
+
+    def _times(self, evs: list) -> tuple[np.ndarray, np.ndarray]:
+        return _nums(_field(evs, "ts")), _nums(_field(evs, "dur"))
+
+    def _kernels(self, evs: list) -> None:
+        n = len(evs)
+        ts, dur = self._times(evs)
+        codes = _codes(self.kname, _field(evs, "name", ""))
+        args = _args_of(evs)
+        grid = _triples(_field(args, "grid", _NEG3))
+        block = _triples(_field(args, "block", _NEG3))
+        if len(self.knccl) < len(self.kname):
+            new = list(self.kname)[len(self.knccl):]
+            self.knccl.extend(_NCCL_RE.search(s) is not None for s in new)
+        flags = np.array(self.knccl, dtype=bool)[codes] if n else np.zeros(0, bool)
+        row0 = self.kern.n
+        for i in np.flatnonzero(flags).tolist():
+            a = args[i]
+            self.nccl.append((row0 + i, a.get("External id"), _collective_info(a)))
+        self.kern.add(
+            n, ts=ts, dur=dur, name=codes,
+            device=_ints(_field(args, "device", 0), 0),
+            stream=_ints(_field(args, "stream", -1), -1),
+            corr=_ints(_field(args, "correlation", -1), -1),
+            regs=_ints(_field(args, "registers per thread", -1), -1),
+            smem=_ints(_field(args, "shared memory", -1), -1),
+            gx=grid[:, 0], gy=grid[:, 1], gz=grid[:, 2], bx=block[:, 0], by=block[:, 1], bz=block[:, 2],
+        )
+
+    def _memops(self, evs: list, cat: str) -> None:
+        n = len(evs)
+        ts, dur = self._times(evs)
+        names = _field(evs, "name", "")
+        if cat == "gpu_memset":  # the kind comes from the category; keep names apart per category
+            names = ["\x00memset\x00" + s for s in names]
+        args = _args_of(evs)
+        self.mem.add(
+            n, ts=ts, dur=dur, name=_codes(self.mname, names),
+            device=_ints([a.get("device", a.get("inDevice", 0)) for a in args], 0),
+            stream=_ints(_field(args, "stream", -1), -1),
+            corr=_ints(_field(args, "correlation", -1), -1),
+            bytes=_ints(_field(args, "bytes", 0), 0),
+        )
+
+    def _api(self, evs: list, api: int) -> None:
+        n = len(evs)
+        ts, dur = self._times(evs)
+        args = _args_of(evs)
+        self.host_pids[evs[0].get("pid")] += n
+        self.api.add(
+            n, ts=ts, dur=dur, name=_codes(self.aname, _field(evs, "name", "")),
+            tid=_ints(_field(evs, "tid", -1), -1),
+            corr=_ints(_field(args, "correlation", -1), -1),
+            api=np.full(n, api, dtype=np.int8),
+        )
+
+    def _ranges(self, evs: list) -> None:
+        if not evs:
+            return
+        n = len(evs)
+        ts, dur = self._times(evs)
+        self.rng.add(
+            n, ts=ts, dur=dur, text=_codes(self.rtext, _field(evs, "name", "")),
+            tid=_ints(_field(evs, "tid", -1), -1),
+        )
+
+    def _cpu_ops(self, evs: list) -> None:
+        self.cpu_op_count += len(evs)
+        self.host_pids[evs[0].get("pid")] += len(evs)
+        special = [e for e in evs if type(n := e.get("name")) is str and n.startswith(_SPECIAL_CPU_OPS)]
+        if not special:
+            return
+        self._ranges([e for e in special if e["name"].startswith(_PROFILER_STEP)])
+        for e in special:
+            if e["name"] == _PARAM_COMMS:
+                a = e.get("args")
+                a = a if isinstance(a, dict) else _EMPTY
+                self.rpc.append((a.get("External id"), e.get("tid"), e.get("ts"), e.get("dur"),
+                                 _collective_info(a)))
+
+    def _metadata(self, evs: list) -> None:
+        for e in evs:
+            name = e.get("name")
+            a = e.get("args")
+            if not isinstance(a, dict):
+                continue
+            if name == "process_name":
+                self.proc_names[e.get("pid")] = a.get("name")
+            elif name == "process_labels":
+                self.proc_labels[e.get("pid")] = a.get("labels")
+
+    def _instants(self, evs: list) -> None:
+        mem = [e for e in evs if e.get("name") == "[memory]"]
+        if not mem:
+            return
+        args = _args_of(mem)
+        dev_type = _ints(_field(args, "Device Type", -1), -1)
+        cuda = dev_type == 1  # c10::DeviceType::CUDA
+        self.cpu_memory_events += int((dev_type == 0).sum())
+        self.unknown_cats["[memory] event on device type other than CPU/CUDA"] += int(
+            ((dev_type != 0) & ~cuda).sum())
+        if not cuda.any():
+            return
+        idx = np.flatnonzero(cuda).tolist()
+        mem = [mem[i] for i in idx]
+        args = [args[i] for i in idx]
+        self.mev.add(
+            len(mem), ts=_nums(_field(mem, "ts")),
+            device=_ints(_field(args, "Device Id", 0), 0),
+            addr=_ints(_field(args, "Addr", -1), -1),
+            bytes=_ints(_field(args, "Bytes", 0), 0),
+            allocated=_nums(_field(args, "Total Allocated")),
+            reserved=_nums(_field(args, "Total Reserved")),
+        )
+
+
+def _collective_info(a: dict) -> tuple | None:
+    name = a.get("Collective name")
+    if name is None:
+        return None
+    return (name, a.get("In msg nelems"), a.get("Out msg nelems"), a.get("Group size"), a.get("dtype"))
+
+
+# --------------------------------------------------------------------------------------------------
+# columns -> trace
+
+
+def _categorical(lut: dict, codes: np.ndarray, transform=None) -> pd.Categorical:
+    cats = [transform(k) if transform else _name_of(k) for k in lut]
+    if len(set(cats)) == len(cats):
+        return pd.Categorical.from_codes(codes, categories=cats)
+    return pd.Categorical(np.asarray(cats, dtype=object)[codes] if len(codes) else [])
+
+
+def _ts_unit(base: int | None, tables: list[_Cols]) -> str:
+    max_ts = 0.0
+    for t in tables:
+        ts = t.get("ts", None)
+        if len(ts):
+            fin = ts[np.isfinite(ts)] if ts.dtype.kind == "f" else ts
+            if len(fin):
+                max_ts = max(max_ts, float(np.max(np.abs(fin))))
+    if base is not None:
+        return "ns" if max_ts > _US_PER_YEAR else "us"
+    return "ns" if max_ts * 1000.0 > _NS_YEAR_2190 else "us"
+
+
+def _to_ns(a: np.ndarray, unit: str) -> np.ndarray:
+    """Finite ts/dur values -> int64 ns. µs floats: integer and fraction apart (exact to 3 decimals)."""
+    if a.dtype.kind in "iu":
+        return a.astype(np.int64) * (1 if unit == "ns" else 1000)
+    if unit == "ns":
+        return np.rint(a).astype(np.int64)
+    whole = np.floor(a)
+    return whole.astype(np.int64) * 1000 + np.rint((a - whole) * 1000.0).astype(np.int64)
+
+
+def _valid(cols: _Cols) -> np.ndarray:
+    ts, dur = cols.get("ts", None), cols.get("dur", None)
+    ok = np.ones(len(ts), dtype=bool)
+    if ts.dtype.kind == "f":
+        ok &= np.isfinite(ts)
+    if dur.dtype.kind == "f":
+        ok &= np.isfinite(dur)
+    return ok
+
+
+def _times_ns(cols: _Cols, ok: np.ndarray, unit: str, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    ts, dur = cols.get("ts", None)[ok], cols.get("dur", None)[ok]
+    start = _to_ns(ts, unit) + offset
+    return start, start + _to_ns(dur, unit)
+
+
+def _int_or_none(x: Any) -> int | None:
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int):
+        return x
+    if isinstance(x, float) and np.isfinite(x):
+        return int(x)
+    if isinstance(x, str):
+        try:
+            return int(x.strip().strip('"'))
+        except ValueError:
+            return None
+    return None
+
+
+def _resolve_rank(path: Path, header: dict, rank: int | None) -> tuple[int, str]:
+    if rank is not None:
+        return int(rank), "argument"
+    dist = header.get("distributedInfo")
+    if isinstance(dist, dict):
+        r = _int_or_none(dist.get("rank"))
+        if r is not None and r >= 0:
+            return r, "distributedInfo"
+    for text in (path.name, path.parent.name):
+        m = _RANK_RE.search(text)
+        if m:
+            return int(m.group(1)), "file name"
+    return 0, "default"
+
+
+def _main_pid(acc: _Accumulator, path: Path) -> int:
+    for pid, label in acc.proc_labels.items():
+        if isinstance(label, str) and label.strip().upper() == "CPU" and _int_or_none(pid) is not None:
+            return _int_or_none(pid)
+    for pid, _ in acc.host_pids.most_common():
+        if _int_or_none(pid) is not None:
+            return _int_or_none(pid)
+    m = _TB_NAME_RE.match(path.name)
+    return int(m.group("pid")) if m else -1
+
+
+def _memop_kind(key: str) -> tuple[str, str, str]:
+    if key.startswith("\x00memset\x00"):
+        name = key[len("\x00memset\x00"):]
+        m = _MEMSET_RE.match(name)
+        dst = _MEMORY_KINDS.get((m.group(1) or "").strip().lower(), "unknown") if m and m.group(1) else "unknown"
+        return "memset", "", dst
+    m = _MEMCPY_RE.match(key)
+    if not m:
+        return "memcpy_unknown", "unknown", "unknown"
+    kind = _MEMCPY_KINDS.get(m.group(1).lower(), "memcpy_unknown")
+    src = _MEMORY_KINDS.get((m.group(2) or "").strip().lower(), "unknown")
+    dst = _MEMORY_KINDS.get((m.group(3) or "").strip().lower(), "unknown")
+    return kind, src, dst
+
+
+def _collective_op(name: Any) -> str | None:
+    if not isinstance(name, str):
+        return None
+    letters = re.sub(r"[^a-z]", "", name.lower())
+    for key, op in _COLLECTIVE_OPS:
+        if key in letters:
+            return op
+    return None
+
+
+def _kernel_op(name: str) -> str:
+    m = _NCCL_OP_RE.search(name)
+    return _KERNEL_OPS.get(m.group(1).lower(), "other") if m else "other"
+
+
+def _kernel_dtype(name: str) -> str:
+    for tok in re.split(r"[_(),<>\s]+", name):
+        d = _NCCL_DTYPE_TOKENS.get(tok)
+        if d:
+            return d
+    return ""
+
+
+def _canonical_dtype(d: Any) -> str:
+    if not isinstance(d, str):
+        return ""
+    d = d.strip().strip('"')
+    if d in _DTYPES:
+        return _DTYPES[d][0]
+    low = d.lower().removeprefix("torch.")
+    return low if low in _DTYPE_SIZES else low
+
+
+def _collectives(acc: _Accumulator, k_row_new: np.ndarray, k_start: np.ndarray, k_end: np.ndarray,
+                 k_names: pd.Categorical, k_corr: np.ndarray, api: dict) -> dict:
+    """One row per NCCL kernel; args from the kernel, else its record_param_comms op."""
+    rpc_by_ext = {}
+    rpc_by_tid: dict = {}
+    for ext, tid, ts, dur, info in acc.rpc:
+        if info is None:
+            continue
+        if ext is not None:
+            rpc_by_ext.setdefault(ext, info)
+        if isinstance(ts, (int, float)) and isinstance(dur, (int, float)):
+            rpc_by_tid.setdefault(tid, []).append((float(ts), float(ts) + float(dur), info))
+    for v in rpc_by_tid.values():
+        v.sort(key=lambda x: x[0])
+    # launch (tid, ts in the input's µs) per correlation, only for NCCL kernels
+    launch: dict = {}
+    if acc.nccl and len(api["corr"]):
+        want = np.array([k_corr[k_row_new[r]] for r, _, _ in acc.nccl if k_row_new[r] >= 0], dtype=np.int64)
+        sel = np.flatnonzero(np.isin(api["corr"], want))
+        for i in sel.tolist():
+            launch.setdefault(int(api["corr"][i]), (int(api["tid"][i]), float(api["ts_raw"][i])))
+    rows: dict[str, list] = {k: [] for k in ("start_ns", "end_ns", "op", "bytes", "dtype", "comm_size", "source")}
+    for r, ext, info in acc.nccl:
+        j = k_row_new[r]
+        if j < 0:
+            continue
+        name = str(k_names[j])
+        if info is None and ext is not None:
+            info = rpc_by_ext.get(ext)
+        if info is None:
+            li = launch.get(int(k_corr[j]))
+            if li is not None:
+                for s, e, inf in reversed(rpc_by_tid.get(li[0], [])):
+                    if s <= li[1] <= e:
+                        info = inf
+                        break
+        op, nbytes, dtype, size, source = _kernel_op(name), -1, _kernel_dtype(name), -1, "kernel_name"
+        if info is not None:
+            cname, n_in, n_out, gsize, dt = info
+            op = _collective_op(cname) or op
+            dtype = _canonical_dtype(dt) or dtype
+            size = _int_or_none(gsize)
+            size = size if size is not None else -1
+            nel = [x for x in (_int_or_none(n_in), _int_or_none(n_out)) if x is not None]
+            esize = _DTYPE_SIZES.get(dtype)
+            if nel and esize:
+                nbytes = max(nel) * esize
+            source = "kineto_args"
+        rows["start_ns"].append(int(k_start[j]))
+        rows["end_ns"].append(int(k_end[j]))
+        rows["op"].append(op)
+        rows["bytes"].append(nbytes)
+        rows["dtype"].append(dtype)
+        rows["comm_size"].append(size)
+        rows["source"].append(source)
+    return rows
+
+
+def _sort(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Rows in time order, ties broken by the other keys, so the result never depends on batching."""
+    if len(df) < 2:
+        return df
+    cols = [(-df[k[1:]].to_numpy()) if k.startswith("-") else df[k].to_numpy() for k in keys]
+    order = np.lexsort(cols[::-1])
+    if (order[1:] > order[:-1]).all():
+        return df
+    return df.take(order).reset_index(drop=True)
+
+
+def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, parser: str) -> Trace:
+    rank, rank_from = _resolve_rank(path, header, rank_arg)
+    base = _int_or_none(header.get("baseTimeNanoseconds"))
+    offset = base if base is not None else 0
+    unit = _ts_unit(base, [acc.kern, acc.mem, acc.api, acc.rng])
+    trace = Trace()
+    missing_times = 0
+
+    # kernels
+    k = acc.kern
+    ok = _valid(k) if k.n else np.zeros(0, bool)
+    missing_times += int((~ok).sum())
+    k_row_new = np.where(ok, np.cumsum(ok) - 1, -1)
+    k_start, k_end = _times_ns(k, ok, unit, offset) if k.n else (np.empty(0, np.int64),) * 2
+    k_names = _categorical(acc.kname, k.get("name", np.int32)[ok])
+    k_corr = k.get("corr")[ok]
+    n_k = len(k_start)
+    trace.set("kernels", {
+        "rank": np.full(n_k, rank, np.int64), "device_id": k.get("device")[ok], "stream_id": k.get("stream")[ok],
+        "start_ns": k_start, "end_ns": k_end, "name": k_names, "demangled_name": k_names,
+        "grid_x": k.get("gx")[ok], "grid_y": k.get("gy")[ok], "grid_z": k.get("gz")[ok],
+        "block_x": k.get("bx")[ok], "block_y": k.get("by")[ok], "block_z": k.get("bz")[ok],
+        "registers_per_thread": k.get("regs")[ok], "shared_memory_bytes": k.get("smem")[ok],
+        "correlation_id": k_corr, "graph_id": np.full(n_k, -1, np.int64),
+        "category": categorize(pd.Series(k_names)),
+    })
+
+    # memops
+    m = acc.mem
+    ok = _valid(m) if m.n else np.zeros(0, bool)
+    missing_times += int((~ok).sum())
+    m_start, m_end = _times_ns(m, ok, unit, offset) if m.n else (np.empty(0, np.int64),) * 2
+    m_codes = m.get("name", np.int32)[ok]
+    parsed = [_memop_kind(_name_of(key)) for key in acc.mname]
+    n_m = len(m_start)
+
+    def _mcat(i: int) -> pd.Categorical:
+        vals = [p[i] for p in parsed]
+        uniq = list(dict.fromkeys(vals))
+        pos = {v: j for j, v in enumerate(uniq)}
+        lut = np.array([pos[v] for v in vals], dtype=np.int32)
+        return pd.Categorical.from_codes(lut[m_codes] if n_m else np.empty(0, np.int32), categories=uniq)
+
+    trace.set("memops", {
+        "rank": np.full(n_m, rank, np.int64), "device_id": m.get("device")[ok], "stream_id": m.get("stream")[ok],
+        "start_ns": m_start, "end_ns": m_end, "kind": _mcat(0), "bytes": m.get("bytes")[ok],
+        "src_kind": _mcat(1), "dst_kind": _mcat(2), "correlation_id": m.get("corr")[ok],
+    })
+
+    # api calls
+    a = acc.api
+    a_ok = _valid(a) if a.n else np.zeros(0, bool)
+    missing_times += int((~a_ok).sum())
+    a_start, a_end = _times_ns(a, a_ok, unit, offset) if a.n else (np.empty(0, np.int64),) * 2
+    n_a = len(a_start)
+    a_corr, a_tid = a.get("corr")[a_ok], a.get("tid")[a_ok]
+    trace.set("api_calls", {
+        "rank": np.full(n_a, rank, np.int64), "thread_id": a_tid, "start_ns": a_start, "end_ns": a_end,
+        "name": _categorical(acc.aname, a.get("name", np.int32)[a_ok]),
+        "api": pd.Categorical.from_codes(a.get("api", np.int8)[a_ok], categories=["runtime", "driver"]),
+        "correlation_id": a_corr, "return_value": np.zeros(n_a, np.int64),
+    })
+
+    # ranges: depth and GPU projection
+    r = acc.rng
+    ok = _valid(r) if r.n else np.zeros(0, bool)
+    missing_times += int((~ok).sum())
+    r_start, r_end = _times_ns(r, ok, unit, offset) if r.n else (np.empty(0, np.int64),) * 2
+    n_r = len(r_start)
+    r_codes = r.get("text", np.int32)[ok]
+    r_tid = r.get("tid")[ok]
+    texts = [_name_of(t) for t in acc.rtext]
+    is_step = np.array([t.startswith(_PROFILER_STEP) for t in texts], dtype=np.int8)
+    domain = pd.Categorical.from_codes(is_step[r_codes] if n_r else np.empty(0, np.int8),
+                                       categories=["record_function", "profiler_step"])
+    r_rank = np.full(n_r, rank, np.int64)
+    ranges = conform("ranges", {
+        "rank": r_rank, "thread_id": r_tid, "start_ns": r_start, "end_ns": r_end,
+        "text": _categorical(acc.rtext, r_codes), "domain": domain,
+        "depth": nesting_depth(r_rank, r_tid, r_start, r_end),
+    })
+    gpu_ops = pd.DataFrame({
+        "rank": np.full(n_k + n_m, rank, np.int64),
+        "correlation_id": np.concatenate([k_corr, trace.memops["correlation_id"].to_numpy()]),
+        "start_ns": np.concatenate([k_start, m_start]),
+        "end_ns": np.concatenate([k_end, m_end]),
+        "is_kernel": np.r_[np.ones(n_k, bool), np.zeros(n_m, bool)],
+    })
+    trace.set("ranges", project_ranges(ranges, trace.api_calls, gpu_ops))
+
+    # collectives
+    if acc.nccl:
+        api_cols = {"corr": a_corr, "tid": a_tid, "ts_raw": a.get("ts", None)[a_ok]}
+        rows = _collectives(acc, k_row_new, k_start, k_end, k_names, k_corr, api_cols)
+        n_c = len(rows["start_ns"])
+        trace.set("collectives", {"rank": np.full(n_c, rank, np.int64), **rows})
+
+    # memory events / counters (CUDA caching allocator, profile_memory=True)
+    mv = acc.mev
+    if mv.n:
+        ts = mv.get("ts", None)
+        ok = np.isfinite(ts) if ts.dtype.kind == "f" else np.ones(len(ts), bool)
+        missing_times += int((~ok).sum())
+        t_ns = _to_ns(ts[ok], unit) + offset
+        dev = mv.get("device")[ok]
+        nbytes = mv.get("bytes")[ok]
+        n_e = len(t_ns)
+        trace.set("memory_events", {
+            "rank": np.full(n_e, rank, np.int64), "device_id": dev, "ts_ns": t_ns,
+            "address": mv.get("addr")[ok], "bytes": nbytes,
+            "kind": pd.Categorical.from_codes((nbytes < 0).astype(np.int8), categories=["alloc", "free"]),
+            "source": pd.Categorical.from_codes(np.zeros(n_e, np.int8), categories=["kineto_memory"]),
+        })
+        alloc, resv = mv.get("allocated", None)[ok], mv.get("reserved", None)[ok]
+        parts = []
+        for name, vals in (("memory_allocated_bytes", alloc), ("memory_reserved_bytes", resv)):
+            fin = np.isfinite(vals.astype(np.float64))
+            parts.append(pd.DataFrame({"device_id": dev[fin], "ts_ns": t_ns[fin], "name": name,
+                                       "value": vals[fin].astype(np.float64)}))
+        counters = pd.concat(parts, ignore_index=True)
+        counters.insert(0, "rank", rank)
+        trace.set("counters", counters)
+
+    # devices
+    dev_rows = []
+    props = header.get("deviceProperties")
+    listed = set()
+    if isinstance(props, list):
+        for p in props:
+            if not isinstance(p, dict):
+                continue
+            did = _int_or_none(p.get("id"))
+            did = did if did is not None else len(dev_rows)
+            listed.add(did)
+            major, minor = _int_or_none(p.get("computeMajor")), _int_or_none(p.get("computeMinor"))
+            sms, mem_b = _int_or_none(p.get("numSms")), _int_or_none(p.get("totalGlobalMem"))
+            dev_rows.append({
+                "rank": rank, "device_id": did, "name": _name_of(p.get("name")),
+                "sm_count": sms if sms is not None else -1, "memory_bytes": mem_b if mem_b is not None else -1,
+                "compute_capability": f"{major}.{minor}" if major is not None and minor is not None else "",
+            })
+    seen = set(np.unique(np.concatenate([trace.kernels["device_id"].to_numpy(),
+                                         trace.memops["device_id"].to_numpy()])).tolist())
+    for did in sorted(seen - listed):
+        dev_rows.append({"rank": rank, "device_id": int(did)})
+    if dev_rows:
+        trace.set("devices", pd.DataFrame(dev_rows))
+
+    # ranks
+    tb = _TB_NAME_RE.match(path.name)
+    trace.set("ranks", {
+        "rank": [rank], "pid": [_main_pid(acc, path)], "hostname": [tb.group("host") if tb else ""],
+        "source_file": [str(path)], "source_format": [FORMAT], "clock_offset_ns": [offset],
+        "clock_source": ["baseTimeNanoseconds" if base is not None else "trace"],
+    })
+
+    # time order (readers are free in the order of rows; sorted output is deterministic and friendlier)
+    trace.kernels = _sort(trace.kernels, ["start_ns", "device_id", "stream_id", "correlation_id", "end_ns"])
+    trace.memops = _sort(trace.memops, ["start_ns", "device_id", "stream_id", "correlation_id", "end_ns"])
+    trace.api_calls = _sort(trace.api_calls, ["start_ns", "thread_id", "correlation_id", "end_ns"])
+    trace.ranges = _sort(trace.ranges, ["start_ns", "thread_id", "-end_ns", "depth"])
+    trace.collectives = _sort(trace.collectives, ["start_ns", "end_ns"])
+    trace.memory_events = _sort(trace.memory_events, ["ts_ns", "device_id", "address"])
+
+    # dropped, never silent
+    launched = np.isin(np.concatenate([k_corr, trace.memops["correlation_id"].to_numpy()]), a_corr)
+    trace.add_dropped(rank, SOURCE, "gpu op with no launch record", int((~launched).sum()))
+    trace.add_dropped(rank, SOURCE, "event missing ts or dur", missing_times)
+    for cat, n in sorted(acc.unknown_cats.items()):
+        reason = cat if cat.startswith("[memory]") else f"unknown event category: {cat}"
+        trace.add_dropped(rank, SOURCE, reason, n)
+    for ph, n in sorted(acc.bad_phases.items()):
+        trace.add_dropped(rank, SOURCE, f"unsupported event phase: {ph}", n)
+
+    # meta
+    tp = {k: v for k, v in header.items()}
+    tp["ts_unit"] = unit
+    tp["parser"] = parser
+    tp["rank_from"] = rank_from
+    tp["event_counts"] = {f"{ph}/{cat}" if cat is not None else str(ph): n
+                          for (ph, cat), n in sorted(acc.counts.items(), key=lambda x: -x[1])}
+    if acc.cpu_memory_events:
+        tp["cpu_memory_event_count"] = acc.cpu_memory_events
+    trace.meta = {
+        "inputs": [{"path": str(path), "format": FORMAT, "rank": rank}],
+        "torch_profiler": tp,
+        "cpu_op_count": acc.cpu_op_count,
+    }
+    return trace
