@@ -417,6 +417,22 @@ def test_collectives_from_nccl_kernel_names(tmp_path):
 
 
 @needs_sample
+def test_device_ids_follow_the_process_view(tmp_path):
+    """Two GPUs on the host; the process saw only the second, as its CUDA device 0 (CUDA_VISIBLE_DEVICES=1)."""
+    path = copy_sample(tmp_path)
+    con = sqlite3.connect(path)
+    con.execute("INSERT INTO TARGET_INFO_GPU (vmId, id, name, smCount, totalMemory, uuid, cuDevice, computeMajor, "
+                "computeMinor) VALUES (281474976710656, 1, 'Second GPU', 114, 1000, 'uuid-of-gpu-1', 1, 9, 0)")
+    con.execute("DELETE FROM TARGET_INFO_CUDA_DEVICE")
+    con.execute("INSERT INTO TARGET_INFO_CUDA_DEVICE (gpuId, cudaId, pid) VALUES (1, 0, ?)", (SAMPLE_PID,))
+    con.execute("INSERT INTO TARGET_INFO_CUDA_DEVICE (gpuId, cudaId, pid) VALUES (0, 0, 12345)")  # another process
+    con.commit()
+    con.close()
+    d = read(path).devices
+    assert d[["device_id", "name", "sm_count", "uuid"]].values.tolist() == [[0, "Second GPU", 114, "uuid-of-gpu-1"]]
+
+
+@needs_sample
 def test_older_schema_without_optional_columns(tmp_path):
     """Columns that older nsys versions lack: greenContextId, graphNodeId, NVTX domainId/textId, eventClass."""
     path = tmp_path / "old.sqlite"

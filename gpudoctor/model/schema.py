@@ -124,6 +124,35 @@ TABLES: dict[str, list[tuple[str, str, object]]] = {
         ("kind", "cat", ""),  # alloc | free
         ("source", "cat", ""),  # nsys_cuda_memory | kineto_memory
     ],
+    # Per-kernel hardware counters (Nsight Compute), one row per profiled kernel launch.
+    "kernel_metrics": [
+        ("rank", "i8", 0),
+        ("device_id", "i8", 0),
+        ("launch_id", "i8", -1),  # ncu "ID": order of profiled launches
+        ("pid", "i8", -1),
+        ("name", "cat", ""),
+        ("nvtx_range", "cat", ""),  # innermost NVTX push/pop range when ncu ran with --nvtx
+        ("grid_x", "i8", -1),
+        ("grid_y", "i8", -1),
+        ("grid_z", "i8", -1),
+        ("block_x", "i8", -1),
+        ("block_y", "i8", -1),
+        ("block_z", "i8", -1),
+        ("duration_ns", "f8", float("nan")),
+        ("dram_read_bytes", "f8", float("nan")),
+        ("dram_write_bytes", "f8", float("nan")),
+        ("flops_fp64", "f8", float("nan")),  # non-tensor FLOPs (FMA = 2)
+        ("flops_fp32", "f8", float("nan")),
+        ("flops_fp16", "f8", float("nan")),
+        ("flops_tensor", "f8", float("nan")),  # tensor-core FLOPs, all precisions
+        ("tensor_pipe_fraction", "f8", float("nan")),  # tensor pipe active, 0..1
+        ("sm_throughput_fraction", "f8", float("nan")),
+        ("memory_throughput_fraction", "f8", float("nan")),
+        ("dram_throughput_fraction", "f8", float("nan")),
+        ("achieved_occupancy_fraction", "f8", float("nan")),
+        ("sm_clock_hz", "f8", float("nan")),
+        ("kernel_row", "i8", -1),  # index into kernels of the same rank when joined to a timeline, else -1
+    ],
     # Events that a reader could not place, counted by reason. Never silently dropped.
     "dropped": [
         ("rank", "i8", 0),

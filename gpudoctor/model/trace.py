@@ -71,6 +71,7 @@ class Trace:
     collectives: pd.DataFrame = field(default_factory=lambda: empty_frame("collectives"))
     counters: pd.DataFrame = field(default_factory=lambda: empty_frame("counters"))
     memory_events: pd.DataFrame = field(default_factory=lambda: empty_frame("memory_events"))
+    kernel_metrics: pd.DataFrame = field(default_factory=lambda: empty_frame("kernel_metrics"))
     dropped: pd.DataFrame = field(default_factory=lambda: empty_frame("dropped"))
     meta: dict = field(default_factory=dict)
 

@@ -147,7 +147,7 @@ _MEMORY_KINDS = {
     "managed": "managed", "device static": "device", "managed static": "managed", "unknown": "unknown",
 }
 
-_RANK_RE = re.compile(r"rank[_-]?(\d+)", re.I)
+_RANK_RE = re.compile(r"(?<![a-z])rank[_-]?(\d+)", re.I)
 # tensorboard_trace_handler names files "<hostname>_<pid>.<ms>.pt.trace.json[.gz]".
 _TB_NAME_RE = re.compile(r"^(?P<host>.+)_(?P<pid>\d+)\.\d+\.pt\.trace\.json(?:\.gz)?$")
 # Start of an event (after its "{") that the model does not need: flow events, and cpu_op /
@@ -196,10 +196,10 @@ def _read(path: Path, rank: int | None) -> Trace:
     parser = "stream"
     try:
         header = _stream(path, acc)
-    except Exception:  # noqa: BLE001 - anything odd: start over on the whole-document path
+    except Exception as e:  # noqa: BLE001 - anything odd: start over on the whole-document path
         header = None
+        parser = f"whole ({_one_line(e)[:200] or type(e).__name__})"
     if header is None:
-        parser = "whole"
         acc = _Accumulator()
         header = _parse_whole(path, acc)
     try:
@@ -326,16 +326,20 @@ class _Skipper:
     written differently is simply parsed (and then handled the same way), so this is only a shortcut.
     """
 
-    LEARN = 5000
+    LEARN_FIRST = 5000  # events looked at in the first region
+    LEARN_NEXT = 256  # and in each later one
 
     def __init__(self):
         self.by_key: dict[tuple, set] = {}  # (ph, cat) -> prefixes
         self.skip: tuple = ()
         self.special: tuple = ()
+        self.regions = 0
 
     def learn(self, pieces: list) -> None:
         new = False
-        for p in pieces[1:self.LEARN]:
+        n = self.LEARN_FIRST if self.regions == 0 else self.LEARN_NEXT
+        self.regions += 1
+        for p in pieces[1:n]:
             m = _SKIP_RE.match(p)
             if m is not None:
                 key = _SKIP_KEYS[m.group(1) or m.group(2)]

@@ -353,6 +353,7 @@ class _Reader:
         api = self.api_calls()
         self.count_unlaunched(kernels, memops, api)
         pid = self.cuda_pid(kernels, memops, api)
+        gpu_pids = sorted(set(np.r_[kernels["_pid"].to_numpy(), memops["_pid"].to_numpy()].tolist()) - {0})
         devices, gpu_to_dev = self.devices(pid, kernels, memops)
         ranges = self.ranges(api, kernels, memops)
         collectives = self.collectives(ranges, kernels)
@@ -383,6 +384,9 @@ class _Reader:
             "nsys_version": export_meta.get("EXPORT_PRODUCT_VERSION", ""),
             "export_schema": export_meta.get("EXPORT_SCHEMA_VERSION", ""),
         }
+        if len(gpu_pids) > 1:
+            # Several processes did GPU work; the model has one row per rank, so they share this rank.
+            t.meta["nsys_gpu_pids"] = gpu_pids
         return t
 
     def drop(self, source: str, reason: str, count: int) -> None:

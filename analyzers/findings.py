@@ -1,0 +1,31 @@
+"""The Finding: what an analyzer says, how much it costs, and what to do about it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+SEVERITIES = ("info", "low", "medium", "high")
+
+
+@dataclass
+class Finding:
+    analyzer: str  # id, part of the JSON contract: unfused_attention, low_tensor_core, ...
+    severity: str  # info | low | medium | high
+    title: str
+    metrics: dict = field(default_factory=dict)
+    estimated_saving_ns: int = 0  # per steady-state window
+    estimated_saving_fraction: float = 0.0  # of the steady-state window
+    recommendation: str = ""
+    evidence: dict = field(default_factory=dict)  # kernel names, ranges, examples with timestamps
+    rank: int | None = None
+
+    def __post_init__(self):
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, not {self.severity!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def severity_rank(self) -> int:
+        return SEVERITIES.index(self.severity)

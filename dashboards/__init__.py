@@ -1,0 +1,1 @@
+"""Figures (pure functions: trace model -> plotly figure) and the Dash app that wires them."""

@@ -1,0 +1,1 @@
+"""Command line: one small command object per subcommand (see main.COMMANDS)."""

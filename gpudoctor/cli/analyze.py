@@ -1,0 +1,66 @@
+"""gpudoctor analyze INPUT... : read exports or run directories, print findings."""
+
+from __future__ import annotations
+
+import argparse
+
+from gpudoctor.cli.base import Command
+from gpudoctor.errors import GpudoctorError
+
+
+def parse_rank_map(items: list[str] | None) -> dict[str, int]:
+    out = {}
+    for item in items or []:
+        path, sep, rank = item.rpartition("=")
+        if not sep or not rank.isdigit():
+            raise GpudoctorError(f"--rank expects FILE=N, got {item!r}")
+        out[path] = int(rank)
+    return out
+
+
+def write_outputs(analysis, json_path: str | None, markdown_path: str | None) -> None:
+    if not (json_path or markdown_path):
+        return
+    from gpudoctor.store.atomic import atomic_write_text
+
+    if json_path:
+        from gpudoctor.render.jsonout import render as render_json
+        atomic_write_text(json_path, render_json(analysis))
+    if markdown_path:
+        from gpudoctor.render.markdown import render as render_md
+        atomic_write_text(markdown_path, render_md(analysis))
+
+
+class AnalyzeCommand(Command):
+    name = "analyze"
+    help = "analyze existing exports (nsys SQLite/.nsys-rep, PyTorch profiler JSON, ncu CSV, ...) or a run directory"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories; all inputs form one run")
+        p.add_argument("--json", metavar="FILE", help="write the analysis as JSON (docs/json-schema.md)")
+        p.add_argument("--markdown", metavar="FILE", help="write a Markdown report")
+        p.add_argument("--config", metavar="TOML", help="gpudoctor.toml with analyzer thresholds")
+        p.add_argument("--set", action="append", metavar="ANALYZER.KEY=VALUE", default=[],
+                       help="override one analyzer threshold, e.g. gpu_idle.idle_fraction_medium=0.2")
+        p.add_argument("--rank", action="append", metavar="FILE=N", help="rank of an input whose rank can't be found")
+        p.add_argument("--quiet", "-q", action="store_true", help="print nothing (with --json/--markdown)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from gpudoctor.pipeline import analyze_inputs
+
+        config = load_config(args.config, args.set)
+        analysis = analyze_inputs(args.inputs, config=config, rank_map=parse_rank_map(args.rank))
+        write_outputs(analysis, args.json, args.markdown)
+        if not args.quiet:
+            from gpudoctor.render.terminal import render
+            render(analysis)
+        return 2 if analysis.errors else 0
+
+
+def load_config(path: str | None, overrides: list[str]):
+    """The analyzers' config, or None when the analyzers are not installed."""
+    try:
+        from gpudoctor.analyzers.config import load_config as load
+    except ModuleNotFoundError:
+        return None
+    return load(path, overrides)

@@ -1,0 +1,98 @@
+"""Per-rank summary of a trace: steady-state window, GPU busy fraction, where the GPU time went."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from gpudoctor.model.steps import StepWindow, find_steps, union_ns
+from gpudoctor.model.trace import Trace
+
+TOP_N = 10
+
+
+@dataclass
+class RankSummary:
+    rank: int
+    device: str
+    window: StepWindow
+    gpu_busy_fraction: float
+    kernel_count: int  # all kernels of the rank
+    steady_kernel_count: int  # kernels inside the steady-state window
+    top_kernels: pd.DataFrame  # name, category, count, total_ns, mean_ns, window_fraction
+    category_time: pd.DataFrame  # category, total_ns, window_fraction
+    range_time: pd.DataFrame  # text, count, gpu_ns, window_fraction
+
+    def to_dict(self) -> dict:
+        w = self.window
+        return {
+            "rank": self.rank,
+            "device": self.device,
+            "window_ns": [int(w.start_ns), int(w.end_ns)],
+            "window_duration_ns": w.duration_ns,
+            "window_source": w.describe(),
+            "steps": {
+                "count": int(len(w.steps)),
+                "warmup": int(w.steps["warmup"].sum()) if len(w.steps) else 0,
+                "median_step_ns": int(np.median(w.steady["duration_ns"])) if len(w.steady) else None,
+            },
+            "gpu_busy_fraction": round(self.gpu_busy_fraction, 6),
+            "kernel_count": self.kernel_count,
+            "steady_kernel_count": self.steady_kernel_count,
+            "top_kernels": _records(self.top_kernels),
+            "time_by_category": _records(self.category_time),
+            "time_by_range": _records(self.range_time),
+        }
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    out = []
+    for row in df.to_dict(orient="records"):
+        out.append({k: (int(v) if isinstance(v, (np.integer,)) else round(float(v), 6) if isinstance(v, (float, np.floating))
+                        else v) for k, v in row.items()})
+    return out
+
+
+def in_window(df: pd.DataFrame, start_ns: int, end_ns: int, start_col="start_ns", end_col="end_ns") -> pd.DataFrame:
+    """Rows overlapping [start_ns, end_ns]."""
+    s = df[start_col].to_numpy()
+    e = df[end_col].to_numpy()
+    return df[(e > start_ns) & (s < end_ns)]
+
+
+def summarize_rank(trace: Trace, rank: int) -> RankSummary:
+    t = trace.for_rank(rank) if len(trace.rank_ids) > 1 else trace
+    window = find_steps(t.ranges, t.kernels)
+    lo, hi = window.start_ns, window.end_ns
+    dur = max(hi - lo, 1)
+    k = in_window(t.kernels, lo, hi)
+    m = in_window(t.memops, lo, hi)
+    busy = union_ns(np.r_[k["start_ns"].to_numpy(), m["start_ns"].to_numpy()],
+                    np.r_[k["end_ns"].to_numpy(), m["end_ns"].to_numpy()], lo, hi)
+    # Clip kernel durations to the window so fractions add up.
+    kd = np.minimum(k["end_ns"].to_numpy(), hi) - np.maximum(k["start_ns"].to_numpy(), lo)
+    kk = pd.DataFrame({"name": k["name"].astype(str).to_numpy(), "category": k["category"].astype(str).to_numpy(), "d": kd})
+    top = (kk.groupby(["name", "category"], sort=False).agg(count=("d", "size"), total_ns=("d", "sum"))
+           .reset_index().sort_values("total_ns", ascending=False).head(TOP_N))
+    top["mean_ns"] = (top["total_ns"] / top["count"]).round().astype(np.int64)
+    top["window_fraction"] = top["total_ns"] / dur
+    md = np.minimum(m["end_ns"].to_numpy(), hi) - np.maximum(m["start_ns"].to_numpy(), lo)
+    cats = pd.concat([kk[["category", "d"]], pd.DataFrame({"category": "memory", "d": md})], ignore_index=True)
+    cat = cats.groupby("category").agg(total_ns=("d", "sum")).reset_index().sort_values("total_ns", ascending=False)
+    cat["window_fraction"] = cat["total_ns"] / dur
+    r = t.ranges
+    r = r[(r["gpu_start_ns"] >= 0)]
+    r = r[(r["gpu_end_ns"] > lo) & (r["gpu_start_ns"] < hi)]
+    rd = np.minimum(r["gpu_end_ns"].to_numpy(), hi) - np.maximum(r["gpu_start_ns"].to_numpy(), lo)
+    rr = pd.DataFrame({"text": r["text"].astype(str).to_numpy(), "depth": r["depth"].to_numpy(), "d": rd})
+    rng = (rr.groupby("text").agg(count=("d", "size"), gpu_ns=("d", "sum"), depth=("depth", "min")).reset_index()
+           .sort_values(["depth", "gpu_ns"], ascending=[True, False]).head(TOP_N))
+    rng["window_fraction"] = rng["gpu_ns"] / dur
+    rng = rng.drop(columns="depth")
+    dev = t.devices["name"].iloc[0] if len(t.devices) else ""
+    return RankSummary(rank=rank, device=str(dev), window=window, gpu_busy_fraction=busy / dur,
+                       kernel_count=int(len(t.kernels)), steady_kernel_count=int(len(k)),
+                       top_kernels=top.reset_index(drop=True), category_time=cat.reset_index(drop=True),
+                       range_time=rng.reset_index(drop=True))

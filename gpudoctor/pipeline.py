@@ -1,0 +1,223 @@
+"""parse -> trace model -> analyze: the one path every command takes from inputs to an Analysis.
+
+All inputs of one call form one run (per-rank files of a job, or a timeline plus its Nsight Compute
+export). An input that cannot be read is reported as a one-line error and the others are still
+analyzed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpudoctor import __version__
+from gpudoctor.errors import GpudoctorError, InputError
+from gpudoctor.model.summary import RankSummary, summarize_rank
+from gpudoctor.model.trace import Trace, merge
+from gpudoctor.readers import detect
+
+JSON_SCHEMA_VERSION = "1.0"
+
+# format -> module with read(path, rank=None) -> Trace
+READER_MODULES = {
+    "nsys_sqlite": "gpudoctor.readers.nsys",
+    "json": "gpudoctor.readers.kineto",
+    "ncu_csv": "gpudoctor.readers.ncu",
+    "ncu_rep": "gpudoctor.readers.ncu",
+    "nccl_tests": "gpudoctor.readers.nccltests",
+    "pickle": "gpudoctor.readers.snapshot",
+    "prometheus": "gpudoctor.readers.prometheus",
+}
+_DIR_SUFFIXES = (".sqlite", ".json", ".json.gz", ".csv", ".log", ".txt", ".pickle", ".nsys-rep", ".ncu-rep", ".prom")
+
+
+@dataclass
+class Analysis:
+    inputs: list[dict]
+    trace: Trace
+    ranks: list[RankSummary]
+    findings: list = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        return self.trace.dropped_counts()
+
+    def to_json_dict(self) -> dict:
+        findings = sorted(self.findings, key=lambda f: (-f.estimated_saving_ns, -f.severity_rank))
+        return {
+            "schema_version": JSON_SCHEMA_VERSION,
+            "gpudoctor_version": __version__,
+            "inputs": self.inputs,
+            "errors": self.errors,
+            "ranks": [r.to_dict() for r in self.ranks],
+            "findings": [f.to_dict() for f in findings],
+            "dropped": self.dropped,
+        }
+
+
+def _read_nsys_rep(path: Path, rank: int | None) -> Trace:
+    try:
+        from gpudoctor.collect.nsys import find_nsys
+        nsys = find_nsys()
+    except ImportError:
+        nsys = None
+    nsys_path = nsys[0] if isinstance(nsys, tuple) else nsys
+    if not nsys_path:
+        raise InputError(path, "reading .nsys-rep needs Nsight Systems (nsys); export it with: "
+                               "nsys export --type sqlite -o FILE.sqlite FILE.nsys-rep")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / (path.stem + ".sqlite")
+        try:
+            subprocess.run([str(nsys_path), "export", "--type", "sqlite", "-f", "true", "-o", str(out), str(path)],
+                           check=True, capture_output=True, timeout=600)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+            raise InputError(path, f"nsys export failed: {str(e).splitlines()[0]}") from None
+        from gpudoctor.readers import nsys as nsys_reader
+        t = nsys_reader.read(out, rank=rank)
+    for i in t.meta.get("inputs", []):
+        i["path"] = str(path)
+    t.ranks["source_file"] = str(path)
+    return t
+
+
+def _is_run_db(path: Path) -> bool:
+    try:
+        from gpudoctor.store.rundb import is_run_db
+    except ImportError:
+        return False
+    return is_run_db(path)
+
+
+def read_input(path: str | Path, rank: int | None = None) -> Trace:
+    """Read one file into a Trace, picking the reader from the file's content."""
+    path = Path(path)
+    fmt = detect(path)
+    if fmt == "run_dir":
+        return read_run_dir(path)
+    if fmt == "nsys_rep":
+        return _read_nsys_rep(path, rank)
+    if fmt == "sqlite":
+        if _is_run_db(path):
+            from gpudoctor.store.rundb import load
+            return load(path)
+        fmt = "nsys_sqlite"
+    module = READER_MODULES.get(fmt)
+    try:
+        reader = importlib.import_module(module)
+    except ModuleNotFoundError:
+        raise InputError(path, f"{fmt} input is not supported by this version of gpudoctor") from None
+    return reader.read(path, rank=rank)
+
+
+def read_run_dir(run_dir: Path) -> Trace:
+    """A run directory: run.db when present (fast), else the raw reports its manifest lists."""
+    db = run_dir / "run.db"
+    if db.exists() and _is_run_db(db):
+        from gpudoctor.store.rundb import load
+        return load(db)
+    manifest_path = run_dir / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(manifest_path, f"unreadable manifest: {e}") from None
+    traces = []
+    root = run_dir.resolve()
+    for rep in manifest.get("reports", []):
+        p = (run_dir / rep["path"]).resolve()
+        if root not in p.parents:  # never follow a path out of the run directory
+            raise InputError(manifest_path, f"report path {rep['path']!r} points outside the run directory")
+        traces.append(read_input(p, rank=rep.get("rank")))
+    if not traces:
+        raise InputError(run_dir, "run directory lists no reports and has no run.db")
+    return merge(traces)
+
+
+def expand_inputs(paths: list[str]) -> list[Path]:
+    """Directories that are not run directories stand for the trace files inside them (per-rank files)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir() and not ((p / "manifest.json").exists() or (p / "run.db").exists()):
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(_DIR_SUFFIXES))
+            if not files:
+                out.append(p)  # detect() will say what is wrong
+            out.extend(files)
+        else:
+            out.append(p)
+    return out
+
+
+def load_inputs(paths: list[str], rank_map: dict[str, int] | None = None) -> tuple[Trace | None, list[dict], list[str]]:
+    """Read every input; returns (merged trace or None, inputs, one-line errors)."""
+    rank_map = rank_map or {}
+    traces, inputs, errors = [], [], []
+    for p in expand_inputs(paths):
+        try:
+            t = read_input(p, rank=rank_map.get(str(p), rank_map.get(p.name)))
+        except GpudoctorError as e:
+            errors.append(str(e))
+            inputs.append({"path": str(p), "error": str(e)})
+            continue
+        traces.append(t)
+        inputs.extend(t.meta.get("inputs") or [{"path": str(p)}])
+    if not traces:
+        return None, inputs, errors
+    # ncu-only inputs add kernel metrics to the timeline of the same rank rather than claiming a rank.
+    timeline = [t for t in traces if not _metrics_only(t)]
+    metrics = [t for t in traces if _metrics_only(t)]
+    if timeline and metrics:
+        merged = merge(timeline)
+        _attach_metrics(merged, metrics)
+    else:
+        merged = merge(traces)
+    return merged, inputs, errors
+
+
+def _metrics_only(t: Trace) -> bool:
+    return len(t.kernel_metrics) > 0 and len(t.kernels) == 0
+
+
+def _attach_metrics(trace: Trace, metric_traces: list[Trace]) -> None:
+    import pandas as pd
+
+    from gpudoctor.model.trace import conform
+    km = pd.concat([trace.kernel_metrics] + [t.kernel_metrics for t in metric_traces], ignore_index=True)
+    try:
+        from gpudoctor.collect.ncu import join_to_timeline
+        km, unjoined = join_to_timeline(km, trace.kernels)
+        if unjoined:
+            trace.add_dropped(0, "ncu", "ncu kernel not found in the timeline (kept, unjoined)", int(unjoined))
+    except ImportError:
+        pass
+    trace.kernel_metrics = conform("kernel_metrics", km)
+    trace.meta.setdefault("inputs", []).extend(i for t in metric_traces for i in t.meta.get("inputs", []))
+
+
+def analyze_trace(trace: Trace, config=None) -> tuple[list[RankSummary], list]:
+    ranks = [summarize_rank(trace, r) for r in (trace.rank_ids or [0])]
+    findings = []
+    try:
+        registry = importlib.import_module("gpudoctor.analyzers.registry")
+    except ModuleNotFoundError:
+        registry = None
+    if registry is not None:
+        findings = registry.run_all(trace, config)
+    return ranks, findings
+
+
+def analyze_inputs(paths: list[str], config=None, rank_map: dict[str, int] | None = None) -> Analysis:
+    """Read, merge and analyze. Raises GpudoctorError only when no input could be read."""
+    trace, inputs, errors = load_inputs(paths, rank_map)
+    if trace is None:
+        raise GpudoctorError(errors[0] if len(errors) == 1 else "; ".join(errors))
+    ranks, findings = analyze_trace(trace, config)
+    return Analysis(inputs=inputs, trace=trace, ranks=ranks, findings=findings, errors=errors)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
