@@ -38,3 +38,22 @@ def categorize(names: pd.Series) -> pd.Categorical:
     codes = cat.cat.codes.to_numpy()
     out = np.where(codes >= 0, per_name[np.clip(codes, 0, None)] if len(per_name) else "other", "other")
     return pd.Categorical(out)
+
+
+def categorize_kernels(short_names, demangled_names) -> pd.Categorical:
+    """Category from the short name; where that says "other", from the demangled name."""
+    by_short = np.asarray(categorize(pd.Series(short_names)), dtype=object)
+    if len(by_short) == 0:
+        return pd.Categorical([])
+    by_demangled = np.asarray(categorize(pd.Series(demangled_names)), dtype=object)
+    return pd.Categorical(np.where(by_short == "other", by_demangled, by_short))
+
+
+def short_names(names) -> pd.Categorical:
+    """Short kernel names (as nsys's shortName) for full demangled names, decided once per distinct name."""
+    from gpudoctor.readers.kineto import short_kernel_name
+
+    cat = pd.Series(names).astype("category")
+    uniq = np.array([short_kernel_name(str(n)) for n in cat.cat.categories], dtype=object)
+    codes = cat.cat.codes.to_numpy()
+    return pd.Categorical(uniq[codes] if len(uniq) else np.array([], dtype=object))

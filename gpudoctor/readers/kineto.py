@@ -5,13 +5,17 @@ magic bytes, not by the extension).
 
 Parsing and memory
     Kineto writes every event of ``traceEvents`` as a block that starts on a new line at a fixed
-    indentation (``"\\n  {"``). The reader streams the file in blocks, cuts the array at those event
-    starts, parses each batch with orjson (stdlib json when orjson is missing) and turns the batch into
-    numpy columns before reading on, so only one batch of parsed dicts is alive at a time. A cut in a
-    wrong place can only make a batch invalid JSON, never a different valid one; on any failure the
-    reader starts over and parses the whole document at once (the path that also reports bad input).
-    Files that are not laid out that way (one-line JSON, a bare event list) take the whole-document
-    path directly.
+    indentation (``"\\n  {"``). The reader streams the file in 16 MB blocks, cuts the array at those
+    event starts, drops unparsed the events the model does not use (recognized by their first bytes:
+    most cpu_op, python_function, gpu_user_annotation and flow events; they are only counted), parses
+    the rest of the batch with orjson (stdlib json when orjson is missing) and turns it into numpy
+    columns before reading on, so only one batch of parsed dicts is alive at a time. A cut in a wrong
+    place can only make a batch invalid JSON, never a different valid one; on any failure the reader
+    starts over and parses the whole document at once (the path that also reports bad input). Files
+    not laid out that way (one-line JSON, a bare event list) take the whole-document path directly
+    (several times slower, ~3 GB for 1 M events). Skipped events are not validated as JSON.
+    The cyclic GC is paused during a read (millions of acyclic objects). Output rows are sorted by
+    time, so the result does not depend on the path or the batching.
 
 Times
     ``ts``/``dur`` are microseconds (the Chrome trace rule; Kineto writes µs with 3 decimals, relative
@@ -59,7 +63,7 @@ except ImportError:  # pragma: no cover - exercised only without orjson
     _loads = json.loads
 
 from gpudoctor.errors import InputError
-from gpudoctor.model.categories import categorize
+from gpudoctor.model.categories import categorize, categorize_kernels, short_names  # noqa: F401
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
 
@@ -147,7 +151,7 @@ _MEMORY_KINDS = {
     "managed": "managed", "device static": "device", "managed static": "managed", "unknown": "unknown",
 }
 
-_RANK_RE = re.compile(r"(?<![a-z])rank[_-]?(\d+)", re.I)
+_RANK_RE = re.compile(r"(?<![a-z])rank[_-]?(\d+)|\.r(\d+)\.", re.I)  # rank3 rank_3 rank-3 .r3.
 # tensorboard_trace_handler names files "<hostname>_<pid>.<ms>.pt.trace.json[.gz]".
 _TB_NAME_RE = re.compile(r"^(?P<host>.+)_(?P<pid>\d+)\.\d+\.pt\.trace\.json(?:\.gz)?$")
 # Start of an event (after its "{") that the model does not need: flow events, and cpu_op /
@@ -892,7 +896,7 @@ def _resolve_rank(path: Path, header: dict, rank: int | None) -> tuple[int, str]
     for text in (path.name, path.parent.name):
         m = _RANK_RE.search(text)
         if m:
-            return int(m.group(1)), "file name"
+            return int(m.group(1) or m.group(2)), "file name"
     return 0, "default"
 
 
@@ -920,6 +924,42 @@ def _memop_kind(key: str) -> tuple[str, str, str]:
     src = _MEMORY_KINDS.get((m.group(2) or "").strip().lower(), "unknown")
     dst = _MEMORY_KINDS.get((m.group(3) or "").strip().lower(), "unknown")
     return kind, src, dst
+
+
+def short_kernel_name(name: str) -> str:
+    """nsys-style short name of a demangled kernel signature: no return type, scope, template
+    arguments or parameters ("void at::native::elementwise_kernel<128, 4, ...>(int, ...)" ->
+    "elementwise_kernel"). Kineto gives only the full name; this matches nsys ``shortName`` on the
+    committed fixtures. Not applied by ``read`` (``name`` is the name as given), offered for callers.
+    """
+    s = name.strip()
+    if s.endswith(")"):  # parameter list
+        depth = 0
+        for i in range(len(s) - 1, -1, -1):
+            depth += s[i] in ")>"
+            depth -= s[i] in "(<"
+            if depth == 0:
+                s = s[:i]
+                break
+    while s.endswith(">"):  # template arguments
+        depth = 0
+        for i in range(len(s) - 1, -1, -1):
+            depth += s[i] == ">"
+            depth -= s[i] == "<"
+            if depth == 0:
+                s = s[:i]
+                break
+        else:
+            break
+    depth, cut = 0, 0
+    for i, c in enumerate(s):  # last scope component; a space at depth 0 ends the return type
+        if c in "<(":
+            depth += 1
+        elif c in ">)":
+            depth -= 1
+        elif depth == 0 and (c == " " or (c == ":" and s.startswith("::", i))):
+            cut = i + (2 if c == ":" else 1)
+    return s[cut:] or name
 
 
 def _collective_op(name: Any) -> str | None:
@@ -1039,16 +1079,19 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
     k_row_new = np.where(ok, np.cumsum(ok) - 1, -1)
     k_start, k_end = _times_ns(k, ok, unit, offset) if k.n else (np.empty(0, np.int64),) * 2
     k_names = _categorical(acc.kname, k.get("name", np.int32)[ok])
+    # Kineto gives the full demangled name; `name` is the short form nsys calls shortName, so the
+    # same kernel has the same name whichever profiler recorded it.
+    k_short = short_names(k_names)
     k_corr = k.get("corr")[ok]
     n_k = len(k_start)
     trace.set("kernels", {
         "rank": np.full(n_k, rank, np.int64), "device_id": k.get("device")[ok], "stream_id": k.get("stream")[ok],
-        "start_ns": k_start, "end_ns": k_end, "name": k_names, "demangled_name": k_names,
+        "start_ns": k_start, "end_ns": k_end, "name": k_short, "demangled_name": k_names,
         "grid_x": k.get("gx")[ok], "grid_y": k.get("gy")[ok], "grid_z": k.get("gz")[ok],
         "block_x": k.get("bx")[ok], "block_y": k.get("by")[ok], "block_z": k.get("bz")[ok],
         "registers_per_thread": k.get("regs")[ok], "shared_memory_bytes": k.get("smem")[ok],
         "correlation_id": k_corr, "graph_id": np.full(n_k, -1, np.int64),
-        "category": categorize(pd.Series(k_names)),
+        "category": categorize_kernels(k_short, k_names),
     })
 
     # memops

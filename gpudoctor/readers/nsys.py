@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.errors import GpudoctorError, InputError
-from gpudoctor.model.categories import categorize
+from gpudoctor.model.categories import categorize, categorize_kernels  # noqa: F401
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
 
@@ -514,7 +514,7 @@ class _Reader:
             f = {k: v[~bad] for k, v in f.items()}
         name = self.string_cat(f.pop("short"))
         demangled_name = self.string_cat(f.pop("demangled"))
-        category = _categorize_kernels(name, demangled_name)
+        category = categorize_kernels(name, demangled_name)
         pid = _pid_of(f.pop("global_pid"))
         df = pd.DataFrame({
             "rank": self.rank, "device_id": f["device_id"], "stream_id": f["stream_id"],
@@ -909,22 +909,6 @@ def _cat_from_distinct(names: np.ndarray, inv: np.ndarray) -> pd.Categorical:
     codes_u, uniques = pd.factorize(np.asarray(names, dtype=object))
     codes = codes_u[inv] if len(inv) else np.empty(0, dtype=np.int64)
     return pd.Categorical.from_codes(codes, categories=pd.Index(uniques, dtype=object))
-
-
-def _categorize_kernels(name: pd.Categorical, demangled: pd.Categorical) -> pd.Categorical:
-    """Category from the short name; where that says "other", from the demangled name.
-
-    Decided once per distinct (short, demangled) pair, then mapped back through the codes.
-    """
-    if len(name) == 0:
-        return pd.Categorical([])
-    by_short = np.asarray(categorize(pd.Series(name.categories, dtype=object)), dtype=object)
-    by_demangled = np.asarray(categorize(pd.Series(demangled.categories, dtype=object)), dtype=object)
-    s_codes, d_codes = name.codes.astype(np.int64), demangled.codes.astype(np.int64)
-    inv, pairs = _factorize(s_codes * (len(by_demangled) + 1) + d_codes)
-    s_u, d_u = pairs // (len(by_demangled) + 1), pairs % (len(by_demangled) + 1)
-    labels = np.where(by_short[s_u] == "other", by_demangled[d_u], by_short[s_u])
-    return _cat_from_distinct(labels, inv)
 
 
 def _const_cat(value: str, n: int) -> pd.Categorical:

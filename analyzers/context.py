@@ -1,0 +1,236 @@
+"""AnalysisContext: what every analyzer of one rank needs, computed once and shared.
+
+Per rank: the rank's Trace view, its StepWindow (``find_steps(ranges, kernels)``), the kernels / memops /
+API calls of the steady-state window, the GPU's peaks (datasheet table, overridden by measured
+ceilings), the config, and caches that analyzers share (kernel-name masks, the launch join, the
+kernel -> CPU-op join).
+
+Tensor shapes (optional)
+    The trace model has no table for CPU operators. When a caller has them (torch.profiler with
+    ``record_shapes``), it may put a DataFrame in ``trace.meta["cpu_ops"]`` with the columns
+    ``rank, thread_id, start_ns, end_ns, name, input_dims, input_types`` (dims: list of lists of ints per
+    input, types: list of str such as "c10::BFloat16"), times on the run clock. Analyzers then use
+    shapes; without them they fall back to kernel names and timing (see docs/analyzers.md).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from gpudoctor.analyzers.config import Config
+from gpudoctor.model.devices import DevicePeaks, peaks_for
+from gpudoctor.model.steps import StepWindow, find_steps, union_ns
+from gpudoctor.model.trace import Trace
+
+OPS_COLUMNS = ("rank", "thread_id", "start_ns", "end_ns", "name", "input_dims", "input_types")
+
+
+@dataclass
+class AnalysisContext:
+    rank: int
+    trace: Trace  # this rank only
+    window: StepWindow
+    kernels: pd.DataFrame  # steady-state kernels, times clipped to the window; + kname, dur_ns, trace_row
+    memops: pd.DataFrame  # steady-state memops, clipped; + dur_ns, trace_row
+    api_calls: pd.DataFrame  # API calls overlapping the window (not clipped)
+    device_name: str
+    peaks: DevicePeaks | None
+    config: Config
+    ops: pd.DataFrame | None = None  # CPU ops with shapes when the caller provided them
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def window_ns(self) -> int:
+        return self.window.duration_ns
+
+    @property
+    def start_ns(self) -> int:
+        return self.window.start_ns
+
+    @property
+    def end_ns(self) -> int:
+        return self.window.end_ns
+
+    def fraction(self, ns: float) -> float:
+        """``ns`` as a fraction of the steady-state window (0 when the window is empty)."""
+        return float(ns) / self.window_ns if self.window_ns > 0 else 0.0
+
+    def cached(self, key: Any, fn: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    def severity(self, analyzer: str, fraction: float) -> str:
+        return self.config.severity(fraction, analyzer)
+
+    def rel_us(self, t_ns: int) -> float:
+        """A time as microseconds after the start of the steady-state window (for evidence)."""
+        return round((int(t_ns) - self.start_ns) / 1e3, 1)
+
+    # ------------------------------------------------------------------ kernel names
+    def name_mask(self, pattern: str, frame: pd.DataFrame | None = None, column: str = "kname") -> np.ndarray:
+        """Boolean mask: rows of ``frame`` (default: steady kernels) whose ``column`` matches the regex.
+
+        The regex runs once per distinct name (names are categoricals), then maps back by code.
+        """
+        frame = self.kernels if frame is None else frame
+        key = ("mask", pattern, id(frame), column)
+
+        def compute():
+            col = frame[column]
+            if not isinstance(col.dtype, pd.CategoricalDtype):
+                col = col.astype("category")
+            rx = re.compile(pattern, re.I)
+            per = np.array([bool(rx.search(str(c))) for c in col.cat.categories], dtype=bool)
+            codes = col.cat.codes.to_numpy()
+            if len(per) == 0:
+                return np.zeros(len(col), dtype=bool)
+            return np.where(codes >= 0, per[np.clip(codes, 0, None)], False)
+        return self.cached(key, compute)
+
+    def name_map(self, fn: Callable[[str], Any], key: str, frame: pd.DataFrame | None = None,
+                 column: str = "kname", dtype=object) -> np.ndarray:
+        """``fn`` applied once per distinct name of ``column``, mapped back to every row."""
+        frame = self.kernels if frame is None else frame
+
+        def compute():
+            col = frame[column]
+            if not isinstance(col.dtype, pd.CategoricalDtype):
+                col = col.astype("category")
+            per = np.array([fn(str(c)) for c in col.cat.categories] + [fn("")], dtype=dtype)
+            codes = col.cat.codes.to_numpy()
+            return per[np.where(codes >= 0, codes, len(per) - 1)]
+        return self.cached(("map", key, id(frame), column), compute)
+
+    # ------------------------------------------------------------------ joins
+    def launches(self) -> pd.DataFrame:
+        """Steady kernels and memops with their launch API call: one row per GPU op.
+
+        Columns: is_kernel, row (index in ctx.kernels / ctx.memops), start_ns, end_ns, stream_id,
+        correlation_id, launch_start_ns, launch_end_ns, thread_id (-1 / NaN-free ints when unmatched).
+        """
+        def compute():
+            k = self.kernels
+            m = self.memops
+            ops = pd.DataFrame({
+                "is_kernel": np.r_[np.ones(len(k), bool), np.zeros(len(m), bool)],
+                "row": np.r_[np.arange(len(k)), np.arange(len(m))],
+                "start_ns": np.r_[k["start_ns"].to_numpy(np.int64), m["start_ns"].to_numpy(np.int64)],
+                "end_ns": np.r_[k["end_ns"].to_numpy(np.int64), m["end_ns"].to_numpy(np.int64)],
+                "stream_id": np.r_[k["stream_id"].to_numpy(np.int64), m["stream_id"].to_numpy(np.int64)],
+                "correlation_id": np.r_[k["correlation_id"].to_numpy(np.int64), m["correlation_id"].to_numpy(np.int64)],
+            })
+            api = self.trace.api_calls
+            api = api[api["correlation_id"].to_numpy() >= 0]
+            api = api.drop_duplicates("correlation_id", keep="first")
+            idx = pd.Index(api["correlation_id"].to_numpy())
+            pos = idx.get_indexer(ops["correlation_id"].to_numpy())
+            pos = np.where(ops["correlation_id"].to_numpy() >= 0, pos, -1)
+            ok = pos >= 0
+            safe = np.clip(pos, 0, None)
+            for col, out in (("start_ns", "launch_start_ns"), ("end_ns", "launch_end_ns"), ("thread_id", "thread_id")):
+                vals = api[col].to_numpy(np.int64)
+                ops[out] = np.where(ok, vals[safe] if len(vals) else -1, -1)
+            ops["launched"] = ok
+            return ops.sort_values("start_ns", kind="stable").reset_index(drop=True)
+        return self.cached("launches", compute)
+
+    def kernel_ops(self, op_names: tuple[str, ...]) -> np.ndarray:
+        """For each steady kernel, the index (into ctx.ops) of the CPU op named in ``op_names`` that
+        launched it (its launch call lies inside the op on the same thread; the latest-starting such op),
+        or -1. All -1 without shapes."""
+        def compute():
+            out = np.full(len(self.kernels), -1, dtype=np.int64)
+            if self.ops is None or self.ops.empty or self.kernels.empty:
+                return out
+            ops = self.ops[self.ops["name"].isin(op_names)]
+            if ops.empty:
+                return out
+            la = self.launches()
+            la = la[la["is_kernel"] & la["launched"]]
+            for tid, grp in la.groupby("thread_id"):
+                o = ops[ops["thread_id"].to_numpy() == tid].sort_values("start_ns", kind="stable")
+                if o.empty:
+                    continue
+                starts = o["start_ns"].to_numpy(np.int64)
+                ends = o["end_ns"].to_numpy(np.int64)
+                t = grp["launch_start_ns"].to_numpy(np.int64)
+                j = np.searchsorted(starts, t, side="right") - 1
+                good = (j >= 0) & (ends[np.clip(j, 0, None)] >= t)
+                out[grp["row"].to_numpy()[good]] = o.index.to_numpy()[j[good]]
+            return out
+        return self.cached(("kernel_ops", op_names), compute)
+
+    def busy_ns(self) -> int:
+        """Union of steady kernel and memop time (the GPU is busy when any of them runs)."""
+        def compute():
+            return union_ns(np.r_[self.kernels["start_ns"].to_numpy(np.int64), self.memops["start_ns"].to_numpy(np.int64)],
+                            np.r_[self.kernels["end_ns"].to_numpy(np.int64), self.memops["end_ns"].to_numpy(np.int64)],
+                            self.start_ns, self.end_ns)
+        return self.cached("busy_ns", compute)
+
+
+def _clip(df: pd.DataFrame, lo: int, hi: int) -> pd.DataFrame:
+    s = df["start_ns"].to_numpy(np.int64)
+    e = df["end_ns"].to_numpy(np.int64)
+    keep = (e > lo) & (s < hi) if hi > lo else np.zeros(len(df), bool)
+    out = df[keep].copy()
+    out["trace_row"] = np.nonzero(keep)[0]
+    out["start_ns"] = np.maximum(s[keep], lo)
+    out["end_ns"] = np.minimum(e[keep], hi)
+    out["dur_ns"] = out["end_ns"] - out["start_ns"]
+    return out.sort_values("start_ns", kind="stable").reset_index(drop=True)
+
+
+def _kernel_names(k: pd.DataFrame) -> pd.Series:
+    """The most informative name of each kernel: the demangled name when present, else the name."""
+    dn = k["demangled_name"].astype(str)
+    nm = k["name"].astype(str)
+    return dn.where(dn.str.len() > 0, nm).astype("category")
+
+
+def _device_name(trace: Trace, rank: int, kernels: pd.DataFrame) -> tuple[str, float]:
+    d = trace.devices
+    if d.empty:
+        return "", float("nan")
+    if len(d) > 1 and len(kernels):
+        dev = int(kernels["device_id"].mode().iloc[0])
+        match = d[d["device_id"] == dev]
+        if len(match):
+            d = match
+    row = d.iloc[0]
+    return str(row["name"]), float(row["memory_bandwidth_bytes_per_s"])
+
+
+def _ops_for_rank(trace: Trace, rank: int) -> pd.DataFrame | None:
+    ops = trace.meta.get("cpu_ops")
+    if not isinstance(ops, pd.DataFrame) or ops.empty:
+        return None
+    missing = set(OPS_COLUMNS) - set(ops.columns)
+    if missing:
+        raise ValueError(f"trace.meta['cpu_ops'] lacks columns {sorted(missing)}")
+    ops = ops[ops["rank"].to_numpy() == rank]
+    return ops.reset_index(drop=True) if len(ops) else None
+
+
+def build_context(trace: Trace, rank: int, config: Config, rank_view: Trace | None = None) -> AnalysisContext:
+    """The context of one rank of ``trace`` (``rank_view``: an already filtered view, to avoid refiltering)."""
+    t = rank_view if rank_view is not None else trace.for_rank(rank)
+    window = find_steps(t.ranges, t.kernels)
+    lo, hi = window.start_ns, window.end_ns
+    k = _clip(t.kernels, lo, hi)
+    k["kname"] = _kernel_names(k) if len(k) else pd.Series([], dtype="category")
+    m = _clip(t.memops, lo, hi)
+    a = t.api_calls
+    a = a[(a["end_ns"].to_numpy() > lo) & (a["start_ns"].to_numpy() < hi)].reset_index(drop=True)
+    name, reported_bw = _device_name(t, rank, t.kernels)
+    ceilings = config.ceilings if config.ceilings is not None else trace.meta.get("ceilings")
+    peaks = peaks_for(name, ceilings, reported_bw)
+    return AnalysisContext(rank=rank, trace=t, window=window, kernels=k, memops=m, api_calls=a,
+                           device_name=name, peaks=peaks, config=config, ops=_ops_for_rank(t, rank))
