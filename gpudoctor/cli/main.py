@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from gpudoctor import __version__
 from gpudoctor.errors import GpudoctorError
+
+INTERNAL_ERROR = 70  # EX_SOFTWARE
 
 # name -> "module:Class". Modules are imported only when their command runs, so a missing optional
 # dependency of one command never breaks another.
@@ -68,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:  # a bug in gpudoctor: still one line for the user, the traceback on request
+        if os.environ.get("GPUDOCTOR_DEBUG"):
+            raise
+        print(f"gpudoctor: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(set GPUDOCTOR_DEBUG=1 for the traceback)", file=sys.stderr)
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ RECORDED_METRICS: tuple[str, ...] = (
     "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
     "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
     "sm__inst_executed_pipe_tensor_op_hmma.sum", "sm__inst_executed_pipe_tensor_op_gmma.sum",
-    "sm__throughput.avg.pct_of_peak_sustained_elapsed", "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed",
+    "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+    "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed",
     "dram__throughput.avg.pct_of_peak_sustained_elapsed", "sm__warps_active.avg.pct_of_peak_sustained_active",
     "sm__cycles_elapsed.avg.per_second", "dram__cycles_elapsed.avg.per_second",
 )
@@ -196,10 +197,23 @@ def run_ncu(cmd, out_base, nvtx_range: str | None = None, kernel_regex: str | No
 _SIG = re.compile(r"^(?:void\s+)?(?P<q>[^(<]*)")
 
 
-def _short(name: pd.Series) -> pd.Series:
-    """"void ns::kern<...>(args)" -> "kern" (the function name without namespace/template/args)."""
-    q = name.astype("string").fillna("").str.extract(_SIG)["q"].fillna("")
-    return q.str.strip().str.split("::").str[-1].fillna("")
+def _short_of(names: np.ndarray) -> np.ndarray:
+    """"void ns::kern<...>(args)" -> "kern" (the function name without namespace/template/args), per name."""
+    q = pd.Series(names, dtype="string").str.extract(_SIG)["q"].fillna("")
+    return q.str.strip().str.split("::").str[-1].fillna("").to_numpy(dtype=object)
+
+
+def _distinct(col: pd.Series) -> np.ndarray:
+    vals = col.cat.categories if isinstance(col.dtype, pd.CategoricalDtype) else pd.unique(col.dropna())
+    return np.asarray(pd.Index(vals).astype(object).astype(str), dtype=object)
+
+
+def _ids(col: pd.Series, vocab: pd.Index) -> np.ndarray:
+    """Row-wise vocabulary ids of a string column, looked up once per distinct value."""
+    cat = col.astype("category") if not isinstance(col.dtype, pd.CategoricalDtype) else col
+    per_cat = vocab.get_indexer(cat.cat.categories.astype(object).astype(str))
+    codes = cat.cat.codes.to_numpy()
+    return np.where(codes >= 0, per_cat[np.maximum(codes, 0)], vocab.get_indexer([""])[0])
 
 
 def join_to_timeline(kernel_metrics: pd.DataFrame, kernels: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -222,42 +236,49 @@ def join_to_timeline(kernel_metrics: pd.DataFrame, kernels: pd.DataFrame) -> tup
         return km, int(len(km))
     geo = ["grid_x", "grid_y", "grid_z", "block_x", "block_y", "block_z"]
     kn = kernels.reset_index(drop=True)
-    tl = pd.DataFrame({
-        "rank": kn["rank"].to_numpy(),
-        "name": kn["name"].astype(object).fillna("").astype(str).to_numpy(),
-        "dem": kn["demangled_name"].astype(object).fillna("").astype(str).to_numpy()
-        if "demangled_name" in kn.columns else "",
-        **{g: (kn[g].to_numpy() if g in kn.columns else -1) for g in geo},
-    })
+    has_dem = "demangled_name" in kn.columns
+    # one vocabulary of every distinct string (names repeat: work on ids, never on millions of strings)
+    distinct = [_distinct(kn["name"]), _distinct(km["name"])] + ([_distinct(kn["demangled_name"])] if has_dem else [])
+    words = pd.unique(np.concatenate(distinct + [np.array([""], dtype=object)]))
+    shorts = _short_of(words)
+    vocab = pd.Index(pd.unique(np.concatenate([words, shorts])))
+    short_id = pd.Series(vocab.get_indexer(shorts), index=vocab.get_indexer(words))  # word id -> short id
+
+    name_id = _ids(kn["name"], vocab)
+    dem_id = _ids(kn["demangled_name"], vocab) if has_dem else np.full(len(kn), vocab.get_indexer([""])[0])
+    empty = vocab.get_indexer([""])[0]
+    full_id = np.where(dem_id != empty, dem_id, name_id)
+    tl = pd.DataFrame({"rank": kn["rank"].to_numpy(), "dem": dem_id, "name": name_id,
+                       "short": short_id.reindex(full_id).to_numpy(),
+                       **{g: (kn[g].to_numpy() if g in kn.columns else -1) for g in geo}})
     tl["row"] = tl.groupby("rank").cumcount().to_numpy()  # position within the rank
-    order_col = "correlation_id" if "correlation_id" in kn.columns and (kn["correlation_id"] >= 0).all() else "start_ns"
-    tl["order"] = kn[order_col].to_numpy() if order_col in kn.columns else np.arange(len(kn))
-    tl["short"] = _short(pd.Series(tl["dem"].where(tl["dem"] != "", tl["name"]))).to_numpy()
+    if "correlation_id" in kn.columns and (kn["correlation_id"].to_numpy() >= 0).all():
+        tl["order"] = kn["correlation_id"].to_numpy()
+    else:
+        tl["order"] = kn["start_ns"].to_numpy() if "start_ns" in kn.columns else np.arange(len(kn))
     tl["no_geo"] = tl["grid_x"].to_numpy() < 0
 
-    q = pd.DataFrame({"i": np.arange(len(km)), "rank": km["rank"].to_numpy(),
-                      "name": km["name"].astype(object).fillna("").astype(str).to_numpy(),
-                      "launch_id": km["launch_id"].to_numpy(), **{g: km[g].to_numpy() for g in geo}})
-    q["short"] = _short(q["name"]).to_numpy()
-
-    # which timeline column each distinct ncu name matches (a set test per distinct name, not per row)
-    dem_set, name_set, short_set = set(tl["dem"]), set(tl["name"]), set(tl["short"])
-    uniq = pd.Series(q["name"].unique())
-    how = np.where(uniq.isin(dem_set), "dem", np.where(uniq.isin(name_set), "name",
-                   np.where(_short(uniq).isin(short_set).to_numpy(), "short", "")))
-    q["col"] = q["name"].map(dict(zip(uniq, how)))
+    q_name = _ids(km["name"], vocab)
+    q = pd.DataFrame({"i": np.arange(len(km)), "rank": km["rank"].to_numpy(), "name": q_name,
+                      "short": short_id.reindex(q_name).to_numpy(), "launch_id": km["launch_id"].to_numpy(),
+                      **{g: km[g].to_numpy() for g in geo}})
+    # which timeline column each distinct ncu name matches
+    col = np.where(np.isin(q_name, np.unique(dem_id)), "dem",
+                   np.where(np.isin(q_name, np.unique(name_id)), "name",
+                            np.where(np.isin(q["short"].to_numpy(), np.unique(tl["short"].to_numpy())), "short", "")))
+    q["col"] = col
 
     matched = np.full(len(km), -1, dtype=np.int64)
-    for col in ("dem", "name", "short"):
+    for c in ("dem", "name", "short"):
         for with_geo in (True, False):
-            qq = q[(q["col"] == col) & (matched[q["i"].to_numpy()] < 0)]
+            qq = q[(q["col"].to_numpy() == c) & (matched[q["i"].to_numpy()] < 0)]
             if qq.empty:
                 continue
-            key_q = "short" if col == "short" else "name"
             t = tl[~tl["no_geo"]] if with_geo else tl[tl["no_geo"]]
             keys = ["rank", "_k"] + (geo if with_geo else [])
-            left = qq.assign(_k=qq[key_q]).sort_values(["rank", "launch_id"], kind="stable")
-            right = t.assign(_k=t[col]).sort_values(["rank", "order"], kind="stable")
+            left = qq.assign(_k=qq["short" if c == "short" else "name"]).sort_values(["rank", "launch_id"],
+                                                                                     kind="stable")
+            right = t.assign(_k=t[c]).sort_values(["rank", "order"], kind="stable")
             left["n"] = left.groupby(keys, sort=False).cumcount().to_numpy()
             right = right.assign(n=right.groupby(keys, sort=False).cumcount().to_numpy())
             j = left.merge(right[keys + ["n", "row"]], on=keys + ["n"], how="inner")

@@ -18,9 +18,11 @@ What the metric columns become:
 
 * ``flops_fp32 = fadd + fmul + 2*ffma`` from ``smsp__sass_thread_inst_executed_op_{fadd,fmul,ffma}_pred_on.sum``
   (``sm__`` as fallback); the same for ``d*`` (fp64) and ``h*`` (fp16). The ``h*`` counters count
-  *thread instructions*: a packed ``HFMA2``/``HADD2`` does two half-precision lanes in one instruction
-  and we count it once, exactly as Nsight Compute's own half-precision roofline does (hadd + hmul +
-  2*hfma). For half2-vectorized code ``flops_fp16`` is therefore a lower bound (up to 2x low).
+  *thread instructions*, not half lanes. Measured on an H100 (ncu 2025.3.1): 32 threads x 1000
+  ``__hfma2`` (SASS ``HFMA2.MMA``, two lanes) read ``hfma_pred_on.sum`` = 32,000, the same as 1000 scalar
+  ``__hfma`` (``HFMA2 .H0_H0``, one lane); a ``__hadd2`` compiles to ``HFMA2.MMA a, 1, b`` and is counted
+  as hfma. So ``flops_fp16 = hadd + hmul + 2*hfma`` (Nsight Compute's own half roofline formula) is
+  exact for scalar half code and 2x low for packed half2 FMAs; the counters cannot tell them apart.
   Missing counters count as 0 when at least one of the three is present, else NaN.
 * ``flops_tensor`` = sum of ``sm__ops_path_tensor_src_{bf16_dst_fp32, fp16[_dst_fp32|_dst_fp16],
   tf32_dst_fp32, fp8, fp64}.sum``. The query-metrics text calls them "# of math ops executed in
@@ -55,7 +57,7 @@ import pandas as pd
 
 from gpudoctor.errors import InputError
 from gpudoctor.model.schema import TABLES
-from gpudoctor.model.trace import Trace, conform
+from gpudoctor.model.trace import Trace
 
 FORMAT = "ncu_csv"
 SOURCE = "ncu"
@@ -153,11 +155,13 @@ def _parse_csv(path: Path, text: str) -> tuple[list[str], list[list[str]], list[
     reader = csv.reader([ln for _, ln in kept])
     rows: list[list[str]] = []
     line_of: list[int] = []
+    end = 0
     try:
         for row in reader:  # the csv module does the work; this only records where each row started
             if row:
                 rows.append(row)
-                line_of.append(reader.line_num)
+                line_of.append(end + 1)
+            end = reader.line_num
     except csv.Error as e:
         raise InputError(path, f"malformed CSV near line {kept[min(reader.line_num, len(kept)) - 1][0]}: {e}") from None
     header = [h.strip().lstrip("\ufeff") for h in rows[0]]
@@ -172,7 +176,10 @@ def _parse_csv(path: Path, text: str) -> tuple[list[str], list[list[str]], list[
     else:  # metric rows stop after "Metric Value" (rule columns absent); rule rows are full
         bad = np.flatnonzero((lens < header.index("Metric Value") + 1) | (lens > n))
     last_line = lines[-1]
-    cut_mid_field = not last_line.endswith(("\n", "\r")) and not last_line.rstrip().endswith(('"', ","))
+    # ncu quotes every field: a last line without a line end that is not closed by a quote (or has an odd
+    # number of quotes) was cut inside a field, even when its field count looks complete
+    cut_mid_field = not last_line.endswith(("\n", "\r")) and (
+        not last_line.rstrip().endswith('"') or last_line.count('"') % 2 == 1)
     if len(bad):
         i = int(bad[0])
         what = "truncated CSV" if i == len(rows) - 1 else "malformed CSV"
@@ -270,7 +277,7 @@ def _metrics_from(src, n: int, index) -> dict[str, pd.Series]:
     out: dict[str, pd.Series] = {}
     dur = pick(["gpu__time_duration.sum", "gpu__time_duration.avg", "gpu__time_duration"], "ns",
                details=("Duration", "second"))
-    out["duration_ns"] = dur * 1e9
+    out["duration_ns"] = (dur * 1e9).round(3)  # 101.47 us * 1e-6 * 1e9 would be 101469.99999999999
     out["dram_read_bytes"] = pick(["dram__bytes_read.sum"], "byte")
     out["dram_write_bytes"] = pick(["dram__bytes_write.sum"], "byte")
     out["dram_bytes"] = pick(["dram__bytes.sum"], "byte")

@@ -1,0 +1,259 @@
+"""gpu_idle: how much of the steady-state window the GPU does nothing, and why.
+
+idle_fraction = 1 - (union of kernel and memop time in the window) / window.
+
+The idle time is the set of gaps between merged busy blocks. Each gap is attributed, as a whole, to
+one cause (vectorized: the gaps' overlap with each class of API calls comes from cumulative sums and
+searchsorted over the merged API intervals of that class):
+
+1. gpu_side       the op after the gap was already launched when the GPU went idle (its launch call
+                  had returned before the gap began): dependency / scheduling latency between queued kernels. Not
+                  fixable from the host; not counted in the saving.
+   Otherwise the host was late, and the first of these that holds names the cause:
+2. module_load    a module load / JIT call overlaps the gap (cuLibraryLoadData, cuModuleLoad*, cuLink*,
+                  or cudaFuncSetAttribute / cuKernelSetAttribute calls >= module_call_min_ns).
+3. host_sync      a synchronizing call overlaps the gap (cuda*Synchronize, blocking cudaMemcpy, cudaFree,
+                  the cudaStreamSynchronize of ``.item()``): the host drained the queue and waited.
+4. pageable_memcpy  the API call of a memcpy from/to pageable host memory overlaps the gap.
+5. launch_bound   a gap of at most launch_gap_max_ns: the host issues kernels slower than the GPU runs
+                  them (per-kernel launch + framework overhead).
+6. host_gap       longer gaps with none of the above: host-side work with no CUDA activity (Python, data
+                  loading, CPU preprocessing, JIT that the profiler does not show).
+
+Severity uses this analyzer's own thresholds on idle_fraction (idle_fraction_medium / _high); the
+saving is the idle time of causes 2-6.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from gpudoctor.analyzers.context import AnalysisContext
+from gpudoctor.analyzers.findings import Finding
+
+ID = "gpu_idle"
+
+CAUSES = ("gpu_side", "module_load", "host_sync", "pageable_memcpy", "launch_bound", "host_gap")
+MODULE_ALWAYS = re.compile(r"^cu(Library|Module)Load|^cuLink(Create|AddData|AddFile|Complete)|^nvrtc|^nvJitLink", re.I)
+MODULE_IF_LONG = re.compile(r"^(cudaFuncSetAttribute|cuFuncSetAttribute|cuKernelSetAttribute)", re.I)
+SYNC = re.compile(
+    r"synchronize|^cudaMemcpy(2D|3D|Peer|FromSymbol|ToSymbol|FromArray|ToArray)?(_v\d+)?$|"
+    r"^cuMemcpy(DtoH|HtoD|DtoD|2D|3D|Peer)?(_v\d+)?$|^cudaFree$|^cuMemFree(_v\d+)?$|^cudaFreeHost$", re.I)
+
+RECOMMEND = {
+    "launch_bound": "Launch overhead: the host issues kernels slower than the GPU runs them. Capture the steady loop "
+                    "in a CUDA graph (torch.cuda.CUDAGraph / torch.compile(mode=\"reduce-overhead\")), let "
+                    "torch.compile fuse the small elementwise ops, or give each kernel more work (batch the loop "
+                    "iterations into one tensor op).",
+    "host_sync": "Host syncs: remove .item() / .cpu() / .tolist() / print(tensor) / nonzero() on GPU tensors inside the "
+                 "loop (keep running sums on the GPU and read them once per step or every N steps), use "
+                 "non_blocking copies, and find the syncs with torch.cuda.set_sync_debug_mode(\"warn\").",
+    "module_load": "Module loading / JIT inside the steady state: warm up every shape before measuring, keep shapes "
+                   "static (pad sequence lengths to buckets, a fixed-size KV cache) so cuDNN / Triton / torch.compile "
+                   "do not build and load new kernels per step; for cuDNN SDPA with changing lengths prefer the flash "
+                   "backend.",
+    "pageable_memcpy": "Pageable host memory: allocate host buffers pinned (DataLoader(pin_memory=True), "
+                       "tensor.pin_memory()) and copy with .to(device, non_blocking=True).",
+    "host_gap": "Host-side gaps with no CUDA activity: the CPU is busy with something else (Python, data loading, "
+                "preprocessing, compilation). Profile the host (py-spy, torch.profiler CPU view), use more "
+                "DataLoader workers (num_workers, persistent_workers=True, prefetch_factor), and move "
+                "preprocessing to the GPU.",
+}
+
+
+def _merge(s: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint sorted union of intervals."""
+    if len(s) == 0:
+        return s.astype(np.int64), e.astype(np.int64)
+    order = np.argsort(s, kind="stable")
+    s, e = s[order], e[order]
+    run_end = np.maximum.accumulate(e)
+    new = np.r_[True, s[1:] > run_end[:-1]]
+    bid = np.cumsum(new) - 1
+    ends = np.zeros(bid[-1] + 1, dtype=np.int64)
+    np.maximum.at(ends, bid, e)
+    return s[new], ends
+
+
+def _covered_before(t: np.ndarray, us: np.ndarray, ue: np.ndarray, cum: np.ndarray) -> np.ndarray:
+    """Length of the union (us, ue: disjoint, sorted) that lies before each time ``t``."""
+    i = np.searchsorted(ue, t, side="right")  # intervals [0, i) end at or before t
+    full = cum[i]
+    j = np.clip(i, 0, len(us) - 1)
+    partial = np.where(i < len(us), np.clip(t - us[j], 0, ue[j] - us[j]), 0)
+    return full + partial
+
+
+def overlap(g0: np.ndarray, g1: np.ndarray, s: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """Overlap (ns) of each gap [g0, g1) with the union of the intervals [s, e)."""
+    if len(s) == 0 or len(g0) == 0:
+        return np.zeros(len(g0), dtype=np.int64)
+    us, ue = _merge(np.asarray(s, np.int64), np.asarray(e, np.int64))
+    cum = np.r_[0, np.cumsum(ue - us)]
+    return _covered_before(g1, us, ue, cum) - _covered_before(g0, us, ue, cum)
+
+
+def find_gaps(ctx: AnalysisContext) -> pd.DataFrame:
+    """Idle gaps of the steady window: g0, g1, dur_ns, next op (is_kernel, row, launch_start_ns)."""
+    la = ctx.launches()
+    if la.empty:
+        return pd.DataFrame(columns=["g0", "g1", "dur_ns", "next_is_kernel", "next_row", "next_launch_ns",
+                                     "next_launch_end_ns", "next_launched"])
+    s = la["start_ns"].to_numpy(np.int64)  # sorted by start
+    e = la["end_ns"].to_numpy(np.int64)
+    run_end = np.maximum.accumulate(e)
+    new = np.r_[False, s[1:] > run_end[:-1]]  # op i starts a new busy block after a gap
+    idx = np.nonzero(new)[0]
+    g0 = run_end[idx - 1]
+    g1 = s[idx]
+    # Leading / trailing idle inside the window (the window is normally the span of the ops themselves).
+    out = pd.DataFrame({
+        "g0": g0, "g1": g1, "dur_ns": g1 - g0,
+        "next_is_kernel": la["is_kernel"].to_numpy()[idx],
+        "next_row": la["row"].to_numpy()[idx],
+        "next_launch_ns": la["launch_start_ns"].to_numpy()[idx],
+        "next_launch_end_ns": la["launch_end_ns"].to_numpy()[idx],
+        "next_launched": la["launched"].to_numpy()[idx],
+    })
+    lead = int(s[0]) - ctx.start_ns if len(s) else 0
+    trail = ctx.end_ns - int(run_end[-1]) if len(s) else 0
+    extra = []
+    if lead > 0:
+        extra.append({"g0": ctx.start_ns, "g1": int(s[0]), "dur_ns": lead, "next_is_kernel": bool(la["is_kernel"].iat[0]),
+                      "next_row": int(la["row"].iat[0]), "next_launch_ns": int(la["launch_start_ns"].iat[0]),
+                      "next_launch_end_ns": int(la["launch_end_ns"].iat[0]),
+                      "next_launched": bool(la["launched"].iat[0])})
+    if trail > 0:
+        extra.append({"g0": int(run_end[-1]), "g1": ctx.end_ns, "dur_ns": trail, "next_is_kernel": False,
+                      "next_row": -1, "next_launch_ns": -1, "next_launch_end_ns": -1, "next_launched": False})
+    if extra:
+        out = pd.concat([out, pd.DataFrame(extra)], ignore_index=True)
+    return out
+
+
+def attribute(ctx: AnalysisContext, gaps: pd.DataFrame) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Cause index (into CAUSES) of every gap, and the per-class overlaps used."""
+    cfg = ctx.config.section(ID)
+    g0 = gaps["g0"].to_numpy(np.int64)
+    g1 = gaps["g1"].to_numpy(np.int64)
+    dur = g1 - g0
+    api = ctx.api_calls
+    a_s = api["start_ns"].to_numpy(np.int64)
+    a_e = api["end_ns"].to_numpy(np.int64)
+    mask = {}
+    mask["module_load"] = ctx.name_mask(MODULE_ALWAYS.pattern, api, "name") | (
+        ctx.name_mask(MODULE_IF_LONG.pattern, api, "name") & ((a_e - a_s) >= int(cfg["module_call_min_ns"])))
+    mask["host_sync"] = ctx.name_mask(SYNC.pattern, api, "name")
+    # API calls of memcpys that touch pageable host memory.
+    m = ctx.memops
+    page = (m["src_kind"].astype(str).to_numpy() == "pageable") | (m["dst_kind"].astype(str).to_numpy() == "pageable")
+    corr = set(m.loc[page, "correlation_id"].tolist()) - {-1}
+    mask["pageable_memcpy"] = api["correlation_id"].isin(corr).to_numpy() if corr else np.zeros(len(api), bool)
+    ov = {c: overlap(g0, g1, a_s[mk], a_e[mk]) for c, mk in mask.items()}
+
+    queued = gaps["next_launched"].to_numpy(bool) & (gaps["next_launch_end_ns"].to_numpy(np.int64) <= g0)
+    cause = np.full(len(gaps), CAUSES.index("host_gap"), dtype=np.int64)
+    short = dur <= int(cfg["launch_gap_max_ns"])
+    # Assign from the lowest priority up so that higher priorities overwrite.
+    cause[short] = CAUSES.index("launch_bound")
+    for c in ("pageable_memcpy", "host_sync", "module_load"):
+        cause[ov[c] > 0] = CAUSES.index(c)
+    cause[queued] = CAUSES.index("gpu_side")
+    return cause, ov
+
+
+def analyze(ctx: AnalysisContext) -> list[Finding]:
+    if ctx.kernels.empty and ctx.memops.empty:
+        return []
+    cfg = ctx.config.section(ID)
+    window = ctx.window_ns
+    if window <= 0:
+        return []
+    busy = ctx.busy_ns()
+    idle = max(window - busy, 0)
+    gaps = find_gaps(ctx)
+    cause, ov = attribute(ctx, gaps) if len(gaps) else (np.zeros(0, np.int64), {})
+    gdur = gaps["dur_ns"].to_numpy(np.int64) if len(gaps) else np.zeros(0, np.int64)
+    by_cause = {c: int(gdur[cause == i].sum()) for i, c in enumerate(CAUSES)}
+    counts = {c: int((cause == i).sum()) for i, c in enumerate(CAUSES)}
+    idle_fraction = idle / window
+    kdur = ctx.kernels["dur_ns"].to_numpy(np.int64)
+    la = ctx.launches()
+    launch_calls = la.loc[la["launched"] & la["is_kernel"]]
+    med_kernel = float(np.median(kdur)) if len(kdur) else float("nan")
+    med_launch = float(np.median(launch_calls["launch_end_ns"] - launch_calls["launch_start_ns"])) if len(launch_calls) else float("nan")
+    n_steps = max(len(ctx.window.steady), 1)
+
+    metrics = {
+        "idle_fraction": round(idle_fraction, 6),
+        "idle_ns": int(idle),
+        "busy_ns": int(busy),
+        "window_ns": int(window),
+        "gaps": int(len(gaps)),
+        "median_kernel_ns": None if np.isnan(med_kernel) else int(med_kernel),
+        "median_launch_call_ns": None if np.isnan(med_launch) else int(med_launch),
+        "kernels_per_step": round(len(ctx.kernels) / n_steps, 2),
+    }
+    for c in CAUSES:
+        metrics[f"{c}_fraction"] = round(by_cause[c] / window, 6)
+    saving = int(sum(v for c, v in by_cause.items() if c != "gpu_side"))
+    sfrac = saving / window
+
+    # Evidence: the largest gaps of each cause, with the call that explains them and the op that follows.
+    k = ctx.kernels
+    api = ctx.api_calls
+    examples: dict[str, list] = {}
+    nmax = int(cfg["max_examples"])
+    for i, c in enumerate(CAUSES):
+        sel = np.nonzero(cause == i)[0]
+        if not len(sel):
+            continue
+        top = sel[np.argsort(gdur[sel])[::-1][:nmax]]
+        rows = []
+        for g in top:
+            r = gaps.iloc[g]
+            nxt = ""
+            if r["next_row"] >= 0:
+                nxt = str(k["kname"].iat[int(r["next_row"])])[:90] if r["next_is_kernel"] else \
+                    str(ctx.memops["kind"].iat[int(r["next_row"])])
+            inside = api[(api["end_ns"].to_numpy() > r["g0"]) & (api["start_ns"].to_numpy() < r["g1"])]
+            calls = inside.assign(d=inside["end_ns"] - inside["start_ns"]).groupby("name", observed=True)["d"].agg(["size", "sum"])
+            calls = calls.sort_values("sum", ascending=False).head(4)
+            rows.append({"start_us": ctx.rel_us(r["g0"]), "dur_us": round(int(r["dur_ns"]) / 1e3, 1), "next_op": nxt,
+                         "api_calls_in_gap": {str(n): {"count": int(v["size"]), "us": round(v["sum"] / 1e3, 1)}
+                                              for n, v in calls.iterrows()}})
+        examples[c] = rows
+    evidence = {
+        "window": ctx.window.describe(),
+        "idle_by_cause_us": {c: round(v / 1e3, 1) for c, v in by_cause.items() if v},
+        "gaps_by_cause": {c: v for c, v in counts.items() if v},
+        "examples": examples,
+        "note": ("launch-bound: median kernel {:.1f} us vs median launch call {:.1f} us".format(med_kernel / 1e3, med_launch / 1e3)
+                 if not np.isnan(med_kernel) and not np.isnan(med_launch) else ""),
+    }
+    if ctx.trace.meta.get("torch_profiler") is not None:
+        evidence["source_note"] = ("torch.profiler records no driver module loads (cuLibraryLoadData): JIT / module "
+                                   "loading shows up as host_gap here")
+
+    if idle_fraction >= float(cfg["idle_fraction_high"]):
+        sev = "high"
+    elif idle_fraction >= float(cfg["idle_fraction_medium"]):
+        sev = "medium"
+    else:
+        sev = ctx.severity(ID, idle_fraction)
+        if sev in ("medium", "high"):
+            sev = "low"  # below this analyzer's own thresholds it is never more than low
+    ranked = sorted(((v, c) for c, v in by_cause.items() if c != "gpu_side" and v >= 0.005 * window), reverse=True)
+    parts = [f"{c.replace('_', ' ')} {v / window:.0%}" for v, c in ranked[:3]]
+    title = f"GPU idle {idle_fraction:.0%} of the steady-state window" + (f": {', '.join(parts)}" if parts else "")
+    rec = [RECOMMEND[c] for v, c in ranked if v / window >= 0.01] or ["Nothing large to fix: the remaining idle time is "
+                                                                      "latency between queued kernels."]
+    if ranked and ranked[0][1] == "launch_bound" and not np.isnan(med_kernel) and med_kernel < int(cfg["launch_bound_kernel_ns"]):
+        rec[0] = (f"Median kernel {med_kernel / 1e3:.1f} us is shorter than its launch (median launch call "
+                  f"{med_launch / 1e3:.1f} us): " + rec[0])
+    return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=saving,
+                    estimated_saving_fraction=round(sfrac, 6), recommendation=" ".join(rec), evidence=evidence,
+                    rank=ctx.rank)]

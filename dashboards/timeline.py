@@ -1,0 +1,297 @@
+"""Timeline resampling: what to draw for a visible time range, however many kernels the run has.
+
+``TimelineIndex.from_trace(trace)`` sorts every GPU op (kernels and memcpy/memset, on per
+rank/device/stream lanes), host range (NVTX / record_function, per rank/thread/depth lanes) and
+collective (per rank) once. A query for a visible range ``[lo, hi)`` then costs O(lanes x categories x
+log n), independent of how many events fall inside it:
+
+* ``count(lo, hi)``: events overlapping the range (two binary searches per lane and category);
+* ``busy(lo, hi, bins)``: the busy fraction of each (lane, category) in each of ``bins`` equal bins,
+  from prefix sums of the sorted starts and ends: the time covered by events before ``t`` is
+  ``C(t) = sum_{s<t}(t - s) - sum_{e<t}(t - e)``, so the busy time of a bin is ``C(b1) - C(b0)``
+  (exact, overlapping events included: their times add up, the fraction is clipped to 1);
+* ``events(lo, hi)``: the events themselves (for the exact view; callers only ask when ``count`` is
+  small). Candidates are found per lane and category by binary search on the start, reaching back by
+  the longest event of that group.
+
+All times inside the index are int64 nanoseconds relative to ``origin_ns`` (the first event), which
+keeps prefix sums of a million events over hours well inside int64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from gpudoctor.model.schema import KERNEL_CATEGORIES
+from gpudoctor.model.trace import Trace
+
+# Display order of categories: kernel categories, then memory operations, host ranges, collectives.
+MEMOP_CATEGORIES = ("memcpy", "memset")
+CATEGORIES = tuple(KERNEL_CATEGORIES) + MEMOP_CATEGORIES + ("nvtx", "nccl")
+GPU_CATEGORIES = tuple(KERNEL_CATEGORIES) + MEMOP_CATEGORIES
+MAX_RANGE_DEPTH = 4  # deeper host ranges are folded into this depth's lane
+
+
+@dataclass(frozen=True)
+class Lane:
+    rank: int
+    kind: str  # gpu | nvtx | nccl
+    label: str
+
+
+@dataclass
+class Events:
+    """Events of one query, in lane then start order. Times relative to the index origin."""
+
+    lane: np.ndarray
+    category: np.ndarray  # codes into CATEGORIES
+    start: np.ndarray
+    end: np.ndarray
+    label: np.ndarray  # object: hover text head (kernel name, range text, op)
+    is_gpu: np.ndarray  # kernels and memops (what the kernel budget counts)
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+
+class TimelineIndex:
+    """Sorted, prefix-summed events of one run. Build once per run; query per zoom/pan."""
+
+    def __init__(self, lanes: list[Lane], lane: np.ndarray, cat: np.ndarray, start: np.ndarray,
+                 end: np.ndarray, label_codes: np.ndarray, labels: list[str], origin_ns: int,
+                 counters: pd.DataFrame | None = None):
+        self.lanes = lanes
+        self.origin_ns = int(origin_ns)
+        self.labels = np.asarray(labels, dtype=object)
+        n = len(start)
+        ncat = len(CATEGORIES)
+        group = lane.astype(np.int64) * ncat + cat.astype(np.int64)
+        order = np.lexsort((start, group))
+        self._group = group[order]
+        self._start = start[order].astype(np.int64)
+        self._end = end[order].astype(np.int64)
+        self._label = label_codes[order]
+        gid, first = np.unique(self._group, return_index=True)
+        bounds = np.r_[first, n].astype(np.int64)
+        self.groups = [(int(g) // ncat, int(g) % ncat, int(bounds[i]), int(bounds[i + 1])) for i, g in enumerate(gid)]
+        # Ends sorted within each group (a different order than starts when events overlap).
+        end_order = np.lexsort((self._end, self._group))
+        self._end_sorted = self._end[end_order]
+        # Prefix sums (exclusive) over the whole array; a group's sum is a difference of two entries.
+        self._cs_start = np.r_[0, np.cumsum(self._start)]
+        self._cs_end = np.r_[0, np.cumsum(self._end_sorted)]
+        dur = self._end - self._start
+        self._maxdur = np.array([int(dur[a:b].max()) if b > a else 0 for _, _, a, b in self.groups], dtype=np.int64)
+        self.n_events = n
+        self.n_gpu = int(np.isin(self._group % ncat, [CATEGORIES.index(c) for c in GPU_CATEGORIES]).sum())
+        if n:
+            self.lo, self.hi = int(self._start.min()), int(self._end.max())
+        else:
+            self.lo, self.hi = 0, 1
+        self.counters = counters if counters is not None else pd.DataFrame(columns=["rank", "device_id", "t", "name", "value"])
+        self.categories_present = sorted({c for _, c, _, _ in self.groups})
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_trace(cls, trace: Trace) -> "TimelineIndex":
+        k, m, r, c = trace.kernels, trace.memops, trace.ranges, trace.collectives
+        starts = [k["start_ns"].to_numpy(np.int64), m["start_ns"].to_numpy(np.int64),
+                  r["start_ns"].to_numpy(np.int64), c["start_ns"].to_numpy(np.int64)]
+        allstart = np.concatenate(starts) if sum(len(s) for s in starts) else np.zeros(0, np.int64)
+        origin = int(allstart.min()) if len(allstart) else 0
+
+        lanes: list[Lane] = []
+        lane_of: dict[tuple, int] = {}
+        ranks = sorted(set(k["rank"].unique().tolist()) | set(m["rank"].unique().tolist())
+                       | set(r["rank"].unique().tolist()) | set(c["rank"].unique().tolist()))
+        # Lane keys in display order: per rank, host ranges, then GPU streams, then collectives.
+        for rank in ranks:
+            rr = r[r["rank"].to_numpy() == rank]
+            keys = sorted(set(zip(rr["thread_id"].tolist(), np.minimum(rr["depth"].to_numpy(), MAX_RANGE_DEPTH).tolist())))
+            threads = sorted({t for t, _ in keys})
+            for t, d in keys:
+                tl = f" t{threads.index(t)}" if len(threads) > 1 else ""
+                lane_of[(rank, "nvtx", t, d)] = len(lanes)
+                lanes.append(Lane(rank, "nvtx", f"r{rank} ranges{tl} d{d}"))
+            kk = k[k["rank"].to_numpy() == rank]
+            mm = m[m["rank"].to_numpy() == rank]
+            streams = sorted(set(zip(kk["device_id"].tolist(), kk["stream_id"].tolist()))
+                             | set(zip(mm["device_id"].tolist(), mm["stream_id"].tolist())))
+            for dev, s in streams:
+                lane_of[(rank, "gpu", dev, s)] = len(lanes)
+                lanes.append(Lane(rank, "gpu", f"r{rank} gpu{dev} s{s}"))
+            if (c["rank"].to_numpy() == rank).any():
+                lane_of[(rank, "nccl")] = len(lanes)
+                lanes.append(Lane(rank, "nccl", f"r{rank} NCCL"))
+
+        def lane_codes(keys: pd.DataFrame) -> np.ndarray:
+            # vectorized dict lookup through a MultiIndex of the (few) distinct keys
+            if keys.empty:
+                return np.zeros(0, np.int32)
+            uniq = keys.drop_duplicates()
+            codes = np.array([lane_of[tuple(x)] for x in uniq.itertuples(index=False, name=None)], np.int32)
+            idx = pd.MultiIndex.from_frame(uniq)
+            return codes[idx.get_indexer(pd.MultiIndex.from_frame(keys))]
+
+        cat_index = {c: i for i, c in enumerate(CATEGORIES)}
+        parts = []
+        # kernels
+        if len(k):
+            kc = k["category"].astype(str).map(lambda x: cat_index.get(x, cat_index["other"]))
+            parts.append((
+                lane_codes(pd.DataFrame({"rank": k["rank"].to_numpy(), "kind": "gpu", "dev": k["device_id"].to_numpy(),
+                                         "s": k["stream_id"].to_numpy()})),
+                kc.to_numpy(np.int16), k["start_ns"].to_numpy(np.int64), k["end_ns"].to_numpy(np.int64),
+                k["name"]))
+        if len(m):
+            mc = np.where(m["kind"].astype(str).to_numpy() == "memset", cat_index["memset"], cat_index["memcpy"]).astype(np.int16)
+            parts.append((
+                lane_codes(pd.DataFrame({"rank": m["rank"].to_numpy(), "kind": "gpu", "dev": m["device_id"].to_numpy(),
+                                         "s": m["stream_id"].to_numpy()})),
+                mc, m["start_ns"].to_numpy(np.int64), m["end_ns"].to_numpy(np.int64),
+                pd.Series(m["kind"].astype(str).to_numpy() + " " + _bytes_text(m["bytes"].to_numpy()).to_numpy()).astype("category")))
+        if len(r):
+            parts.append((
+                lane_codes(pd.DataFrame({"rank": r["rank"].to_numpy(), "kind": "nvtx", "t": r["thread_id"].to_numpy(),
+                                         "d": np.minimum(r["depth"].to_numpy(), MAX_RANGE_DEPTH)})),
+                np.full(len(r), cat_index["nvtx"], np.int16), r["start_ns"].to_numpy(np.int64),
+                r["end_ns"].to_numpy(np.int64), r["text"]))
+        if len(c):
+            parts.append((
+                lane_codes(pd.DataFrame({"rank": c["rank"].to_numpy(), "kind": "nccl"})),
+                np.full(len(c), cat_index["nccl"], np.int16), c["start_ns"].to_numpy(np.int64),
+                c["end_ns"].to_numpy(np.int64),
+                pd.Series(c["op"].astype(str).to_numpy() + " " + _bytes_text(c["bytes"].to_numpy()).to_numpy()).astype("category")))
+
+        labels: list[str] = []
+        codes_all, lane_all, cat_all, s_all, e_all = [], [], [], [], []
+        for lane, cat, s, e, lab in parts:
+            lab = lab if isinstance(lab.dtype, pd.CategoricalDtype) else lab.astype(str).astype("category")
+            codes = lab.cat.codes.to_numpy().astype(np.int64)
+            cats = [str(x) for x in lab.cat.categories]
+            codes = np.where(codes >= 0, codes + len(labels), -1)
+            labels.extend(cats)
+            codes_all.append(codes)
+            lane_all.append(lane)
+            cat_all.append(cat)
+            s_all.append(s - origin)
+            e_all.append(np.maximum(e, s) - origin)
+        labels.append("")
+        if parts:
+            codes = np.concatenate(codes_all)
+            codes = np.where(codes >= 0, codes, len(labels) - 1)
+            arrays = (np.concatenate(lane_all), np.concatenate(cat_all), np.concatenate(s_all), np.concatenate(e_all), codes)
+        else:
+            arrays = (np.zeros(0, np.int32), np.zeros(0, np.int16), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                      np.zeros(0, np.int64))
+        cnt = trace.counters
+        counters = pd.DataFrame({"rank": cnt["rank"].to_numpy(), "device_id": cnt["device_id"].to_numpy(),
+                                 "t": cnt["ts_ns"].to_numpy(np.int64) - origin, "name": cnt["name"].astype(str).to_numpy(),
+                                 "value": cnt["value"].to_numpy(np.float64)}).sort_values("t", kind="stable")
+        return cls(lanes, *arrays[:4], arrays[4], labels, origin, counters=counters.reset_index(drop=True))
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def extent(self) -> tuple[int, int]:
+        return self.lo, self.hi
+
+    def clamp(self, lo: float | None, hi: float | None) -> tuple[int, int]:
+        """A valid query range (relative ns) inside the extent; None means the full extent."""
+        if lo is None or hi is None or not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+            return self.lo, self.hi
+        return int(lo), max(int(hi), int(lo) + 1)
+
+    def count(self, lo: int, hi: int, gpu_only: bool = False) -> int:
+        """Events overlapping [lo, hi)."""
+        total = 0
+        gpu = {CATEGORIES.index(c) for c in GPU_CATEGORIES}
+        for _, cat, a, b in self.groups:
+            if gpu_only and cat not in gpu:
+                continue
+            n_start_before_hi = np.searchsorted(self._start[a:b], hi, side="left")
+            n_end_before_lo = np.searchsorted(self._end_sorted[a:b], lo, side="right")
+            total += int(n_start_before_hi - n_end_before_lo)
+        return total
+
+    def _covered(self, a: int, b: int, t: np.ndarray) -> np.ndarray:
+        """C(t) for group [a, b): time covered by its events before each t (int64, exact)."""
+        s = self._start[a:b]
+        e = self._end_sorted[a:b]
+        ns = np.searchsorted(s, t, side="left")
+        ne = np.searchsorted(e, t, side="left")
+        ss = self._cs_start[a + ns] - self._cs_start[a]
+        se = self._cs_end[a + ne] - self._cs_end[a]
+        return t * ns - ss - (t * ne - se)
+
+    def busy(self, lo: int, hi: int, bins: int) -> tuple[np.ndarray, np.ndarray]:
+        """(edges[bins+1], frac[lanes, categories, bins]) busy fraction per lane, category and bin."""
+        bins = max(1, int(bins))
+        edges = np.linspace(lo, hi, bins + 1).round().astype(np.int64)
+        edges = np.maximum.accumulate(edges)
+        width = np.maximum(np.diff(edges), 1).astype(np.float64)
+        frac = np.zeros((len(self.lanes), len(CATEGORIES), bins), dtype=np.float64)
+        for lane, cat, a, b in self.groups:
+            c = self._covered(a, b, edges)
+            frac[lane, cat] = np.diff(c) / width
+        np.clip(frac, 0.0, 1.0, out=frac)
+        return edges, frac
+
+    def events(self, lo: int, hi: int, limit: int | None = None) -> Events:
+        """Events overlapping [lo, hi), in lane order. With ``limit``, the longest ``limit`` of them."""
+        idx = []
+        for g, (_, _, a, b) in enumerate(self.groups):
+            s = self._start[a:b]
+            i0 = np.searchsorted(s, lo - self._maxdur[g], side="left")
+            i1 = np.searchsorted(s, hi, side="left")
+            if i1 <= i0:
+                continue
+            cand = np.arange(a + i0, a + i1)
+            cand = cand[self._end[cand] > lo]
+            idx.append(cand)
+        sel = np.concatenate(idx) if idx else np.zeros(0, np.int64)
+        if limit is not None and len(sel) > limit:
+            dur = np.minimum(self._end[sel], hi) - np.maximum(self._start[sel], lo)
+            keep = np.argpartition(-dur, limit - 1)[:limit]
+            sel = np.sort(sel[keep])
+        ncat = len(CATEGORIES)
+        cat = (self._group[sel] % ncat).astype(np.int16)
+        gpu = np.isin(cat, [CATEGORIES.index(c) for c in GPU_CATEGORIES])
+        return Events(lane=(self._group[sel] // ncat).astype(np.int32), category=cat, start=self._start[sel],
+                      end=self._end[sel], label=self.labels[self._label[sel]], is_gpu=gpu)
+
+    def counter_series(self, lo: int, hi: int, bins: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(name, t, value) per counter (rank, device, name) inside [lo, hi); min/max per bin when dense."""
+        out = []
+        c = self.counters
+        if c.empty:
+            return out
+        t_all = c["t"].to_numpy()
+        for (rank, dev, name), g in c.groupby(["rank", "device_id", "name"], sort=True):
+            t = g["t"].to_numpy()
+            v = g["value"].to_numpy()
+            i0 = max(np.searchsorted(t, lo, side="left") - 1, 0)
+            i1 = min(np.searchsorted(t, hi, side="right") + 1, len(t))
+            t, v = t[i0:i1], v[i0:i1]
+            if len(t) > 2 * bins:  # keep each bin's min and max so spikes survive
+                b = np.clip(((t - lo) * bins // max(hi - lo, 1)).astype(np.int64), 0, bins - 1)
+                df = pd.DataFrame({"b": b, "t": t, "v": v})
+                imin = df.groupby("b")["v"].idxmin().to_numpy()
+                imax = df.groupby("b")["v"].idxmax().to_numpy()
+                keep = np.unique(np.r_[imin, imax])
+                t, v = t[keep], v[keep]
+            label = f"r{rank} {name}" + (f" gpu{dev}" if dev >= 0 else "")
+            out.append((label, t, v))
+        del t_all
+        return out
+
+
+def _bytes_text(b: np.ndarray) -> pd.Series:
+    b = np.asarray(b, dtype=np.float64)
+    out = np.where(b >= 2**30, np.char.add(np.round(b / 2**30, 2).astype(str), " GiB"),
+                   np.where(b >= 2**20, np.char.add(np.round(b / 2**20, 2).astype(str), " MiB"),
+                            np.where(b >= 2**10, np.char.add(np.round(b / 2**10, 1).astype(str), " KiB"),
+                                     np.char.add(np.maximum(b, 0).astype(np.int64).astype(str), " B"))))
+    return pd.Series(np.where(b < 0, "", out), dtype=object)

@@ -1,0 +1,260 @@
+"""Nsight Systems: find it, check it, build the ``nsys profile`` command, export the report to SQLite.
+
+Discovery (``find_nsys()``), first hit wins:
+
+1. ``nsys`` on PATH;
+2. ``$GPUDOCTOR_NSYS`` (a path to the nsys executable);
+3. the standard install folders: ``/opt/nvidia/nsight-systems/*/bin/nsys``, ``/usr/local/cuda/bin/nsys``,
+   ``/usr/local/cuda-*/bin/nsys`` (newest version first);
+4. the copy inside Nsight Compute: ``/opt/nvidia/nsight-compute/*/host/target-linux-x64/nsys``.
+
+Known failures handled by the profile command: nsys hanging after the program ended (bounded by a
+timeout; what nsys wrote -- ``.nsys-rep`` or ``.qdstrm`` -- is kept), a report importer that cannot load
+its libraries (the copy inside Nsight Compute needs libdw/libelf: only a ``.qdstrm`` comes out), and
+export failures (the ``.nsys-rep`` is kept and can be analyzed later).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import NamedTuple
+
+from gpudoctor.errors import GpudoctorError
+
+ENV_VAR = "GPUDOCTOR_NSYS"
+STANDARD_GLOBS = [
+    "/opt/nvidia/nsight-systems/*/bin/nsys",
+    "/usr/local/cuda/bin/nsys",
+    "/usr/local/cuda-*/bin/nsys",
+]
+NCU_COPY_GLOBS = [
+    "/opt/nvidia/nsight-compute/*/host/target-linux-x64/nsys",
+]
+
+# Cheap defaults: CUDA/NVTX/cuBLAS/cuDNN API tracing, no CPU sampling (a 20 s program otherwise writes
+# a 2 GB .qdstrm), no context-switch tracing, no backtraces; GPU memory usage on.
+DEFAULT_OPTIONS = [
+    ("--trace", "cuda,nvtx,cublas,cudnn"),
+    ("--sample", "none"),
+    ("--cpuctxsw", "none"),
+    ("--backtrace", "none"),
+    ("--cuda-memory-usage", "true"),
+]
+# Short spellings of nsys profile options -> long ones (to tell when the user overrides a default).
+_SHORT = {"-t": "--trace", "-s": "--sample", "-b": "--backtrace", "-o": "--output", "-f": "--force-overwrite",
+          "-c": "--capture-range", "-p": "--nvtx-capture", "-d": "--duration", "-y": "--delay",
+          "-x": "--stop-on-exit", "-e": "--env-var", "-w": "--show-output", "-n": "--inherit-environment"}
+_OWNED = {"--output", "--force-overwrite"}  # gpudoctor decides where the report goes
+
+
+class NsysLocation(NamedTuple):
+    path: str
+    how: str  # "PATH" | "$GPUDOCTOR_NSYS" | "standard folder" | "Nsight Compute copy"
+
+
+def _version_key(path: str) -> tuple:
+    """Sort key: the version numbers in the path (2025.3.1 -> (2025, 3, 1)), newest first when reversed."""
+    nums = re.findall(r"\d+(?:\.\d+)*", path)
+    best = max((tuple(int(x) for x in n.split(".")) for n in nums), default=())
+    return best, path
+
+
+def _executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def _globbed(patterns: list[str]) -> list[str]:
+    found = []
+    for pattern in patterns:
+        hits = [p for p in glob.glob(pattern) if _executable(p)]
+        found.extend(sorted(hits, key=_version_key, reverse=True))
+    return found
+
+
+def find_nsys(env: dict | None = None) -> NsysLocation | None:
+    """Where nsys is and how it was found, or None."""
+    env = os.environ if env is None else env
+    on_path = shutil.which("nsys", path=env.get("PATH", os.defpath))
+    if on_path:
+        return NsysLocation(on_path, "PATH")
+    explicit = env.get(ENV_VAR, "").strip()
+    if explicit:
+        if _executable(explicit):
+            return NsysLocation(explicit, f"${ENV_VAR}")
+        if os.path.isdir(explicit) and _executable(os.path.join(explicit, "nsys")):
+            return NsysLocation(os.path.join(explicit, "nsys"), f"${ENV_VAR}")
+    for path in _globbed(STANDARD_GLOBS):
+        return NsysLocation(path, "standard folder")
+    for path in _globbed(NCU_COPY_GLOBS):
+        return NsysLocation(path, "Nsight Compute copy")
+    return None
+
+
+def not_found_message(env: dict | None = None) -> str:
+    env = os.environ if env is None else env
+    bad = env.get(ENV_VAR, "").strip()
+    extra = f" (${ENV_VAR}={bad} is not an executable)" if bad and not _executable(bad) else ""
+    return ("Nsight Systems (nsys) not found on PATH, in $GPUDOCTOR_NSYS, in /opt/nvidia/nsight-systems, "
+            f"/usr/local/cuda*/bin or inside Nsight Compute{extra}")
+
+
+def nsys_version(path: str, timeout: float = 30.0) -> str:
+    """``nsys --version`` output (one line), or raise GpudoctorError saying why it does not run."""
+    try:
+        p = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise GpudoctorError(f"{path} --version did not answer within {timeout:.0f} s") from None
+    except OSError as e:
+        raise GpudoctorError(f"{path} cannot run: {e.strerror or e}") from None
+    text = " ".join((p.stdout or p.stderr or "").split())
+    if p.returncode != 0:
+        raise GpudoctorError(f"{path} --version failed (exit {p.returncode}): {text[:200]}")
+    return text[:200]
+
+
+def importer_problem(nsys_path: str, timeout: float = 10.0) -> str | None:
+    """Why nsys's report importer (QdstrmImporter) cannot load, or None when it looks fine / can't tell.
+
+    nsys writes a .qdstrm and converts it with QdstrmImporter at exit; when that binary misses shared
+    libraries (the copy inside Nsight Compute needs libdw.so.1 and libelf.so.1), only the .qdstrm is left.
+    """
+    real = os.path.realpath(nsys_path)
+    base = Path(real).parent
+    candidates = []
+    for up in (base, base.parent, base.parent.parent):
+        candidates.extend(up.glob("QdstrmImporter"))
+        candidates.extend(up.glob("*/QdstrmImporter"))
+    importer = next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+    ldd = shutil.which("ldd")
+    if importer is None or ldd is None:
+        return None
+    try:
+        p = subprocess.run([ldd, str(importer)], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    missing = sorted({line.split("=>")[0].strip() for line in p.stdout.splitlines() if "not found" in line})
+    if missing:
+        return (f"its report importer {importer} cannot load {', '.join(missing)} "
+                "(install them or add their folder to LD_LIBRARY_PATH)")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _option_key(arg: str) -> str | None:
+    if not arg.startswith("-"):
+        return None
+    key = arg.split("=", 1)[0]
+    return _SHORT.get(key, key)
+
+
+def split_user_args(text: str | list[str] | None) -> list[str]:
+    if not text:
+        return []
+    args = shlex.split(text) if isinstance(text, str) else list(text)
+    for a in args:
+        if _option_key(a) in _OWNED:
+            raise GpudoctorError(f"--nsys-args: {a} is set by gpudoctor (the report goes to RUN_DIR/raw/); "
+                                 "use gpudoctor's -o DIR to choose the run directory")
+    return args
+
+
+def profile_command(nsys: str, output_base: str | Path, program: list[str], user_args: list[str] | None = None,
+                    delay_s: float | None = None, duration_s: float | None = None,
+                    capture_range: str | None = None) -> list[str]:
+    """The ``nsys profile`` command line: cheap defaults, the capture window, then the user's options.
+
+    A default the user sets in ``user_args`` (e.g. ``-t cuda,nvtx,osrt``) is dropped, so nsys never
+    sees an option twice. ``capture_range`` NAME -> ``--capture-range=nvtx --nvtx-capture=NAME@*
+    --capture-range-end=stop``: collection starts when an NVTX range NAME (any domain) is pushed or
+    started and stops when it ends; the program runs on to its end. nsys only matches unregistered NVTX
+    strings (what torch.cuda.nvtx and most code use) with NSYS_NVTX_PROFILER_REGISTER_ONLY=0 in the
+    program's environment: ``profile_env`` sets it.
+    """
+    user_args = list(user_args or [])
+    user_keys = {_option_key(a) for a in user_args} - {None}
+    cmd = [nsys, "profile"]
+    for key, value in DEFAULT_OPTIONS:
+        if key not in user_keys:
+            cmd.append(f"{key}={value}")
+    window: list[tuple[str, str]] = []
+    if delay_s:
+        window.append(("--delay", _secs(delay_s)))
+    if duration_s:
+        window.append(("--duration", _secs(duration_s)))
+    if capture_range:
+        name = capture_range if "@" in capture_range else f"{capture_range}@*"
+        window += [("--capture-range", "nvtx"), ("--nvtx-capture", name), ("--capture-range-end", "stop")]
+    for key, value in window:
+        if key not in user_keys:
+            cmd.append(f"{key}={value}")
+    cmd += ["--force-overwrite=true", f"--output={output_base}"]
+    cmd += user_args
+    cmd += list(program)
+    return cmd
+
+
+def profile_env(env: dict, capture_range: str | None) -> dict:
+    env = dict(env)
+    if capture_range:
+        env.setdefault("NSYS_NVTX_PROFILER_REGISTER_ONLY", "0")
+    return env
+
+
+def _secs(v: float) -> str:
+    # nsys takes whole seconds for --delay/--duration
+    return str(max(1, int(round(float(v))))) if v else "0"
+
+
+def export_command(nsys: str, report: str | Path, out: str | Path) -> list[str]:
+    return [nsys, "export", "--type=sqlite", "--force-overwrite=true", f"--output={out}", str(report)]
+
+
+def export_sqlite(nsys: str, report: Path, out: Path, timeout_s: float, log: Path | None = None) -> str | None:
+    """Export ``report`` to SQLite ``out``; None when it worked, else a one-line reason (nothing raised)."""
+    cmd = export_command(nsys, report, out)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL,
+                           start_new_session=True)
+    except subprocess.TimeoutExpired as e:
+        _write_log(log, cmd, e.stdout, e.stderr, f"timed out after {timeout_s:.0f} s")
+        _unlink(out)
+        return f"nsys export did not finish within {timeout_s:.0f} s"
+    except OSError as e:
+        return f"nsys export could not run: {e.strerror or e}"
+    _write_log(log, cmd, p.stdout, p.stderr, f"exit {p.returncode}")
+    if p.returncode != 0 or not out.exists() or out.stat().st_size == 0:
+        last = [ln for ln in (p.stderr or p.stdout or "").splitlines() if ln.strip()]
+        _unlink(out)
+        return f"nsys export failed (exit {p.returncode}): {last[-1].strip()[:200] if last else 'no output'}"
+    return None
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def _write_log(log: Path | None, cmd: list[str], out, err, status: str) -> None:
+    if log is None:
+        return
+
+    def text(x):
+        return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+
+    try:
+        with open(log, "a") as f:
+            f.write(f"$ {shlex.join(cmd)}\n{text(out)}{text(err)}[{status}]\n")
+    except OSError:
+        pass

@@ -1,0 +1,7 @@
+"""The CI gate: compare a candidate run against a baseline and decide pass / regression / improvement /
+inconclusive, with the change attributed to kernels, categories and NVTX ranges. docs/ci.md describes the
+method and its defaults."""
+
+from gpudoctor.gate.compare import GateOptions, GateResult, RunData, compare, evaluate_rules, load_run
+
+__all__ = ["GateOptions", "GateResult", "RunData", "compare", "evaluate_rules", "load_run"]

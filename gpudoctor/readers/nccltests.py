@@ -1,0 +1,568 @@
+"""nccl-tests output (``all_reduce_perf``, ``all_gather_perf``, ...) <-> trace model.
+
+``read(path, rank=None) -> Trace`` reads the text that the nccl-tests binaries print (and that
+``gpudoctor nccl-bench`` prints: it writes this same layout, with the functions below, so that one
+reader serves both). The layout, from nccl-tests' src/common.cu and src/util.cu::
+
+    # nThread 1 nGpus 1 minBytes 8 maxBytes 1073741824 step: 2(factor) warmup iters: 5 iters: 20 ...
+    #
+    # Using devices
+    #  Rank  0 Group  0 Pid  41230 on   gpu-host device  0 [0x18] NVIDIA H200
+    #  Rank  1 Group  0 Pid  41231 on   gpu-host device  1 [0x2a] NVIDIA H200
+    #
+    #                                                              out-of-place                       in-place
+    #       size         count      type   redop    root     time   algbw   busbw #wrong     time   algbw   busbw #wrong
+    #        (B)    (elements)                               (us)  (GB/s)  (GB/s)            (us)  (GB/s)  (GB/s)
+               8             2     float     sum      -1    18.53    0.00    0.00      0    18.21    0.00    0.00      0
+    ...
+    # Out of bounds values : 0 OK
+    # Avg bus bandwidth    : 123.456
+    #
+
+Newer versions add ``# nccl-tests version ...`` / ``# Collective test starting: all_reduce_perf``
+lines, a ``cputime`` column (``-C 1``), per-iteration columns (``i_min i_max i_p99 i_cv%``) and a
+``timestamp`` column; old versions call ``#wrong`` ``error`` and may have no ``root``/``redop``
+column. All of these are read. A column name the reader does not know is an error (one line).
+
+What becomes what. The rows are measurements, not events on a timeline:
+
+- ``meta["nccl_tests"]``: ``rows`` (one dict per row: op, size_bytes, count, type, dtype, redop, root,
+  and per mode ``out_of_place_time_us`` / ``_algbw_gbps`` / ``_busbw_gbps`` / ``_wrong`` and the same
+  for ``in_place``), ``sections`` (one per test in the file: op, binary, comm_size, devices,
+  parameters, avg_busbw_gbps, out_of_bounds, complete), ``wrong_total`` (sum of ``#wrong`` over all
+  rows and modes: any non-zero value means the collective returned wrong data), ``avg_busbw_gbps``,
+  ``complete`` and ``gpudoctor`` (the ``# gpudoctor KEY: VALUE`` lines nccl-bench adds: link, ceiling).
+- ``collectives``: one row per table row with op, bytes (the size column), dtype, comm_size (ranks
+  listed under "Using devices"), source "nccl_tests" and start_ns = end_ns = 0 (no timeline).
+- ``devices``: the device this input's rank used; ``ranks``: one row, source_format "nccl_tests".
+- ``dropped``: a log that stops before its ``# Avg bus bandwidth`` line (a killed or crashed run) is
+  still read, and counted once per unfinished test as "nccl-tests log ends early"; data-looking rows
+  that cannot be parsed are counted as "unparseable nccl-tests row".
+
+Bus bandwidth (nccl-tests' doc/PERFORMANCE.md): algbw = S / t; busbw = algbw x factor with factor
+2(n-1)/n for all-reduce, (n-1)/n for all-gather, reduce-scatter and all-to-all, 1 for broadcast and
+reduce. S is the ``size`` column: for all-gather the total output size (n x the per-rank input), for
+reduce-scatter the total input size, for all-to-all the total per-rank buffer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from gpudoctor.errors import InputError
+from gpudoctor.model.trace import Trace
+
+FORMAT = "nccl_tests"
+SOURCE = "nccl_tests"
+R_ENDS_EARLY = "nccl-tests log ends early"
+R_BAD_ROW = "unparseable nccl-tests row"
+
+# nccl-tests binary stem -> model op name.
+BINARY_OPS = {
+    "all_reduce": "all_reduce", "all_gather": "all_gather", "reduce_scatter": "reduce_scatter",
+    "broadcast": "broadcast", "reduce": "reduce", "alltoall": "all_to_all", "alltoallv": "all_to_all",
+    "sendrecv": "send_recv", "gather": "gather", "scatter": "scatter", "hypercube": "hypercube",
+}
+# model op -> nccl-tests binary.
+OP_BINARIES = {
+    "all_reduce": "all_reduce_perf", "all_gather": "all_gather_perf", "reduce_scatter": "reduce_scatter_perf",
+    "broadcast": "broadcast_perf", "reduce": "reduce_perf", "all_to_all": "alltoall_perf",
+    "send_recv": "sendrecv_perf", "gather": "gather_perf", "scatter": "scatter_perf",
+}
+# nccl-tests type names -> torch-style dtype names.
+TYPE_DTYPES = {
+    "int8": "int8", "char": "int8", "uint8": "uint8", "int32": "int32", "int": "int32", "uint32": "uint32",
+    "int64": "int64", "uint64": "uint64", "half": "float16", "float16": "float16", "float": "float32",
+    "float32": "float32", "double": "float64", "float64": "float64", "bfloat16": "bfloat16",
+    "f8e4m3": "float8_e4m3fn", "f8e5m2": "float8_e5m2", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2",
+}
+DTYPE_TYPES = {"float32": "float", "float16": "half", "bfloat16": "bfloat16", "float64": "double",
+               "int8": "int8", "uint8": "uint8", "int32": "int32", "uint32": "uint32", "int64": "int64",
+               "uint64": "uint64"}
+DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int32": 4,
+               "uint32": 4, "int64": 8, "uint64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1}
+
+# Column names nccl-tests prints. Per-mode columns appear once for out-of-place, once for in-place.
+_FIXED_COLUMNS = ("size", "count", "type", "redop", "root")
+_MODE_COLUMNS = ("time", "cputime", "algbw", "busbw", "#wrong", "error", "i_min", "i_max", "i_p99", "i_cv%")
+_KNOWN_COLUMNS = set(_FIXED_COLUMNS) | set(_MODE_COLUMNS) | {"timestamp"}
+_MODE_KEYS = {"time": "time_us", "cputime": "time_us", "algbw": "algbw_gbps", "busbw": "busbw_gbps",
+              "#wrong": "wrong", "error": "wrong", "i_min": "iter_min_us", "i_max": "iter_max_us",
+              "i_p99": "iter_p99_us", "i_cv%": "iter_cv_pct"}
+MODES = ("out_of_place", "in_place")
+
+_RANK_LINE = re.compile(
+    r"^#\s*Rank\s+(?P<rank>\d+)\s+Group\s+(?P<group>\d+)\s+Pid\s+(?P<pid>\d+)\s+on\s+(?P<host>\S+)\s+"
+    r"device\s+(?P<dev>\d+)\s+\[(?P<bus>[^\]]*)\]\s*(?P<name>.*?)\s*$")
+_NTHREAD = re.compile(r"^#\s*nThread\s+(\d+)\s+nGpus\s+(\d+)\s+minBytes\s+(\d+)\s+maxBytes\s+(\d+)"
+                      r"(?:\s+step:\s*(\d+)\((\w+)\))?(.*)$")
+_STARTING = re.compile(r"^#\s*Collective test starting:\s*(\S+)")
+_OOB = re.compile(r"^#\s*Out of bounds values\s*:\s*(\d+)")
+_AVG = re.compile(r"^#\s*Avg bus bandwidth\s*:\s*([-+0-9.eEnaif]+)")
+_GPUDOCTOR = re.compile(r"^#\s*gpudoctor\s+([\w .-]+?)\s*:\s*(.*?)\s*$")
+_INT = re.compile(r"^[0-9]+$")
+
+
+# ----------------------------------------------------------------------------------------------------
+# nccl-tests conventions (shared with gpudoctor nccl-bench)
+
+
+def bus_factor(op: str, nranks: int) -> float:
+    """busbw / algbw of ``op`` on ``nranks`` ranks (nccl-tests doc/PERFORMANCE.md)."""
+    n = int(nranks)
+    if n < 1:
+        raise ValueError("nranks must be >= 1")
+    if op == "all_reduce":
+        return 2.0 * (n - 1) / n
+    if op in ("all_gather", "reduce_scatter", "all_to_all", "gather", "scatter"):
+        return (n - 1) / n
+    if op in ("broadcast", "reduce", "send_recv", "send", "recv"):
+        return 1.0
+    raise ValueError(f"no bus bandwidth factor known for {op!r}")
+
+
+@dataclass(frozen=True)
+class OpSize:
+    """One row's sizes in nccl-tests' conventions, for ``size`` bytes asked for."""
+
+    size_bytes: int  # the size column: max(send bytes, recv bytes) of one rank
+    count: int  # the count column: the element count passed to NCCL (per-rank chunk for gather-like ops)
+    send_count: int  # elements in the send buffer of one rank
+    recv_count: int  # elements in the receive buffer of one rank
+
+
+def op_sizes(op: str, size: int, nranks: int, elem_size: int) -> OpSize:
+    """nccl-tests' setupArgs + getCollByteCount for ``op``: what one row of ``size`` bytes moves."""
+    count = int(size) // int(elem_size)
+    n = int(nranks)
+    if op in ("all_reduce", "broadcast", "reduce"):
+        send, recv, param = count, count, count
+    elif op == "all_gather":
+        param = count // n
+        send, recv = param, param * n
+    elif op == "reduce_scatter":
+        param = count // n
+        send, recv = param * n, param
+    elif op == "all_to_all":
+        param = count // n
+        send, recv = param * n, param * n
+    else:
+        raise ValueError(f"unsupported op {op!r}")
+    return OpSize(size_bytes=max(send, recv) * elem_size, count=param, send_count=send, recv_count=recv)
+
+
+def bandwidths(op: str, size_bytes: int, time_s: float, nranks: int) -> tuple[float, float]:
+    """(algbw, busbw) in GB/s (1e9 bytes/s) for a row of ``size_bytes`` that took ``time_s``."""
+    if not time_s or time_s <= 0 or not math.isfinite(time_s):
+        return 0.0, 0.0
+    alg = size_bytes / 1e9 / time_s
+    return alg, alg * bus_factor(op, nranks)
+
+
+def root_of(op: str) -> int:
+    return 0 if op in ("broadcast", "reduce", "gather", "scatter") else -1
+
+
+def redop_of(op: str) -> str:
+    return "sum" if op in ("all_reduce", "reduce_scatter", "reduce") else "none"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing the layout (nccl-tests' printf formats)
+
+
+def _float_str(value: float, width: int) -> str:
+    """nccl-tests' getFloatStr: fixed width, fewer decimals as the value grows."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return f"{'N/A':>{width}}"
+    power, val = 0, 1
+    while value >= val:
+        power += 1
+        val *= 10
+    if power < width - 2:
+        return f"{value:{width}.2f}"
+    if power < width - 1:
+        return f"{value:{width}.1f}"
+    if power < width + 1:
+        return f"{value:{width}.0f}"
+    return f"{value:{width}.1e}"
+
+
+def format_run_header(*, nthreads: int, ngpus: int, min_bytes: int, max_bytes: int, factor: int,
+                      warmup: int, iters: int, check: bool, devices: list[dict], binary: str | None = None,
+                      preamble: list[str] | None = None) -> str:
+    """The lines before the table: parameters and the device of every rank.
+
+    ``devices``: dicts with rank, pid, host, device, bus (e.g. "0x18" or "0000:18:00"), name.
+    """
+    lines = list(preamble or [])
+    if binary:
+        lines.append(f"# Collective test starting: {binary}")
+    lines.append(f"# nThread {nthreads} nGpus {ngpus} minBytes {min_bytes} maxBytes {max_bytes} "
+                 f"step: {factor}(factor) warmup iters: {warmup} iters: {iters} agg iters: 1 "
+                 f"validation: {int(bool(check))} graph: 0")
+    lines.append("#")
+    lines.append("# Using devices")
+    for d in devices:
+        lines.append(f"#  Rank {int(d['rank']):2d} Group {0:2d} Pid {int(d.get('pid', 0)):6d} on "
+                     f"{str(d.get('host', '')):>10s} device {int(d.get('device', 0)):2d} "
+                     f"[{d.get('bus', '')}] {d.get('name', '')}")
+    return "\n".join(lines) + "\n"
+
+
+def format_table_header() -> str:
+    """The three header lines of the result table (nccl-tests' writeResultHeader, no timestamps)."""
+    e = ("", "", "", "", "")
+    return (
+        "#\n"
+        + "# %10s  %12s  %8s  %6s  %6s           out-of-place                       in-place          \n" % e
+        + "# %10s  %12s  %8s  %6s  %6s  %7s  %6s  %6s  %6s  %7s  %6s  %6s  %6s \n" % (
+            "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong",
+            "time", "algbw", "busbw", "#wrong")
+        + "# %10s  %12s  %8s  %6s  %6s  %7s  %6s  %6s  %6s  %7s  %6s  %6s  %6s \n" % (
+            "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)", "")
+    )
+
+
+def format_row(size_bytes: int, count: int, type_name: str, redop: str, root: int,
+               results: list[tuple[float, float, float, int | None]]) -> str:
+    """One data row. ``results``: (time_us, algbw, busbw, wrong or None when not checked) per mode,
+    out-of-place first."""
+    out = "%12d  %12d  %8s  %6s  %6s" % (size_bytes, count, type_name, redop, "%6i" % root)
+    for time_us, alg, bus, wrong in results:
+        w = "%6s" % "N/A" if wrong is None else "%6g" % float(wrong)
+        out += "  %7s  %6s  %6s  %s" % (_float_str(time_us, 7), _float_str(alg, 6), _float_str(bus, 6), w)
+    return out + "\n"
+
+
+def format_footer(out_of_bounds: int, avg_busbw: float, binary: str | None = None) -> str:
+    lines = ["# %-20s : %d %s" % ("Out of bounds values", out_of_bounds, "FAILED" if out_of_bounds else "OK"),
+             "# %-20s : %g " % ("Avg bus bandwidth", avg_busbw), "#"]
+    if binary:
+        lines.append(f"# Collective test concluded: {binary}")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parsing
+
+
+@dataclass
+class Section:
+    op: str = ""
+    binary: str = ""
+    params: dict = field(default_factory=dict)
+    devices: list[dict] = field(default_factory=list)
+    columns: list[str] | None = None
+    rows: list[dict] = field(default_factory=list)
+    out_of_bounds: int | None = None
+    avg_busbw_gbps: float | None = None
+    complete: bool = False
+
+    def started(self) -> bool:
+        return bool(self.rows or self.columns or self.params or self.devices)
+
+
+@dataclass
+class Parsed:
+    sections: list[Section]
+    bad_rows: int
+    gpudoctor: dict
+
+
+def _op_from_binary(name: str) -> tuple[str, str]:
+    stem = Path(name).name
+    stem = stem[:-5] if stem.endswith("_perf") else stem
+    stem = re.sub(r"_mpi$", "", stem)
+    return BINARY_OPS.get(stem, stem), Path(name).name
+
+
+def _op_from_filename(path: Path) -> str:
+    name = path.name.lower()
+    keys = sorted(set(BINARY_OPS) | {"all_to_all", "send_recv", "allreduce", "allgather", "reducescatter"},
+                  key=len, reverse=True)  # all_reduce before reduce
+    for key in keys:
+        if re.search(rf"(^|[^a-z]){key}([^a-z]|$)", name):
+            return BINARY_OPS.get(key, {"allreduce": "all_reduce", "allgather": "all_gather",
+                                        "reducescatter": "reduce_scatter"}.get(key, key))
+    return ""
+
+
+def _op_from_rows(rows: list[dict], nranks: int) -> str:
+    """The op whose bus-bandwidth factor, redop and root fit the rows (when nothing names the op)."""
+    if nranks < 2:
+        return ""
+    ratios = []
+    for r in rows:
+        for mode in MODES:
+            a, b = r.get(f"{mode}_algbw_gbps"), r.get(f"{mode}_busbw_gbps")
+            if a and b and a >= 1.0:  # two printed decimals: small values are too coarse
+                ratios.append(b / a)
+    if not ratios:
+        return ""
+    ratio = sorted(ratios)[len(ratios) // 2]
+    redop = str(rows[0].get("redop", ""))
+    root = rows[0].get("root", -1)
+    near = lambda f: abs(ratio - f) < 0.02 * f  # noqa: E731
+    if near(2.0 * (nranks - 1) / nranks) and not near((nranks - 1) / nranks):
+        return "all_reduce"
+    if near((nranks - 1) / nranks) and not near(1.0):
+        return "reduce_scatter" if redop not in ("none", "") else ("all_gather" if root in (-1, None) else "")
+    if near(1.0) and root is not None and root >= 0:
+        return "broadcast" if redop in ("none", "") else "reduce"
+    return ""
+
+
+def _columns(line: str, path: Path) -> list[str]:
+    cols = line.lstrip("#").split()
+    unknown = [c for c in cols if c not in _KNOWN_COLUMNS]
+    if unknown:
+        raise InputError(path, f"nccl-tests table has unknown column(s) {', '.join(unknown)} "
+                               f"(known: {' '.join(sorted(_KNOWN_COLUMNS))})")
+    if "size" not in cols or not ({"time", "cputime"} & set(cols)):
+        raise InputError(path, "nccl-tests table header lacks the size or time column")
+    return cols
+
+
+def _number(tok: str) -> float | None:
+    if tok.upper() in ("N/A", "NA", "-"):
+        return None
+    return float(tok)
+
+
+def _parse_row(tokens: list[str], cols: list[str]) -> dict | None:
+    if "timestamp" in cols and len(tokens) >= 2 and re.match(r"^\d\d:\d\d:\d\d$", tokens[-1]):
+        tokens = tokens[:-2] + [tokens[-2] + " " + tokens[-1]]
+    if len(tokens) == len(cols) - 1 and "redop" in cols:
+        # Old all_gather/broadcast/alltoall print an empty redop (a "%6s" of "").
+        i = cols.index("redop")
+        tokens = tokens[:i] + [""] + tokens[i:]
+    if len(tokens) != len(cols):
+        return None
+    row: dict = {}
+    seen: dict[str, int] = {}
+    try:
+        for name, tok in zip(cols, tokens):
+            if name in ("size", "count"):
+                row["size_bytes" if name == "size" else "count"] = int(tok)
+            elif name == "type":
+                row["type"] = tok
+            elif name == "redop":
+                row["redop"] = tok
+            elif name == "root":
+                row["root"] = int(tok)
+            elif name == "timestamp":
+                row["timestamp"] = tok
+            else:
+                k = seen.get(name, 0)
+                seen[name] = k + 1
+                if k > 1:
+                    return None
+                mode = MODES[k]
+                v = _number(tok)
+                key = _MODE_KEYS[name]
+                if key == "wrong":
+                    # "error" (very old versions) is the max error, a float: non-zero means wrong data.
+                    v = None if v is None else (int(round(v)) if name == "#wrong" else int(v != 0))
+                    if v is not None and v < 0:  # some versions print -1 when the check is off
+                        v = None
+                row[f"{mode}_{key}"] = v
+    except ValueError:
+        return None
+    return row
+
+
+def parse_text(text: str, path: Path | str = "<text>") -> Parsed:
+    """Parse nccl-tests output (one or several tests) into sections of rows."""
+    path = Path(path)
+    sections: list[Section] = []
+    cur = Section()
+    bad_rows = 0
+    gpudoctor: dict = {}
+
+    def new_section() -> Section:
+        nonlocal cur
+        if cur.started():
+            sections.append(cur)
+        cur = Section()
+        return cur
+
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            m = _STARTING.match(line)
+            if m:
+                new_section()
+                cur.op, cur.binary = _op_from_binary(m.group(1))
+                continue
+            m = _NTHREAD.match(line)
+            if m:
+                if cur.rows or cur.params:  # a second test in the same file
+                    new_section()
+                cur.params = {"nthread": int(m.group(1)), "ngpus": int(m.group(2)), "min_bytes": int(m.group(3)),
+                              "max_bytes": int(m.group(4))}
+                if m.group(5):
+                    cur.params["step"] = int(m.group(5))
+                    cur.params["step_kind"] = m.group(6)
+                rest = m.group(7) or ""
+                for key, val in re.findall(r"([A-Za-z][A-Za-z ]*?):\s*(-?\d+)", rest):
+                    cur.params[key.strip().replace(" ", "_")] = int(val)
+                continue
+            m = _RANK_LINE.match(line)
+            if m:
+                cur.devices.append({"rank": int(m.group("rank")), "group": int(m.group("group")),
+                                    "pid": int(m.group("pid")), "host": m.group("host"),
+                                    "device": int(m.group("dev")), "bus": m.group("bus"), "name": m.group("name")})
+                continue
+            m = _OOB.match(line)
+            if m:
+                cur.out_of_bounds = int(m.group(1))
+                continue
+            m = _AVG.match(line)
+            if m:
+                try:
+                    cur.avg_busbw_gbps = float(m.group(1))
+                except ValueError:
+                    cur.avg_busbw_gbps = None
+                cur.complete = True
+                continue
+            m = _GPUDOCTOR.match(line)
+            if m:
+                gpudoctor[m.group(1).strip().replace(" ", "_")] = m.group(2)
+                continue
+            body = line.lstrip("#").split()
+            if body and body[0] == "size" and len(body) > 3:
+                if cur.rows or cur.complete:  # a second table without a new parameter line
+                    op, binary = cur.op, cur.binary
+                    new_section()
+                    cur.op, cur.binary = op, binary
+                cur.columns = _columns(line, path)
+            continue
+        tokens = line.split()
+        if not _INT.match(tokens[0]):
+            continue  # NCCL INFO/WARN lines, launcher chatter
+        if cur.columns is None:
+            if len(tokens) >= 8 and all(_INT.match(t) for t in tokens[:2]):
+                raise InputError(path, "nccl-tests rows before any column header (the '#  size  count ...' line)")
+            continue
+        row = _parse_row(tokens, cur.columns)
+        if row is None:
+            bad_rows += 1
+            continue
+        cur.rows.append(row)
+    if cur.started():
+        sections.append(cur)
+    return Parsed(sections=sections, bad_rows=bad_rows, gpudoctor=gpudoctor)
+
+
+def read(path: str | Path, rank: int | None = None) -> Trace:
+    """Read nccl-tests (or gpudoctor nccl-bench) output into a Trace; see the module docstring."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file")
+    if path.is_dir():
+        raise InputError(path, "is a directory, expected nccl-tests output")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise InputError(path, f"cannot read: {e.strerror or e}") from None
+    if raw[:2] == b"\x1f\x8b":
+        import gzip
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise InputError(path, f"corrupt gzip: {e}") from None
+    if not raw.strip():
+        raise InputError(path, "empty file")
+    text = raw.decode("utf-8", errors="replace")
+    parsed = parse_text(text, path)
+    return to_trace(parsed, path, rank)
+
+
+def to_trace(parsed: Parsed, path: Path, rank: int | None = None) -> Trace:
+    sections = [s for s in parsed.sections if s.rows or s.columns]
+    if not sections:
+        raise InputError(path, "no nccl-tests result table found (expected a '#  size  count  type ...' header "
+                               "and data rows)")
+    file_op = _op_from_filename(path)
+    my_rank = 0 if rank is None else int(rank)
+    rows: list[dict] = []
+    coll: dict[str, list] = {k: [] for k in ("op", "bytes", "dtype", "comm_size")}
+    sec_meta = []
+    incomplete = 0
+    all_devices: list[dict] = []
+    for i, s in enumerate(sections):
+        comm_size = len(s.devices) if s.devices else -1
+        op = s.op or file_op or _op_from_rows(s.rows, comm_size)
+        if s.devices:
+            all_devices = all_devices or s.devices
+        for r in s.rows:
+            dtype = TYPE_DTYPES.get(str(r.get("type", "")).lower(), str(r.get("type", "")))
+            rows.append({"section": i, "op": op, "dtype": dtype, **r})
+            coll["op"].append(op)
+            coll["bytes"].append(int(r["size_bytes"]))
+            coll["dtype"].append(dtype)
+            coll["comm_size"].append(comm_size)
+        if s.rows and not s.complete:
+            incomplete += 1
+        avg = s.avg_busbw_gbps
+        sec_meta.append({
+            "op": op, "binary": s.binary or OP_BINARIES.get(op, ""), "comm_size": comm_size, "devices": s.devices,
+            "parameters": s.params, "rows": len(s.rows), "avg_busbw_gbps": avg, "out_of_bounds": s.out_of_bounds,
+            "complete": s.complete,
+        })
+    wrong_total = 0
+    wrong_rows = []
+    for r in rows:
+        for mode in MODES:
+            w = r.get(f"{mode}_wrong")
+            if w:
+                wrong_total += int(w)
+                wrong_rows.append({"op": r["op"], "size_bytes": r["size_bytes"], "mode": mode, "wrong": int(w)})
+    avgs = [s["avg_busbw_gbps"] for s in sec_meta if s["avg_busbw_gbps"] is not None]
+    trace = Trace()
+    n = len(coll["op"])
+    trace.set("collectives", {
+        "rank": [my_rank] * n, "start_ns": [0] * n, "end_ns": [0] * n, "op": pd.Categorical(coll["op"]),
+        "bytes": coll["bytes"], "dtype": pd.Categorical(coll["dtype"]), "comm_size": coll["comm_size"],
+        "source": [SOURCE] * n,
+    })
+    dev = next((d for d in all_devices if d["rank"] == my_rank), all_devices[0] if all_devices else None)
+    if dev is not None:
+        trace.set("devices", {"rank": [my_rank], "device_id": [dev["device"]], "name": [dev["name"]]})
+    trace.set("ranks", {
+        "rank": [my_rank], "pid": [dev["pid"] if dev else -1], "hostname": [dev["host"] if dev else ""],
+        "source_file": [str(path)], "source_format": [FORMAT], "clock_offset_ns": [0],
+        "clock_source": ["none (measurements, no timeline)"],
+    })
+    if incomplete:
+        trace.add_dropped(my_rank, SOURCE, R_ENDS_EARLY, incomplete)
+    if parsed.bad_rows:
+        trace.add_dropped(my_rank, SOURCE, R_BAD_ROW, parsed.bad_rows)
+    trace.meta = {
+        "inputs": [{"path": str(path), "format": FORMAT, "rank": my_rank}],
+        "nccl_tests": {
+            "rows": rows, "sections": sec_meta, "wrong_total": int(wrong_total), "wrong_rows": wrong_rows,
+            "avg_busbw_gbps": (sum(avgs) / len(avgs)) if avgs else None,
+            "complete": incomplete == 0, "gpudoctor": parsed.gpudoctor, "path": str(path),
+        },
+    }
+    return trace
+
+
+def rows_frame(trace_or_meta) -> pd.DataFrame:
+    """meta["nccl_tests"]["rows"] as a DataFrame (empty when the trace has none)."""
+    meta = trace_or_meta.meta if hasattr(trace_or_meta, "meta") else trace_or_meta
+    rows = (meta or {}).get("nccl_tests", {}).get("rows", [])
+    return pd.DataFrame(rows)
+
+
+__all__ = ["read", "parse_text", "to_trace", "bus_factor", "op_sizes", "bandwidths", "format_run_header",
+           "format_table_header", "format_row", "format_footer", "rows_frame"]

@@ -1,0 +1,366 @@
+"""Reader for saved Prometheus text scrapes of an inference engine (vLLM), and a scraper that saves them.
+
+``read(path, rank=None) -> Trace`` turns the engine's metrics into ``counters`` rows; ``scrape(url,
+interval_s, stop_event, out_path)`` polls a ``/metrics`` endpoint and appends each answer to a file
+that ``read`` understands (``gpudoctor profile --scrape URL``).
+
+File layout: Prometheus text exposition format (``curl http://host:8000/metrics > FILE``), one scrape or
+several. Scrapes are separated by a comment line ``# scrape ts=SECONDS`` (UNIX time, as ``scrape``
+writes it; an ISO 8601 time is accepted too), by an OpenMetrics ``# EOF`` line, or, for files made by
+concatenating ``curl`` outputs, by a ``# HELP``/``# TYPE`` line of a metric already seen in the current
+scrape. Time of a sample: its own timestamp (milliseconds) if the line has one, else its scrape's ``ts``;
+when a file has no time at all, the scrapes are placed at the file's modification time, 1 ns apart in
+file order (``ranks.clock_source`` says so).
+
+Counters written (values aggregated over label sets, i.e. over engines of a data-parallel server: usage
+is averaged weighted by each engine's ``num_gpu_blocks`` when known, counts are summed):
+
+==============================  ==========================================================================
+counter                         from
+==============================  ==========================================================================
+vllm.kv_cache_usage             ``vllm:kv_cache_usage_perc`` (V1) or ``vllm:gpu_cache_usage_perc`` (V0):
+                                fraction (0..1) of the KV pool's blocks in use
+vllm.num_requests_running       ``vllm:num_requests_running``
+vllm.num_requests_waiting       ``vllm:num_requests_waiting``
+vllm.block_size                 label ``block_size`` of ``vllm:cache_config_info`` (tokens per block)
+vllm.num_gpu_blocks             label ``num_gpu_blocks`` of ``vllm:cache_config_info`` (pool size)
+vllm.<name>                     every other ``vllm:`` gauge / counter sample (histogram and summary
+                                series ``_bucket``/``_sum``/``_count``/``_created`` are skipped)
+==============================  ==========================================================================
+
+``meta["vllm_cache_config"]`` keeps every label of ``vllm:cache_config_info`` (cache_dtype,
+enable_prefix_caching, gpu_memory_utilization, ...) as text. A file without any ``vllm:`` metric is an
+InputError (there is nothing this reader can use in it).
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import math
+import re
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gpudoctor.errors import GpudoctorError, InputError
+from gpudoctor.model.trace import Trace
+
+SOURCE_FORMAT = "prometheus_text"
+R_BAD_LINE = "unparsable Prometheus line"
+
+USAGE_NAMES = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # first wins when both are present
+CACHE_INFO = "vllm:cache_config_info"
+_RENAMED = {"vllm:num_requests_running": "vllm.num_requests_running",
+            "vllm:num_requests_waiting": "vllm.num_requests_waiting"}
+_CACHE_LABEL_COUNTERS = {"block_size": "vllm.block_size", "num_gpu_blocks": "vllm.num_gpu_blocks"}
+
+_METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)")
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(,|(?=\}))')
+_SCRAPE = re.compile(r"^#\s*scrape\b(.*)$", re.I)
+_TS_FIELD = re.compile(r"\bts=(\S+)")
+_HELP_TYPE = re.compile(r"^#\s*(HELP|TYPE)\s+([a-zA-Z_:][a-zA-Z0-9_:]*)")
+
+
+def _unescape(v: str) -> str:
+    return v.replace(r"\\", "\x00").replace(r"\"", '"').replace(r"\n", "\n").replace("\x00", "\\")
+
+
+def _parse_value(text: str) -> float:
+    t = text.strip()
+    low = t.lower()
+    if low in ("nan",):
+        return float("nan")
+    if low in ("+inf", "inf"):
+        return float("inf")
+    if low == "-inf":
+        return float("-inf")
+    return float(t)
+
+
+def _parse_ts(text: str) -> int | None:
+    """A scrape time (UNIX seconds or ISO 8601) as epoch ns, else None."""
+    try:
+        sec = float(text)
+        return int(round(sec * 1e9)) if math.isfinite(sec) and sec > 0 else None
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(round(dt.timestamp() * 1e9))
+
+
+def parse_sample(line: str) -> tuple[str, dict[str, str], float, int | None]:
+    """``(name, labels, value, timestamp_ns or None)`` of one sample line; ValueError if malformed."""
+    m = _METRIC.match(line)
+    if not m:
+        raise ValueError("no metric name")
+    name = m.group(1)
+    pos = m.end()
+    labels: dict[str, str] = {}
+    if pos < len(line) and line[pos] == "{":
+        pos += 1
+        while True:
+            rest = line[pos:]
+            if rest.lstrip().startswith("}"):
+                pos += len(rest) - len(rest.lstrip()) + 1
+                break
+            lm = _LABEL.match(line, pos)
+            if not lm:
+                raise ValueError("bad label set")
+            labels[lm.group(1)] = _unescape(lm.group(2))
+            pos = lm.end()
+    fields = line[pos:].split()
+    if not fields or len(fields) > 2:
+        raise ValueError("expected a value and an optional timestamp")
+    value = _parse_value(fields[0])
+    ts = None
+    if len(fields) == 2:
+        ts = int(float(fields[1]) * 1_000_000)  # milliseconds -> ns
+    return name, labels, value, ts
+
+
+def parse_text(text: str) -> tuple[list[dict], int]:
+    """Split ``text`` into scrapes; returns ([{"ts_ns": int|None, "samples": [(name, labels, value, ts)]}], bad lines)."""
+    scrapes: list[dict] = []
+    cur = {"ts_ns": None, "samples": [], "described": set(), "types": {}}
+    bad = 0
+
+    def flush(new_ts=None):
+        nonlocal cur
+        if cur["samples"] or cur["ts_ns"] is not None:
+            scrapes.append(cur)
+        cur = {"ts_ns": new_ts, "samples": [], "described": set(), "types": {}}
+
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            m = _SCRAPE.match(line)
+            if m:
+                tm = _TS_FIELD.search(m.group(1))
+                flush(_parse_ts(tm.group(1)) if tm else None)
+                continue
+            if line.upper().startswith("# EOF"):
+                flush()
+                continue
+            ht = _HELP_TYPE.match(line)
+            if ht:
+                key = (ht.group(1).upper(), ht.group(2))
+                if key in cur["described"] and cur["samples"]:
+                    flush()
+                cur["described"].add(key)
+                if key[0] == "TYPE":
+                    cur["types"][ht.group(2)] = line.split()[-1].lower()
+            continue
+        try:
+            cur["samples"].append(parse_sample(line))
+        except (ValueError, OverflowError):
+            bad += 1
+    flush()
+    for sc in scrapes:
+        sc.pop("described", None)
+    return [s for s in scrapes if s["samples"]], bad
+
+
+def _num_label(v: str | None) -> float | None:
+    if v is None:
+        return None
+    try:
+        x = float(v)
+    except ValueError:
+        return None  # "None", "" and the like
+    return x if math.isfinite(x) else None
+
+
+def _is_distribution(name: str, types: dict[str, str]) -> bool:
+    """A histogram / summary series (_bucket, _sum, _count) or a ``_created`` timestamp: not a counter."""
+    if name.endswith("_created"):
+        return True
+    own = types.get(name)
+    if own in ("gauge", "counter", "untyped", "unknown"):
+        return False
+    if own in ("histogram", "summary", "gaugehistogram"):
+        return True
+    for suffix in ("_bucket", "_sum", "_count"):
+        if name.endswith(suffix):
+            kind = types.get(name[: -len(suffix)])
+            return kind in ("histogram", "summary", "gaugehistogram") if kind else True
+    return False
+
+
+def _scrape_counters(samples: list, ts: int, types: dict[str, str] | None = None
+                     ) -> tuple[list[tuple[int, str, float]], dict[str, str]]:
+    """Counter rows (ts, name, value) of one scrape and the cache-config labels seen in it."""
+    types = types or {}
+    rows: list[tuple[int, str, float]] = []
+    cache_labels: dict[str, str] = {}
+    blocks_by_engine: dict[str, float] = {}
+    block_sizes, gpu_blocks = [], []
+    for name, labels, value, sts in samples:
+        if name == CACHE_INFO:
+            cache_labels.update(labels)
+            bs, nb = _num_label(labels.get("block_size")), _num_label(labels.get("num_gpu_blocks"))
+            if bs is not None:
+                block_sizes.append((sts or ts, bs))
+            if nb is not None:
+                gpu_blocks.append((sts or ts, nb))
+                blocks_by_engine[labels.get("engine", "")] = nb
+    if block_sizes:
+        rows.append((max(t for t, _ in block_sizes), "vllm.block_size", max(v for _, v in block_sizes)))
+    if gpu_blocks:
+        rows.append((max(t for t, _ in gpu_blocks), "vllm.num_gpu_blocks", float(sum(v for _, v in gpu_blocks))))
+
+    usage_name = next((u for u in USAGE_NAMES if any(s[0] == u for s in samples)), None)
+    sums: dict[str, list] = defaultdict(list)  # counter -> [(ts, value, weight)]
+    for name, labels, value, sts in samples:
+        if not name.startswith("vllm:") or name == CACHE_INFO or not math.isfinite(value):
+            continue
+        t = sts if sts is not None else ts
+        if name in USAGE_NAMES:
+            if name != usage_name:
+                continue
+            w = blocks_by_engine.get(labels.get("engine", ""), 1.0) if blocks_by_engine else 1.0
+            sums["vllm.kv_cache_usage"].append((t, value, w))
+            continue
+        if _is_distribution(name, types):
+            continue
+        counter = _RENAMED.get(name, "vllm." + name[len("vllm:"):])
+        sums[counter].append((t, value, None))
+    for counter, vals in sums.items():
+        t = max(v[0] for v in vals)
+        if counter == "vllm.kv_cache_usage":
+            wsum = sum(v[2] for v in vals)
+            value = sum(v[1] * v[2] for v in vals) / wsum if wsum > 0 else float(np.mean([v[1] for v in vals]))
+        else:
+            value = float(sum(v[1] for v in vals))
+        rows.append((t, counter, value))
+    return rows, cache_labels
+
+
+def read(path: str | Path, rank: int | None = None) -> Trace:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except OSError as e:
+        raise InputError(path, f"cannot read: {e.strerror or e}") from None
+    if raw[:2] == b"\x1f\x8b":
+        import gzip
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise InputError(path, f"corrupt gzip: {e}") from None
+    if b"\x00" in raw[:4096]:
+        raise InputError(path, "not Prometheus text (binary content)")
+    text = raw.decode("utf-8", errors="replace")
+    scrapes, bad = parse_text(text)
+    if not any(s[0].startswith("vllm:") for sc in scrapes for s in sc["samples"]):
+        raise InputError(path, "Prometheus text without any vllm: metric (gpudoctor reads vLLM's "
+                               "vllm:kv_cache_usage_perc, vllm:num_requests_running, vllm:cache_config_info)")
+    if rank is None:
+        from gpudoctor.readers.nsys import rank_from_filename
+        rank = rank_from_filename(path.name)
+    rank = 0 if rank is None else int(rank)
+
+    timed = any(sc["ts_ns"] is not None or any(s[3] is not None for s in sc["samples"]) for sc in scrapes)
+    mtime_ns = path.stat().st_mtime_ns
+    rows: list[tuple[int, str, float]] = []
+    cache_config: dict[str, str] = {}
+    last_ts = None
+    for i, sc in enumerate(scrapes):
+        ts = sc["ts_ns"]
+        if ts is None:
+            ts = (last_ts + 1) if (timed and last_ts is not None) else (mtime_ns + i if not timed else mtime_ns)
+        last_ts = ts
+        r, labels = _scrape_counters(sc["samples"], ts, sc["types"])
+        rows.extend(r)
+        cache_config.update(labels)
+
+    t = Trace()
+    if rows:
+        ts_a, names, vals = zip(*rows)
+        t.set("counters", pd.DataFrame({"rank": rank, "device_id": -1, "ts_ns": np.asarray(ts_a, np.int64),
+                                        "name": pd.Categorical(names), "value": np.asarray(vals, np.float64)}))
+        t.counters = t.counters.sort_values(["ts_ns", "name"], kind="stable").reset_index(drop=True)
+    t.set("ranks", {"rank": [rank], "source_file": [str(path)], "source_format": [SOURCE_FORMAT],
+                    "clock_offset_ns": [0],
+                    "clock_source": ["scrape ts comments (UTC epoch)" if timed
+                                     else "file modification time (scrape times unknown)"]})
+    t.add_dropped(rank, "prometheus", R_BAD_LINE, bad)
+    t.meta["inputs"] = [{"path": str(path), "format": SOURCE_FORMAT, "rank": rank}]
+    t.meta["prometheus"] = {"scrapes": len(scrapes), "timed": timed}
+    if cache_config:
+        t.meta["vllm_cache_config"] = cache_config
+    return t
+
+
+# ------------------------------------------------------------------------------------------------------
+# Scraping
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def scrape(url: str, interval_s: float, stop_event: threading.Event, out_path: str | Path, *,
+           max_scrapes: int | None = None, timeout_s: float = 5.0, max_bytes: int = 32 << 20) -> dict:
+    """Poll ``url`` every ``interval_s`` seconds until ``stop_event`` is set (or ``max_scrapes`` answers were
+    saved) and append each answer to ``out_path`` after a ``# scrape ts=SECONDS url=URL`` line.
+
+    A failed request writes ``# scrape ts=... url=... error=...`` (no samples) and polling goes on. Only
+    http(s) URLs; proxies are bypassed for loopback hosts. Returns {"scrapes", "errors", "path"}.
+    Meant to run in a thread next to the profiled program; the first request is made at once.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise GpudoctorError(f"--scrape {url}: expected an http:// or https:// metrics URL")
+    if not (interval_s > 0):
+        raise GpudoctorError(f"--scrape interval must be positive, got {interval_s}")
+    handlers = [urllib.request.ProxyHandler({})] if _is_loopback(parts.hostname) else []
+    opener = urllib.request.build_opener(*handlers)
+    out_path = Path(out_path)
+    ok = errors = 0
+    with open(out_path, "a", encoding="utf-8") as out:
+        while not stop_event.is_set():
+            started = time.time()
+            try:
+                req = urllib.request.Request(url, headers={"Accept": "text/plain;version=0.0.4"})
+                with opener.open(req, timeout=timeout_s) as resp:
+                    body = resp.read(max_bytes + 1)
+                if len(body) > max_bytes:
+                    raise ValueError(f"answer larger than {max_bytes} bytes")
+                text = body.decode("utf-8", errors="replace")
+                out.write(f"# scrape ts={started:.6f} url={url}\n{text}")
+                if not text.endswith("\n"):
+                    out.write("\n")
+                ok += 1
+            except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+                msg = " ".join(str(getattr(e, "reason", e) or type(e).__name__).split())[:200]
+                out.write(f"# scrape ts={started:.6f} url={url} error={msg}\n")
+                errors += 1
+            out.flush()
+            if max_scrapes is not None and ok >= max_scrapes:
+                break
+            stop_event.wait(max(0.0, interval_s - (time.time() - started)))
+    return {"scrapes": ok, "errors": errors, "path": str(out_path)}
+
