@@ -80,7 +80,24 @@ DEFAULTS: dict[str, dict[str, tuple[Any, str]]] = {
     },
 }
 
-ANALYZER_IDS = tuple(k for k in DEFAULTS if k != "severity")
+
+
+def register_defaults(analyzer: str, defaults: dict[str, tuple[Any, str]]) -> None:
+    """Add an analyzer's keys (key -> (default, meaning)) so that gpudoctor.toml and overrides accept them.
+
+    For analyzers that live in their own module (e.g. ``register_defaults(ID, DEFAULTS)`` at import);
+    keys already known keep their default.
+    """
+    section = DEFAULTS.setdefault(analyzer, {})
+    for key, spec in defaults.items():
+        section.setdefault(key, tuple(spec))
+
+
+def analyzer_ids() -> tuple[str, ...]:
+    return tuple(k for k in DEFAULTS if k != "severity")
+
+
+ANALYZER_IDS = analyzer_ids()
 
 
 def _coerce(value: Any, default: Any, name: str) -> Any:
@@ -127,14 +144,21 @@ class Config:
     disabled: set[str] = field(default_factory=set)
     ceilings: dict | None = None
 
+    def _section(self, analyzer: str) -> dict[str, Any]:
+        """The analyzer's values, with defaults registered after this Config was made filled in."""
+        sec = self.values.setdefault(analyzer, {})
+        for k, (v, _) in DEFAULTS.get(analyzer, {}).items():
+            sec.setdefault(k, v)
+        return sec
+
     def get(self, analyzer: str, key: str) -> Any:
         try:
-            return self.values[analyzer][key]
+            return self._section(analyzer)[key]
         except KeyError:
             raise KeyError(f"no config key {analyzer}.{key}") from None
 
     def section(self, analyzer: str) -> dict[str, Any]:
-        return dict(self.values[analyzer])
+        return dict(self._section(analyzer))
 
     def set(self, dotted: str, value: Any, source: str = "override") -> None:
         analyzer, sep, key = dotted.partition(".")
@@ -142,7 +166,7 @@ class Config:
             raise GpudoctorError(f"config: unknown analyzer in {dotted!r} (known: {', '.join(DEFAULTS)})")
         if key not in DEFAULTS[analyzer]:
             raise GpudoctorError(f"config: unknown key {dotted!r} (known for {analyzer}: {', '.join(DEFAULTS[analyzer])})")
-        self.values[analyzer][key] = _coerce(value, DEFAULTS[analyzer][key][0], dotted)
+        self._section(analyzer)[key] = _coerce(value, DEFAULTS[analyzer][key][0], dotted)
         self.sources[dotted] = source
 
     def update(self, overrides: dict[str, Any] | list[str] | None, source: str = "override") -> "Config":
@@ -160,7 +184,7 @@ class Config:
 
     def threshold(self, analyzer: str, key: str) -> float:
         """The analyzer's own value of ``key`` (medium_fraction / high_fraction / low_fraction) or the general one."""
-        own = self.values.get(analyzer, {}).get(key)
+        own = self._section(analyzer).get(key) if analyzer in DEFAULTS else None
         return float(own) if own is not None else float(self.values["severity"][key])
 
     def severity(self, fraction: float, analyzer: str | None = None) -> str:
@@ -223,7 +247,7 @@ def from_toml(data: dict, origin: str = "gpudoctor.toml", base_dir: Path | None 
         if name == "disable":
             if not isinstance(table, list) or not all(isinstance(x, str) for x in table):
                 raise GpudoctorError(f"{origin}: analyzers.disable must be a list of analyzer ids")
-            unknown = [x for x in table if x not in ANALYZER_IDS]
+            unknown = [x for x in table if x not in analyzer_ids()]
             if unknown:
                 raise GpudoctorError(f"{origin}: analyzers.disable names unknown analyzers {unknown}")
             cfg.disabled |= set(table)

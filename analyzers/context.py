@@ -29,6 +29,28 @@ from gpudoctor.model.trace import Trace
 
 OPS_COLUMNS = ("rank", "thread_id", "start_ns", "end_ns", "name", "input_dims", "input_types")
 
+_IDENT = re.compile(r"[A-Za-z_]\w*")
+_OPISH = re.compile(r"functor|_kernel(_cuda|_impl)?$|KernelImpl$|_impl$|Ops$|^launch_\w+", re.I)
+_GENERIC = {"kernel", "kernel2", "device_kernel", "elementwise_kernel", "vectorized_elementwise_kernel"}
+
+
+def display_name(name: str, limit: int = 100) -> str:
+    """A readable kernel name for evidence: short names as they are; long templated PyTorch names as
+    ``base<op>`` (``elementwise_kernel<masked_fill_kernel>``, ``vectorized_elementwise_kernel<MulFunctor>``)."""
+    name = str(name)
+    body = name[5:] if name.startswith("void ") else name
+    if len(name) <= limit and "<" not in body:
+        return name
+    body = body.replace("<unnamed>::", "").replace("(anonymous namespace)::", "")
+    head = re.split(r"[<(]", body, maxsplit=1)[0]
+    base = head.rsplit("::", 1)[-1] or head
+    ops = [m for m in _IDENT.findall(body[len(head):]) if _OPISH.search(m) and not m.startswith("gpu_kernel") and m != base]
+    if ops:
+        return f"{base}<{ops[-1]}>"
+    if base and base.lower() not in _GENERIC and len(base) >= 6:
+        return base
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
 
 @dataclass
 class AnalysisContext:
@@ -42,6 +64,7 @@ class AnalysisContext:
     peaks: DevicePeaks | None
     config: Config
     ops: pd.DataFrame | None = None  # CPU ops with shapes when the caller provided them
+    run_trace: Trace | None = None  # the whole run (all ranks), for analyzers that compare ranks
     _cache: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ basics
@@ -107,6 +130,12 @@ class AnalysisContext:
             codes = col.cat.codes.to_numpy()
             return per[np.where(codes >= 0, codes, len(per) - 1)]
         return self.cached(("map", key, id(frame), column), compute)
+
+    def kname_at(self, rows) -> np.ndarray:
+        """Kernel names (str) of the given rows of ctx.kernels, without converting the whole column."""
+        col = self.kernels["kname"]
+        cats = np.asarray(col.cat.categories, dtype=object)
+        return cats[col.cat.codes.to_numpy()[np.asarray(rows, dtype=np.int64)]]
 
     # ------------------------------------------------------------------ joins
     def launches(self) -> pd.DataFrame:
@@ -188,11 +217,27 @@ def _clip(df: pd.DataFrame, lo: int, hi: int) -> pd.DataFrame:
     return out.sort_values("start_ns", kind="stable").reset_index(drop=True)
 
 
-def _kernel_names(k: pd.DataFrame) -> pd.Series:
-    """The most informative name of each kernel: the demangled name when present, else the name."""
-    dn = k["demangled_name"].astype(str)
-    nm = k["name"].astype(str)
-    return dn.where(dn.str.len() > 0, nm).astype("category")
+def _codes_and_categories(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(col.dtype, pd.CategoricalDtype):
+        col = col.astype("category")
+    cats = np.asarray(col.cat.categories.astype(str), dtype=object)
+    return col.cat.codes.to_numpy().astype(np.int64), np.r_[cats, np.array([""], dtype=object)]
+
+
+def _kernel_names(k: pd.DataFrame) -> pd.Categorical:
+    """The most informative name of each kernel: the demangled name when present, else the name.
+
+    Works on distinct (demangled, name) pairs only, so millions of rows stay cheap.
+    """
+    dc, dcat = _codes_and_categories(k["demangled_name"])
+    nc, ncat = _codes_and_categories(k["name"])
+    dc = np.where(dc < 0, len(dcat) - 1, dc)
+    nc = np.where(nc < 0, len(ncat) - 1, nc)
+    pair = dc * (len(ncat) + 1) + nc
+    uniq, inverse = np.unique(pair, return_inverse=True)
+    names = [dcat[u // (len(ncat) + 1)] or ncat[u % (len(ncat) + 1)] for u in uniq]
+    cats, per_pair = np.unique(np.array(names, dtype=object), return_inverse=True)
+    return pd.Categorical.from_codes(per_pair[inverse].ravel(), categories=list(cats))
 
 
 def _device_name(trace: Trace, rank: int, kernels: pd.DataFrame) -> tuple[str, float]:
@@ -225,7 +270,7 @@ def build_context(trace: Trace, rank: int, config: Config, rank_view: Trace | No
     window = find_steps(t.ranges, t.kernels)
     lo, hi = window.start_ns, window.end_ns
     k = _clip(t.kernels, lo, hi)
-    k["kname"] = _kernel_names(k) if len(k) else pd.Series([], dtype="category")
+    k["kname"] = _kernel_names(k) if len(k) else pd.Categorical([])
     m = _clip(t.memops, lo, hi)
     a = t.api_calls
     a = a[(a["end_ns"].to_numpy() > lo) & (a["start_ns"].to_numpy() < hi)].reset_index(drop=True)
@@ -233,4 +278,4 @@ def build_context(trace: Trace, rank: int, config: Config, rank_view: Trace | No
     ceilings = config.ceilings if config.ceilings is not None else trace.meta.get("ceilings")
     peaks = peaks_for(name, ceilings, reported_bw)
     return AnalysisContext(rank=rank, trace=t, window=window, kernels=k, memops=m, api_calls=a,
-                           device_name=name, peaks=peaks, config=config, ops=_ops_for_rank(t, rank))
+                           device_name=name, peaks=peaks, config=config, ops=_ops_for_rank(t, rank), run_trace=trace)

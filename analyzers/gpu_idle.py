@@ -31,7 +31,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from gpudoctor.analyzers.context import AnalysisContext
+from gpudoctor.analyzers.context import AnalysisContext, display_name
 from gpudoctor.analyzers.findings import Finding
 
 ID = "gpu_idle"
@@ -217,7 +217,7 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
             r = gaps.iloc[g]
             nxt = ""
             if r["next_row"] >= 0:
-                nxt = str(k["kname"].iat[int(r["next_row"])])[:90] if r["next_is_kernel"] else \
+                nxt = display_name(k["kname"].iat[int(r["next_row"])]) if r["next_is_kernel"] else \
                     str(ctx.memops["kind"].iat[int(r["next_row"])])
             inside = api[(api["end_ns"].to_numpy() > r["g0"]) & (api["start_ns"].to_numpy() < r["g1"])]
             calls = inside.assign(d=inside["end_ns"] - inside["start_ns"]).groupby("name", observed=True)["d"].agg(["size", "sum"])

@@ -105,10 +105,9 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
         if per_name:
             tmin = float(cfg["tensor_pipe_min"])
             med = {n: float(np.median(v)) for n, v in per_name.items()}
-            names = k["kname"].astype(str).to_numpy()
-            short = k["name"].astype(str).to_numpy()
             for n, v in med.items():
-                hit = gemm & ((names == n) | (short == n))
+                hit = gemm & (ctx.name_mask("^" + re.escape(n) + "$") |
+                              ctx.name_mask("^" + re.escape(n) + "$", column="name"))
                 if hit.any():
                     non_tc[hit] = v < tmin
             method = "Nsight Compute tensor-pipe utilization (names where not measured)"
@@ -146,7 +145,7 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
         "misaligned_gemm_fraction": round(mis_ns / total_ns, 6),
         "tensor_core_speedup_assumed": round(1.0 / keep, 3),
     }
-    names = k["kname"].astype(str).to_numpy()
+    names = ctx.kname_at(np.arange(len(k)))
     evidence: dict = {"window": ctx.window.describe(), "method": method}
     if bad.any():
         s = pd.Series(dur[bad]).groupby(names[bad]).agg(["sum", "size"]).sort_values("sum", ascending=False)

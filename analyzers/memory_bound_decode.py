@@ -137,7 +137,7 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
         tokens = shape["tokens"]
         src["tokens"] = "M of the mm/addmm ops (CPU-op shapes)"
     elif n_decode and gemv.any():
-        tiles = [t for t in (tile_min(str(n)) for n in set(k["kname"].astype(str)[gemv])) if t > 0]
+        tiles = [t for t in (tile_min(str(n)) for n in set(ctx.kname_at(np.nonzero(gemv)[0]))) if t > 0]
         if tiles:
             tokens = max(tiles)
             tokens_bound = True
@@ -208,7 +208,7 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
         "decode_steps_by": (None if not n_decode else "range names" if named[sel_idx].all() else "GEMV share of GEMM time"),
         "sources": src,
         "peaks": peaks.describe() if peaks else "GPU not in the device table and no ceilings measured",
-        "gemv_kernels": sorted({str(n)[:100] for n in k["kname"].astype(str)[gemv & in_sel]})[:8],
+        "gemv_kernels": sorted({str(n)[:100] for n in ctx.kname_at(np.nonzero(gemv & in_sel)[0])})[:8],
         "example_steps": [{"name": str(steady["name"].iat[i]), "start_us": ctx.rel_us(steady["gpu_start_ns"].iat[i]),
                            "gpu_span_us": round((steady["gpu_end_ns"].iat[i] - steady["gpu_start_ns"].iat[i]) / 1e3, 1)}
                           for i in sel_idx[:3]],

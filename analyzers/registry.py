@@ -26,6 +26,18 @@ ANALYZERS: dict[str, Analyzer] = {
 }
 
 
+def register(module) -> None:
+    """Add an analyzer module (``ID``, ``analyze(ctx)``, optional ``DEFAULTS`` / ``CONFIG_DEFAULTS``:
+    key -> (default, meaning)) to ANALYZERS and its keys to the config."""
+    from gpudoctor.analyzers.config import register_defaults
+
+    aid = module.ID
+    ANALYZERS[aid] = module.analyze
+    defaults = getattr(module, "CONFIG_DEFAULTS", None) or getattr(module, "DEFAULTS", None)
+    if isinstance(defaults, dict):
+        register_defaults(aid, defaults)
+
+
 def contexts(trace: Trace, config: Config | dict | None = None) -> list[AnalysisContext]:
     """One AnalysisContext per rank of ``trace`` (ranks without kernels included: they may idle)."""
     cfg = as_config(config)
@@ -45,6 +57,7 @@ def run_context(ctx: AnalysisContext, only: list[str] | None = None) -> list[Fin
                 raise ValueError(f"analyzer {aid} returned a finding of {f.analyzer!r}")
             if f.rank is None:
                 f.rank = ctx.rank
+            f.evidence.setdefault("window_start_ns", ctx.start_ns)  # evidence times (start_us) count from here
             out.append(f)
     return out
 
@@ -59,3 +72,10 @@ def run_all(trace: Trace, config: Config | dict | None = None, only: list[str] |
         findings.extend(run_context(ctx, only))
     findings.sort(key=lambda f: (f.rank if f.rank is not None else -1, -f.severity_rank, -f.estimated_saving_ns))
     return findings
+
+
+# Multi-GPU and memory analyzers live in their own modules and join the registry here.
+from gpudoctor.analyzers import kv_fragmentation, nccl_dominated, pipeline_bubbles, stragglers  # noqa: E402
+
+for _module in (nccl_dominated, pipeline_bubbles, stragglers, kv_fragmentation):
+    register(_module)

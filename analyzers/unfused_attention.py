@@ -20,7 +20,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from gpudoctor.analyzers.context import AnalysisContext
+from gpudoctor.analyzers.context import AnalysisContext, display_name
 from gpudoctor.analyzers.findings import Finding
 from gpudoctor.model.categories import category_of
 
@@ -114,6 +114,8 @@ def find_chains(ctx: AnalysisContext) -> list[dict]:
     cls = ctx.name_map(kernel_class, "unfused_attention.class", dtype=np.int64)
     if not (cls == SOFT).any():
         return []
+    backward = ctx.name_map(lambda n: bool(BACKWARD.search(n)), "unfused_attention.backward", dtype=bool)
+    have_shapes = ctx.ops is not None
     max_between = int(ctx.config.get(ID, "max_kernels_between"))
     max_gemms = int(ctx.config.get(ID, "max_gemms_per_side"))
     chains = []
@@ -131,7 +133,8 @@ def find_chains(ctx: AnalysisContext) -> list[dict]:
             mrows = rows[members]
             if used[mrows].any():
                 continue
-            passes, s_bytes = _shape_check(ctx, rows[i], rows[fwd[1][0]], rows[back[1][0]])
+            passes, s_bytes = (_shape_check(ctx, rows[i], rows[fwd[1][0]], rows[back[1][0]]) if have_shapes
+                               else (None, float("nan")))
             if passes is False:
                 continue
             used[mrows] = True
@@ -140,7 +143,7 @@ def find_chains(ctx: AnalysisContext) -> list[dict]:
                 "softmax_row": rows[i],
                 "gemm_rows": rows[back[1] + fwd[1]],
                 "elementwise_rows": rows[back[0] + fwd[0]],
-                "backward": bool(BACKWARD.search(str(k["kname"].iat[rows[i]]))),
+                "backward": bool(backward[rows[i]]),
                 "score_bytes": s_bytes,
                 "shape_checked": passes is True,
             })
@@ -158,7 +161,7 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     dur = k["dur_ns"].to_numpy(np.int64)
     cls = ctx.name_map(kernel_class, "unfused_attention.class", dtype=np.int64)
     fused_ns = int(dur[cls == FUSEDK].sum())
-    fused_names = sorted(set(k["kname"].astype(str)[cls == FUSEDK]))
+    fused_names = sorted(set(ctx.kname_at(np.nonzero(cls == FUSEDK)[0])))
     chains = find_chains(ctx)
     if not chains and not fused_ns:
         return []
@@ -193,9 +196,8 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
             evidence={"fused_kernels": [_short(n) for n in fused_names[:10]], "window": ctx.window.describe()},
             rank=ctx.rank)]
 
-    names = k["kname"].astype(str).to_numpy()
     rows_all = np.concatenate([c["rows"] for c in chains])
-    by_name = pd.Series(dur[rows_all]).groupby(names[rows_all]).sum().sort_values(ascending=False)
+    by_name = pd.Series(dur[rows_all]).groupby(ctx.kname_at(rows_all)).sum().sort_values(ascending=False)
     examples = []
     for c in chains[:3]:
         examples.append({
@@ -203,11 +205,12 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
             "start_us": ctx.rel_us(k["start_ns"].iat[c["rows"][0]]),
             "end_us": ctx.rel_us(k["end_ns"].iat[c["rows"][-1]]),
             "stream_id": int(k["stream_id"].iat[c["rows"][0]]),
-            "kernels": [{"name": _short(names[r], 90), "dur_us": round(dur[r] / 1e3, 1)} for r in c["rows"]],
+            "kernels": [{"name": display_name(n), "dur_us": round(dur[r] / 1e3, 1)}
+                        for r, n in zip(c["rows"], ctx.kname_at(c["rows"]))],
         })
     evidence = {
         "window": ctx.window.describe(),
-        "chain_kernels_by_time_us": {_short(n): round(v / 1e3, 1) for n, v in by_name.head(12).items()},
+        "chain_kernels_by_time_us": {display_name(n): round(v / 1e3, 1) for n, v in by_name.head(12).items()},
         "examples": examples,
         "saving_formula": "softmax + elementwise kernels of every chain"
                           + (" + score/probability matrix traffic of the chain GEMMs at peak bandwidth"

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpudoctor.analyzers import gpu_idle, low_tensor_core, memory_bound_decode, registry, unfused_attention
+from gpudoctor.analyzers import gpu_idle, low_tensor_core, registry, unfused_attention
 from gpudoctor.analyzers.config import DEFAULTS, Config, as_config, load_config, severity_for
 from gpudoctor.analyzers.findings import SEVERITIES, Finding
 from gpudoctor.analyzers.registry import ANALYZERS, run_all
@@ -244,6 +244,22 @@ def test_low_tensor_core_does_not_flag_gemv(source):
     assert f.metrics["gemv_time_fraction"] > 0.02
 
 
+def test_gemm_tiles_and_tensor_core_names():
+    tm = low_tensor_core.tile_min
+    assert tm("nvjet_sm90_tst_64x8_64x16_2x1_v_bz_splitK_TNT") == 8
+    assert tm("nvjet_tss_64x8_TNN") == 8 and tm("nvjet_tss_256x128_64x4_1x2_h_bz_coopA_TNT") == 128
+    assert tm("sm80_xmma_gemm_f32f32_f32f32_f32_tn_n_tilesize256x64x8_stage3_warpsize2x2x1_ffma") == 64
+    assert tm("void cutlass::Kernel2<cutlass_80_simt_sgemm_128x256_8x4_nt_align1>(T1::Params)") == 128
+    assert tm("sgemm_largek_lds64") == -1
+    assert low_tensor_core.NON_TC.search("ampere_sgemm_128x64_nn")
+    assert low_tensor_core.NON_TC.search("void cudnn::cnn::implicit_convolve_sgemm<float, float, 128, 5, 5>")
+    for tc in ("nvjet_tss_256x128_64x4_1x2_h_bz_coopA_TNT", "sm80_xmma_gemm_f32f32_tf32f32_f32_tn_n_tilesize128x128x32",
+               "ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_64x3_tn", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n"):
+        assert low_tensor_core.is_gemm(tc) and not low_tensor_core.NON_TC.search(tc), tc
+    assert not low_tensor_core.is_gemm("void cublasLt::splitKreduce_kernel<32, 16, int, float>")
+    assert not low_tensor_core.is_gemm("void cudnn::fusion::convert_dq_to_16bits<true>(void const*)")
+
+
 def test_low_tensor_core_prefers_nsight_compute_measurements():
     t = load("mlp_bf16", "nsys")
     k = t.kernels
@@ -450,10 +466,27 @@ def test_severity_rule_boundaries():
 
 def test_config_defaults_are_documented():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "analyzers.md").read_text()
-    for analyzer, keys in DEFAULTS.items():
-        for key in keys:
+    mine = ("severity", "unfused_attention", "low_tensor_core", "memory_bound_decode", "gpu_idle")
+    for analyzer in mine:
+        for key in DEFAULTS[analyzer]:
             assert f"`{key}`" in doc, f"{analyzer}.{key} is not documented in docs/analyzers.md"
-    assert set(ANALYZERS) == {a for a in DEFAULTS if a != "severity"}
+    assert set(mine[1:]) <= set(ANALYZERS)
+
+
+def test_register_adds_an_analyzer_and_its_config_keys(monkeypatch):
+    import types
+
+    from gpudoctor.analyzers import config as config_mod
+    mod = types.SimpleNamespace(ID="dummy", DEFAULTS={"limit": (3, "a limit")},
+                                analyze=lambda ctx: [Finding(analyzer="dummy", severity="info", title="hi",
+                                                             metrics={"limit": ctx.config.get("dummy", "limit")})])
+    monkeypatch.setattr(registry, "ANALYZERS", dict(registry.ANALYZERS))
+    registry.register(mod)
+    try:
+        f = one(run_all(load("tiny_fused", "nsys"), {"dummy.limit": 7}, only=["dummy"]), "dummy")
+        assert f.metrics["limit"] == 7 and f.rank == 0
+    finally:
+        config_mod.DEFAULTS.pop("dummy", None)
 
 
 def test_config_from_toml_and_overrides(tmp_path):

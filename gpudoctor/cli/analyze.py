@@ -44,6 +44,7 @@ class AnalyzeCommand(Command):
                        help="override one analyzer threshold, e.g. gpu_idle.idle_fraction_medium=0.2")
         p.add_argument("--rank", action="append", metavar="FILE=N", help="rank of an input whose rank can't be found")
         p.add_argument("--quiet", "-q", action="store_true", help="print nothing (with --json/--markdown)")
+        p.add_argument("--verbose", "-v", action="store_true", help="also show info findings")
 
     def run(self, args: argparse.Namespace) -> int:
         from gpudoctor.pipeline import analyze_inputs
@@ -53,7 +54,7 @@ class AnalyzeCommand(Command):
         write_outputs(analysis, args.json, args.markdown)
         if not args.quiet:
             from gpudoctor.render.terminal import render
-            render(analysis)
+            render(analysis, verbose=args.verbose)
         return 2 if analysis.errors else 0
 
 

@@ -533,6 +533,9 @@ def run_rank(args: argparse.Namespace) -> int:
         raise GpudoctorError("nccl-bench needs PyTorch: pip install 'gpudoctor[torch]'") from None
     backend = args.backend
     rank, world, local = launch["rank"], launch["world"], launch["local"]
+    if rank == 0:  # before NCCL starts (and maybe logs): readers sniff the first lines
+        from gpudoctor import __version__
+        _print(f"# gpudoctor nccl-bench {__version__}: NCCL collectives in the nccl-tests layout\n")
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise GpudoctorError("no CUDA GPU visible: nccl-bench measures NCCL on GPUs")

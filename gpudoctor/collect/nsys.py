@@ -194,6 +194,8 @@ def profile_command(nsys: str, output_base: str | Path, program: list[str], user
     if capture_range:
         name = capture_range if "@" in capture_range else f"{capture_range}@*"
         window += [("--capture-range", "nvtx"), ("--nvtx-capture", name), ("--capture-range-end", "stop")]
+    if duration_s or capture_range:
+        window.append(("--kill", "none"))  # when collection stops, the program runs on to its own end
     for key, value in window:
         if key not in user_keys:
             cmd.append(f"{key}={value}")
@@ -258,3 +260,56 @@ def _write_log(log: Path | None, cmd: list[str], out, err, status: str) -> None:
             f.write(f"$ {shlex.join(cmd)}\n{text(out)}{text(err)}[{status}]\n")
     except OSError:
         pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# The program runs under nsys inside a tiny wrapper that records how it ended and when: nsys's own exit
+# code does not say, and "the program ended but nsys has not" is how a hang at exit is recognized. The
+# program gets its own process group; the wrapper forwards the signals nsys or gpudoctor send it.
+
+PROGRAM_WRAPPER = r"""
+import json, os, signal, sys, time
+st, cmd = sys.argv[1], sys.argv[3:]
+def put(d):
+    tmp = st + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(d, f)
+    os.replace(tmp, st)
+doc = {"wrapper_pid": os.getpid(), "start_ns": time.time_ns()}
+try:
+    pid = os.posix_spawnp(cmd[0], cmd, os.environ, setpgroup=0)
+except OSError as e:
+    doc.update(end_ns=time.time_ns(), exit_code=127 if isinstance(e, FileNotFoundError) else 126,
+               error="%s: %s" % (cmd[0], e.strerror or e))
+    put(doc)
+    sys.stderr.write("gpudoctor: cannot run %s: %s\n" % (cmd[0], e.strerror or e))
+    sys.exit(doc["exit_code"])
+doc["pid"] = pid
+put(doc)
+def forward(s, frame):
+    try:
+        os.killpg(pid, s)
+    except OSError:
+        pass
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(s, forward)
+try:
+    status = os.waitpid(pid, 0)[1]
+    code = os.waitstatus_to_exitcode(status)
+except ChildProcessError:
+    code = 0
+doc["end_ns"] = time.time_ns()
+if code < 0:
+    doc["signal"] = signal.Signals(-code).name
+    code = 128 - code
+doc["exit_code"] = code
+put(doc)
+sys.exit(code)
+"""
+
+
+def wrap_program(status_path: str | Path, program: list[str], python: str | None = None) -> list[str]:
+    """``program`` run by PROGRAM_WRAPPER, which writes {start_ns, pid, end_ns, exit_code, signal} to status_path."""
+    import sys
+
+    return [python or sys.executable, "-I", "-S", "-c", PROGRAM_WRAPPER, str(status_path), "--", *program]

@@ -231,6 +231,8 @@ class _Window:
 
     def on_step(self) -> None:
         """Called by gpudoctor.annotate.step() in the program's thread."""
+        if os.getpid() != self.status["pid"]:  # a forked child: its copy of the profiler is not ours
+            return
         with self.lock:
             self.steps += 1
             now = time.monotonic()
@@ -293,10 +295,14 @@ def _exit_code(e: SystemExit) -> int:
 
 def _print_program_traceback(exc: BaseException) -> None:
     """The traceback as ``python prog.py`` would print it: this module's and runpy's frames left out."""
-    skip = {os.path.abspath(__file__), os.path.abspath(runpy.__file__)}
+    skip = {os.path.abspath(__file__), os.path.abspath(runpy.__file__), "<frozen runpy>"}
     tb = exc.__traceback__
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) in skip:
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if name not in skip and os.path.abspath(name) not in skip:
+            break
         tb = tb.tb_next
+    exc.__traceback__ = tb  # the default excepthook prints the exception's own traceback
     try:
         sys.excepthook(type(exc), exc, tb)
     except Exception:
@@ -348,6 +354,40 @@ def _torch_facts(torch) -> dict:
     return facts
 
 
+def _set_path0(entry: str) -> None:
+    # `python -m gpudoctor.collect.torch_backend` put the cwd first; python would put the script's
+    # folder (scripts), the cwd (-m) or "" (-c) there -- unless -P / -I (safe path) asked for nothing.
+    if getattr(sys.flags, "safe_path", False) or not sys.path:
+        return
+    sys.path[0] = entry
+
+
+def _run_program(program: list[str]) -> None:
+    if program[0] == "-m":
+        sys.argv = [program[1], *program[2:]]  # runpy replaces argv[0] with the module's file
+        _set_path0(os.getcwd())
+        runpy.run_module(program[1], run_name="__main__", alter_sys=True)
+    elif program[0] == "-c":
+        import types
+
+        sys.argv = ["-c", *program[2:]]
+        _set_path0("")
+        main_module = types.ModuleType("__main__")
+        main_module.__dict__["__builtins__"] = __builtins__
+        saved = sys.modules.get("__main__")
+        sys.modules["__main__"] = main_module
+        try:
+            exec(compile(program[1], "<string>", "exec"), main_module.__dict__)
+        finally:
+            if saved is not None:
+                sys.modules["__main__"] = saved
+    else:
+        script = program[0]
+        sys.argv = [script, *program[1:]]
+        _set_path0(os.path.dirname(os.path.abspath(script)))
+        runpy.run_path(os.path.abspath(script), run_name="__main__")  # python 3.11 makes __file__ absolute
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
@@ -378,12 +418,13 @@ def main(argv: list[str] | None = None) -> None:
     window = _Window(prof, delay, duration, t0, status)
     annotate._set_backend_step_hook(window.on_step)
 
+    owner = os.getpid()
     finished = threading.Event()
     outcome = {"code": None}
 
     def finalize(code: int, signum: int | None = None, exc: str | None = None) -> int:
         """Stop the profiler, export, write the status. Runs once, whoever ends the program."""
-        if finished.is_set():
+        if finished.is_set() or os.getpid() != owner:  # a forked child (multiprocessing) exports nothing
             return code
         finished.set()
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -417,6 +458,10 @@ def main(argv: list[str] | None = None) -> None:
         return code
 
     def on_signal(signum, frame):
+        if os.getpid() != owner:  # a forked child: die the default way
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise _Signalled(signum)
 
     for s in (signal.SIGTERM, signal.SIGHUP):
@@ -441,19 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     code, signum, exc_name = 0, None, None
     try:
         window.begin()
-        if program[0] == "-m":
-            sys.argv = [program[1], *program[2:]]  # runpy replaces argv[0] with the module's file
-            sys.path[0] = os.getcwd() if sys.path and sys.path[0] in ("", os.getcwd()) else sys.path[0]
-            runpy.run_module(program[1], run_name="__main__", alter_sys=True)
-        elif program[0] == "-c":
-            sys.argv = ["-c", *program[2:]]
-            sys.path[0] = ""
-            runpy._run_module_code(compile(program[1], "<string>", "exec"), {}, None, "__main__")  # type: ignore[attr-defined]
-        else:
-            script = program[0]
-            sys.argv = [script, *program[1:]]
-            sys.path[0] = os.path.dirname(os.path.abspath(script))
-            runpy.run_path(script, run_name="__main__")
+        _run_program(program)
     except SystemExit as e:
         code = _exit_code(e)
     except KeyboardInterrupt as e:

@@ -12,7 +12,8 @@ Metrics (lower is better unless said):
                    GPU span. Gated by default: it measures the GPU work, not the host's launch pace.
 ``step_time``      GPU span per steady step (``StepWindow.steady['duration_ns']``): first GPU start to last GPU
                    end of the step, idle gaps included. Reported; gate it with ``metrics = [..., "step_time"]``.
-``wall_time``      host duration of each steady step's range (when steps come from NVTX / profiler ranges).
+``wall_time``      step period: GPU start of a steady step to the GPU start of the next step (the last step has
+                   none), i.e. the loop's time per iteration, idle gaps and host stalls included. Reported.
 ``idle_fraction``  1 - GPU busy fraction of the steady-state window (the gpu_idle finding's when it has one),
                    one value per rank. Reported.
 ``exposed_comm_fraction``, ``mbu`` (higher is better): from findings' metrics, one value per rank. Reported.
@@ -56,7 +57,7 @@ class MetricSpec:
 METRICS: dict[str, MetricSpec] = {
     "gpu_time": MetricSpec("gpu_time", "GPU time per step", "ns"),
     "step_time": MetricSpec("step_time", "GPU span per step", "ns"),
-    "wall_time": MetricSpec("wall_time", "wall time per step", "ns"),
+    "wall_time": MetricSpec("wall_time", "wall time per step (step period)", "ns"),
     "idle_fraction": MetricSpec("idle_fraction", "GPU idle fraction", "fraction", per="rank"),
     "exposed_comm_fraction": MetricSpec("exposed_comm_fraction", "exposed communication fraction", "fraction", per="rank"),
     "mbu": MetricSpec("mbu", "memory bandwidth utilization", "fraction", higher_is_better=True, per="rank"),
@@ -207,12 +208,20 @@ def kernel_key(name: str, demangled: str) -> str:
 
 
 def _kernel_keys(k: pd.DataFrame) -> np.ndarray:
-    names = k["name"].astype(str).to_numpy()
-    dem = k["demangled_name"].astype(str).to_numpy()
-    pairs = pd.DataFrame({"n": names, "d": dem})
-    uniq = pairs.drop_duplicates()
-    mapping = {(a, b): kernel_key(a, b) for a, b in zip(uniq["n"], uniq["d"])}
-    return np.array([mapping[(a, b)] for a, b in zip(names, dem)], dtype=object)
+    if k.empty:
+        return np.array([], dtype=object)
+    names = pd.Categorical(k["name"].astype(str)) if not isinstance(k["name"].dtype, pd.CategoricalDtype) else k["name"].values
+    dem = (pd.Categorical(k["demangled_name"].astype(str)) if not isinstance(k["demangled_name"].dtype, pd.CategoricalDtype)
+           else k["demangled_name"].values)
+    nc = np.asarray(names.codes, dtype=np.int64)
+    dc = np.asarray(dem.codes, dtype=np.int64)
+    pair = nc * (len(dem.categories) + 1) + (dc + 1)
+    uniq, inv = np.unique(pair, return_inverse=True)
+    nn, dd = uniq // (len(dem.categories) + 1), uniq % (len(dem.categories) + 1) - 1
+    ncat, dcat = np.asarray(names.categories, dtype=object), np.asarray(dem.categories, dtype=object)
+    keys = np.array([kernel_key(str(ncat[a]) if a >= 0 else "", str(dcat[b]) if b >= 0 else "")
+                     for a, b in zip(nn, dd)], dtype=object)
+    return keys[inv]
 
 
 def _rank_data(t: Trace, window) -> dict:
@@ -226,20 +235,15 @@ def _rank_data(t: Trace, window) -> dict:
     ends = np.r_[k["end_ns"].to_numpy(np.int64), m["end_ns"].to_numpy(np.int64)]
     out["step_time"] = (en - st).astype(float)
     out["gpu_time"] = busy_in_windows(starts, ends, st, en).astype(float)
-    # Wall time: the host duration of the ranges the steps came from.
-    wall = None
-    r = t.ranges
-    if len(steady) and len(r):
-        cand = r[r["gpu_start_ns"] >= 0]
-        key = pd.DataFrame({"text": cand["text"].astype(str).to_numpy(), "gpu_start_ns": cand["gpu_start_ns"].to_numpy(),
-                            "gpu_end_ns": cand["gpu_end_ns"].to_numpy(),
-                            "host_ns": (cand["end_ns"] - cand["start_ns"]).to_numpy()})
-        key = key.drop_duplicates(["text", "gpu_start_ns", "gpu_end_ns"])
-        j = steady[["name", "gpu_start_ns", "gpu_end_ns"]].rename(columns={"name": "text"}).merge(
-            key, on=["text", "gpu_start_ns", "gpu_end_ns"], how="left")
-        if len(j) == len(steady) and j["host_ns"].notna().all():
-            wall = j["host_ns"].to_numpy(float)
-    out["wall_time"] = wall
+    # Wall time: the step period, from the GPU start of a steady step to the GPU start of the next step.
+    # It is the loop's real time per iteration whichever side is the bottleneck (a host-bound loop starves
+    # the GPU, so GPU starts follow the host; a GPU-bound one queues), unlike the host range's duration,
+    # which only measures launching when the host runs ahead of the GPU.
+    allsteps = window.steps.sort_values("gpu_start_ns", kind="stable")
+    starts_all = allsteps["gpu_start_ns"].to_numpy(np.int64)
+    steady_mask = ~allsteps["warmup"].to_numpy(bool)
+    period = np.diff(starts_all)
+    out["wall_time"] = period[steady_mask[:-1]].astype(float) if len(starts_all) >= 2 else None
     # Attribution: kernels and memops starting inside a steady step.
     kin = _assign_to_steps(k["start_ns"].to_numpy(np.int64), st, en) >= 0
     kk = pd.DataFrame({"name": _kernel_keys(k)[kin], "category": k["category"].astype(str).to_numpy()[kin],
@@ -263,17 +267,26 @@ def _range_time(t: Trace, kin: np.ndarray, min_: np.ndarray, steady: pd.DataFram
     if r.empty or api.empty:
         return pd.DataFrame(columns=cols)
     k, m = t.kernels, t.memops
-    ops = pd.concat([
-        pd.DataFrame({"corr": k["correlation_id"].to_numpy()[kin], "d": (k["end_ns"] - k["start_ns"]).to_numpy()[kin]}),
-        pd.DataFrame({"corr": m["correlation_id"].to_numpy()[min_], "d": (m["end_ns"] - m["start_ns"]).to_numpy()[min_]}),
-    ], ignore_index=True)
-    ops = ops[ops["corr"] >= 0]
-    a = api[api["correlation_id"] >= 0][["correlation_id", "thread_id", "start_ns"]].drop_duplicates("correlation_id")
-    launches = ops.merge(a, left_on="corr", right_on="correlation_id", how="inner")
+    corr = np.r_[k["correlation_id"].to_numpy(np.int64)[kin], m["correlation_id"].to_numpy(np.int64)[min_]]
+    dur = np.r_[(k["end_ns"] - k["start_ns"]).to_numpy(np.int64)[kin], (m["end_ns"] - m["start_ns"]).to_numpy(np.int64)[min_]]
+    ac = api[api["correlation_id"].to_numpy() >= 0]
+    acorr = ac["correlation_id"].to_numpy(np.int64)
+    order = np.argsort(acorr, kind="stable")
+    sc = acorr[order]
+    first = np.r_[True, sc[1:] != sc[:-1]] if len(sc) else np.zeros(0, bool)
+    uc, ui = sc[first], order[first]
+    if len(uc) == 0 or len(corr) == 0:
+        return pd.DataFrame(columns=cols)
+    pos = np.minimum(np.searchsorted(uc, corr), len(uc) - 1)
+    hit = (corr >= 0) & (uc[pos] == corr)
+    launches = pd.DataFrame({"thread_id": ac["thread_id"].to_numpy(np.int64)[ui[pos[hit]]],
+                             "start_ns": ac["start_ns"].to_numpy(np.int64)[ui[pos[hit]]], "d": dur[hit]})
     if launches.empty:
         return pd.DataFrame(columns=cols)
     step_keys = set(_DIGITS.sub("#", str(n)) for n in steady["name"].astype(str))
-    rr = r.assign(key=r["text"].astype(str).str.replace(_DIGITS, "#", regex=True))
+    text = r["text"] if isinstance(r["text"].dtype, pd.CategoricalDtype) else r["text"].astype(str).astype("category")
+    norm = np.array([_DIGITS.sub("#", str(c)) for c in text.cat.categories] + [""], dtype=object)
+    rr = r.assign(key=norm[np.asarray(text.cat.codes)])
     rr = rr[~rr["key"].isin(step_keys)]
     rows = []
     for tid, g in launches.groupby("thread_id", sort=False):
@@ -371,6 +384,21 @@ def _nsys_env(path: str) -> dict:
     return out
 
 
+# metric -> the analyzer that owns it (others may carry a key of the same name with another meaning,
+# e.g. pipeline_bubbles' per-stage idle_fraction); the owner's value is used when it reports one.
+METRIC_OWNER = {"idle_fraction": "gpu_idle", "exposed_comm_fraction": "nccl_dominated", "mbu": "memory_bound_decode"}
+
+
+def _carriers(findings: list[dict], metric: str) -> list[dict]:
+    """Findings that report ``metric`` as a finite number, the owning analyzer's only when it has any."""
+    def ok(f):
+        v = (f.get("metrics") or {}).get(metric)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    fs = [f for f in findings if ok(f)]
+    own = [f for f in fs if f.get("analyzer") == METRIC_OWNER.get(metric)]
+    return own or fs
+
+
 def run_from_trace(trace: Trace, ranks: list, findings: list, label: str, source: str = "trace") -> RunData:
     """A RunData from an analyzed trace (``ranks``: its RankSummary list)."""
     per_rank = []
@@ -395,11 +423,9 @@ def run_from_trace(trace: Trace, ranks: list, findings: list, label: str, source
     # Per-rank values from the summary and the findings.
     idle = {rs.rank: 1.0 - float(rs.gpu_busy_fraction) for rs in ranks}
     scal: dict[str, dict] = {"idle_fraction": idle, "exposed_comm_fraction": {}, "mbu": {}}
-    for f in run.findings:
-        for key in FINDING_METRICS:
-            v = (f.get("metrics") or {}).get(key)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                scal[key][f.get("rank") if f.get("rank") is not None else -1] = float(v)
+    for key in FINDING_METRICS:
+        for f in _carriers(run.findings, key):
+            scal[key][f.get("rank") if f.get("rank") is not None else -1] = float(f["metrics"][key])
     comm = run.kernels[run.kernels["category"] == "communication"]["total_ns"].sum() if len(run.kernels) else 0
     if not scal["exposed_comm_fraction"] and comm == 0 and len(run.kernels):
         scal["exposed_comm_fraction"] = {rs.rank: 0.0 for rs in ranks}
@@ -465,7 +491,7 @@ def run_from_analysis_json(data: dict, label: str) -> RunData:
     run.env = {"gpus": sorted(set(str(r.get("device", "")) for r in ranks if r.get("device"))), "gpu_count": len(ranks)}
     v = _combine_steps(per_rank, run.notes, "step_time")
     run.samples["step_time"] = v or []
-    for key in ("gpu_busy_ns", "wall_ns"):
+    for key in ("gpu_busy_ns", "period_ns"):
         vals = [(r.get("steps") or {}).get(key) for r in ranks]
         if all(x is not None for x in vals):
             c = _combine_steps([np.asarray(x, dtype=float) for x in vals], run.notes, key)
@@ -475,10 +501,8 @@ def run_from_analysis_json(data: dict, label: str) -> RunData:
     run.steps = int(sum(len(p) for p in per_rank))
     rows = []
     for r in ranks:
-        n = len((r.get("steps") or {}).get("durations_ns") or [])
         for kk in r.get("top_kernels") or []:
             rows.append([kk.get("name", ""), kk.get("category", ""), int(kk.get("total_ns", 0)), int(kk.get("count", 0))])
-        _ = n
     run.kernels = pd.DataFrame(rows, columns=["name", "category", "total_ns", "count"])
     if len(run.kernels):
         run.kernels = run.kernels.groupby(["name", "category"], sort=False).sum().reset_index()
@@ -486,7 +510,7 @@ def run_from_analysis_json(data: dict, label: str) -> RunData:
     if idle:
         run.samples["idle_fraction"] = idle
     for key in ("exposed_comm_fraction", "mbu"):
-        vals = [float(f["metrics"][key]) for f in findings if isinstance((f.get("metrics") or {}).get(key), (int, float))]
+        vals = [float(f["metrics"][key]) for f in _carriers(findings, key)]
         if vals:
             run.samples[key] = vals
     return run
@@ -704,20 +728,25 @@ def _brief(f: dict) -> dict:
 
 
 def evaluate_rules(rules: dict, findings: list, values: dict[str, float] | None = None,
-                   baseline_analyzers=()) -> list[RuleResult]:
+                   baseline_findings=()) -> list[RuleResult]:
     """The rules of ``[gate]`` on the candidate's findings (Finding objects or their dicts) and metric values.
 
     ``values``: idle_fraction / exposed_comm_fraction / mbu of the candidate; a value missing there is taken
     from the findings' metrics (the worst one). A rule whose value is unknown is skipped, not passed.
+    ``baseline_findings``: the baseline's, only to say when a failing finding was there already.
     """
     fs = [_finding_dict(f) for f in findings]
     values = dict(values or {})
     out: list[RuleResult] = []
     min_sev = rules.get("fail_on_severity", "low")
     min_rank = SEVERITIES.index(min_sev)
+
+    def counts(f: dict) -> bool:
+        return f.get("severity") in SEVERITIES and SEVERITIES.index(f["severity"]) >= min_rank
+
+    base_ids = {f.get("analyzer") for f in map(_finding_dict, baseline_findings) if counts(f)}
     for aid in rules.get("fail_on") or []:
-        hits = [f for f in fs if f.get("analyzer") == aid and f.get("severity") in SEVERITIES
-                and SEVERITIES.index(f["severity"]) >= min_rank]
+        hits = [f for f in fs if f.get("analyzer") == aid and counts(f)]
         name = f"fail_on:{aid}"
         if hits:
             hits.sort(key=lambda f: (-SEVERITIES.index(f["severity"]), -(f.get("estimated_saving_ns") or 0)))
@@ -725,7 +754,7 @@ def evaluate_rules(rules: dict, findings: list, values: dict[str, float] | None 
             msg = f"{top.get('title') or aid} [{top['severity']}]"
             if len(hits) > 1:
                 msg += f" (+{len(hits) - 1} more finding{'s' if len(hits) > 2 else ''})"
-            if aid in baseline_analyzers:
+            if aid in base_ids:
                 msg += "; the baseline has this finding too"
             out.append(RuleResult(name, "fail", msg, threshold=min_sev, evidence=top.get("evidence") or {},
                                   findings=[_brief(f) for f in hits]))
@@ -735,7 +764,7 @@ def evaluate_rules(rules: dict, findings: list, values: dict[str, float] | None 
         if rule not in rules:
             continue
         thr = float(rules[rule])
-        carriers = [f for f in fs if isinstance((f.get("metrics") or {}).get(metric), (int, float))]
+        carriers = _carriers(fs, metric)
         value = values.get(metric)
         if value is None and carriers:
             pick = max if bad == "above" else min
@@ -885,8 +914,8 @@ def compare(baselines: list[RunData], candidates: list[RunData], options: GateOp
         results.append(MetricResult(spec, name in gated, d))
     attribution = attribute(baselines, candidates, top=o.top)
     cand_findings = [dict(f, run=r.label) for r in candidates for f in r.findings]
-    base_ids = {f.get("analyzer") for r in baselines for f in r.findings}
-    rule_results = evaluate_rules(o.rules, cand_findings, rule_values(candidates), baseline_analyzers=base_ids)
+    base_findings = [f for r in baselines for f in r.findings]
+    rule_results = evaluate_rules(o.rules, cand_findings, rule_values(candidates), baseline_findings=base_findings)
     status, code, reasons = _overall(results, rule_results, attribution, o)
     for r in baselines + candidates:
         notes += [f"{r.label}: {n}" for n in r.notes]

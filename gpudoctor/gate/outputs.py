@@ -273,8 +273,13 @@ def terminal(result: GateResult) -> str:
     lines += [f"  {r}" for r in result.reasons[:6]]
     lines.append("metrics:")
     for m in result.metrics:
-        tag = "" if m.gated else " [not gated]"
         d = m.decision
+        if not m.gated and m.status in (stats.INCONCLUSIVE, stats.ERROR):
+            # Reported, not decided: just the values.
+            vals = f"{fmt_value(d.median_baseline, m.spec.unit)} -> {fmt_value(d.median_candidate, m.spec.unit)}"
+            lines.append(f"  {'info':<12} {m.spec.label}: {vals} [not gated; {d.n_baseline}/{d.n_candidate} values]")
+            continue
+        tag = "" if m.gated else " [not gated]"
         extra = f"  p={_pval(d.p_value)}" if d.p_value is not None else ""
         lines.append(f"  {m.status:<12} {metric_line(m)}{extra}{tag}")
     a = result.attribution

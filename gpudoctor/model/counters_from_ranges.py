@@ -1,24 +1,26 @@
 """Counters written as annotations: ``gpudoctor.counter GROUP key=value ...`` range / mark texts -> counters rows.
 
 A program can report numbers that no profiler sees (KV-cache tokens, queue depth) by emitting an NVTX
-mark / range or a ``record_function`` whose text is::
+range / mark or a ``record_function`` whose text is::
 
     gpudoctor.counter kv_cache used_tokens=9801 allocated_tokens=49152 block_tokens=1
 
-(``gpudoctor.annotate.kv_cache(...)`` writes exactly this). Every ``key=value`` becomes one row of the
-``counters`` table named ``GROUP.key`` (``kv_cache.used_tokens``), at the range's start time, on the
-range's rank. Rules:
+(``gpudoctor.annotate.counter`` / ``kv_cache`` write exactly this; the grammar below is the one
+``gpudoctor.annotate.parse_counter`` reads). Every ``key=value`` becomes one row of the ``counters``
+table named ``NAME.key`` (``kv_cache.used_tokens``), at the range's start time, on the range's rank.
 
-- the text starts with ``gpudoctor.counter`` followed by whitespace; the NVTX domain does not matter;
-- GROUP is optional (a first token without ``=``): letters, digits, ``_ . -``, starting with a letter
-  or ``_``; without it the counter is named ``key``;
-- values are decimal numbers (``12``, ``0.5``, ``1e9``, ``-3``); ``nan``/``inf`` are refused;
-- ``device=N`` (or ``device_id=N``) is not a counter: it sets the rows' ``device_id`` (default -1);
+- the text is ``gpudoctor.counter`` NAME (``[A-Za-z_][A-Za-z0-9_.]*``) and one or more ``key=value``
+  (key: same pattern), separated by whitespace; the NVTX domain does not matter;
+- values are decimal numbers (``12``, ``0.5``, ``1e9``, ``-3``, and ``nan``/``inf`` as Python writes
+  them; the rows keep them, analyzers skip non-finite values);
+- ``device=N`` (or ``device_id=N``) is not a counter: it sets the rows' ``device_id`` (default -1), for
+  processes that drive several GPUs;
 - a text with the prefix that breaks any rule produces no rows at all and is counted as malformed (the
-  reader adds the count to ``dropped``), so a typo never yields half a sample.
+  reader adds the count to ``dropped`` with reason MALFORMED_REASON), so a typo never yields half a
+  sample.
 
-The function is pure: readers call it on the ranges they built (and on NVTX marks / instant events
-if they keep those elsewhere) and append the rows to their counters.
+The function is pure: readers call it on the ranges they built (and on NVTX marks / instant events if
+they keep those elsewhere) and append the rows to their counters.
 """
 
 from __future__ import annotations
@@ -35,8 +37,7 @@ from gpudoctor.model.trace import conform
 PREFIX = "gpudoctor.counter"
 MALFORMED_REASON = "malformed gpudoctor.counter annotation"
 
-_GROUP = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _DEVICE_KEYS = ("device", "device_id")
 
 
@@ -59,28 +60,24 @@ def parse_counter_text(text: str) -> tuple[str, dict[str, float], int] | None:
         return None
     tokens = text[len(PREFIX):].split()
     if not tokens:
-        raise ValueError("no key=value after gpudoctor.counter")
-    group = ""
-    if "=" not in tokens[0]:
-        group = tokens.pop(0)
-        if not _GROUP.match(group):
-            raise ValueError(f"bad counter group {group!r}")
+        raise ValueError("no counter name after gpudoctor.counter")
+    group = tokens.pop(0)
+    if "=" in group or not _NAME.match(group):
+        raise ValueError(f"bad counter name {group!r} (expected gpudoctor.counter NAME key=value ...)")
     if not tokens:
         raise ValueError(f"no key=value after gpudoctor.counter {group}")
     values: dict[str, float] = {}
     device = -1
     for tok in tokens:
         key, sep, raw = tok.partition("=")
-        if not sep or not _KEY.match(key):
+        if not sep or not _NAME.match(key):
             raise ValueError(f"bad key=value {tok!r}")
         try:
             val = float(raw)
         except ValueError:
             raise ValueError(f"{key}: not a number: {raw!r}") from None
-        if not math.isfinite(val):
-            raise ValueError(f"{key}: not a finite number: {raw!r}")
         if key in _DEVICE_KEYS:
-            if not val.is_integer() or val < 0:
+            if not math.isfinite(val) or not val.is_integer() or val < 0:
                 raise ValueError(f"{key}: not a device index: {raw!r}")
             device = int(val)
             continue
@@ -94,7 +91,7 @@ def parse_counter_text(text: str) -> tuple[str, dict[str, float], int] | None:
 
 def format_counter_text(group: str, **values) -> str:
     """The annotation text for ``values`` (the inverse of parse_counter_text, for tests and emitters)."""
-    parts = [PREFIX] + ([group] if group else [])
+    parts = [PREFIX, group]
     for k, v in values.items():
         if isinstance(v, float) and v.is_integer():
             v = int(v)
@@ -127,7 +124,7 @@ def counters_from_ranges(ranges: pd.DataFrame, time_column: str = "start_ns") ->
             parsed.append(None)
         else:
             group, vals, dev = p
-            names = [f"{group}.{k}" if group else k for k in vals]
+            names = [f"{group}.{k}" for k in vals]
             parsed.append((names, list(vals.values()), dev))
     codes = col.cat.codes.to_numpy()
     ranks = ranges["rank"].to_numpy(np.int64) if "rank" in ranges.columns else np.zeros(len(ranges), np.int64)

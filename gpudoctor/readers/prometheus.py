@@ -128,7 +128,8 @@ def parse_sample(line: str) -> tuple[str, dict[str, str], float, int | None]:
     value = _parse_value(fields[0])
     ts = None
     if len(fields) == 2:
-        ts = int(float(fields[1]) * 1_000_000)  # milliseconds -> ns
+        raw = fields[1]
+        ts = int(raw) * 1_000_000 if raw.lstrip("-").isdigit() else int(round(float(raw) * 1e6))  # ms -> ns
     return name, labels, value, ts
 
 
@@ -340,7 +341,11 @@ def scrape(url: str, interval_s: float, stop_event: threading.Event, out_path: s
     opener = urllib.request.build_opener(*handlers)
     out_path = Path(out_path)
     ok = errors = 0
-    with open(out_path, "a", encoding="utf-8") as out:
+    try:
+        out = open(out_path, "a", encoding="utf-8")
+    except OSError as e:
+        raise GpudoctorError(f"{out_path}: cannot write scrapes: {e.strerror or e}") from None
+    with out:
         while not stop_event.is_set():
             started = time.time()
             try:

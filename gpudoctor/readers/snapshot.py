@@ -29,7 +29,9 @@ Into the trace model:
   the trace has times: ``memory_reserved_bytes``, ``memory_allocated_bytes``, ``memory_active_bytes``,
   ``memory_requested_bytes``, ``memory_inactive_split_bytes``, ``memory_free_bytes``,
   ``memory_largest_free_block_bytes`` per device.
-- ``meta["memory_snapshot"]``: the allocator's state at the snapshot, per device (see ``summarize``).
+- ``meta["memory_snapshot"]``: the allocator's state at the snapshot: ``devices`` (per device, see
+  ``summarize``), ``segments`` (one compact dict per segment, see ``segment_rows``: no stack frames),
+  ``time_ns``, ``rank``, ``trace_entries``, ``oom_events``, ``allocator_settings``.
 - ``ranks``: one row, ``source_format`` ``torch_memory_snapshot``; ``devices``: the device ids seen.
 """
 
@@ -185,6 +187,37 @@ def summarize(segments: list[dict]) -> dict[int, dict]:
     return dict(sorted(out.items()))
 
 
+def segment_rows(segments: list[dict]) -> list[dict]:
+    """One compact dict per segment (no frames, blocks summarized by state), ordered by device, address."""
+    rows = []
+    for seg in segments:
+        blocks = [b for b in (seg.get("blocks") if isinstance(seg.get("blocks"), list) else []) if isinstance(b, dict)]
+        by_state = Counter()
+        bytes_by_state = Counter()
+        largest_free = 0
+        for b in blocks:
+            st = b.get("state") if b.get("state") in BLOCK_STATES else "inactive"
+            size = max(_int(b.get("size"), 0), 0)
+            by_state[st] += 1
+            bytes_by_state[st] += size
+            if st == "inactive":
+                largest_free = max(largest_free, size)
+        pool = seg.get("segment_pool_id")
+        rows.append({
+            "device_id": _int(seg.get("device"), 0), "address": _int(seg.get("address"), -1),
+            "total_size": _int(seg.get("total_size"), 0), "allocated_size": _int(seg.get("allocated_size"), -1),
+            "active_size": _int(seg.get("active_size"), -1), "requested_size": _int(seg.get("requested_size"), -1),
+            "stream": _int(seg.get("stream"), -1), "segment_type": str(seg.get("segment_type", "")),
+            "pool_id": list(pool) if isinstance(pool, (list, tuple)) else pool,
+            "is_expandable": bool(seg.get("is_expandable", False)),
+            "blocks": len(blocks), "blocks_by_state": {k: int(v) for k, v in by_state.items()},
+            "bytes_by_state": {k: int(v) for k, v in bytes_by_state.items()},
+            "largest_free_block_bytes": largest_free,
+        })
+    rows.sort(key=lambda r: (r["device_id"], r["address"]))
+    return rows
+
+
 def _events(traces: list[list], rank: int) -> tuple[pd.DataFrame, dict[str, int], int | None, int]:
     """memory_events rows of the device traces; (rows, dropped by reason, snapshot time ns or None, ooms)."""
     dev_l, ts_l, addr_l, bytes_l, kind_l = [], [], [], [], []
@@ -267,6 +300,7 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
         "source_file": str(path),
         "time_ns": snap_ns,  # None when the snapshot has no trace times
         "devices": list(devices.values()),
+        "segments": segment_rows(data["segments"]),
         "trace_entries": int(sum(len(x) for x in data.get("device_traces") or [])),
         "oom_events": ooms,
         "allocator_settings": {k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool))}

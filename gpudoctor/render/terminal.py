@@ -10,7 +10,7 @@ from gpudoctor.render.fmt import metric, ns, pct, short
 SEVERITY_STYLE = {"high": "bold red", "medium": "yellow", "low": "cyan", "info": "dim"}
 
 
-def render(analysis, console: Console | None = None, top: int = 8) -> None:
+def render(analysis, console: Console | None = None, top: int = 8, verbose: bool = False) -> None:
     console = console or Console()
     for err in analysis.errors:
         console.print(f"[red]error:[/red] {err}", highlight=False)
@@ -37,6 +37,9 @@ def render(analysis, console: Console | None = None, top: int = 8) -> None:
             rngs = ", ".join(f"{short(x, 30)} {ns(g)}" for x, g in zip(r.range_time["text"].head(6), r.range_time["gpu_ns"].head(6)))
             console.print(f"  ranges on the GPU: {rngs}", highlight=False)
     findings = sorted(analysis.findings, key=lambda f: (-f.estimated_saving_ns, -f.severity_rank))
+    hidden = 0 if verbose else sum(f.severity == "info" for f in findings)
+    if not verbose:  # info findings say "nothing to do"; they stay in --json
+        findings = [f for f in findings if f.severity != "info"]
     console.print(f"\n[bold]findings[/bold] ({len(findings)})" if findings else "\n[bold]findings[/bold]: none")
     for f in findings:
         style = SEVERITY_STYLE.get(f.severity, "")
@@ -47,6 +50,8 @@ def render(analysis, console: Console | None = None, top: int = 8) -> None:
             console.print("        " + ", ".join(f"{k}={metric(v)}" for k, v in list(f.metrics.items())[:6]), highlight=False)
         if f.recommendation:
             console.print(f"        fix: {f.recommendation}", highlight=False)
+    if hidden:
+        console.print(f"  ({hidden} info findings not shown: --verbose shows them)", highlight=False)
     dropped = analysis.dropped
     if dropped:
         console.print("\n[bold]events not placed[/bold] (kept in counts, never silently dropped):")

@@ -1,0 +1,161 @@
+"""pipeline_bubbles: pipeline-parallel bubbles, measured per rank and compared with the schedule's ideal.
+
+A rank runs pipeline parallelism when it has point-to-point communication: NCCL send/recv kernels
+(``ncclDevKernel_SendRecv``, ``ncclKernel_SendRecv_*``, ``ncclSendKernel`` / ``ncclRecvKernel`` of old
+NCCL) or collectives with op send / recv / send_recv. Otherwise this analyzer says nothing.
+
+bubble_fraction = the part of the steady-state window in which no compute kernel runs (compute = every
+kernel that is not communication; time inside send/recv kernels, waiting for the neighbour stage,
+counts as bubble). Also reported: p2p_fraction (union of send/recv kernel time) and idle_fraction
+(nothing at all on the GPU).
+
+The ideal bubble of GPipe and 1F1B with p stages and m micro-batches is (p-1)/(m+p-1); interleaved 1F1B
+with v model chunks per stage: (p-1)/(v*m+p-1) (Narayanan et al., "Efficient Large-Scale Language Model
+Training on GPU Clusters Using Megatron-LM", SC'21). p: config pipeline_stages, else the number of ranks
+of the run (a pure pipeline); m: config microbatches, else the distinct indices of ranges named like
+``microbatch_3`` / ``micro_batch 3`` / ``mb_3``; v: config virtual_stages (default 1).
+
+Severity on bubble_fraction: high >= bubble_fraction_high (0.4), medium >= bubble_fraction_medium (0.2),
+else info. The title says whether the measured bubble is near the ideal (the schedule itself is the
+limit: more micro-batches) or far above it (excess >= far_above, 0.1 of the window: blocking transfers,
+unbalanced stages, or host stalls). estimated_saving_ns = (bubble_fraction - ideal at target m) x window,
+target m = target_microbatches_per_stage x p (the ideal is taken as 0 when p is unknown).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from gpudoctor.analyzers.findings import Finding
+from gpudoctor.analyzers.nccl_dominated import comm_mask, intervals, p2p_mask, settings, world_size
+from gpudoctor.model.steps import union_ns
+
+ID = "pipeline_bubbles"
+
+DEFAULTS = {
+    "pipeline_stages": (None, "pipeline stages p (default: the number of ranks in the run)"),
+    "microbatches": (None, "micro-batches per step m (default: from ranges named microbatch_<j>)"),
+    "virtual_stages": (1, "model chunks per stage v of an interleaved schedule (1 = GPipe / 1F1B)"),
+    "bubble_fraction_medium": (0.2, "medium when no compute runs at least this fraction of the window"),
+    "bubble_fraction_high": (0.4, "high at this fraction"),
+    "far_above": (0.1, "measured bubble this much (fraction of the window) above the ideal is 'far above'"),
+    "target_microbatches_per_stage": (4, "the saving assumes m = this x p micro-batches"),
+    "microbatch_pattern": (r"micro_?batch[\s_#:-]*(\d+)|(?:^|[^a-z])mb[\s_#:-]*(\d+)",
+                           "regex (case-insensitive) of micro-batch range names; the first number is the index"),
+}
+P2P_OPS = ("send", "recv", "send_recv")
+
+
+def ideal_bubble(p: int, m: int, v: int = 1) -> float:
+    """(p-1)/(v*m+p-1): the bubble share of a GPipe / 1F1B (v=1) or interleaved (v>1) schedule."""
+    if p < 1 or m < 1 or v < 1:
+        raise ValueError("p, m, v must be >= 1")
+    return (p - 1) / (v * m + p - 1)
+
+
+def microbatches_from_ranges(ranges: pd.DataFrame, pattern: str) -> int | None:
+    """Distinct micro-batch indices among range names (None when no range is named like one)."""
+    if ranges.empty:
+        return None
+    rx = re.compile(pattern, re.I)
+    texts = ranges["text"]
+    uniq = texts.cat.categories if isinstance(texts.dtype, pd.CategoricalDtype) else pd.unique(texts.astype(str))
+    idx = set()
+    for t in uniq:
+        m = rx.search(str(t))
+        if m:
+            num = next((g for g in m.groups() if g is not None), None)
+            if num is not None:
+                idx.add(int(num))
+    return len(idx) or None
+
+
+def is_pipeline(trace) -> bool:
+    k = trace.kernels
+    if len(k) and p2p_mask(k).any():
+        return True
+    c = trace.collectives
+    return bool(len(c) and np.isin(c["op"].astype(str).to_numpy(), P2P_OPS).any())
+
+
+def bubble_metrics(ctx) -> dict:
+    k, mo = ctx.kernels, ctx.memops
+    lo, hi = ctx.start_ns, ctx.end_ns
+    window = max(hi - lo, 0)
+    cm = comm_mask(k)
+    pm = p2p_mask(k)
+    compute = union_ns(*intervals(k, ~cm), lo, hi)
+    p2p = union_ns(*intervals(k, pm), lo, hi)
+    busy = union_ns(np.r_[k["start_ns"].to_numpy(np.int64), mo["start_ns"].to_numpy(np.int64)],
+                    np.r_[k["end_ns"].to_numpy(np.int64), mo["end_ns"].to_numpy(np.int64)], lo, hi)
+    bubble = window - compute
+    return {"window_ns": int(window), "compute_ns": int(compute), "bubble_ns": int(bubble), "p2p_ns": int(p2p),
+            "idle_ns": int(window - busy),
+            "bubble_fraction": bubble / window if window else 0.0,
+            "p2p_fraction": p2p / window if window else 0.0,
+            "idle_fraction": (window - busy) / window if window else 0.0}
+
+
+def analyze(ctx) -> list[Finding]:
+    if not is_pipeline(ctx.trace) or ctx.window_ns <= 0:
+        return []
+    cfg = settings(ctx, ID, DEFAULTS)
+    m = bubble_metrics(ctx)
+    window = m["window_ns"]
+    p = int(cfg["pipeline_stages"]) if cfg.get("pipeline_stages") else world_size(ctx.trace)
+    p_source = "config" if cfg.get("pipeline_stages") else "ranks in the run"
+    mb = int(cfg["microbatches"]) if cfg.get("microbatches") else microbatches_from_ranges(ctx.trace.ranges,
+                                                                                         cfg["microbatch_pattern"])
+    m_source = "config" if cfg.get("microbatches") else ("range names" if mb else "unknown")
+    v = max(int(cfg.get("virtual_stages") or 1), 1)
+    bf = m["bubble_fraction"]
+    ideal = ideal_bubble(p, mb, v) if (p >= 2 and mb) else None
+    target_m = int(cfg["target_microbatches_per_stage"]) * p
+    ideal_target = ideal_bubble(p, target_m, v) if p >= 2 else 0.0
+    saving = int(max(0.0, bf - ideal_target) * window)
+    if bf >= float(cfg["bubble_fraction_high"]):
+        sev = "high"
+    elif bf >= float(cfg["bubble_fraction_medium"]):
+        sev = "medium"
+    else:
+        sev = "info"
+    metrics = {key: (round(val, 6) if isinstance(val, float) else val) for key, val in m.items()}
+    metrics.update({"pipeline_stages": p if p >= 2 else None, "microbatches": mb, "virtual_stages": v,
+                    "ideal_bubble_fraction": None if ideal is None else round(ideal, 6),
+                    "excess_over_ideal": None if ideal is None else round(bf - ideal, 6),
+                    "steps": int(len(ctx.window.steady))})
+    far = ideal is not None and bf - ideal >= float(cfg["far_above"])
+    title = f"Pipeline bubble {bf:.0%} of the steady-state window (no compute running)"
+    if ideal is not None:
+        title += (f", {'far above' if far else 'near'} the ideal {ideal:.0%} for p={p}, m={mb}"
+                  + (f", v={v}" if v > 1 else ""))
+    rec = []
+    if ideal is not None and not far and ideal >= 0.1:
+        rec.append(f"The schedule itself is the limit: with {p} stages and {mb} micro-batch{'es' if mb != 1 else ''} "
+                   f"the bubble cannot go below {ideal:.0%}. Split each batch into more micro-batches (m = {target_m} "
+                   f"gives {ideal_target:.0%}), or use an interleaved schedule (v model chunks per stage divides the "
+                   "bubble by about v).")
+    if far or ideal is None:
+        rec.append("Overlap the transfers with compute: post the receive of the next micro-batch before computing the "
+                   "current one (isend/irecv or batch_isend_irecv instead of blocking send/recv), and keep sends "
+                   "non-blocking.")
+        if m["p2p_fraction"] >= 0.1:
+            rec.append(f"The GPU sits in send/recv kernels {m['p2p_fraction']:.0%} of the window, mostly waiting for the "
+                       "neighbouring stage: balance the stages (layers per stage, the embedding and loss on the first "
+                       "and last stages) so that every stage takes the same time per micro-batch.")
+        if ideal is None:
+            rec.append("Give pipeline_stages / microbatches in the config (or name ranges microbatch_<j>) to compare "
+                       "with the schedule's ideal.")
+        elif mb < target_m:
+            rec.append(f"More micro-batches also shrink the ideal ({ideal:.0%} now, {ideal_target:.0%} with m={target_m}).")
+    if m["idle_fraction"] >= 0.5 * bf and bf > 0:
+        rec.append(f"{m['idle_fraction']:.0%} of the window the GPU runs nothing at all (not even a send/recv): the host "
+                   "is late too (see gpu_idle).")
+    evidence = {"window": ctx.window.describe(), "p_from": p_source, "m_from": m_source,
+                "formula": "ideal = (p-1)/(v*m+p-1) (GPipe/1F1B v=1; interleaved 1F1B v>1)"}
+    return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=saving,
+                    estimated_saving_fraction=round(saving / window, 6) if window else 0.0,
+                    recommendation=" ".join(rec), evidence=evidence, rank=ctx.rank)]

@@ -1,0 +1,373 @@
+"""The Dash app: layout and callbacks only; every figure and table comes from dashboards/figures.py.
+
+Runs are analyzed before the app starts and held in memory; the browser selects them by index (an
+integer checked against the list), so no path or file name sent by a browser is ever opened. Plotly.js
+and Dash's own scripts are served by the app itself (no CDN): the dashboard works offline.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from gpudoctor.dashboards import figures as F
+from gpudoctor.dashboards.timeline import TimelineIndex
+
+PAGES = [("/", "Overview"), ("/timeline", "Timeline"), ("/kernels", "Kernels"), ("/roofline", "Roofline"),
+         ("/communication", "Communication"), ("/memory", "Memory"), ("/compare", "Compare")]
+PAGE_SIZE = 50
+
+
+@dataclass
+class Run:
+    """One analyzed run and what the pages derive from it (built once, on first use)."""
+
+    name: str
+    analysis: object
+    ceilings: dict | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def cached(self, key, fn):
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = fn()
+            return self._cache[key]
+
+    @property
+    def index(self) -> TimelineIndex:
+        return self.cached("index", lambda: TimelineIndex.from_trace(self.analysis.trace))
+
+    def kernel_table(self, scope: str) -> pd.DataFrame:
+        return self.cached(("kernels", scope), lambda: F.kernel_table(self.analysis, scope))
+
+    def findings(self) -> pd.DataFrame:
+        return self.cached("findings", lambda: F.findings_frame(self.analysis))
+
+    def prepare(self) -> None:
+        """Build what the first page views need (timeline index, tables) ahead of the first request."""
+        self.index
+        self.findings()
+
+
+def _table(id_, df: pd.DataFrame, page_size: int = PAGE_SIZE, hidden=(), **kw):
+    from dash import dash_table
+    return dash_table.DataTable(
+        id=id_, data=df.to_dict("records"),
+        columns=[{"name": c, "id": c} for c in df.columns if not c.startswith("_") and c != "id" and c not in hidden],
+        page_size=page_size, sort_action="native",
+        style_table={"overflowX": "auto"},
+        style_cell={"fontFamily": "system-ui, sans-serif", "fontSize": 13, "textAlign": "left", "padding": "4px 8px",
+                    "maxWidth": 520, "overflow": "hidden", "textOverflow": "ellipsis", "whiteSpace": "nowrap"},
+        style_header={"fontWeight": "600", "backgroundColor": "#f3f4f6"},
+        tooltip_duration=None, **kw)
+
+
+def create_app(runs: list[Run], prepare: bool = True):
+    """The Dash app serving ``runs`` (already analyzed). ``prepare`` builds timeline indexes up front."""
+    import dash
+    from dash import Input, Output, State, dcc, html, no_update
+    from dash.exceptions import PreventUpdate
+
+    if not runs:
+        raise ValueError("the dashboard needs at least one run")
+    if prepare:
+        for r in runs:
+            r.prepare()
+
+    app = dash.Dash(__name__, title="gpudoctor", suppress_callback_exceptions=True, serve_locally=True,
+                    assets_folder="__no_assets__", update_title=None)
+
+    def run_of(value) -> Run:
+        try:
+            i = int(value)
+        except (TypeError, ValueError):
+            raise PreventUpdate from None
+        if not 0 <= i < len(runs):
+            raise PreventUpdate
+        return runs[i]
+
+    run_options = [{"label": f"{i}: {r.name}", "value": i} for i, r in enumerate(runs)]
+    nav = html.Nav([dcc.Link(label, href=path, id=f"nav-{label.lower()}",
+                             style={"marginRight": "18px", "textDecoration": "none", "fontWeight": "600"})
+                    for path, label in PAGES], style={"margin": "8px 0 14px"})
+    app.layout = html.Div([
+        dcc.Location(id="url"),
+        dcc.Store(id="focus", storage_type="session"),
+        html.Div([
+            html.H2("gpudoctor", style={"margin": "0 24px 0 0", "display": "inline-block"}),
+            html.Span("run ", style={"marginRight": "6px"}),
+            dcc.Dropdown(id="run", options=run_options, value=0, clearable=False, persistence=True,
+                         persistence_type="session", style={"width": "520px", "display": "inline-block", "verticalAlign": "middle"}),
+        ], style={"display": "flex", "alignItems": "center"}),
+        nav,
+        html.Div(id="page"),
+    ], style={"fontFamily": "system-ui, sans-serif", "margin": "12px 20px"})
+
+    # ------------------------------------------------------------------ pages
+    def overview(i: int, run: Run):
+        a = run.analysis
+        fdf = run.findings()
+        inputs = ", ".join(str(x.get("path", "")) for x in a.inputs)
+        dropped = a.dropped
+        return html.Div([
+            html.H3(f"Overview — {run.name}"),
+            html.Div(f"inputs: {inputs}", className="muted", style={"color": "#555", "fontSize": 13}),
+            html.Div([html.Div(f"error: {e}", style={"color": "#b91c1c"}) for e in a.errors]),
+            html.Div(f"dropped events: {', '.join(f'{k}: {v}' for k, v in dropped.items())}" if dropped else "",
+                     style={"color": "#92400e", "fontSize": 13}),
+            html.H4(f"Findings ({len(fdf)}), largest estimated saving first — click one for its evidence"),
+            _table("findings-table", fdf.drop(columns=["recommendation"]).assign(id=fdf["idx"]), hidden=("idx",),
+                   style_data_conditional=[
+                       {"if": {"filter_query": '{severity} = "high"', "column_id": "severity"}, "color": "#b91c1c", "fontWeight": "700"},
+                       {"if": {"filter_query": '{severity} = "medium"', "column_id": "severity"}, "color": "#c2410c", "fontWeight": "700"}],
+                   tooltip_data=[{"title": {"value": t, "type": "text"}, "metrics": {"value": m, "type": "text"}}
+                                 for t, m in zip(fdf["title"], fdf["metrics"])]),
+            html.Div(id="finding-detail", style={"margin": "12px 0", "padding": "8px 12px", "background": "#f9fafb",
+                                                 "border": "1px solid #e5e7eb", "borderRadius": "6px"},
+                     children=html.Em("No finding selected.")),
+            html.H4("Ranks"),
+            _table("ranks-table", F.rank_frame(a)),
+            dcc.Graph(id="category-graph", figure=F.category_figure(a), config={"displaylogo": False}),
+        ])
+
+    def timeline(i: int, run: Run, focus):
+        view = None
+        if focus and focus.get("run") == i and focus.get("view"):
+            view = tuple(int(v) for v in focus["view"])
+        fig = _timeline(run, view)
+        return html.Div([
+            html.H3(f"Timeline — {run.name}"),
+            html.Div([
+                html.Button("Zoom out (whole run)", id="timeline-reset", n_clicks=0, style={"marginRight": "10px"}),
+                html.Button("Steady-state window", id="timeline-window", n_clicks=0, style={"marginRight": "16px"}),
+                html.Span(fig.layout.meta["status"], id="timeline-status", style={"fontSize": 13, "color": "#374151"}),
+            ], style={"marginBottom": "6px"}),
+            html.Div("Drag to zoom, shift-drag to pan; kernels appear one by one once fewer than "
+                     f"{F.MAX_EXACT:,} are in view.", style={"fontSize": 12, "color": "#6b7280"}),
+            dcc.Graph(id="timeline-graph", figure=fig, config={"displaylogo": False, "scrollZoom": True}),
+            dcc.Store(id="timeline-range"),
+        ])
+
+    def kernels(i: int, run: Run):
+        t = run.kernel_table("steady")
+        cats = sorted(set(t["category"])) if len(t) else []
+        return html.Div([
+            html.H3(f"Kernels — {run.name}"),
+            html.Div([
+                dcc.Input(id="kernel-filter", type="text", placeholder="filter kernel names (substring)", debounce=False,
+                          style={"width": "320px", "marginRight": "12px"}),
+                dcc.Dropdown(id="kernel-category", options=[{"label": c, "value": c} for c in cats], multi=True,
+                             placeholder="categories", style={"width": "320px", "display": "inline-block", "verticalAlign": "middle"}),
+                dcc.RadioItems(id="kernel-scope", options=[{"label": " steady-state window", "value": "steady"},
+                                                            {"label": " whole trace", "value": "all"}],
+                               value="steady", inline=True, style={"display": "inline-block", "marginLeft": "16px"}),
+            ]),
+            html.Div(id="kernel-count", style={"margin": "8px 0", "fontSize": 13}),
+            _table("kernel-table", t, filter_action="native", page_action="native",
+                   style_cell_conditional=[{"if": {"column_id": "signature"}, "maxWidth": "360px"},
+                                           {"if": {"column_id": "kernel"}, "maxWidth": "380px"}]),
+            dcc.Graph(id="kernel-category-graph", config={"displaylogo": False}),
+        ])
+
+    def roofline(i: int, run: Run):
+        trace = run.analysis.trace
+        fig = F.roofline_figure(trace, run.ceilings)
+        children = [html.H3(f"Roofline — {run.name}"), dcc.Graph(id="roofline-graph", figure=fig, config={"displaylogo": False})]
+        if not trace.kernel_metrics.empty and not fig.layout.meta.get("empty"):
+            ceil, _ = F.resolve_ceilings(trace, run.ceilings)
+            rf = F.roofline_frame(trace, ceil)
+            show = pd.DataFrame({"kernel": rf["name"].astype(str), "precision": rf["dominant_precision"],
+                                 "flop_per_byte": rf["arithmetic_intensity"].round(2),
+                                 "tflop_s": (rf["achieved_flops_per_s"] / 1e12).round(2),
+                                 "roof_pct": (100 * rf["roof_fraction"]).round(1), "bound": rf["bound"],
+                                 "tensor_pipe_pct": (100 * rf["tensor_pipe_fraction"]).round(1)})
+            children.append(_table("roofline-table", show))
+        return html.Div(children)
+
+    def communication(i: int, run: Run):
+        a = run.analysis
+        strag = F.straggler_frame(a.trace)
+        cf = F.comm_findings_frame(a)
+        return html.Div([
+            html.H3(f"Communication — {run.name}"),
+            dcc.Graph(id="comm-bw-graph", figure=F.comm_bandwidth_figure(a.trace, run.ceilings), config={"displaylogo": False}),
+            dcc.Graph(id="comm-fraction-graph", figure=F.comm_fraction_figure(a), config={"displaylogo": False}),
+            html.H4("Exposed communication and bubbles (findings)"),
+            _table("comm-findings-table", cf) if len(cf) else html.Em("No communication findings in this run."),
+            html.H4("Stragglers (last rank to arrive at each collective)"),
+            _table("straggler-table", strag) if len(strag) else html.Em("Needs collectives from two or more ranks."),
+        ])
+
+    def memory(i: int, run: Run):
+        a = run.analysis
+        kv = F.kv_frame(a)
+        return html.Div([
+            html.H3(f"Memory — {run.name}"),
+            dcc.Graph(id="memory-graph", figure=F.memory_figure(a.trace), config={"displaylogo": False}),
+            html.H4("KV cache"),
+            _table("kv-table", kv) if len(kv) else html.Em("No KV-cache finding in this run."),
+        ])
+
+    def compare(i: int, run: Run):
+        b = 1 if len(runs) > 1 else 0
+        return html.Div([
+            html.H3("Compare two runs"),
+            html.Div([
+                html.Span("A "), dcc.Dropdown(id="compare-a", options=run_options, value=i, clearable=False,
+                                              style={"width": "420px", "display": "inline-block", "verticalAlign": "middle"}),
+                html.Span("  B ", style={"marginLeft": "16px"}),
+                dcc.Dropdown(id="compare-b", options=run_options, value=b if b != i else 0, clearable=False,
+                             style={"width": "420px", "display": "inline-block", "verticalAlign": "middle"}),
+            ]),
+            html.Div(id="compare-summary", style={"margin": "10px 0", "fontSize": 14}),
+            dcc.Graph(id="compare-graph", config={"displaylogo": False}),
+            html.Div(id="compare-table-wrap"),
+        ])
+
+    @app.callback(Output("page", "children"), Input("url", "pathname"), Input("run", "value"), State("focus", "data"))
+    def render_page(path, run_value, focus):
+        run = run_of(run_value)
+        i = int(run_value)
+        path = (path or "/").rstrip("/") or "/"
+        if path == "/timeline":
+            return timeline(i, run, focus)
+        if path == "/kernels":
+            return kernels(i, run)
+        if path == "/roofline":
+            return roofline(i, run)
+        if path == "/communication":
+            return communication(i, run)
+        if path == "/memory":
+            return memory(i, run)
+        if path == "/compare":
+            return compare(i, run)
+        if path == "/":
+            return overview(i, run)
+        return html.Div([html.H3("Not found"), dcc.Link("Overview", href="/")])
+
+    # ------------------------------------------------------------------ overview: a finding's evidence
+    @app.callback(Output("finding-detail", "children"), Output("focus", "data"),
+                  Input("findings-table", "active_cell"), State("run", "value"), prevent_initial_call=True)
+    def show_finding(cell, run_value):
+        if not cell or cell.get("row_id") is None:
+            raise PreventUpdate
+        run = run_of(run_value)
+        idx = int(cell["row_id"])
+        if not 0 <= idx < len(run.analysis.findings):
+            raise PreventUpdate
+        f = run.analysis.findings[idx]
+        span = F.finding_span(run.analysis, f)
+        fig = _timeline(run, span)
+        detail = html.Div([
+            html.H4(f"{f.severity.upper()} · {f.analyzer} · rank {f.rank}: {f.title}", id="finding-title"),
+            html.P([html.B("Recommendation: "), f.recommendation]),
+            html.P([html.B("Estimated saving: "),
+                    f"{F.fmt_ns(f.estimated_saving_ns)} per steady-state window ({100 * f.estimated_saving_fraction:.1f}%)"]),
+            html.Details([html.Summary("Metrics"), html.Pre(json.dumps(f.metrics, indent=1, default=_json_default))], open=True),
+            html.Details([html.Summary("Evidence"), html.Pre(json.dumps(f.evidence, indent=1, default=_json_default),
+                                                             id="finding-evidence", style={"maxHeight": "300px", "overflow": "auto"})]),
+            html.Div([html.B("Example in the timeline "),
+                      dcc.Link("(open in Timeline →)", href="/timeline", id="finding-timeline-link")]),
+            dcc.Graph(id="finding-timeline", figure=fig, config={"displaylogo": False}),
+        ])
+        return detail, {"run": int(run_value), "view": [int(span[0]), int(span[1])], "finding": idx}
+
+    # ------------------------------------------------------------------ timeline zoom / pan
+    # Only x-range changes reach the server: plotly also reports autosize / hover / legend relayouts, and
+    # a second request for this callback while the first is in flight would make Dash drop the first.
+    app.clientside_callback(
+        """function(r) {
+            const no = window.dash_clientside.no_update;
+            if (!r) return no;
+            for (const ax of ['xaxis', 'xaxis2']) {
+                if (r[ax + '.autorange']) return {'xaxis.autorange': true, 't': Date.now()};
+                let a = r[ax + '.range[0]'], b = r[ax + '.range[1]'];
+                if (a === undefined && Array.isArray(r[ax + '.range'])) { a = r[ax + '.range'][0]; b = r[ax + '.range'][1]; }
+                if (a !== undefined && b !== undefined) return {'xaxis.range[0]': a, 'xaxis.range[1]': b, 't': Date.now()};
+            }
+            return no;
+        }""",
+        Output("timeline-range", "data"), Input("timeline-graph", "relayoutData"), prevent_initial_call=True)
+
+    @app.callback(Output("timeline-graph", "figure"), Output("timeline-status", "children"),
+                  Input("timeline-range", "data"), Input("timeline-reset", "n_clicks"),
+                  Input("timeline-window", "n_clicks"), State("run", "value"), prevent_initial_call=True)
+    def zoom(relayout, _reset, _window, run_value):
+        run = run_of(run_value)
+        trig = dash.ctx.triggered_id
+        if trig == "timeline-reset":
+            view = None
+        elif trig == "timeline-window":
+            r = run.analysis.ranks[0] if run.analysis.ranks else None
+            if r is None or r.window.end_ns <= r.window.start_ns:
+                raise PreventUpdate
+            view = (r.window.start_ns, r.window.end_ns)
+        else:
+            v = F.relayout_view(relayout, run.index.origin_ns)
+            if v is None:
+                raise PreventUpdate
+            view = None if v == "reset" else v
+        fig = _timeline(run, view)
+        return fig, fig.layout.meta["status"]
+
+    # ------------------------------------------------------------------ kernels table
+    @app.callback(Output("kernel-table", "data"), Output("kernel-count", "children"),
+                  Output("kernel-category-graph", "figure"),
+                  Input("kernel-filter", "value"), Input("kernel-category", "value"), Input("kernel-scope", "value"),
+                  State("run", "value"))
+    def filter_kernels(text, cats, scope, run_value):
+        run = run_of(run_value)
+        t = run.kernel_table("all" if scope == "all" else "steady")
+        shown = filter_kernel_table(t, text, cats)
+        msg = f"{len(shown):,} of {len(t):,} kernels" + (f" matching “{text}”" if text else "")
+        return shown.to_dict("records"), msg, F.kernel_category_figure(shown)
+
+    # ------------------------------------------------------------------ compare
+    @app.callback(Output("compare-summary", "children"), Output("compare-graph", "figure"),
+                  Output("compare-table-wrap", "children"), Input("compare-a", "value"), Input("compare-b", "value"))
+    def do_compare(va, vb):
+        a, b = run_of(va), run_of(vb)
+        sa, sb = F.step_time(a.analysis), F.step_time(b.analysis)
+        df = F.compare_frame(a.analysis, b.analysis)
+        summary = html.Div([
+            html.Span(f"A = {a.name}: step {sa:.3f} ms", id="compare-a-step"), html.Br(),
+            html.Span(f"B = {b.name}: step {sb:.3f} ms", id="compare-b-step"), html.Br(),
+            html.B(f"B − A: {sb - sa:+.3f} ms per step ({100 * (sb - sa) / sa:+.1f}%)" if sa == sa and sa > 0 else ""),
+        ])
+        return summary, F.compare_figure(a.analysis, b.analysis, "A", "B"), _table("compare-table", df, page_size=25)
+
+    return app
+
+
+def _timeline(run: Run, view):
+    """The timeline figure for the app: the status line is shown beside the buttons, not as a title."""
+    fig = F.timeline_figure(run.index, view)
+    fig.update_layout(title_text="", margin_t=40)
+    return fig
+
+
+def filter_kernel_table(t: pd.DataFrame, text: str | None, cats: list[str] | None) -> pd.DataFrame:
+    """Rows whose short name or signature contains ``text`` (case-insensitive), in the given categories."""
+    keep = np.ones(len(t), dtype=bool)
+    if text:
+        needle = text.strip().lower()
+        keep &= (t["kernel"].str.lower().str.contains(needle, regex=False)
+                 | t["signature"].str.lower().str.contains(needle, regex=False)).to_numpy()
+    if cats:
+        keep &= t["category"].isin(cats).to_numpy()
+    return t[keep]
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)

@@ -1,0 +1,154 @@
+"""gpudoctor dashboard RUN... and gpudoctor report RUN --html FILE."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import socket
+import sys
+from pathlib import Path
+
+from gpudoctor.cli.base import Command
+from gpudoctor.errors import GpudoctorError, require
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` only accepts connections from this machine."""
+    h = host.strip("[]")
+    if h.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        pass
+    try:  # a host name: loopback only if every address it resolves to is
+        addrs = {ai[4][0] for ai in socket.getaddrinfo(h, None)}
+    except OSError:
+        return False
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+
+
+def non_loopback_warning(host: str, port: int) -> str:
+    bar = "!" * 78
+    return (f"{bar}\nWARNING: the gpudoctor dashboard is listening on {host}:{port}, which is NOT a loopback address.\n"
+            "Anyone who can reach this machine on that port can read every profile you opened (kernel names,\n"
+            "timings, file names): there is no authentication. Prefer the default --host 127.0.0.1 and an SSH\n"
+            f"tunnel (ssh -L {port}:127.0.0.1:{port} HOST).\n{bar}")
+
+
+def _load_ceilings(path: str | None) -> dict | None:
+    if not path:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise GpudoctorError(f"{path}: cannot read ceilings: {e}") from None
+    if not isinstance(data, dict) or not data.get("copy_bandwidth_bytes_per_s"):
+        raise GpudoctorError(f"{path}: not a ceilings file (expected the JSON of gpudoctor ceilings)")
+    return data
+
+
+def _run_names(args: list[str]) -> list[str]:
+    names = []
+    for a in args:
+        p = Path(a)
+        n = p.name or str(p)
+        for suf in (".nsys.sqlite", ".sqlite", ".torch.json.gz", ".json.gz", ".json", ".raw.csv", ".csv"):
+            if n.endswith(suf) and len(n) > len(suf):
+                n = n[: -len(suf)] + f" ({suf.lstrip('.').split('.')[0]})"
+                break
+        names.append(n)
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n} #{seen[n]}")
+    return out
+
+
+def load_runs(paths: list[str], ceilings: dict | None = None, config=None):
+    """Analyze each argument as one run. Unreadable runs are reported on stderr and skipped."""
+    from gpudoctor.dashboards.app import Run
+    from gpudoctor.pipeline import analyze_inputs
+
+    runs, errors = [], []
+    for path, name in zip(paths, _run_names(paths)):
+        try:
+            analysis = analyze_inputs([path], config=config)
+        except GpudoctorError as e:
+            errors.append(str(e))
+            print(f"gpudoctor: error: {e}", file=sys.stderr)
+            continue
+        for e in analysis.errors:
+            print(f"gpudoctor: warning: {e}", file=sys.stderr)
+        runs.append(Run(name=name, analysis=analysis, ceilings=ceilings))
+    if not runs:
+        raise GpudoctorError("no run could be read" + (f": {errors[0]}" if len(errors) == 1 else ""))
+    return runs
+
+
+class DashboardCommand(Command):
+    name = "dashboard"
+    help = "open the interactive dashboard on one or more runs"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("runs", nargs="+", metavar="RUN",
+                       help="run directories or exports; each argument is one run (analyzed on its own)")
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+        p.add_argument("--port", type=int, default=8050, help="port (default 8050; 0 picks a free one)")
+        p.add_argument("--ceilings", metavar="JSON", help="measured ceilings (gpudoctor ceilings) for the roofline")
+        p.add_argument("--config", metavar="TOML", help="gpudoctor.toml with analyzer thresholds")
+
+    def run(self, args: argparse.Namespace) -> int:
+        require("dash", "dash")
+        require("plotly", "dash")
+        from gpudoctor.cli.analyze import load_config
+        from gpudoctor.dashboards.app import create_app
+
+        if not is_loopback(args.host):
+            print(non_loopback_warning(args.host, args.port), file=sys.stderr)
+        runs = load_runs(args.runs, _load_ceilings(args.ceilings), load_config(args.config, []))
+        app = create_app(runs)
+        from werkzeug.serving import make_server
+        try:
+            srv = make_server(args.host, args.port, app.server, threaded=True)
+        except (OSError, SystemExit) as e:
+            raise GpudoctorError(f"cannot listen on {args.host}:{args.port}: {e}") from None
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"gpudoctor dashboard: http://{host}:{srv.server_port}/ ({len(runs)} run{'s' if len(runs) != 1 else ''}; "
+              "Ctrl-C to stop)", file=sys.stderr, flush=True)
+        try:
+            srv.serve_forever()
+        finally:
+            srv.server_close()
+        return 0
+
+
+class ReportCommand(Command):
+    name = "report"
+    help = "write a self-contained HTML report (works offline)"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("inputs", nargs="+", metavar="RUN", help="a run directory, or exports that form one run")
+        p.add_argument("--html", required=True, metavar="FILE", help="where to write the report")
+        p.add_argument("--ceilings", metavar="JSON", help="measured ceilings (gpudoctor ceilings) for the roofline")
+        p.add_argument("--config", metavar="TOML", help="gpudoctor.toml with analyzer thresholds")
+
+    def run(self, args: argparse.Namespace) -> int:
+        require("plotly", "dash")
+        from gpudoctor.cli.analyze import load_config
+        from gpudoctor.dashboards.report import write_report
+        from gpudoctor.pipeline import analyze_inputs
+
+        ceilings = _load_ceilings(args.ceilings)
+        analysis = analyze_inputs(args.inputs, config=load_config(args.config, []))
+        for e in analysis.errors:
+            print(f"gpudoctor: warning: {e}", file=sys.stderr)
+        name = _run_names([args.inputs[0]])[0] + (f" + {len(args.inputs) - 1} more" if len(args.inputs) > 1 else "")
+        try:
+            out = write_report(args.html, analysis, name, ceilings)
+        except OSError as e:
+            raise GpudoctorError(f"{args.html}: cannot write the report: {e}") from None
+        print(f"gpudoctor: wrote {out}", file=sys.stderr)
+        return 2 if analysis.errors else 0

@@ -1,0 +1,973 @@
+"""gpudoctor profile [OPTIONS] -- CMD... : run a program under a profiler, keep the reports, analyze them.
+
+The program's output goes to the terminal as usual; gpudoctor's own lines start with "gpudoctor:" and go
+to stderr; the findings are printed at the end. The exit code is the program's (128+N when it ended by
+signal N), whatever happened to the profiling. Layout of the run directory: gpudoctor.collect.rundir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpudoctor import __version__
+from gpudoctor.cli.base import Command
+from gpudoctor.collect import rundir
+from gpudoctor.collect.ranks import RankInfo, detect_rank, is_multi_rank, job_key
+from gpudoctor.errors import GpudoctorError
+
+BACKENDS = ("auto", "nsys", "torch", "nvml")
+PARENT_ENV = "GPUDOCTOR_PROFILE_PARENT"  # set by --nproc for the ranks it launches
+DEFAULT_NSYS_TIMEOUT_S = 600.0
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def say(msg: str) -> None:
+    """One gpudoctor line on stderr (the program owns stdout)."""
+    try:
+        print(f"gpudoctor: {msg}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _signame(num: int | None) -> str | None:
+    if not num:
+        return None
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def _exit_code_of(returncode: int) -> tuple[int, str | None]:
+    """Popen returncode -> (shell-style exit code, signal name)."""
+    if returncode < 0:
+        return 128 - returncode, _signame(-returncode)
+    return returncode, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running a child with signals forwarded
+
+
+class Supervisor:
+    """Runs one child in its own session and forwards SIGINT/SIGTERM/SIGHUP to it.
+
+    ``group=True`` signals the child's whole process group (as a terminal would); False only the child
+    (nsys, which stops its collection and ends the program itself). A third signal kills the group.
+    """
+
+    def __init__(self, argv: list[str], env: dict, group: bool = True, first_target=None):
+        self.argv, self.env, self.group = argv, env, group
+        self.first_target = first_target  # optional: delivers the first signal instead of send()
+        self.proc: subprocess.Popen | None = None
+        self.received: list[int] = []
+        self._old: dict[int, object] = {}
+
+    def start(self) -> None:
+        try:
+            self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+        except OSError as e:
+            raise GpudoctorError(f"cannot run {self.argv[0]}: {e.strerror or e}",
+                                 127 if isinstance(e, FileNotFoundError) else 126) from None
+        for s in _FORWARDED:
+            try:
+                self._old[s] = signal.signal(s, self._on_signal)
+            except (ValueError, OSError):  # not the main thread
+                pass
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received.append(signum)
+        n = len(self.received)
+        if n == 1:
+            say(f"{_signame(signum)}: stopping the program; keeping and analyzing what was collected "
+                "(signal again to insist, a third time to kill it)")
+        if n >= 3:
+            self.kill_group(signal.SIGKILL)
+        elif n == 1 and self.first_target is not None and self.first_target(signum):
+            return
+        else:
+            self.send(signum)
+
+    def send(self, signum: int) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            if self.group:
+                os.killpg(self.proc.pid, signum)
+            else:
+                os.kill(self.proc.pid, signum)
+        except OSError:
+            pass
+
+    def kill_group(self, signum: int = signal.SIGKILL) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signum)
+        except OSError:
+            pass
+
+    def terminate(self, grace_s: float = 5.0) -> None:
+        """SIGTERM the child's group, then SIGKILL after ``grace_s``."""
+        self.kill_group(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.kill_group(signal.SIGKILL)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def wait(self, poll=None, interval: float = 0.2) -> int:
+        """Wait for the child; ``poll()`` is called meanwhile (it may terminate the child)."""
+        while True:
+            try:
+                return self.proc.wait(timeout=interval)
+            except subprocess.TimeoutExpired:
+                if poll is not None:
+                    poll()
+
+    def restore(self) -> None:
+        for s, old in self._old.items():
+            try:
+                signal.signal(s, old)
+            except (ValueError, OSError, TypeError):
+                pass
+        self._old.clear()
+
+    @property
+    def interrupted_by(self) -> int | None:
+        return self.received[0] if self.received else None
+
+
+def _stop_orphan(pgid: int, signum: int, grace_s: float = 10.0) -> None:
+    """Signal a process group that outlived its supervisor, then SIGKILL it after ``grace_s``."""
+    try:
+        os.killpg(pgid, signum)
+    except OSError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except OSError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# What one backend run produced
+
+
+@dataclass
+class Result:
+    exit_code: int | None = None
+    signal: str | None = None  # the program ended by this signal
+    interrupted_by: str | None = None  # gpudoctor received it and forwarded it
+    started: bool = True  # the program started at all
+    program_start_ns: int | None = None
+    program_end_ns: int | None = None
+    reports: list[dict] = field(default_factory=list)
+    files: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    versions: dict = field(default_factory=dict)
+    backend_facts: dict = field(default_factory=dict)
+
+    def outcome(self) -> str:
+        if not self.started:
+            return "not_started"
+        if self.interrupted_by:
+            return "interrupted"
+        if self.signal:
+            return "killed"
+        return "completed" if self.exit_code == 0 else "failed"
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class ProfileCommand(Command):
+    name = "profile"
+    help = "run a program under a profiler (nsys, torch.profiler or NVML), keep the reports and analyze them"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.usage = "gpudoctor profile [OPTIONS] -- CMD [ARGS...]"
+        p.add_argument("-o", "--output", metavar="DIR",
+                       help="run directory (default: gpudoctor-runs/<UTC time>-<program>/)")
+        p.add_argument("--force", action="store_true", help="replace an earlier run in DIR")
+        p.add_argument("--backend", choices=BACKENDS, default="auto",
+                       help="nsys: Nsight Systems; torch: torch.profiler in the (Python) program's process; "
+                            "nvml: GPU utilization samples only; auto (default): nsys when it works, else torch")
+        p.add_argument("--no-nvml", action="store_true", help="do not sample NVML beside the backend")
+        p.add_argument("--nvml-interval", type=float, default=0.1, metavar="S",
+                       help="NVML sampling period in seconds (default 0.1)")
+        p.add_argument("--nsys-args", metavar="'ARGS'", help="extra nsys profile options, one quoted string "
+                                                             "(e.g. \"-t cuda,nvtx,osrt --cuda-graph-trace=node\")")
+        p.add_argument("--nsys-timeout", type=float, default=DEFAULT_NSYS_TIMEOUT_S, metavar="S",
+                       help="how long nsys may take to finish its report once the program ended, and again for "
+                            f"the SQLite export (default {DEFAULT_NSYS_TIMEOUT_S:.0f})")
+        p.add_argument("--delay", type=float, metavar="S", help="start collecting S seconds after the start "
+                                                                "(torch: at the first step boundary after that)")
+        p.add_argument("--duration", type=float, metavar="S", help="collect for S seconds")
+        p.add_argument("--capture-range", metavar="NVTX_NAME",
+                       help="nsys: collect only inside the first NVTX range of that name (e.g. step_3)")
+        p.add_argument("--nproc", type=int, metavar="N",
+                       help="launch N ranks with torchrun on this machine, one report per rank in one run directory")
+        k = p.add_argument_group("kernel metrics (Nsight Compute; runs the program a second time)")
+        k.add_argument("--kernels", action="store_true", help="also collect per-kernel metrics with ncu")
+        k.add_argument("--nvtx-range", metavar="NAME", help="only kernels inside this NVTX push/pop range")
+        k.add_argument("--kernel-regex", metavar="RE", help="only kernels whose name matches")
+        k.add_argument("--launch-skip", type=int, metavar="N", default=0, help="skip the first N launches")
+        k.add_argument("--launch-count", type=int, metavar="N", help="profile at most N launches")
+        p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the program to run, after --")
+
+    def run(self, args: argparse.Namespace) -> int:
+        return Profile(args).run()
+
+
+class Profile:
+    def __init__(self, args: argparse.Namespace, env: dict | None = None):
+        self.args = args
+        self.env = dict(os.environ if env is None else env)
+        cmd = list(args.cmd or [])
+        if cmd and cmd[0] == "--":
+            cmd = cmd[1:]
+        self.cmd = cmd
+        self.parent_dir = self.env.get(PARENT_ENV)  # we are a rank launched by `--nproc`
+        self.rank_info: RankInfo | None = detect_rank(self.env)
+        self.multi = is_multi_rank(self.rank_info) or bool(self.parent_dir)
+        self.rank = self.rank_info.rank if self.rank_info else None
+        self.world_size = self.rank_info.world_size if self.rank_info else None
+        self.label = f"rank {self.rank}: " if self.multi and self.rank is not None else ""
+
+    # ------------------------------------------------------------------ checks before anything runs
+
+    def validate(self) -> None:
+        a = self.args
+        if not self.cmd:
+            raise GpudoctorError("no program given: gpudoctor profile [OPTIONS] -- CMD [ARGS...]")
+        for name in ("delay", "duration", "nsys_timeout", "nvml_interval"):
+            v = getattr(a, name)
+            if v is not None and v < 0:
+                raise GpudoctorError(f"--{name.replace('_', '-')} must be >= 0")
+        if a.nvml_interval is not None and a.nvml_interval < 0.01:
+            raise GpudoctorError("--nvml-interval must be at least 0.01 s")
+        if not a.kernels:
+            for opt, v in (("--nvtx-range", a.nvtx_range), ("--kernel-regex", a.kernel_regex),
+                           ("--launch-count", a.launch_count)):
+                if v is not None:
+                    raise GpudoctorError(f"{opt} selects kernels for --kernels; add --kernels")
+            if a.launch_skip:
+                raise GpudoctorError("--launch-skip selects kernels for --kernels; add --kernels")
+        if a.backend == "nvml" and a.no_nvml:
+            raise GpudoctorError("--backend nvml collects only NVML samples: it cannot go with --no-nvml")
+        if a.capture_range and a.backend in ("torch", "nvml"):
+            raise GpudoctorError("--capture-range is an Nsight Systems option: use --backend nsys (or auto)")
+        if a.nsys_args and a.backend in ("torch", "nvml"):
+            raise GpudoctorError(f"--nsys-args has no effect with --backend {a.backend}")
+        if a.nproc is not None:
+            if a.nproc < 1:
+                raise GpudoctorError("--nproc must be at least 1")
+            if a.nproc > 1 and (is_multi_rank(self.rank_info) or self.parent_dir):
+                raise GpudoctorError("--nproc launches the ranks itself: do not also run gpudoctor under "
+                                     "torchrun/srun/mpirun")
+        if a.kernels and (self.multi or (a.nproc or 1) > 1):
+            raise GpudoctorError("--kernels runs the program a second time under Nsight Compute, which does not "
+                                 "work for a multi-rank job: profile kernels in a single-process run")
+
+    def check_program(self) -> None:
+        exe = self.cmd[0]
+        if os.sep in exe:
+            if not os.path.exists(exe):
+                raise GpudoctorError(f"{exe}: no such file", 127)
+            if not os.access(exe, os.X_OK) or os.path.isdir(exe):
+                raise GpudoctorError(f"{exe}: not an executable", 126)
+        elif not shutil.which(exe, path=self.env.get("PATH", os.defpath)):
+            raise GpudoctorError(f"{exe}: command not found", 127)
+
+    # ------------------------------------------------------------------ backend choice
+
+    def choose_backend(self) -> tuple[str, str, dict]:
+        """(backend, why, facts) after checking that it can work; raises GpudoctorError otherwise."""
+        a = self.args
+        if a.backend == "nsys":
+            return "nsys", "asked for", self._nsys_usable(strict=True)
+        if a.backend == "torch":
+            return "torch", "asked for", self._torch_usable(strict=True)
+        if a.backend == "nvml":
+            return "nvml", "asked for", self._nvml_usable(strict=True)
+        # auto
+        try:
+            facts = self._nsys_usable(strict=False)
+            return "nsys", f"{facts['version']}, found on {facts['found_by']}: {facts['path']}", facts
+        except GpudoctorError as e:
+            why_not_nsys = str(e)
+        if a.capture_range:
+            raise GpudoctorError(f"--capture-range needs Nsight Systems: {why_not_nsys}")
+        try:
+            facts = self._torch_usable(strict=False)
+            return "torch", f"{why_not_nsys}; the program is Python with torch: torch.profiler in its process", facts
+        except GpudoctorError as e:
+            why_not_torch = str(e)
+        if not a.no_nvml:
+            try:
+                facts = self._nvml_usable(strict=False)
+                return "nvml", (f"{why_not_nsys}; {why_not_torch}: only NVML samples (GPU utilization, memory, "
+                                "power, clocks) will be collected"), facts
+            except GpudoctorError as e:
+                why_not_nvml = str(e)
+        else:
+            why_not_nvml = "--no-nvml"
+        raise GpudoctorError(f"nothing can profile this program here: {why_not_nsys}; {why_not_torch}; "
+                             f"NVML: {why_not_nvml}")
+
+    def _nsys_usable(self, strict: bool) -> dict:
+        from gpudoctor.collect import nsys
+
+        loc = nsys.find_nsys(self.env)
+        if loc is None:
+            raise GpudoctorError(nsys.not_found_message(self.env))
+        version = nsys.nsys_version(loc.path, timeout=30 if strict else 20)
+        facts = {"path": loc.path, "found_by": loc.how, "version": version}
+        problem = nsys.importer_problem(loc.path)
+        if problem:
+            if not strict:
+                raise GpudoctorError(f"nsys at {loc.path} cannot write reports: {problem}")
+            say(f"warning: nsys at {loc.path}: {problem}; it may leave only a .qdstrm")
+            facts["importer_problem"] = problem
+        return facts
+
+    def _torch_usable(self, strict: bool) -> dict:
+        from gpudoctor.collect import torch_backend as tb
+
+        try:
+            prog = tb.parse_python_command(self.cmd)
+        except tb.NotPython as e:
+            raise GpudoctorError(
+                f"the torch backend runs a Python program in its own process, and {e} "
+                "(give the python command itself, e.g. -- python train.py; for several GPUs use --nproc N or "
+                "torchrun --nproc_per_node=N --no-python gpudoctor profile -- python train.py)") from None
+        exe = tb.resolve_interpreter(prog, self.env)
+        if exe is None:
+            raise GpudoctorError(f"{prog.interpreter}: command not found", 127)
+        if prog.mode == "script" and not os.path.exists(prog.target):
+            raise GpudoctorError(f"{prog.interpreter}: can't open file {prog.target!r}: no such file", 2)
+        probe = tb.probe_interpreter(exe, self.env)
+        if not probe.get("torch"):
+            raise GpudoctorError(f"torch is not installed for {exe}" + (f" ({probe['error']})" if probe.get("error") else ""))
+        return {"program": prog, "interpreter": exe, "probe": probe}
+
+    def _nvml_usable(self, strict: bool) -> dict:
+        from gpudoctor.collect import nvml
+
+        info = nvml.device_info(self.env)
+        if "error" in info:
+            raise GpudoctorError(f"the nvml backend needs NVML: {info['error']}" if strict else info["error"])
+        if not info.get("gpus"):
+            raise GpudoctorError("NVML sees no GPU visible to the program")
+        return {"nvml": info}
+
+    # ------------------------------------------------------------------ run directory
+
+    def choose_run_dir(self) -> Path:
+        from gpudoctor.collect.torch_backend import NotPython, parse_python_command
+
+        if self.args.output:
+            return Path(self.args.output)
+        try:
+            name = parse_python_command(self.cmd).name
+        except NotPython:
+            name = os.path.basename(self.cmd[0])
+        if self.multi:
+            key = job_key(self.env, self.rank_info)
+            if key is None:
+                raise GpudoctorError("this is one rank of a multi-rank job, and the launcher sets nothing that names "
+                                     "the job on every rank: pass the same -o DIR to every rank")
+            return rundir.default_run_dir(name, job_key=key)
+        return rundir.default_run_dir(name)
+
+    # ------------------------------------------------------------------ main flow
+
+    def run(self) -> int:
+        self.validate()
+        if self.args.nproc and self.args.nproc > 1:
+            return self.launch_ranks()
+        self.check_program()
+        run_dir = self.choose_run_dir()
+        backend, why, facts = self.choose_backend()
+        rundir.prepare(run_dir, self.args.force and not self.parent_dir, rank=self.rank, multi=self.multi,
+                       clear_shared=not self.parent_dir)
+        self.run_dir = run_dir
+        self.raw = run_dir / rundir.RAW
+        self.stem = rundir.file_stem(self.rank, self.multi)
+        say(f"{self.label}backend {backend}" + ("" if why == "asked for" else f" ({why})") + f"; run directory {run_dir}")
+
+        start_ns = time.time_ns()
+        gpu_info = self._gpu_info(facts)
+        sampler, nvml_summary = self._start_sampler(backend, gpu_info)
+        try:
+            result = {"nsys": self._run_nsys, "torch": self._run_torch, "nvml": self._run_plain}[backend](facts)
+        finally:
+            if sampler is not None:
+                nvml_summary = sampler.stop()
+        end_ns = time.time_ns()
+        if sampler is not None:
+            self._add_nvml_report(result, sampler, nvml_summary)
+        if self.args.kernels and result.exit_code == 0 and not result.interrupted_by:
+            self._run_kernels(result)
+        elif self.args.kernels:
+            result.notes.append("kernel metrics not collected: the program did not end successfully")
+
+        code = result.exit_code if result.exit_code is not None else 1
+        try:
+            manifest = self._manifest(backend, why, facts, gpu_info, nvml_summary, result, start_ns, end_ns)
+        except Exception as e:  # never lose the run over a fact we could not gather
+            _debug_traceback()
+            manifest = {"manifest_version": rundir.MANIFEST_VERSION, "gpudoctor_version": __version__,
+                        "command": self.cmd, "exit_code": code, "signal": result.signal,
+                        "interrupted_by": result.interrupted_by, "outcome": result.outcome(), "backend": backend,
+                        "rank": self.rank, "world_size": self.world_size, "reports": result.reports,
+                        "files": result.files, "problems": result.problems + [
+                            f"manifest incomplete: internal error {type(e).__name__}: {_one_line(e)}"]}
+        self._report_outcome(result, code)
+        if self.multi:
+            self._finish_rank(manifest)
+        else:
+            path = run_dir / rundir.MANIFEST
+            rundir.write_json(path, manifest)
+            analyze_and_record(run_dir, manifest, path)
+        return code
+
+    # ------------------------------------------------------------------ facts
+
+    def _gpu_info(self, facts: dict) -> dict:
+        if "nvml" in facts:
+            return facts["nvml"]
+        if self.args.no_nvml:
+            return {}
+        from gpudoctor.collect import nvml
+
+        return nvml.device_info(self.env)
+
+    def _sampler_devices(self, gpu_info: dict) -> list[int] | None:
+        """Every visible GPU for a single process; the rank's own (LOCAL_RANK-th) GPU for a rank."""
+        if not self.multi:
+            return None
+        gpus = [g["device_id"] for g in gpu_info.get("gpus", [])]
+        if not gpus:
+            return None
+        local = self.rank_info.local_rank if self.rank_info and self.rank_info.local_rank is not None else 0
+        return [gpus[local % len(gpus)]] if len(gpus) > 1 else gpus
+
+    def _start_sampler(self, backend: str, gpu_info: dict):
+        if self.args.no_nvml:
+            return None, {"enabled": False}
+        if "error" in gpu_info:
+            say(f"{self.label}{gpu_info['error']}: no NVML samples (continuing)")
+            return None, {"enabled": True, "error": gpu_info["error"]}
+        from gpudoctor.collect.nvml import NvmlSampler
+
+        path = self.raw / ("nvml.csv" if not self.multi else f"{self.stem}.nvml.csv")
+        sampler = NvmlSampler(path, devices=self._sampler_devices(gpu_info), interval_s=self.args.nvml_interval,
+                              env=self.env)
+        if not sampler.start():
+            say(f"{self.label}{sampler.error}: no NVML samples (continuing)")
+            return None, {"enabled": True, "error": sampler.error}
+        return sampler, {}
+
+    def _add_nvml_report(self, result: Result, sampler, summary: dict) -> None:
+        rel = self._rel(sampler.path)
+        summary["enabled"] = True
+        summary["path"] = rel
+        if sampler.samples:
+            result.reports.append({"path": rel, "format": "nvml_csv", "rank": self.rank or 0})
+        result.files.append({"path": rel, "kind": "nvml_csv", "rank": self.rank or 0})
+        self.nvml_summary = summary
+
+    def _rel(self, path: Path) -> str:
+        return os.path.relpath(path, self.run_dir)
+
+    # ------------------------------------------------------------------ backends
+
+    def _run_plain(self, facts: dict) -> Result:
+        """nvml backend: the program itself, NVML sampled beside it."""
+        res = Result()
+        sup = Supervisor(self.cmd, self.env, group=True)
+        res.program_start_ns = time.time_ns()
+        sup.start()
+        try:
+            rc = sup.wait()
+        finally:
+            sup.restore()
+        res.program_end_ns = time.time_ns()
+        res.exit_code, res.signal = _exit_code_of(rc)
+        res.interrupted_by = _signame(sup.interrupted_by)
+        return res
+
+    def _run_torch(self, facts: dict) -> Result:
+        from gpudoctor.collect import torch_backend as tb
+
+        res = Result()
+        prog, exe, probe = facts["program"], facts["interpreter"], facts["probe"]
+        trace = self.raw / f"{self.stem}.torch.json.gz"
+        status_path = self.raw / f"{self.stem}.torch-status.json"
+        shim = tempfile.mkdtemp(prefix="gpudoctor-path-") if not probe.get("gpudoctor") else None
+        try:
+            env = tb.child_env(self.env, probe, shim)
+            argv = tb.child_command(prog, exe, str(trace), str(status_path), self.args.delay, self.args.duration)
+            sup = Supervisor(argv, env, group=True)
+            res.program_start_ns = time.time_ns()
+            sup.start()
+            try:
+                rc = sup.wait()
+            finally:
+                sup.restore()
+            res.program_end_ns = time.time_ns()
+        finally:
+            if shim:
+                shutil.rmtree(shim, ignore_errors=True)
+        res.interrupted_by = _signame(sup.interrupted_by)
+        status = rundir.read_json(status_path)
+        if status is not None:
+            res.files.append({"path": self._rel(status_path), "kind": "torch_status", "rank": self.rank or 0})
+            res.exit_code = status.get("exit_code")
+            res.signal = status.get("signal")
+            res.program_start_ns = status.get("start_ns") or res.program_start_ns
+            res.program_end_ns = status.get("end_ns") or res.program_end_ns
+            res.notes += status.get("notes", [])
+            if status.get("error"):
+                res.problems.append(status["error"])
+            if status.get("exception"):
+                res.notes.append(f"the program raised {status['exception']}")
+            res.versions.update({k: status[k] for k in ("torch_version", "torch_cuda", "cudnn_version") if status.get(k)})
+            res.backend_facts = {k: status.get(k) for k in ("activities", "cuda_available", "device_count",
+                                                             "steps_marked", "profiled", "export_s", "trace_bytes")}
+        else:
+            res.exit_code, res.signal = _exit_code_of(rc)
+            res.problems.append("the program's process ended without gpudoctor's profiler writing its status"
+                                + (f" (it was killed by {res.signal})" if res.signal else "")
+                                + ": no torch.profiler trace")
+        if trace.exists() and trace.stat().st_size > 0:
+            rel = self._rel(trace)
+            res.reports.append({"path": rel, "format": "kineto_json", "rank": self.rank or 0})
+            res.files.append({"path": rel, "kind": "kineto_json", "rank": self.rank or 0})
+        elif status is not None and not status.get("error") and status.get("profiled"):
+            res.problems.append("torch.profiler wrote no trace")
+        return res
+
+    def _run_nsys(self, facts: dict) -> Result:
+        from gpudoctor.collect import nsys
+
+        a = self.args
+        res = Result()
+        res.versions["nsys"] = facts.get("version")
+        base = self.raw / self.stem
+        status_path = self.raw / f"{self.stem}.program.json"
+        user_args = nsys.split_user_args(a.nsys_args)
+        argv = nsys.profile_command(facts["path"], base, nsys.wrap_program(status_path, self.cmd), user_args,
+                                    a.delay, a.duration, a.capture_range)
+        env = nsys.profile_env(self.env, a.capture_range)
+        shown = nsys.profile_command(facts["path"], base, self.cmd, user_args, a.delay, a.duration, a.capture_range)
+        res.backend_facts = {"command": shown, "nsys_path": facts["path"], "found_by": facts["found_by"]}
+        def to_program(signum: int) -> bool:
+            # The first signal goes to the program (through its wrapper): nsys then sees it end and finishes
+            # its report the normal way. A second one goes to nsys as well.
+            wrapper = (rundir.read_json(status_path) or {}).get("wrapper_pid")
+            if not wrapper:
+                return False
+            try:
+                os.kill(wrapper, signum)
+                return True
+            except OSError:
+                return False
+
+        sup = Supervisor(argv, env, group=False, first_target=to_program)
+        timeout = a.nsys_timeout
+        state = {"deadline": None, "hung": False}
+
+        def poll():
+            if state["hung"]:
+                return
+            if state["deadline"] is None:
+                st = rundir.read_json(status_path)
+                if st and st.get("end_ns"):
+                    state["deadline"] = time.monotonic() + timeout
+                return
+            if time.monotonic() > state["deadline"]:
+                state["hung"] = True
+                say(f"{self.label}nsys has not finished {timeout:.0f} s after the program ended: stopping it "
+                    "(what it wrote is kept)")
+                sup.terminate()
+
+        res.program_start_ns = time.time_ns()
+        sup.start()
+        try:
+            rc = sup.wait(poll)
+        finally:
+            sup.restore()
+        res.interrupted_by = _signame(sup.interrupted_by)
+        st = rundir.read_json(status_path) or {}
+        if st:
+            res.files.append({"path": self._rel(status_path), "kind": "program_status", "rank": self.rank or 0})
+        if st.get("pid") and not st.get("end_ns"):
+            _stop_orphan(st["pid"], sup.interrupted_by or signal.SIGTERM)  # nsys went away, the program did not
+            st = rundir.read_json(status_path) or st
+        res.program_start_ns = st.get("start_ns") or res.program_start_ns
+        res.program_end_ns = st.get("end_ns") or time.time_ns()
+        if st.get("exit_code") is not None:
+            res.exit_code, res.signal = st["exit_code"], st.get("signal")
+            if st.get("error"):
+                res.started = False
+                res.problems.append(st["error"])
+        elif res.interrupted_by:
+            res.exit_code = 128 + int(signal.Signals[res.interrupted_by])
+        else:
+            res.started = bool(st)
+            res.exit_code = _exit_code_of(rc)[0] if rc else 1
+            res.problems.append(f"nsys failed (exit {rc})" + ("" if st else " before the program started")
+                                + ": see its messages above")
+        if state["hung"]:
+            res.problems.append(f"nsys did not finish its report within {timeout:.0f} s after the program ended "
+                                "and was stopped")
+        self._collect_nsys_outputs(res, facts, base)
+        return res
+
+    def _collect_nsys_outputs(self, res: Result, facts: dict, base: Path) -> None:
+        from gpudoctor.collect import nsys
+
+        rank = self.rank or 0
+        rep = base.with_name(base.name + ".nsys-rep")
+        qdstrm = base.with_name(base.name + ".qdstrm")
+        sqlite = base.with_name(base.name + ".sqlite")
+        if rep.exists():
+            res.files.append({"path": self._rel(rep), "kind": "nsys_rep", "rank": rank})
+            log = base.with_name(base.name + ".export.log")
+            why = nsys.export_sqlite(facts["path"], rep, sqlite, self.args.nsys_timeout, log)
+            if log.exists():
+                res.files.append({"path": self._rel(log), "kind": "log", "rank": rank})
+            if why is None:
+                res.files.append({"path": self._rel(sqlite), "kind": "nsys_sqlite", "rank": rank})
+                res.reports.append({"path": self._rel(sqlite), "format": "nsys_sqlite", "rank": rank})
+            else:
+                res.problems.append(f"{why}; the report is kept: {self._rel(rep)}")
+                res.reports.append({"path": self._rel(rep), "format": "nsys_rep", "rank": rank})
+        if qdstrm.exists():
+            res.files.append({"path": self._rel(qdstrm), "kind": "nsys_qdstrm", "rank": rank})
+            if not rep.exists():
+                why = facts.get("importer_problem") or nsys.importer_problem(facts["path"])
+                res.problems.append(f"nsys left only its raw stream {self._rel(qdstrm)} (no .nsys-rep)"
+                                    + (f": {why}" if why else "")
+                                    + f"; convert it later with: QdstrmImporter -i {self._rel(qdstrm)}")
+        if not rep.exists() and not qdstrm.exists():
+            res.problems.append("nsys wrote no report")
+
+    # ------------------------------------------------------------------ --kernels
+
+    def _run_kernels(self, res: Result) -> None:
+        from gpudoctor.collect import ncu
+
+        a = self.args
+        say(f"{self.label}collecting kernel metrics with Nsight Compute (runs the program again)")
+        base = self.raw / ("kernels" if not self.multi else f"{self.stem}.kernels")
+        try:
+            out = ncu.run_ncu(self.cmd, base, nvtx_range=a.nvtx_range, kernel_regex=a.kernel_regex,
+                              launch_skip=a.launch_skip, launch_count=a.launch_count)
+        except GpudoctorError as e:
+            res.problems.append(f"kernel metrics: {e}")
+            say(f"{self.label}kernel metrics: {e}")
+            return
+        except KeyboardInterrupt:
+            res.problems.append("kernel metrics: interrupted")
+            return
+        rank = self.rank or 0
+        for key, kind in (("report", "ncu_rep"), ("raw_csv", "ncu_csv"), ("details_csv", "ncu_details_csv"),
+                          ("log", "log")):
+            if out.get(key) and Path(out[key]).exists():
+                res.files.append({"path": self._rel(Path(out[key])), "kind": kind, "rank": rank})
+        if out.get("raw_csv") and Path(out["raw_csv"]).exists():
+            res.reports.append({"path": self._rel(Path(out["raw_csv"])), "format": "ncu_csv", "rank": rank})
+        if out.get("unavailable_metrics"):
+            res.notes.append(f"ncu: metrics this GPU lacks: {', '.join(out['unavailable_metrics'])}")
+        res.backend_facts["ncu_command"] = [str(x) for x in out.get("command", [])]
+
+    # ------------------------------------------------------------------ manifest
+
+    def _versions(self, res: Result, facts: dict) -> dict:
+        from importlib import metadata
+
+        v = {"gpudoctor": __version__, "python": platform.python_version()}
+        for dist, key in (("torch", "torch"), ("nvidia-ml-py", "pynvml")):
+            try:
+                v[key] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                pass
+        v.update({k: val for k, val in res.versions.items() if val})
+        if "torch_version" in v:
+            v["torch"] = v.pop("torch_version")  # what the program really ran with
+        return v
+
+    def _manifest(self, backend, why, facts, gpu_info, nvml_summary, res: Result, start_ns, end_ns) -> dict:
+        a = self.args
+        nvml_summary = getattr(self, "nvml_summary", nvml_summary)
+        code = res.exit_code
+        what = {
+            "completed": "the program ran to completion (exit 0)",
+            "failed": f"the program exited with {code}",
+            "interrupted": f"gpudoctor received {res.interrupted_by} and stopped the program (exit {code})",
+            "killed": f"the program was killed by {res.signal} (exit {code})",
+            "not_started": "the program did not start",
+        }[res.outcome()]
+        collected = ", ".join(sorted({r["format"] for r in res.reports})) or "nothing analyzable"
+        tools = {}
+        if backend == "nsys":
+            tools["nsys"] = {"path": facts.get("path"), "found_by": facts.get("found_by"),
+                             "version": facts.get("version")}
+        if backend == "torch":
+            tools["torch_profiler"] = {"interpreter": facts.get("interpreter")}
+        m = {
+            "manifest_version": rundir.MANIFEST_VERSION,
+            "gpudoctor_version": __version__,
+            "command": self.cmd,
+            "command_line": shlex.join(self.cmd),
+            "cwd": os.getcwd(),
+            "host": {"hostname": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count()},
+            "start_utc": rundir.iso(start_ns), "end_utc": rundir.iso(end_ns),
+            "start_ns": start_ns, "end_ns": end_ns, "wall_s": round((end_ns - start_ns) / 1e9, 3),
+            "program_start_ns": res.program_start_ns, "program_end_ns": res.program_end_ns,
+            "exit_code": code, "signal": res.signal, "interrupted_by": res.interrupted_by,
+            "outcome": res.outcome(),
+            "what_happened": f"{what}; collected: {collected}"
+                             + (f"; problems: {'; '.join(res.problems)}" if res.problems else ""),
+            "rank": self.rank, "world_size": self.world_size,
+            "local_rank": self.rank_info.local_rank if self.rank_info else None,
+            "rank_source": self.rank_info.source if self.rank_info else None,
+            "launcher": self.rank_info.launcher if self.rank_info else None,
+            "backend": backend, "backend_reason": why,
+            "options": {
+                "backend": a.backend, "nvml": not a.no_nvml, "nvml_interval_s": a.nvml_interval,
+                "nsys_args": a.nsys_args, "nsys_timeout_s": a.nsys_timeout, "delay_s": a.delay,
+                "duration_s": a.duration, "capture_range": a.capture_range, "force": a.force, "nproc": a.nproc,
+                "kernels": {"nvtx_range": a.nvtx_range, "kernel_regex": a.kernel_regex,
+                            "launch_skip": a.launch_skip, "launch_count": a.launch_count} if a.kernels else None,
+            },
+            "gpus": gpu_info.get("gpus", []),
+            "driver_version": gpu_info.get("driver_version"),
+            "cuda_driver_version": gpu_info.get("cuda_driver_version"),
+            "versions": self._versions(res, facts),
+            "tools": tools,
+            "backend_details": res.backend_facts,
+            "nvml": nvml_summary,
+            "reports": res.reports,
+            "files": res.files,
+            "notes": res.notes,
+            "problems": res.problems,
+        }
+        if gpu_info.get("error"):
+            m["nvml"] = dict(m["nvml"] or {}, error=gpu_info["error"])
+        return m
+
+    def _report_outcome(self, res: Result, code: int) -> None:
+        for p in res.problems:
+            say(f"{self.label}{p}")
+        if res.outcome() == "killed":
+            say(f"{self.label}the program was killed by {res.signal}")
+
+    # ------------------------------------------------------------------ multi-rank
+
+    def _finish_rank(self, manifest: dict) -> None:
+        run_dir = self.run_dir
+        rundir.write_json(run_dir / rundir.rank_manifest_name(self.rank), manifest)
+        with rundir.locked(run_dir):
+            per_rank = rundir.rank_manifests(run_dir)
+            if self.world_size:
+                per_rank = {k: v for k, v in per_rank.items() if k < self.world_size}
+            merged = rundir.merge_manifests(per_rank, self.world_size)
+            rundir.write_json(run_dir / rundir.MANIFEST, merged)
+            done = len(per_rank)
+            last = self.world_size is not None and done >= self.world_size
+        if self.parent_dir:
+            return  # the --nproc launcher analyzes the job
+        if last or (self.world_size is None and self.rank == 0):
+            analyze_and_record(run_dir, merged, run_dir / rundir.MANIFEST)
+        else:
+            say(f"{self.label}results saved in {run_dir}; {done} of {self.world_size or '?'} ranks done "
+                "(the last rank to finish analyzes the job)")
+
+    def launch_ranks(self) -> int:
+        """--nproc N: torchrun N ranks of `gpudoctor profile` into one run directory, then analyze it."""
+        a = self.args
+        self.check_program()
+        run_dir = self.choose_run_dir()
+        backend, why, _facts = self.choose_backend()  # resolved once, so every rank uses the same
+        rundir.prepare(run_dir, a.force)
+        say(f"launching {a.nproc} ranks with torchrun, backend {backend}"
+            + ("" if why == "asked for" else f" ({why})") + f"; run directory {run_dir}")
+        inner = ["-o", str(run_dir), "--backend", backend, "--nsys-timeout", str(a.nsys_timeout),
+                 "--nvml-interval", str(a.nvml_interval)]
+        if a.no_nvml:
+            inner.append("--no-nvml")
+        for opt, v in (("--nsys-args", a.nsys_args), ("--delay", a.delay), ("--duration", a.duration),
+                       ("--capture-range", a.capture_range)):
+            if v is not None:
+                inner += [opt, str(v)]
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc),
+                "-m", "gpudoctor", "profile", *inner, "--", *self.cmd]
+        env = dict(self.env, **{PARENT_ENV: str(run_dir.resolve())})
+        pkg_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        start_ns = time.time_ns()
+        sup = Supervisor(argv, env, group=False)  # torchrun forwards signals to its workers
+        sup.start()
+        try:
+            rc = sup.wait()
+        finally:
+            sup.restore()
+        end_ns = time.time_ns()
+        launched = {"tool": "torchrun", "nproc": a.nproc, "command": argv, "exit_code": _exit_code_of(rc)[0],
+                    "interrupted_by": _signame(sup.interrupted_by), "start_utc": rundir.iso(start_ns),
+                    "end_utc": rundir.iso(end_ns)}
+        per_rank = {k: v for k, v in rundir.rank_manifests(run_dir).items() if k < a.nproc}
+        if not per_rank:
+            say(f"no rank wrote its results (torchrun exit {rc}); nothing to analyze in {run_dir}")
+            rundir.write_json(run_dir / rundir.MANIFEST, {
+                "manifest_version": rundir.MANIFEST_VERSION, "gpudoctor_version": __version__, "command": self.cmd,
+                "cwd": os.getcwd(), "outcome": "not_started", "exit_code": _exit_code_of(rc)[0],
+                "what_happened": f"torchrun exited with {rc} before any rank finished", "reports": [], "files": [],
+                "launched_by": launched, "start_utc": rundir.iso(start_ns), "end_utc": rundir.iso(end_ns)})
+            return _exit_code_of(rc)[0] or 1
+        merged = rundir.merge_manifests(per_rank, a.nproc, launched_by=launched)
+        path = run_dir / rundir.MANIFEST
+        rundir.write_json(path, merged)
+        analyze_and_record(run_dir, merged, path)
+        code = merged.get("exit_code")
+        if code is None:
+            code = _exit_code_of(rc)[0]
+        if sup.interrupted_by and not code:
+            code = 128 + sup.interrupted_by
+        return int(code)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Analysis: one call
+
+
+def analyze_run_dir(run_dir: Path):
+    """Analyze every report of RUN_DIR as one run; write run.db and analysis.json. Returns the Analysis."""
+    from gpudoctor.pipeline import analyze_inputs
+    from gpudoctor.render.jsonout import render as render_json
+    from gpudoctor.store import rundb
+    from gpudoctor.store.atomic import atomic_write_text
+
+    for name in (rundir.RUN_DB, rundir.ANALYSIS):  # a stale one would be read instead of the reports
+        try:
+            (run_dir / name).unlink()
+        except FileNotFoundError:
+            pass
+    try:
+        analysis = analyze_inputs([str(run_dir)])
+    except GpudoctorError as e:
+        analysis = _analyze_with_nvml(run_dir, e)
+    rundb.save(analysis.trace, run_dir / rundir.RUN_DB)
+    atomic_write_text(run_dir / rundir.ANALYSIS, render_json(analysis))
+    return analysis
+
+
+def _analyze_with_nvml(run_dir: Path, error: GpudoctorError):
+    """Bridge for a pipeline that does not read "nvml_csv" reports yet: read the other reports through the
+    pipeline, add the NVML samples as counters, analyze. Re-raises ``error`` when NVML is not the cause."""
+    from gpudoctor.collect import nvml
+    from gpudoctor.model.trace import merge
+    from gpudoctor.pipeline import Analysis, analyze_trace, load_inputs
+
+    manifest = rundir.read_json(run_dir / rundir.MANIFEST) or {}
+    reports = manifest.get("reports", [])
+    samples = [r for r in reports if r.get("format") == "nvml_csv"]
+    if not samples or not any(Path(r["path"]).name in str(error) for r in samples):
+        raise error
+    others = [r for r in reports if r.get("format") != "nvml_csv"]
+    paths = [str(run_dir / r["path"]) for r in others]
+    ranks = {str(run_dir / r["path"]): r.get("rank") for r in others if r.get("rank") is not None}
+    trace, inputs, errors = load_inputs(paths, ranks) if paths else (None, [], [])
+    counters = [nvml.read_trace(run_dir / r["path"], r.get("rank")) for r in samples]
+    if trace is None:
+        if paths:
+            raise GpudoctorError("; ".join(errors) or str(error))
+        trace = merge(counters)
+    else:
+        import pandas as pd
+
+        from gpudoctor.model.trace import conform
+        trace.counters = conform("counters", pd.concat([trace.counters] + [c.counters for c in counters],
+                                                       ignore_index=True))
+    for c in counters:
+        inputs.extend(c.meta["inputs"])
+    trace.meta["inputs"] = inputs
+    rank_summaries, findings = analyze_trace(trace)
+    return Analysis(inputs=inputs, trace=trace, ranks=rank_summaries, findings=findings, errors=errors)
+
+
+def analyze_and_record(run_dir: Path, manifest: dict, manifest_path: Path) -> None:
+    """Analyze, print the findings, and record in the manifest how the analysis went. Never raises
+    (except KeyboardInterrupt): the program's exit code is what the command returns."""
+    if not manifest.get("reports"):
+        manifest["analysis"] = {"status": "skipped", "reason": "no analyzable report was collected"}
+        rundir.write_json(manifest_path, manifest)
+        say(f"nothing to analyze: no report was collected; see {manifest_path}")
+        return
+    t = time.monotonic()
+    try:
+        analysis = analyze_run_dir(run_dir)
+    except GpudoctorError as e:
+        _analysis_failed(run_dir, manifest, manifest_path, str(e))
+        return
+    except Exception as e:  # one line, never a traceback: the raw reports are safe
+        _debug_traceback()
+        _analysis_failed(run_dir, manifest, manifest_path, f"internal error: {type(e).__name__}: {_one_line(e)}")
+        return
+    manifest["analysis"] = {"status": "ok", "seconds": round(time.monotonic() - t, 3), "json": rundir.ANALYSIS,
+                            "run_db": rundir.RUN_DB, "findings": len(analysis.findings), "errors": analysis.errors}
+    rundir.write_json(manifest_path, manifest)
+    try:
+        from gpudoctor.render.terminal import render
+
+        render(analysis)
+    except Exception as e:
+        say(f"cannot print the analysis ({type(e).__name__}: {_one_line(e)}); it is in {run_dir / rundir.ANALYSIS}")
+    say(f"run saved in {run_dir} (manifest.json, raw/, run.db, analysis.json)")
+
+
+def _debug_traceback() -> None:
+    if os.environ.get("GPUDOCTOR_DEBUG"):
+        import traceback
+
+        traceback.print_exc()
+
+
+def _analysis_failed(run_dir: Path, manifest: dict, manifest_path: Path, why: str) -> None:
+    manifest["analysis"] = {"status": "failed", "error": why}
+    rundir.write_json(manifest_path, manifest)
+    say(f"analysis failed: {why}")
+    say(f"the raw reports are kept in {run_dir / rundir.RAW}; retry with: gpudoctor analyze {run_dir}")
+
