@@ -6,15 +6,17 @@ ceilings), the config, and caches that analyzers share (kernel-name masks, the l
 kernel -> CPU-op join).
 
 Tensor shapes (optional)
-    The trace model has no table for CPU operators. When a caller has them (torch.profiler with
-    ``record_shapes``), it may put a DataFrame in ``trace.meta["cpu_ops"]`` with the columns
-    ``rank, thread_id, start_ns, end_ns, name, input_dims, input_types`` (dims: list of lists of ints per
-    input, types: list of str such as "c10::BFloat16"), times on the run clock. Analyzers then use
-    shapes; without them they fall back to kernel names and timing (see docs/analyzers.md).
+    ``trace.cpu_ops`` (the model table; the Kineto reader fills it from torch.profiler ``cpu_op``
+    events) holds the operators with their input shapes as JSON text. ``ctx.ops`` is the rank's rows
+    with ``input_dims`` / ``input_types`` decoded (dims: list of lists of ints per input, types: list
+    of str such as "c10::BFloat16"), or None when no op of the rank has shapes (a profile taken
+    without ``record_shapes``, or an nsys trace). Analyzers then use shapes; without them they fall
+    back to kernel names and timing (see docs/analyzers.md).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -27,7 +29,8 @@ from gpudoctor.model.devices import DevicePeaks, peaks_for
 from gpudoctor.model.steps import StepWindow, find_steps, union_ns
 from gpudoctor.model.trace import Trace
 
-OPS_COLUMNS = ("rank", "thread_id", "start_ns", "end_ns", "name", "input_dims", "input_types")
+OPS_COLUMNS = ("rank", "thread_id", "start_ns", "end_ns", "name", "external_id", "input_dims", "input_types",
+               "sequence_number")
 
 _IDENT = re.compile(r"[A-Za-z_]\w*")
 _OPISH = re.compile(r"functor|_kernel(_cuda|_impl)?$|KernelImpl$|_impl$|Ops$|^launch_\w+", re.I)
@@ -253,15 +256,27 @@ def _device_name(trace: Trace, rank: int, kernels: pd.DataFrame) -> tuple[str, f
     return str(row["name"]), float(row["memory_bandwidth_bytes_per_s"])
 
 
+def _decode_json(col: pd.Series) -> np.ndarray:
+    """JSON texts -> Python values (lists), decoded once per distinct text; "" -> []."""
+    codes, uniq = pd.factorize(col.to_numpy(dtype=object))
+    out = np.empty(len(uniq), dtype=object)
+    for i, u in enumerate(uniq):  # one by one: a list of equal-length lists would broadcast
+        out[i] = json.loads(u) if u else []
+    return out[codes] if len(codes) else np.empty(0, dtype=object)
+
+
 def _ops_for_rank(trace: Trace, rank: int) -> pd.DataFrame | None:
-    ops = trace.meta.get("cpu_ops")
-    if not isinstance(ops, pd.DataFrame) or ops.empty:
+    """The rank's ``cpu_ops`` with shapes decoded, or None when none of them has shapes."""
+    ops = trace.cpu_ops
+    if ops.empty:
         return None
-    missing = set(OPS_COLUMNS) - set(ops.columns)
-    if missing:
-        raise ValueError(f"trace.meta['cpu_ops'] lacks columns {sorted(missing)}")
     ops = ops[ops["rank"].to_numpy() == rank]
-    return ops.reset_index(drop=True) if len(ops) else None
+    if ops.empty or not (ops["input_dims"].to_numpy(dtype=object) != "").any():
+        return None
+    ops = ops.reset_index(drop=True)
+    ops["input_dims"] = _decode_json(ops["input_dims"])
+    ops["input_types"] = _decode_json(ops["input_types"])
+    return ops
 
 
 def build_context(trace: Trace, rank: int, config: Config, rank_view: Trace | None = None) -> AnalysisContext:

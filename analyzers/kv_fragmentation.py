@@ -309,7 +309,10 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     elif has_vllm and np.isfinite(vl["running"].to_numpy(np.float64)).any():
         r = vl["running"].to_numpy(np.float64)
         seq_global, seq_src = float(r[np.isfinite(r)][-1]), "vllm.num_requests_running"
-    elif alloc is not None and alloc["pattern"] == "static_max_length":
+    elif alloc is not None and alloc["pattern"] == "static_max_length" and not (
+            not tok.empty and (tok["block"].to_numpy(np.float64) > 1).any()):
+        # identical buffers count requests only when nothing says the cache is paged (per-layer pools of a
+        # paged engine are identical too)
         seq_global, seq_src = float(alloc["allocations"]), "allocator: one buffer per request"
 
     waste = None

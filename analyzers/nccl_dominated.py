@@ -56,7 +56,7 @@ DEFAULTS = {
 }
 
 COMM_KERNEL = r"nccl|^(all_?reduce|all_?gather|reduce_?scatter|alltoall|sendrecv)|cross_device_reduce"
-P2P_KERNEL = r"nccl(?:Dev)?Kernel_(?:SendRecv|Send|Recv)\b|nccl(?:SendRecv|Send|Recv)Kernel"
+P2P_KERNEL = r"nccl(?:Dev)?Kernel_(?:SendRecv|Send|Recv)(?![a-z])|nccl(?:SendRecv|Send|Recv)Kernel"
 # Per-direction NVLink ceiling by GPU model (device name substrings), GB/s.
 _NVLINK_BY_NAME = (
     (re.compile(r"\b(gb|b)(200|300)\b", re.I), 900.0, "NVLink 5: 18 links x 50 GB/s per direction (B200 datasheet)"),

@@ -12,7 +12,7 @@ counts as bubble). Also reported: p2p_fraction (union of send/recv kernel time) 
 The ideal bubble of GPipe and 1F1B with p stages and m micro-batches is (p-1)/(m+p-1); interleaved 1F1B
 with v model chunks per stage: (p-1)/(v*m+p-1) (Narayanan et al., "Efficient Large-Scale Language Model
 Training on GPU Clusters Using Megatron-LM", SC'21). p: config pipeline_stages, else the number of ranks
-of the run (a pure pipeline); m: config microbatches, else the distinct indices of ranges named like
+with send/recv kernels, else of ranks in the run (a pure pipeline: with data parallelism too, give p); m: config microbatches, else the distinct indices of ranges named like
 ``microbatch_3`` / ``micro_batch 3`` / ``mb_3``; v: config virtual_stages (default 1).
 
 Severity on bubble_fraction: high >= bubble_fraction_high (0.4), medium >= bubble_fraction_medium (0.2),
@@ -81,6 +81,19 @@ def is_pipeline(trace) -> bool:
     return bool(len(c) and np.isin(c["op"].astype(str).to_numpy(), P2P_OPS).any())
 
 
+def stages(ctx, cfg: dict) -> tuple[int, str]:
+    """Pipeline stages p and where the number came from."""
+    if cfg.get("pipeline_stages"):
+        return int(cfg["pipeline_stages"]), "config"
+    run = getattr(ctx, "run_trace", None)
+    if run is not None and len(run.kernels):
+        mask = p2p_mask(run.kernels)
+        n = int(run.kernels.loc[mask, "rank"].nunique()) if mask.any() else 0
+        if n >= 2:
+            return n, "ranks with send/recv kernels"
+    return world_size(ctx.trace), "ranks in the run"
+
+
 def bubble_metrics(ctx) -> dict:
     k, mo = ctx.kernels, ctx.memops
     lo, hi = ctx.start_ns, ctx.end_ns
@@ -105,8 +118,7 @@ def analyze(ctx) -> list[Finding]:
     cfg = settings(ctx, ID, DEFAULTS)
     m = bubble_metrics(ctx)
     window = m["window_ns"]
-    p = int(cfg["pipeline_stages"]) if cfg.get("pipeline_stages") else world_size(ctx.trace)
-    p_source = "config" if cfg.get("pipeline_stages") else "ranks in the run"
+    p, p_source = stages(ctx, cfg)
     mb = int(cfg["microbatches"]) if cfg.get("microbatches") else microbatches_from_ranges(ctx.trace.ranges,
                                                                                          cfg["microbatch_pattern"])
     m_source = "config" if cfg.get("microbatches") else ("range names" if mb else "unknown")

@@ -16,8 +16,9 @@ and the ranks that wait on it (exposed communication per step at least half that
 slowest rank's own). Severity on excess / median step time: high >= excess_fraction_high (0.25), medium
 >= excess_fraction_medium (0.10), else info. estimated_saving_ns: the excess per step times the steady steps.
 
-This analyzer needs every rank at once: ``analyze_run(trace, config)``. ``analyze(ctx)`` (the per-rank
-interface) returns [] unless the context carries the whole run as ``ctx.run_trace``.
+This analyzer needs every rank at once: ``analyze_run(trace, config)``. Through the per-rank interface,
+``analyze(ctx)`` runs it on the whole run (``ctx.run_trace``) once, from the context of the run's first
+rank (the finding's rank is the slowest rank), and returns [] from the other ranks' contexts.
 """
 
 from __future__ import annotations
@@ -134,12 +135,11 @@ def _settings(config) -> dict:
     out = {k: v for k, (v, _) in DEFAULTS.items()}
     if config is None:
         return out
-    values = getattr(config, "values", None)
-    if values is not None:
-        src = values.get(ID) or {}
-    else:
-        src = {k.split(".", 1)[1] if k.startswith(ID + ".") else k: v for k, v in dict(config).items()
+    if isinstance(config, dict):
+        src = {k.split(".", 1)[1] if k.startswith(ID + ".") else k: v for k, v in config.items()
                if "." not in k or k.startswith(ID + ".")}
+    else:
+        src = (getattr(config, "values", None) or {}).get(ID) or {}
     out.update({k: v for k, v in src.items() if v is not None})
     return out
 

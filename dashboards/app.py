@@ -192,15 +192,19 @@ def create_app(runs: list[Run], prepare: bool = True):
     def communication(i: int, run: Run):
         a = run.analysis
         strag = F.straggler_frame(a.trace)
+        strag_f = F.straggler_findings_frame(a)
         cf = F.comm_findings_frame(a)
+        link = F.analysis_link_ceiling(a, run.ceilings)
         return html.Div([
             html.H3(f"Communication — {run.name}"),
-            dcc.Graph(id="comm-bw-graph", figure=F.comm_bandwidth_figure(a.trace, run.ceilings), config={"displaylogo": False}),
+            dcc.Graph(id="comm-bw-graph", figure=F.comm_bandwidth_figure(a.trace, run.ceilings, link), config={"displaylogo": False}),
             dcc.Graph(id="comm-fraction-graph", figure=F.comm_fraction_figure(a), config={"displaylogo": False}),
             html.H4("Exposed communication and bubbles (findings)"),
             _table("comm-findings-table", cf) if len(cf) else html.Em("No communication findings in this run."),
             html.H4("Stragglers (last rank to arrive at each collective)"),
             _table("straggler-table", strag) if len(strag) else html.Em("Needs collectives from two or more ranks."),
+            html.H4("Per-rank step time (stragglers analyzer)"),
+            _table("straggler-ranks-table", strag_f) if len(strag_f) else html.Em("No straggler finding in this run."),
         ])
 
     def memory(i: int, run: Run):

@@ -575,8 +575,9 @@ def link_ceiling(ceilings: dict | None) -> tuple[float | None, str]:
     return None, ""
 
 
-def comm_bandwidth_figure(trace: Trace, ceilings: dict | None = None) -> go.Figure:
-    """Bus bandwidth of every sized collective against its message size, per op; the link ceiling as a line."""
+def comm_bandwidth_figure(trace: Trace, ceilings: dict | None = None, link_bytes_per_s: float | None = None) -> go.Figure:
+    """Bus bandwidth of every sized collective against its message size, per op; the link ceiling as a line
+    (from ``ceilings``, else ``link_bytes_per_s``)."""
     d = collective_frame(trace)
     if d.empty:
         return empty_figure("no collectives with sizes in this run", "Collective bus bandwidth")
@@ -587,6 +588,8 @@ def comm_bandwidth_figure(trace: Trace, ceilings: dict | None = None) -> go.Figu
                                  hovertemplate="%{text}<br>bus bw %{y:.1f} GB/s<extra>" + op + "</extra>",
                                  marker={"size": 8, "opacity": 0.75}, meta={"points": int(len(g))}))
     link, key = link_ceiling(ceilings)
+    if not link and link_bytes_per_s:
+        link, key = float(link_bytes_per_s), "nccl_dominated"
     if link:
         fig.add_hline(y=link / 1e9, line_dash="dash", line_color="#d62728", annotation_text=f"link ceiling {link / 1e9:.0f} GB/s ({key})")
     fig.update_layout(template=_TEMPLATE, title="Collective bus bandwidth vs message size" + ("" if link else
@@ -596,16 +599,30 @@ def comm_bandwidth_figure(trace: Trace, ceilings: dict | None = None) -> go.Figu
     return fig
 
 
-COMM_ANALYZERS = ("nccl_dominated", "pipeline_bubbles")
+COMM_ANALYZERS = ("nccl_dominated", "pipeline_bubbles", "stragglers")
+
+
+def analysis_link_ceiling(analysis, ceilings: dict | None = None) -> float | None:
+    """Link ceiling (bytes/s): measured ceilings first, else what the nccl_dominated analyzer used."""
+    link, _ = link_ceiling(ceilings)
+    if link:
+        return link
+    for f in analysis.findings:
+        v = f.metrics.get("link_ceiling_gbps") if f.analyzer == "nccl_dominated" else None
+        if isinstance(v, (int, float)) and v > 0:
+            return float(v) * 1e9
+    return None
 
 
 def comm_findings_frame(analysis) -> pd.DataFrame:
-    """Per-rank exposed communication and pipeline bubbles: the metrics of those findings."""
+    """Per-rank exposed communication and pipeline bubbles: the (scalar) metrics of those findings."""
     rows = []
     for f in analysis.findings:
         if f.analyzer not in COMM_ANALYZERS and not any(re.search(r"exposed|bubble", k) for k in f.metrics):
             continue
         for k, v in f.metrics.items():
+            if k.startswith("_") or isinstance(v, (dict, list, tuple)):
+                continue
             rows.append({"rank": -1 if f.rank is None else int(f.rank), "analyzer": f.analyzer, "metric": k,
                          "value": _metric(v), "severity": f.severity})
     return pd.DataFrame(rows, columns=["rank", "analyzer", "metric", "value", "severity"])
@@ -629,6 +646,17 @@ def comm_fraction_figure(analysis) -> go.Figure:
     fig.update_layout(template=_TEMPLATE, barmode="group", title="Exposed communication and bubbles (% of window)",
                       height=360, yaxis_title="%", meta={"bars": int(len(df))})
     return fig
+
+
+def straggler_findings_frame(analysis) -> pd.DataFrame:
+    """The per-rank table of the stragglers analyzer (step time, compute and exposed comm per step)."""
+    for f in analysis.findings:
+        ranks = f.metrics.get("ranks") if f.analyzer == "stragglers" else None
+        if isinstance(ranks, list) and ranks and isinstance(ranks[0], dict):
+            df = pd.DataFrame(ranks)
+            keep = [c for c in df.columns if not c.startswith("window_")]
+            return df[keep]
+    return pd.DataFrame()
 
 
 def straggler_frame(trace: Trace) -> pd.DataFrame:

@@ -121,10 +121,13 @@ def build_report(analysis, name: str, ceilings: dict | None = None) -> str:
         parts.append("<section id='roofline'><h2>Roofline</h2>")
         parts.append(_figure_html(F.roofline_figure(trace, ceilings), "fig-roofline"))
         parts.append("</section>")
-    if not trace.collectives.empty:
+    if not trace.collectives.empty or any(f.analyzer in F.COMM_ANALYZERS for f in a.findings):
         parts.append("<section id='communication'><h2>Communication</h2>")
-        parts.append(_figure_html(F.comm_bandwidth_figure(trace, ceilings), "fig-comm"))
-        parts.append(_table_html(F.straggler_frame(trace)))
+        parts.append(_figure_html(F.comm_bandwidth_figure(trace, ceilings, F.analysis_link_ceiling(a, ceilings)), "fig-comm"))
+        parts.append("<h3>Stragglers (last rank to arrive at each collective)</h3>" + _table_html(F.straggler_frame(trace)))
+        sf = F.straggler_findings_frame(a)
+        if len(sf):
+            parts.append("<h3>Per-rank step time</h3>" + _table_html(sf))
         parts.append("</section>")
     if not trace.memory_events.empty or not trace.counters.empty:
         parts.append("<section id='memory'><h2>Memory</h2>")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -58,7 +57,17 @@ class Analysis:
             "ranks": [r.to_dict() for r in self.ranks],
             "findings": [f.to_dict() for f in findings],
             "dropped": self.dropped,
+            "gate": _gate_block(self),
         }
+
+
+def _gate_block(analysis) -> dict | None:
+    """What `gpudoctor gate` needs to compare this run later without the trace (per-step samples)."""
+    try:
+        from gpudoctor.gate.compare import gate_block
+    except ImportError:
+        return None
+    return gate_block(analysis)
 
 
 def _read_nsys_rep(path: Path, rank: int | None) -> Trace:
@@ -167,35 +176,53 @@ def load_inputs(paths: list[str], rank_map: dict[str, int] | None = None) -> tup
         inputs.extend(t.meta.get("inputs") or [{"path": str(p)}])
     if not traces:
         return None, inputs, errors
-    # ncu-only inputs add kernel metrics to the timeline of the same rank rather than claiming a rank.
-    timeline = [t for t in traces if not _metrics_only(t)]
-    metrics = [t for t in traces if _metrics_only(t)]
-    if timeline and metrics:
+    # Side inputs (ncu kernel metrics, memory snapshots, engine metrics) describe a timeline's rank rather
+    # than claiming a rank of their own.
+    timeline = [t for t in traces if not _side_input(t)]
+    side = [t for t in traces if _side_input(t)]
+    if timeline and side:
         merged = merge(timeline)
-        _attach_metrics(merged, metrics)
+        _attach_side_inputs(merged, side)
     else:
         merged = merge(traces)
     return merged, inputs, errors
 
 
-def _metrics_only(t: Trace) -> bool:
-    return len(t.kernel_metrics) > 0 and len(t.kernels) == 0
+SIDE_FORMATS = {"ncu_csv", "torch_memory_snapshot", "prometheus_text"}
 
 
-def _attach_metrics(trace: Trace, metric_traces: list[Trace]) -> None:
+def _side_input(t: Trace) -> bool:
+    return len(t.kernels) == 0 and bool(set(t.ranks["source_format"].astype(str)) & SIDE_FORMATS)
+
+
+def _attach_side_inputs(trace: Trace, side: list[Trace]) -> None:
     import pandas as pd
 
     from gpudoctor.model.trace import conform
-    km = pd.concat([trace.kernel_metrics] + [t.kernel_metrics for t in metric_traces], ignore_index=True)
-    try:
-        from gpudoctor.collect.ncu import join_to_timeline
-        km, unjoined = join_to_timeline(km, trace.kernels)
-        if unjoined:
-            trace.add_dropped(0, "ncu", "ncu kernel not found in the timeline (kept, unjoined)", int(unjoined))
-    except ImportError:
-        pass
-    trace.kernel_metrics = conform("kernel_metrics", km)
-    trace.meta.setdefault("inputs", []).extend(i for t in metric_traces for i in t.meta.get("inputs", []))
+    for name in ("kernel_metrics", "counters", "memory_events", "dropped"):
+        frames = [trace.table(name)] + [t.table(name) for t in side]
+        frames = [f for f in frames if len(f)]
+        if frames:
+            setattr(trace, name, conform(name, pd.concat(frames, ignore_index=True)))
+    if len(trace.kernel_metrics):
+        try:
+            from gpudoctor.collect.ncu import join_to_timeline
+            km, unjoined = join_to_timeline(trace.kernel_metrics, trace.kernels)
+            trace.kernel_metrics = conform("kernel_metrics", km)
+            if unjoined:
+                trace.add_dropped(0, "ncu", "ncu kernel not found in the timeline (kept, unjoined)", int(unjoined))
+        except ImportError:
+            pass
+    for t in side:
+        trace.meta.setdefault("inputs", []).extend(t.meta.get("inputs", []))
+        for k, v in t.meta.items():
+            if k == "inputs":
+                continue
+            if k == "memory_snapshot":  # one per rank: keep them all
+                cur = trace.meta.get(k)
+                trace.meta[k] = (cur if isinstance(cur, list) else [cur] if cur else []) + (v if isinstance(v, list) else [v])
+            else:
+                trace.meta.setdefault(k, v)
 
 
 def analyze_trace(trace: Trace, config=None) -> tuple[list[RankSummary], list]:
@@ -219,5 +246,3 @@ def analyze_inputs(paths: list[str], config=None, rank_map: dict[str, int] | Non
     return Analysis(inputs=inputs, trace=trace, ranks=ranks, findings=findings, errors=errors)
 
 
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

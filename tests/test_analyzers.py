@@ -8,13 +8,11 @@ tight so that a change in a reader or an analyzer that moves a number shows up h
 
 from __future__ import annotations
 
-import gzip
 import json
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from gpudoctor.analyzers import gpu_idle, low_tensor_core, registry, unfused_attention
@@ -23,7 +21,7 @@ from gpudoctor.analyzers.findings import SEVERITIES, Finding
 from gpudoctor.analyzers.registry import ANALYZERS, run_all
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.model import devices
-from gpudoctor.model.trace import Trace, conform, merge
+from gpudoctor.model.trace import Trace, conform, empty_frame, merge
 from gpudoctor.readers import kineto, nsys
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
@@ -39,11 +37,18 @@ def _read(name: str, source: str) -> Trace:
 
 
 def load(name: str, source: str, shapes: bool = False) -> Trace:
-    """A fresh Trace object sharing the cached tables (meta copied so tests can add to it)."""
+    """A fresh Trace object sharing the cached tables (meta copied so tests can add to it).
+
+    The Kineto reader fills ``cpu_ops`` (with shapes: the fixtures were recorded with record_shapes);
+    ``shapes=False`` empties it, to pin the analyzers' fallback on kernel names and timing.
+    """
     t = _read(name, source)
     out = Trace(**{n: df for n, df in t.tables()}, meta=dict(t.meta))
     if shapes:
-        out.meta["cpu_ops"] = kineto_cpu_ops(FIX / "torch" / f"{name}.torch.json.gz")
+        assert source == "torch" and len(out.cpu_ops), "shapes come from the torch.profiler trace"
+        out.cpu_ops = out.cpu_ops.copy()
+    else:
+        out.cpu_ops = empty_frame("cpu_ops")
     return out
 
 
@@ -56,30 +61,6 @@ def decode_config(name: str) -> Config:
     t = truth(name)
     return Config().update({"memory_bound_decode.model_bytes": t["weight_bytes"],
                             "memory_bound_decode.tokens_per_step": t["tokens_per_step"]})
-
-
-@lru_cache(maxsize=None)
-def _cpu_ops(path: Path) -> pd.DataFrame:
-    with gzip.open(path, "rt") as f:
-        doc = json.load(f)
-    base = int(doc.get("baseTimeNanoseconds", 0))
-    rows = []
-    for e in doc["traceEvents"]:
-        if e.get("cat") != "cpu_op" or e.get("ph") != "X":
-            continue
-        a = e.get("args", {})
-        ts = round(float(e["ts"]) * 1000)
-        rows.append((0, int(e["tid"]), ts + base, ts + round(float(e["dur"]) * 1000) + base, e["name"],
-                     a.get("Input Dims", []), a.get("Input type", [])))
-    return pd.DataFrame(rows, columns=["rank", "thread_id", "start_ns", "end_ns", "name", "input_dims", "input_types"])
-
-
-def kineto_cpu_ops(path: Path) -> pd.DataFrame:
-    """CPU ops with shapes (record_shapes) of a Kineto trace, in the format of AnalysisContext.ops.
-
-    The trace model has no table for them; this is what a reader would put in meta["cpu_ops"].
-    """
-    return _cpu_ops(path).copy()
 
 
 def one(findings: list[Finding], analyzer: str) -> Finding:
@@ -283,9 +264,10 @@ def test_low_tensor_core_prefers_nsight_compute_measurements():
 
 def test_low_tensor_core_flags_misaligned_half_gemms_from_shapes():
     t = load("mlp_bf16", "torch", shapes=True)
-    ops = t.meta["cpu_ops"]
+    ops = t.cpu_ops
     mm = ops["name"].isin(["aten::addmm", "aten::mm"])
-    ops.loc[mm, "input_dims"] = ops.loc[mm, "input_dims"].map(lambda d: [x if not x else x[:-1] + [4099] for x in d])
+    ops.loc[mm, "input_dims"] = ops.loc[mm, "input_dims"].map(
+        lambda d: json.dumps([x if not x else x[:-1] + [4099] for x in json.loads(d)]))
     f = one(run_all(t, only=["low_tensor_core"]), "low_tensor_core")
     assert f.metrics["misaligned_gemm_fraction"] > 0.5
     assert f.evidence["misaligned_examples"][0]["dtype"] == "c10::BFloat16"

@@ -507,3 +507,28 @@ def test_unknown_metric_and_user_metric_name(runs, tmp_path):
     o = GateOptions(user_metrics=[um])
     r = compare([runs["gate_base_a"]], [runs["gate_base_b"]], o)
     assert r.exit_code == 2 and metric(r, "tps").status == "error"
+
+
+def test_run_directory_manifest_versions(tmp_path):
+    from gpudoctor.store.rundb import save
+
+    trace = _traced(BASE_A)
+
+    def make(name, torch_version, cudnn):
+        d = tmp_path / name
+        d.mkdir()
+        save(trace, d / "run.db")
+        (d / "manifest.json").write_text(json.dumps({
+            "manifest_version": 1, "driver_version": "580.159.04", "cuda_driver_version": 13000,
+            "versions": {"torch": torch_version, "torch_cuda": "13.0", "cudnn_version": cudnn}, "reports": []}))
+        return d
+
+    a = make("a", "2.11.0+cu130", 91900)
+    b = make("b", "2.10.0+cu130", 91900)
+    c = make("c", "2.11.1+cu130", 91901)
+    ra, rb, rc = load_run(str(a)), load_run(str(b)), load_run(str(c))
+    assert ra.env["torch_version"] == "2.11.0+cu130" and ra.env["cudnn_version"] == "9.19.0"
+    with pytest.raises(GpudoctorError, match="PyTorch major.minor version"):
+        compare([ra], [rb])
+    r = compare([ra], [rc])  # patch releases: a note, not a refusal
+    assert r.exit_code == 0 and any("torch_version" in n for n in r.env_notes)

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from gpudoctor.errors import InputError
+from gpudoctor.model.schema import TABLES
 from gpudoctor.readers import kineto
 from gpudoctor.readers.kineto import read
 
@@ -183,6 +184,29 @@ def _assert_same_tables(a, b, skip=("ranks",)):
         pd.testing.assert_frame_equal(df, b.table(name), check_categorical=False, obj=name)
 
 
+def test_sample_cpu_ops_with_shapes(trace, raw):
+    """cpu_ops holds the SHAPE_OPS cpu_op events with exact times, ids and shapes as JSON text."""
+    want = sorted((e for e in _x(raw, "cpu_op")
+                   if e["name"] in kineto.SHAPE_OPS or e["name"].startswith(kineto.SHAPE_OP_PREFIXES)),
+                  key=lambda e: (e["ts"], int(e["tid"]), -e["dur"]))
+    ops = trace.cpu_ops
+    assert len(want) > 0 and len(ops) == len(want)
+    assert set(ops["name"]) >= {"aten::bmm", "aten::_softmax"}
+    assert (ops["rank"] == RANK).all()
+    assert ops["name"].tolist() == [e["name"] for e in want]
+    assert ops["thread_id"].tolist() == [int(e["tid"]) for e in want]
+    assert ops["start_ns"].tolist() == [_abs_ns(raw, e["ts"]) for e in want]
+    assert ops["end_ns"].tolist() == [_abs_ns(raw, e["ts"]) + int(e["dur"] * 1000) for e in want]
+    assert ops["external_id"].tolist() == [int(e["args"]["External id"]) for e in want]
+    assert ops["sequence_number"].tolist() == [int(e["args"].get("Sequence number", -1)) for e in want]
+    assert [json.loads(d) for d in ops["input_dims"]] == [e["args"]["Input Dims"] for e in want]
+    assert [json.loads(d) for d in ops["input_types"]] == [e["args"]["Input type"] for e in want]
+    # kernels launched inside an op carry its External id (the join analyzers can use)
+    ext = {int(e["args"]["External id"]) for e in want}
+    launched = [e for e in _x(raw, "kernel") if int(e["args"].get("External id", -1)) in ext]
+    assert launched
+
+
 def test_gzip_round_trip(trace, sample_path, tmp_path):
     gz = tmp_path / "attention.json.gz"
     gz.write_bytes(gzip.compress(sample_path.read_bytes()))
@@ -311,6 +335,71 @@ def test_collectives_ranges_memory(tmp_path):
     assert sorted(t.counters["name"].unique()) == ["memory_allocated_bytes", "memory_reserved_bytes"]
     assert t.devices["device_id"].tolist() == [3]  # seen in kernels, not listed in deviceProperties
     assert t.dropped_counts() == {}
+
+
+def _shape_op_events(n_steps=1):
+    events = [{"name": "process_labels", "ph": "M", "pid": 77, "tid": 0, "args": {"labels": "CPU"}}]
+    for i in range(n_steps):
+        t0 = 1000.0 + 100.0 * i
+        x = 10 * i
+        events += [
+            _ev("cpu_op", f"ProfilerStep#{i}", t0, 90.0, **{"External id": x + 1}),
+            _ev("cpu_op", "aten::linear", t0 + 1, 20.0, **{
+                "External id": x + 2, "Sequence number": 7 + i, "Input Dims": [[8, 1024], [4096, 1024], [4096]],
+                "Input type": ["c10::BFloat16", "c10::BFloat16", "c10::BFloat16"]}),
+            _ev("cpu_op", "aten::t", t0 + 2, 1.0, **{"External id": x + 3, "Input Dims": [[4096, 1024]]}),
+            _ev("cpu_op", "aten::addmm", t0 + 3, 10.0, **{
+                "External id": x + 4, "Input Dims": [[4096], [8, 1024], [1024, 4096], [], []],
+                "Input type": ["c10::BFloat16", "c10::BFloat16", "c10::BFloat16", "Scalar", "Scalar"]}),
+            _ev("cuda_runtime", "cudaLaunchKernel", t0 + 4, 2.0, correlation=x + 5, **{"External id": x + 4}),
+            _ev("kernel", "nvjet_tst_64x8_64x16_4x1_v_bz_TNN", t0 + 10, 5.0, pid=0, tid=7, device=0, stream=7,
+                correlation=x + 5, **{"External id": x + 4}),
+            _ev("cpu_op", "aten::conv2d", t0 + 30, 5.0, **{"External id": x + 6}),  # no shapes recorded
+            _ev("cpu_op", "aten::_scaled_dot_product_flash_attention", t0 + 40, 5.0,
+                **{"External id": x + 7, "Input Dims": [[1, 8, 128, 64]] * 3}),
+            _ev("cpu_op", "aten::mm_like", t0 + 50, 1.0),  # not an op of interest (exact names)
+            _ev("cpu_op", "aten::add", t0 + 60, 1.0, **{"External id": x + 8, "Input Dims": [[8], [8]]}),
+            _ev("python_function", "torch/nn/modules/linear.py(125): forward", t0, 30.0),
+        ]
+    return events
+
+
+def test_cpu_ops_table(tmp_path):
+    t = read(_write(tmp_path, _shape_op_events()))
+    assert t.meta["torch_profiler"]["parser"] == "stream"
+    assert t.meta["cpu_op_count"] == 8  # every cpu_op is counted, only the SHAPE_OPS ones are kept
+    ops = t.cpu_ops
+    assert ops["name"].tolist() == ["aten::linear", "aten::addmm", "aten::conv2d",
+                                    "aten::_scaled_dot_product_flash_attention"]
+    assert ops["start_ns"].tolist() == [BASE + 1_001_000, BASE + 1_003_000, BASE + 1_030_000, BASE + 1_040_000]
+    assert ops["end_ns"].tolist() == [BASE + 1_021_000, BASE + 1_013_000, BASE + 1_035_000, BASE + 1_045_000]
+    assert ops["thread_id"].tolist() == [77] * 4
+    assert ops["external_id"].tolist() == [2, 4, 6, 7]
+    assert ops["sequence_number"].tolist() == [7, -1, -1, -1]
+    assert ops["input_dims"].tolist() == ["[[8,1024],[4096,1024],[4096]]", "[[4096],[8,1024],[1024,4096],[],[]]",
+                                          "", "[[1,8,128,64],[1,8,128,64],[1,8,128,64]]"]
+    assert json.loads(ops["input_types"].iat[1]) == ["c10::BFloat16"] * 3 + ["Scalar"] * 2
+    assert ops["input_types"].iat[2] == ""
+    assert ops.columns.tolist() == [c for c, _, _ in TABLES["cpu_ops"]]
+    # the ProfilerStep still becomes a range, the kernel a kernel
+    assert t.ranges["text"].tolist() == ["ProfilerStep#0"] and len(t.kernels) == 1
+    assert t.dropped_counts() == {}
+
+
+def test_cpu_ops_stream_and_whole_agree(tmp_path, monkeypatch):
+    events = _shape_op_events(n_steps=200)
+    streamed = read(_write(tmp_path, events, name="a.json"))
+    whole = read(_write(tmp_path, events, name="b.json", indent=None))
+    assert streamed.meta["torch_profiler"]["parser"] == "stream"
+    assert whole.meta["torch_profiler"]["parser"].startswith("whole")
+    assert len(streamed.cpu_ops) == 4 * 200
+    _assert_same_tables(streamed, whole)
+    assert streamed.meta["cpu_op_count"] == whole.meta["cpu_op_count"] == 8 * 200
+    # tiny blocks: regions end on every kind of event, ops taken back go after the region's last one
+    monkeypatch.setattr(kineto, "_BLOCK", 2048)
+    small = read(_write(tmp_path, events, name="c.json"))
+    assert small.meta["torch_profiler"]["parser"] == "stream"
+    _assert_same_tables(streamed, small)
 
 
 def test_rank_resolution(tmp_path):

@@ -586,14 +586,14 @@ class _MetricsServer:
             def do_GET(self):  # noqa: N802
                 i = outer.requests
                 outer.requests += 1
+                if stop_after is not None and outer.requests >= stop_after and stop_event is not None:
+                    stop_event.set()  # before answering: the client sees it as soon as it has the answer
                 body = bodies[min(i, len(bodies) - 1)].encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
-                if stop_after is not None and outer.requests >= stop_after and stop_event is not None:
-                    stop_event.set()
 
             def log_message(self, *args):
                 pass

@@ -161,6 +161,8 @@ def test_rank_row_and_meta(trace):
         "inputs": [{"path": str(SAMPLE), "format": "nsys_sqlite", "rank": 0}],
         "nsys_version": SAMPLE_NSYS_VERSION,
         "export_schema": SAMPLE_EXPORT_SCHEMA,
+        "driver_version": "580.159.04",
+        "cuda_driver_version": "13000",
     }
     for name, df in trace.tables():
         assert (df["rank"] == 0).all(), name

@@ -192,11 +192,27 @@ def test_signal_stops_program_keeps_data(tmp_path, sig):
 
 def test_torch_delay_window_follows_steps(tmp_path):
     run = tmp_path / "run"
-    p = profile("--backend", "torch", "--no-nvml", "--delay", "0.5", "-o", str(run), "--", "python", TRAIN,
-                "--steps", "8", "--sleep", "0.2")
+    code = ("import time, torch, gpudoctor.annotate as ga\nga.step()\n"
+            "for i in range(30):\n    torch.ones(8).sum()\n    time.sleep(0.1)\n    ga.step()")
+    p = profile("--backend", "torch", "--no-nvml", "--delay", "1", "--duration", "1", "-o", str(run), "--",
+                "python", "-c", code)
     assert p.returncode == 0, p.stderr
     prof = manifest(run)["backend_details"]["profiled"]
-    assert prof["started"].startswith("step ") and "--delay 0.5" in prof["started"]
+    assert prof["started"].startswith("step ") and "(after --delay 1 s)" in prof["started"]
+    assert prof["stopped"].startswith("step ") and "(after --duration 1 s)" in prof["stopped"]
+
+
+def test_torch_clock_window_without_steps(tmp_path):
+    run = tmp_path / "run"
+    code = "import time, torch\nfor i in range(40):\n    torch.ones(64).sum()\n    time.sleep(0.1)"
+    p = profile("--backend", "torch", "--no-nvml", "--delay", "1", "--duration", "1", "-o", str(run), "--",
+                "python", "-c", code)
+    assert p.returncode == 0, p.stderr
+    m = manifest(run)
+    prof = m["backend_details"]["profiled"]
+    assert prof["started"].startswith("clock (--delay 1 s") and prof["stopped"].startswith("clock (--duration 1 s")
+    assert 0.8e9 < prof["end_ns"] - prof["start_ns"] < 3e9
+    assert any("marks no steps" in n for n in m["notes"])
 
 
 def test_program_calling_os_exit_keeps_trace(tmp_path):

@@ -186,40 +186,49 @@ class _Signalled(BaseException):
         self.signum = signum
 
 
-class _Window:
-    """Starts/stops the profiler: at start, at step boundaries or on a timer (--delay/--duration)."""
+# A real-time signal that wakes the main thread for a clock-driven window (torch.profiler must be started
+# and stopped on the thread that created it: from any other thread Kineto crashes the process).
+_TIMER_SIGNAL = (signal.SIGRTMIN + 7) if hasattr(signal, "SIGRTMIN") and signal.SIGRTMIN + 7 <= signal.SIGRTMAX else None
 
-    def __init__(self, prof, delay_s: float | None, duration_s: float | None, t0: float, status: dict):
+
+class _Window:
+    """Starts/stops the profiler (always on the main thread): at program start, at step boundaries, or
+    -- for programs that mark no steps -- when the clock says so (--delay/--duration)."""
+
+    def __init__(self, prof, delay_s: float | None, duration_s: float | None, status: dict):
         self.prof = prof
         self.delay = delay_s or 0.0
         self.duration = duration_s
-        self.t0 = t0
+        self.t0 = time.monotonic()
         self.status = status
-        self.lock = threading.RLock()
         self.state = "waiting"  # waiting -> recording -> stopped
         self.steps = 0  # step() calls seen
-        self.steps_recorded = 0
         self.started_at = 0.0
-        self.how = ""
+        self._busy = False  # inside on_step: the timer signal must not act
         self._timer: threading.Thread | None = None
         self._quit = threading.Event()
+        self._main = threading.main_thread().ident
 
     def begin(self) -> None:
+        self.t0 = time.monotonic()  # --delay counts from the program's start, not from our set-up
         if self.delay <= 0:
             self._start("program start")
-        if self.delay > 0 or self.duration:
+        if (self.delay > 0 or self.duration) and _TIMER_SIGNAL is not None \
+                and threading.current_thread() is threading.main_thread():
+            import torch
+
+            hasattr(torch, "_inductor")  # what start() imports lazily: not from inside a signal handler
+            signal.signal(_TIMER_SIGNAL, self._on_timer_signal)
             self._timer = threading.Thread(target=self._timer_loop, name="gpudoctor-window", daemon=True)
             self._timer.start()
 
     def _start(self, how: str, at_step: bool = False) -> None:
-        if at_step and hasattr(self.prof, "record_steps"):
-            self.prof.record_steps = True  # ProfilerStep ranges from here on
-        elif hasattr(self.prof, "record_steps"):
-            self.prof.record_steps = False  # until the program marks its first step
+        if hasattr(self.prof, "record_steps"):
+            # ProfilerStep ranges from a step boundary on; from the program start only once it marks a step
+            self.prof.record_steps = at_step
         self.prof.start()
         self.state = "recording"
         self.started_at = time.monotonic()
-        self.how = how
         self.status["profiled"] = {"start_ns": time.time_ns(), "started": how}
 
     def _stop(self, how: str) -> None:
@@ -231,9 +240,10 @@ class _Window:
 
     def on_step(self) -> None:
         """Called by gpudoctor.annotate.step() in the program's thread."""
-        if os.getpid() != self.status["pid"]:  # a forked child: its copy of the profiler is not ours
-            return
-        with self.lock:
+        if os.getpid() != self.status["pid"] or threading.get_ident() != self._main:
+            return  # a forked child's copy, or another thread: the profiler is the main thread's
+        self._busy = True
+        try:
             self.steps += 1
             now = time.monotonic()
             if self.state == "waiting":
@@ -248,33 +258,49 @@ class _Window:
             if hasattr(self.prof, "record_steps") and not self.prof.record_steps:
                 self.prof.record_steps = True  # the first mark opens ProfilerStep#1
             self.prof.step()
-            self.steps_recorded += 1
+        finally:
+            self._busy = False
 
     def _timer_loop(self) -> None:
-        # Without step marks the window can only follow the clock.
-        if self.delay > 0 and not self._quit.wait(self.delay):
-            with self.lock:
-                if self.state == "waiting" and self.steps == 0:
-                    self._start(f"timer (--delay {self.delay:g} s; the program marks no steps)")
-        if self.duration:
-            while not self._quit.wait(0.05):
-                with self.lock:
-                    if self.state != "recording":
-                        if self.state == "stopped":
-                            return
-                        continue
-                    if self.steps == 0 and time.monotonic() - self.started_at >= self.duration:
-                        self._stop(f"timer (--duration {self.duration:g} s; the program marks no steps)")
-                        return
+        """Signals the main thread when the clock calls for a start or a stop, until steps take over."""
+        last = 0.0
+        while not self._quit.wait(0.05):
+            if self.steps or self.state == "stopped":
+                return
+            now = time.monotonic()
+            due = (self.state == "waiting" and now - self.t0 >= self.delay) or (
+                self.state == "recording" and self.duration and now - self.started_at >= self.duration)
+            if due and now - last > 0.5:
+                last = now
+                try:
+                    signal.pthread_kill(self._main, _TIMER_SIGNAL)
+                except (OSError, ValueError):
+                    return
+
+    def _on_timer_signal(self, signum, frame) -> None:
+        if self._busy or self.steps or os.getpid() != self.status["pid"]:
+            return
+        now = time.monotonic()
+        try:
+            if self.state == "waiting" and now - self.t0 >= self.delay:
+                self._start(f"clock (--delay {self.delay:g} s; the program marks no steps yet)")
+            elif self.state == "recording" and self.duration and now - self.started_at >= self.duration:
+                self._stop(f"clock (--duration {self.duration:g} s; the program marks no steps)")
+        except Exception as e:  # never into the program
+            self.status.setdefault("notes", []).append(f"profiler window: {type(e).__name__}: {e}")
 
     def finish(self) -> bool:
-        """Stop for good; True when something was recorded."""
+        """Stop for good (main thread); True when something was recorded."""
         self._quit.set()
-        with self.lock:
-            if self.state == "recording":
-                self._stop("program end")
-            recorded = self.state == "stopped"
-            self.state = "stopped"
+        if _TIMER_SIGNAL is not None and self._timer is not None:
+            try:
+                signal.signal(_TIMER_SIGNAL, signal.SIG_IGN)
+            except (ValueError, OSError):
+                pass
+        if self.state == "recording":
+            self._stop("program end")
+        recorded = self.state == "stopped"
+        self.state = "stopped"
         return recorded
 
 
@@ -400,7 +426,6 @@ def main(argv: list[str] | None = None) -> None:
     trace_path, status_path = opts["--trace"], opts["--status"]
     delay = float(opts.get("--delay", 0) or 0)
     duration = float(opts.get("--duration", 0) or 0) or None
-    t0 = time.monotonic()
     status: dict = {"pid": os.getpid(), "start_ns": time.time_ns(), "trace": None, "exit_code": None,
                     "signal": None, "exception": None, "notes": []}
 
@@ -415,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         activities.append(ProfilerActivity.CUDA)
     status["activities"] = [a.name for a in activities]
     prof = profile(activities=activities, record_shapes=True)
-    window = _Window(prof, delay, duration, t0, status)
+    window = _Window(prof, delay, duration, status)
     annotate._set_backend_step_hook(window.on_step)
 
     owner = os.getpid()
@@ -450,6 +475,8 @@ def main(argv: list[str] | None = None) -> None:
         if (delay or duration) and window.steps == 0:
             status["notes"].append("the program marks no steps (gpudoctor.annotate.step()): "
                                    "the --delay/--duration window followed the clock")
+        elif (delay or duration) and window.steps and _TIMER_SIGNAL is None:
+            status["notes"].append("the --delay/--duration window could only follow step marks here")
         try:
             _atomic_json(status_path, status)
         except OSError as e:

@@ -352,6 +352,37 @@ def environment(trace: Trace) -> dict:
     return env
 
 
+def _cudnn_text(v) -> str:
+    """cuDNN's integer version: 91900 = 9.19.0 (cuDNN 9+), 8902 = 8.9.2 (cuDNN 8)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = int(v)
+        if v >= 10000:
+            return f"{v // 10000}.{(v % 10000) // 100}.{v % 100}"
+        return f"{v // 1000}.{(v % 1000) // 100}.{v % 100}"
+    return str(v)
+
+
+def manifest_env(run_dir: Path) -> dict:
+    """Driver and software versions a run directory's manifest.json records (gpudoctor profile)."""
+    try:
+        m = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(m, dict):
+        return {}
+    v = m.get("versions") if isinstance(m.get("versions"), dict) else {}
+    out = {}
+    for key, val in (("driver_version", m.get("driver_version")), ("cuda_driver_version", m.get("cuda_driver_version")),
+                     ("torch_version", v.get("torch")), ("cuda_runtime_version", v.get("torch_cuda")),
+                     ("nccl_version", v.get("nccl_version") or v.get("nccl"))):
+        if val not in (None, ""):
+            out[key] = _version_text(val)
+    cudnn = v.get("cudnn_version") or v.get("cudnn")
+    if cudnn not in (None, ""):
+        out["cudnn_version"] = _cudnn_text(cudnn)
+    return out
+
+
 def _version_text(v) -> str:
     """CUDA writes versions as 13000 (13.0) or 12040 (12.4); strings pass through."""
     if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1000:
@@ -602,6 +633,8 @@ def load_run(spec: str, analyzer_config=None, user_metrics: list[UserMetric] | N
     ranks, findings, notes = _analyze(trace, analyzer_config)
     is_run_dir = len(paths) == 1 and paths[0].is_dir() and ((paths[0] / "manifest.json").exists() or (paths[0] / "run.db").exists())
     run = run_from_trace(trace, ranks, findings, label, source="run_dir" if is_run_dir else "trace")
+    if is_run_dir:
+        run.env.update(manifest_env(paths[0]))
     run.notes.extend(notes)
     if user_metrics:
         read_user_metrics(paths, user_metrics, run)

@@ -153,6 +153,20 @@ TABLES: dict[str, list[tuple[str, str, object]]] = {
         ("sm_clock_hz", "f8", float("nan")),
         ("kernel_row", "i8", -1),  # index into kernels of the same rank when joined to a timeline, else -1
     ],
+    # Host-side framework operators (PyTorch ``aten::`` ops from torch.profiler ``cpu_op`` events) with
+    # their input shapes (``record_shapes``). Readers keep only the operators analyzers use (matrix
+    # products, attention, convolution, softmax: ``gpudoctor.readers.kineto.SHAPE_OPS``), not every op.
+    "cpu_ops": [
+        ("rank", "i8", 0),
+        ("thread_id", "i8", -1),
+        ("start_ns", "i8", 0),
+        ("end_ns", "i8", 0),
+        ("name", "cat", ""),  # e.g. aten::addmm
+        ("external_id", "i8", -1),  # Kineto "External id": the same id is on the kernels/launches it caused
+        ("input_dims", "str", ""),  # JSON text of "Input Dims": a list per input ([] if not a tensor); "" = none
+        ("input_types", "str", ""),  # JSON text of "Input type", e.g. ["c10::BFloat16", "Scalar"]; "" = none
+        ("sequence_number", "i8", -1),  # autograd sequence number (pairs forward and backward ops)
+    ],
     # Events that a reader could not place, counted by reason. Never silently dropped.
     "dropped": [
         ("rank", "i8", 0),

@@ -72,6 +72,7 @@ class Trace:
     counters: pd.DataFrame = field(default_factory=lambda: empty_frame("counters"))
     memory_events: pd.DataFrame = field(default_factory=lambda: empty_frame("memory_events"))
     kernel_metrics: pd.DataFrame = field(default_factory=lambda: empty_frame("kernel_metrics"))
+    cpu_ops: pd.DataFrame = field(default_factory=lambda: empty_frame("cpu_ops"))
     dropped: pd.DataFrame = field(default_factory=lambda: empty_frame("dropped"))
     meta: dict = field(default_factory=dict)
 

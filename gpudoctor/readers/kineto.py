@@ -7,7 +7,8 @@ Parsing and memory
     Kineto writes every event of ``traceEvents`` as a block that starts on a new line at a fixed
     indentation (``"\\n  {"``). The reader streams the file in 16 MB blocks, cuts the array at those
     event starts, drops unparsed the events the model does not use (recognized by their first bytes:
-    most cpu_op, python_function, gpu_user_annotation and flow events; they are only counted), parses
+    most cpu_op, python_function, gpu_user_annotation and flow events; they are only counted; the
+    cpu_ops kept, ``SHAPE_OPS``, are recognized by name the same way), parses
     the rest of the batch with orjson (stdlib json when orjson is missing) and turns it into numpy
     columns before reading on, so only one batch of parsed dicts is alive at a time. A cut in a wrong
     place can only make a batch invalid JSON, never a different valid one; on any failure the reader
@@ -31,10 +32,14 @@ What becomes what
     kernel -> kernels (+ collectives for NCCL kernels); gpu_memcpy / gpu_memset -> memops;
     cuda_runtime / cuda_driver -> api_calls; user_annotation -> ranges (domain "record_function"),
     ProfilerStep#N (cpu_op or user_annotation) -> ranges (domain "profiler_step"), with depth and GPU
-    projection; CUDA "[memory]" instants -> memory_events and counters; deviceProperties -> devices.
-    cpu_op, python_function, gpu_user_annotation and the other known Kineto categories are not part
-    of the model: they are counted in ``meta["torch_profiler"]["event_counts"]`` (and cpu_op also in
-    ``meta["cpu_op_count"]``). Unknown categories and unusable events are counted in ``dropped``.
+    projection; CUDA "[memory]" instants -> memory_events and counters; deviceProperties -> devices;
+    cpu_op events of the operators analyzers use (``SHAPE_OPS``: matrix products, attention,
+    convolution, softmax) -> cpu_ops, with ``External id``, ``Sequence number`` and, when the profile
+    was taken with ``record_shapes``, ``Input Dims`` / ``Input type`` as JSON text. The other cpu_op
+    events, python_function, gpu_user_annotation and the other known Kineto categories are not part
+    of the model: they are counted in ``meta["torch_profiler"]["event_counts"]`` (cpu_op, all of
+    them, also in ``meta["cpu_op_count"]``). Unknown categories and unusable events are counted in
+    ``dropped``.
 """
 
 from __future__ import annotations
@@ -102,6 +107,23 @@ _PROFILER_STEP = "ProfilerStep#"
 _PARAM_COMMS = "record_param_comms"
 _SPECIAL_CPU_OPS = (_PROFILER_STEP, _PARAM_COMMS)
 
+# cpu_op events kept in the cpu_ops table (the rest are only counted): the operators whose shapes the
+# analyzers read (matrix products, softmax: analyzers/low_tensor_core.py MM_OPS, unfused_attention.py
+# GEMM_OPS / SOFTMAX_OPS) and their close kin (linear, attention, convolution). Few per step, so
+# parsing them costs little; elementwise ops (thousands per step) stay unparsed.
+SHAPE_OPS = frozenset({
+    "aten::mm", "aten::bmm", "aten::matmul", "aten::addmm", "aten::baddbmm", "aten::addbmm",
+    "aten::_addmm_activation", "aten::addmv", "aten::mv", "aten::dot", "aten::linear", "aten::einsum",
+    "aten::_scaled_mm", "aten::_int_mm", "aten::scaled_dot_product_attention",
+    "aten::softmax", "aten::_softmax", "aten::_softmax_backward_data", "aten::_masked_softmax",
+    "aten::_convolution", "aten::convolution", "aten::convolution_backward",
+})
+# ... and every op whose name starts with one of these.
+SHAPE_OP_PREFIXES = (
+    "aten::_scaled_dot_product_", "aten::_flash_attention_", "aten::_efficient_attention_",
+    "aten::_cudnn_attention_", "aten::conv", "aten::cudnn_convolution",
+)
+
 _NCCL_RE = re.compile(r"nccl", re.I)
 _NCCL_OP_RE = re.compile(
     r"(AllReduce|AllGather|ReduceScatter|Broadcast|AllToAll|SendRecv|Send|Recv|Reduce)", re.I)
@@ -160,6 +182,9 @@ _SKIP_RE = re.compile(
     rb'\s*"ph"\s*:\s*"(?:([stf])"|X"\s*,\s*"cat"\s*:\s*"(cpu_op|python_function|gpu_user_annotation)"\s*,'
     rb'\s*"name"\s*:\s*"(?!ProfilerStep#|record_param_comms"))')
 _SPECIAL_NAMES = (b"ProfilerStep#", b'record_param_comms"')
+# How the names of the cpu_ops kept begin in the raw text (after the opening quote).
+_SHAPE_OP_NAMES = tuple(sorted(n.encode() + b'"' for n in SHAPE_OPS)) + tuple(
+    p.encode() for p in SHAPE_OP_PREFIXES)
 _SKIP_KEYS = {b"s": ("flow", None), b"t": ("flow", None), b"f": ("flow", None), b"cpu_op": ("X", "cpu_op"),
               b"python_function": ("X", "python_function"), b"gpu_user_annotation": ("X", "gpu_user_annotation")}
 _TE_KEY_RE = re.compile(rb'"traceEvents"\s*:\s*\[')
@@ -324,9 +349,10 @@ def _stream(path: Path, acc: "_Accumulator") -> dict:
 class _Skipper:
     """Recognizes, by their first bytes, the events the model does not use, so they are never parsed.
 
-    Those are most of a trace: cpu_op (except ProfilerStep#N and record_param_comms), python_function,
-    gpu_user_annotation and flow events. The exact prefixes (Kineto's layout) are learned with a regex
-    from the first events of each region; after that the test is a plain ``bytes.startswith``. An event
+    Those are most of a trace: cpu_op (except ProfilerStep#N, record_param_comms and ``SHAPE_OPS``),
+    python_function, gpu_user_annotation and flow events. The exact prefixes (Kineto's layout) are
+    learned with a regex from the first events of each region; after that the test is a plain
+    ``bytes.startswith`` (the exceptions: prefix + name, taken back from the skipped events). An event
     written differently is simply parsed (and then handled the same way), so this is only a shortcut.
     """
 
@@ -354,8 +380,10 @@ class _Skipper:
         if new:
             prefixes = [pre for pres in self.by_key.values() for pre in pres]
             self.skip = tuple(prefixes)
-            self.special = tuple(pre + s for pre in prefixes if pre.rstrip().endswith(b'"')
-                                 for s in _SPECIAL_NAMES)
+            special = [pre + s for pre in prefixes if pre.rstrip().endswith(b'"') for s in _SPECIAL_NAMES]
+            cpu_op = self.by_key.get(_SKIP_KEYS[b"cpu_op"], ())
+            special += [pre + s for pre in cpu_op for s in _SHAPE_OP_NAMES]
+            self.special = tuple(special)
 
     def split(self, region: bytes, sep: bytes) -> tuple[list, Counter]:
         """Pieces to parse, and counts of the skipped ones by (ph, cat)."""
@@ -363,11 +391,16 @@ class _Skipper:
         self.learn(pieces)
         if not self.skip:
             return pieces[1:], Counter()
+        # Every piece but the region's last ends with its comma; give the last one too, since the
+        # events taken back below go after it.
+        last = pieces[-1].rstrip(b" \t\r\n")
+        if len(pieces) > 1 and not last.endswith(b","):
+            pieces[-1] = last + b","
         skip = list(map(bytes.startswith, pieces, repeat(self.skip)))
         kept = list(compress(pieces, map(operator.not_, skip)))
         skipped = list(compress(pieces, skip))
         del pieces, skip
-        # ProfilerStep#N / record_param_comms share the prefix of their category: take them back.
+        # ProfilerStep#N / record_param_comms / SHAPE_OPS share the prefix of their category: take them back.
         special_flags = list(map(bytes.startswith, skipped, repeat(self.special)))
         special = list(compress(skipped, special_flags)) if any(special_flags) else []
         kept.extend(special)
@@ -644,6 +677,10 @@ class _Accumulator:
         self.unknown_cats: Counter = Counter()
         self.bad_phases: Counter = Counter()
         self.kern, self.mem, self.api, self.rng, self.mev = _Cols(), _Cols(), _Cols(), _Cols(), _Cols()
+        self.ops = _Cols()  # cpu_op events of SHAPE_OPS
+        self.oname: dict = {}
+        self.odims: dict = {"": 0}
+        self.otypes: dict = {"": 0}
         self.kname: dict = {}
         self.mname: dict = {}
         self.aname: dict = {}
@@ -766,7 +803,16 @@ class _Accumulator:
     def _cpu_ops(self, evs: list) -> None:
         self.cpu_op_count += len(evs)
         self.host_pids[evs[0].get("pid")] += len(evs)
-        special = [e for e in evs if type(n := e.get("name")) is str and n.startswith(_SPECIAL_CPU_OPS)]
+        special, shape = [], []
+        for e in evs:
+            n = e.get("name")
+            if type(n) is str:
+                if n in SHAPE_OPS or n.startswith(SHAPE_OP_PREFIXES):
+                    shape.append(e)
+                elif n.startswith(_SPECIAL_CPU_OPS):
+                    special.append(e)
+        if shape:
+            self._shape_ops(shape)
         if not special:
             return
         self._ranges([e for e in special if e["name"].startswith(_PROFILER_STEP)])
@@ -776,6 +822,19 @@ class _Accumulator:
                 a = a if isinstance(a, dict) else _EMPTY
                 self.rpc.append((a.get("External id"), e.get("tid"), e.get("ts"), e.get("dur"),
                                  _collective_info(a)))
+
+    def _shape_ops(self, evs: list) -> None:
+        n = len(evs)
+        ts, dur = self._times(evs)
+        args = _args_of(evs)
+        self.ops.add(
+            n, ts=ts, dur=dur, name=_codes(self.oname, _field(evs, "name", "")),
+            tid=_ints(_field(evs, "tid", -1), -1),
+            ext=_ints(_field(args, "External id", -1), -1),
+            seq=_ints(_field(args, "Sequence number", -1), -1),
+            dims=_codes(self.odims, list(map(_json_text, _field(args, "Input Dims")))),
+            types=_codes(self.otypes, list(map(_json_text, _field(args, "Input type")))),
+        )
 
     def _metadata(self, evs: list) -> None:
         for e in evs:
@@ -811,6 +870,18 @@ class _Accumulator:
             allocated=_nums(_field(args, "Total Allocated")),
             reserved=_nums(_field(args, "Total Reserved")),
         )
+
+
+def _json_text(x: Any) -> str:
+    """An args value as compact JSON text ("" when absent)."""
+    if x is None:
+        return ""
+    if orjson is not None:
+        try:
+            return orjson.dumps(x).decode("utf-8")
+        except TypeError:  # e.g. an integer beyond 64 bits (stdlib-parsed input)
+            pass
+    return json.dumps(x, ensure_ascii=False, separators=(",", ":"))
 
 
 def _collective_info(a: dict) -> tuple | None:
@@ -1068,7 +1139,7 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
     rank, rank_from = _resolve_rank(path, header, rank_arg)
     base = _int_or_none(header.get("baseTimeNanoseconds"))
     offset = base if base is not None else 0
-    unit = _ts_unit(base, [acc.kern, acc.mem, acc.api, acc.rng])
+    unit = _ts_unit(base, [acc.kern, acc.mem, acc.api, acc.rng, acc.ops])
     trace = Trace()
     missing_times = 0
 
@@ -1164,6 +1235,23 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
         n_c = len(rows["start_ns"])
         trace.set("collectives", {"rank": np.full(n_c, rank, np.int64), **rows})
 
+    # cpu ops (SHAPE_OPS) with their shapes
+    o = acc.ops
+    if o.n:
+        ok = _valid(o)
+        missing_times += int((~ok).sum())
+        o_start, o_end = _times_ns(o, ok, unit, offset)
+        n_o = len(o_start)
+        trace.set("cpu_ops", {
+            "rank": np.full(n_o, rank, np.int64), "thread_id": o.get("tid")[ok],
+            "start_ns": o_start, "end_ns": o_end,
+            "name": _categorical(acc.oname, o.get("name", np.int32)[ok]),
+            "external_id": o.get("ext")[ok],
+            "input_dims": np.array(list(acc.odims), dtype=object)[o.get("dims", np.int32)[ok]],
+            "input_types": np.array(list(acc.otypes), dtype=object)[o.get("types", np.int32)[ok]],
+            "sequence_number": o.get("seq")[ok],
+        })
+
     # memory events / counters (CUDA caching allocator, profile_memory=True)
     mv = acc.mev
     if mv.n:
@@ -1229,6 +1317,7 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
     trace.api_calls = _sort(trace.api_calls, ["start_ns", "thread_id", "correlation_id", "end_ns"])
     trace.ranges = _sort(trace.ranges, ["start_ns", "thread_id", "-end_ns", "depth"])
     trace.collectives = _sort(trace.collectives, ["start_ns", "end_ns"])
+    trace.cpu_ops = _sort(trace.cpu_ops, ["start_ns", "thread_id", "-end_ns", "external_id"])
     trace.memory_events = _sort(trace.memory_events, ["ts_ns", "device_id", "address"])
 
     # dropped, never silent

@@ -392,10 +392,12 @@ def parse_text(text: str, path: Path | str = "<text>") -> Parsed:
         cur = Section()
         return cur
 
-    for raw in text.splitlines():
+    last_bad = last_line = -1
+    for lineno, raw in enumerate(text.splitlines()):
         line = raw.strip()
         if not line:
             continue
+        last_line = lineno
         if line.startswith("#"):
             m = _STARTING.match(line)
             if m:
@@ -455,8 +457,11 @@ def parse_text(text: str, path: Path | str = "<text>") -> Parsed:
         row = _parse_row(tokens, cur.columns)
         if row is None:
             bad_rows += 1
+            last_bad = lineno
             continue
         cur.rows.append(row)
+    if last_bad == last_line and last_bad >= 0 and not cur.complete:
+        bad_rows -= 1  # the half-written last line of a log that ends early: counted as that
     if cur.started():
         sections.append(cur)
     return Parsed(sections=sections, bad_rows=bad_rows, gpudoctor=gpudoctor)

@@ -32,6 +32,7 @@ import pandas as pd
 
 from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.model.categories import categorize, categorize_kernels  # noqa: F401
+from gpudoctor.model.counters_from_ranges import MALFORMED_REASON, counters_from_ranges
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
 
@@ -358,6 +359,12 @@ class _Reader:
         ranges = self.ranges(api, kernels, memops)
         collectives = self.collectives(ranges, kernels)
         counters = self.counters(gpu_to_dev)
+        # gpudoctor.annotate counter samples (e.g. kv_cache) arrive as NVTX ranges with a parseable text.
+        annotated = counters_from_ranges(ranges)
+        if len(annotated.counters):
+            counters = pd.concat([conform("counters", counters), annotated.counters], ignore_index=True)
+        for r, n in annotated.malformed.items():
+            self.drop("NVTX_EVENTS", MALFORMED_REASON, n)
         memory = self.memory_events()
 
         t = Trace()
@@ -383,6 +390,8 @@ class _Reader:
             "inputs": [{"path": str(self.path), "format": SOURCE_FORMAT, "rank": rank}],
             "nsys_version": export_meta.get("EXPORT_PRODUCT_VERSION", ""),
             "export_schema": export_meta.get("EXPORT_SCHEMA_VERSION", ""),
+            "driver_version": env.get("NvDriverVersion", ""),
+            "cuda_driver_version": env.get("CudaDriverVersion", ""),
         }
         if len(gpu_pids) > 1:
             # Several processes did GPU work; the model has one row per rank, so they share this rank.

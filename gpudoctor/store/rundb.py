@@ -469,7 +469,7 @@ def _read_table(conn: sqlite3.Connection, name: str, db_path: Path) -> pd.DataFr
     float_names = ", ".join(f'"{c}"' for c, _, _ in floats)
     float_sql = f'SELECT {float_names} FROM "{name}" {where} ORDER BY rowid'
     int_parts: dict[str, list[np.ndarray]] = {c: [] for c, _, _ in ints}
-    text_vals: dict[str, list[str]] = {c: [] for c, _, _ in texts}
+    text_vals: dict[str, _TextCodes] = {c: _TextCodes() for c, _, _ in texts}
     float_parts: dict[str, list[np.ndarray]] = {c: [] for c, _, _ in floats}
     total = 0
     for params in ranges:
@@ -485,7 +485,7 @@ def _read_table(conn: sqlite3.Connection, name: str, db_path: Path) -> pd.DataFr
             if len(vals) != n:  # a value contains U+001F: fetch this column's chunk row by row
                 q = f'SELECT ifnull(CAST("{c}" AS TEXT), {_sql_str(f)}) FROM "{name}" {where} ORDER BY rowid'
                 vals = [r[0] for r in conn.execute(q, params)]
-            text_vals[c].extend(vals)
+            text_vals[c].add(vals)
         if floats:
             rows = conn.execute(float_sql, params).fetchall()
             for i, (c, _, _) in enumerate(floats):
@@ -497,14 +497,36 @@ def _read_table(conn: sqlite3.Connection, name: str, db_path: Path) -> pd.DataFr
     for c, _, _ in floats:
         cols[c] = np.concatenate(float_parts[c]) if float_parts[c] else np.empty(0, np.float64)
     for c, k, _ in texts:
-        codes, uniq = pd.factorize(np.array(text_vals.pop(c), dtype=object), sort=True)
-        cols[c] = _text_column(k, codes, uniq.tolist())
+        cols[c] = text_vals.pop(c).column(k)
     if not total:
         return _empty(name)
     # Absent columns: conform fills them (it needs the length from at least one present column).
     if not cols:
         return conform(name, pd.DataFrame(index=pd.RangeIndex(total)))
     return _frame(name, cols)
+
+
+class _TextCodes:
+    """Codes of a text column read chunk by chunk: each chunk's strings are factorized and dropped, so
+    only the distinct values and an int64 code per row stay in memory."""
+
+    def __init__(self):
+        self.index: dict[str, int] = {}
+        self.parts: list[np.ndarray] = []
+
+    def add(self, values: list[str]) -> None:
+        codes, uniq = pd.factorize(np.array(values, dtype=object), sort=False)
+        index = self.index
+        to_global = np.array([index.setdefault(u, len(index)) for u in uniq.tolist()], dtype=np.int64)
+        self.parts.append(to_global[codes] if len(to_global) else codes.astype(np.int64))
+
+    def column(self, kind: str):
+        codes = np.concatenate(self.parts) if self.parts else np.empty(0, np.int64)
+        values = np.array(list(self.index), dtype=object)
+        order = np.argsort(values, kind="stable")  # sorted categories, as everywhere else
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        return _text_column(kind, rank[codes] if len(rank) else codes, values[order].tolist())
 
 
 def _parse_ints(blob: bytes, n: int, db_path: Path, table: str, col: str) -> np.ndarray:

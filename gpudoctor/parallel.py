@@ -1,0 +1,438 @@
+"""Many rank files in parallel: parse and analyze each rank on its own worker, then reduce across ranks.
+
+``analyze_many(paths, config, workers=None, scheduler=None) -> Analysis``
+
+Map (one task per input file, on a worker process): read the file, summarize each of its ranks
+(``summarize_rank``), run every per-rank analyzer on it (``registry.run_all`` without the cross-rank
+ones), and compute the rank's row of the straggler table. A task returns only small results (a
+:class:`RankResult`: the RankSummary, findings, dropped counts, the ranks / devices rows and the rank's
+step end times), never the trace, so the memory of a worker is bounded by its largest rank and the
+parent holds a few kilobytes per rank.
+
+Reduce (in the calling process): check that no two inputs claim the same rank (the error
+``merge`` raises), align the ranks' steps and build the straggler table and finding exactly as
+``stragglers.analyze_run`` does on a merged trace, and assemble the Analysis. ``Analysis.trace`` is a
+*light* Trace: ranks, devices and dropped tables and ``meta`` only (no kernels, API calls, ranges...),
+enough for the JSON / Markdown / terminal renderers. Callers that need the event tables (dashboards,
+``rundb.save``) must use the serial path (``pipeline.load_inputs`` + ``analyze_trace``).
+
+Executors
+    ``scheduler`` given (an address such as ``tcp://host:8786``): that Dask cluster; the files must be
+    readable by its workers at the same paths. Else, with Dask installed (``pip install
+    gpudoctor[dask]``) and ``executor="auto"``: a local Dask cluster of ``workers`` single-threaded
+    processes. Without Dask: a ``concurrent.futures.ProcessPoolExecutor`` of ``workers`` processes
+    (forkserver, so workers start from a clean interpreter, not a copy of a large parent).
+    ``workers`` defaults to the CPUs this process may use, capped by the number of files.
+
+Same results as the serial path (tests/test_parallel.py): per-rank summaries and findings are computed
+by the same functions on the same rank data. Two differences, both documented: ``world_size`` (used by
+nccl_dominated / pipeline_bubbles for the bus-bandwidth factor and the pipeline depth) counts the input
+files handed to ``analyze_many`` (the serial path counts the ranks of the inputs that could be read: the
+two differ only when an input fails or one file holds several ranks), and categoricals keep the
+reader's category order (ties in "top kernels" may list in another order).
+
+Inputs that only make sense merged with another input (Nsight Compute exports attaching metrics to a
+timeline) cannot be mapped independently: :func:`use_parallel` says False for them.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gpudoctor.errors import GpudoctorError
+from gpudoctor.model.summary import RankSummary, summarize_rank
+from gpudoctor.model.trace import Trace, conform
+
+PARALLEL_MIN_FILES = 8
+"""``analyze_inputs`` switches to :func:`analyze_many` from this many input files on."""
+
+CROSS_RANK_ANALYZERS = ("stragglers",)
+"""Analyzers that need every rank at once; the reduce step runs them."""
+
+# Formats a worker can read and analyze on its own (one rank per file).
+_MAPPABLE = {"nsys_sqlite", "sqlite", "json", "nsys_rep"}
+
+
+@dataclass
+class RankResult:
+    """What one map task sends back: small, picklable, no event tables."""
+
+    path: str
+    inputs: list[dict] = field(default_factory=list)
+    error: str | None = None
+    summaries: list[RankSummary] = field(default_factory=list)
+    findings: list = field(default_factory=list)
+    ranks: pd.DataFrame | None = None
+    devices: pd.DataFrame | None = None
+    dropped: pd.DataFrame | None = None
+    meta: dict = field(default_factory=dict)  # trace.meta without inputs
+    straggler_rows: pd.DataFrame | None = None
+    step_ends: dict = field(default_factory=dict)  # rank -> steady steps' GPU end times (ns)
+    read_s: float = 0.0
+    analyze_s: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# When to use it
+
+
+def use_parallel(files: list[Path | str], min_files: int = PARALLEL_MIN_FILES) -> bool:
+    """True when there are at least ``min_files`` inputs and each one is a per-rank timeline file
+    (nsys SQLite / .nsys-rep, PyTorch profiler JSON) that a worker can read and analyze on its own."""
+    if len(files) < min_files:
+        return False
+    from gpudoctor.readers import detect
+
+    for f in files:
+        try:
+            fmt = detect(Path(f))
+        except GpudoctorError:
+            continue  # reported as an input error by whichever path reads it
+        if fmt not in _MAPPABLE:
+            return False
+        if fmt == "sqlite":
+            from gpudoctor.pipeline import _is_run_db
+            if _is_run_db(Path(f)):
+                return False  # a run.db may hold a whole run (several ranks, ncu metrics attached)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Map
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _release_memory() -> None:
+    """Give freed heap back to the OS between tasks, so a worker's RSS tracks its current rank."""
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def map_rank(path: str, rank: int | None = None, config=None, world: list[str] | None = None) -> RankResult:
+    """Read one input and analyze each of its ranks (the map step; runs on a worker)."""
+    from gpudoctor.pipeline import read_input
+
+    out = RankResult(path=str(path))
+    t0 = time.perf_counter()
+    try:
+        trace = read_input(path, rank=rank)
+    except GpudoctorError as e:
+        out.error = str(e)
+        out.inputs = [{"path": str(path), "error": str(e)}]
+        return out
+    out.read_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    try:
+        out.inputs = list(trace.meta.get("inputs") or [{"path": str(path)}])
+        out.meta = {k: v for k, v in trace.meta.items() if k != "inputs"}
+        _announce_world(trace, world or [], str(path))
+        ranks = trace.rank_ids or [0]
+        out.summaries = [summarize_rank(trace, r) for r in ranks]
+        out.findings = _per_rank_findings(trace, config)
+        cfg = _as_config(config)
+        if cfg is None or cfg.enabled("stragglers"):
+            out.straggler_rows, out.step_ends = _straggler_part(trace, out.summaries)
+        out.ranks, out.devices, out.dropped = trace.ranks, trace.devices, trace.dropped
+    finally:
+        out.analyze_s = time.perf_counter() - t1
+        del trace
+        _release_memory()
+        out.peak_rss_mb = _peak_rss_mb()
+    return out
+
+
+def _announce_world(trace: Trace, world: list[str], own: str) -> None:
+    """Let world_size() see the whole run: one placeholder input per other file of the run.
+
+    world_size counts distinct ranks in meta["inputs"]; the placeholders carry negative ranks, which no
+    real input has. Only the analyzers see them: the result keeps the real inputs.
+    """
+    others = [p for p in world if p != own]
+    if others:
+        trace.meta = dict(trace.meta)
+        trace.meta["inputs"] = list(trace.meta.get("inputs") or []) + [
+            {"path": p, "format": "peer", "rank": -(i + 1)} for i, p in enumerate(others)]
+
+
+def _as_config(config):
+    try:
+        from gpudoctor.analyzers.config import as_config
+    except ModuleNotFoundError:
+        return None
+    return as_config(config)
+
+
+def _registry():
+    try:
+        return importlib.import_module("gpudoctor.analyzers.registry")
+    except ModuleNotFoundError:
+        return None
+
+
+def _per_rank_findings(trace: Trace, config) -> list:
+    registry = _registry()
+    if registry is None:
+        return []
+    only = [a for a in registry.ANALYZERS if a not in CROSS_RANK_ANALYZERS]
+    return registry.run_all(trace, config, only=only)
+
+
+def _straggler_part(trace: Trace, summaries: list[RankSummary]) -> tuple[pd.DataFrame | None, dict]:
+    """This input's rows of the straggler table (step_end_lag_ns filled by the reduce) and step ends."""
+    try:
+        from gpudoctor.analyzers import stragglers
+    except ModuleNotFoundError:
+        return None, {}
+    rows = stragglers.straggler_table(trace)
+    ends = {}
+    with_kernels = set(rows["rank"].tolist())
+    for s in summaries:
+        if s.rank not in with_kernels:
+            continue
+        steady = s.window.steady
+        ends[s.rank] = (steady["gpu_end_ns"].to_numpy(np.int64) if len(steady)
+                        else np.array([s.window.end_ns], np.int64))
+    return rows, ends
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reduce
+
+
+def reduce_results(results: list[RankResult], config=None):
+    """Assemble the Analysis of the run from the map results (in input order)."""
+    from gpudoctor.pipeline import Analysis
+
+    inputs, errors, ok = [], [], []
+    for r in results:
+        inputs.extend(r.inputs)
+        if r.error is not None:
+            errors.append(r.error)
+        else:
+            ok.append(r)
+    if not ok:
+        raise GpudoctorError(errors[0] if len(errors) == 1 else "; ".join(errors))
+    _check_unique_ranks(ok)
+    trace = _light_trace(ok, inputs)
+    summaries = sorted((s for r in ok for s in r.summaries), key=lambda s: s.rank)
+    findings = [f for r in ok for f in r.findings]
+    findings.extend(_straggler_findings(ok, summaries, config))
+    findings = _sort_findings(findings)
+    return Analysis(inputs=inputs, trace=trace, ranks=summaries, findings=findings, errors=errors)
+
+
+def _check_unique_ranks(results: list[RankResult]) -> None:
+    seen: dict[int, str] = {}
+    for r in results:
+        if r.ranks is None:
+            continue
+        for rank, src in zip(r.ranks["rank"].tolist(), r.ranks["source_file"].tolist()):
+            if rank in seen:
+                raise GpudoctorError(f"{src}: claims rank {rank}, already given by {seen[rank]} "
+                                     "(pass an explicit rank mapping, e.g. --rank FILE=N)")
+            seen[rank] = src
+
+
+def _light_trace(results: list[RankResult], inputs: list[dict]) -> Trace:
+    """ranks, devices and dropped of every rank, and the merged meta; the event tables stay empty."""
+    t = Trace(meta={"inputs": [i for i in inputs if "error" not in i]})
+    for name in ("ranks", "devices", "dropped"):
+        frames = [getattr(r, name) for r in results if getattr(r, name) is not None and len(getattr(r, name))]
+        if frames:
+            setattr(t, name, conform(name, pd.concat(frames, ignore_index=True)))
+    for r in results:
+        for k, v in r.meta.items():
+            t.meta.setdefault(k, v)
+    t.meta["light_trace"] = True  # event tables were left on the workers
+    return t
+
+
+def _straggler_findings(results: list[RankResult], summaries: list[RankSummary], config) -> list:
+    """The stragglers finding of the run, from the per-rank rows, as analyze_run computes it."""
+    registry = _registry()
+    cfg = _as_config(config)
+    if registry is None or "stragglers" not in registry.ANALYZERS or (cfg is not None and not cfg.enabled("stragglers")):
+        return []
+    from gpudoctor.analyzers import stragglers
+
+    frames = [r.straggler_rows for r in results if r.straggler_rows is not None and len(r.straggler_rows)]
+    if not frames:
+        return []
+    tab = pd.concat(frames, ignore_index=True).sort_values("rank", kind="stable").reset_index(drop=True)
+    step_ends = {}
+    for r in results:
+        step_ends.update(r.step_ends)
+    if len(step_ends) > 1:
+        ranks = tab["rank"].tolist()
+        m = min(len(step_ends[k]) for k in ranks)
+        if m:
+            ends = np.stack([step_ends[k][-m:] for k in ranks])
+            lag = np.median(ends - ends.min(axis=0, keepdims=True), axis=1)
+            tab["step_end_lag_ns"] = [int(x) for x in lag]
+    found = _findings_from_table(stragglers, tab, cfg if cfg is not None else config)
+    first = summaries[0] if summaries else None
+    for f in found:
+        if f.analyzer != stragglers.ID:
+            raise ValueError(f"analyzer stragglers returned a finding of {f.analyzer!r}")
+        if f.rank is None and first is not None:
+            f.rank = first.rank
+        if first is not None:  # run_context's default: the window of the rank whose context ran it
+            f.evidence.setdefault("window_start_ns", first.window.start_ns)
+    return found
+
+
+_swap_lock = threading.Lock()
+
+
+def _findings_from_table(stragglers, tab: pd.DataFrame, config) -> list:
+    """stragglers' finding for a ready straggler table.
+
+    Uses ``stragglers.findings_from_table(tab, config)`` when the module has it; otherwise runs
+    ``analyze_run`` with ``straggler_table`` answering ``tab`` (the same code, so the same finding).
+    """
+    fn = getattr(stragglers, "findings_from_table", None)
+    if fn is not None:
+        return fn(tab, config)
+    with _swap_lock:
+        original = stragglers.straggler_table
+        stragglers.straggler_table = lambda _trace: tab.copy()
+        try:
+            return stragglers.analyze_run(None, config)
+        finally:
+            stragglers.straggler_table = original
+
+
+def _sort_findings(findings: list) -> list:
+    """run_all's order: rank, severity (high first), saving; ties in registry order, then as emitted."""
+    registry = _registry()
+    order = {aid: i for i, aid in enumerate(registry.ANALYZERS)} if registry is not None else {}
+    return sorted(findings, key=lambda f: (f.rank if f.rank is not None else -1, -f.severity_rank,
+                                           -f.estimated_saving_ns, order.get(f.analyzer, len(order))))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Executors
+
+
+def default_workers(n_files: int) -> int:
+    from gpudoctor.pipeline import cpu_count
+    return max(1, min(cpu_count(), n_files))
+
+
+def _have_dask() -> bool:
+    try:
+        import dask.distributed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def analyze_many(paths: list, config=None, workers: int | None = None, scheduler: str | None = None, *,
+                 rank_map: dict | None = None, executor: str = "auto", progress: bool | None = None):
+    """Parse and analyze every input on a worker, reduce across ranks; returns an Analysis.
+
+    ``paths``: input files (directories of per-rank files are expanded as ``analyze_inputs`` does).
+    ``workers``: worker processes (default: usable CPUs, at most one per file). ``scheduler``: the address
+    of an existing Dask scheduler. ``executor``: "auto" (Dask when installed, else processes), "dask",
+    "processes", or "serial" (in this process, one file after the other: the reference). ``rank_map``:
+    path or file name -> rank, as in ``analyze_inputs``. Raises GpudoctorError when no input could be
+    read, or when two inputs claim the same rank.
+    """
+    from gpudoctor import progress as prog
+    from gpudoctor.pipeline import expand_inputs
+
+    files = [str(p) for p in expand_inputs([str(p) for p in paths])]
+    rank_map = rank_map or {}
+    ranks = [rank_map.get(f, rank_map.get(Path(f).name)) for f in files]
+    n = len(files)
+    workers = workers or default_workers(n)
+    if scheduler is not None:
+        executor = "dask"
+    elif executor == "auto":
+        executor = "dask" if _have_dask() and workers > 1 else ("processes" if workers > 1 else "serial")
+    results: list[RankResult | None] = [None] * n
+    with prog.task(f"Analyzing {n} inputs ({executor}, {workers} workers)", total=n, show=progress) as bar:
+        if executor == "serial":
+            for i, f in enumerate(files):
+                results[i] = map_rank(f, ranks[i], config, files)
+                bar.advance()
+        elif executor == "processes":
+            _run_processes(files, ranks, config, workers, results, bar)
+        elif executor == "dask":
+            _run_dask(files, ranks, config, workers, scheduler, results, bar)
+        else:
+            raise ValueError(f"executor must be auto, dask, processes or serial, not {executor!r}")
+    return reduce_results([r for r in results if r is not None], config)
+
+
+def _pool_context():
+    import multiprocessing as mp
+    try:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["gpudoctor.parallel", "gpudoctor.pipeline", "gpudoctor.readers.nsys",
+                                    "gpudoctor.readers.kineto"])
+        return ctx
+    except ValueError:  # no forkserver on this platform
+        return mp.get_context("spawn")
+
+
+def _run_processes(files, ranks, config, workers, results, bar) -> None:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
+        futs = {pool.submit(map_rank, f, ranks[i], config, files): i for i, f in enumerate(files)}
+        for fut in as_completed(futs):
+            results[futs[fut]] = fut.result()
+            bar.advance()
+
+
+def _run_dask(files, ranks, config, workers, scheduler, results, bar) -> None:
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed as dask_completed
+    except ImportError:
+        raise GpudoctorError("--scheduler needs Dask: pip install 'gpudoctor[dask]'") from None
+    cluster = None
+    if scheduler is None:
+        # One single-threaded process per worker: the readers hold the GIL most of the time.
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=50)
+        client = Client(cluster)
+    else:
+        try:
+            client = Client(scheduler, timeout="30s")
+        except (OSError, TimeoutError) as e:
+            raise GpudoctorError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
+    try:
+        futs = client.map(map_rank, files, ranks, [config] * len(files), [files] * len(files), pure=False)
+        index = {f.key: i for i, f in enumerate(futs)}
+        for fut in dask_completed(futs):
+            results[index[fut.key]] = fut.result()
+            fut.release()
+            bar.advance()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
