@@ -745,6 +745,8 @@ def kv_frame(analysis) -> pd.DataFrame:
         if f.analyzer != "kv_fragmentation" and not any(k.startswith("kv") for k in f.metrics):
             continue
         for k, v in f.metrics.items():
+            if k.startswith("_"):
+                continue
             rows.append({"rank": -1 if f.rank is None else int(f.rank), "metric": k, "value": _metric(v),
                          "severity": f.severity, "title": f.title})
     return pd.DataFrame(rows, columns=["rank", "metric", "value", "severity", "title"])

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -77,6 +78,8 @@ class RankResult:
     meta: dict = field(default_factory=dict)  # trace.meta without inputs
     straggler_rows: pd.DataFrame | None = None
     step_ends: dict = field(default_factory=dict)  # rank -> steady steps' GPU end times (ns)
+    gate_data: dict = field(default_factory=dict)  # rank -> the gate's per-rank samples (gate.compare._rank_data)
+    gpu_pairs: list = field(default_factory=list)  # distinct (rank, device_id) that ran kernels
     read_s: float = 0.0
     analyze_s: float = 0.0
     peak_rss_mb: float = 0.0
@@ -157,6 +160,10 @@ def map_rank(path: str, rank: int | None = None, config=None, world: list[str] |
         cfg = _as_config(config)
         if cfg is None or cfg.enabled("stragglers"):
             out.straggler_rows, out.step_ends = _straggler_part(trace, out.summaries)
+        out.gate_data = _gate_part(trace, out.summaries)
+        k = trace.kernels
+        out.gpu_pairs = sorted(tuple(x) for x in
+                               pd.DataFrame({"r": k["rank"], "d": k["device_id"]}).drop_duplicates().to_numpy().tolist())
         out.ranks, out.devices, out.dropped = trace.ranks, trace.devices, trace.dropped
     finally:
         out.analyze_s = time.perf_counter() - t1
@@ -220,14 +227,22 @@ def _straggler_part(trace: Trace, summaries: list[RankSummary]) -> tuple[pd.Data
     return rows, ends
 
 
+def _gate_part(trace: Trace, summaries: list[RankSummary]) -> dict:
+    """The gate's per-rank samples (what analysis.json's "gate" block is built from)."""
+    try:
+        rank_data = importlib.import_module("gpudoctor.gate.compare")._rank_data
+    except (ImportError, AttributeError):
+        return {}
+    multi = len(trace.rank_ids) > 1
+    return {s.rank: rank_data(trace.for_rank(s.rank) if multi else trace, s.window) for s in summaries}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Reduce
 
 
 def reduce_results(results: list[RankResult], config=None):
     """Assemble the Analysis of the run from the map results (in input order)."""
-    from gpudoctor.pipeline import Analysis
-
     inputs, errors, ok = [], [], []
     for r in results:
         inputs.extend(r.inputs)
@@ -243,7 +258,80 @@ def reduce_results(results: list[RankResult], config=None):
     findings = [f for r in ok for f in r.findings]
     findings.extend(_straggler_findings(ok, summaries, config))
     findings = _sort_findings(findings)
-    return Analysis(inputs=inputs, trace=trace, ranks=summaries, findings=findings, errors=errors)
+    out = parallel_analysis_class()(inputs=inputs, trace=trace, ranks=summaries, findings=findings, errors=errors)
+    out._gate_data = {k: v for r in ok for k, v in r.gate_data.items()}
+    out._gpu_pairs = [p for r in ok for p in r.gpu_pairs]
+    return out
+
+
+_CLASS = None
+
+
+def parallel_analysis_class():
+    """pipeline.Analysis with a light trace; its JSON "gate" block comes from the per-rank samples."""
+    global _CLASS
+    if _CLASS is not None:
+        return _CLASS
+    from gpudoctor.pipeline import Analysis
+
+    class ParallelAnalysis(Analysis):
+        """An Analysis whose ``trace`` is light (see the module docstring)."""
+
+        _gate_data: dict = {}
+        _gpu_pairs: list = []
+
+        def to_json_dict(self) -> dict:
+            with _gate_view(self):
+                return super().to_json_dict()
+
+    _CLASS = ParallelAnalysis
+    return _CLASS
+
+
+_swap_lock = threading.RLock()
+
+
+class _gate_view:
+    """While building the JSON: the gate sees, per rank, the samples the workers computed.
+
+    gate.compare.run_from_trace(analysis.trace, ranks) calls ``_rank_data(for_rank(r), window)`` and
+    ``environment(trace)`` (devices that ran kernels). The light trace gets one placeholder kernel row
+    per (rank, device) that ran kernels, and ``_rank_data`` answers the worker's result for the rank.
+    """
+
+    def __init__(self, analysis):
+        self.a = analysis
+
+    def __enter__(self):
+        _swap_lock.acquire()
+        self.trace = self.a.trace
+        try:
+            compare = importlib.import_module("gpudoctor.gate.compare")
+            compare._rank_data  # noqa: B018 - present in this version?
+        except (ImportError, AttributeError):
+            self.compare = None
+            return self
+        self.compare = compare
+        view = Trace(**{name: df for name, df in self.trace.tables()}, meta=self.trace.meta)
+        pairs = self.a._gpu_pairs
+        view.kernels = conform("kernels", pd.DataFrame({"rank": [r for r, _ in pairs], "device_id": [d for _, d in pairs]}))
+        self.a.trace = view
+        data = self.a._gate_data
+        self.original = compare._rank_data
+
+        def rank_data(t, window, _orig=self.original):
+            ranks = t.ranks["rank"].tolist()
+            return data[int(ranks[0])] if len(ranks) == 1 and int(ranks[0]) in data else _orig(t, window)
+        compare._rank_data = rank_data
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if self.compare is not None:
+                self.compare._rank_data = self.original
+            self.a.trace = self.trace
+        finally:
+            _swap_lock.release()
 
 
 def _check_unique_ranks(results: list[RankResult]) -> None:
@@ -306,9 +394,6 @@ def _straggler_findings(results: list[RankResult], summaries: list[RankSummary],
     return found
 
 
-_swap_lock = threading.Lock()
-
-
 def _findings_from_table(stragglers, tab: pd.DataFrame, config) -> list:
     """stragglers' finding for a ready straggler table.
 
@@ -339,8 +424,12 @@ def _sort_findings(findings: list) -> list:
 # Executors
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers(n_files: int) -> int:
-    from gpudoctor.pipeline import cpu_count
     return max(1, min(cpu_count(), n_files))
 
 

@@ -31,6 +31,7 @@ READER_MODULES = {
     "nccl_tests": "gpudoctor.readers.nccltests",
     "pickle": "gpudoctor.readers.snapshot",
     "prometheus": "gpudoctor.readers.prometheus",
+    "nvml_csv": "gpudoctor.readers.nvml",
 }
 _DIR_SUFFIXES = (".sqlite", ".json", ".json.gz", ".csv", ".log", ".txt", ".pickle", ".nsys-rep", ".ncu-rep", ".prom")
 
@@ -144,7 +145,7 @@ def read_run_dir(run_dir: Path) -> Trace:
         traces.append(read_input(p, rank=rep.get("rank")))
     if not traces:
         raise InputError(run_dir, "run directory lists no reports and has no run.db")
-    return merge(traces)
+    return combine(traces)
 
 
 def expand_inputs(paths: list[str]) -> list[Path]:
@@ -176,19 +177,22 @@ def load_inputs(paths: list[str], rank_map: dict[str, int] | None = None) -> tup
         inputs.extend(t.meta.get("inputs") or [{"path": str(p)}])
     if not traces:
         return None, inputs, errors
-    # Side inputs (ncu kernel metrics, memory snapshots, engine metrics) describe a timeline's rank rather
-    # than claiming a rank of their own.
+    return combine(traces), inputs, errors
+
+
+def combine(traces: list[Trace]) -> Trace:
+    """One run from many inputs. Side inputs (ncu kernel metrics, NVML samples, memory snapshots, engine
+    metrics) describe a timeline's rank rather than claiming a rank of their own."""
     timeline = [t for t in traces if not _side_input(t)]
     side = [t for t in traces if _side_input(t)]
     if timeline and side:
         merged = merge(timeline)
         _attach_side_inputs(merged, side)
-    else:
-        merged = merge(traces)
-    return merged, inputs, errors
+        return merged
+    return merge(traces)
 
 
-SIDE_FORMATS = {"ncu_csv", "torch_memory_snapshot", "prometheus_text"}
+SIDE_FORMATS = {"ncu_csv", "torch_memory_snapshot", "prometheus_text", "nvml_csv"}
 
 
 def _side_input(t: Trace) -> bool:

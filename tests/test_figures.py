@@ -349,12 +349,14 @@ def test_memory_figure_is_running_allocation(naive):
     assert F.memory_figure(Trace()).layout.meta["empty"]
 
 
-def test_kv_frame_reads_kv_findings(naive):
+def test_kv_frame_reads_kv_findings():
     from gpudoctor.analyzers.findings import Finding
     a = analyze_inputs([str(FX / "nsys" / "kv_static.nsys.sqlite")])
+    real = [k for f in a.findings if f.analyzer == "kv_fragmentation" for k in f.metrics if not k.startswith("_")]
     a.findings = list(a.findings) + [Finding("kv_fragmentation", "high", "KV waste", metrics={"kv_waste_fraction": 0.6})]
     kv = F.kv_frame(a)
-    assert kv["metric"].tolist() == ["kv_waste_fraction"]
+    assert kv["metric"].tolist() == real + ["kv_waste_fraction"]
+    assert kv["value"].iloc[-1] == "0.6"
 
 
 # ------------------------------------------------------------------------------------------ compare

@@ -24,6 +24,7 @@ class RankSummary:
     top_kernels: pd.DataFrame  # name, category, count, total_ns, mean_ns, window_fraction
     category_time: pd.DataFrame  # category, total_ns, window_fraction
     range_time: pd.DataFrame  # text, count, gpu_ns, window_fraction
+    samples: dict  # NVML means over the window (or the whole run when there are no kernels)
 
     def to_dict(self) -> dict:
         w = self.window
@@ -44,6 +45,7 @@ class RankSummary:
             "top_kernels": _records(self.top_kernels),
             "time_by_category": _records(self.category_time),
             "time_by_range": _records(self.range_time),
+            "nvml": self.samples,
         }
 
 
@@ -92,7 +94,34 @@ def summarize_rank(trace: Trace, rank: int) -> RankSummary:
     rng["window_fraction"] = rng["gpu_ns"] / dur
     rng = rng.drop(columns="depth")
     dev = t.devices["name"].iloc[0] if len(t.devices) else ""
+    samples = nvml_means(t.counters, lo, hi) if hi > lo else nvml_means(t.counters, None, None)
     return RankSummary(rank=rank, device=str(dev), window=window, gpu_busy_fraction=busy / dur,
                        kernel_count=int(len(t.kernels)), steady_kernel_count=int(len(k)),
                        top_kernels=top.reset_index(drop=True), category_time=cat.reset_index(drop=True),
-                       range_time=rng.reset_index(drop=True))
+                       range_time=rng.reset_index(drop=True), samples=samples)
+
+
+NVML_MEANS = {"nvml.gpu_util_pct": "gpu_util_pct", "nvml.sm_util_pct": "sm_util_pct",
+              "nvml.tensor_util_pct": "tensor_util_pct", "nvml.dram_bw_util_pct": "dram_bw_util_pct",
+              "nvml.power_w": "power_w", "nvml.sm_clock_mhz": "sm_clock_mhz"}
+
+
+def nvml_means(counters: pd.DataFrame, lo: int | None, hi: int | None) -> dict:
+    """Mean of the NVML sampler's main series (and peak memory used) inside [lo, hi]."""
+    c = counters
+    if c.empty:
+        return {}
+    if lo is not None:
+        c = c[(c["ts_ns"] >= lo) & (c["ts_ns"] <= hi)]
+    names = c["name"].astype(str)
+    out = {}
+    for series, key in NVML_MEANS.items():
+        v = c.loc[names == series, "value"].dropna()
+        if len(v):
+            out[key] = round(float(v.mean()), 3)
+    mem = c.loc[names == "nvml.mem_used_bytes", "value"].dropna()
+    if len(mem):
+        out["mem_used_bytes_max"] = int(mem.max())
+    if out:
+        out["samples"] = int((names == "nvml.gpu_util_pct").sum())
+    return out

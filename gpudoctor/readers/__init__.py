@@ -49,6 +49,8 @@ def detect(path: str | Path) -> str:
     text = head.lstrip(b"\xef\xbb\xbf").lstrip()
     if text[:1] in (b"{", b"["):
         return "json"
+    if head.startswith(b"ts_ns,device_id,"):
+        return "nvml_csv"
     lowered = head.lower()
     if b"==prof==" in lowered or b'"id","process id"' in lowered or b'"kernel name"' in lowered:
         return "ncu_csv"

@@ -20,6 +20,15 @@ def render(analysis, console: Console | None = None, top: int = 8, verbose: bool
         console.print(f"  steady-state window: {ns(w.duration_ns)} ({w.describe()})", highlight=False)
         console.print(f"  GPU busy: {pct(r.gpu_busy_fraction)}   kernels: {r.steady_kernel_count} in window, "
                       f"{r.kernel_count} in trace", highlight=False)
+        if r.samples:
+            s = r.samples
+            parts = [f"{k.replace('_pct', '')} {s[k]:.0f}%" for k in ("gpu_util_pct", "sm_util_pct", "tensor_util_pct",
+                                                                       "dram_bw_util_pct") if k in s]
+            if "power_w" in s:
+                parts.append(f"power {s['power_w']:.0f} W")
+            if "mem_used_bytes_max" in s:
+                parts.append(f"memory used max {s['mem_used_bytes_max'] / 2**30:.1f} GiB")
+            console.print(f"  NVML ({s.get('samples', 0)} samples): " + ", ".join(parts), highlight=False)
         if len(r.category_time):
             cats = "  ".join(f"{c} {pct(f)}" for c, f in zip(r.category_time["category"], r.category_time["window_fraction"]))
             console.print(f"  time by category: {cats}", highlight=False)
