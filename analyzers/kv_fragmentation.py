@@ -263,6 +263,10 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     has_vllm = not vl.empty and np.isfinite(vl["usage"].to_numpy(np.float64)).any()
     if tok.empty and not has_vllm and (alloc is None or alloc["pattern"] == "none"):
         return []
+    # Without token counts, an allocation pattern seen in a timeline's memory events is only a guess (a
+    # training run's activations look the same): speak only when the user gave a memory snapshot.
+    if tok.empty and not has_vllm and alloc["source"] != "torch_snapshot":
+        return []
 
     # Keys in the order reports show them; unknown values are left out of the finding.
     m: dict = {k: None for k in (
