@@ -162,7 +162,7 @@ def test_rank_row_and_meta(trace):
         "nsys_version": SAMPLE_NSYS_VERSION,
         "export_schema": SAMPLE_EXPORT_SCHEMA,
         "driver_version": "580.159.04",
-        "cuda_driver_version": "13000",
+        "cuda_driver_version": "13.0",
     }
     for name, df in trace.tables():
         assert (df["rank"] == 0).all(), name

@@ -391,7 +391,7 @@ class _Reader:
             "nsys_version": export_meta.get("EXPORT_PRODUCT_VERSION", ""),
             "export_schema": export_meta.get("EXPORT_SCHEMA_VERSION", ""),
             "driver_version": env.get("NvDriverVersion", ""),
-            "cuda_driver_version": env.get("CudaDriverVersion", ""),
+            "cuda_driver_version": _cuda_version(env.get("CudaDriverVersion", "")),
         }
         if len(gpu_pids) > 1:
             # Several processes did GPU work; the model has one row per rank, so they share this rank.
@@ -922,6 +922,15 @@ def _cat_from_distinct(names: np.ndarray, inv: np.ndarray) -> pd.Categorical:
 
 def _const_cat(value: str, n: int) -> pd.Categorical:
     return pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=pd.Index([value], dtype=object))
+
+
+def _cuda_version(raw: str) -> str:
+    """CUDA's integer version (13000) as people write it (13.0)."""
+    try:
+        v = int(raw)
+    except ValueError:
+        return raw
+    return f"{v // 1000}.{(v % 1000) // 10}"
 
 
 def _drop_keys(df: pd.DataFrame) -> pd.DataFrame:
