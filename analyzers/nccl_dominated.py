@@ -6,6 +6,8 @@ Per rank, in the steady-state window (ctx.kernels are clipped to it):
   2.x, ``ncclDevKernel_AllReduce_Sum_f32_RING_LL`` 2.19+, ``ncclAllReduceRingLLKernel_sum_f32`` <= 2.7,
   ``ncclDevKernel_SendRecv``) and every kernel categorized "communication";
 - compute kernels: all other kernels (on any stream);
+- pipeline-parallel send/recv kernels (send/recv with no all-to-all recorded in the run) are neither:
+  that waiting is pipeline_bubbles' subject;
 - comm_ns = union of communication time; overlapped_comm_ns = its part during which a compute kernel runs
   (on another stream); exposed_comm_ns = comm_ns - overlapped_comm_ns (communication with no compute
   running: the GPU waits on the network / the other ranks).
@@ -267,8 +269,8 @@ def nccl_tests_bandwidth(ctx, cfg: dict) -> list[Finding]:
     title = "nccl-tests bus bandwidth at the largest size: " + ", ".join(parts)
     if ceiling:
         title += f" of a {ceiling:.0f} GB/s link"
-    rec = ("The link reaches a normal share of its ceiling (NCCL rings/trees reach about 75-85% of NVLink; more with "
-           "NVLink SHARP)." if sev == "info" else
+    rec = ("The link reaches a normal share of its ceiling (NCCL's ring/tree algorithms typically reach about "
+           "70-85% of NVLink's per-direction bandwidth at large sizes; NVLink SHARP more)." if sev == "info" else
            "Bus bandwidth of large messages is far below the link ceiling: check the topology (nvidia-smi topo -m), "
            "the transport NCCL picked (NCCL_DEBUG=INFO: P2P/IPC over NVLink vs SHM/NET), NCCL_P2P_DISABLE / "
            "NCCL_P2P_LEVEL, PCIe ACS and IOMMU settings, and NVLink errors (nvidia-smi nvlink -e).")
@@ -280,23 +282,39 @@ def nccl_tests_bandwidth(ctx, cfg: dict) -> list[Finding]:
 
 
 def _nccl_tests_rank(trace) -> int:
-    for i in trace.meta.get("inputs") or []:
-        if isinstance(i, dict) and i.get("format") == "nccl_tests":
-            return int(i.get("rank") or 0)
-    return 0
+    """The rank an nccl-tests log's findings are reported under (its reader's ``rank``, default 0)."""
+    nt = trace.meta.get("nccl_tests") or {}
+    return int(nt.get("rank") or 0)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The analyzer
 
 
+def pipeline_p2p(trace) -> bool:
+    """Send/recv kernels that are pipeline transfers (no all-to-all recorded, which NCCL also runs as
+    send/recv): their time is pipeline_bubbles' subject, not this analyzer's."""
+    k = trace.kernels
+    if k.empty or not p2p_mask(k).any():
+        return False
+    c = trace.collectives
+    c = c[c["source"].astype(str) != "nccl_tests"] if len(c) else c
+    ops = set(c["op"].astype(str)) if len(c) else set()
+    return "all_to_all" not in ops
+
+
 def comm_metrics(ctx) -> dict:
-    """Communication / compute / overlap of one rank's steady window (ns and fractions)."""
+    """Communication / compute / overlap of one rank's steady window (ns and fractions).
+
+    Pipeline send/recv kernels are left out (neither communication nor compute) when pipeline_p2p says so.
+    """
     k = ctx.kernels
     lo, hi = ctx.start_ns, ctx.end_ns
     window = max(hi - lo, 0)
     cm = comm_mask(k)
-    comm, comp, ov = overlap_ns(intervals(k, cm), intervals(k, ~cm), lo, hi)
+    skip = p2p_mask(k) if pipeline_p2p(ctx.trace) else np.zeros(len(k), dtype=bool)
+    cm = cm & ~skip
+    comm, comp, ov = overlap_ns(intervals(k, cm), intervals(k, ~cm & ~skip), lo, hi)
     exposed = comm - ov
     return {
         "window_ns": int(window), "comm_ns": int(comm), "compute_ns": int(comp), "overlapped_comm_ns": int(ov),
@@ -305,6 +323,7 @@ def comm_metrics(ctx) -> dict:
         "exposed_comm_fraction": exposed / window if window else 0.0,
         "overlap_fraction": ov / comm if comm else 0.0,
         "compute_fraction": comp / window if window else 0.0,
+        "pipeline_p2p_excluded_kernels": int(skip.sum()),
         "_mask": cm,
     }
 
@@ -387,8 +406,8 @@ def analyze(ctx) -> list[Finding]:
     if not bw:
         rec.append("Message sizes are unknown in this trace (torch.profiler records them; with Nsight Systems trace "
                    "NVTX so that NCCL's own ranges carry them).")
-    title = (f"Exposed communication {ef:.0%} of the steady-state window (NCCL {cf:.0%} of it, "
-             f"{m['overlap_fraction']:.0%} of that overlapped with compute)")
+    title = (f"Exposed communication {ef:.0%} of the steady-state window (communication {cf:.0%}, "
+             f"{m['overlap_fraction']:.0%} of it overlapped with compute)")
     evidence = {
         "window": ctx.window.describe(),
         "top_comm_kernels": [{"name": str(n)[:120], "count": int(r["count"]), "total_us": round(r["total_ns"] / 1e3, 1),

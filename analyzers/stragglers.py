@@ -10,7 +10,8 @@ share one clock: the readers align every input to UTC epoch nanoseconds):
     than the earliest rank's), window_start_ns, window_end_ns.
 
 In synchronous data/tensor parallelism every rank's step takes the same time: the slow rank is the one
-with the most compute per step, and the others show its excess as extra time inside collectives. The
+with the most compute per step, and the others show its excess as extra time inside collectives. In a
+pipeline (send/recv kernels) the same numbers describe unbalanced stages. The
 finding names the slowest rank (most compute per step), its excess over the median of the other ranks,
 and the ranks that wait on it (exposed communication per step at least half that excess above the
 slowest rank's own). Severity on excess / median step time: high >= excess_fraction_high (0.25), medium
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.analyzers.findings import Finding
-from gpudoctor.analyzers.nccl_dominated import comm_mask, intervals, overlap_ns
+from gpudoctor.analyzers.nccl_dominated import comm_mask, intervals, overlap_ns, pipeline_p2p
 from gpudoctor.model.steps import find_steps, union_ns
 
 ID = "stragglers"
@@ -109,15 +110,23 @@ def analyze_run(trace, config=None) -> list[Finding]:
     saving = int(max(excess, 0.0) * steps)
     window = int(slow["window_end_ns"] - slow["window_start_ns"])
     rel = excess / med_other if med_other > 0 else float("inf")
-    title = (f"Rank {int(slow['rank'])} is the slowest: {excess / 1e3:.0f} us more compute per step "
+    pipeline = pipeline_p2p(trace)
+    what = "stage" if pipeline else "rank"
+    title = (f"Rank {int(slow['rank'])} is the slowest {what}: {excess / 1e3:.0f} us more compute per step "
              f"({rel:.0%} over the median of the other ranks, {frac:.0%} of a step)")
     if len(waiters):
         title += f"; rank{'s' if len(waiters) > 1 else ''} {', '.join(str(int(r)) for r in waiters['rank'])} wait on it"
-    rec = (f"Find why rank {int(slow['rank'])} computes longer: uneven data (sequence lengths, padding, a larger "
-           "shard), an extra task on that rank only (logging, evaluation, checkpointing on rank 0), a slower or "
-           "throttled GPU (nvidia-smi -q -d PERFORMANCE,CLOCK: power/thermal slowdown), or a noisy neighbour on its "
-           "host. Balance the work (bucket samples by length, move rank-0 chores off the critical path); the other "
-           "ranks' extra time inside collectives is this wait.")
+    if pipeline:
+        rec = (f"Pipeline stages are unbalanced: stage rank {int(slow['rank'])} computes longest and the other stages "
+               "wait for it in send/recv. Move layers from it to the others (count the embedding, the output "
+               "projection and the loss, which sit on the first and last stages), or give it fewer layers in an "
+               "interleaved schedule.")
+    else:
+        rec = (f"Find why rank {int(slow['rank'])} computes longer: uneven data (sequence lengths, padding, a larger "
+               "shard), an extra task on that rank only (logging, evaluation, checkpointing on rank 0), a slower or "
+               "throttled GPU (nvidia-smi -q -d PERFORMANCE,CLOCK: power/thermal slowdown), or a noisy neighbour on "
+               "its host. Balance the work (bucket samples by length, move rank-0 chores off the critical path); the "
+               "other ranks' extra time inside collectives is this wait.")
     return [Finding(analyzer=ID, severity=sev, title=title,
                     metrics={"slowest_rank": int(slow["rank"]), "excess_ns_per_step": int(excess),
                              "excess_fraction_of_step": round(frac, 6), "median_step_ns": int(step),

@@ -30,7 +30,7 @@ class Run:
     analysis: object
     ceilings: dict | None = None
     _cache: dict = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def cached(self, key, fn):
         with self._lock:
@@ -48,10 +48,23 @@ class Run:
     def findings(self) -> pd.DataFrame:
         return self.cached("findings", lambda: F.findings_frame(self.analysis))
 
+    def category_frame(self) -> pd.DataFrame:
+        return self.cached("category_frame", lambda: F.category_frame(self.analysis))
+
+    def rank_frame(self) -> pd.DataFrame:
+        return self.cached("rank_frame", lambda: F.rank_frame(self.analysis))
+
+    def full_timeline(self):
+        """The zoomed-out timeline (the Timeline page's first view), built once."""
+        return self.cached("full_timeline", lambda: _timeline(self, None))
+
     def prepare(self) -> None:
-        """Build what the first page views need (timeline index, tables) ahead of the first request."""
+        """Build what the first page views need (timeline index, tables, figures) ahead of the first request."""
         self.index
         self.findings()
+        self.rank_frame()
+        self.category_frame()
+        self.full_timeline()
 
 
 def _table(id_, df: pd.DataFrame, page_size: int = PAGE_SIZE, hidden=(), **kw):
@@ -70,7 +83,7 @@ def _table(id_, df: pd.DataFrame, page_size: int = PAGE_SIZE, hidden=(), **kw):
 def create_app(runs: list[Run], prepare: bool = True):
     """The Dash app serving ``runs`` (already analyzed). ``prepare`` builds timeline indexes up front."""
     import dash
-    from dash import Input, Output, State, dcc, html, no_update
+    from dash import ALL, Input, Output, State, dcc, html
     from dash.exceptions import PreventUpdate
 
     if not runs:
@@ -79,6 +92,8 @@ def create_app(runs: list[Run], prepare: bool = True):
         for r in runs:
             r.prepare()
 
+    # eager_loading: plotly.js (and the table) load with the first scripts, in parallel, instead of after
+    # the first page callback returns.
     app = dash.Dash(__name__, title="gpudoctor", suppress_callback_exceptions=True, serve_locally=True,
                     assets_folder="__no_assets__", update_title=None)
 
@@ -90,6 +105,14 @@ def create_app(runs: list[Run], prepare: bool = True):
         if not 0 <= i < len(runs):
             raise PreventUpdate
         return runs[i]
+
+    # plotly.js (4.8 MB) is requested by dcc.Graph only once a page callback has returned a graph;
+    # prefetching it while the page loads takes its download off that path (it is then served from the
+    # browser cache). Evaluating it still happens when the first graph mounts, so the Overview, which
+    # needs no plotly.js, is never held up by it.
+    plotly_src = app.get_relative_path("/_dash-component-suites/plotly/package_data/plotly.min.js")
+    app.index_string = app.index_string.replace(
+        "{%css%}", f'{{%css%}}\n        <link rel="prefetch" as="script" href="{plotly_src}">', 1)
 
     run_options = [{"label": f"{i}: {r.name}", "value": i} for i, r in enumerate(runs)]
     nav = html.Nav([dcc.Link(label, href=path, id=f"nav-{label.lower()}",
@@ -121,25 +144,21 @@ def create_app(runs: list[Run], prepare: bool = True):
             html.Div(f"dropped events: {', '.join(f'{k}: {v}' for k, v in dropped.items())}" if dropped else "",
                      style={"color": "#92400e", "fontSize": 13}),
             html.H4(f"Findings ({len(fdf)}), largest estimated saving first — click one for its evidence"),
-            _table("findings-table", fdf.drop(columns=["recommendation"]).assign(id=fdf["idx"]), hidden=("idx",),
-                   style_data_conditional=[
-                       {"if": {"filter_query": '{severity} = "high"', "column_id": "severity"}, "color": "#b91c1c", "fontWeight": "700"},
-                       {"if": {"filter_query": '{severity} = "medium"', "column_id": "severity"}, "color": "#c2410c", "fontWeight": "700"}],
-                   tooltip_data=[{"title": {"value": t, "type": "text"}, "metrics": {"value": m, "type": "text"}}
-                                 for t, m in zip(fdf["title"], fdf["metrics"])]),
+            _findings_table(fdf),
             html.Div(id="finding-detail", style={"margin": "12px 0", "padding": "8px 12px", "background": "#f9fafb",
                                                  "border": "1px solid #e5e7eb", "borderRadius": "6px"},
                      children=html.Em("No finding selected.")),
             html.H4("Ranks"),
-            _table("ranks-table", F.rank_frame(a)),
-            dcc.Graph(id="category-graph", figure=F.category_figure(a), config={"displaylogo": False}),
+            _html_table("ranks-table", run.rank_frame()),
+            html.H4("Time by category (% of the steady-state window)"),
+            _category_bars(run.category_frame()),
         ])
 
     def timeline(i: int, run: Run, focus):
         view = None
         if focus and focus.get("run") == i and focus.get("view"):
             view = tuple(int(v) for v in focus["view"])
-        fig = _timeline(run, view)
+        fig = _timeline(run, view) if view is not None else run.full_timeline()
         return html.Div([
             html.H3(f"Timeline — {run.name}"),
             html.Div([
@@ -256,12 +275,13 @@ def create_app(runs: list[Run], prepare: bool = True):
 
     # ------------------------------------------------------------------ overview: a finding's evidence
     @app.callback(Output("finding-detail", "children"), Output("focus", "data"),
-                  Input("findings-table", "active_cell"), State("run", "value"), prevent_initial_call=True)
-    def show_finding(cell, run_value):
-        if not cell or cell.get("row_id") is None:
+                  Input({"type": "finding-row", "index": ALL}, "n_clicks"), State("run", "value"), prevent_initial_call=True)
+    def show_finding(clicks, run_value):
+        trig = dash.ctx.triggered_id
+        if not isinstance(trig, dict) or not any(clicks or []):
             raise PreventUpdate
         run = run_of(run_value)
-        idx = int(cell["row_id"])
+        idx = int(trig["index"])
         if not 0 <= idx < len(run.analysis.findings):
             raise PreventUpdate
         f = run.analysis.findings[idx]
@@ -316,7 +336,7 @@ def create_app(runs: list[Run], prepare: bool = True):
             if v is None:
                 raise PreventUpdate
             view = None if v == "reset" else v
-        fig = _timeline(run, view)
+        fig = _timeline(run, view) if view is not None else run.full_timeline()
         return fig, fig.layout.meta["status"]
 
     # ------------------------------------------------------------------ kernels table
@@ -346,6 +366,63 @@ def create_app(runs: list[Run], prepare: bool = True):
         return summary, F.compare_figure(a.analysis, b.analysis, "A", "B"), _table("compare-table", df, page_size=25)
 
     return app
+
+
+_CELL = {"border": "1px solid #e5e7eb", "padding": "4px 8px", "textAlign": "left", "verticalAlign": "top", "fontSize": 13}
+_SEVERITY_STYLE = {"high": {"color": "#b91c1c", "fontWeight": 700}, "medium": {"color": "#c2410c", "fontWeight": 700},
+                   "low": {"color": "#a16207"}, "info": {"color": "#6b7280"}}
+
+
+def _html_table(id_: str, df: pd.DataFrame, row_ids: list | None = None, row_class: str = "", max_chars: int = 140):
+    """A plain HTML table (cheap to render: the Overview needs neither dash_table nor plotly.js)."""
+    from dash import html
+
+    cols = [c for c in df.columns if not str(c).startswith("_")]
+    head = html.Thead(html.Tr([html.Th(c, style={**_CELL, "background": "#f3f4f6"}) for c in cols]))
+    body = []
+    for i, row in enumerate(df[cols].itertuples(index=False, name=None)):
+        cells = []
+        for c, v in zip(cols, row):
+            text = "" if v is None or (isinstance(v, float) and v != v) else str(v)
+            style = {**_CELL, **(_SEVERITY_STYLE.get(text, {}) if c == "severity" else {})}
+            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+                style["textAlign"] = "right"
+            short = text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+            cells.append(html.Td(short, title=text if short != text else None, style=style,
+                                 **{"data-column": c}))
+        kw = {"id": row_ids[i], "n_clicks": 0} if row_ids is not None else {}
+        body.append(html.Tr(cells, className=row_class, style={"cursor": "pointer"} if row_ids is not None else None, **kw))
+    return html.Table([head, html.Tbody(body)], id=id_, style={"borderCollapse": "collapse", "width": "100%", "margin": "6px 0"})
+
+
+def _findings_table(fdf: pd.DataFrame):
+    from dash import html
+    if fdf.empty:
+        return html.Em("No findings.", id="findings-table")
+    return _html_table("findings-table", fdf.drop(columns=["idx", "recommendation"]),
+                       row_ids=[{"type": "finding-row", "index": int(i)} for i in fdf["idx"]], row_class="finding-row")
+
+
+def _category_bars(cf: pd.DataFrame):
+    """Per rank, one stacked bar of the window's time by category (HTML: drawn before plotly.js loads)."""
+    from dash import html
+    if cf.empty:
+        return html.Em("No kernels in the steady-state window.", id="category-bars")
+    rows = []
+    for rank, g in cf.groupby("rank", sort=True):
+        segs = [html.Div(f"{r.category} {100 * r.fraction:.0f}%" if r.fraction >= 0.06 else "",
+                         title=f"{r.category}: {100 * r.fraction:.1f}% of the window ({F.fmt_ns(r.total_ns)})",
+                         className="category-seg", **{"data-category": r.category},
+                         style={"width": f"{100 * r.fraction:.3f}%", "background": F.COLORS.get(r.category, "#999"),
+                                "color": "white", "fontSize": 12, "overflow": "hidden", "whiteSpace": "nowrap",
+                                "padding": "4px 0", "textAlign": "center"})
+                for r in g.itertuples()]
+        rows.append(html.Div([html.Span(f"rank {rank}", style={"width": "70px", "fontSize": 13}),
+                              html.Div(segs, style={"display": "flex", "flex": "1", "background": "#f3f4f6"})],
+                             style={"display": "flex", "alignItems": "center", "margin": "4px 0"}))
+    legend = [html.Span([html.Span("■ ", style={"color": F.COLORS.get(c, "#999")}), c], style={"marginRight": "14px", "fontSize": 12})
+              for c in dict.fromkeys(cf["category"])]
+    return html.Div(rows + [html.Div(legend)], id="category-bars")
 
 
 def _timeline(run: Run, view):

@@ -140,11 +140,11 @@ class TimelineIndex:
         parts = []
         # kernels
         if len(k):
-            kc = k["category"].astype(str).map(lambda x: cat_index.get(x, cat_index["other"]))
+            kc = _codes_via(k["category"], lambda x: cat_index.get(x, cat_index["other"]), cat_index["other"])
             parts.append((
                 lane_codes(pd.DataFrame({"rank": k["rank"].to_numpy(), "kind": "gpu", "dev": k["device_id"].to_numpy(),
                                          "s": k["stream_id"].to_numpy()})),
-                kc.to_numpy(np.int16), k["start_ns"].to_numpy(np.int64), k["end_ns"].to_numpy(np.int64),
+                kc.astype(np.int16), k["start_ns"].to_numpy(np.int64), k["end_ns"].to_numpy(np.int64),
                 k["name"]))
         if len(m):
             mc = np.where(m["kind"].astype(str).to_numpy() == "memset", cat_index["memset"], cat_index["memcpy"]).astype(np.int16)
@@ -286,6 +286,14 @@ class TimelineIndex:
             out.append((label, t, v))
         del t_all
         return out
+
+
+def _codes_via(col: pd.Series, fn, fill: int) -> np.ndarray:
+    """``fn`` of each row's value, computed once per distinct value (categoricals: per category)."""
+    c = col if isinstance(col.dtype, pd.CategoricalDtype) else col.astype(str).astype("category")
+    per = np.array([fn(str(x)) for x in c.cat.categories] + [fill], dtype=np.int64)
+    codes = c.cat.codes.to_numpy()
+    return per[np.where(codes >= 0, codes, len(per) - 1)]
 
 
 def _bytes_text(b: np.ndarray) -> pd.Series:

@@ -2,8 +2,10 @@
 # Records the multi-GPU fixtures (fixtures/multigpu/) on one host with 2 NVIDIA GPUs, from the repository root:
 #
 #   source .gpu/nsys-env.sh            # where nsys needs it (see ../shared/gpu/README.md); optional
-#   bash scripts/record-multigpu.sh OUTDIR
+#   bash scripts/record-multigpu.sh OUTDIR [PARTS]
 #
+# PARTS: comma-separated subset of nsys,torch,bench (default all three; about 5 minutes on 2 H200s), to
+# re-record one part within a time limit.
 # Workloads: fixtures/workloads/multi_gpu.py (ddp_comm ddp_compute pp_1mb pp_4mb allreduce_loop), 2 ranks
 # under torchrun. For each case: one Nsight Systems report per rank (nsys profile under torchrun, exported to
 # SQLite), and one torch.profiler trace per rank. Then 'gpudoctor nccl-bench --nproc 2 --max-bytes 1G' and
@@ -20,7 +22,9 @@
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1).
 # gpudoctor runs from this checkout (PYTHONPATH=.); nccl-bench needs only numpy, pandas and torch there.
 set -uo pipefail
-out=${1:?usage: bash scripts/record-multigpu.sh OUTDIR}
+out=${1:?usage: bash scripts/record-multigpu.sh OUTDIR [nsys,torch,bench]}
+parts=",${2:-nsys,torch,bench},"
+want() { [[ $parts == *",$1,"* ]]; }
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 W=$(mktemp -d)
@@ -65,7 +69,9 @@ nsys_case() {  # case steps
     fi
   done
 }
-if [ -n "$NSYS" ] && "$NSYS" --version > /dev/null 2>&1; then
+if ! want nsys; then
+  log "nsys part not asked for"
+elif [ -n "$NSYS" ] && "$NSYS" --version > /dev/null 2>&1; then
   nsys_case ddp_comm 8
   nsys_case ddp_compute 8
   nsys_case pp_1mb 6
@@ -76,12 +82,14 @@ fi
 
 # ---------------------------------------------------------------- torch.profiler, one trace per rank
 for c in ddp_comm ddp_compute pp_1mb pp_4mb; do
+  want torch || break
   log "torch $c"
   "${TORCHRUN[@]}" "$MG" "$c" --steps 5 --torch-trace "$W/${c}_rank{rank}.torch.json.gz" \
       > "$W/logs/$c.torch.log" 2>&1 || { log "FAILED torch $c"; tail -20 "$W/logs/$c.torch.log"; fail=1; }
 done
 
 # ---------------------------------------------------------------- NCCL bandwidth
+if want bench; then
 log "nccl-bench"
 # BENCH_EXTRA: more nccl-bench options (the CPU smoke test of this script uses '--backend gloo --max-bytes 64K')
 "$PY" -m gpudoctor nccl-bench --nproc $NPROC --max-bytes 1G --json "$W/nccl_bench.json" ${BENCH_EXTRA:-} \
@@ -92,7 +100,8 @@ grep -E '^# (gpudoctor|Avg bus)' "$W/nccl_bench.log"
 log "allreduce_loop 1 GiB"
 "${TORCHRUN[@]}" "$MG" allreduce_loop --bytes $((1 << 30)) --out "$W/allreduce_loop.json" \
     > "$W/logs/allreduce_loop.log" 2>&1 || { log "FAILED allreduce_loop"; tail -20 "$W/logs/allreduce_loop.log"; fail=1; }
-cat "$W/allreduce_loop.json" 2>/dev/null
+cat "$W/allreduce_loop.json" 2>/dev/null; echo
+fi
 
 # ---------------------------------------------------------------- what the analyzers say (a check, never fatal)
 log "summary"

@@ -116,6 +116,11 @@ def plot_meta(page, graph_id: str) -> dict:
     return page.evaluate("id => document.querySelector('#' + id + ' .js-plotly-plot')._fullLayout.meta", graph_id)
 
 
+def cells(page, table_id: str, column: str) -> list[str]:
+    """Texts of an HTML table's column (the Overview's tables are plain HTML)."""
+    return page.locator(f"#{table_id} td[data-column='{column}']").all_inner_texts()
+
+
 def rows(page, table_id: str, column: str) -> list[str]:
     return page.locator(f"#{table_id} td[data-dash-column='{column}']").all_inner_texts()
 
@@ -124,11 +129,14 @@ def rows(page, table_id: str, column: str) -> list[str]:
 def test_every_page_renders(page, server, errors):
     a = server["runs"][NAIVE].analysis
     goto(page, server, "/", "Overview")
-    page.wait_for_selector("#findings-table td[data-dash-column='analyzer']")
-    assert rows(page, "findings-table", "analyzer")[0] == "unfused_attention"  # largest saving first
-    assert len(rows(page, "findings-table", "analyzer")) == len(a.findings)
-    assert rows(page, "ranks-table", "kernels") == ["1089"]
-    assert page.locator("#category-graph .bars .point").count() == len(a.ranks[0].category_time)
+    page.wait_for_selector("#findings-table td[data-column='analyzer']")
+    assert cells(page, "findings-table", "analyzer")[0] == "unfused_attention"  # largest saving first
+    assert len(cells(page, "findings-table", "analyzer")) == len(a.findings)
+    assert cells(page, "ranks-table", "kernels") == ["1089"]
+    cats = a.ranks[0].category_time
+    segs = page.locator("#category-bars .category-seg")
+    assert segs.count() == len(cats)
+    assert sorted(segs.evaluate_all("els => els.map(e => e.dataset.category)")) == sorted(cats["category"])
     shot(page, "overview")
 
     goto(page, server, "/timeline", "Timeline")
@@ -215,7 +223,7 @@ def test_clicking_a_finding_jumps_the_timeline(page, server, errors):
     before = plot_range(page, "timeline-graph")
 
     goto(page, server, "/", "Overview")
-    page.click("#findings-table td[data-dash-column='title'] >> nth=0")
+    page.click("#findings-table tr.finding-row >> nth=0")
     page.wait_for_selector("#finding-title")
     assert "unfused_attention" in page.inner_text("#finding-title")
     assert "scaled_dot_product_attention" in page.inner_text("#finding-detail")

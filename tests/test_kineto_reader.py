@@ -354,7 +354,7 @@ def _shape_op_events(n_steps=1):
             _ev("cuda_runtime", "cudaLaunchKernel", t0 + 4, 2.0, correlation=x + 5, **{"External id": x + 4}),
             _ev("kernel", "nvjet_tst_64x8_64x16_4x1_v_bz_TNN", t0 + 10, 5.0, pid=0, tid=7, device=0, stream=7,
                 correlation=x + 5, **{"External id": x + 4}),
-            _ev("cpu_op", "aten::conv2d", t0 + 30, 5.0, **{"External id": x + 6}),  # no shapes recorded
+            _ev("cpu_op", "aten::convolution", t0 + 30, 5.0, **{"External id": x + 6}),  # no shapes recorded
             _ev("cpu_op", "aten::_scaled_dot_product_flash_attention", t0 + 40, 5.0,
                 **{"External id": x + 7, "Input Dims": [[1, 8, 128, 64]] * 3}),
             _ev("cpu_op", "aten::mm_like", t0 + 50, 1.0),  # not an op of interest (exact names)
@@ -369,7 +369,7 @@ def test_cpu_ops_table(tmp_path):
     assert t.meta["torch_profiler"]["parser"] == "stream"
     assert t.meta["cpu_op_count"] == 8  # every cpu_op is counted, only the SHAPE_OPS ones are kept
     ops = t.cpu_ops
-    assert ops["name"].tolist() == ["aten::linear", "aten::addmm", "aten::conv2d",
+    assert ops["name"].tolist() == ["aten::linear", "aten::addmm", "aten::convolution",
                                     "aten::_scaled_dot_product_flash_attention"]
     assert ops["start_ns"].tolist() == [BASE + 1_001_000, BASE + 1_003_000, BASE + 1_030_000, BASE + 1_040_000]
     assert ops["end_ns"].tolist() == [BASE + 1_021_000, BASE + 1_013_000, BASE + 1_035_000, BASE + 1_045_000]

@@ -12,7 +12,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from gpudoctor.collect import nsys as nsys_mod
@@ -421,7 +420,8 @@ def test_nproc_launches_torchrun(tmp_path, fake_nsys):
 
 @pytest.mark.parametrize("env,expected", [
     ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}, (3, 8, 3, "RANK", "torchrun")),
-    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}, (5, 16, 1, "SLURM_PROCID", "slurm")),
+    ({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16", "SLURM_NTASKS": "32", "SLURM_LOCALID": "1",
+      "SLURM_STEP_ID": "0"}, (5, 16, 1, "SLURM_PROCID", "slurm")),
     ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0"},
      (2, 4, 0, "OMPI_COMM_WORLD_RANK", "openmpi")),
     ({"PMI_RANK": "1", "PMI_SIZE": "2"}, (1, 2, None, "PMI_RANK", "pmi")),
@@ -436,11 +436,15 @@ def test_rank_detection(env, expected):
 
 def test_no_rank():
     assert ranks.detect_rank({"RANK": "", "PATH": "/bin"}) is None
+    # an sbatch script: SLURM_PROCID=0 and the allocation's task count, but no srun step
+    assert ranks.detect_rank({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"}) is None
+    assert ranks.detect_rank({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "4294967294"}) is None
     assert not ranks.is_multi_rank(ranks.detect_rank({"RANK": "0", "WORLD_SIZE": "1"}))
 
 
 def test_job_keys_agree_across_ranks():
-    slurm = [{"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0"} for r in (0, 1)]
+    slurm = [{"SLURM_PROCID": str(r), "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0"}
+             for r in (0, 1)]
     assert {ranks.job_key(e) for e in slurm} == {"slurm4242.0"}
     tr = [{"RANK": str(r), "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "abc123", "TORCHELASTIC_RESTART_COUNT": "0"}
           for r in (0, 1)]

@@ -183,6 +183,7 @@ def _stop_orphan(pgid: int, signum: int, grace_s: float = 10.0) -> None:
 @dataclass
 class Result:
     exit_code: int | None = None
+    program_exit_code: int | None = None  # set when exit_code was changed to 128 + the forwarded signal
     signal: str | None = None  # the program ended by this signal
     interrupted_by: str | None = None  # gpudoctor received it and forwarded it
     started: bool = True  # the program started at all
@@ -223,8 +224,9 @@ class ProfileCommand(Command):
         p.add_argument("--no-nvml", action="store_true", help="do not sample NVML beside the backend")
         p.add_argument("--nvml-interval", type=float, default=0.1, metavar="S",
                        help="NVML sampling period in seconds (default 0.1)")
-        p.add_argument("--nsys-args", metavar="'ARGS'", help="extra nsys profile options, one quoted string "
-                                                             "(e.g. \"-t cuda,nvtx,osrt --cuda-graph-trace=node\")")
+        p.add_argument("--nsys-args", metavar="'ARGS'",
+                       help="extra nsys profile options as one string; they replace the defaults they name "
+                            "(e.g. --nsys-args='-t cuda,nvtx,osrt --cuda-graph-trace=node')")
         p.add_argument("--nsys-timeout", type=float, default=DEFAULT_NSYS_TIMEOUT_S, metavar="S",
                        help="how long nsys may take to finish its report once the program ended, and again for "
                             f"the SQLite export (default {DEFAULT_NSYS_TIMEOUT_S:.0f})")
@@ -441,6 +443,15 @@ class Profile:
             result.notes.append("kernel metrics not collected: the program did not end successfully")
 
         code = result.exit_code if result.exit_code is not None else 1
+        if result.interrupted_by and code != 0 and not result.signal:
+            # Stopped by the signal we forwarded, though it exited normally (e.g. a Python program under nsys
+            # exits 1 on KeyboardInterrupt): report it as a shell would, 128 + that signal.
+            wanted = 128 + int(signal.Signals[result.interrupted_by])
+            if code != wanted:
+                result.notes.append(f"the program exited with {code} after gpudoctor forwarded "
+                                    f"{result.interrupted_by}; reported as {wanted}")
+                result.program_exit_code = code
+                code = result.exit_code = wanted
         try:
             manifest = self._manifest(backend, why, facts, gpu_info, nvml_summary, result, start_ns, end_ns)
         except Exception as e:  # never lose the run over a fact we could not gather
@@ -756,7 +767,8 @@ class Profile:
             "start_utc": rundir.iso(start_ns), "end_utc": rundir.iso(end_ns),
             "start_ns": start_ns, "end_ns": end_ns, "wall_s": round((end_ns - start_ns) / 1e9, 3),
             "program_start_ns": res.program_start_ns, "program_end_ns": res.program_end_ns,
-            "exit_code": code, "signal": res.signal, "interrupted_by": res.interrupted_by,
+            "exit_code": code, "program_exit_code": res.program_exit_code if res.program_exit_code is not None else code,
+            "signal": res.signal, "interrupted_by": res.interrupted_by,
             "outcome": res.outcome(),
             "what_happened": f"{what}; collected: {collected}"
                              + (f"; problems: {'; '.join(res.problems)}" if res.problems else ""),
@@ -885,47 +897,10 @@ def analyze_run_dir(run_dir: Path):
             (run_dir / name).unlink()
         except FileNotFoundError:
             pass
-    try:
-        analysis = analyze_inputs([str(run_dir)])
-    except GpudoctorError as e:
-        analysis = _analyze_with_nvml(run_dir, e)
+    analysis = analyze_inputs([str(run_dir)])
     rundb.save(analysis.trace, run_dir / rundir.RUN_DB)
     atomic_write_text(run_dir / rundir.ANALYSIS, render_json(analysis))
     return analysis
-
-
-def _analyze_with_nvml(run_dir: Path, error: GpudoctorError):
-    """Bridge for a pipeline that does not read "nvml_csv" reports yet: read the other reports through the
-    pipeline, add the NVML samples as counters, analyze. Re-raises ``error`` when NVML is not the cause."""
-    from gpudoctor.collect import nvml
-    from gpudoctor.model.trace import merge
-    from gpudoctor.pipeline import Analysis, analyze_trace, load_inputs
-
-    manifest = rundir.read_json(run_dir / rundir.MANIFEST) or {}
-    reports = manifest.get("reports", [])
-    samples = [r for r in reports if r.get("format") == "nvml_csv"]
-    if not samples or not any(Path(r["path"]).name in str(error) for r in samples):
-        raise error
-    others = [r for r in reports if r.get("format") != "nvml_csv"]
-    paths = [str(run_dir / r["path"]) for r in others]
-    ranks = {str(run_dir / r["path"]): r.get("rank") for r in others if r.get("rank") is not None}
-    trace, inputs, errors = load_inputs(paths, ranks) if paths else (None, [], [])
-    counters = [nvml.read_trace(run_dir / r["path"], r.get("rank")) for r in samples]
-    if trace is None:
-        if paths:
-            raise GpudoctorError("; ".join(errors) or str(error))
-        trace = merge(counters)
-    else:
-        import pandas as pd
-
-        from gpudoctor.model.trace import conform
-        trace.counters = conform("counters", pd.concat([trace.counters] + [c.counters for c in counters],
-                                                       ignore_index=True))
-    for c in counters:
-        inputs.extend(c.meta["inputs"])
-    trace.meta["inputs"] = inputs
-    rank_summaries, findings = analyze_trace(trace)
-    return Analysis(inputs=inputs, trace=trace, ranks=rank_summaries, findings=findings, errors=errors)
 
 
 def analyze_and_record(run_dir: Path, manifest: dict, manifest_path: Path) -> None:
@@ -936,6 +911,8 @@ def analyze_and_record(run_dir: Path, manifest: dict, manifest_path: Path) -> No
         rundir.write_json(manifest_path, manifest)
         say(f"nothing to analyze: no report was collected; see {manifest_path}")
         return
+    manifest["analysis"] = {"status": "running"}  # stays so if the analysis is interrupted
+    rundir.write_json(manifest_path, manifest)
     t = time.monotonic()
     try:
         analysis = analyze_run_dir(run_dir)

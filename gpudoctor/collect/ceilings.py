@@ -37,10 +37,9 @@ def measure_ceilings(copy_bytes: int = 2 << 30, gemm_n: int = 8192, device: int 
     copy_ms = _median_ms(torch, lambda: dst.copy_(src))
     # A copy reads and writes every byte: count both, as bandwidth datasheets do.
     copy_bw = 2 * copy_bytes / (copy_ms * 1e-3)
-    del src, dst
+    src = dst = None  # free the copy buffers before the matrix products
     out = {"device_name": torch.cuda.get_device_name(device), "copy_bandwidth_bytes_per_s": copy_bw}
     n = gemm_n
-    flops = 2 * n * n * n
     for key, dtype, tf32 in (("bf16_flops_per_s", torch.bfloat16, False), ("tf32_flops_per_s", torch.float32, True),
                              ("fp32_flops_per_s", torch.float32, False)):
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -49,12 +48,11 @@ def measure_ceilings(copy_bytes: int = 2 << 30, gemm_n: int = 8192, device: int 
         b = torch.randn(m, m, device="cuda", dtype=dtype)
         ms = _median_ms(torch, lambda: a @ b, repeat=10)
         out[key] = 2 * m * m * m / (ms * 1e-3)
-        del a, b
+        a = b = None
     torch.backends.cuda.matmul.allow_tf32 = False
     out["method"] = (f"median of CUDA-event-timed runs after warm-up: device-to-device copy of {copy_bytes} B "
                      f"(read+write counted); {n}^3 bf16 and {n // 2}^3 fp32/tf32 matrix products on random data")
     out["torch_version"] = torch.__version__
-    del flops
     return out
 
 

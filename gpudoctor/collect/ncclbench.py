@@ -9,8 +9,8 @@ in-place, as nccl-tests does (src/common.cu TimeTest/BenchTime):
 - buffers are allocated once per op at the largest size; each size uses views of them;
 - one untimed call, then ``--iters`` calls timed on the GPU with CUDA events: the GPU is first held by a
   short spin kernel (``torch.cuda._sleep``) so that the host enqueues every iteration before the first
-  one runs; no synchronization inside the loop; time = elapsed / iters, averaged over ranks (nccl-tests'
-  default ``-a 1``);
+  one runs; no synchronization inside the loop (a barrier before it aligns the ranks' hosts); time =
+  elapsed / iters, averaged over ranks (nccl-tests' default ``-a 1``);
 - with ``--check``: inputs filled with rank-dependent values, the op run once more, and every output
   element compared with its expected value on the GPU; ``#wrong`` is the number of wrong elements,
   summed over ranks. Values are small integers, so sums are exact in every dtype.
@@ -160,9 +160,7 @@ def nvlink_generation(raw_version: int, compute_major: int | None) -> int:
     on newer ones; the GPU architecture says which reading is right.
     """
     expected = _NVLINK_BY_ARCH.get(compute_major) if compute_major is not None else None
-    if expected is not None:
-        if raw_version == expected or _NVML_NVLINK_ENUM.get(raw_version) == expected:
-            return expected
+    if expected is not None:  # the architecture fixes the generation, whichever way NVML encoded it
         return expected
     if raw_version >= 6:
         return _NVML_NVLINK_ENUM.get(raw_version, raw_version)
@@ -420,8 +418,8 @@ class OpBench:
 class Timer:
     """CUDA-event timing of a loop of calls (host clock only for the gloo/CPU test backend)."""
 
-    def __init__(self, torch, device):
-        self.torch, self.device = torch, device
+    def __init__(self, torch, device, barrier=None):
+        self.torch, self.device, self.barrier = torch, device, barrier
         self.cuda = device.type == "cuda"
         self.host_per_call_s = 50e-6
         if self.cuda:
@@ -442,6 +440,10 @@ class Timer:
     def time(self, fn, iters: int) -> float:
         """Seconds per call."""
         torch = self.torch
+        if self.barrier is not None:  # every rank's host starts the loop at about the same time
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+            self.barrier()
         if not self.cuda:
             t0 = time.perf_counter()
             for _ in range(iters):
@@ -582,7 +584,7 @@ def _bench(torch, dist, args, rank: int, world: int, device, backend: str) -> in
                + (f", NCCL {nccl_version}" if nccl_version else "") + f", torch {torch.__version__}, "
                f"{world} ranks, dtype {args.dtype}",
                f"# gpudoctor link: {describe_link(link)}",
-               f"# gpudoctor ceiling: " + (f"{ceiling['gbps']:.1f} GB/s per direction per GPU, {ceiling['basis']}; "
+               "# gpudoctor ceiling: " + (f"{ceiling['gbps']:.1f} GB/s per direction per GPU, {ceiling['basis']}; "
                                           f"source: {ceiling['source']}" if ceiling["gbps"] else "unknown"),
                f"# gpudoctor method: {method}",
                "# gpudoctor env: " + " ".join(f"{k}={os.environ.get(k, '')}" for k in SAFETY_ENV)]
@@ -597,7 +599,7 @@ def _bench(torch, dist, args, rank: int, world: int, device, backend: str) -> in
                                      factor=args.factor, warmup=args.warmup, iters=args.iters, check=args.check,
                                      devices=devices, binary=binary))
             _print(format_table_header())
-        timer = Timer(torch, device)
+        timer = Timer(torch, device, barrier=dist.barrier)
         # Warm-up at the largest and the smallest size (nccl-tests TimeTest), also calibrating the host.
         for size in (size_list[-1], size_list[0]):
             sz = bench.set_size(size)
@@ -651,7 +653,6 @@ def _bench(torch, dist, args, rank: int, world: int, device, backend: str) -> in
                                                       largest["in_place"]["busbw_gbps"])} if largest else None),
                        "fraction_of_ceiling": frac}
         bench.free()
-        del bench
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if main:

@@ -6,13 +6,15 @@ Launchers and the variables they set (first found wins, in this order):
 launcher                   rank             world size            local rank                  job id
 =========================  ===============  ====================  ==========================  ================
 torchrun / torch elastic   RANK             WORLD_SIZE            LOCAL_RANK                  TORCHELASTIC_RUN_ID
-Slurm (srun)               SLURM_PROCID     SLURM_NTASKS          SLURM_LOCALID               SLURM_JOB_ID.SLURM_STEP_ID
+Slurm (srun)               SLURM_PROCID     SLURM_STEP_NUM_TASKS  SLURM_LOCALID               SLURM_JOB_ID.SLURM_STEP_ID
 Open MPI (mpirun)          OMPI_COMM_WORLD_RANK  OMPI_COMM_WORLD_SIZE  OMPI_COMM_WORLD_LOCAL_RANK  PMIX_NAMESPACE
 MPICH / Intel MPI (PMI)    PMI_RANK         PMI_SIZE              MPI_LOCALRANKID             PMI_KVSNAME
 =========================  ===============  ====================  ==========================  ================
 
 ``RANK`` comes first because torchrun inside a Slurm allocation sets both, and there SLURM_PROCID is the
-node's task, not the worker's rank.
+node's task, not the worker's rank. Slurm's variables count only inside an srun job step (SLURM_STEP_ID
+or SLURM_STEP_NUM_TASKS set): the batch script itself also sees SLURM_PROCID=0 and the allocation's
+SLURM_NTASKS, and is a single process.
 
 The run directory of a multi-rank job must have the same name on every rank without the ranks talking
 to each other: ``job_key()`` gives a string that every rank of one job computes identically (and that
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 # (rank var, world-size vars, local-rank vars) per launcher, in order of trust.
 LAUNCHERS: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("torchrun", "RANK", ("WORLD_SIZE",), ("LOCAL_RANK",)),
-    ("slurm", "SLURM_PROCID", ("SLURM_NTASKS", "SLURM_NPROCS"), ("SLURM_LOCALID",)),
+    ("slurm", "SLURM_PROCID", ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"), ("SLURM_LOCALID",)),
     ("openmpi", "OMPI_COMM_WORLD_RANK", ("OMPI_COMM_WORLD_SIZE",), ("OMPI_COMM_WORLD_LOCAL_RANK",)),
     ("pmi", "PMI_RANK", ("PMI_SIZE",), ("MPI_LOCALRANKID", "PMI_LOCAL_RANK")),
     ("pmix", "PMIX_RANK", ("PMIX_SIZE",), ("PMIX_LOCAL_RANK",)),
@@ -61,10 +63,23 @@ def detect_rank(env: dict | None = None) -> RankInfo | None:
     """The rank this process has in its job, or None when no launcher variable is set."""
     env = os.environ if env is None else env
     for launcher, rank_var, size_vars, local_vars in LAUNCHERS:
+        if launcher == "slurm" and not _in_srun_step(env):
+            continue  # a batch script sees SLURM_PROCID=0 and the allocation's SLURM_NTASKS: not a rank
         rank = _int(env, (rank_var,))
         if rank is not None:
             return RankInfo(rank, _int(env, size_vars), _int(env, local_vars), rank_var, launcher)
     return None
+
+
+_SLURM_SPECIAL_STEPS = {"4294967292", "4294967293", "4294967294", "4294967295", "batch", "extern", "interactive"}
+
+
+def _in_srun_step(env) -> bool:
+    """True inside a task that srun started (a job step), False in the batch script itself."""
+    step = str(env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", ""))).strip()
+    if step:
+        return step not in _SLURM_SPECIAL_STEPS
+    return bool(str(env.get("SLURM_STEP_NUM_TASKS", "")).strip())
 
 
 def is_multi_rank(info: RankInfo | None) -> bool:
@@ -100,32 +115,42 @@ def _proc_start_utc(pid: int) -> str | None:
 def job_key(env: dict | None = None, info: RankInfo | None = None) -> str | None:
     """A name every rank of the same job computes identically, or None.
 
-    - Slurm: the job and step ids.
-    - torchrun with a rendezvous id (``--rdzv-id``, or ``--standalone`` which makes one up): that id.
-    - torchrun on one node with the default run id "none": the launcher agent (the parent of every
-      worker) identified by pid and start time -- the same for all local workers, new for each launch.
+    - ranks started by srun: the Slurm job and step ids;
+    - torchrun with a rendezvous id (``--rdzv-id``, or ``--standalone`` which makes one up): that id;
+    - torchrun with the default run id "none" inside an srun step: the Slurm job and step ids;
+    - torchrun on one node with run id "none": the launcher agent (the parent of every worker) named by
+      its start time and pid -- the same for all local workers, new for each launch;
     - Open MPI / PMIx: the PMIx namespace; MPICH/Hydra: the PMI KVS name.
     """
     env = os.environ if env is None else env
     info = info if info is not None else detect_rank(env)
-    if env.get("SLURM_JOB_ID") and (info is None or info.launcher == "slurm" or "TORCHELASTIC_RUN_ID" not in env):
-        step = env.get("SLURM_STEP_ID", "")
-        return _clean(f"slurm{env['SLURM_JOB_ID']}" + (f".{step}" if step else ""))
+
+    def slurm() -> str | None:
+        if env.get("SLURM_JOB_ID") and _in_srun_step(env):
+            step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", ""))
+            return _clean(f"slurm{env['SLURM_JOB_ID']}" + (f".{step}" if step else ""))
+        return None
+
+    if info is not None and info.launcher == "slurm":
+        return slurm()
+    restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    suffix = f"-r{restart}" if restart not in ("", "0") else ""
     run_id = env.get("TORCHELASTIC_RUN_ID", "")
     if run_id and run_id.lower() != "none":
-        restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
-        return _clean(f"torchrun-{run_id}" + (f"-r{restart}" if restart not in ("", "0") else ""))
+        return _clean(f"torchrun-{run_id}{suffix}")
     if "TORCHELASTIC_RUN_ID" in env or "TORCHELASTIC_RESTART_COUNT" in env:
+        key = slurm()
+        if key:
+            return _clean(key + suffix)
         local_world = _int(env, ("LOCAL_WORLD_SIZE",))
         world = info.world_size if info else None
         if local_world is not None and world is not None and local_world == world:  # one node: one agent
             ppid = os.getppid()
             started = _proc_start_utc(ppid)
             if started is not None:
-                restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
-                return _clean(f"torchrun-{started}-{ppid}" + (f"-r{restart}" if restart not in ("", "0") else ""))
+                return _clean(f"torchrun-{started}-{ppid}{suffix}")
         return None
     for var in ("PMIX_NAMESPACE", "PMI_KVSNAME"):
         if env.get(var):
             return _clean(f"mpi-{env[var]}")
-    return None
+    return slurm()

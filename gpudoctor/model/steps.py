@@ -32,7 +32,8 @@ class StepWindow:
 
     @property
     def steady(self) -> pd.DataFrame:
-        return self.steps[~self.steps["warmup"]]
+        # .loc with a bool mask: on an empty frame a plain [] would select columns instead of rows.
+        return self.steps.loc[~self.steps["warmup"].astype(bool)]
 
     @property
     def duration_ns(self) -> int:

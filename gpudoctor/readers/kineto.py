@@ -68,7 +68,7 @@ except ImportError:  # pragma: no cover - exercised only without orjson
     _loads = json.loads
 
 from gpudoctor.errors import InputError
-from gpudoctor.model.categories import categorize, categorize_kernels, short_names  # noqa: F401
+from gpudoctor.model.categories import categorize_kernels, short_names
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
 
@@ -108,21 +108,22 @@ _PARAM_COMMS = "record_param_comms"
 _SPECIAL_CPU_OPS = (_PROFILER_STEP, _PARAM_COMMS)
 
 # cpu_op events kept in the cpu_ops table (the rest are only counted): the operators whose shapes the
-# analyzers read (matrix products, softmax: analyzers/low_tensor_core.py MM_OPS, unfused_attention.py
-# GEMM_OPS / SOFTMAX_OPS) and their close kin (linear, attention, convolution). Few per step, so
-# parsing them costs little; elementwise ops (thousands per step) stay unparsed.
+# analyzers read (matrix products and softmax: analyzers/low_tensor_core.py MM_OPS,
+# analyzers/unfused_attention.py GEMM_OPS / SOFTMAX_OPS) and their close kin, one op per level that
+# carries the shapes: linear, scaled-dot-product attention (the call, and the backend op it chose,
+# forward and backward) and convolution (aten::convolution: conv1d/2d/3d/transpose all go through it;
+# not its inner _convolution / cudnn_convolution, which repeat the shapes). Every kept op is parsed, so
+# the set stays small; elementwise and view ops (most of a trace) stay unparsed.
 SHAPE_OPS = frozenset({
     "aten::mm", "aten::bmm", "aten::matmul", "aten::addmm", "aten::baddbmm", "aten::addbmm",
     "aten::_addmm_activation", "aten::addmv", "aten::mv", "aten::dot", "aten::linear", "aten::einsum",
-    "aten::_scaled_mm", "aten::_int_mm", "aten::scaled_dot_product_attention",
+    "aten::_scaled_mm", "aten::_int_mm",
     "aten::softmax", "aten::_softmax", "aten::_softmax_backward_data", "aten::_masked_softmax",
-    "aten::_convolution", "aten::convolution", "aten::convolution_backward",
+    "aten::scaled_dot_product_attention", "aten::convolution", "aten::convolution_backward",
 })
-# ... and every op whose name starts with one of these.
-SHAPE_OP_PREFIXES = (
-    "aten::_scaled_dot_product_", "aten::_flash_attention_", "aten::_efficient_attention_",
-    "aten::_cudnn_attention_", "aten::conv", "aten::cudnn_convolution",
-)
+# ... and every op whose name starts with one of these (aten::_scaled_dot_product_flash_attention,
+# ..._efficient_attention, ..._cudnn_attention, ..._flash_attention_backward, ...).
+SHAPE_OP_PREFIXES = ("aten::_scaled_dot_product_",)
 
 _NCCL_RE = re.compile(r"nccl", re.I)
 _NCCL_OP_RE = re.compile(
@@ -181,10 +182,12 @@ _TB_NAME_RE = re.compile(r"^(?P<host>.+)_(?P<pid>\d+)\.\d+\.pt\.trace\.json(?:\.
 _SKIP_RE = re.compile(
     rb'\s*"ph"\s*:\s*"(?:([stf])"|X"\s*,\s*"cat"\s*:\s*"(cpu_op|python_function|gpu_user_annotation)"\s*,'
     rb'\s*"name"\s*:\s*"(?!ProfilerStep#|record_param_comms"))')
-_SPECIAL_NAMES = (b"ProfilerStep#", b'record_param_comms"')
-# How the names of the cpu_ops kept begin in the raw text (after the opening quote).
-_SHAPE_OP_NAMES = tuple(sorted(n.encode() + b'"' for n in SHAPE_OPS)) + tuple(
-    p.encode() for p in SHAPE_OP_PREFIXES)
+# How the names of the cpu_op events that are parsed begin in the raw text (after the opening quote):
+# ProfilerStep#N, record_param_comms and SHAPE_OPS. The first _KEY_LEN bytes of each are a quick test.
+_TAKE_BACK_NAMES = (b"ProfilerStep#", b'record_param_comms"') + tuple(
+    sorted(n.encode() + b'"' for n in SHAPE_OPS)) + tuple(p.encode() for p in SHAPE_OP_PREFIXES)
+_KEY_LEN = min(map(len, _TAKE_BACK_NAMES))
+_TAKE_BACK_KEYS = frozenset(n[:_KEY_LEN] for n in _TAKE_BACK_NAMES)
 _SKIP_KEYS = {b"s": ("flow", None), b"t": ("flow", None), b"f": ("flow", None), b"cpu_op": ("X", "cpu_op"),
               b"python_function": ("X", "python_function"), b"gpu_user_annotation": ("X", "gpu_user_annotation")}
 _TE_KEY_RE = re.compile(rb'"traceEvents"\s*:\s*\[')
@@ -352,8 +355,11 @@ class _Skipper:
     Those are most of a trace: cpu_op (except ProfilerStep#N, record_param_comms and ``SHAPE_OPS``),
     python_function, gpu_user_annotation and flow events. The exact prefixes (Kineto's layout) are
     learned with a regex from the first events of each region; after that the test is a plain
-    ``bytes.startswith`` (the exceptions: prefix + name, taken back from the skipped events). An event
-    written differently is simply parsed (and then handled the same way), so this is only a shortcut.
+    ``bytes.startswith``. The cpu_op events to parse share their category's prefix: they are taken
+    back from the skipped ones by the bytes of their name (a set lookup of the name's first bytes,
+    then ``startswith`` prefix + name on the few that pass; one tuple of ~25 prefixes tested on every
+    skipped event would cost a third of the reading time). An event written differently is simply
+    parsed (and then handled the same way), so this is only a shortcut.
     """
 
     LEARN_FIRST = 5000  # events looked at in the first region
@@ -362,7 +368,7 @@ class _Skipper:
     def __init__(self):
         self.by_key: dict[tuple, set] = {}  # (ph, cat) -> prefixes
         self.skip: tuple = ()
-        self.special: tuple = ()
+        self.take_back: list[tuple[slice, tuple]] = []  # per cpu_op prefix length: (name key, prefix + name)
         self.regions = 0
 
     def learn(self, pieces: list) -> None:
@@ -380,10 +386,10 @@ class _Skipper:
         if new:
             prefixes = [pre for pres in self.by_key.values() for pre in pres]
             self.skip = tuple(prefixes)
-            special = [pre + s for pre in prefixes if pre.rstrip().endswith(b'"') for s in _SPECIAL_NAMES]
-            cpu_op = self.by_key.get(_SKIP_KEYS[b"cpu_op"], ())
-            special += [pre + s for pre in cpu_op for s in _SHAPE_OP_NAMES]
-            self.special = tuple(special)
+            by_len: dict[int, list] = {}
+            for pre in self.by_key.get(_SKIP_KEYS[b"cpu_op"], ()):
+                by_len.setdefault(len(pre), []).extend(pre + s for s in _TAKE_BACK_NAMES)
+            self.take_back = [(slice(n, n + _KEY_LEN), tuple(full)) for n, full in sorted(by_len.items())]
 
     def split(self, region: bytes, sep: bytes) -> tuple[list, Counter]:
         """Pieces to parse, and counts of the skipped ones by (ph, cat)."""
@@ -400,9 +406,13 @@ class _Skipper:
         kept = list(compress(pieces, map(operator.not_, skip)))
         skipped = list(compress(pieces, skip))
         del pieces, skip
-        # ProfilerStep#N / record_param_comms / SHAPE_OPS share the prefix of their category: take them back.
-        special_flags = list(map(bytes.startswith, skipped, repeat(self.special)))
-        special = list(compress(skipped, special_flags)) if any(special_flags) else []
+        # ProfilerStep#N / record_param_comms / SHAPE_OPS share the prefix of cpu_op: take them back.
+        special: list = []
+        for key, full in self.take_back:
+            cand = list(map(_TAKE_BACK_KEYS.__contains__, map(operator.getitem, skipped, repeat(key))))
+            if any(cand):
+                cand = list(compress(skipped, cand))
+                special.extend(compress(cand, map(bytes.startswith, cand, repeat(full))))
         kept.extend(special)
         counts: Counter = Counter()
         flows = len(skipped) - len(special)

@@ -34,7 +34,9 @@ What becomes what. The rows are measurements, not events on a timeline:
   ``complete`` and ``gpudoctor`` (the ``# gpudoctor KEY: VALUE`` lines nccl-bench adds: link, ceiling).
 - ``collectives``: one row per table row with op, bytes (the size column), dtype, comm_size (ranks
   listed under "Using devices"), source "nccl_tests" and start_ns = end_ns = 0 (no timeline).
-- ``devices``: the device this input's rank used; ``ranks``: one row, source_format "nccl_tests".
+- no ``ranks`` or ``devices`` rows: the log describes the whole job, not one rank's timeline, so it can
+  be analyzed together with the per-rank traces of the same run (its devices are in the sections).
+  ``rank`` (default 0) is the rank its collectives rows and findings are reported under.
 - ``dropped``: a log that stops before its ``# Avg bus bandwidth`` line (a killed or crashed run) is
   still read, and counted once per unfinished test as "nccl-tests log ends early"; data-looking rows
   that cannot be parsed are counted as "unparseable nccl-tests row".
@@ -539,14 +541,8 @@ def to_trace(parsed: Parsed, path: Path, rank: int | None = None) -> Trace:
         "bytes": coll["bytes"], "dtype": pd.Categorical(coll["dtype"]), "comm_size": coll["comm_size"],
         "source": [SOURCE] * n,
     })
-    dev = next((d for d in all_devices if d["rank"] == my_rank), all_devices[0] if all_devices else None)
-    if dev is not None:
-        trace.set("devices", {"rank": [my_rank], "device_id": [dev["device"]], "name": [dev["name"]]})
-    trace.set("ranks", {
-        "rank": [my_rank], "pid": [dev["pid"] if dev else -1], "hostname": [dev["host"] if dev else ""],
-        "source_file": [str(path)], "source_format": [FORMAT], "clock_offset_ns": [0],
-        "clock_source": ["none (measurements, no timeline)"],
-    })
+    # No ranks/devices rows: the log describes the whole job, not one rank's timeline, so it can join the
+    # per-rank traces of a run without claiming a rank (its devices are in meta["nccl_tests"]["sections"]).
     if incomplete:
         trace.add_dropped(my_rank, SOURCE, R_ENDS_EARLY, incomplete)
     if parsed.bad_rows:
@@ -556,7 +552,8 @@ def to_trace(parsed: Parsed, path: Path, rank: int | None = None) -> Trace:
         "nccl_tests": {
             "rows": rows, "sections": sec_meta, "wrong_total": int(wrong_total), "wrong_rows": wrong_rows,
             "avg_busbw_gbps": (sum(avgs) / len(avgs)) if avgs else None,
-            "complete": incomplete == 0, "gpudoctor": parsed.gpudoctor, "path": str(path),
+            "complete": incomplete == 0, "gpudoctor": parsed.gpudoctor, "path": str(path), "rank": my_rank,
+            "devices": all_devices,
         },
     }
     return trace

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.errors import GpudoctorError, InputError
-from gpudoctor.model.categories import categorize, categorize_kernels  # noqa: F401
+from gpudoctor.model.categories import categorize_kernels
 from gpudoctor.model.counters_from_ranges import MALFORMED_REASON, counters_from_ranges
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
