@@ -92,8 +92,8 @@ def create_app(runs: list[Run], prepare: bool = True):
         for r in runs:
             r.prepare()
 
-    # eager_loading: plotly.js (and the table) load with the first scripts, in parallel, instead of after
-    # the first page callback returns.
+    # Everything is served by the app itself (serve_locally; no assets folder): the dashboard works offline
+    # and the server exposes no file of the working directory.
     app = dash.Dash(__name__, title="gpudoctor", suppress_callback_exceptions=True, serve_locally=True,
                     assets_folder="__no_assets__", update_title=None)
 
@@ -164,7 +164,7 @@ def create_app(runs: list[Run], prepare: bool = True):
             html.Div([
                 html.Button("Zoom out (whole run)", id="timeline-reset", n_clicks=0, style={"marginRight": "10px"}),
                 html.Button("Steady-state window", id="timeline-window", n_clicks=0, style={"marginRight": "16px"}),
-                html.Span(fig.layout.meta["status"], id="timeline-status", style={"fontSize": 13, "color": "#374151"}),
+                html.Span(_status(fig), id="timeline-status", style={"fontSize": 13, "color": "#374151"}),
             ], style={"marginBottom": "6px"}),
             html.Div("Drag to zoom, shift-drag to pan; kernels appear one by one once fewer than "
                      f"{F.MAX_EXACT:,} are in view.", style={"fontSize": 12, "color": "#6b7280"}),
@@ -337,7 +337,7 @@ def create_app(runs: list[Run], prepare: bool = True):
                 raise PreventUpdate
             view = None if v == "reset" else v
         fig = _timeline(run, view) if view is not None else run.full_timeline()
-        return fig, fig.layout.meta["status"]
+        return fig, _status(fig)
 
     # ------------------------------------------------------------------ kernels table
     @app.callback(Output("kernel-table", "data"), Output("kernel-count", "children"),
@@ -423,6 +423,11 @@ def _category_bars(cf: pd.DataFrame):
     legend = [html.Span([html.Span("■ ", style={"color": F.COLORS.get(c, "#999")}), c], style={"marginRight": "14px", "fontSize": 12})
               for c in dict.fromkeys(cf["category"])]
     return html.Div(rows + [html.Div(legend)], id="category-bars")
+
+
+def _status(fig) -> str:
+    meta = fig.layout.meta or {}
+    return meta.get("status") or meta.get("message", "")
 
 
 def _timeline(run: Run, view):

@@ -268,7 +268,6 @@ class TimelineIndex:
         c = self.counters
         if c.empty:
             return out
-        t_all = c["t"].to_numpy()
         for (rank, dev, name), g in c.groupby(["rank", "device_id", "name"], sort=True):
             t = g["t"].to_numpy()
             v = g["value"].to_numpy()
@@ -284,7 +283,6 @@ class TimelineIndex:
                 t, v = t[keep], v[keep]
             label = f"r{rank} {name}" + (f" gpu{dev}" if dev >= 0 else "")
             out.append((label, t, v))
-        del t_all
         return out
 
 

@@ -7,12 +7,10 @@ logged no console errors, and save screenshots to test-artifacts/ (gitignored).
 
 from __future__ import annotations
 
-import re
 import shutil
 import threading
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -314,6 +312,10 @@ def test_roofline_of_the_ncu_run(page, server, errors):
     page.wait_for_selector("#kernel-table td[data-dash-column='tensor_core']")
     tc = rows(page, "kernel-table", "tensor_core")
     assert sum(t.startswith("yes") for t in tc) == 2 and sum(t.startswith("no") for t in tc) == 2
+    # a metrics-only run has no timeline: the page says so
+    page.click("#nav-timeline")
+    page.wait_for_selector("#page h3:has-text('Timeline')")
+    assert page.inner_text("#timeline-status") == "no kernels, ranges or collectives in this run"
     select_run(page, NAIVE, server)
     page.wait_for_selector("#page h3:has-text('attn_naive (nsys)')")
     assert errors == []

@@ -7,7 +7,6 @@ figure that drops or duplicates events fails.
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 

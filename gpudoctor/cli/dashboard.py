@@ -78,13 +78,14 @@ def load_runs(paths: list[str], ceilings: dict | None = None, config=None):
             analysis = analyze_inputs([path], config=config)
         except GpudoctorError as e:
             errors.append(str(e))
-            print(f"gpudoctor: error: {e}", file=sys.stderr)
             continue
         for e in analysis.errors:
             print(f"gpudoctor: warning: {e}", file=sys.stderr)
         runs.append(Run(name=name, analysis=analysis, ceilings=ceilings))
     if not runs:
-        raise GpudoctorError("no run could be read" + (f": {errors[0]}" if len(errors) == 1 else ""))
+        raise GpudoctorError(errors[0] if len(errors) == 1 else "no run could be read: " + "; ".join(errors))
+    for e in errors:
+        print(f"gpudoctor: error: {e} (run skipped)", file=sys.stderr)
     return runs
 
 
@@ -106,7 +107,8 @@ class DashboardCommand(Command):
         from gpudoctor.cli.analyze import load_config
         from gpudoctor.dashboards.app import create_app
 
-        if not is_loopback(args.host):
+        loopback = is_loopback(args.host)
+        if not loopback:  # before the (slow) analysis, and again once the port is known
             print(non_loopback_warning(args.host, args.port), file=sys.stderr)
         runs = load_runs(args.runs, _load_ceilings(args.ceilings), load_config(args.config, []))
         app = create_app(runs)
@@ -115,6 +117,8 @@ class DashboardCommand(Command):
             srv = make_server(args.host, args.port, app.server, threaded=True)
         except (OSError, SystemExit) as e:
             raise GpudoctorError(f"cannot listen on {args.host}:{args.port}: {e}") from None
+        if not loopback and args.port != srv.server_port:
+            print(non_loopback_warning(args.host, srv.server_port), file=sys.stderr)
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"gpudoctor dashboard: http://{host}:{srv.server_port}/ ({len(runs)} run{'s' if len(runs) != 1 else ''}; "
               "Ctrl-C to stop)", file=sys.stderr, flush=True)
