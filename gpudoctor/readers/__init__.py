@@ -60,3 +60,25 @@ def detect(path: str | Path) -> str:
         return "prometheus"
     raise InputError(path, "not a recognized trace (expected nsys SQLite/.nsys-rep, PyTorch profiler JSON, "
                            "ncu CSV, nccl-tests log, CUDA memory snapshot or a gpudoctor run)")
+
+
+def read_bytes(path: str | Path, expected: str, gunzip: bool = True) -> bytes:
+    """The file's bytes (gunzipped when gzip), or a one-line InputError saying what is wrong.
+
+    ``expected`` names what the reader wanted ("an Nsight Compute CSV export") for the directory case.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except IsADirectoryError:
+        raise InputError(path, f"is a directory, expected {expected}") from None
+    except OSError as e:
+        raise InputError(path, f"cannot read: {e.strerror or e}") from None
+    if gunzip and data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise InputError(path, f"corrupt gzip: {e}") from None
+    return data

@@ -56,6 +56,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from gpudoctor.readers import read_bytes
 from gpudoctor.errors import InputError
 from gpudoctor.model.trace import Trace
 
@@ -472,20 +473,7 @@ def parse_text(text: str, path: Path | str = "<text>") -> Parsed:
 def read(path: str | Path, rank: int | None = None) -> Trace:
     """Read nccl-tests (or gpudoctor nccl-bench) output into a Trace; see the module docstring."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "no such file")
-    if path.is_dir():
-        raise InputError(path, "is a directory, expected nccl-tests output")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise InputError(path, f"cannot read: {e.strerror or e}") from None
-    if raw[:2] == b"\x1f\x8b":
-        import gzip
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise InputError(path, f"corrupt gzip: {e}") from None
+    raw = read_bytes(path, "nccl-tests output")
     if not raw.strip():
         raise InputError(path, "empty file")
     text = raw.decode("utf-8", errors="replace")

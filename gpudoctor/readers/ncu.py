@@ -46,7 +46,6 @@ profiled, starting at ``rank`` (0 when not given).
 from __future__ import annotations
 
 import csv
-import gzip
 import re
 import subprocess
 import tempfile
@@ -55,6 +54,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gpudoctor.readers import read_bytes
 from gpudoctor.errors import InputError
 from gpudoctor.model.schema import TABLES
 from gpudoctor.model.trace import Trace
@@ -123,17 +123,7 @@ def to_number(s: pd.Series) -> pd.Series:
 
 # ------------------------------------------------------------------------------------- CSV loading
 def _load_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise InputError(path, "is a directory, expected an Nsight Compute CSV export") from None
-    except OSError as e:
-        raise InputError(path, f"cannot read: {e.strerror or e}") from None
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise InputError(path, f"corrupt gzip: {e}") from None
+    data = read_bytes(path, "an Nsight Compute CSV export")
     if not data.strip():
         raise InputError(path, "empty file")
     if b"\x00" in data[:4096]:

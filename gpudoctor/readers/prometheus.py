@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gpudoctor.readers import read_bytes
 from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.model.trace import Trace
 
@@ -254,18 +255,7 @@ def _scrape_counters(samples: list, ts: int, types: dict[str, str] | None = None
 
 def read(path: str | Path, rank: int | None = None) -> Trace:
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except OSError as e:
-        raise InputError(path, f"cannot read: {e.strerror or e}") from None
-    if raw[:2] == b"\x1f\x8b":
-        import gzip
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise InputError(path, f"corrupt gzip: {e}") from None
+    raw = read_bytes(path, "Prometheus text")
     if b"\x00" in raw[:4096]:
         raise InputError(path, "not Prometheus text (binary content)")
     text = raw.decode("utf-8", errors="replace")

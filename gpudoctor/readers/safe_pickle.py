@@ -33,6 +33,7 @@ import io
 import pickle
 from pathlib import Path
 
+from gpudoctor.readers import read_bytes
 from gpudoctor.errors import InputError
 
 PLAIN_TYPES = (dict, list, tuple, set, frozenset, str, bytes, bytearray, int, float, bool, type(None))
@@ -104,10 +105,4 @@ def loads(data: bytes, path: str | Path = "<bytes>") -> object:
 def load(path: str | Path) -> object:
     """Read ``path`` and unpickle it allowing only plain data (see the module docstring)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except OSError as e:
-        raise InputError(path, f"cannot read: {e.strerror or e}") from None
-    return loads(data, path)
+    return loads(read_bytes(path, "a CUDA memory snapshot", gunzip=False), path)
