@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from gpudoctor.cli.base import Command
 from gpudoctor.errors import GpudoctorError
@@ -55,6 +56,8 @@ class AnalyzeCommand(Command):
         if not args.quiet:
             from gpudoctor.render.terminal import render
             render(analysis, verbose=args.verbose)
+        for err in analysis.errors:  # one line each on stderr, even with --quiet; the rest was analyzed
+            print(f"gpudoctor: error: {err}", file=sys.stderr)
         return 2 if analysis.errors else 0
 
 

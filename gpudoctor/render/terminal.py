@@ -12,8 +12,6 @@ SEVERITY_STYLE = {"high": "bold red", "medium": "yellow", "low": "cyan", "info":
 
 def render(analysis, console: Console | None = None, top: int = 8, verbose: bool = False) -> None:
     console = console or Console()
-    for err in analysis.errors:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
     for r in analysis.ranks:
         w = r.window
         console.print(f"\n[bold]rank {r.rank}[/bold]  {r.device or 'unknown device'}", highlight=False)
