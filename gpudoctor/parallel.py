@@ -4,24 +4,26 @@
 
 Map (one task per input file, on a worker process): read the file, summarize each of its ranks
 (``summarize_rank``), run every per-rank analyzer on it (``registry.run_all`` without the cross-rank
-ones), and compute the rank's row of the straggler table. A task returns only small results (a
-:class:`RankResult`: the RankSummary, findings, dropped counts, the ranks / devices rows and the rank's
-step end times), never the trace, so the memory of a worker is bounded by its largest rank and the
-parent holds a few kilobytes per rank.
+ones), and compute the rank's row of the straggler table and the gate's per-step samples. A task
+returns only small results (a :class:`RankResult`: RankSummary, findings, the ranks / devices /
+dropped rows, step end times, the distinct kernel and collective kinds), never the trace, so a
+worker's memory is bounded by its largest rank and the parent holds a few kilobytes per rank.
 
-Reduce (in the calling process): check that no two inputs claim the same rank (the error
-``merge`` raises), align the ranks' steps and build the straggler table and finding exactly as
-``stragglers.analyze_run`` does on a merged trace, and assemble the Analysis. ``Analysis.trace`` is a
-*light* Trace: ranks, devices and dropped tables and ``meta`` only (no kernels, API calls, ranges...),
-enough for the JSON / Markdown / terminal renderers. Callers that need the event tables (dashboards,
-``rundb.save``) must use the serial path (``pipeline.load_inputs`` + ``analyze_trace``).
+Reduce (in the calling process): check that no two inputs claim the same rank (the error ``merge``
+raises), align the ranks' steps and build the straggler table and finding as
+``stragglers.analyze_run`` does on a merged trace, and assemble the Analysis. ``Analysis.trace`` is
+a :class:`LightTrace`: the ranks, devices and dropped tables and ``meta`` only (no kernels, API calls,
+ranges...), enough for the JSON / Markdown / terminal renderers; the JSON's ``gate`` block is built
+from the workers' samples and equals the serial path's. Callers that need the event tables
+(dashboards, ``rundb.save``) must use the serial path (``pipeline.load_inputs`` + ``analyze_trace``).
 
 Executors
     ``scheduler`` given (an address such as ``tcp://host:8786``): that Dask cluster; the files must be
     readable by its workers at the same paths. Else, with Dask installed (``pip install
-    gpudoctor[dask]``) and ``executor="auto"``: a local Dask cluster of ``workers`` single-threaded
+    'gpudoctor[dask]'``) and ``executor="auto"``: a local Dask cluster of ``workers`` single-threaded
     processes. Without Dask: a ``concurrent.futures.ProcessPoolExecutor`` of ``workers`` processes
-    (forkserver, so workers start from a clean interpreter, not a copy of a large parent).
+    (forkserver: workers start from a clean interpreter, not a copy of a large parent; as with any
+    multiprocessing, a script calling this needs the ``if __name__ == "__main__":`` guard).
     ``workers`` defaults to the CPUs this process may use, capped by the number of files.
 
 Same results as the serial path (tests/test_parallel.py): per-rank summaries and findings are computed
@@ -31,8 +33,9 @@ files handed to ``analyze_many`` (the serial path counts the ranks of the inputs
 two differ only when an input fails or one file holds several ranks), and categoricals keep the
 reader's category order (ties in "top kernels" may list in another order).
 
-Inputs that only make sense merged with another input (Nsight Compute exports attaching metrics to a
-timeline) cannot be mapped independently: :func:`use_parallel` says False for them.
+Inputs that only make sense merged with another input (Nsight Compute exports, memory snapshots and
+other side inputs attach to a timeline's rank) cannot be mapped independently: :func:`use_parallel`
+says False for them, and for run.db files.
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ PARALLEL_MIN_FILES = 8
 CROSS_RANK_ANALYZERS = ("stragglers",)
 """Analyzers that need every rank at once; the reduce step runs them."""
 
+# Per rank, the distinct kernel and collective kinds: what run-level checks on names need (which
+# devices ran kernels, whether any rank runs pipeline send/recv...), a few rows instead of the events.
+_KERNEL_KIND_COLUMNS = ("rank", "device_id", "name", "demangled_name", "category")
+_COLLECTIVE_KIND_COLUMNS = ("rank", "op", "source")
+
 # Formats a worker can read and analyze on its own (one rank per file).
 _MAPPABLE = {"nsys_sqlite", "sqlite", "json", "nsys_rep"}
 
@@ -79,7 +87,8 @@ class RankResult:
     straggler_rows: pd.DataFrame | None = None
     step_ends: dict = field(default_factory=dict)  # rank -> steady steps' GPU end times (ns)
     gate_data: dict = field(default_factory=dict)  # rank -> the gate's per-rank samples (gate.compare._rank_data)
-    gpu_pairs: list = field(default_factory=list)  # distinct (rank, device_id) that ran kernels
+    kernel_kinds: pd.DataFrame | None = None  # distinct (rank, device_id, name, demangled_name, category)
+    collective_kinds: pd.DataFrame | None = None  # distinct (rank, op, source) of the collectives
     read_s: float = 0.0
     analyze_s: float = 0.0
     cpu_s: float = 0.0  # CPU time of the task on its worker
@@ -163,9 +172,8 @@ def map_rank(path: str, rank: int | None = None, config=None, world: list[str] |
         if cfg is None or cfg.enabled("stragglers"):
             out.straggler_rows, out.step_ends = _straggler_part(trace, out.summaries)
         out.gate_data = _gate_part(trace, out.summaries)
-        k = trace.kernels
-        out.gpu_pairs = sorted(tuple(x) for x in
-                               pd.DataFrame({"r": k["rank"], "d": k["device_id"]}).drop_duplicates().to_numpy().tolist())
+        out.kernel_kinds = trace.kernels[list(_KERNEL_KIND_COLUMNS)].drop_duplicates().reset_index(drop=True)
+        out.collective_kinds = trace.collectives[list(_COLLECTIVE_KIND_COLUMNS)].drop_duplicates().reset_index(drop=True)
         out.ranks, out.devices, out.dropped = trace.ranks, trace.devices, trace.dropped
     finally:
         out.analyze_s = time.perf_counter() - t1
@@ -259,11 +267,12 @@ def reduce_results(results: list[RankResult], config=None):
     trace = _light_trace(ok, inputs)
     summaries = sorted((s for r in ok for s in r.summaries), key=lambda s: s.rank)
     findings = [f for r in ok for f in r.findings]
-    findings.extend(_straggler_findings(ok, summaries, config))
+    stand_in = _stand_in(trace, ok)
+    findings.extend(_straggler_findings(ok, summaries, config, stand_in))
     findings = _sort_findings(findings)
     out = parallel_analysis_class()(inputs=inputs, trace=trace, ranks=summaries, findings=findings, errors=errors)
     out._gate_data = {k: v for r in ok for k, v in r.gate_data.items()}
-    out._gpu_pairs = [p for r in ok for p in r.gpu_pairs]
+    out._stand_in = stand_in
     return out
 
 
@@ -281,7 +290,7 @@ def parallel_analysis_class():
         """An Analysis whose ``trace`` is light (see the module docstring)."""
 
         _gate_data: dict = {}
-        _gpu_pairs: list = []
+        _stand_in: Trace | None = None
 
         def to_json_dict(self) -> dict:
             with _gate_view(self):
@@ -298,8 +307,9 @@ class _gate_view:
     """While building the JSON: the gate sees, per rank, the samples the workers computed.
 
     gate.compare.run_from_trace(analysis.trace, ranks) calls ``_rank_data(for_rank(r), window)`` and
-    ``environment(trace)`` (devices that ran kernels). The light trace gets one placeholder kernel row
-    per (rank, device) that ran kernels, and ``_rank_data`` answers the worker's result for the rank.
+    ``environment(trace)`` (the devices that ran kernels). Meanwhile ``analysis.trace`` is the stand-in
+    (one kernel row per distinct kernel of each rank and device), and ``_rank_data`` answers the
+    worker's result for the rank.
     """
 
     def __init__(self, analysis):
@@ -315,10 +325,7 @@ class _gate_view:
             self.compare = None
             return self
         self.compare = compare
-        view = LightTrace(**{name: df for name, df in self.trace.tables()}, meta=self.trace.meta)
-        pairs = self.a._gpu_pairs
-        view.kernels = conform("kernels", pd.DataFrame({"rank": [r for r, _ in pairs], "device_id": [d for _, d in pairs]}))
-        self.a.trace = view
+        self.a.trace = self.a._stand_in if self.a._stand_in is not None else self.trace
         data = self.a._gate_data
         self.original = compare._rank_data
 
@@ -377,7 +384,19 @@ def _light_trace(results: list[RankResult], inputs: list[dict]) -> Trace:
     return t
 
 
-def _straggler_findings(results: list[RankResult], summaries: list[RankSummary], config) -> list:
+def _stand_in(light: Trace, results: list[RankResult]) -> Trace:
+    """The light trace plus one kernel row per distinct (rank, device, name, category) and one collective
+    row per distinct (rank, op, source): enough for run-level code that asks *which* kernels / devices /
+    collectives the run has (gate.environment, nccl_dominated.pipeline_p2p), never how many or when."""
+    t = LightTrace(**{name: df for name, df in light.tables()}, meta=light.meta)
+    for name, attr in (("kernels", "kernel_kinds"), ("collectives", "collective_kinds")):
+        frames = [getattr(r, attr) for r in results if getattr(r, attr) is not None and len(getattr(r, attr))]
+        if frames:
+            setattr(t, name, conform(name, pd.concat(frames, ignore_index=True)))
+    return t
+
+
+def _straggler_findings(results: list[RankResult], summaries: list[RankSummary], config, stand_in: Trace) -> list:
     """The stragglers finding of the run, from the per-rank rows, as analyze_run computes it."""
     registry = _registry()
     cfg = _as_config(config)
@@ -399,7 +418,7 @@ def _straggler_findings(results: list[RankResult], summaries: list[RankSummary],
             ends = np.stack([step_ends[k][-m:] for k in ranks])
             lag = np.median(ends - ends.min(axis=0, keepdims=True), axis=1)
             tab["step_end_lag_ns"] = [int(x) for x in lag]
-    found = _findings_from_table(stragglers, tab, cfg if cfg is not None else config)
+    found = _findings_from_table(stragglers, tab, cfg if cfg is not None else config, stand_in)
     first = summaries[0] if summaries else None
     for f in found:
         if f.analyzer != stragglers.ID:
@@ -411,20 +430,21 @@ def _straggler_findings(results: list[RankResult], summaries: list[RankSummary],
     return found
 
 
-def _findings_from_table(stragglers, tab: pd.DataFrame, config) -> list:
+def _findings_from_table(stragglers, tab: pd.DataFrame, config, stand_in: Trace) -> list:
     """stragglers' finding for a ready straggler table.
 
-    Uses ``stragglers.findings_from_table(tab, config)`` when the module has it; otherwise runs
-    ``analyze_run`` with ``straggler_table`` answering ``tab`` (the same code, so the same finding).
+    Uses ``stragglers.findings_from_table(tab, config, trace)`` when the module has it; otherwise runs
+    ``analyze_run(stand_in, config)`` with ``straggler_table`` answering ``tab`` (the same code, so the
+    same finding; the stand-in answers analyze_run's other questions about the run, e.g. pipeline_p2p).
     """
     fn = getattr(stragglers, "findings_from_table", None)
     if fn is not None:
-        return fn(tab, config)
+        return fn(tab, config, stand_in)
     with _swap_lock:
         original = stragglers.straggler_table
         stragglers.straggler_table = lambda _trace: tab.copy()
         try:
-            return stragglers.analyze_run(None, config)
+            return stragglers.analyze_run(stand_in, config)
         finally:
             stragglers.straggler_table = original
 
