@@ -163,7 +163,8 @@ def map_rank(path: str, rank: int | None = None, config=None, world: list[str] |
     t1 = time.perf_counter()
     try:
         out.inputs = list(trace.meta.get("inputs") or [{"path": str(path)}])
-        out.meta = {k: v for k, v in trace.meta.items() if k != "inputs"}
+        # Run-level facts (versions, profiler header); tables kept in meta stay on the worker.
+        out.meta = {k: v for k, v in trace.meta.items() if k != "inputs" and not isinstance(v, pd.DataFrame)}
         _announce_world(trace, world or [], str(path))
         ranks = trace.rank_ids or [0]
         out.summaries = [summarize_rank(trace, r) for r in ranks]

@@ -166,7 +166,8 @@ def load_inputs(paths: list[str], rank_map: dict[str, int] | None = None) -> tup
     """Read every input; returns (merged trace or None, inputs, one-line errors)."""
     rank_map = rank_map or {}
     traces, inputs, errors = [], [], []
-    for p in expand_inputs(paths):
+    from gpudoctor import progress
+    for p in progress.track(expand_inputs(paths), "Reading inputs"):
         try:
             t = read_input(p, rank=rank_map.get(str(p), rank_map.get(p.name)))
         except GpudoctorError as e:
@@ -230,6 +231,12 @@ def _attach_side_inputs(trace: Trace, side: list[Trace]) -> None:
 
 
 def analyze_trace(trace: Trace, config=None) -> tuple[list[RankSummary], list]:
+    from gpudoctor import progress
+    with progress.task("Analyzing"):
+        return _analyze_trace(trace, config)
+
+
+def _analyze_trace(trace: Trace, config=None) -> tuple[list[RankSummary], list]:
     ranks = [summarize_rank(trace, r) for r in (trace.rank_ids or [0])]
     findings = []
     try:
@@ -241,8 +248,17 @@ def analyze_trace(trace: Trace, config=None) -> tuple[list[RankSummary], list]:
     return ranks, findings
 
 
-def analyze_inputs(paths: list[str], config=None, rank_map: dict[str, int] | None = None) -> Analysis:
-    """Read, merge and analyze. Raises GpudoctorError only when no input could be read."""
+def analyze_inputs(paths: list[str], config=None, rank_map: dict[str, int] | None = None, *, workers=None,
+                   scheduler=None, need_trace: bool = False) -> Analysis:
+    """Read, merge and analyze. Raises GpudoctorError only when no input could be read.
+
+    Many rank files (or a Dask ``scheduler``) go to gpudoctor.parallel, whose Analysis carries a light
+    trace (ranks, devices, dropped): callers that need the events pass ``need_trace=True``.
+    """
+    from gpudoctor import parallel
+    if not need_trace and parallel.use_parallel(expand_inputs(paths),
+                                                min_files=1 if scheduler else parallel.PARALLEL_MIN_FILES):
+        return parallel.analyze_many(paths, config, workers=workers, scheduler=scheduler, rank_map=rank_map)
     trace, inputs, errors = load_inputs(paths, rank_map)
     if trace is None:
         raise GpudoctorError(errors[0] if len(errors) == 1 else "; ".join(errors))

@@ -44,6 +44,10 @@ class AnalyzeCommand(Command):
         p.add_argument("--set", action="append", metavar="ANALYZER.KEY=VALUE", default=[],
                        help="override one analyzer threshold, e.g. gpu_idle.idle_fraction_medium=0.2")
         p.add_argument("--rank", action="append", metavar="FILE=N", help="rank of an input whose rank can't be found")
+        p.add_argument("--workers", type=int, metavar="N",
+                       help="worker processes for many rank files (default: usable CPUs; parallel from 8 files)")
+        p.add_argument("--scheduler", metavar="ADDRESS",
+                       help="analyze ranks on this Dask cluster, e.g. tcp://host:8786 (needs gpudoctor[dask])")
         p.add_argument("--quiet", "-q", action="store_true", help="print nothing (with --json/--markdown)")
         p.add_argument("--verbose", "-v", action="store_true", help="also show info findings")
 
@@ -51,7 +55,8 @@ class AnalyzeCommand(Command):
         from gpudoctor.pipeline import analyze_inputs
 
         config = load_config(args.config, args.set)
-        analysis = analyze_inputs(args.inputs, config=config, rank_map=parse_rank_map(args.rank))
+        analysis = analyze_inputs(args.inputs, config=config, rank_map=parse_rank_map(args.rank),
+                                  workers=args.workers, scheduler=args.scheduler)
         write_outputs(analysis, args.json, args.markdown)
         if not args.quiet:
             from gpudoctor.render.terminal import render

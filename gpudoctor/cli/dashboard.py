@@ -75,7 +75,7 @@ def load_runs(paths: list[str], ceilings: dict | None = None, config=None):
     runs, errors = [], []
     for path, name in zip(paths, _run_names(paths)):
         try:
-            analysis = analyze_inputs([path], config=config)
+            analysis = analyze_inputs([path], config=config, need_trace=True)
         except GpudoctorError as e:
             errors.append(str(e))
             continue
@@ -146,7 +146,7 @@ class ReportCommand(Command):
         from gpudoctor.pipeline import analyze_inputs
 
         ceilings = _load_ceilings(args.ceilings)
-        analysis = analyze_inputs(args.inputs, config=load_config(args.config, []))
+        analysis = analyze_inputs(args.inputs, config=load_config(args.config, []), need_trace=True)
         for e in analysis.errors:
             print(f"gpudoctor: warning: {e}", file=sys.stderr)
         name = _run_names([args.inputs[0]])[0] + (f" + {len(args.inputs) - 1} more" if len(args.inputs) > 1 else "")

@@ -897,7 +897,7 @@ def analyze_run_dir(run_dir: Path):
             (run_dir / name).unlink()
         except FileNotFoundError:
             pass
-    analysis = analyze_inputs([str(run_dir)])
+    analysis = analyze_inputs([str(run_dir)], need_trace=True)
     rundb.save(analysis.trace, run_dir / rundir.RUN_DB)
     atomic_write_text(run_dir / rundir.ANALYSIS, render_json(analysis))
     return analysis
