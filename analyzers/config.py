@@ -268,6 +268,17 @@ def from_toml(data: dict, origin: str = "gpudoctor.toml", base_dir: Path | None 
     return cfg
 
 
+def read_toml(p: Path) -> dict:
+    """A gpudoctor.toml as a dict, or a one-line GpudoctorError naming the file."""
+    try:
+        with open(p, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise GpudoctorError(f"{p}: cannot read config: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise GpudoctorError(f"{p}: not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None,
                 ceilings: dict | str | Path | None = None) -> Config:
     """Defaults, then ``path`` (gpudoctor.toml; None: ./gpudoctor.toml when present), then ``overrides``.
@@ -280,13 +291,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
         cfg = Config()
     else:
         p = Path(path)
-        try:
-            with open(p, "rb") as f:
-                data = tomllib.load(f)
-        except OSError as e:
-            raise GpudoctorError(f"{p}: cannot read config: {e.strerror or e}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise GpudoctorError(f"{p}: not valid TOML: {e}") from None
+        data = read_toml(p)
         cfg = from_toml(data, origin=str(p), base_dir=p.parent)
     if ceilings is not None:
         cfg.ceilings = ceilings if isinstance(ceilings, dict) else _load_ceilings_file(Path(ceilings))

@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 from gpudoctor.cli.base import Command
@@ -45,13 +44,9 @@ def read_gate_config(path: str | None) -> dict:
     p = _config_path(path)
     if p is None:
         return {}
-    try:
-        with open(p, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise GpudoctorError(f"{p}: cannot read config: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise GpudoctorError(f"{p}: not valid TOML: {e}") from None
+    from gpudoctor.analyzers.config import read_toml
+
+    data = read_toml(p)
     gate = data.get("gate", {})
     if not isinstance(gate, dict):
         raise GpudoctorError(f"{p}: [gate] must be a table")
