@@ -329,6 +329,9 @@ def _raw_page(path: Path, header, rows, lines):
 def _details_page(path: Path, header, rows):
     if not rows:
         raise InputError(path, "no kernel rows: the details export has a header but no profiled launch")
+    missing = [c for c in ("ID", "Metric Name", "Metric Unit", "Metric Value") if c not in header]
+    if missing:
+        raise InputError(path, f"details page without the column(s) {', '.join(missing)}")
     df = _frame(header, rows)
     df = df[df["Metric Name"].astype("string").str.strip().fillna("") != ""]
     if df.empty:
