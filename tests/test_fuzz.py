@@ -61,7 +61,8 @@ def _check(name: str, data: bytes) -> None:
         assert isinstance(t, Trace)
 
 
-_FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False, database=None,
+# CI runs the same examples every time (a red CI must be reproducible); local long runs explore freely.
+_FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=bool(os.environ.get("CI")), database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # (reader, damage) pairs where a crash was found: xfail(strict=True) so CI stays green and the bug stays
