@@ -30,8 +30,11 @@ from gpudoctor.model.steps import StepWindow, find_steps, union_ns
 from gpudoctor.model.trace import Trace
 
 OPS_COLUMNS = ("rank", "thread_id", "start_ns", "end_ns", "name", "external_id", "input_dims", "input_types",
-               "sequence_number")
+               "sequence_number", "shape_key")
 
+# Bytes per element of the tensor types torch.profiler records in ``input_types``.
+ELEMENT_BYTES = {"c10::BFloat16": 2, "c10::Half": 2, "float": 4, "double": 8, "c10::Float8_e4m3fn": 1,
+                 "c10::Float8_e5m2": 1}
 _IDENT = re.compile(r"[A-Za-z_]\w*")
 _OPISH = re.compile(r"functor|_kernel(_cuda|_impl)?$|KernelImpl$|_impl$|Ops$|^launch_\w+", re.I)
 _GENERIC = {"kernel", "kernel2", "device_kernel", "elementwise_kernel", "vectorized_elementwise_kernel"}
@@ -199,6 +202,24 @@ class AnalysisContext:
             return out
         return self.cached(("kernel_ops", op_names), compute)
 
+    def op_facts(self, fn: Callable[[str, list, list], tuple], key: str, columns: tuple[str, ...]) -> pd.DataFrame:
+        """``fn(name, input_dims, input_types) -> tuple`` for every row of ctx.ops (same index), called once
+        per distinct (name, dims, types): shapes repeat every step, so a million ops are a few calls."""
+        def compute():
+            ops = self.ops
+            if ops is None or ops.empty:
+                return pd.DataFrame(columns=list(columns))
+            names = ops["name"].astype(str).to_numpy(dtype=object)
+            skey = (ops["shape_key"].to_numpy() if "shape_key" in ops.columns
+                    else pd.factorize(names + ops["input_dims"].map(repr).to_numpy(dtype=object)
+                                      + ops["input_types"].map(repr).to_numpy(dtype=object))[0])
+            codes, first = np.unique(skey, return_index=True)
+            dims, types = ops["input_dims"].to_numpy(dtype=object), ops["input_types"].to_numpy(dtype=object)
+            table = pd.DataFrame([fn(str(names[i]), list(dims[i] or []), list(types[i] or [])) for i in first],
+                                 columns=list(columns))
+            return table.iloc[np.searchsorted(codes, skey)].set_index(ops.index)
+        return self.cached(("op_facts", key), compute)
+
     def busy_ns(self) -> int:
         """Union of steady kernel and memop time (the GPU is busy when any of them runs)."""
         def compute():
@@ -212,12 +233,19 @@ def _clip(df: pd.DataFrame, lo: int, hi: int) -> pd.DataFrame:
     s = df["start_ns"].to_numpy(np.int64)
     e = df["end_ns"].to_numpy(np.int64)
     keep = (e > lo) & (s < hi) if hi > lo else np.zeros(len(df), bool)
-    out = df[keep].copy()
-    out["trace_row"] = np.nonzero(keep)[0]
-    out["start_ns"] = np.maximum(s[keep], lo)
-    out["end_ns"] = np.minimum(e[keep], hi)
-    out["dur_ns"] = out["end_ns"] - out["start_ns"]
-    return out.sort_values("start_ns", kind="stable").reset_index(drop=True)
+    rows = np.nonzero(keep)[0]
+    start = np.maximum(s[rows], lo)
+    if len(start) > 1 and (np.diff(start) < 0).any():  # readers usually give start order: skip the sort then
+        rows = rows[np.argsort(start, kind="stable")]
+        start = np.maximum(s[rows], lo)
+    # Column by column: one copy of each kept column, no block consolidation of a million-row frame.
+    cols = {c: (df[c].array.take(rows) if isinstance(df[c].dtype, pd.CategoricalDtype) else df[c].to_numpy()[rows])
+            for c in df.columns}
+    cols["start_ns"] = start
+    cols["end_ns"] = np.minimum(e[rows], hi)
+    cols["dur_ns"] = cols["end_ns"] - start
+    cols["trace_row"] = rows
+    return pd.DataFrame(cols, copy=False)
 
 
 def _codes_and_categories(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -274,6 +302,10 @@ def _ops_for_rank(trace: Trace, rank: int) -> pd.DataFrame | None:
     if ops.empty or not (ops["input_dims"].to_numpy(dtype=object) != "").any():
         return None
     ops = ops.reset_index(drop=True)
+    # Ops with equal name, dims and types get one key: per-shape facts are then computed once per key.
+    key = (ops["name"].astype(str).to_numpy(dtype=object) + "\0" + ops["input_dims"].to_numpy(dtype=object)
+           + "\0" + ops["input_types"].to_numpy(dtype=object))
+    ops["shape_key"] = pd.factorize(key)[0]
     ops["input_dims"] = _decode_json(ops["input_dims"])
     ops["input_types"] = _decode_json(ops["input_types"])
     return ops

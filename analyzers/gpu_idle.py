@@ -33,6 +33,7 @@ import pandas as pd
 
 from gpudoctor.analyzers.context import AnalysisContext, display_name
 from gpudoctor.analyzers.findings import Finding
+from gpudoctor.model.columns import equals
 
 ID = "gpu_idle"
 
@@ -149,7 +150,7 @@ def attribute(ctx: AnalysisContext, gaps: pd.DataFrame) -> tuple[np.ndarray, dic
     mask["host_sync"] = ctx.name_mask(SYNC.pattern, api, "name")
     # API calls of memcpys that touch pageable host memory.
     m = ctx.memops
-    page = (m["src_kind"].astype(str).to_numpy() == "pageable") | (m["dst_kind"].astype(str).to_numpy() == "pageable")
+    page = equals(m["src_kind"], "pageable") | equals(m["dst_kind"], "pageable")
     corr = set(m.loc[page, "correlation_id"].tolist()) - {-1}
     mask["pageable_memcpy"] = api["correlation_id"].isin(corr).to_numpy() if corr else np.zeros(len(api), bool)
     ov = {c: overlap(g0, g1, a_s[mk], a_e[mk]) for c, mk in mask.items()}

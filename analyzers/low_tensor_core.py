@@ -21,7 +21,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from gpudoctor.analyzers.context import AnalysisContext
+from gpudoctor.analyzers.context import ELEMENT_BYTES, AnalysisContext
 from gpudoctor.analyzers.findings import Finding
 from gpudoctor.analyzers.unfused_attention import FUSED
 from gpudoctor.model.categories import category_of
@@ -55,6 +55,35 @@ def _gemm_dims(dims: list, name: str) -> tuple[int, int, int] | None:
     return int(a[-2]), int(b[-1]), int(a[-1])
 
 
+_ADDMM_LIKE = ("aten::addmm", "aten::baddbmm", "aten::_addmm_activation")
+SHAPE_COLUMNS = ("m", "n", "k", "batch", "weight_elems", "weight_elt_bytes", "align", "batched")
+
+
+def _shape_row(name: str, dims: list, types: list) -> tuple:
+    d = _gemm_dims(dims, name) if name in MM_OPS else None
+    if d is None:
+        return (-1, -1, -1, 1, 0, 2, 0, False)
+    args = dims[1:] if name in _ADDMM_LIKE else dims
+    batch = int(np.prod(args[0][:-2])) if len(args[0]) > 2 else 1
+    off = len(dims) - len(args)  # 1 for addmm-like (bias first), else 0
+    wtype = types[off + 1] if len(types) > off + 1 else ""
+    half = next((x for x in types if x in _HALF), None)
+    return (*d, batch, int(np.prod(args[1])), ELEMENT_BYTES.get(wtype, 2), _HALF.get(half, 0),
+            name in ("aten::bmm", "aten::baddbmm"))
+
+
+def _dtype_of(ctx: AnalysisContext, op: int) -> str | None:
+    """The first fp16/bf16/fp8 input type of CPU op ``op``."""
+    return next((x for x in (ctx.ops.at[op, "input_types"] or []) if x in _HALF), None)
+
+
+def gemm_shapes(ctx: AnalysisContext) -> pd.DataFrame:
+    """Per row of ``ctx.ops`` (same index): M, N, K, batch, weight_elems (elements of the 2nd operand),
+    weight_elt_bytes, align (8 for fp16/bf16, 16 for fp8 operands, else 0) and batched (bmm-like) of the
+    mm-like ops; m = -1 for other ops or unknown shapes."""
+    return ctx.op_facts(_shape_row, "ltc.gemm_shapes", SHAPE_COLUMNS)
+
+
 def analyze(ctx: AnalysisContext) -> list[Finding]:
     k = ctx.kernels
     if k.empty:
@@ -75,21 +104,20 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     op_idx = ctx.kernel_ops(MM_OPS)
     mis_examples = []
     if ctx.ops is not None and (op_idx >= 0).any():
-        for row in np.nonzero(gemm & (op_idx >= 0))[0]:
-            o = op_idx[row]
-            d = _gemm_dims(list(ctx.ops.at[o, "input_dims"] or []), str(ctx.ops.at[o, "name"]))
-            if d is None:
-                continue
-            m_, n_, k_ = d
-            if min(m_, n_) <= gemv_max:
-                gemv[row] = True
-            types = ctx.ops.at[o, "input_types"] or []
-            t = next((x for x in types if x in _HALF), None)
-            if t is not None and (k_ % _HALF[t] or n_ % _HALF[t]):
-                misaligned[row] = True
-                if len(mis_examples) < 5:
-                    mis_examples.append({"kernel": str(k["kname"].iat[row])[:100], "M": m_, "N": n_, "K": k_,
-                                         "dtype": t, "start_us": ctx.rel_us(k["start_ns"].iat[row])})
+        rows = np.nonzero(gemm & (op_idx >= 0))[0]
+        sh = gemm_shapes(ctx).iloc[op_idx[rows]]
+        m_, n_, k_, align = (sh[c].to_numpy(np.int64) for c in ("m", "n", "k", "align"))
+        known = m_ >= 0
+        rows, m_, n_, k_, align = rows[known], m_[known], n_[known], k_[known], align[known]
+        gemv[rows[np.minimum(m_, n_) <= gemv_max]] = True
+        bad = (align > 0) & ((k_ % np.maximum(align, 1) != 0) | (n_ % np.maximum(align, 1) != 0))
+        misaligned[rows[bad]] = True
+        half_name = {8: "16-bit", 16: "fp8"}
+        for i in np.nonzero(bad)[0][:5]:
+            row = rows[i]
+            mis_examples.append({"kernel": str(k["kname"].iat[row])[:100], "M": int(m_[i]), "N": int(n_[i]),
+                                 "K": int(k_[i]), "dtype": _dtype_of(ctx, int(op_idx[row])) or half_name[int(align[i])],
+                                 "start_us": ctx.rel_us(k["start_ns"].iat[row])})
         method = "kernel names + CPU-op shapes"
 
     # Nsight Compute measurements override the names, per kernel name.

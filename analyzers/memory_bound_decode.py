@@ -29,11 +29,10 @@ import pandas as pd
 
 from gpudoctor.analyzers.context import AnalysisContext
 from gpudoctor.analyzers.findings import Finding
-from gpudoctor.analyzers.low_tensor_core import GEMV_NAME, MM_OPS, _gemm_dims, is_gemm, tile_min
+from gpudoctor.analyzers.low_tensor_core import GEMV_NAME, MM_OPS, gemm_shapes, is_gemm, tile_min
 
 ID = "memory_bound_decode"
 INFERENCE_STEP = re.compile(r"prefill|decode|generat|infer|forward|serve", re.I)
-_ELT = {"c10::BFloat16": 2, "c10::Half": 2, "float": 4, "double": 8, "c10::Float8_e4m3fn": 1, "c10::Float8_e5m2": 1}
 
 
 def _step_of(starts_ns: np.ndarray, steps: pd.DataFrame) -> np.ndarray:
@@ -49,41 +48,28 @@ def _step_of(starts_ns: np.ndarray, steps: pd.DataFrame) -> np.ndarray:
 
 
 def _shape_facts(ctx: AnalysisContext, gemm_rows: np.ndarray, step_idx: np.ndarray) -> dict:
-    """Per-step weight bytes, FLOPs and tokens from the mm/addmm ops that launched the GEMMs."""
+    """Per-step weight bytes, FLOPs and tokens from the mm/addmm ops that launched the GEMMs (each op once,
+    however many kernels it launched); the medians over steps."""
     op_idx = ctx.kernel_ops(MM_OPS)
     rows = gemm_rows[op_idx[gemm_rows] >= 0]
     if ctx.ops is None or len(rows) == 0:
         return {}
-    per_step: dict[int, dict] = {}
-    seen: set[int] = set()
-    for r in rows:
-        o = int(op_idx[r])
-        st = int(step_idx[r])
-        if st < 0 or o in seen:
-            continue
-        seen.add(o)
-        name = str(ctx.ops.at[o, "name"])
-        dims = list(ctx.ops.at[o, "input_dims"] or [])
-        d = _gemm_dims(dims, name)
-        if d is None:
-            continue
-        m_, n_, k_ = d
-        args = dims[1:] if name in ("aten::addmm", "aten::baddbmm", "aten::_addmm_activation") else dims
-        batch = int(np.prod(args[0][:-2])) if len(args[0]) > 2 else 1
-        types = list(ctx.ops.at[o, "input_types"] or [])
-        off = len(dims) - len(args)  # 1 for addmm-like (bias first), else 0
-        wtype = types[off + 1] if len(types) > off + 1 else ""
-        elt = _ELT.get(wtype, 2)
-        acc = per_step.setdefault(st, {"weight_bytes": 0.0, "flops": 0.0, "tokens": []})
-        acc["weight_bytes"] += float(np.prod(args[1])) * elt if name not in ("aten::bmm", "aten::baddbmm") else 0.0
-        acc["flops"] += 2.0 * m_ * n_ * k_ * batch
-        acc["tokens"].append(m_ * batch)
-    if not per_step:
+    rows = rows[step_idx[rows] >= 0]
+    ops, first = np.unique(op_idx[rows], return_index=True)  # an op's first GEMM kernel decides its step
+    sh = gemm_shapes(ctx).iloc[ops]
+    known = sh["m"].to_numpy() >= 0
+    if not known.any():
         return {}
-    wb = float(np.median([v["weight_bytes"] for v in per_step.values()]))
-    fl = float(np.median([v["flops"] for v in per_step.values()]))
-    tok = float(np.median([float(np.median(v["tokens"])) for v in per_step.values() if v["tokens"]]))
-    return {"weight_bytes": wb, "flops": fl, "tokens": tok}
+    sh = sh[known]
+    m_, n_, k_, batch = (sh[c].to_numpy(np.float64) for c in ("m", "n", "k", "batch"))
+    weight = np.where(sh["batched"].to_numpy(bool), 0.0,
+                      sh["weight_elems"].to_numpy(np.float64) * sh["weight_elt_bytes"].to_numpy(np.float64))
+    per = pd.DataFrame({"step": step_idx[rows[first[known]]], "weight_bytes": weight,
+                        "flops": 2.0 * m_ * n_ * k_ * batch, "tokens": m_ * batch})
+    by_step = per.groupby("step").agg(weight_bytes=("weight_bytes", "sum"), flops=("flops", "sum"),
+                                      tokens=("tokens", "median"))
+    return {"weight_bytes": float(by_step["weight_bytes"].median()), "flops": float(by_step["flops"].median()),
+            "tokens": float(by_step["tokens"].median())}
 
 
 def analyze(ctx: AnalysisContext) -> list[Finding]:

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.analyzers.findings import Finding
+from gpudoctor.model.columns import equals
 from gpudoctor.model.steps import union_ns
 
 ID = "nccl_dominated"
@@ -102,7 +103,7 @@ def comm_mask(kernels: pd.DataFrame) -> np.ndarray:
     """Communication kernels: NCCL names of every generation, or category 'communication'."""
     if kernels.empty:
         return np.zeros(0, dtype=bool)
-    by_cat = kernels["category"].astype(str).to_numpy() == "communication"
+    by_cat = equals(kernels["category"], "communication")
     return by_cat | name_mask(kernels["name"], COMM_KERNEL)
 
 

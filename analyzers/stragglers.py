@@ -86,8 +86,15 @@ def analyze_run(trace, config=None) -> list[Finding]:
 
     ``config``: an analyzers Config, a dict ``{"stragglers.KEY": value}`` / ``{"KEY": value}``, or None.
     """
+    if len(trace.rank_ids or [0]) < 2:
+        return []  # nothing to compare: skip the per-rank table
+    return findings_from_table(straggler_table(trace), config, trace)
+
+
+def findings_from_table(tab: pd.DataFrame, config, trace) -> list[Finding]:
+    """The straggler finding from a ready ``straggler_table`` (the parallel path builds the table from
+    rows computed by its workers). ``trace`` answers only whether the run is a pipeline (pipeline_p2p)."""
     cfg = _settings(config)
-    tab = straggler_table(trace)
     if len(tab) < 2:
         return []
     slow_i = int(tab["compute_ns_per_step"].to_numpy().argmax())

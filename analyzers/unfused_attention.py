@@ -16,11 +16,12 @@ bandwidth; only when shapes give the matrix size). docs/analyzers.md has the det
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from gpudoctor.analyzers.context import AnalysisContext, display_name
+from gpudoctor.analyzers.context import ELEMENT_BYTES, AnalysisContext, display_name
 from gpudoctor.analyzers.findings import Finding
 from gpudoctor.model.categories import category_of
 
@@ -43,8 +44,6 @@ PASS, GEMM, SOFT, FUSEDK, STOP = 0, 1, 2, 3, 4
 
 GEMM_OPS = ("aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm", "aten::matmul")
 SOFTMAX_OPS = ("aten::_softmax", "aten::softmax", "aten::_softmax_backward_data", "aten::_masked_softmax")
-_ELEMENT_BYTES = {"c10::BFloat16": 2, "c10::Half": 2, "float": 4, "double": 8, "c10::Float8_e4m3fn": 1,
-                  "c10::Float8_e5m2": 1}
 
 
 def kernel_class(name: str) -> int:
@@ -60,94 +59,152 @@ def kernel_class(name: str) -> int:
     return STOP
 
 
-def _walk(cls: np.ndarray, i: int, step: int, max_between: int, max_gemms: int) -> tuple[list[int], list[int]] | None:
-    """From softmax ``i`` walk ``step`` (-1/+1): passthrough kernels, then GEMMs. None if no GEMM is reached."""
-    n = len(cls)
-    between: list[int] = []
-    j = i + step
-    while 0 <= j < n and cls[j] == PASS and len(between) < max_between:
-        between.append(j)
-        j += step
-    if not (0 <= j < n) or cls[j] != GEMM:
-        return None
-    gemms: list[int] = []
-    while 0 <= j < n and cls[j] == GEMM and len(gemms) < max_gemms:
-        gemms.append(j)
-        j += step
-    return between, gemms
+def _run_ending(mask: np.ndarray) -> np.ndarray:
+    """Length of the run of True ending at each position (0 where False)."""
+    idx = np.arange(len(mask))
+    last_false = np.maximum.accumulate(np.where(mask, -1, idx)) if len(mask) else idx
+    return np.where(mask, idx - last_false, 0)
 
 
-def _dims(ops: pd.DataFrame, idx: int) -> list:
-    d = ops.at[idx, "input_dims"]
-    return list(d) if isinstance(d, (list, tuple)) else []
+def _run_starting(mask: np.ndarray) -> np.ndarray:
+    """Length of the run of True starting at each position (0 where False)."""
+    return _run_ending(mask[::-1])[::-1]
 
 
-def _shape_check(ctx: AnalysisContext, soft_row: int, after_gemm_row: int, before_gemm_row: int) -> tuple[bool | None, float]:
-    """(passes, score-matrix bytes) from CPU-op shapes; (None, nan) when the shapes are not known."""
-    soft_ops = ctx.kernel_ops(SOFTMAX_OPS)
-    gemm_ops = ctx.kernel_ops(GEMM_OPS)
-    so, go = soft_ops[soft_row], gemm_ops[after_gemm_row]
-    if so < 0 or go < 0:
-        return None, float("nan")
-    sdims, gdims = _dims(ctx.ops, so), _dims(ctx.ops, go)
-    if not sdims or not sdims[0] or len(gdims) < 2:
-        return None, float("nan")
-    row_len = int(sdims[0][-1])
+@dataclass
+class Chains:
+    """Unfused chains, columnar. ``order``: steady-kernel rows grouped by stream, each stream in launch
+    order; a chain's kernels are the contiguous positions ``lo..hi`` of ``order``: GEMMs ``lo..back_gemm``,
+    softmax/elementwise ``back_gemm+1..fwd_gemm-1`` (the softmax at ``softmax``), GEMMs ``fwd_gemm..hi``."""
+
+    order: np.ndarray
+    table: pd.DataFrame  # lo, hi, softmax, back_gemm, fwd_gemm, backward, score_bytes, shape_checked
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def rows(self, i: int) -> np.ndarray:
+        c = self.table.iloc[i]
+        return self.order[int(c["lo"]): int(c["hi"]) + 1]
+
+    def member_rows(self) -> np.ndarray:
+        """Rows of ctx.kernels in any chain."""
+        mark = np.zeros(len(self.order) + 1, dtype=np.int64)
+        np.add.at(mark, self.table["lo"].to_numpy(), 1)
+        np.add.at(mark, self.table["hi"].to_numpy() + 1, -1)
+        return self.order[np.cumsum(mark[:-1]) > 0]
+
+    def sums(self, dur: np.ndarray) -> tuple[int, int]:
+        """(time of all chain kernels, time of their GEMMs) for per-kernel durations ``dur``."""
+        t = self.table
+        cs = np.r_[0, np.cumsum(dur[self.order])]
+        lo, hi, bg, fg = (t[c].to_numpy() for c in ("lo", "hi", "back_gemm", "fwd_gemm"))
+        chain_ns = int((cs[hi + 1] - cs[lo]).sum())
+        gemm_ns = int((cs[bg + 1] - cs[lo]).sum() + (cs[hi + 1] - cs[fg]).sum())
+        return chain_ns, gemm_ns
+
+
+def _candidates(c: np.ndarray, max_between: int, max_gemms: int) -> pd.DataFrame:
+    """Every softmax of one stream's class sequence ``c`` that has, on each side, at most
+    ``max_between`` passthrough kernels and then at least one GEMM (positions local to ``c``)."""
+    n = len(c)
+    soft = np.nonzero(c == SOFT)[0]
+    pass_end, pass_start = _run_ending(c == PASS), _run_starting(c == PASS)
+    gemm_end, gemm_start = _run_ending(c == GEMM), _run_starting(c == GEMM)
+    nb = np.where(soft >= 1, pass_end[np.clip(soft - 1, 0, None)], 0)
+    nf = np.where(soft + 1 < n, pass_start[np.clip(soft + 1, None, n - 1)], 0)
+    bg = soft - 1 - nb  # the GEMM nearest to the softmax, before it
+    fg = soft + 1 + nf  # ... and after it
+    ok = (nb <= max_between) & (nf <= max_between) & (bg >= 0) & (fg < n)
+    ok &= (c[np.clip(bg, 0, n - 1)] == GEMM) & (c[np.clip(fg, 0, n - 1)] == GEMM)
+    soft, bg, fg = soft[ok], bg[ok], fg[ok]
+    lo = bg - np.minimum(gemm_end[bg], max_gemms) + 1
+    hi = fg + np.minimum(gemm_start[fg], max_gemms) - 1
+    return pd.DataFrame({"lo": lo, "hi": hi, "softmax": soft, "back_gemm": bg, "fwd_gemm": fg})
+
+
+_SHAPE_COLUMNS = ("soft_row_len", "soft_elems", "inner_last", "inner_prev", "elt_bytes")
+
+
+def _op_shape(name: str, dims: list, types: list) -> tuple:
+    """What the shape test needs of one CPU op (-1 where unknown): as a softmax, its row length and
+    element count; as the GEMM after the softmax, the last two dims of the operand that P (or dS)
+    multiplies, and its element size."""
+    row_len, elems = (int(dims[0][-1]), float(np.prod([int(x) for x in dims[0]]))) if dims and dims[0] else (-1, -1.0)
     # The GEMM after the softmax multiplies P (.., M, L) by V (.., L, N) (forward) or dS by K/Q (backward):
     # its inner dimension is the last dim of its first operand (mm/bmm) or of the 2nd (addmm/baddbmm).
-    name = str(ctx.ops.at[go, "name"])
-    a = gdims[1] if name in ("aten::addmm", "aten::baddbmm") and len(gdims) >= 3 else gdims[0]
-    if not a:
-        return None, float("nan")
-    passes = int(a[-1]) == row_len or (len(a) >= 2 and int(a[-2]) == row_len)
-    n_elem = float(np.prod([int(x) for x in sdims[0]]))
-    types = ctx.ops.at[go, "input_types"]
-    elt = _ELEMENT_BYTES.get(types[0] if isinstance(types, (list, tuple)) and types else "", 2)
-    return passes, n_elem * elt
+    a = dims[1] if name in ("aten::addmm", "aten::baddbmm") and len(dims) >= 3 else (dims[0] if dims else [])
+    last = int(a[-1]) if len(dims) >= 2 and a else -1
+    prev = int(a[-2]) if len(dims) >= 2 and a and len(a) >= 2 else -1
+    return row_len, elems, last, prev, ELEMENT_BYTES.get(types[0] if types else "", 2)
 
 
-def find_chains(ctx: AnalysisContext) -> list[dict]:
-    """Every unfused attention chain of the steady-state window (one dict per chain)."""
+def _shape_checks(ctx: AnalysisContext, soft_rows: np.ndarray, after_gemm_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For candidate chains (softmax kernel rows, rows of the first GEMM after it): whether the shapes pass
+    (1), fail (0) or are unknown (-1), and the score-matrix bytes (nan when unknown)."""
+    so = ctx.kernel_ops(SOFTMAX_OPS)[soft_rows]
+    go = ctx.kernel_ops(GEMM_OPS)[after_gemm_rows]
+    facts = ctx.op_facts(_op_shape, "unfused_attention.shapes", _SHAPE_COLUMNS)
+    known = (so >= 0) & (go >= 0)
+    s = facts.iloc[np.where(known, so, 0)] if len(facts) else None
+    g = facts.iloc[np.where(known, go, 0)] if len(facts) else None
+    if s is None:
+        return np.full(len(so), -1), np.full(len(so), np.nan)
+    row_len = s["soft_row_len"].to_numpy()
+    last, prev = g["inner_last"].to_numpy(), g["inner_prev"].to_numpy()
+    known &= (row_len >= 0) & (last >= 0)
+    passes = (last == row_len) | ((prev >= 0) & (prev == row_len))
+    verdict = np.where(known, passes.astype(int), -1)
+    score = np.where(known, s["soft_elems"].to_numpy(float) * g["elt_bytes"].to_numpy(float), np.nan)
+    return verdict, score
+
+
+def find_chains(ctx: AnalysisContext) -> Chains:
+    """Every unfused attention chain of the steady-state window.
+
+    Candidates are found with run-length arrays per stream; chains cannot share kernels, so a
+    candidate overlapping an accepted earlier one (or failing the shape test) is skipped.
+    """
     k = ctx.kernels
+    empty = Chains(np.zeros(0, np.int64), pd.DataFrame({c: np.zeros(0, np.int64) for c in
+                   ("lo", "hi", "softmax", "back_gemm", "fwd_gemm")}).assign(backward=False, score_bytes=0.0,
+                                                                             shape_checked=False))
     if k.empty:
-        return []
+        return empty
     cls = ctx.name_map(kernel_class, "unfused_attention.class", dtype=np.int64)
     if not (cls == SOFT).any():
-        return []
+        return empty
     backward = ctx.name_map(lambda n: bool(BACKWARD.search(n)), "unfused_attention.backward", dtype=bool)
-    have_shapes = ctx.ops is not None
     max_between = int(ctx.config.get(ID, "max_kernels_between"))
     max_gemms = int(ctx.config.get(ID, "max_gemms_per_side"))
-    chains = []
-    used = np.zeros(len(k), dtype=bool)
     stream = k["stream_id"].to_numpy()
-    for s in np.unique(stream[cls == SOFT]):
-        rows = np.nonzero(stream == s)[0]  # ctx.kernels is sorted by start: launch order on a stream
-        c = cls[rows]
-        for i in np.nonzero(c == SOFT)[0]:
-            back = _walk(c, i, -1, max_between, max_gemms)
-            fwd = _walk(c, i, +1, max_between, max_gemms)
-            if back is None or fwd is None:
-                continue
-            members = sorted(back[0] + back[1] + [i] + fwd[0] + fwd[1])
-            mrows = rows[members]
-            if used[mrows].any():
-                continue
-            passes, s_bytes = (_shape_check(ctx, rows[i], rows[fwd[1][0]], rows[back[1][0]]) if have_shapes
-                               else (None, float("nan")))
-            if passes is False:
-                continue
-            used[mrows] = True
-            chains.append({
-                "rows": mrows,
-                "softmax_row": rows[i],
-                "gemm_rows": rows[back[1] + fwd[1]],
-                "elementwise_rows": rows[back[0] + fwd[0]],
-                "backward": bool(backward[rows[i]]),
-                "score_bytes": s_bytes,
-                "shape_checked": passes is True,
-            })
-    return chains
+    # ctx.kernels is sorted by start, so a stable sort by stream keeps launch order within each stream.
+    order = np.argsort(stream, kind="stable")
+    bounds = np.r_[0, np.nonzero(np.diff(stream[order]))[0] + 1, len(order)]
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        cand = _candidates(cls[order[a:b]], max_between, max_gemms)
+        parts.append(cand + a)  # positions into ``order``
+    cand = pd.concat(parts, ignore_index=True) if parts else empty.table
+    lo, hi = cand["lo"].to_numpy(), cand["hi"].to_numpy()
+    soft, fg = cand["softmax"].to_numpy(), cand["fwd_gemm"].to_numpy()
+    if ctx.ops is not None:
+        verdict, score_bytes = _shape_checks(ctx, order[soft], order[fg])
+    else:
+        verdict, score_bytes = np.full(len(cand), -1), np.full(len(cand), np.nan)
+    keep = np.zeros(len(cand), dtype=bool)
+    last_hi = -1
+    for i, (l, h, v) in enumerate(zip(lo.tolist(), hi.tolist(), verdict.tolist())):  # candidates, not kernels
+        if l <= last_hi or v == 0:
+            continue
+        keep[i] = True
+        last_hi = h
+    checked = verdict == 1
+    table = cand[keep].reset_index(drop=True)
+    table["backward"] = backward[order[table["softmax"].to_numpy()]]
+    table["score_bytes"] = score_bytes[keep]
+    table["shape_checked"] = checked[keep]
+    return Chains(order, table)
 
 
 def _short(name: str, n: int = 120) -> str:
@@ -161,17 +218,21 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     dur = k["dur_ns"].to_numpy(np.int64)
     cls = ctx.name_map(kernel_class, "unfused_attention.class", dtype=np.int64)
     fused_ns = int(dur[cls == FUSEDK].sum())
-    fused_names = sorted(set(ctx.kname_at(np.nonzero(cls == FUSEDK)[0])))
+    fused_codes = np.unique(k["kname"].cat.codes.to_numpy()[cls == FUSEDK])
+    fused_names = sorted(str(n) for n in k["kname"].cat.categories[fused_codes[fused_codes >= 0]])
     chains = find_chains(ctx)
-    if not chains and not fused_ns:
+    if not len(chains) and not fused_ns:
         return []
     bw = ctx.peaks.memory_bandwidth_bytes_per_s if ctx.peaks else float("nan")
-    chain_ns = sum(int(dur[c["rows"]].sum()) for c in chains)
-    side_ns = sum(int(dur[c["elementwise_rows"]].sum()) + int(dur[c["softmax_row"]]) for c in chains)
-    traffic_bytes = sum(c["score_bytes"] * len(c["gemm_rows"]) for c in chains if np.isfinite(c["score_bytes"]))
+    t = chains.table
+    chain_ns, gemm_ns = chains.sums(dur)
+    side_ns = chain_ns - gemm_ns  # softmax + elementwise kernels
+    n_gemms = (t["back_gemm"] - t["lo"] + 1) + (t["hi"] - t["fwd_gemm"] + 1)
+    sb = t["score_bytes"].to_numpy(float)
+    fin = np.isfinite(sb)
+    traffic_bytes = float((sb[fin] * n_gemms.to_numpy()[fin]).sum())
     traffic_ns = int(traffic_bytes / bw * 1e9) if traffic_bytes and np.isfinite(bw) else 0
     # The GEMM-side traffic cannot exceed the chain GEMMs' own time.
-    gemm_ns = sum(int(dur[c["gemm_rows"]].sum()) for c in chains)
     traffic_ns = min(traffic_ns, gemm_ns)
     saving = side_ns + traffic_ns
     frac = ctx.fraction(saving)
@@ -179,16 +240,16 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     metrics = {
         "attention_time_fraction": round(ctx.fraction(chain_ns), 6),
         "instances": len(chains),
-        "forward_instances": sum(not c["backward"] for c in chains),
-        "backward_instances": sum(c["backward"] for c in chains),
+        "forward_instances": int((~t["backward"]).sum()),
+        "backward_instances": int(t["backward"].sum()),
         "instances_per_step": round(len(chains) / n_steps, 3),
         "unfused_chain_ns": chain_ns,
         "softmax_elementwise_ns": side_ns,
         "score_traffic_ns": traffic_ns,
         "fused_attention_fraction": round(ctx.fraction(fused_ns), 6),
-        "shapes_checked": sum(c["shape_checked"] for c in chains),
+        "shapes_checked": int(t["shape_checked"].sum()),
     }
-    if not chains:
+    if not len(chains):
         return [Finding(
             analyzer=ID, severity="info",
             title=f"Attention runs in fused kernels ({metrics['fused_attention_fraction']:.1%} of the steady-state window)",
@@ -196,17 +257,20 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
             evidence={"fused_kernels": [_short(n) for n in fused_names[:10]], "window": ctx.window.describe()},
             rank=ctx.rank)]
 
-    rows_all = np.concatenate([c["rows"] for c in chains])
-    by_name = pd.Series(dur[rows_all]).groupby(ctx.kname_at(rows_all)).sum().sort_values(ascending=False)
+    rows_all = chains.member_rows()
+    codes = k["kname"].cat.codes.to_numpy()[rows_all]
+    by_code = pd.Series(dur[rows_all]).groupby(codes).sum().sort_values(ascending=False)
+    by_name = pd.Series(by_code.to_numpy(), index=k["kname"].cat.categories[by_code.index.to_numpy()])
     examples = []
-    for c in chains[:3]:
+    for i in range(min(3, len(chains))):
+        rows = chains.rows(i)
         examples.append({
-            "direction": "backward" if c["backward"] else "forward",
-            "start_us": ctx.rel_us(k["start_ns"].iat[c["rows"][0]]),
-            "end_us": ctx.rel_us(k["end_ns"].iat[c["rows"][-1]]),
-            "stream_id": int(k["stream_id"].iat[c["rows"][0]]),
+            "direction": "backward" if t["backward"].iat[i] else "forward",
+            "start_us": ctx.rel_us(k["start_ns"].iat[rows[0]]),
+            "end_us": ctx.rel_us(k["end_ns"].iat[rows[-1]]),
+            "stream_id": int(k["stream_id"].iat[rows[0]]),
             "kernels": [{"name": display_name(n), "dur_us": round(dur[r] / 1e3, 1)}
-                        for r, n in zip(c["rows"], ctx.kname_at(c["rows"]))],
+                        for r, n in zip(rows, ctx.kname_at(rows))],
         })
     evidence = {
         "window": ctx.window.describe(),

@@ -12,9 +12,10 @@ worker's memory is bounded by its largest rank and the parent holds a few kiloby
 Reduce (in the calling process): check that no two inputs claim the same rank (the error ``merge``
 raises), align the ranks' steps and build the straggler table and finding as
 ``stragglers.analyze_run`` does on a merged trace, and assemble the Analysis. ``Analysis.trace`` is
-a :class:`LightTrace`: the ranks, devices and dropped tables and ``meta`` only (no kernels, API calls,
-ranges...), enough for the JSON / Markdown / terminal renderers; the JSON's ``gate`` block is built
-from the workers' samples and equals the serial path's. Callers that need the event tables
+a :class:`LightTrace` (``meta["light_trace"]`` is True): the ranks, devices and dropped tables, ``meta``,
+and one kernel / collective row per distinct kind of each rank (which kernels and devices the run has,
+never how many or when), enough for the JSON / Markdown / terminal renderers; ``Analysis.gate_samples``
+holds the workers' per-rank samples, so the JSON's ``gate`` block equals the serial path's. Callers that need the event tables
 (dashboards, ``rundb.save``) must use the serial path (``pipeline.load_inputs`` + ``analyze_trace``).
 
 Executors
@@ -43,7 +44,6 @@ from __future__ import annotations
 import gc
 import importlib
 import os
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -86,7 +86,7 @@ class RankResult:
     meta: dict = field(default_factory=dict)  # trace.meta without inputs
     straggler_rows: pd.DataFrame | None = None
     step_ends: dict = field(default_factory=dict)  # rank -> steady steps' GPU end times (ns)
-    gate_data: dict = field(default_factory=dict)  # rank -> the gate's per-rank samples (gate.compare._rank_data)
+    gate_data: dict = field(default_factory=dict)  # rank -> the gate's per-rank samples (gate.compare.rank_data)
     kernel_kinds: pd.DataFrame | None = None  # distinct (rank, device_id, name, demangled_name, category)
     collective_kinds: pd.DataFrame | None = None  # distinct (rank, op, source) of the collectives
     read_s: float = 0.0
@@ -242,7 +242,7 @@ def _straggler_part(trace: Trace, summaries: list[RankSummary]) -> tuple[pd.Data
 def _gate_part(trace: Trace, summaries: list[RankSummary]) -> dict:
     """The gate's per-rank samples (what analysis.json's "gate" block is built from)."""
     try:
-        rank_data = importlib.import_module("gpudoctor.gate.compare")._rank_data
+        rank_data = importlib.import_module("gpudoctor.gate.compare").rank_data
     except (ImportError, AttributeError):
         return {}
     multi = len(trace.rank_ids) > 1
@@ -271,78 +271,12 @@ def reduce_results(results: list[RankResult], config=None):
     stand_in = _stand_in(trace, ok)
     findings.extend(_straggler_findings(ok, summaries, config, stand_in))
     findings = _sort_findings(findings)
-    out = parallel_analysis_class()(inputs=inputs, trace=trace, ranks=summaries, findings=findings, errors=errors)
-    out._gate_data = {k: v for r in ok for k, v in r.gate_data.items()}
-    out._stand_in = stand_in
-    return out
-
-
-_CLASS = None
-
-
-def parallel_analysis_class():
-    """pipeline.Analysis with a light trace; its JSON "gate" block comes from the per-rank samples."""
-    global _CLASS
-    if _CLASS is not None:
-        return _CLASS
     from gpudoctor.pipeline import Analysis
 
-    class ParallelAnalysis(Analysis):
-        """An Analysis whose ``trace`` is light (see the module docstring)."""
-
-        _gate_data: dict = {}
-        _stand_in: Trace | None = None
-
-        def to_json_dict(self) -> dict:
-            with _gate_view(self):
-                return super().to_json_dict()
-
-    _CLASS = ParallelAnalysis
-    return _CLASS
-
-
-_swap_lock = threading.RLock()
-
-
-class _gate_view:
-    """While building the JSON: the gate sees, per rank, the samples the workers computed.
-
-    gate.compare.run_from_trace(analysis.trace, ranks) calls ``_rank_data(for_rank(r), window)`` and
-    ``environment(trace)`` (the devices that ran kernels). Meanwhile ``analysis.trace`` is the stand-in
-    (one kernel row per distinct kernel of each rank and device), and ``_rank_data`` answers the
-    worker's result for the rank.
-    """
-
-    def __init__(self, analysis):
-        self.a = analysis
-
-    def __enter__(self):
-        _swap_lock.acquire()
-        self.trace = self.a.trace
-        try:
-            compare = importlib.import_module("gpudoctor.gate.compare")
-            compare._rank_data  # noqa: B018 - present in this version?
-        except (ImportError, AttributeError):
-            self.compare = None
-            return self
-        self.compare = compare
-        self.a.trace = self.a._stand_in if self.a._stand_in is not None else self.trace
-        data = self.a._gate_data
-        self.original = compare._rank_data
-
-        def rank_data(t, window, _orig=self.original):
-            ranks = t.ranks["rank"].tolist()
-            return data[int(ranks[0])] if len(ranks) == 1 and int(ranks[0]) in data else _orig(t, window)
-        compare._rank_data = rank_data
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            if self.compare is not None:
-                self.compare._rank_data = self.original
-            self.a.trace = self.trace
-        finally:
-            _swap_lock.release()
+    # The stand-in is the trace: run-level code asks it which kernels / devices / collectives the run
+    # has (gate.environment, nccl_dominated.pipeline_p2p); the per-rank samples come from the workers.
+    return Analysis(inputs=inputs, trace=stand_in, ranks=summaries, findings=findings, errors=errors,
+                    gate_samples={k: v for r in ok for k, v in r.gate_data.items()})
 
 
 def _check_unique_ranks(results: list[RankResult]) -> None:
@@ -419,7 +353,7 @@ def _straggler_findings(results: list[RankResult], summaries: list[RankSummary],
             ends = np.stack([step_ends[k][-m:] for k in ranks])
             lag = np.median(ends - ends.min(axis=0, keepdims=True), axis=1)
             tab["step_end_lag_ns"] = [int(x) for x in lag]
-    found = _findings_from_table(stragglers, tab, cfg if cfg is not None else config, stand_in)
+    found = stragglers.findings_from_table(tab, cfg if cfg is not None else config, stand_in)
     first = summaries[0] if summaries else None
     for f in found:
         if f.analyzer != stragglers.ID:
@@ -429,25 +363,6 @@ def _straggler_findings(results: list[RankResult], summaries: list[RankSummary],
         if first is not None:  # run_context's default: the window of the rank whose context ran it
             f.evidence.setdefault("window_start_ns", first.window.start_ns)
     return found
-
-
-def _findings_from_table(stragglers, tab: pd.DataFrame, config, stand_in: Trace) -> list:
-    """stragglers' finding for a ready straggler table.
-
-    Uses ``stragglers.findings_from_table(tab, config, trace)`` when the module has it; otherwise runs
-    ``analyze_run(stand_in, config)`` with ``straggler_table`` answering ``tab`` (the same code, so the
-    same finding; the stand-in answers analyze_run's other questions about the run, e.g. pipeline_p2p).
-    """
-    fn = getattr(stragglers, "findings_from_table", None)
-    if fn is not None:
-        return fn(tab, config, stand_in)
-    with _swap_lock:
-        original = stragglers.straggler_table
-        stragglers.straggler_table = lambda _trace: tab.copy()
-        try:
-            return stragglers.analyze_run(stand_in, config)
-        finally:
-            stragglers.straggler_table = original
 
 
 def _sort_findings(findings: list) -> list:

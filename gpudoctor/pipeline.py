@@ -43,6 +43,9 @@ class Analysis:
     ranks: list[RankSummary]
     findings: list = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # rank -> the gate's per-rank samples when they were computed elsewhere (parallel workers); else the
+    # JSON's gate block is computed from ``trace``.
+    gate_samples: dict | None = None
 
     @property
     def dropped(self) -> dict[str, int]:

@@ -622,3 +622,36 @@ def test_device_peaks_and_ceilings():
     assert devices.peaks_for("Tesla T4", {"copy_bandwidth_bytes_per_s": 3e11}).memory_bandwidth_bytes_per_s == 3e11
     assert devices.peaks_for("Tesla T4", None, 3.2e11).memory_bandwidth_bytes_per_s == 3.2e11
     assert devices.peaks_for("Tesla T4") is None
+
+
+def _walk_reference(c, i, step, max_between, max_gemms):
+    """The chain search written as a plain walk: passthrough kernels, then GEMMs (None: no GEMM reached)."""
+    j, between = i + step, 0
+    while 0 <= j < len(c) and c[j] == unfused_attention.PASS and between < max_between:
+        j, between = j + step, between + 1
+    if not (0 <= j < len(c)) or c[j] != unfused_attention.GEMM:
+        return None
+    near, gemms = j, 0
+    while 0 <= j < len(c) and c[j] == unfused_attention.GEMM and gemms < max_gemms:
+        j, gemms = j + step, gemms + 1
+    return near, j - step
+
+
+def test_chain_candidates_match_a_plain_walk():
+    """The run-length candidate search finds exactly the chains a kernel-by-kernel walk finds, on random
+    class sequences (every mix of GEMM / passthrough / softmax / fused / other kernels)."""
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        c = rng.choice([unfused_attention.PASS, unfused_attention.GEMM, unfused_attention.SOFT,
+                        unfused_attention.FUSEDK, unfused_attention.STOP], size=int(rng.integers(1, 40)),
+                       p=[0.35, 0.3, 0.15, 0.1, 0.1])
+        max_between, max_gemms = int(rng.integers(0, 4)), int(rng.integers(1, 4))
+        got = unfused_attention._candidates(c, max_between, max_gemms)
+        want = []
+        for i in np.nonzero(c == unfused_attention.SOFT)[0]:
+            back = _walk_reference(c, i, -1, max_between, max_gemms)
+            fwd = _walk_reference(c, i, +1, max_between, max_gemms)
+            if back and fwd:
+                want.append((back[1], fwd[1], i, back[0], fwd[0]))
+        assert [tuple(r) for r in got[["lo", "hi", "softmax", "back_gemm", "fwd_gemm"]].to_numpy().tolist()] == want, \
+            (trial, c.tolist(), max_between, max_gemms)

@@ -552,3 +552,27 @@ def test_read_only_open_leaves_file_untouched(tmp_path):
     read(path)
     assert path.read_bytes() == before
     assert not (tmp_path / (path.name + "-journal")).exists()
+
+
+def test_threaded_chunk_fetch_equals_serial(monkeypatch):
+    """Row chunks fetched on several threads (each with its own connection) give the same Trace, table by
+    table, as one connection fetching them in order."""
+    path = Path(__file__).resolve().parent.parent / "fixtures" / "nsys" / "attn_naive.nsys.sqlite"
+    monkeypatch.setattr(nsys, "CHUNK_ROWS", 97)  # 12 chunks of kernels, dozens of runtime calls
+    monkeypatch.setenv("GPUDOCTOR_READ_THREADS", "1")
+    serial = read(path)
+    monkeypatch.setenv("GPUDOCTOR_READ_THREADS", "3")
+    threaded = read(path)
+    assert len(serial.kernels) == 1089 and len(serial.api_calls) == 3862
+    for name, df in serial.tables():
+        other = getattr(threaded, name)
+        assert df.shape == other.shape, name
+        assert df.astype(str).equals(other.astype(str)), name
+    assert serial.meta == threaded.meta
+
+
+def test_read_threads_setting(monkeypatch):
+    monkeypatch.setenv("GPUDOCTOR_READ_THREADS", "5")
+    assert nsys.read_threads() == 5
+    monkeypatch.setenv("GPUDOCTOR_READ_THREADS", "")
+    assert 1 <= nsys.read_threads() <= nsys.MAX_READ_THREADS

@@ -58,9 +58,13 @@ def test_same_as_serial_path(straggler_run, executor):
     # The cross-rank reduce found the straggler, as the merged trace does.
     strag = [f for f in par.findings if f.analyzer == "stragglers"]
     assert len(strag) == 1 and strag[0].metrics["slowest_rank"] == 1
-    # A light trace: per-rank tables only, no events.
-    assert par.trace.kernels.empty and sorted(par.trace.ranks["rank"]) == [0, 1, 2]
-    assert par.trace.meta["light_trace"] is True
+    # A light trace: per-rank tables, and one kernel row per distinct kernel of each rank, no events.
+    k = par.trace.kernels
+    assert sorted(par.trace.ranks["rank"]) == [0, 1, 2] and par.trace.meta["light_trace"] is True
+    kind = ["rank", "device_id", "name", "demangled_name", "category"]
+    assert not k.duplicated(kind).any()
+    distinct = serial.trace.kernels.drop_duplicates(kind)
+    assert len(k) == len(distinct) < len(serial.trace.kernels) / 10
 
 
 def test_same_as_serial_identical_copies(tmp_path):

@@ -224,7 +224,7 @@ def _kernel_keys(k: pd.DataFrame) -> np.ndarray:
     return keys[inv]
 
 
-def _rank_data(t: Trace, window) -> dict:
+def rank_data(t: Trace, window) -> dict:
     """Per-step samples and steady-step attribution totals of one rank."""
     steady = window.steady.sort_values("gpu_start_ns", kind="stable")
     st = steady["gpu_start_ns"].to_numpy(np.int64)
@@ -430,14 +430,22 @@ def _carriers(findings: list[dict], metric: str) -> list[dict]:
     return own or fs
 
 
-def run_from_trace(trace: Trace, ranks: list, findings: list, label: str, source: str = "trace") -> RunData:
-    """A RunData from an analyzed trace (``ranks``: its RankSummary list)."""
+def run_from_trace(trace: Trace, ranks: list, findings: list, label: str, source: str = "trace",
+                   rank_samples: dict | None = None) -> RunData:
+    """A RunData from an analyzed trace (``ranks``: its RankSummary list).
+
+    ``rank_samples``: rank -> ``rank_data`` already computed elsewhere (the parallel path computes it on the
+    worker that held the rank's events); ranks missing from it are computed from ``trace``.
+    """
     per_rank = []
     run = RunData(label=label, source=source, env=environment(trace), findings=[_finding_dict(f) for f in findings])
     multi = len(trace.rank_ids) > 1
+    rank_samples = rank_samples or {}
     for rs in ranks:
-        t = trace.for_rank(rs.rank) if multi else trace
-        per_rank.append(_rank_data(t, rs.window))
+        if rs.rank in rank_samples:
+            per_rank.append(rank_samples[rs.rank])
+        else:
+            per_rank.append(rank_data(trace.for_rank(rs.rank) if multi else trace, rs.window))
         run.windows.append(f"rank {rs.rank}: {rs.window.describe()}")
     for metric in ("gpu_time", "step_time", "wall_time"):
         v = _combine_steps([p[metric] for p in per_rank], run.notes, metric)
@@ -549,8 +557,10 @@ def run_from_analysis_json(data: dict, label: str) -> RunData:
 
 def gate_block(analysis) -> dict:
     """The ``gate`` block of analysis.json for an Analysis (pipeline.Analysis): what the gate needs to compare
-    this run later without the trace. Recomputed from the trace, a few KB."""
-    run = run_from_trace(analysis.trace, analysis.ranks, [], label="", source="analysis_json")
+    this run later without the trace. Recomputed from the trace (or from the analysis' ``gate_samples``,
+    per-rank samples computed where the events were), a few KB."""
+    run = run_from_trace(analysis.trace, analysis.ranks, [], label="", source="analysis_json",
+                         rank_samples=getattr(analysis, "gate_samples", None))
     d = run.to_dict()
     d.pop("label", None)
     return d

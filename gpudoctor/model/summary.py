@@ -57,6 +57,10 @@ def _records(df: pd.DataFrame) -> list[dict]:
     return out
 
 
+def _as_category(col: pd.Series) -> pd.Categorical:
+    return col.array if isinstance(col.dtype, pd.CategoricalDtype) else pd.Categorical(col.astype(str))
+
+
 def in_window(df: pd.DataFrame, start_ns: int, end_ns: int, start_col="start_ns", end_col="end_ns") -> pd.DataFrame:
     """Rows overlapping [start_ns, end_ns]."""
     s = df[start_col].to_numpy()
@@ -75,14 +79,21 @@ def summarize_rank(trace: Trace, rank: int) -> RankSummary:
                     np.r_[k["end_ns"].to_numpy(), m["end_ns"].to_numpy()], lo, hi)
     # Clip kernel durations to the window so fractions add up.
     kd = np.minimum(k["end_ns"].to_numpy(), hi) - np.maximum(k["start_ns"].to_numpy(), lo)
-    kk = pd.DataFrame({"name": k["name"].astype(str).to_numpy(), "category": k["category"].astype(str).to_numpy(), "d": kd})
-    top = (kk.groupby(["name", "category"], sort=False).agg(count=("d", "size"), total_ns=("d", "sum"))
+    # Group on the categorical codes; only the few groups become str.
+    kk = pd.DataFrame({"name": _as_category(k["name"]), "category": _as_category(k["category"]), "d": kd})
+    top = (kk.groupby(["name", "category"], sort=False, observed=True).agg(count=("d", "size"), total_ns=("d", "sum"))
            .reset_index().sort_values("total_ns", ascending=False).head(TOP_N))
+    top["name"] = top["name"].astype(str)
+    top["category"] = top["category"].astype(str)
     top["mean_ns"] = (top["total_ns"] / top["count"]).round().astype(np.int64)
     top["window_fraction"] = top["total_ns"] / dur
     md = np.minimum(m["end_ns"].to_numpy(), hi) - np.maximum(m["start_ns"].to_numpy(), lo)
-    cats = pd.concat([kk[["category", "d"]], pd.DataFrame({"category": "memory", "d": md})], ignore_index=True)
-    cat = cats.groupby("category").agg(total_ns=("d", "sum")).reset_index().sort_values("total_ns", ascending=False)
+    by_cat = kk.groupby("category", observed=True)["d"].sum()
+    by_cat = pd.Series(by_cat.to_numpy(), index=by_cat.index.astype(str))
+    if len(md):
+        by_cat["memory"] = by_cat.get("memory", 0) + md.sum()
+    cat = (by_cat.rename_axis("category").rename("total_ns").reset_index()
+           .sort_values(["total_ns", "category"], ascending=[False, True]))
     cat["window_fraction"] = cat["total_ns"] / dur
     r = t.ranges
     r = r[(r["gpu_start_ns"] >= 0)]

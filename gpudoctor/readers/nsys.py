@@ -22,9 +22,12 @@ Only text that is not a string id (inline NVTX text, enum labels) goes through P
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +45,20 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 # Rows per group_concat query: large enough to amortize the query, small enough to stay in cache and
 # far below SQLite's 1e9-byte string limit.
 CHUNK_ROWS = 1 << 18
+MAX_READ_THREADS = 4
+
+
+def read_threads() -> int:
+    """Threads that fetch row chunks at once (SQLite runs its part of a query without the GIL):
+    the CPUs this process may use, at most MAX_READ_THREADS; GPUDOCTOR_READ_THREADS overrides."""
+    env = os.environ.get("GPUDOCTOR_READ_THREADS", "")
+    if env.strip().isdigit():
+        return max(1, int(env))
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(n, MAX_READ_THREADS))
 
 # NVTX event types (ENUM_NSYS_EVENT_TYPE).
 NVTX_RANGE_TYPES = (59, 60, 70, 71)  # NvtxPushPopRange, NvtxStartEndRange, NvtxtPushPopRange, NvtxtStartEndRange
@@ -154,12 +171,15 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
     """Read one Nsight Systems SQLite export into a Trace (one rank)."""
     path = Path(path)
     _check_file(path)
+    uri = f"{path.resolve().as_uri()}?mode=ro"
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        conn = sqlite3.connect(uri, uri=True)
     except sqlite3.Error as e:
         raise InputError(path, f"cannot open SQLite file: {_one_line(e)}") from None
+    reader = None
     try:
-        return _Reader(path, conn).read(rank)
+        reader = _Reader(path, conn, uri)
+        return reader.read(rank)
     except GpudoctorError:
         raise
     except _BadExport as e:
@@ -171,6 +191,8 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
     except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
         raise InputError(path, f"unexpected content in nsys export ({type(e).__name__}: {_one_line(e)})") from None
     finally:
+        if reader is not None:
+            reader.close()
         conn.close()
 
 
@@ -210,9 +232,16 @@ def _check_file(path: Path) -> None:
 
 
 class _Reader:
-    def __init__(self, path: Path, conn: sqlite3.Connection):
+    def __init__(self, path: Path, conn: sqlite3.Connection, uri: str | None = None):
         self.path = path
         self.conn = conn
+        self.uri = uri
+        # Chunks of one query are fetched by a few threads, each with its own read-only connection.
+        self._threads = read_threads() if uri else 1
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._thread_conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
         self._columns: dict[str, list[str]] = {}
         self.dropped: list[tuple[str, str, int]] = []
         self.rank = 0
@@ -230,6 +259,35 @@ class _Reader:
             conn.execute(f"PRAGMA mmap_size = {1 << 31}")
         except sqlite3.Error:
             pass
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for c in self._thread_conns:
+            c.close()
+        self._thread_conns.clear()
+
+    def _conn_of_thread(self) -> sqlite3.Connection:
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            c = sqlite3.connect(self.uri, uri=True, check_same_thread=False)
+            try:
+                c.execute(f"PRAGMA mmap_size = {1 << 31}")
+            except sqlite3.Error:
+                pass
+            self._local.conn = c
+            with self._lock:
+                self._thread_conns.append(c)
+        return c
+
+    def _rows(self, sql: str, chunks: list[tuple]):
+        """``fetchone()`` of ``sql`` for each parameter tuple, in order; on several threads when worth it."""
+        if self._threads <= 1 or len(chunks) <= 1:
+            return (self.conn.execute(sql, p).fetchone() for p in chunks)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="gpudoctor-nsys")
+        return self._pool.map(lambda p: self._conn_of_thread().execute(sql, p).fetchone(), chunks)
 
     # -- schema helpers ------------------------------------------------------------------------------
 
@@ -275,8 +333,7 @@ class _Reader:
             chunks = [()]
             sql = f"{select} WHERE 1{cond}"
         total = 0
-        for params in chunks:
-            row = self.conn.execute(sql, params).fetchone()
+        for row in self._rows(sql, chunks):
             n = row[0]
             if not n:
                 continue

@@ -1,0 +1,36 @@
+"""gpudoctor.model.columns: per-distinct-value tests on text columns, same answers as row by row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from gpudoctor.model.columns import equals, isin, labels, per_value
+
+
+def _cols():
+    values = ["communication", "gemm", None, "gemm", "attention", "communication"]
+    return pd.Series(values, dtype="category"), pd.Series(values, dtype=object)
+
+
+def test_equals_and_isin_match_row_by_row():
+    for col in _cols():
+        assert equals(col, "gemm").tolist() == [False, True, False, True, False, False]
+        assert isin(col, ["communication", "attention"]).tolist() == [True, False, False, False, True, True]
+        assert isin(col, [""]).tolist() == [False, False, True, False, False, False]  # missing is ""
+        assert equals(col, "nccl").sum() == 0
+
+
+def test_labels_and_per_value():
+    cat, obj = _cols()
+    expected = ["communication", "gemm", "", "gemm", "attention", "communication"]
+    assert labels(cat).tolist() == expected and labels(obj).tolist() == expected
+    calls = []
+    out = per_value(cat, lambda v: calls.append(v) or len(v), dtype=np.int64)
+    assert out.tolist() == [13, 4, 0, 4, 9, 13]
+    assert sorted(calls) == ["", "attention", "communication", "gemm"]  # once per distinct value, + missing
+
+
+def test_empty_column():
+    empty = pd.Series([], dtype="category")
+    assert equals(empty, "x").shape == (0,) and labels(empty).shape == (0,)
