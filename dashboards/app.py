@@ -106,13 +106,9 @@ def create_app(runs: list[Run], prepare: bool = True):
             raise PreventUpdate
         return runs[i]
 
-    # plotly.js (4.8 MB) is requested by dcc.Graph only once a page callback has returned a graph;
-    # prefetching it while the page loads takes its download off that path (it is then served from the
-    # browser cache). Evaluating it still happens when the first graph mounts, so the Overview, which
-    # needs no plotly.js, is never held up by it.
     plotly_src = app.get_relative_path("/_dash-component-suites/plotly/package_data/plotly.min.js")
     app.index_string = app.index_string.replace(
-        "{%css%}", f'{{%css%}}\n        <link rel="prefetch" as="script" href="{plotly_src}">', 1)
+        "{%css%}", "{%css%}\n        " + _plotly_loader(plotly_src, app.get_relative_path("/")), 1)
 
     run_options = [{"label": f"{i}: {r.name}", "value": i} for i, r in enumerate(runs)]
     nav = html.Nav([dcc.Link(label, href=path, id=f"nav-{label.lower()}",
@@ -371,6 +367,39 @@ def create_app(runs: list[Run], prepare: bool = True):
 _CELL = {"border": "1px solid #e5e7eb", "padding": "4px 8px", "textAlign": "left", "verticalAlign": "top", "fontSize": 13}
 _SEVERITY_STYLE = {"high": {"color": "#b91c1c", "fontWeight": 700}, "medium": {"color": "#c2410c", "fontWeight": 700},
                    "low": {"color": "#a16207"}, "info": {"color": "#6b7280"}}
+
+
+def _plotly_loader(src: str, overview_path: str) -> str:
+    """Script tags that load plotly.js (4.8 MB; ~1-2 s to evaluate on a small machine) off the critical path.
+
+    dcc.Graph asks for ``window.Plotly`` only when its first figure mounts and otherwise injects the script
+    itself then, after the page's callbacks have returned: evaluation starts late. Here ``window.Plotly``
+    starts as a thenable that loads the script once (dcc.Graph awaits it through ``Promise.resolve``, and
+    plotly.js replaces it with itself when evaluated). Pages with graphs start the load at once, so the
+    evaluation overlaps Dash's own start-up requests; the Overview, which draws no graph, only prefetches
+    the file and evaluates it when the pointer reaches the page links or the page has been idle a while.
+    """
+    return (f'<link rel="prefetch" as="script" href="{src}">\n'
+            "<script>(function () {\n"
+            f"  var src = {json.dumps(src)}, overview = {json.dumps(overview_path.rstrip('/') or '/')}, loading = null;\n"
+            "  function load() {\n"
+            "    if (!loading) loading = new Promise(function (resolve, reject) {\n"
+            "      var s = document.createElement('script'); s.src = src; s.async = true;\n"
+            "      s.onload = function () { resolve(window.Plotly); }; s.onerror = reject;\n"
+            "      document.head.appendChild(s);\n"
+            "    });\n"
+            "    return loading;\n"
+            "  }\n"
+            "  window.Plotly = {then: function (ok, fail) { return load().then(ok, fail); }};\n"
+            "  var path = location.pathname.replace(/\\/+$/, '') || '/';\n"
+            "  if (path !== overview) { load(); return; }\n"
+            "  window.addEventListener('load', function () {\n"
+            "    document.addEventListener('pointerover', function (e) {\n"
+            "      if (e.target.closest && e.target.closest('nav')) load();\n"
+            "    }, {passive: true});\n"
+            "    setTimeout(function () { (window.requestIdleCallback || setTimeout)(load); }, 4000);\n"
+            "  });\n"
+            "})();</script>")
 
 
 def _html_table(id_: str, df: pd.DataFrame, row_ids: list | None = None, row_class: str = "", max_chars: int = 140):

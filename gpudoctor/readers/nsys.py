@@ -27,6 +27,7 @@ import re
 import sqlite3
 import threading
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -271,11 +272,9 @@ class _Reader:
     def _conn_of_thread(self) -> sqlite3.Connection:
         c = getattr(self._local, "conn", None)
         if c is None:
+            # No mmap here (the main connection has it): mapped pages of the export count in the process's
+            # resident memory once per mapping, and plain reads are as fast for these scans.
             c = sqlite3.connect(self.uri, uri=True, check_same_thread=False)
-            try:
-                c.execute(f"PRAGMA mmap_size = {1 << 31}")
-            except sqlite3.Error:
-                pass
             self._local.conn = c
             with self._lock:
                 self._thread_conns.append(c)
@@ -287,7 +286,18 @@ class _Reader:
             return (self.conn.execute(sql, p).fetchone() for p in chunks)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="gpudoctor-nsys")
-        return self._pool.map(lambda p: self._conn_of_thread().execute(sql, p).fetchone(), chunks)
+        return self._ordered(sql, chunks)
+
+    def _ordered(self, sql: str, chunks: list[tuple]):
+        # At most one chunk per thread in flight: a chunk's text is tens of MB until it is parsed.
+        run = lambda p: self._conn_of_thread().execute(sql, p).fetchone()  # noqa: E731
+        pending = deque(self._pool.submit(run, p) for p in chunks[: self._threads])
+        for p in chunks[self._threads:]:
+            row = pending.popleft().result()
+            pending.append(self._pool.submit(run, p))
+            yield row
+        while pending:
+            yield pending.popleft().result()
 
     # -- schema helpers ------------------------------------------------------------------------------
 
