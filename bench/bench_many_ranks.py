@@ -10,8 +10,9 @@ rank R's kernels 30% longer so the cross-rank reduce has a straggler to find).
 
 Modes, each in a fresh process (``python bench/bench_many_ranks.py _child MODE DIR``):
 
-- serial: what ``gpudoctor analyze DIR`` does today: ``pipeline.analyze_inputs`` (read every file,
-  merge into one trace, summarize and analyze it);
+- serial: ``pipeline.analyze_inputs(..., need_trace=True)``: read every file, merge into one trace,
+  summarize and analyze it (what the dashboard and ``profile`` do, as they keep the events; from 8 files
+  on, ``gpudoctor analyze`` takes the process pool below instead);
 - processes: ``gpudoctor.parallel.analyze_many(..., executor="processes")``: a process pool;
 - dask: ``analyze_many(..., executor="dask")``: a local Dask cluster (started inside the timing: its
   start-up is part of the cost), run with ``--dask-python`` (a Python that has dask.distributed;
@@ -60,7 +61,7 @@ def child(mode: str, d: str, workers: int) -> dict:
     out = {"import_s": round(time.perf_counter() - t0, 3), "base_mb": status("VmRSS:")}
     t1 = time.perf_counter()
     if mode == "serial":
-        a = analyze_inputs([d])
+        a = analyze_inputs([d], need_trace=True)
     else:
         a = parallel.analyze_many([d], workers=workers, executor=mode, progress=False)
     out["total_s"] = round(time.perf_counter() - t1, 3)

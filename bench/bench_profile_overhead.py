@@ -87,7 +87,9 @@ def main() -> int:
             t = timed(cmd, env, log)
             m = json.loads((out / "manifest.json").read_text())
             prog = (m["program_end_ns"] - m["program_start_ns"]) / 1e9 if m.get("program_end_ns") else None
-            return t, {"program": prog, "nvml_cpu": (m.get("nvml") or {}).get("cpu_fraction")}
+            export = sum(f.get("export_seconds", 0.0) for f in m.get("files", []))
+            return t, {"program": prog, "nvml_cpu": (m.get("nvml") or {}).get("cpu_fraction"),
+                       "export": export, "analysis": (m.get("analysis") or {}).get("seconds")}
         return run
 
     if loc and "nsys" not in skip:
@@ -119,7 +121,10 @@ def main() -> int:
             progs = [e["program"] for e in extra[name] if e.get("program")]
             if progs:
                 p = statistics.median(progs)
-                notes = f"program {p:.2f} s ({(p / bare - 1) * 100:+.1f}%), post-processing {med - p:.2f} s"
+                notes = f"program {p:.2f} s ({(p / bare - 1) * 100:+.1f}%), rest {med - p:.2f} s"
+                parts = [(k, [e[k] for e in extra[name] if e.get(k)]) for k in ("export", "analysis")]
+                notes += "".join(f", {k} {statistics.median(v):.2f} s" for k, v in parts if v)
+                notes += " (rest: interpreter start and imports before the program, nsys export, analysis, output)"
             cpu = [e["nvml_cpu"] for e in extra[name] if e.get("nvml_cpu") is not None]
             if cpu:
                 notes += f"; NVML sampler CPU {statistics.median(cpu) * 100:.2f}% of a core"

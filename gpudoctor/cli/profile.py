@@ -675,11 +675,14 @@ class Profile:
         if rep.exists():
             res.files.append({"path": self._rel(rep), "kind": "nsys_rep", "rank": rank})
             log = base.with_name(base.name + ".export.log")
+            t0 = time.monotonic()
             why = nsys.export_sqlite(facts["path"], rep, sqlite, self.args.nsys_timeout, log)
+            export_s = round(time.monotonic() - t0, 3)
             if log.exists():
                 res.files.append({"path": self._rel(log), "kind": "log", "rank": rank})
             if why is None:
-                res.files.append({"path": self._rel(sqlite), "kind": "nsys_sqlite", "rank": rank})
+                res.files.append({"path": self._rel(sqlite), "kind": "nsys_sqlite", "rank": rank,
+                                  "export_seconds": export_s})
                 res.reports.append({"path": self._rel(sqlite), "format": "nsys_sqlite", "rank": rank})
             else:
                 res.problems.append(f"{why}; the report is kept: {self._rel(rep)}")
