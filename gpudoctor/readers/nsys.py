@@ -16,6 +16,8 @@ How the export maps onto the model:
 Speed: numeric columns are fetched with one ``group_concat`` per column over row-id chunks and parsed
 by numpy (``np.fromstring(sep=",")``), which avoids building a Python object per value; this is about
 3.5x faster than ``cursor.fetchall()`` and 4.5x faster than ``pandas.read_sql`` on 1M kernel rows.
+The chunks of a query run on up to MAX_READ_THREADS threads (``read_threads()``), each with its own
+read-only connection: SQLite computes a chunk without the GIL while the main thread parses the last one.
 Only text that is not a string id (inline NVTX text, enum labels) goes through Python objects.
 """
 
