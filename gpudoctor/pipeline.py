@@ -148,7 +148,26 @@ def read_run_dir(run_dir: Path) -> Trace:
         traces.append(read_input(p, rank=rep.get("rank")))
     if not traces:
         raise InputError(run_dir, "run directory lists no reports and has no run.db")
-    return combine(traces)
+    return _devices_from_manifest(combine(traces), manifest)
+
+
+def _devices_from_manifest(trace: Trace, manifest: dict) -> Trace:
+    """A run without a timeline (NVML samples only) has no devices table: take the GPUs the profiler saw,
+    from the manifest, for its one rank (with several ranks it cannot tell whose GPU is whose)."""
+    gpus = [g for g in manifest.get("gpus") or [] if isinstance(g, dict) and g.get("name")]
+    ranks = trace.rank_ids
+    if len(trace.devices) or not gpus or len(ranks) > 1:
+        return trace
+    rank = ranks[0] if ranks else 0
+    trace.set("devices", {
+        "rank": [rank] * len(gpus), "device_id": [int(g.get("device_id", i)) for i, g in enumerate(gpus)],
+        "name": [str(g["name"]) for g in gpus], "memory_bytes": [int(g.get("memory_bytes") or 0) for g in gpus],
+        "sm_clock_hz": [float(g.get("max_sm_clock_mhz") or 0) * 1e6 for g in gpus],
+        "uuid": [str(g.get("uuid") or "") for g in gpus]})
+    for key in ("driver_version", "cuda_driver_version"):
+        if manifest.get(key) and not trace.meta.get(key):
+            trace.meta[key] = str(manifest[key])
+    return trace
 
 
 def expand_inputs(paths: list[str]) -> list[Path]:

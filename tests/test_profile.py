@@ -680,6 +680,27 @@ def test_run_dir_with_nvml_samples_is_analyzed(tmp_path):
     assert len(t.kernels) > 0
 
 
+def test_nvml_only_run_dir_takes_its_gpu_from_the_manifest(tmp_path):
+    """NVML samples alone carry no device table: the manifest's GPU list (what the profiler saw) fills it,
+    so the summary and the gate's environment name the GPU."""
+    from gpudoctor.pipeline import analyze_inputs
+
+    run = tmp_path / "run"
+    (run / "raw").mkdir(parents=True)
+    (run / "raw/nvml.csv").write_text("ts_ns,device_id,gpu_util_pct\n1,0,10\n2,0,20\n")
+    rundir.write_json(run / "manifest.json", {
+        "driver_version": "580.159.04", "cuda_driver_version": "13.0",
+        "gpus": [{"device_id": 0, "nvml_index": 0, "name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-1",
+                  "memory_bytes": 85520809984, "max_sm_clock_mhz": 1980}],
+        "reports": [{"path": "raw/nvml.csv", "format": "nvml_csv", "rank": 0}]})
+    a = analyze_inputs([str(run)])
+    d = a.trace.devices
+    assert d["name"].tolist() == ["NVIDIA H100 80GB HBM3"] and d["memory_bytes"].tolist() == [85520809984]
+    assert d["sm_clock_hz"].tolist() == [1.98e9] and a.ranks[0].device == "NVIDIA H100 80GB HBM3"
+    assert a.trace.meta["driver_version"] == "580.159.04"
+    assert a.to_json_dict()["gate"]["env"]["gpus"] == ["NVIDIA H100 80GB HBM3"]
+
+
 def test_merge_manifests():
     per_rank = {
         0: {"rank": 0, "exit_code": 0, "outcome": "completed", "reports": [{"path": "raw/rank0.sqlite", "rank": 0}],
