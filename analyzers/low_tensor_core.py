@@ -84,18 +84,25 @@ def gemm_shapes(ctx: AnalysisContext) -> pd.DataFrame:
     return ctx.op_facts(_shape_row, "ltc.gemm_shapes", SHAPE_COLUMNS)
 
 
+def gemm_kernels(ctx: AnalysisContext, gemv_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Masks over ctx.kernels: GEMM kernels, and those of them GEMV-shaped by name (gemv in the name, or
+    a CTA tile side <= ``gemv_max``). Shared by low_tensor_core and memory_bound_decode."""
+    gemm = ctx.name_map(is_gemm, "ltc.is_gemm", dtype=bool)
+    by_name = ctx.name_map(lambda n: bool(GEMV_NAME.search(n)) or 0 <= tile_min(n) <= gemv_max,
+                           f"ltc.gemv_name.{gemv_max}", dtype=bool)
+    return gemm, gemm & by_name
+
+
 def analyze(ctx: AnalysisContext) -> list[Finding]:
     k = ctx.kernels
     if k.empty:
         return []
     cfg = ctx.config.section(ID)
-    gemm = ctx.name_map(is_gemm, "ltc.is_gemm", dtype=bool)
+    gemv_max = int(cfg["gemv_max_n"])
+    gemm, gemv = gemm_kernels(ctx, gemv_max)
     if not gemm.any():
         return []
     dur = k["dur_ns"].to_numpy(np.int64)
-    gemv_max = int(cfg["gemv_max_n"])
-    gemv = gemm & (ctx.name_map(lambda n: bool(GEMV_NAME.search(n)) or 0 <= tile_min(n) <= gemv_max,
-                                f"ltc.gemv_name.{gemv_max}", dtype=bool))
     non_tc = gemm & ctx.name_map(lambda n: bool(NON_TC.search(n)), "ltc.non_tc_name", dtype=bool)
     method = "kernel names"
 

@@ -29,7 +29,7 @@ import pandas as pd
 
 from gpudoctor.analyzers.context import AnalysisContext
 from gpudoctor.analyzers.findings import Finding
-from gpudoctor.analyzers.low_tensor_core import GEMV_NAME, MM_OPS, gemm_shapes, is_gemm, tile_min
+from gpudoctor.analyzers.low_tensor_core import MM_OPS, gemm_kernels, gemm_shapes, tile_min
 
 ID = "memory_bound_decode"
 INFERENCE_STEP = re.compile(r"prefill|decode|generat|infer|forward|serve", re.I)
@@ -77,12 +77,10 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     if k.empty:
         return []
     cfg = ctx.config.section(ID)
-    gemm = ctx.name_map(is_gemm, "ltc.is_gemm", dtype=bool)
+    gmax = int(cfg["gemv_max_n"])
+    gemm, gemv = gemm_kernels(ctx, gmax)
     if not gemm.any():
         return []
-    gmax = int(cfg["gemv_max_n"])
-    gemv = gemm & ctx.name_map(lambda n: bool(GEMV_NAME.search(n)) or 0 <= tile_min(n) <= gmax,
-                               f"mbd.gemv.{gmax}", dtype=bool)
     dur = k["dur_ns"].to_numpy(np.int64)
     starts = k["start_ns"].to_numpy(np.int64)
 
