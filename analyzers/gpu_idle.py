@@ -212,7 +212,9 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
         sel = np.nonzero(cause == i)[0]
         if not len(sel):
             continue
-        top = sel[np.argsort(gdur[sel])[::-1][:nmax]]
+        if len(sel) > 4 * nmax:  # millions of gaps: keep the longest few before sorting
+            sel = np.sort(sel[np.argpartition(gdur[sel], len(sel) - nmax)[len(sel) - nmax:]])
+        top = sel[np.lexsort((sel, -gdur[sel]))][:nmax]  # longest first; equal ones in time order
         rows = []
         for g in top:
             r = gaps.iloc[g]
