@@ -34,3 +34,24 @@ def test_labels_and_per_value():
 def test_empty_column():
     empty = pd.Series([], dtype="category")
     assert equals(empty, "x").shape == (0,) and labels(empty).shape == (0,)
+
+
+def test_kernel_categories_match_the_rule_row_by_row():
+    """categorize_kernels works on category codes; it must give what the rule gives kernel by kernel
+    (short name first, the demangled name where the short one says "other"), on real fixtures."""
+    from pathlib import Path
+
+    from gpudoctor.model.categories import category_of
+    from gpudoctor.readers import kineto, nsys
+
+    root = Path(__file__).resolve().parent.parent / "fixtures"
+    for reader, path in ((nsys, root / "nsys" / "attn_naive.nsys.sqlite"), (kineto, root / "torch" / "attn_naive.torch.json.gz"),
+                         (nsys, root / "nsys" / "mlp_fp32.nsys.sqlite")):
+        k = reader.read(path).kernels
+        ref = []
+        for s, d in zip(k["name"].astype(object).fillna(""), k["demangled_name"].astype(object).fillna("")):
+            c = category_of(str(s))
+            ref.append(c if c != "other" else category_of(str(d)))
+        assert len(ref) > 100
+        assert k["category"].astype(str).tolist() == ref, path.name
+        assert list(k["category"].cat.categories) == sorted(set(ref))  # only the categories present

@@ -40,13 +40,29 @@ def categorize(names: pd.Series) -> pd.Categorical:
     return pd.Categorical(out)
 
 
+_ALL = sorted({c for c, _ in _RULES} | {"other"})  # sorted: the categories pd.Categorical(values) would have
+_OTHER = _ALL.index("other")
+
+
+def _category_codes(names) -> np.ndarray:
+    """Index into _ALL of each name's category, decided once per distinct name (missing: "other")."""
+    col = pd.Series(names)
+    col = col if isinstance(col.dtype, pd.CategoricalDtype) else col.astype("category")
+    per = np.array([_ALL.index(category_of(str(n))) for n in col.cat.categories] + [_OTHER], dtype=np.int64)
+    codes = col.cat.codes.to_numpy()
+    return per[np.where(codes >= 0, codes, len(per) - 1)]
+
+
 def categorize_kernels(short_names, demangled_names) -> pd.Categorical:
-    """Category from the short name; where that says "other", from the demangled name."""
-    by_short = np.asarray(categorize(pd.Series(short_names)), dtype=object)
+    """Category from the short name; where that says "other", from the demangled name.
+
+    Works on category codes end to end: no per-row string is built, even for millions of kernels."""
+    by_short = _category_codes(short_names)
     if len(by_short) == 0:
         return pd.Categorical([])
-    by_demangled = np.asarray(categorize(pd.Series(demangled_names)), dtype=object)
-    return pd.Categorical(np.where(by_short == "other", by_demangled, by_short))
+    by_demangled = _category_codes(demangled_names)
+    out = np.where(by_short == _OTHER, by_demangled, by_short)
+    return pd.Categorical.from_codes(out, categories=_ALL).remove_unused_categories()
 
 
 def short_names(names) -> pd.Categorical:
