@@ -57,6 +57,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
+from gpudoctor.analyzers.config import severity_for
 from gpudoctor.analyzers.context import AnalysisContext
 from gpudoctor.analyzers.findings import Finding
 from gpudoctor.model.counters_from_ranges import counters_from_ranges
@@ -233,15 +234,8 @@ def _split(wasted: np.ndarray, block: np.ndarray, requests: np.ndarray) -> tuple
 
 
 def _severity(ctx: AnalysisContext, waste: float | None) -> str:
-    if waste is None or not math.isfinite(waste):
-        return "info"
-    if waste >= float(_cfg(ctx, "waste_fraction_high")):
-        return "high"
-    if waste >= float(_cfg(ctx, "waste_fraction_medium")):
-        return "medium"
-    if waste >= float(_cfg(ctx, "waste_fraction_low")):
-        return "low"
-    return "info"
+    return severity_for(waste, float(_cfg(ctx, "waste_fraction_medium")), float(_cfg(ctx, "waste_fraction_high")),
+                        float(_cfg(ctx, "waste_fraction_low")))
 
 
 def kv_counters(ctx: AnalysisContext) -> pd.DataFrame:

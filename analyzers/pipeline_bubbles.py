@@ -29,6 +29,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from gpudoctor.analyzers.config import severity_for
 from gpudoctor.analyzers.findings import Finding
 from gpudoctor.analyzers.nccl_dominated import comm_mask, intervals, p2p_mask, settings, world_size
 from gpudoctor.model.steps import union_ns
@@ -131,12 +132,9 @@ def analyze(ctx) -> list[Finding]:
     target_m = int(cfg["target_microbatches_per_stage"]) * p
     ideal_target = ideal_bubble(p, target_m, v) if p >= 2 else 0.0
     saving = int(max(0.0, bf - ideal_target) * window)
-    if bf >= float(cfg["bubble_fraction_high"]):
-        sev = "high"
-    elif bf >= float(cfg["bubble_fraction_medium"]):
-        sev = "medium"
-    else:
-        sev = "info"
+    # high / medium by this analyzer's thresholds, else info (no "low" band: low = medium)
+    sev = severity_for(bf, float(cfg["bubble_fraction_medium"]), float(cfg["bubble_fraction_high"]),
+                       float(cfg["bubble_fraction_medium"]))
     metrics = {key: (round(val, 6) if isinstance(val, float) else val) for key, val in m.items()}
     metrics.update({"pipeline_stages": p if p >= 2 else None, "microbatches": mb, "virtual_stages": v,
                     "ideal_bubble_fraction": None if ideal is None else round(ideal, 6),

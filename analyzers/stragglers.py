@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from gpudoctor.analyzers.config import severity_for
 from gpudoctor.analyzers.findings import Finding
 from gpudoctor.analyzers.nccl_dominated import comm_mask, intervals, overlap_ns, pipeline_p2p
 from gpudoctor.model.steps import find_steps, union_ns
@@ -107,12 +108,9 @@ def findings_from_table(tab: pd.DataFrame, config, trace) -> list[Finding]:
     if frac < float(cfg["min_excess_fraction"]):
         return []
     waiters = others[others["exposed_comm_ns_per_step"] - float(slow["exposed_comm_ns_per_step"]) >= 0.5 * excess]
-    if frac >= float(cfg["excess_fraction_high"]):
-        sev = "high"
-    elif frac >= float(cfg["excess_fraction_medium"]):
-        sev = "medium"
-    else:
-        sev = "info"
+    # high / medium by this analyzer's thresholds, else info (no "low" band: low = medium)
+    sev = severity_for(frac, float(cfg["excess_fraction_medium"]), float(cfg["excess_fraction_high"]),
+                       float(cfg["excess_fraction_medium"]))
     steps = max(int(slow["steps"]), 1)
     saving = int(max(excess, 0.0) * steps)
     window = int(slow["window_end_ns"] - slow["window_start_ns"])
