@@ -144,6 +144,16 @@ class Supervisor:
                 if poll is not None:
                     poll()
 
+    def run(self, poll=None) -> tuple[int, int, int]:
+        """start, wait, restore the signal handlers: (return code, start ns, end ns) of the child."""
+        start_ns = time.time_ns()
+        self.start()
+        try:
+            rc = self.wait(poll)
+        finally:
+            self.restore()
+        return rc, start_ns, time.time_ns()
+
     def restore(self) -> None:
         for s, old in self._old.items():
             try:
@@ -526,13 +536,7 @@ class Profile:
         """nvml backend: the program itself, NVML sampled beside it."""
         res = Result()
         sup = Supervisor(self.cmd, self.env, group=True)
-        res.program_start_ns = time.time_ns()
-        sup.start()
-        try:
-            rc = sup.wait()
-        finally:
-            sup.restore()
-        res.program_end_ns = time.time_ns()
+        rc, res.program_start_ns, res.program_end_ns = sup.run()
         res.exit_code, res.signal = _exit_code_of(rc)
         res.interrupted_by = _signame(sup.interrupted_by)
         return res
@@ -549,13 +553,7 @@ class Profile:
             env = tb.child_env(self.env, probe, shim)
             argv = tb.child_command(prog, exe, str(trace), str(status_path), self.args.delay, self.args.duration)
             sup = Supervisor(argv, env, group=True)
-            res.program_start_ns = time.time_ns()
-            sup.start()
-            try:
-                rc = sup.wait()
-            finally:
-                sup.restore()
-            res.program_end_ns = time.time_ns()
+            rc, res.program_start_ns, res.program_end_ns = sup.run()
         finally:
             if shim:
                 shutil.rmtree(shim, ignore_errors=True)
@@ -632,12 +630,7 @@ class Profile:
                     "(what it wrote is kept)")
                 sup.terminate()
 
-        res.program_start_ns = time.time_ns()
-        sup.start()
-        try:
-            rc = sup.wait(poll)
-        finally:
-            sup.restore()
+        rc, res.program_start_ns, _ = sup.run(poll)
         res.interrupted_by = _signame(sup.interrupted_by)
         st = rundir.read_json(status_path) or {}
         if st:
@@ -852,14 +845,8 @@ class Profile:
         env = dict(self.env, **{PARENT_ENV: str(run_dir.resolve())})
         pkg_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        start_ns = time.time_ns()
         sup = Supervisor(argv, env, group=False)  # torchrun forwards signals to its workers
-        sup.start()
-        try:
-            rc = sup.wait()
-        finally:
-            sup.restore()
-        end_ns = time.time_ns()
+        rc, start_ns, end_ns = sup.run()
         launched = {"tool": "torchrun", "nproc": a.nproc, "command": argv, "exit_code": _exit_code_of(rc)[0],
                     "interrupted_by": _signame(sup.interrupted_by), "start_utc": rundir.iso(start_ns),
                     "end_utc": rundir.iso(end_ns)}
