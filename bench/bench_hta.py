@@ -108,10 +108,7 @@ def main(argv=None) -> int:
                           "gd_peak_mb": gd.get("peak_mb"), "hta_peak_mb": hta.get("peak_mb"),
                           "hta_rc": hta.get("rc"), "hta_err": hta.get("stderr_tail", "")[-300:]}), flush=True)
         results["results"].append(row)
-    results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    if a.out:
-        a.out.write_text(json.dumps(results, indent=1))
-    return 0
+    return bench_readers.finish(results, a.out)
 
 
 if __name__ == "__main__":

@@ -47,13 +47,7 @@ import make_inputs  # noqa: E402
 def child(mode: str, d: str, workers: int) -> dict:
     sys.path.insert(0, str(ROOT))
 
-    def status(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return round(int(line.split()[1]) / 1024, 1)
-        return 0.0
-
+    status = bench_readers.status
     t0 = time.perf_counter()
     from gpudoctor import parallel
     from gpudoctor.pipeline import analyze_inputs
@@ -124,10 +118,7 @@ def main(argv=None) -> int:
                   "loadavg": round(os.getloadavg()[0], 2)})
         print(json.dumps(r), flush=True)
         results["results"].append(r)
-    results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    if a.out:
-        a.out.write_text(json.dumps(results, indent=1))
-    return 0
+    return bench_readers.finish(results, a.out)
 
 
 if __name__ == "__main__":

@@ -154,15 +154,25 @@ def machine() -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Child processes (``python bench/bench_readers.py _child JOB``)
 
+def status(key: str) -> float:
+    """This process's /proc/self/status value ``key`` (VmRSS:, VmHWM:) in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def finish(results: dict, out: Path | None) -> int:
+    """Record the load at the end; write the results' JSON to ``out`` when given."""
+    results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    if out:
+        out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def child(job: dict) -> dict:
     """Runs in the child process: one measurement."""
-    def status(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return round(int(line.split()[1]) / 1024, 1)
-        return 0.0
-
     t0 = time.perf_counter()
     from gpudoctor.pipeline import analyze_trace
     from gpudoctor.readers import kineto, nsys
@@ -285,10 +295,7 @@ def main(argv=None) -> int:
         results["results"] += section_reanalysis(a.data, a.repeat)
     if "scaling" in sections:
         results["results"] += section_scaling(a.data, a.repeat, _ints(a.nsys_sizes), _ints(a.kineto_sizes), a.timeout)
-    results["machine"]["loadavg_at_end"] = os.getloadavg()
-    if a.out:
-        a.out.write_text(json.dumps(results, indent=1))
-    return 0
+    return finish(results, a.out)
 
 
 if __name__ == "__main__":
