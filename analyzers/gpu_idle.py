@@ -34,6 +34,7 @@ import pandas as pd
 from gpudoctor.analyzers.context import AnalysisContext, display_name
 from gpudoctor.analyzers.findings import Finding
 from gpudoctor.model.columns import equals
+from gpudoctor.model.steps import merge_intervals
 
 ID = "gpu_idle"
 
@@ -65,20 +66,6 @@ RECOMMEND = {
 }
 
 
-def _merge(s: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint sorted union of intervals."""
-    if len(s) == 0:
-        return s.astype(np.int64), e.astype(np.int64)
-    order = np.argsort(s, kind="stable")
-    s, e = s[order], e[order]
-    run_end = np.maximum.accumulate(e)
-    new = np.r_[True, s[1:] > run_end[:-1]]
-    bid = np.cumsum(new) - 1
-    ends = np.zeros(bid[-1] + 1, dtype=np.int64)
-    np.maximum.at(ends, bid, e)
-    return s[new], ends
-
-
 def _covered_before(t: np.ndarray, us: np.ndarray, ue: np.ndarray, cum: np.ndarray) -> np.ndarray:
     """Length of the union (us, ue: disjoint, sorted) that lies before each time ``t``."""
     i = np.searchsorted(ue, t, side="right")  # intervals [0, i) end at or before t
@@ -92,7 +79,7 @@ def overlap(g0: np.ndarray, g1: np.ndarray, s: np.ndarray, e: np.ndarray) -> np.
     """Overlap (ns) of each gap [g0, g1) with the union of the intervals [s, e)."""
     if len(s) == 0 or len(g0) == 0:
         return np.zeros(len(g0), dtype=np.int64)
-    us, ue = _merge(np.asarray(s, np.int64), np.asarray(e, np.int64))
+    us, ue = merge_intervals(s, e)
     cum = np.r_[0, np.cumsum(ue - us)]
     return _covered_before(g1, us, ue, cum) - _covered_before(g0, us, ue, cum)
 

@@ -38,6 +38,7 @@ import pandas as pd
 
 from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.gate import stats
+from gpudoctor.model.steps import merge_intervals
 from gpudoctor.model.trace import Trace
 
 RUN_FORMAT = "gpudoctor-gate-run"
@@ -152,16 +153,7 @@ def busy_in_windows(starts: np.ndarray, ends: np.ndarray, win_start: np.ndarray,
     win_end = np.asarray(win_end, dtype=np.int64)
     if len(starts) == 0:
         return np.zeros(len(win_start), dtype=np.int64)
-    s = np.asarray(starts, dtype=np.int64)
-    e = np.asarray(ends, dtype=np.int64)
-    order = np.argsort(s, kind="stable")
-    s, e = s[order], e[order]
-    run_end = np.maximum.accumulate(e)
-    new = np.r_[True, s[1:] > run_end[:-1]]
-    bid = np.cumsum(new) - 1
-    bs = s[new]
-    be = np.zeros(len(bs), dtype=np.int64)
-    np.maximum.at(be, bid, e)
+    bs, be = merge_intervals(starts, ends)
     cum = np.r_[0, np.cumsum(be - bs)]
     i0 = np.searchsorted(be, win_start, side="right")  # first block ending after the window start
     i1 = np.searchsorted(bs, win_end, side="left") - 1  # last block starting before the window end

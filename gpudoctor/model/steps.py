@@ -130,6 +130,22 @@ def find_steps(ranges: pd.DataFrame, kernels: pd.DataFrame) -> StepWindow:
     return StepWindow(steps, int(steady["gpu_start_ns"].min()), int(steady["gpu_end_ns"].max()), source)
 
 
+def merge_intervals(start, end) -> tuple[np.ndarray, np.ndarray]:
+    """The union of intervals [start, end) as disjoint blocks, sorted: (block starts, block ends), int64."""
+    s = np.asarray(start, dtype=np.int64)
+    e = np.asarray(end, dtype=np.int64)
+    if len(s) == 0:
+        return s, e
+    order = np.argsort(s, kind="stable")
+    s, e = s[order], e[order]
+    run_end = np.maximum.accumulate(e)
+    # A new block starts where the start is past every earlier end; a block ends at the running maximum
+    # of the ends at its last interval.
+    first = np.nonzero(np.r_[True, s[1:] > run_end[:-1]])[0]
+    last = np.r_[first[1:] - 1, len(s) - 1]
+    return s[first], run_end[last]
+
+
 def union_ns(start: np.ndarray, end: np.ndarray, lo: int | None = None, hi: int | None = None) -> int:
     """Total length of the union of intervals, clipped to [lo, hi]."""
     if len(start) == 0:
@@ -142,13 +158,5 @@ def union_ns(start: np.ndarray, end: np.ndarray, lo: int | None = None, hi: int 
         s, e = s[keep], e[keep]
         if len(s) == 0:
             return 0
-    order = np.argsort(s, kind="stable")
-    s, e = s[order], e[order]
-    run_end = np.maximum.accumulate(e)
-    # A new merged block starts where the start is past every earlier end.
-    new_block = np.r_[True, s[1:] > run_end[:-1]]
-    block_id = np.cumsum(new_block) - 1
-    block_start = s[new_block]
-    block_end = np.zeros(block_id[-1] + 1, dtype=np.int64)
-    np.maximum.at(block_end, block_id, e)
+    block_start, block_end = merge_intervals(s, e)
     return int((block_end - block_start).sum())
