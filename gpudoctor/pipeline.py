@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,22 +74,17 @@ def _gate_block(analysis) -> dict | None:
 
 
 def _read_nsys_rep(path: Path, rank: int | None) -> Trace:
-    try:
-        from gpudoctor.collect.nsys import find_nsys
-        nsys = find_nsys()
-    except ImportError:
-        nsys = None
-    nsys_path = nsys[0] if isinstance(nsys, tuple) else nsys
-    if not nsys_path:
+    from gpudoctor.collect.nsys import export_sqlite, find_nsys
+
+    loc = find_nsys()
+    if loc is None:
         raise InputError(path, "reading .nsys-rep needs Nsight Systems (nsys); export it with: "
                                "nsys export --type sqlite -o FILE.sqlite FILE.nsys-rep")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / (path.stem + ".sqlite")
-        try:
-            subprocess.run([str(nsys_path), "export", "--type", "sqlite", "-f", "true", "-o", str(out), str(path)],
-                           check=True, capture_output=True, timeout=600)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
-            raise InputError(path, f"nsys export failed: {str(e).splitlines()[0]}") from None
+        why = export_sqlite(loc.path, path, out, timeout_s=600)
+        if why is not None:
+            raise InputError(path, why)
         from gpudoctor.readers import nsys as nsys_reader
         t = nsys_reader.read(out, rank=rank)
     for i in t.meta.get("inputs", []):

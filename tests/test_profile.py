@@ -712,3 +712,26 @@ def test_merge_manifests():
     assert m["exit_code"] == 137 and m["outcome"] == "killed" and m["missing_ranks"] == [1]
     assert (m["start_ns"], m["end_ns"]) == (5, 30) and [r["host"] for r in m["ranks"]] == ["a", "b"]
     assert "rank" not in m and m["world_size"] == 3
+
+
+@pytest.mark.parametrize("mode", ["ok", "export_fail"])
+def test_analyze_nsys_rep_through_nsys_export(tmp_path, fake_nsys, mode):
+    """`gpudoctor analyze X.nsys-rep` exports it with the nsys it finds (the same export step as profile):
+    the fixture's kernels when it works; one line naming the file and the reason, exit 2, when it fails."""
+    rep = tmp_path / "trace.nsys-rep"
+    rep.write_bytes(FIXTURE_SQLITE.read_bytes())  # the fake nsys "exports" by copying
+    out = tmp_path / "a.json"
+    p = subprocess.run([sys.executable, "-m", "gpudoctor", "analyze", "-q", "--json", str(out), str(rep)],
+                       capture_output=True, text=True, env=nsys_env(fake_nsys, FAKE_NSYS_MODE=mode), timeout=300)
+    if mode == "ok":
+        assert p.returncode == 0, p.stderr
+        a = json.loads(out.read_text())
+        from gpudoctor.readers import nsys as nsys_reader
+
+        assert a["inputs"][0]["path"] == str(rep)
+        assert a["ranks"][0]["kernel_count"] == len(nsys_reader.read(FIXTURE_SQLITE).kernels) == 3585
+    else:
+        assert p.returncode == 2 and "Traceback" not in p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(rep) in lines[0]
+        assert "nsys export failed (exit 1): error: fake export failure" in lines[0]
