@@ -12,7 +12,7 @@ worker's memory is bounded by its largest rank and the parent holds a few kiloby
 Reduce (in the calling process): check that no two inputs claim the same rank (the error ``merge``
 raises), align the ranks' steps and build the straggler table and finding as
 ``stragglers.analyze_run`` does on a merged trace, and assemble the Analysis. ``Analysis.trace`` is
-a :class:`LightTrace` (``meta["light_trace"]`` is True): the ranks, devices and dropped tables, ``meta``,
+a light trace (``meta["light_trace"]`` is True): the ranks, devices and dropped tables, ``meta``,
 and one kernel / collective row per distinct kind of each rank (which kernels and devices the run has,
 never how many or when), enough for the JSON / Markdown / terminal renderers; ``Analysis.gate_samples``
 holds the workers' per-rank samples, so the JSON's ``gate`` block equals the serial path's. Callers that need the event tables
@@ -268,14 +268,12 @@ def reduce_results(results: list[RankResult], config=None):
     trace = _light_trace(ok, inputs)
     summaries = sorted((s for r in ok for s in r.summaries), key=lambda s: s.rank)
     findings = [f for r in ok for f in r.findings]
-    stand_in = _stand_in(trace, ok)
-    findings.extend(_straggler_findings(ok, summaries, config, stand_in))
+    findings.extend(_straggler_findings(ok, summaries, config, trace))
     findings = _sort_findings(findings)
     from gpudoctor.pipeline import Analysis
 
-    # The stand-in is the trace: run-level code asks it which kernels / devices / collectives the run
-    # has (gate.environment, nccl_dominated.pipeline_p2p); the per-rank samples come from the workers.
-    return Analysis(inputs=inputs, trace=stand_in, ranks=summaries, findings=findings, errors=errors,
+    # The gate's per-rank samples come from the workers (the light trace has no events to compute them).
+    return Analysis(inputs=inputs, trace=trace, ranks=summaries, findings=findings, errors=errors,
                     gate_samples={k: v for r in ok for k, v in r.gate_data.items()})
 
 
@@ -291,25 +289,15 @@ def _check_unique_ranks(results: list[RankResult]) -> None:
             seen[rank] = src
 
 
-class LightTrace(Trace):
-    """The Trace of a parallel analysis: per-rank tables (ranks, devices, dropped) and meta; the event
-    tables are empty (they stayed on the workers)."""
-
-    def for_rank(self, rank: int) -> "LightTrace":
-        # Trace.for_rank builds a Trace() first, whose 12 default empty frames cost ~0.1-0.2 s; here the
-        # filtered tables are assigned directly.
-        t = object.__new__(type(self))
-        for name, df in self.tables():
-            t.__dict__[name] = df[df["rank"].to_numpy() == rank].reset_index(drop=True) if len(df) else df
-        t.meta = self.meta
-        return t
-
-
 def _light_trace(results: list[RankResult], inputs: list[dict]) -> Trace:
-    """ranks, devices and dropped of every rank, and the merged meta; the event tables stay empty."""
-    t = LightTrace(meta={"inputs": [i for i in inputs if "error" not in i]})
-    for name in ("ranks", "devices", "dropped"):
-        frames = [getattr(r, name) for r in results if getattr(r, name) is not None and len(getattr(r, name))]
+    """The run's trace without its events (they stayed on the workers): ranks, devices and dropped of every
+    rank, the merged meta, and one kernel row per distinct (rank, device, name, category) and one
+    collective row per distinct (rank, op, source). Enough for run-level code that asks *which* kernels /
+    devices / collectives the run has (gate.environment, nccl_dominated.pipeline_p2p), never how many or when."""
+    t = Trace(meta={"inputs": [i for i in inputs if "error" not in i]})
+    for name, attr in (("ranks", "ranks"), ("devices", "devices"), ("dropped", "dropped"),
+                       ("kernels", "kernel_kinds"), ("collectives", "collective_kinds")):
+        frames = [getattr(r, attr) for r in results if getattr(r, attr) is not None and len(getattr(r, attr))]
         if frames:
             setattr(t, name, conform(name, pd.concat(frames, ignore_index=True)))
     for r in results:
@@ -319,19 +307,7 @@ def _light_trace(results: list[RankResult], inputs: list[dict]) -> Trace:
     return t
 
 
-def _stand_in(light: Trace, results: list[RankResult]) -> Trace:
-    """The light trace plus one kernel row per distinct (rank, device, name, category) and one collective
-    row per distinct (rank, op, source): enough for run-level code that asks *which* kernels / devices /
-    collectives the run has (gate.environment, nccl_dominated.pipeline_p2p), never how many or when."""
-    t = LightTrace(**{name: df for name, df in light.tables()}, meta=light.meta)
-    for name, attr in (("kernels", "kernel_kinds"), ("collectives", "collective_kinds")):
-        frames = [getattr(r, attr) for r in results if getattr(r, attr) is not None and len(getattr(r, attr))]
-        if frames:
-            setattr(t, name, conform(name, pd.concat(frames, ignore_index=True)))
-    return t
-
-
-def _straggler_findings(results: list[RankResult], summaries: list[RankSummary], config, stand_in: Trace) -> list:
+def _straggler_findings(results: list[RankResult], summaries: list[RankSummary], config, trace: Trace) -> list:
     """The stragglers finding of the run, from the per-rank rows, as analyze_run computes it."""
     registry = _registry()
     cfg = _as_config(config)
@@ -353,7 +329,7 @@ def _straggler_findings(results: list[RankResult], summaries: list[RankSummary],
             ends = np.stack([step_ends[k][-m:] for k in ranks])
             lag = np.median(ends - ends.min(axis=0, keepdims=True), axis=1)
             tab["step_end_lag_ns"] = [int(x) for x in lag]
-    found = stragglers.findings_from_table(tab, cfg if cfg is not None else config, stand_in)
+    found = stragglers.findings_from_table(tab, cfg if cfg is not None else config, trace)
     first = summaries[0] if summaries else None
     for f in found:
         if f.analyzer != stragglers.ID:
