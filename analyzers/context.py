@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.analyzers.config import Config
+from gpudoctor.model.columns import per_value
 from gpudoctor.model.devices import DevicePeaks, peaks_for
 from gpudoctor.model.steps import StepWindow, find_steps, union_ns
 from gpudoctor.model.trace import Trace
@@ -112,15 +113,8 @@ class AnalysisContext:
         key = ("mask", pattern, id(frame), column)
 
         def compute():
-            col = frame[column]
-            if not isinstance(col.dtype, pd.CategoricalDtype):
-                col = col.astype("category")
             rx = re.compile(pattern, re.I)
-            per = np.array([bool(rx.search(str(c))) for c in col.cat.categories], dtype=bool)
-            codes = col.cat.codes.to_numpy()
-            if len(per) == 0:
-                return np.zeros(len(col), dtype=bool)
-            return np.where(codes >= 0, per[np.clip(codes, 0, None)], False)
+            return per_value(frame[column], lambda v: bool(rx.search(v)), dtype=bool, missing=False)
         return self.cached(key, compute)
 
     def name_map(self, fn: Callable[[str], Any], key: str, frame: pd.DataFrame | None = None,
@@ -128,14 +122,7 @@ class AnalysisContext:
         """``fn`` applied once per distinct name of ``column``, mapped back to every row."""
         frame = self.kernels if frame is None else frame
 
-        def compute():
-            col = frame[column]
-            if not isinstance(col.dtype, pd.CategoricalDtype):
-                col = col.astype("category")
-            per = np.array([fn(str(c)) for c in col.cat.categories] + [fn("")], dtype=dtype)
-            codes = col.cat.codes.to_numpy()
-            return per[np.where(codes >= 0, codes, len(per) - 1)]
-        return self.cached(("map", key, id(frame), column), compute)
+        return self.cached(("map", key, id(frame), column), lambda: per_value(frame[column], fn, dtype=dtype))
 
     def kname_at(self, rows) -> np.ndarray:
         """Kernel names (str) of the given rows of ctx.kernels, without converting the whole column."""

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.analyzers.findings import Finding
-from gpudoctor.model.columns import equals
+from gpudoctor.model.columns import equals, per_value
 from gpudoctor.model.steps import union_ns
 
 ID = "nccl_dominated"
@@ -90,13 +90,8 @@ def settings(ctx, analyzer: str, defaults: dict) -> dict:
 
 def name_mask(names: pd.Series, pattern: str) -> np.ndarray:
     """Regex mask over kernel names, decided once per distinct name."""
-    col = names if isinstance(names.dtype, pd.CategoricalDtype) else names.astype(str).astype("category")
     rx = re.compile(pattern, re.I)
-    per = np.array([bool(rx.search(str(c))) for c in col.cat.categories], dtype=bool)
-    codes = col.cat.codes.to_numpy()
-    if not len(per):
-        return np.zeros(len(col), dtype=bool)
-    return np.where(codes >= 0, per[np.clip(codes, 0, None)], False)
+    return per_value(names, lambda v: bool(rx.search(v)), dtype=bool, missing=False)
 
 
 def comm_mask(kernels: pd.DataFrame) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from gpudoctor.model.columns import equals, isin, labels, per_value
+from gpudoctor.model.columns import equals, isin, per_value
 
 
 def _cols():
@@ -21,10 +21,10 @@ def test_equals_and_isin_match_row_by_row():
         assert equals(col, "nccl").sum() == 0
 
 
-def test_labels_and_per_value():
+def test_per_value():
     cat, obj = _cols()
     expected = ["communication", "gemm", "", "gemm", "attention", "communication"]
-    assert labels(cat).tolist() == expected and labels(obj).tolist() == expected
+    assert per_value(cat, str).tolist() == expected and per_value(obj, str).tolist() == expected
     calls = []
     out = per_value(cat, lambda v: calls.append(v) or len(v), dtype=np.int64)
     assert out.tolist() == [13, 4, 0, 4, 9, 13]
@@ -33,7 +33,7 @@ def test_labels_and_per_value():
 
 def test_empty_column():
     empty = pd.Series([], dtype="category")
-    assert equals(empty, "x").shape == (0,) and labels(empty).shape == (0,)
+    assert equals(empty, "x").shape == (0,) and per_value(empty, str).shape == (0,)
 
 
 def test_kernel_categories_match_the_rule_row_by_row():

@@ -7,6 +7,8 @@ import re
 import numpy as np
 import pandas as pd
 
+from gpudoctor.model.columns import per_value
+
 # Order matters: the first pattern that matches wins. Communication and attention come before GEMM
 # because fused attention kernels and NCCL kernels contain GEMM-like words.
 _RULES: list[tuple[str, re.Pattern]] = [
@@ -23,6 +25,10 @@ _RULES: list[tuple[str, re.Pattern]] = [
 ]
 
 
+_ALL = sorted({c for c, _ in _RULES} | {"other"})  # sorted: the categories pd.Categorical(values) would have
+_OTHER = _ALL.index("other")
+
+
 def category_of(name: str) -> str:
     for cat, rx in _RULES:
         if rx.search(name):
@@ -32,25 +38,12 @@ def category_of(name: str) -> str:
 
 def categorize(names: pd.Series) -> pd.Categorical:
     """Category of each kernel name. Works on the distinct names only, then maps back."""
-    cat = names.astype("category") if not isinstance(names.dtype, pd.CategoricalDtype) else names
-    uniq = cat.cat.categories
-    per_name = np.array([category_of(str(n)) for n in uniq], dtype=object)
-    codes = cat.cat.codes.to_numpy()
-    out = np.where(codes >= 0, per_name[np.clip(codes, 0, None)] if len(per_name) else "other", "other")
-    return pd.Categorical(out)
-
-
-_ALL = sorted({c for c, _ in _RULES} | {"other"})  # sorted: the categories pd.Categorical(values) would have
-_OTHER = _ALL.index("other")
+    return pd.Categorical.from_codes(_category_codes(names), categories=_ALL).remove_unused_categories()
 
 
 def _category_codes(names) -> np.ndarray:
     """Index into _ALL of each name's category, decided once per distinct name (missing: "other")."""
-    col = pd.Series(names)
-    col = col if isinstance(col.dtype, pd.CategoricalDtype) else col.astype("category")
-    per = np.array([_ALL.index(category_of(str(n))) for n in col.cat.categories] + [_OTHER], dtype=np.int64)
-    codes = col.cat.codes.to_numpy()
-    return per[np.where(codes >= 0, codes, len(per) - 1)]
+    return per_value(names, lambda n: _ALL.index(category_of(n)), dtype=np.int64, missing=_OTHER)
 
 
 def categorize_kernels(short_names, demangled_names) -> pd.Categorical:

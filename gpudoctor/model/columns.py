@@ -39,8 +39,3 @@ def isin(col, values: Iterable[str]) -> np.ndarray:
     """Boolean mask: rows whose text is one of ``values``."""
     wanted = {str(v) for v in values}
     return per_value(col, lambda v: v in wanted, dtype=bool, missing="" in wanted)
-
-
-def labels(col) -> np.ndarray:
-    """The column as a NumPy object array of str ("" for missing), built from the distinct values."""
-    return per_value(col, str, dtype=object, missing="")
