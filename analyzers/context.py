@@ -201,14 +201,12 @@ class AnalysisContext:
             if ops is None or ops.empty:
                 return pd.DataFrame(columns=list(columns))
             names = ops["name"].astype(str).to_numpy(dtype=object)
-            skey = (ops["shape_key"].to_numpy() if "shape_key" in ops.columns
-                    else pd.factorize(names + ops["input_dims"].map(repr).to_numpy(dtype=object)
-                                      + ops["input_types"].map(repr).to_numpy(dtype=object))[0])
-            codes, first = np.unique(skey, return_index=True)
+            skey = ops["shape_key"].to_numpy()  # dense codes 0..K-1, set by _ops_for_rank
+            _, first = np.unique(skey, return_index=True)  # the first op of each key
             dims, types = ops["input_dims"].to_numpy(dtype=object), ops["input_types"].to_numpy(dtype=object)
             table = pd.DataFrame([fn(str(names[i]), list(dims[i] or []), list(types[i] or [])) for i in first],
                                  columns=list(columns))
-            return table.iloc[np.searchsorted(codes, skey)].set_index(ops.index)
+            return table.iloc[skey].set_index(ops.index)
         return self.cached(("op_facts", key), compute)
 
     def busy_ns(self) -> int:
