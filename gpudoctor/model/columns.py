@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 
-def _categorical(col) -> pd.Series:
+def as_categorical(col) -> pd.Series:
+    """The column as a categorical Series (missing values become "")."""
     col = col if isinstance(col, pd.Series) else pd.Series(col)
     if isinstance(col.dtype, pd.CategoricalDtype):
         return col
@@ -23,7 +24,7 @@ def _categorical(col) -> pd.Series:
 def per_value(col, fn, dtype=object, missing=None) -> np.ndarray:
     """``fn(str(value))`` decided once per distinct value, mapped back to every row (missing -> ``missing``,
     or ``fn("")`` when not given)."""
-    c = _categorical(col)
+    c = as_categorical(col)
     cats = c.cat.categories
     per = np.array([fn(str(v)) for v in cats] + [fn("") if missing is None else missing], dtype=dtype)
     codes = c.cat.codes.to_numpy()

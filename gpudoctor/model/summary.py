@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from gpudoctor.model.columns import as_categorical
 from gpudoctor.model.steps import StepWindow, find_steps, union_ns
 from gpudoctor.model.trace import Trace
 
@@ -57,10 +58,6 @@ def _records(df: pd.DataFrame) -> list[dict]:
     return out
 
 
-def _as_category(col: pd.Series) -> pd.Categorical:
-    return col.array if isinstance(col.dtype, pd.CategoricalDtype) else pd.Categorical(col.astype(str))
-
-
 def in_window(df: pd.DataFrame, start_ns: int, end_ns: int, start_col="start_ns", end_col="end_ns") -> pd.DataFrame:
     """Rows overlapping [start_ns, end_ns]."""
     s = df[start_col].to_numpy()
@@ -80,7 +77,7 @@ def summarize_rank(trace: Trace, rank: int) -> RankSummary:
     # Clip kernel durations to the window so fractions add up.
     kd = np.minimum(k["end_ns"].to_numpy(), hi) - np.maximum(k["start_ns"].to_numpy(), lo)
     # Group on the categorical codes; only the few groups become str.
-    kk = pd.DataFrame({"name": _as_category(k["name"]), "category": _as_category(k["category"]), "d": kd})
+    kk = pd.DataFrame({"name": as_categorical(k["name"]).array, "category": as_categorical(k["category"]).array, "d": kd})
     top = (kk.groupby(["name", "category"], sort=False, observed=True).agg(count=("d", "size"), total_ns=("d", "sum"))
            .reset_index().sort_values("total_ns", ascending=False).head(TOP_N))
     top["name"] = top["name"].astype(str)
