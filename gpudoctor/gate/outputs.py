@@ -176,18 +176,13 @@ def markdown(result: GateResult) -> str:
                          f"{_fmt_ms(k['candidate_ns_per_step'])} | {_signed_ms(k['delta_ns_per_step'])} | "
                          f"{k['baseline_count_per_step']:g} → {k['candidate_count_per_step']:g} |")
         lines.append("")
-        if a.get("categories"):
-            lines += ["| category | baseline / step | candidate / step | change / step |", "|---|---:|---:|---:|"]
-            for k in a["categories"]:
-                lines.append(f"| {k['category']} | {_fmt_ms(k['baseline_ns_per_step'])} | "
-                             f"{_fmt_ms(k['candidate_ns_per_step'])} | {_signed_ms(k['delta_ns_per_step'])} |")
-            lines.append("")
-        if a.get("ranges"):
-            lines += ["| NVTX range | baseline / step | candidate / step | change / step |", "|---|---:|---:|---:|"]
-            for k in a["ranges"]:
-                lines.append(f"| {_code(short(k['text'], 80))} | {_fmt_ms(k['baseline_ns_per_step'])} | "
-                             f"{_fmt_ms(k['candidate_ns_per_step'])} | {_signed_ms(k['delta_ns_per_step'])} |")
-            lines.append("")
+        for key, head, label in (("categories", "category", lambda k: k["category"]),
+                                 ("ranges", "NVTX range", lambda k: _code(short(k["text"], 80)))):
+            if a.get(key):
+                lines += [f"| {head} | baseline / step | candidate / step | change / step |", "|---|---:|---:|---:|"]
+                lines += [f"| {label(k)} | {_fmt_ms(k['baseline_ns_per_step'])} | {_fmt_ms(k['candidate_ns_per_step'])} | "
+                          f"{_signed_ms(k['delta_ns_per_step'])} |" for k in a[key]]
+                lines.append("")
         for key, word in (("new", "New kernels"), ("vanished", "Vanished kernels")):
             if a.get(key):
                 col = "candidate_ns_per_step" if key == "new" else "baseline_ns_per_step"
