@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,15 @@ from gpudoctor import __version__
 from gpudoctor.cli.base import Command
 from gpudoctor.collect import rundir
 from gpudoctor.collect.ranks import RankInfo, detect_rank, is_multi_rank, job_key
+from gpudoctor.collect.window import WindowSpec
 from gpudoctor.errors import GpudoctorError
 
 BACKENDS = ("auto", "nsys", "torch", "nvml")
 PARENT_ENV = "GPUDOCTOR_PROFILE_PARENT"  # set by --nproc for the ranks it launches
 DEFAULT_NSYS_TIMEOUT_S = 600.0
+DEFAULT_GPU_METRICS_HZ = 1000
+MULTI_RANK_SKIP = 10  # ranks must agree on the window without talking: a fixed skip, not "until settled"
+ESCALATE_AFTER_S = 10.0  # a program still running this long after a forwarded signal gets the next one
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -72,19 +77,28 @@ class Supervisor:
     (nsys, which stops its collection and ends the program itself). A third signal kills the group.
     """
 
-    def __init__(self, argv: list[str], env: dict, group: bool = True, first_target=None):
+    def __init__(self, argv: list[str], env: dict, group: bool = True, first_target=None,
+                 log_dir: Path | None = None):
         self.argv, self.env, self.group = argv, env, group
         self.first_target = first_target  # optional: delivers the first signal instead of send()
+        self.log_dir = log_dir  # the program's stdout/stderr are also kept there (program.stdout.log, ...)
         self.proc: subprocess.Popen | None = None
         self.received: list[int] = []
+        self.received_at: float | None = None
         self._old: dict[int, object] = {}
+        self._tees: list[StreamTee] = []
 
     def start(self) -> None:
+        pipe = subprocess.PIPE if self.log_dir is not None else None
         try:
-            self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+            self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True, stdout=pipe, stderr=pipe,
+                                         preexec_fn=_die_with_parent)
         except OSError as e:
             raise GpudoctorError(f"cannot run {self.argv[0]}: {e.strerror or e}",
                                  127 if isinstance(e, FileNotFoundError) else 126) from None
+        if self.log_dir is not None:
+            self._tees = [StreamTee(self.proc.stdout, sys.stdout, self.log_dir / "program.stdout.log"),
+                          StreamTee(self.proc.stderr, sys.stderr, self.log_dir / "program.stderr.log")]
         for s in _FORWARDED:
             try:
                 self._old[s] = signal.signal(s, self._on_signal)
@@ -93,6 +107,7 @@ class Supervisor:
 
     def _on_signal(self, signum, frame) -> None:
         self.received.append(signum)
+        self.received_at = time.monotonic()
         n = len(self.received)
         if n == 1:
             say(f"{_signame(signum)}: stopping the program; keeping and analyzing what was collected "
@@ -139,10 +154,32 @@ class Supervisor:
         """Wait for the child; ``poll()`` is called meanwhile (it may terminate the child)."""
         while True:
             try:
-                return self.proc.wait(timeout=interval)
+                rc = self.proc.wait(timeout=interval)
+                for t in self._tees:
+                    t.join()
+                return rc
             except subprocess.TimeoutExpired:
+                self._escalate()
                 if poll is not None:
                     poll()
+
+    def _escalate(self) -> None:
+        """A program that ignores a forwarded signal (a Python loop stuck in C code, a handler that swallows
+        it) gets SIGTERM, then SIGKILL, ESCALATE_AFTER_S apart: Ctrl-C always ends it within seconds."""
+        if self.received_at is None or self.proc.poll() is not None:
+            return
+        waited = time.monotonic() - self.received_at
+        if waited < ESCALATE_AFTER_S:
+            return
+        nxt = signal.SIGTERM if len(self.received) < 2 else signal.SIGKILL
+        say(f"the program is still running {waited:.0f} s after {_signame(self.received[-1])}: sending "
+            f"{_signame(nxt)}")
+        self.received.append(nxt)
+        self.received_at = time.monotonic()
+        if nxt == signal.SIGKILL:
+            self.kill_group(signal.SIGKILL)
+        else:
+            self.send(nxt)
 
     def run(self, poll=None) -> tuple[int, int, int]:
         """start, wait, restore the signal handlers: (return code, start ns, end ns) of the child."""
@@ -165,6 +202,61 @@ class Supervisor:
     @property
     def interrupted_by(self) -> int | None:
         return self.received[0] if self.received else None
+
+
+class StreamTee:
+    """Copies one of the program's output streams to our own and to a file in the run directory (at most
+    LIMIT_BYTES kept there, then a note), on a thread."""
+
+    LIMIT_BYTES = 64 * 2**20
+
+    def __init__(self, src, dst, path: Path):
+        self.src, self.dst, self.path = src, dst, path
+        self.thread = threading.Thread(target=self._pump, name=f"gpudoctor-tee-{path.name}", daemon=True)
+        self.thread.start()
+
+    def _pump(self) -> None:
+        out = getattr(self.dst, "buffer", self.dst)
+        kept = 0
+        try:
+            f = open(self.path, "ab")
+        except OSError:
+            f = None
+        while True:
+            try:
+                chunk = os.read(self.src.fileno(), 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            try:
+                out.write(chunk)
+                out.flush()
+            except (OSError, ValueError):
+                pass  # our own stdout went away (a closed pipe): the file still gets it
+            if f is not None and kept < self.LIMIT_BYTES:
+                f.write(chunk[: self.LIMIT_BYTES - kept])
+                kept += len(chunk)
+                if kept >= self.LIMIT_BYTES:
+                    f.write(b"\n[gpudoctor: output past 64 MiB not kept here]\n")
+                f.flush()
+        if f is not None:
+            f.close()
+
+    def join(self, timeout: float = 5.0) -> None:
+        self.thread.join(timeout)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when gpudoctor dies (even by SIGKILL), so a killed gpudoctor
+    never leaves the program running unsupervised (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
 
 
 def _stop_orphan(pgid: int, signum: int, grace_s: float = 10.0) -> None:
@@ -205,10 +297,14 @@ class Result:
     problems: list[str] = field(default_factory=list)
     versions: dict = field(default_factory=dict)
     backend_facts: dict = field(default_factory=dict)
+    capture: dict = field(default_factory=dict)  # the capture window (collect.window.Window.summary())
+    stopped_after_capture: bool = False
 
     def outcome(self) -> str:
         if not self.started:
             return "not_started"
+        if self.stopped_after_capture:
+            return "stopped_after_capture"
         if self.interrupted_by:
             return "interrupted"
         if self.signal:
@@ -240,9 +336,25 @@ class ProfileCommand(Command):
         p.add_argument("--nsys-timeout", type=float, default=DEFAULT_NSYS_TIMEOUT_S, metavar="S",
                        help="how long nsys may take to finish its report once the program ended, and again for "
                             f"the SQLite export (default {DEFAULT_NSYS_TIMEOUT_S:.0f})")
-        p.add_argument("--delay", type=float, metavar="S", help="start collecting S seconds after the start "
-                                                                "(torch: at the first step boundary after that)")
-        p.add_argument("--duration", type=float, metavar="S", help="collect for S seconds")
+        w = p.add_argument_group("capture window (default: skip the warm-up, record a few steps, report at once)")
+        w.add_argument("--steps", type=int, metavar="K", default=WindowSpec.steps,
+                       help=f"steps in the window (default {WindowSpec.steps})")
+        w.add_argument("--skip", type=int, metavar="N",
+                       help="skip exactly N steps first (default: until step times settle; 10 for a multi-rank job)")
+        w.add_argument("--delay", type=float, metavar="S", help="open the window no earlier than S seconds "
+                                                                "after the start (at a step boundary when there are steps)")
+        w.add_argument("--duration", type=float, metavar="S", help="a window of S seconds instead of K steps")
+        w.add_argument("--whole", action="store_true", help="record the whole program (no window)")
+        w.add_argument("--stop-after-capture", action="store_true",
+                       help="end the program once the window is recorded and analyzed (default: it runs on "
+                            "unprofiled and its exit code is passed through)")
+        w.add_argument("--no-gpu-metrics", action="store_true",
+                       help="nsys: no GPU metrics sampling (default: on where the GPU and permissions allow)")
+        w.add_argument("--gpu-metrics-frequency", type=int, metavar="HZ", default=DEFAULT_GPU_METRICS_HZ,
+                       help=f"nsys GPU metrics samples per second (default {DEFAULT_GPU_METRICS_HZ})")
+        w.add_argument("--stacks", action="store_true",
+                       help="also record Python call stacks inside the window (torch: with_stack; "
+                            "nsys: Python backtraces of CUDA calls)")
         p.add_argument("--capture-range", metavar="NVTX_NAME",
                        help="nsys: collect only inside the first NVTX range of that name (e.g. step_3)")
         p.add_argument("--nproc", type=int, metavar="N",
@@ -284,6 +396,15 @@ class Profile:
             v = getattr(a, name)
             if v is not None and v < 0:
                 raise GpudoctorError(f"--{name.replace('_', '-')} must be >= 0")
+        if a.steps is not None and a.steps < 1:
+            raise GpudoctorError("--steps must be at least 1")
+        if a.skip is not None and a.skip < 0:
+            raise GpudoctorError("--skip must be >= 0")
+        if a.whole and (a.stop_after_capture or a.skip is not None or a.duration):
+            raise GpudoctorError("--whole records the whole program: it cannot go with --skip, --duration or "
+                                 "--stop-after-capture")
+        if a.gpu_metrics_frequency is not None and not 10 <= a.gpu_metrics_frequency <= 200000:
+            raise GpudoctorError("--gpu-metrics-frequency must be between 10 and 200000 Hz")
         if a.nvml_interval is not None and a.nvml_interval < 0.01:
             raise GpudoctorError("--nvml-interval must be at least 0.01 s")
         if not a.kernels:
@@ -434,11 +555,21 @@ class Profile:
         self.run_dir = run_dir
         self.raw = run_dir / rundir.RAW
         self.stem = rundir.file_stem(self.rank, self.multi)
+        self.lock_fd = None if self.multi else rundir.hold_running_lock(run_dir)
         say(f"{self.label}backend {backend}" + ("" if why == "asked for" else f" ({why})") + f"; run directory {run_dir}")
+        try:
+            return self._run_backend(run_dir, backend, why, facts)
+        finally:
+            rundir.release_running_lock(run_dir, self.lock_fd)
 
+    def _run_backend(self, run_dir: Path, backend: str, why: str, facts: dict) -> int:
         start_ns = time.time_ns()
         gpu_info = self._gpu_info(facts)
+        self.backend, self.early = backend, None
+        # Written now and at each change, so that a killed gpudoctor still leaves an analyzable directory
+        self._write_running_manifest(backend, why, facts, gpu_info, start_ns, Result())
         sampler, nvml_summary = self._start_sampler(backend, gpu_info)
+        self._early_context = (why, facts, gpu_info, start_ns)
         try:
             result = {"nsys": self._run_nsys, "torch": self._run_torch, "nvml": self._run_plain}[backend](facts)
         finally:
@@ -477,9 +608,55 @@ class Profile:
             self._finish_rank(manifest)
         else:
             path = run_dir / rundir.MANIFEST
-            rundir.write_json(path, manifest)
-            analyze_and_record(run_dir, manifest, path)
+            if self.early is not None:  # the window was analyzed while the program ran: keep that analysis
+                manifest["analysis"] = self.early
+                rundir.write_json(path, manifest)
+                say(f"run saved in {run_dir} (the findings above are from the capture window)")
+            else:
+                rundir.write_json(path, manifest)
+                analyze_and_record(run_dir, manifest, path)
+        if result.stopped_after_capture and self.early is not None and self.early.get("status") == "ok":
+            return 0  # the user asked for the program to be ended: that is success
         return code
+
+    # ------------------------------------------------------------------ the window, analyzed while the program runs
+
+    def _write_running_manifest(self, backend, why, facts, gpu_info, start_ns, res: Result,
+                                state: str = "running") -> Path:
+        m = self._manifest(backend, why, facts, gpu_info, {}, res, start_ns, time.time_ns())
+        m.update(outcome=state, exit_code=None, program_exit_code=None, end_utc=None, end_ns=None, wall_s=None,
+                 what_happened=f"the program is running under gpudoctor (pid {os.getpid()})")
+        path = self.run_dir / (rundir.MANIFEST if not self.multi else rundir.rank_manifest_name(self.rank))
+        try:
+            rundir.write_json(path, m)
+        except OSError as e:
+            say(f"{self.label}cannot write {path}: {e}")
+        return path
+
+    def window_closed(self, res: Result, reports: list[dict], sup: Supervisor | None) -> None:
+        """The capture window is recorded: analyze it now and print the findings, while the program runs on."""
+        if self.early is not None or self.multi or not reports:
+            return
+        why, facts, gpu_info, start_ns = self._early_context
+        snapshot = Result(**{k: v for k, v in res.__dict__.items()})
+        snapshot.reports = list(reports)
+        path = self._write_running_manifest(self.backend, why, facts, gpu_info, start_ns, snapshot,
+                                            state="running")
+        manifest = rundir.read_json(path) or {}
+        say(f"{self.label}capture window recorded ({_window_text(res.capture)}): analyzing it now")
+        analyze_and_record(self.run_dir, manifest, path, final=False)
+        self.early = manifest.get("analysis") or {"status": "unknown"}
+        self.early["while_program_ran"] = True
+        if sup is not None and sup.proc is not None and sup.proc.poll() is None:
+            if self.args.stop_after_capture:
+                say(f"{self.label}--stop-after-capture: ending the program")
+                res.stopped_after_capture = True
+                sup.send(signal.SIGINT)
+                sup.received_at = time.monotonic()  # escalate to SIGTERM/SIGKILL if it does not stop
+                sup.received.append(signal.SIGINT)
+            else:
+                say(f"{self.label}the program runs on unprofiled; gpudoctor waits for it and passes its exit code "
+                    "through (Ctrl-C stops it; --stop-after-capture ends it next time)")
 
     # ------------------------------------------------------------------ facts
 
@@ -541,6 +718,14 @@ class Profile:
         res.interrupted_by = _signame(sup.interrupted_by)
         return res
 
+    def window_spec(self) -> dict:
+        a = self.args
+        skip = a.skip if a.skip is not None else (MULTI_RANK_SKIP if self.multi else None)
+        spec = WindowSpec(steps=a.steps, skip=skip, delay_s=a.delay or 0.0, duration_s=a.duration, whole=a.whole)
+        if a.duration:
+            spec.time_window_s = a.duration
+        return spec.to_dict()
+
     def _run_torch(self, facts: dict) -> Result:
         from gpudoctor.collect import torch_backend as tb
 
@@ -548,12 +733,22 @@ class Profile:
         prog, exe, probe = facts["program"], facts["interpreter"], facts["probe"]
         trace = self.raw / f"{self.stem}.torch.json.gz"
         status_path = self.raw / f"{self.stem}.torch-status.json"
+        report = {"path": self._rel(trace), "format": "kineto_json", "rank": self.rank or 0}
         shim = tempfile.mkdtemp(prefix="gpudoctor-path-") if not probe.get("gpudoctor") else None
+        sup = None
         try:
             env = tb.child_env(self.env, probe, shim)
-            argv = tb.child_command(prog, exe, str(trace), str(status_path), self.args.delay, self.args.duration)
-            sup = Supervisor(argv, env, group=True)
-            rc, res.program_start_ns, res.program_end_ns = sup.run()
+            argv = tb.child_command(prog, exe, "torch", str(status_path), self.window_spec(), str(trace),
+                                    stacks=self.args.stacks)
+            sup = Supervisor(argv, env, group=True, log_dir=self.raw)
+
+            def poll():
+                st = rundir.read_json(status_path) or {}
+                if self.early is None and (st.get("capture") or {}).get("state") == "done" and st.get("trace"):
+                    res.capture = st["capture"]
+                    self.window_closed(res, [report], sup)
+
+            rc, res.program_start_ns, res.program_end_ns = sup.run(poll)
         finally:
             if shim:
                 shutil.rmtree(shim, ignore_errors=True)
@@ -566,25 +761,56 @@ class Profile:
             res.program_start_ns = status.get("start_ns") or res.program_start_ns
             res.program_end_ns = status.get("end_ns") or res.program_end_ns
             res.notes += status.get("notes", [])
+            res.capture = status.get("capture") or {}
             if status.get("error"):
                 res.problems.append(status["error"])
             if status.get("exception"):
                 res.notes.append(f"the program raised {status['exception']}")
             res.versions.update({k: status[k] for k in ("torch_version", "torch_cuda", "cudnn_version") if status.get(k)})
             res.backend_facts = {k: status.get(k) for k in ("activities", "cuda_available", "device_count",
-                                                             "steps_marked", "profiled", "export_s", "trace_bytes")}
+                                                             "window_steps", "export_s", "trace_bytes")}
+            if res.exit_code is None:  # killed while it ran (after its status was first written)
+                res.exit_code, res.signal = _exit_code_of(rc)
         else:
             res.exit_code, res.signal = _exit_code_of(rc)
             res.problems.append("the program's process ended without gpudoctor's profiler writing its status"
                                 + (f" (it was killed by {res.signal})" if res.signal else "")
                                 + ": no torch.profiler trace")
         if trace.exists() and trace.stat().st_size > 0:
-            rel = self._rel(trace)
-            res.reports.append({"path": rel, "format": "kineto_json", "rank": self.rank or 0})
-            res.files.append({"path": rel, "kind": "kineto_json", "rank": self.rank or 0})
-        elif status is not None and not status.get("error") and status.get("profiled"):
+            res.reports.append(report)
+            res.files.append({"path": report["path"], "kind": "kineto_json", "rank": self.rank or 0})
+        elif status is not None and not status.get("error") and (status.get("capture") or {}).get("start_ns"):
             res.problems.append("torch.profiler wrote no trace")
+        self._keep_program_logs(res)
         return res
+
+    def _keep_program_logs(self, res: Result) -> None:
+        for name in ("program.stdout.log", "program.stderr.log"):
+            if (self.raw / name).exists():
+                res.files.append({"path": self._rel(self.raw / name), "kind": "program_output", "rank": self.rank or 0})
+
+    def _agent_for_nsys(self, facts: dict) -> tuple[list[str], dict, Path] | None:
+        """(program command under the agent in cuda mode, env, agent status path), or None when the window
+        cannot be driven from inside the program (not Python, no torch there, --whole, --capture-range)."""
+        from gpudoctor.collect import torch_backend as tb
+
+        a = self.args
+        if a.whole or a.capture_range:
+            return None
+        try:
+            prog = tb.parse_python_command(self.cmd)
+        except tb.NotPython:
+            return None
+        exe = tb.resolve_interpreter(prog, self.env)
+        if exe is None:
+            return None
+        probe = tb.probe_interpreter(exe, self.env)
+        if not probe.get("torch"):
+            return None
+        status_path = self.raw / f"{self.stem}.agent.json"
+        self._shim = tempfile.mkdtemp(prefix="gpudoctor-path-") if not probe.get("gpudoctor") else None
+        env = tb.child_env(self.env, probe, self._shim)
+        return tb.child_command(prog, exe, "cuda", str(status_path), self.window_spec()), env, status_path
 
     def _run_nsys(self, facts: dict) -> Result:
         from gpudoctor.collect import nsys
@@ -595,11 +821,50 @@ class Profile:
         base = self.raw / self.stem
         status_path = self.raw / f"{self.stem}.program.json"
         user_args = nsys.split_user_args(a.nsys_args)
-        argv = nsys.profile_command(facts["path"], base, nsys.wrap_program(status_path, self.cmd), user_args,
-                                    a.delay, a.duration, a.capture_range)
-        env = nsys.profile_env(self.env, a.capture_range)
-        shown = nsys.profile_command(facts["path"], base, self.cmd, user_args, a.delay, a.duration, a.capture_range)
-        res.backend_facts = {"command": shown, "nsys_path": facts["path"], "found_by": facts["found_by"]}
+        self._shim = None
+        agent = self._agent_for_nsys(facts)
+        program, env, agent_status = self.cmd, dict(self.env), None
+        window_args: list[str] = []
+        if agent is not None:
+            program, env, agent_status = agent
+            window_args = nsys.capture_api_args(self.env.get("GPUDOCTOR_NSYS_CAPTURE_END", "stop"))
+        elif not a.whole and not a.capture_range and a.delay is None and a.duration is None:
+            res.notes.append("the program is not a Python program with torch: recorded whole (use --delay/--duration "
+                             "for a time window)")
+        metrics_args, metrics_note = nsys.gpu_metrics_args(facts["path"], a.no_gpu_metrics, a.gpu_metrics_frequency,
+                                                           self._metrics_devices())
+        if metrics_note:
+            res.notes.append(metrics_note)
+        stack_args = nsys.STACK_ARGS if a.stacks else []
+        extra = window_args + metrics_args + stack_args
+        delay, duration = (None, None) if agent is not None else (a.delay, a.duration)
+        argv = nsys.profile_command(facts["path"], base, nsys.wrap_program(status_path, program),
+                                    extra + user_args, delay, duration, a.capture_range)
+        env = nsys.profile_env(env, a.capture_range)
+        shown = nsys.profile_command(facts["path"], base, self.cmd, extra + user_args, delay, duration, a.capture_range)
+        res.backend_facts = {"command": shown, "nsys_path": facts["path"], "found_by": facts["found_by"],
+                             "window_driven_by": "in-process agent (cudaProfilerApi)" if agent else None,
+                             "gpu_metrics": bool(metrics_args)}
+        try:
+            rc, sup, state = self._supervise_nsys(argv, env, status_path, agent_status, res, facts, base)
+        finally:
+            if self._shim:
+                shutil.rmtree(self._shim, ignore_errors=True)
+        if rc != 0 and metrics_args and not (rundir.read_json(status_path) or {}).get("start_ns"):
+            # nsys refused before starting the program: most likely the GPU metrics sampling; once without it
+            say(f"{self.label}nsys failed before the program started; retrying without GPU metrics sampling")
+            res.notes.append("GPU metrics sampling made nsys fail before the program started: recorded without it")
+            argv = [x for x in argv if x not in metrics_args]
+            res.backend_facts["gpu_metrics"] = False
+            rc, sup, state = self._supervise_nsys(argv, env, status_path, agent_status, res, facts, base)
+        return self._nsys_result(res, rc, sup, state, status_path, agent_status, facts, base)
+
+    def _metrics_devices(self) -> str:
+        if self.multi and self.rank_info and self.rank_info.local_rank is not None:
+            return str(self.rank_info.local_rank)  # one sampler per GPU: each rank samples its own
+        return "all"
+
+    def _supervise_nsys(self, argv, env, status_path, agent_status, res, facts, base):
         def to_program(signum: int) -> bool:
             # The first signal goes to the program (through its wrapper): nsys then sees it end and finishes
             # its report the normal way. A second one goes to nsys as well.
@@ -612,11 +877,13 @@ class Profile:
             except OSError:
                 return False
 
-        sup = Supervisor(argv, env, group=False, first_target=to_program)
-        timeout = a.nsys_timeout
-        state = {"deadline": None, "hung": False}
+        sup = Supervisor(argv, env, group=False, first_target=to_program, log_dir=self.raw)
+        timeout = self.args.nsys_timeout
+        state = {"deadline": None, "hung": False, "seen": {}}
 
         def poll():
+            if agent_status is not None and self.early is None:
+                self._early_nsys(agent_status, res, facts, base, sup, state)
             if state["hung"]:
                 return
             if state["deadline"] is None:
@@ -631,10 +898,49 @@ class Profile:
                 sup.terminate()
 
         rc, res.program_start_ns, _ = sup.run(poll)
+        return rc, sup, state
+
+    def _early_nsys(self, agent_status: Path, res: Result, facts: dict, base: Path, sup, state: dict) -> None:
+        """Once the agent closed the window and nsys wrote the report (its size steady for a second while
+        no .qdstrm is left), export and analyze it while the program runs on."""
+        from gpudoctor.collect import nsys
+
+        st = rundir.read_json(agent_status) or {}
+        if (st.get("capture") or {}).get("state") != "done":
+            return
+        rep = base.with_name(base.name + ".nsys-rep")
+        if not rep.exists() or base.with_name(base.name + ".qdstrm").exists():
+            return
+        size = rep.stat().st_size
+        last = state["seen"].get("size")
+        state["seen"]["size"] = size
+        if last != size or size == 0:
+            return
+        sqlite = base.with_name(base.name + ".sqlite")
+        log = base.with_name(base.name + ".export.log")
+        t0 = time.monotonic()
+        why = nsys.export_sqlite(facts["path"], rep, sqlite, self.args.nsys_timeout, log)
+        res.capture = st["capture"]
+        if why is not None:
+            res.problems.append(f"{why} (while the program ran); retried at the end")
+            self.early = {"status": "failed", "error": why}
+            return
+        state["exported_s"] = round(time.monotonic() - t0, 3)
+        self.window_closed(res, [{"path": self._rel(sqlite), "format": "nsys_sqlite", "rank": self.rank or 0}], sup)
+
+    def _nsys_result(self, res, rc, sup, state, status_path, agent_status, facts, base) -> Result:
+        timeout = self.args.nsys_timeout
         res.interrupted_by = _signame(sup.interrupted_by)
         st = rundir.read_json(status_path) or {}
         if st:
             res.files.append({"path": self._rel(status_path), "kind": "program_status", "rank": self.rank or 0})
+        if agent_status is not None:
+            ag = rundir.read_json(agent_status) or {}
+            if ag:
+                res.files.append({"path": self._rel(agent_status), "kind": "agent_status", "rank": self.rank or 0})
+                res.capture = ag.get("capture") or res.capture
+                res.notes += ag.get("notes", [])
+                res.versions.update({k: ag[k] for k in ("torch_version", "torch_cuda", "cudnn_version") if ag.get(k)})
         if st.get("pid") and not st.get("end_ns"):
             _stop_orphan(st["pid"], sup.interrupted_by or signal.SIGTERM)  # nsys went away, the program did not
             st = rundir.read_json(status_path) or st
@@ -655,7 +961,10 @@ class Profile:
         if state["hung"]:
             res.problems.append(f"nsys did not finish its report within {timeout:.0f} s after the program ended "
                                 "and was stopped")
+        if state.get("exported_s") is not None:
+            res.backend_facts["export_seconds_while_running"] = state["exported_s"]
         self._collect_nsys_outputs(res, facts, base)
+        self._keep_program_logs(res)
         return res
 
     def _collect_nsys_outputs(self, res: Result, facts: dict, base: Path) -> None:
@@ -665,7 +974,12 @@ class Profile:
         rep = base.with_name(base.name + ".nsys-rep")
         qdstrm = base.with_name(base.name + ".qdstrm")
         sqlite = base.with_name(base.name + ".sqlite")
-        if rep.exists():
+        early_ok = self.early is not None and self.early.get("status") == "ok" and sqlite.exists()
+        if rep.exists() and early_ok:  # exported while the program ran; nothing was added since the window
+            res.files.append({"path": self._rel(rep), "kind": "nsys_rep", "rank": rank})
+            res.files.append({"path": self._rel(sqlite), "kind": "nsys_sqlite", "rank": rank})
+            res.reports.append({"path": self._rel(sqlite), "format": "nsys_sqlite", "rank": rank})
+        elif rep.exists():
             res.files.append({"path": self._rel(rep), "kind": "nsys_rep", "rank": rank})
             log = base.with_name(base.name + ".export.log")
             t0 = time.monotonic()
@@ -743,6 +1057,8 @@ class Profile:
             "completed": "the program ran to completion (exit 0)",
             "failed": f"the program exited with {code}",
             "interrupted": f"gpudoctor received {res.interrupted_by} and stopped the program (exit {code})",
+            "stopped_after_capture": f"gpudoctor ended the program after the capture window (--stop-after-capture; "
+                                     f"exit {code})",
             "killed": f"the program was killed by {res.signal} (exit {code})",
             "not_started": "the program did not start",
         }[res.outcome()]
@@ -777,6 +1093,9 @@ class Profile:
                 "backend": a.backend, "nvml": not a.no_nvml, "nvml_interval_s": a.nvml_interval,
                 "nsys_args": a.nsys_args, "nsys_timeout_s": a.nsys_timeout, "delay_s": a.delay,
                 "duration_s": a.duration, "capture_range": a.capture_range, "force": a.force, "nproc": a.nproc,
+                "steps": a.steps, "skip": a.skip, "whole": a.whole, "stop_after_capture": a.stop_after_capture,
+                "stacks": a.stacks, "gpu_metrics": not a.no_gpu_metrics,
+                "gpu_metrics_frequency_hz": a.gpu_metrics_frequency,
                 "kernels": {"nvtx_range": a.nvtx_range, "kernel_regex": a.kernel_regex,
                             "launch_skip": a.launch_skip, "launch_count": a.launch_count} if a.kernels else None,
             },
@@ -786,6 +1105,7 @@ class Profile:
             "versions": self._versions(res, facts),
             "tools": tools,
             "backend_details": res.backend_facts,
+            "capture": res.capture,
             "nvml": nvml_summary,
             "reports": res.reports,
             "files": res.files,
@@ -837,9 +1157,14 @@ class Profile:
         if a.no_nvml:
             inner.append("--no-nvml")
         for opt, v in (("--nsys-args", a.nsys_args), ("--delay", a.delay), ("--duration", a.duration),
-                       ("--capture-range", a.capture_range)):
+                       ("--capture-range", a.capture_range), ("--steps", a.steps), ("--skip", a.skip),
+                       ("--gpu-metrics-frequency", a.gpu_metrics_frequency)):
             if v is not None:
                 inner += [opt, str(v)]
+        for flag, on in (("--whole", a.whole), ("--stop-after-capture", a.stop_after_capture),
+                         ("--stacks", a.stacks), ("--no-gpu-metrics", a.no_gpu_metrics)):
+            if on:
+                inner.append(flag)
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc),
                 "-m", "gpudoctor", "profile", *inner, "--", *self.cmd]
         env = dict(self.env, **{PARENT_ENV: str(run_dir.resolve())})
@@ -893,15 +1218,15 @@ def analyze_run_dir(run_dir: Path):
     return analysis
 
 
-def analyze_and_record(run_dir: Path, manifest: dict, manifest_path: Path) -> None:
-    """Analyze, print the findings, and record in the manifest how the analysis went. Never raises
-    (except KeyboardInterrupt): the program's exit code is what the command returns."""
+def analyze_and_record(run_dir: Path, manifest: dict, manifest_path: Path, final: bool = True) -> None:
+    """Analyze, print the findings, and record in the manifest how the analysis went. Never raises: the
+    program's exit code is what the command returns (a signal during the analysis is recorded as such)."""
     if not manifest.get("reports"):
         manifest["analysis"] = {"status": "skipped", "reason": "no analyzable report was collected"}
         rundir.write_json(manifest_path, manifest)
         say(f"nothing to analyze: no report was collected; see {manifest_path}")
         return
-    manifest["analysis"] = {"status": "running"}  # stays so if the analysis is interrupted
+    manifest["analysis"] = {"status": "running"}  # stays so only if gpudoctor itself is killed meanwhile
     rundir.write_json(manifest_path, manifest)
     t = time.monotonic()
     try:
@@ -909,20 +1234,51 @@ def analyze_and_record(run_dir: Path, manifest: dict, manifest_path: Path) -> No
     except GpudoctorError as e:
         _analysis_failed(run_dir, manifest, manifest_path, str(e))
         return
+    except KeyboardInterrupt:
+        _analysis_failed(run_dir, manifest, manifest_path, "interrupted (SIGINT during the analysis)")
+        return
     except Exception as e:  # one line, never a traceback: the raw reports are safe
         _debug_traceback()
         _analysis_failed(run_dir, manifest, manifest_path, f"internal error: {type(e).__name__}: {_one_line(e)}")
         return
     manifest["analysis"] = {"status": "ok", "seconds": round(time.monotonic() - t, 3), "json": rundir.ANALYSIS,
-                            "run_db": rundir.RUN_DB, "findings": len(analysis.findings), "errors": analysis.errors}
+                            "run_db": rundir.RUN_DB, "findings": len(analysis.findings), "errors": analysis.errors,
+                            "done_utc": rundir.iso(time.time_ns())}
     rundir.write_json(manifest_path, manifest)
     try:
         from gpudoctor.render.terminal import render
 
         render(analysis)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_gone()
+    except KeyboardInterrupt:
+        say("printing interrupted; the analysis is saved")
     except Exception as e:
         say(f"cannot print the analysis ({type(e).__name__}: {_one_line(e)}); it is in {run_dir / rundir.ANALYSIS}")
-    say(f"run saved in {run_dir} (manifest.json, raw/, run.db, analysis.json)")
+    if final:
+        say(f"run saved in {run_dir} (manifest.json, raw/, run.db, analysis.json)")
+
+
+def _stdout_gone() -> None:
+    """Our stdout is a closed pipe (``gpudoctor profile ... | head``): stop writing to it, keep the exit code."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _window_text(capture: dict) -> str:
+    if not capture:
+        return "no window"
+    if capture.get("whole_program"):
+        return "whole program"
+    src = capture.get("step_source")
+    if src in (None, "time"):
+        return f"clock window: {capture.get('stopped') or 'program end'}"
+    return (f"{capture.get('steps_recorded')} steps by {src} after skipping {capture.get('skipped_steps')}"
+            + (f"; step {capture['median_step_ms']:.1f} ms" if capture.get("median_step_ms") else ""))
 
 
 def _debug_traceback() -> None:

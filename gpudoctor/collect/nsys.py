@@ -205,6 +205,53 @@ def profile_command(nsys: str, output_base: str | Path, program: list[str], user
     return cmd
 
 
+# Python call stacks inside the window: backtraces of CUDA API calls and Python sampling of the host thread.
+STACK_ARGS = ["--python-backtrace=cuda", "--python-sampling=true", "--python-sampling-frequency=1000",
+              "--sample=process-tree", "--cpuctxsw=process-tree"]
+
+
+def capture_api_args(end: str = "stop") -> list[str]:
+    """Collect only between the program's cudaProfilerStart and cudaProfilerStop (the agent calls them at
+    the window's step boundaries); the program runs on after the stop."""
+    if end not in ("stop", "stop-shutdown", "repeat", "none"):
+        end = "stop"
+    return ["--capture-range=cudaProfilerApi", f"--capture-range-end={end}", "--kill=none"]
+
+
+def gpu_metrics_args(nsys: str, disabled: bool, frequency_hz: int, devices: str = "all") -> tuple[list[str], str | None]:
+    """``--gpu-metrics-devices`` sampling when this nsys has it and we may use it; else ([], why not)."""
+    if disabled:
+        return [], None
+    if not _supports(nsys, "--gpu-metrics-devices"):
+        return [], "GPU metrics: this nsys has no --gpu-metrics-devices option; not sampled"
+    if os.geteuid() != 0 and not _profiling_open_to_users():
+        return [], ("GPU metrics: need root or the driver's RmProfilingAdminOnly=0 (performance counters "
+                    "are restricted to admins here); not sampled")
+    return [f"--gpu-metrics-devices={devices}", f"--gpu-metrics-frequency={int(frequency_hz)}"], None
+
+
+def _profiling_open_to_users() -> bool:
+    try:
+        text = Path("/proc/driver/nvidia/params").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"RmProfilingAdminOnly:\s*0\b", text))
+
+
+_HELP_CACHE: dict[str, str] = {}
+
+
+def _supports(nsys: str, option: str) -> bool:
+    if nsys not in _HELP_CACHE:
+        try:
+            p = subprocess.run([nsys, "profile", "--help"], capture_output=True, text=True, timeout=30,
+                               stdin=subprocess.DEVNULL)
+            _HELP_CACHE[nsys] = (p.stdout or "") + (p.stderr or "")
+        except (OSError, subprocess.TimeoutExpired):
+            _HELP_CACHE[nsys] = ""
+    return option in _HELP_CACHE[nsys]
+
+
 def profile_env(env: dict, capture_range: str | None) -> dict:
     env = dict(env)
     if capture_range:

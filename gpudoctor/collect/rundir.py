@@ -46,7 +46,8 @@ MIN_FREE_BYTES = 100 * 1024 * 1024
 MANIFEST_VERSION = 1
 _RANK_MANIFEST = re.compile(r"^manifest\.rank(\d+)\.json$")
 # Entries of a run directory that --force may remove (and that make a directory "a gpudoctor run").
-_RUN_ENTRIES = (MANIFEST, RAW, RUN_DB, ANALYSIS, ".lock")
+RUNNING = ".running"  # held (flock) by the gpudoctor process that is writing the run
+_RUN_ENTRIES = (MANIFEST, RAW, RUN_DB, ANALYSIS, ".lock", RUNNING)
 
 
 def rank_manifest_name(rank: int) -> str:
@@ -132,6 +133,9 @@ def prepare(run_dir: Path, force: bool, rank: int | None = None, multi: bool = F
             except OSError as e:
                 raise GpudoctorError(f"{run_dir}: cannot remove the earlier run: {e.strerror or e}") from None
         elif any(run_dir.iterdir()):
+            if in_progress(run_dir):
+                raise GpudoctorError(f"{run_dir}: a run is still being written there by another gpudoctor "
+                                     "process; choose another directory with -o")
             if not force:
                 raise GpudoctorError(f"{run_dir}: a run directory is already there (use --force to replace it, "
                                      "or -o to choose another directory)")
@@ -194,6 +198,43 @@ def read_json(path: Path) -> dict | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def in_progress(run_dir: Path) -> bool:
+    """True while another process holds the run directory's RUNNING lock (it is profiling into it)."""
+    try:
+        fd = os.open(Path(run_dir) / RUNNING, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def hold_running_lock(run_dir: Path) -> int | None:
+    """Take the RUNNING lock for this process's lifetime (released by the kernel if it dies); the fd."""
+    try:
+        fd = os.open(Path(run_dir) / RUNNING, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+    except OSError:
+        return None
+
+
+def release_running_lock(run_dir: Path, fd: int | None) -> None:
+    if fd is None:
+        return
+    try:
+        os.unlink(Path(run_dir) / RUNNING)
+    except OSError:
+        pass
+    os.close(fd)
 
 
 @contextlib.contextmanager
