@@ -104,7 +104,7 @@ def nsys_env(fake_dir: Path, **extra) -> dict:
 
 def test_torch_backend_end_to_end(tmp_path):
     run = tmp_path / "run"
-    p = profile("--backend", "torch", "--no-nvml", "-o", str(run), "--", "python", TRAIN, "--steps", "6")
+    p = profile("--backend", "torch", "--no-nvml", "--whole", "-o", str(run), "--", "python", TRAIN, "--steps", "6")
     assert p.returncode == 0, p.stderr
     assert "step 5 loss" in p.stdout  # the program's own output
     assert "findings" in p.stdout  # the analysis is printed
@@ -117,8 +117,10 @@ def test_torch_backend_end_to_end(tmp_path):
     assert m["exit_code"] == 0 and m["signal"] is None and m["outcome"] == "completed"
     assert m["backend"] == "torch" and m["versions"]["torch"].startswith("2.")
     assert m["reports"] == [{"path": "raw/trace.torch.json.gz", "format": "kineto_json", "rank": 0}]
-    assert m["backend_details"]["steps_marked"] == 6
+    assert m["capture"]["whole_program"] and m["capture"]["step_source"] == "annotate"
+    assert m["capture"]["steps_seen"] == 6
     assert m["analysis"]["status"] == "ok"
+    assert "step 5 loss" in (run / "raw/program.stdout.log").read_text()  # the program's output is kept
     for name in ("raw/trace.torch.json.gz", "run.db", "analysis.json"):
         assert (run / name).stat().st_size > 0, name
     doc = json.loads((run / "analysis.json").read_text())
@@ -138,7 +140,7 @@ def test_torch_backend_end_to_end(tmp_path):
 
 def test_program_exit_code_is_kept(tmp_path):
     run = tmp_path / "run"
-    p = profile("--backend", "torch", "--no-nvml", "-o", str(run), "--", "python", TRAIN, "--steps", "2",
+    p = profile("--backend", "torch", "--no-nvml", "--whole", "-o", str(run), "--", "python", TRAIN, "--steps", "2",
                 "--exit-code", "3")
     assert p.returncode == 3, p.stderr
     m = manifest(run)
@@ -148,12 +150,12 @@ def test_program_exit_code_is_kept(tmp_path):
 
 def test_program_exception_traceback_is_the_programs(tmp_path):
     run = tmp_path / "run"
-    p = profile("--backend", "torch", "--no-nvml", "-o", str(run), "--", "python", TRAIN, "--steps", "4",
+    p = profile("--backend", "torch", "--no-nvml", "--whole", "-o", str(run), "--", "python", TRAIN, "--steps", "4",
                 "--raise-at", "1")
     assert p.returncode == 1
     tb = p.stderr[p.stderr.index("Traceback"):]
     assert "ValueError: boom at step 1" in tb
-    assert "train_cpu.py" in tb and "torch_backend" not in tb and "runpy" not in tb
+    assert "train_cpu.py" in tb and "gpudoctor/collect" not in tb and "runpy" not in tb
     m = manifest(run)
     assert m["exit_code"] == 1 and m["outcome"] == "failed"
     assert "the program raised ValueError" in m["notes"]
@@ -178,8 +180,8 @@ def _start_and_signal(args, sig, tmp_path, env=None, marker="step 2"):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_program_keeps_data(tmp_path, sig):
     run = tmp_path / "run"
-    rc, text = _start_and_signal(["--backend", "torch", "--no-nvml", "-o", str(run), "--", "python", TRAIN,
-                                  "--steps", "1000", "--sleep", "0.2"], sig, tmp_path)
+    rc, text = _start_and_signal(["--backend", "torch", "--no-nvml", "--skip", "0", "-o", str(run), "--", "python",
+                                  TRAIN, "--steps", "1000", "--sleep", "0.2"], sig, tmp_path)
     assert rc == 128 + sig, text
     m = manifest(run)
     assert m["outcome"] == "interrupted" and m["interrupted_by"] == signal.Signals(sig).name
@@ -196,9 +198,10 @@ def test_torch_delay_window_follows_steps(tmp_path):
     p = profile("--backend", "torch", "--no-nvml", "--delay", "1", "--duration", "1", "-o", str(run), "--",
                 "python", "-c", code)
     assert p.returncode == 0, p.stderr
-    prof = manifest(run)["backend_details"]["profiled"]
-    assert prof["started"].startswith("step ") and "(after --delay 1 s)" in prof["started"]
-    assert prof["stopped"].startswith("step ") and "(after --duration 1 s)" in prof["stopped"]
+    cap = manifest(run)["capture"]
+    assert cap["step_source"] == "annotate" and cap["started"].startswith("step boundary ")
+    assert cap["start_ns"] - manifest(run)["program_start_ns"] >= 1e9  # --delay 1
+    assert 0.9e9 <= cap["end_ns"] - cap["start_ns"] < 1.6e9 and cap["stopped"].startswith("after ")
 
 
 def test_torch_clock_window_without_steps(tmp_path):
@@ -207,17 +210,16 @@ def test_torch_clock_window_without_steps(tmp_path):
     p = profile("--backend", "torch", "--no-nvml", "--delay", "1", "--duration", "1", "-o", str(run), "--",
                 "python", "-c", code)
     assert p.returncode == 0, p.stderr
-    m = manifest(run)
-    prof = m["backend_details"]["profiled"]
-    assert prof["started"].startswith("clock (--delay 1 s") and prof["stopped"].startswith("clock (--duration 1 s")
-    assert 0.8e9 < prof["end_ns"] - prof["start_ns"] < 3e9
-    assert any("marks no steps" in n for n in m["notes"])
+    cap = manifest(run)["capture"]
+    assert cap["step_source"] == "time" and cap["started"].startswith("clock: no step boundary")
+    assert cap["stopped"].startswith("clock: ")
+    assert 0.8e9 < cap["end_ns"] - cap["start_ns"] < 3e9
 
 
 def test_program_calling_os_exit_keeps_trace(tmp_path):
     run = tmp_path / "run"
     code = "import os, torch; torch.ones(3).sum(); os._exit(7)"
-    p = profile("--backend", "torch", "--no-nvml", "-o", str(run), "--", "python", "-c", code)
+    p = profile("--backend", "torch", "--no-nvml", "--whole", "-o", str(run), "--", "python", "-c", code)
     assert p.returncode == 7, p.stderr
     m = manifest(run)
     assert m["exit_code"] == 7 and (run / "raw/trace.torch.json.gz").exists()

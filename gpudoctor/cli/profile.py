@@ -724,6 +724,8 @@ class Profile:
         spec = WindowSpec(steps=a.steps, skip=skip, delay_s=a.delay or 0.0, duration_s=a.duration, whole=a.whole)
         if a.duration:
             spec.time_window_s = a.duration
+        if a.delay is not None:
+            spec.no_step_wait_s = a.delay  # no step by then: the clock opens the window
         return spec.to_dict()
 
     def _run_torch(self, facts: dict) -> Result:

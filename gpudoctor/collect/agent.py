@@ -262,6 +262,7 @@ class Controller:
     def _apply(self, action: str, how: str) -> None:
         if action == "start":
             self.recorder.start(self.window.source)  # at a step boundary this opens the first step
+            self.window.started(time.time_ns())
             self.status["capture"] = {"state": "recording", "start_ns": time.time_ns(), "started": how}
             self.write_status()
         elif action == "stop":

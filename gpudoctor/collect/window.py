@@ -108,13 +108,20 @@ class Window:
 
     def _whole_boundary(self, source: str, t_ns: int) -> str | None:
         if self.source != source:
-            self.source, self.step_ns, self.last_ns = source, [], None
+            self.source, self.step_ns, self.last_ns, self.boundaries = source, [], None, 0
         if self.last_ns is not None:
             self.step_ns.append(t_ns - self.last_ns)
         self.last_ns = t_ns
         self.boundaries += 1
         self.steps_recorded = self.boundaries
         return "step" if self.state == "recording" else None
+
+    def started(self, t_ns: int) -> None:
+        """The recorder is running now: the window (and its first step) count from here, so that the
+        profiler's own start-up (seconds, the first time) is not taken for a slow step."""
+        self.start_ns = t_ns
+        if self.last_ns is not None and self.source not in (None, "time"):
+            self.last_ns = t_ns
 
     def start_whole(self, t_ns: int) -> str:
         return self._start(t_ns, "program start (whole program)")
