@@ -87,23 +87,30 @@ class Supervisor:
         self.received_at: float | None = None
         self._old: dict[int, object] = {}
         self._tees: list[StreamTee] = []
+        self.saving = None  # optional: True while the program is writing what was collected (no escalation then)
 
     def start(self) -> None:
         pipe = subprocess.PIPE if self.log_dir is not None else None
+        # A signal between the child's start and our handlers would leave it running unsupervised: held
+        # back until the handlers are in place (then delivered to them), and unblocked in the child.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
         try:
-            self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True, stdout=pipe, stderr=pipe,
-                                         preexec_fn=_die_with_parent)
-        except OSError as e:
-            raise GpudoctorError(f"cannot run {self.argv[0]}: {e.strerror or e}",
-                                 127 if isinstance(e, FileNotFoundError) else 126) from None
-        if self.log_dir is not None:
-            self._tees = [StreamTee(self.proc.stdout, sys.stdout, self.log_dir / "program.stdout.log"),
-                          StreamTee(self.proc.stderr, sys.stderr, self.log_dir / "program.stderr.log")]
-        for s in _FORWARDED:
             try:
-                self._old[s] = signal.signal(s, self._on_signal)
-            except (ValueError, OSError):  # not the main thread
-                pass
+                self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True, stdout=pipe,
+                                             stderr=pipe, preexec_fn=_die_with_parent)
+            except OSError as e:
+                raise GpudoctorError(f"cannot run {self.argv[0]}: {e.strerror or e}",
+                                     127 if isinstance(e, FileNotFoundError) else 126) from None
+            if self.log_dir is not None:
+                self._tees = [StreamTee(self.proc.stdout, sys.stdout, self.log_dir / "program.stdout.log"),
+                              StreamTee(self.proc.stderr, sys.stderr, self.log_dir / "program.stderr.log")]
+            for s in _FORWARDED:
+                try:
+                    self._old[s] = signal.signal(s, self._on_signal)
+                except (ValueError, OSError):  # not the main thread
+                    pass
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def _on_signal(self, signum, frame) -> None:
         self.received.append(signum)
@@ -167,6 +174,9 @@ class Supervisor:
         """A program that ignores a forwarded signal (a Python loop stuck in C code, a handler that swallows
         it) gets SIGTERM, then SIGKILL, ESCALATE_AFTER_S apart: Ctrl-C always ends it within seconds."""
         if self.received_at is None or self.proc.poll() is not None:
+            return
+        if self.saving is not None and self.saving():
+            self.received_at = time.monotonic()  # it is ending: its export must not be cut short
             return
         waited = time.monotonic() - self.received_at
         if waited < ESCALATE_AFTER_S:
@@ -250,6 +260,7 @@ class StreamTee:
 def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM it when gpudoctor dies (even by SIGKILL), so a killed gpudoctor
     never leaves the program running unsupervised (Linux; elsewhere a no-op)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
     try:
         import ctypes
 
@@ -301,6 +312,8 @@ class Result:
     stopped_after_capture: bool = False
 
     def outcome(self) -> str:
+        if self.interrupted_by:
+            return "interrupted"
         if not self.started:
             return "not_started"
         if self.stopped_after_capture:
@@ -572,6 +585,9 @@ class Profile:
         self._early_context = (why, facts, gpu_info, start_ns)
         try:
             result = {"nsys": self._run_nsys, "torch": self._run_torch, "nvml": self._run_plain}[backend](facts)
+        except KeyboardInterrupt:  # before the program's supervisor took over the signals
+            result = Result(exit_code=130, interrupted_by="SIGINT", started=False)
+            result.notes.append("interrupted while the program was being started")
         finally:
             if sampler is not None:
                 nvml_summary = sampler.stop()
@@ -647,7 +663,7 @@ class Profile:
         analyze_and_record(self.run_dir, manifest, path, final=False)
         self.early = manifest.get("analysis") or {"status": "unknown"}
         self.early["while_program_ran"] = True
-        if sup is not None and sup.proc is not None and sup.proc.poll() is None:
+        if sup is not None and sup.proc is not None and sup.proc.poll() is None and not sup.received:
             if self.args.stop_after_capture:
                 say(f"{self.label}--stop-after-capture: ending the program")
                 res.stopped_after_capture = True
@@ -743,6 +759,7 @@ class Profile:
             argv = tb.child_command(prog, exe, "torch", str(status_path), self.window_spec(), str(trace),
                                     stacks=self.args.stacks)
             sup = Supervisor(argv, env, group=True, log_dir=self.raw)
+            sup.saving = lambda: bool((rundir.read_json(status_path) or {}).get("finalizing_ns"))
 
             def poll():
                 st = rundir.read_json(status_path) or {}

@@ -519,6 +519,8 @@ def main(argv: list[str] | None = None) -> None:
             except (ValueError, OSError):
                 pass
         status["end_ns"] = time.time_ns()
+        status["finalizing_ns"] = status["end_ns"]  # the supervisor waits for the export instead of escalating
+        write_status()
         status["exit_code"] = code
         status["signal"] = signal.Signals(signum).name if signum else None
         status["exception"] = exc

@@ -196,7 +196,8 @@ class Window:
     def summary(self) -> dict:
         """What the window was, for the run's manifest."""
         return {
-            "step_source": self.source, "steps_seen": self.boundaries, "skipped_steps": self.start_step,
+            "step_source": self.source, "steps_seen": self.boundaries,
+            "skipped_steps": max(self.start_step - 1, 0) if self.start_step is not None else None,
             "steps_recorded": self.steps_recorded, "start_ns": self.start_ns, "end_ns": self.end_ns,
             "started": self.started_how, "stopped": self.stopped_how,
             "median_step_ms": round(statistics.median(self.step_ns) / 1e6, 3) if self.step_ns else None,

@@ -1,0 +1,229 @@
+"""Long jobs under `gpudoctor profile --backend torch` on the CPU: the capture window closes after a few
+steps, the findings come while the program runs, memory stays bounded, and Ctrl-C ends it within seconds
+at any moment with what was collected kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpudoctor.collect.window import Window, WindowSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+LONG = "tests/programs/long_train_cpu.py"
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "SLURM", "OMPI_", "PMI"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GPUDOCTOR_PROFILE_PARENT")}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def _tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(d.name))
+            rss[int(d.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo += children.get(p, [])
+    return total
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _start(run: Path, *program_args: str, extra=()) -> tuple[subprocess.Popen, Path]:
+    log = run.parent / f"{run.name}.log"
+    f = open(log, "w")
+    p = subprocess.Popen([sys.executable, "-m", "gpudoctor", "profile", "--backend", "torch", "--no-nvml", *extra,
+                          "-o", str(run), "--", sys.executable, *program_args], cwd=ROOT, env=_env(), stdout=f,
+                         stderr=subprocess.STDOUT)
+    return p, log
+
+
+@pytest.mark.slow
+def test_two_minute_loop_findings_early_memory_bounded_ctrl_c(tmp_path):
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    proc, log = _start(run, LONG, "--seconds", "120")
+    findings_s, peak, at_findings = None, 0, None
+    try:
+        while findings_s is None or time.monotonic() - t0 < findings_s + 15:
+            assert proc.poll() is None, log.read_text()
+            peak = max(peak, _tree_rss_bytes(proc.pid))
+            if findings_s is None and (run / "analysis.json").exists():
+                findings_s, at_findings = time.monotonic() - t0, peak
+            assert time.monotonic() - t0 < 90, "no analysis within 90 s:\n" + log.read_text()
+            time.sleep(0.25)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C while the program runs on, unprofiled
+        t_int = time.monotonic()
+        rc = proc.wait(timeout=30)
+        stop_s = time.monotonic() - t_int
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert findings_s < 60, text  # the findings came while the program ran, not after 2 minutes
+    assert "findings" in text and "capture window recorded" in text
+    assert rc == 130 and stop_s < 10, (rc, stop_s, text)
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["outcome"] == "interrupted" and m["analysis"]["status"] == "ok" and m["analysis"]["while_program_ran"]
+    cap = m["capture"]
+    assert cap["step_source"] == "optimizer" and cap["steps_recorded"] == WindowSpec.steps
+    assert cap["skipped_steps"] >= WindowSpec.min_skip
+    # Bounded: the memory of the whole process tree did not grow after the window (the profiler let go), and
+    # the trace holds the window only.
+    assert peak < at_findings * 1.2 + 50 * 2**20, (peak, at_findings)
+    assert peak < 1.5 * 2**30
+    assert (run / "raw/trace.torch.json.gz").stat().st_size < 5 * 2**20
+    assert "step 200" in (run / "raw/program.stdout.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["startup", "warmup", "window"])
+def test_ctrl_c_at_any_moment_ends_within_seconds_and_keeps_data(tmp_path, when):
+    run = tmp_path / "run"
+    extra = ("--skip", "0", "--duration", "600") if when == "window" else ("--skip", "100000")
+    proc, log = _start(run, LONG, "--seconds", "300", extra=extra)
+    try:
+        if when == "startup":  # the program has just started: its interpreter is still importing torch
+            deadline = time.monotonic() + 60
+            while not (run / "manifest.json").exists():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        else:
+            status = run / "raw/trace.torch-status.json"
+            deadline = time.monotonic() + 90
+            ready = (lambda: '"recording"' in _text(status)) if when == "window" else (lambda: "step 200" in _text(log))
+            while not ready():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        t = time.monotonic()
+        rc = proc.wait(timeout=60)
+        assert time.monotonic() - t < 20, log.read_text()  # the export of what the window holds included
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert rc == 130, text
+    if when == "startup":
+        assert "Traceback" not in text, text
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["outcome"] == "interrupted" and m["exit_code"] == 130
+    if when == "window":  # what the open window recorded is kept and analyzed
+        assert (run / "raw/trace.torch.json.gz").stat().st_size > 0 and m["analysis"]["status"] == "ok"
+    else:
+        assert m["analysis"]["status"] == "skipped"  # nothing was recorded yet, and the manifest says so
+
+
+@pytest.mark.slow
+def test_program_that_ignores_ctrl_c_is_still_ended(tmp_path):
+    run = tmp_path / "run"
+    code = ("import signal, time, torch\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "m = torch.nn.Linear(8, 8); opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+            "i = 0\nwhile True:\n    m(torch.ones(8)).sum().backward(); opt.step(); i += 1\n"
+            "    if i % 100 == 0: print('step', i, flush=True)")
+    proc, log = _start(run, "-c", code, extra=("--skip", "0", "--duration", "600"))
+    try:
+        deadline = time.monotonic() + 90
+        while "step 300" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        t = time.monotonic()
+        rc = proc.wait(timeout=60)
+        took = time.monotonic() - t
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert took < 25 and "sending SIGTERM" in text, (took, text)
+    assert rc in (130, 143), text
+    assert (run / "raw/trace.torch.json.gz").stat().st_size > 0  # SIGTERM still let the agent export
+
+
+# ---------------------------------------------------------------------------------------------------
+# The window's rules (pure)
+
+
+def _feed(w: Window, source: str, durations_ms: list[float], t0: int = 0) -> list[tuple[int, str]]:
+    t, acts = t0, []
+    for i, d in enumerate(durations_ms):
+        t += int(d * 1e6)
+        a = w.boundary(source, t)
+        if a and a != "step":
+            acts.append((i, a))
+    return acts
+
+
+def test_window_skips_until_step_times_settle():
+    w = Window(WindowSpec(steps=5), 0)
+    acts = _feed(w, "optimizer", [5000, 900, 400, 120, 100, 101, 99, 100, 100, 100, 100, 100, 100, 100])
+    # boundaries 0..3 are warm-up (compile, autotune): the last 3 step times agree only from boundary 6 on
+    assert acts == [(6, "start"), (11, "stop")]
+    s = w.summary()
+    assert s["skipped_steps"] == 6 and s["steps_recorded"] == 5 and s["step_source"] == "optimizer"
+
+
+def test_window_gives_up_waiting_for_settled_times():
+    w = Window(WindowSpec(steps=3, max_skip=10), 0)
+    noisy = [100 if i % 2 else 300 for i in range(30)]
+    acts = _feed(w, "forward", noisy)
+    assert acts[0] == (10, "start") and any("had not settled" in n for n in w.notes)
+
+
+def test_stronger_step_source_wins():
+    w = Window(WindowSpec(steps=3, skip=2), 0)
+    assert _feed(w, "forward", [10, 10]) == []
+    # an optimizer step appears: forward boundaries are ignored from now on, counting restarts
+    acts = _feed(w, "optimizer", [30] * 8, t0=20_000_000)
+    assert w.source == "optimizer" and acts == [(2, "start"), (5, "stop")]
+    assert w.boundary("forward", 10**12) is None
+
+
+def test_clock_window_when_no_steps():
+    spec = WindowSpec(no_step_wait_s=2, time_window_s=3)
+    w = Window(spec, 0)
+    assert w.tick(int(1.9e9)) is None
+    assert w.tick(int(2.0e9)) == "start" and w.source == "time"
+    assert w.boundary("optimizer", int(2.5e9)) is None  # a time window runs to its end
+    assert w.tick(int(4.9e9)) is None and w.tick(int(5.0e9)) == "stop"
+
+
+def test_explicit_skip_and_duration():
+    w = Window(WindowSpec(skip=3, duration_s=1.0), 0)
+    acts = _feed(w, "annotate", [200] * 20)
+    assert acts == [(3, "start"), (8, "stop")]  # 5 steps of 0.2 s make the 1 s window
+
+
+def test_whole_program_counts_steps_without_a_window():
+    w = Window(WindowSpec(whole=True), 0)
+    assert w.start_whole(0) == "start"
+    assert [w.boundary("annotate", i * 10**6) for i in range(1, 4)] == ["step"] * 3
+    assert w.boundary("forward", 5 * 10**6) is None
+    assert w.finish(10**7, "program end") == "stop" and w.summary()["steps_recorded"] == 3
