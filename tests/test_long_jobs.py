@@ -215,6 +215,18 @@ def test_clock_window_when_no_steps():
     assert w.tick(int(4.9e9)) is None and w.tick(int(5.0e9)) == "stop"
 
 
+def test_clock_waits_for_the_programs_first_gpu_use():
+    w = Window(WindowSpec(no_step_wait_s=2, time_window_s=3), 0)
+    w.wait_for_origin = True  # a GPU program still importing and building its model: no clock window yet
+    assert w.tick(int(30e9)) is None
+    w.origin_ns = int(31e9)  # it initialized CUDA
+    assert w.tick(int(32.9e9)) is None and w.tick(int(33e9)) == "start"
+    assert "first GPU use" in w.started_how
+    never = Window(WindowSpec(no_step_wait_s=2, max_origin_wait_s=60), 0)
+    never.wait_for_origin = True
+    assert never.tick(int(59e9)) is None and never.tick(int(60e9)) == "start"
+
+
 def test_explicit_skip_and_duration():
     w = Window(WindowSpec(skip=3, duration_s=1.0), 0)
     acts = _feed(w, "annotate", [200] * 20)

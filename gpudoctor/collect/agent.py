@@ -180,8 +180,10 @@ def _forward_hook(mod, fn):
 
 
 class Controller:
-    def __init__(self, window: Window, recorder, status: dict, write_status, sources_factory):
+    def __init__(self, window: Window, recorder, status: dict, write_status, sources_factory, gpu_in_use=None):
         self.window, self.recorder, self.status = window, recorder, status
+        self.gpu_in_use = gpu_in_use  # callable: has the program initialized CUDA yet (None: not a GPU program)
+        window.wait_for_origin = gpu_in_use is not None
         self.write_status = write_status
         self.main_ident = threading.main_thread().ident
         self.owner = os.getpid()
@@ -236,6 +238,8 @@ class Controller:
             return
         self._busy = True
         try:
+            if self.window.origin_ns is None and self.gpu_in_use is not None and self.gpu_in_use():
+                self.window.origin_ns = time.time_ns()
             action = self.window.tick(time.time_ns())
             if action:
                 self._apply(action, self.window.started_how if action == "start" else self.window.stopped_how)
@@ -505,7 +509,8 @@ def main(argv: list[str] | None = None) -> None:
     def sources(on_boundary):
         return StepSources(torch, on_boundary)
 
-    ctl = Controller(window, recorder, status, write_status, sources)
+    gpu_in_use = torch.cuda.is_initialized if status.get("cuda_available") else None
+    ctl = Controller(window, recorder, status, write_status, sources, gpu_in_use)
     finished = threading.Event()
 
     def finalize(code: int, signum: int | None = None, exc: str | None = None) -> int:

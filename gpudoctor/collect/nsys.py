@@ -206,8 +206,11 @@ def profile_command(nsys: str, output_base: str | Path, program: list[str], user
 
 
 # Python call stacks inside the window: backtraces of CUDA API calls and Python sampling of the host thread.
-STACK_ARGS = ["--python-backtrace=cuda", "--python-sampling=true", "--python-sampling-frequency=1000",
-              "--sample=process-tree", "--cpuctxsw=process-tree"]
+# Seen on an H200 with nsys 2025.3.1 (bench/gpu/stack-options.txt): --python-backtrace=cuda alone leaves
+# every CUDA API row without a call chain; with --cudabacktrace the slow calls (syncs, long launches) get
+# one (CUDA_CALLCHAINS), and Python sampling fills SAMPLING_CALLCHAINS.
+STACK_ARGS = ["--python-backtrace=cuda", "--cudabacktrace=sync,kernel,memory", "--python-sampling=true",
+              "--python-sampling-frequency=1000", "--sample=process-tree", "--cpuctxsw=process-tree"]
 
 
 def capture_api_args(end: str = "stop") -> list[str]:

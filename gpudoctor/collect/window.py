@@ -34,7 +34,8 @@ class WindowSpec:
     settle_fraction: float = 0.15  # ... of their median
     delay_s: float = 0.0  # start no earlier than this after the program start
     duration_s: float | None = None  # window length in seconds instead of a step count
-    no_step_wait_s: float = 20.0  # no boundary this long after the start: a time window
+    no_step_wait_s: float = 20.0  # no boundary this long after the clock's origin: a time window
+    max_origin_wait_s: float = 120.0  # a GPU program that has not touched the GPU by then: the start is the origin
     time_window_s: float = 10.0  # length of a time window (duration_s when given)
     max_window_s: float = 300.0  # a step window ends after this long even if its K steps did not end
     whole: bool = False  # record the whole program (no window)
@@ -68,6 +69,10 @@ class Window:
     started_how: str = ""
     stopped_how: str = ""
     notes: list[str] = field(default_factory=list)
+    # The clock's origin for a time window: when the program first used the GPU (imports and model building
+    # before that can take tens of seconds and are not worth recording), else the program start.
+    origin_ns: int | None = None
+    wait_for_origin: bool = False
 
     # ------------------------------------------------------------------ inputs
 
@@ -131,10 +136,14 @@ class Window:
         if self.state == "done" or self.spec.whole:
             return None
         since_start_s = (t_ns - self.t0_ns) / 1e9
-        if self.state == "waiting" and self.source is None and since_start_s >= max(
-                self.spec.no_step_wait_s, self.spec.delay_s):
+        origin = self.origin_ns
+        if origin is None and (not self.wait_for_origin or since_start_s >= self.spec.max_origin_wait_s):
+            origin = self.t0_ns
+        if self.state == "waiting" and self.source is None and origin is not None and (
+                (t_ns - origin) / 1e9 >= self.spec.no_step_wait_s and since_start_s >= self.spec.delay_s):
             self.source = "time"
-            return self._start(t_ns, f"clock: no step boundary in the first {self.spec.no_step_wait_s:g} s")
+            since = "the program's first GPU use" if origin == self.origin_ns else "the start"
+            return self._start(t_ns, f"clock: no step boundary {self.spec.no_step_wait_s:g} s after {since}")
         if self.state == "recording":
             length_s = (t_ns - (self.start_ns or t_ns)) / 1e9
             if self.source == "time" and length_s >= (self.spec.duration_s or self.spec.time_window_s):

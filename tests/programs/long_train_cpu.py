@@ -1,11 +1,7 @@
 """A plain torch.optim training loop that runs for a given time, as users write them: no gpudoctor
 annotations, many small ops per step (the kind of loop whose whole-program trace grows without bound).
 
-    python tests/programs/long_train_cpu.py [--seconds S] [--exit-code N] [--spin]
-
---spin: after the first steps the loop calls a C function that ignores Python signals for a while
-(time.sleep in a loop of C-level sleeps would yield; a busy C loop does not), to check that gpudoctor
-still ends it within seconds.
+    python tests/programs/long_train_cpu.py [--seconds S] [--exit-code N] [--log STEPS.jsonl]
 """
 
 import argparse
@@ -19,7 +15,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=120.0)
     ap.add_argument("--exit-code", type=int, default=0)
+    ap.add_argument("--log", help="JSON lines: the end time of each step (for benchmarks)")
     args = ap.parse_args()
+    log = open(args.log, "w") if args.log else None
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(8)])
@@ -35,9 +33,13 @@ def main():
         loss.backward()
         opt.step()
         step += 1
+        if log:
+            log.write(f'{{"step": {step}, "t_ns": {time.time_ns()}}}\n')
         if step % 200 == 0:
             print(f"step {step} loss {loss.item():.5f}", flush=True)
     print(f"done after {step} steps", flush=True)
+    if log:
+        log.close()
     sys.exit(args.exit_code)
 
 
