@@ -14,10 +14,8 @@ import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from gpudoctor import __version__
 from gpudoctor.cli.base import Command
 from gpudoctor.collect import rundir
 from gpudoctor.collect.ranks import RankInfo, detect_rank, is_multi_rank, job_key
+from gpudoctor.collect.supervise import Supervisor, exit_code_of, say, signame, stop_orphan
 from gpudoctor.collect.window import WindowSpec
 from gpudoctor.errors import GpudoctorError
 
@@ -34,259 +33,10 @@ PARENT_ENV = "GPUDOCTOR_PROFILE_PARENT"  # set by --nproc for the ranks it launc
 DEFAULT_NSYS_TIMEOUT_S = 600.0
 DEFAULT_GPU_METRICS_HZ = 1000
 MULTI_RANK_SKIP = 10  # ranks must agree on the window without talking: a fixed skip, not "until settled"
-ESCALATE_AFTER_S = 10.0  # a program still running this long after a forwarded signal gets the next one
-_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def say(msg: str) -> None:
-    """One gpudoctor line on stderr (the program owns stdout)."""
-    try:
-        print(f"gpudoctor: {msg}", file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
 
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
-
-
-def _signame(num: int | None) -> str | None:
-    if not num:
-        return None
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
-
-
-def _exit_code_of(returncode: int) -> tuple[int, str | None]:
-    """Popen returncode -> (shell-style exit code, signal name)."""
-    if returncode < 0:
-        return 128 - returncode, _signame(-returncode)
-    return returncode, None
-
-
-# ---------------------------------------------------------------------------------------------------
-# Running a child with signals forwarded
-
-
-class Supervisor:
-    """Runs one child in its own session and forwards SIGINT/SIGTERM/SIGHUP to it.
-
-    ``group=True`` signals the child's whole process group (as a terminal would); False only the child
-    (nsys, which stops its collection and ends the program itself). A third signal kills the group.
-    """
-
-    def __init__(self, argv: list[str], env: dict, group: bool = True, first_target=None,
-                 log_dir: Path | None = None):
-        self.argv, self.env, self.group = argv, env, group
-        self.first_target = first_target  # optional: delivers the first signal instead of send()
-        self.log_dir = log_dir  # the program's stdout/stderr are also kept there (program.stdout.log, ...)
-        self.proc: subprocess.Popen | None = None
-        self.received: list[int] = []
-        self.received_at: float | None = None
-        self._old: dict[int, object] = {}
-        self._tees: list[StreamTee] = []
-        self.saving = None  # optional: True while the program is writing what was collected (no escalation then)
-
-    def start(self) -> None:
-        pipe = subprocess.PIPE if self.log_dir is not None else None
-        # A signal between the child's start and our handlers would leave it running unsupervised: held
-        # back until the handlers are in place (then delivered to them), and unblocked in the child.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
-        try:
-            try:
-                self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True, stdout=pipe,
-                                             stderr=pipe, preexec_fn=_die_with_parent)
-            except OSError as e:
-                raise GpudoctorError(f"cannot run {self.argv[0]}: {e.strerror or e}",
-                                     127 if isinstance(e, FileNotFoundError) else 126) from None
-            if self.log_dir is not None:
-                self._tees = [StreamTee(self.proc.stdout, sys.stdout, self.log_dir / "program.stdout.log"),
-                              StreamTee(self.proc.stderr, sys.stderr, self.log_dir / "program.stderr.log")]
-            for s in _FORWARDED:
-                try:
-                    self._old[s] = signal.signal(s, self._on_signal)
-                except (ValueError, OSError):  # not the main thread
-                    pass
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-
-    def _on_signal(self, signum, frame) -> None:
-        self.received.append(signum)
-        self.received_at = time.monotonic()
-        n = len(self.received)
-        if n == 1:
-            say(f"{_signame(signum)}: stopping the program; keeping and analyzing what was collected "
-                "(signal again to insist, a third time to kill it)")
-        if n >= 3:
-            self.kill_group(signal.SIGKILL)
-        elif n == 1 and self.first_target is not None and self.first_target(signum):
-            return
-        else:
-            self.send(signum)
-
-    def send(self, signum: int) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            if self.group:
-                os.killpg(self.proc.pid, signum)
-            else:
-                os.kill(self.proc.pid, signum)
-        except OSError:
-            pass
-
-    def kill_group(self, signum: int = signal.SIGKILL) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signum)
-        except OSError:
-            pass
-
-    def terminate(self, grace_s: float = 5.0) -> None:
-        """SIGTERM the child's group, then SIGKILL after ``grace_s``."""
-        self.kill_group(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            self.kill_group(signal.SIGKILL)
-            try:
-                self.proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-
-    def wait(self, poll=None, interval: float = 0.2) -> int:
-        """Wait for the child; ``poll()`` is called meanwhile (it may terminate the child)."""
-        while True:
-            try:
-                rc = self.proc.wait(timeout=interval)
-                for t in self._tees:
-                    t.join()
-                return rc
-            except subprocess.TimeoutExpired:
-                self._escalate()
-                if poll is not None:
-                    poll()
-
-    def _escalate(self) -> None:
-        """A program that ignores a forwarded signal (a Python loop stuck in C code, a handler that swallows
-        it) gets SIGTERM, then SIGKILL, ESCALATE_AFTER_S apart: Ctrl-C always ends it within seconds."""
-        if self.received_at is None or self.proc.poll() is not None:
-            return
-        if self.saving is not None and self.saving():
-            self.received_at = time.monotonic()  # it is ending: its export must not be cut short
-            return
-        waited = time.monotonic() - self.received_at
-        if waited < ESCALATE_AFTER_S:
-            return
-        nxt = signal.SIGTERM if len(self.received) < 2 else signal.SIGKILL
-        say(f"the program is still running {waited:.0f} s after {_signame(self.received[-1])}: sending "
-            f"{_signame(nxt)}")
-        self.received.append(nxt)
-        self.received_at = time.monotonic()
-        if nxt == signal.SIGKILL:
-            self.kill_group(signal.SIGKILL)
-        else:
-            self.send(nxt)
-
-    def run(self, poll=None) -> tuple[int, int, int]:
-        """start, wait, restore the signal handlers: (return code, start ns, end ns) of the child."""
-        start_ns = time.time_ns()
-        self.start()
-        try:
-            rc = self.wait(poll)
-        finally:
-            self.restore()
-        return rc, start_ns, time.time_ns()
-
-    def restore(self) -> None:
-        for s, old in self._old.items():
-            try:
-                signal.signal(s, old)
-            except (ValueError, OSError, TypeError):
-                pass
-        self._old.clear()
-
-    @property
-    def interrupted_by(self) -> int | None:
-        return self.received[0] if self.received else None
-
-
-class StreamTee:
-    """Copies one of the program's output streams to our own and to a file in the run directory (at most
-    LIMIT_BYTES kept there, then a note), on a thread."""
-
-    LIMIT_BYTES = 64 * 2**20
-
-    def __init__(self, src, dst, path: Path):
-        self.src, self.dst, self.path = src, dst, path
-        self.thread = threading.Thread(target=self._pump, name=f"gpudoctor-tee-{path.name}", daemon=True)
-        self.thread.start()
-
-    def _pump(self) -> None:
-        out = getattr(self.dst, "buffer", self.dst)
-        kept = 0
-        try:
-            f = open(self.path, "ab")
-        except OSError:
-            f = None
-        while True:
-            try:
-                chunk = os.read(self.src.fileno(), 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            try:
-                out.write(chunk)
-                out.flush()
-            except (OSError, ValueError):
-                pass  # our own stdout went away (a closed pipe): the file still gets it
-            if f is not None and kept < self.LIMIT_BYTES:
-                f.write(chunk[: self.LIMIT_BYTES - kept])
-                kept += len(chunk)
-                if kept >= self.LIMIT_BYTES:
-                    f.write(b"\n[gpudoctor: output past 64 MiB not kept here]\n")
-                f.flush()
-        if f is not None:
-            f.close()
-
-    def join(self, timeout: float = 5.0) -> None:
-        self.thread.join(timeout)
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM it when gpudoctor dies (even by SIGKILL), so a killed gpudoctor
-    never leaves the program running unsupervised (Linux; elsewhere a no-op)."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def _stop_orphan(pgid: int, signum: int, grace_s: float = 10.0) -> None:
-    """Signal a process group that outlived its supervisor, then SIGKILL it after ``grace_s``."""
-    try:
-        os.killpg(pgid, signum)
-    except OSError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except OSError:
-            return
-        time.sleep(0.1)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -730,8 +480,8 @@ class Profile:
         res = Result()
         sup = Supervisor(self.cmd, self.env, group=True)
         rc, res.program_start_ns, res.program_end_ns = sup.run()
-        res.exit_code, res.signal = _exit_code_of(rc)
-        res.interrupted_by = _signame(sup.interrupted_by)
+        res.exit_code, res.signal = exit_code_of(rc)
+        res.interrupted_by = signame(sup.interrupted_by)
         return res
 
     def window_spec(self) -> dict:
@@ -771,7 +521,7 @@ class Profile:
         finally:
             if shim:
                 shutil.rmtree(shim, ignore_errors=True)
-        res.interrupted_by = _signame(sup.interrupted_by)
+        res.interrupted_by = signame(sup.interrupted_by)
         status = rundir.read_json(status_path)
         if status is not None:
             res.files.append({"path": self._rel(status_path), "kind": "torch_status", "rank": self.rank or 0})
@@ -789,9 +539,9 @@ class Profile:
             res.backend_facts = {k: status.get(k) for k in ("activities", "cuda_available", "device_count",
                                                              "window_steps", "export_s", "trace_bytes")}
             if res.exit_code is None:  # killed while it ran (after its status was first written)
-                res.exit_code, res.signal = _exit_code_of(rc)
+                res.exit_code, res.signal = exit_code_of(rc)
         else:
-            res.exit_code, res.signal = _exit_code_of(rc)
+            res.exit_code, res.signal = exit_code_of(rc)
             res.problems.append("the program's process ended without gpudoctor's profiler writing its status"
                                 + (f" (it was killed by {res.signal})" if res.signal else "")
                                 + ": no torch.profiler trace")
@@ -949,7 +699,7 @@ class Profile:
 
     def _nsys_result(self, res, rc, sup, state, status_path, agent_status, facts, base) -> Result:
         timeout = self.args.nsys_timeout
-        res.interrupted_by = _signame(sup.interrupted_by)
+        res.interrupted_by = signame(sup.interrupted_by)
         st = rundir.read_json(status_path) or {}
         if st:
             res.files.append({"path": self._rel(status_path), "kind": "program_status", "rank": self.rank or 0})
@@ -961,7 +711,7 @@ class Profile:
                 res.notes += ag.get("notes", [])
                 res.versions.update({k: ag[k] for k in ("torch_version", "torch_cuda", "cudnn_version") if ag.get(k)})
         if st.get("pid") and not st.get("end_ns"):
-            _stop_orphan(st["pid"], sup.interrupted_by or signal.SIGTERM)  # nsys went away, the program did not
+            stop_orphan(st["pid"], sup.interrupted_by or signal.SIGTERM)  # nsys went away, the program did not
             st = rundir.read_json(status_path) or st
         res.program_start_ns = st.get("start_ns") or res.program_start_ns
         res.program_end_ns = st.get("end_ns") or time.time_ns()
@@ -974,7 +724,7 @@ class Profile:
             res.exit_code = 128 + int(signal.Signals[res.interrupted_by])
         else:
             res.started = bool(st)
-            res.exit_code = _exit_code_of(rc)[0] if rc else 1
+            res.exit_code = exit_code_of(rc)[0] if rc else 1
             res.problems.append(f"nsys failed (exit {rc})" + ("" if st else " before the program started")
                                 + ": see its messages above")
         if state["hung"]:
@@ -1191,25 +941,25 @@ class Profile:
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         sup = Supervisor(argv, env, group=False)  # torchrun forwards signals to its workers
         rc, start_ns, end_ns = sup.run()
-        launched = {"tool": "torchrun", "nproc": a.nproc, "command": argv, "exit_code": _exit_code_of(rc)[0],
-                    "interrupted_by": _signame(sup.interrupted_by), "start_utc": rundir.iso(start_ns),
+        launched = {"tool": "torchrun", "nproc": a.nproc, "command": argv, "exit_code": exit_code_of(rc)[0],
+                    "interrupted_by": signame(sup.interrupted_by), "start_utc": rundir.iso(start_ns),
                     "end_utc": rundir.iso(end_ns)}
         per_rank = {k: v for k, v in rundir.rank_manifests(run_dir).items() if k < a.nproc}
         if not per_rank:
             say(f"no rank wrote its results (torchrun exit {rc}); nothing to analyze in {run_dir}")
             rundir.write_json(run_dir / rundir.MANIFEST, {
                 "manifest_version": rundir.MANIFEST_VERSION, "gpudoctor_version": __version__, "command": self.cmd,
-                "cwd": os.getcwd(), "outcome": "not_started", "exit_code": _exit_code_of(rc)[0],
+                "cwd": os.getcwd(), "outcome": "not_started", "exit_code": exit_code_of(rc)[0],
                 "what_happened": f"torchrun exited with {rc} before any rank finished", "reports": [], "files": [],
                 "launched_by": launched, "start_utc": rundir.iso(start_ns), "end_utc": rundir.iso(end_ns)})
-            return _exit_code_of(rc)[0] or 1
+            return exit_code_of(rc)[0] or 1
         merged = rundir.merge_manifests(per_rank, a.nproc, launched_by=launched)
         path = run_dir / rundir.MANIFEST
         rundir.write_json(path, merged)
         analyze_and_record(run_dir, merged, path)
         code = merged.get("exit_code")
         if code is None:
-            code = _exit_code_of(rc)[0]
+            code = exit_code_of(rc)[0]
         if sup.interrupted_by and not code:
             code = 128 + sup.interrupted_by
         return int(code)
