@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "bench" / "workloads" / "long_train.py"
+WORK = ROOT / "bench" / "workloads" / "long_train.py"  # --workload replaces it (any script taking --seconds, --log)
 
 
 def start(name: str, argv: list[str], out: Path) -> dict:
@@ -74,6 +74,19 @@ def profiled(name: str, backend: str, seconds: float, out: Path, *extra: str) ->
 
 def bare(name: str, seconds: float, out: Path) -> tuple[str, list[str]]:
     return name, [sys.executable, str(WORK), "--seconds", str(seconds), "--log", str(out / f"{name}.steps.jsonl")]
+
+
+def cpu_main(out: Path, long_s: float, short_s: float) -> list[dict]:
+    """No GPU: the torch backend, one run at a time (windowed long and short, whole short, bare)."""
+    rows = []
+    for name, argv, ref in [bare("bare_short", short_s, out) + (None,),
+                            profiled("torch_short", "torch", short_s, out, "--no-nvml") + ("bare_short",),
+                            profiled("torch_long", "torch", long_s, out, "--no-nvml") + (None,),
+                            profiled("torch_whole_short", "torch", short_s, out, "--no-nvml", "--whole") + (None,)]:
+        r = start(name, argv, out)
+        monitor([r], out)
+        rows.append(summarize(r, out, ref))
+    return rows
 
 
 def steps(path: Path) -> list[tuple[int, int]]:
@@ -142,9 +155,20 @@ def main() -> None:
     ap.add_argument("--long", type=float, default=360.0)
     ap.add_argument("--short", type=float, default=120.0)
     ap.add_argument("--check", type=float, default=40.0, help="seconds of the windowed-vs-whole check runs")
+    ap.add_argument("--workload", type=Path, help="another program taking --seconds and --log")
+    ap.add_argument("--cpu", action="store_true", help="no GPU here: the torch backend alone, runs one at a time")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    global WORK
+    WORK = args.workload.resolve() if args.workload else WORK
+    if args.cpu:
+        rows = cpu_main(out, args.long, args.short)
+        doc = {"machine": f"CPU only, {os.cpu_count()} cores", "long_s": args.long, "short_s": args.short, "runs": rows}
+        (out / "long_jobs.json").write_text(json.dumps(doc, indent=1))
+        for row in rows:
+            print(json.dumps(row))
+        return
     first = [bare("bare_long", args.long, out), profiled("nsys_long", "nsys", args.long, out, "--no-gpu-metrics"),
              profiled("torch_long", "torch", args.long, out),
              bare("bare_short", args.short, out), profiled("nsys_short", "nsys", args.short, out, "--no-gpu-metrics"),
