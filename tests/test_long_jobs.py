@@ -142,6 +142,25 @@ def test_ctrl_c_at_any_moment_ends_within_seconds_and_keeps_data(tmp_path, when)
 
 
 @pytest.mark.slow
+def test_stop_after_capture_ends_the_program(tmp_path):
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    proc, log = _start(run, LONG, "--seconds", "300", "--exit-code", "0", extra=("--stop-after-capture",))
+    try:
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert rc == 0 and time.monotonic() - t0 < 90, text
+    assert "--stop-after-capture: ending the program" in text
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["outcome"] == "stopped_after_capture" and m["analysis"]["status"] == "ok"
+    assert m["program_exit_code"] == 130  # what the program itself returned, kept beside our 0
+    assert "done after" not in text  # it did not run its 300 s
+
+
+@pytest.mark.slow
 def test_program_that_ignores_ctrl_c_is_still_ended(tmp_path):
     run = tmp_path / "run"
     code = ("import signal, time, torch\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"

@@ -62,12 +62,12 @@ class Result:
     stopped_after_capture: bool = False
 
     def outcome(self) -> str:
+        if self.stopped_after_capture:
+            return "stopped_after_capture"
         if self.interrupted_by:
             return "interrupted"
         if not self.started:
             return "not_started"
-        if self.stopped_after_capture:
-            return "stopped_after_capture"
         if self.interrupted_by:
             return "interrupted"
         if self.signal:

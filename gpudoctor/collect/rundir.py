@@ -262,7 +262,7 @@ def rank_manifests(run_dir: Path) -> dict[int, dict]:
     return dict(sorted(out.items()))
 
 
-_JOB_OUTCOMES = ("completed", "failed", "interrupted", "killed", "not_started")
+_JOB_OUTCOMES = ("completed", "stopped_after_capture", "failed", "interrupted", "killed", "not_started")
 
 
 def merge_manifests(per_rank: dict[int, dict], world_size: int | None, launched_by: dict | None = None) -> dict:
