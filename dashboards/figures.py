@@ -163,27 +163,17 @@ def category_figure(analysis) -> go.Figure:
     return fig
 
 
+# Example groups that are not part of their finding's saving: gpu_idle's queued gaps between kernels
+# (latency on the GPU, not host time a fix removes).
+NOT_SAVING_GROUPS = frozenset({"gpu_side"})
+
+
 def finding_span(analysis, finding) -> tuple[int, int]:
-    """Where the timeline should jump for ``finding``: its first example's span (``start_ns``/``end_ns``
-    on the run clock, or ``start_us``/``end_us``/``dur_us`` after the rank's steady-state window start),
-    padded by a tenth on each side; else the rank's steady-state window."""
-    rank = finding.rank if finding.rank is not None else (analysis.ranks[0].rank if analysis.ranks else 0)
-    summary = next((r for r in analysis.ranks if r.rank == rank), analysis.ranks[0] if analysis.ranks else None)
-    w0, w1 = (summary.window.start_ns, summary.window.end_ns) if summary is not None else (0, 0)
-    ex = _first_example((finding.evidence or {}).get("examples"))
-    span = None
-    if ex is not None:
-        if "start_ns" in ex:
-            s = int(ex["start_ns"])
-            e = int(ex.get("end_ns", s + int(ex.get("dur_ns", 0))))
-            span = (s, e)
-        elif "start_us" in ex:
-            s = w0 + int(round(float(ex["start_us"]) * 1e3))
-            if "end_us" in ex:
-                e = w0 + int(round(float(ex["end_us"]) * 1e3))
-            else:
-                e = s + int(round(float(ex.get("dur_us", 0)) * 1e3))
-            span = (s, e)
+    """Where the timeline should jump for ``finding``: the span of its evidence example that carries the
+    most of its saving (:func:`best_example`), padded by a tenth on each side (at least 50 us); else the
+    rank's steady-state window."""
+    w0, w1 = _rank_window(analysis, finding)
+    span = example_span(analysis, finding, best_example(finding))
     if span is None or span[1] < span[0]:
         return int(w0), int(w1)
     s, e = span
@@ -191,21 +181,64 @@ def finding_span(analysis, finding) -> tuple[int, int]:
     return int(s - pad), int(e + pad)
 
 
-def _first_example(ex) -> dict | None:
-    """The first example with a time: examples are a list of dicts, or lists per cause (a dict of lists)."""
+def _rank_window(analysis, finding) -> tuple[int, int]:
+    rank = finding.rank if finding.rank is not None else (analysis.ranks[0].rank if analysis.ranks else 0)
+    summary = next((r for r in analysis.ranks if r.rank == rank), analysis.ranks[0] if analysis.ranks else None)
+    return (summary.window.start_ns, summary.window.end_ns) if summary is not None else (0, 0)
+
+
+def example_span(analysis, finding, ex: dict | None) -> tuple[int, int] | None:
+    """An example's (start, end) on the run clock: ``start_ns``/``end_ns``, or ``start_us``/``end_us``/
+    ``dur_us`` after the rank's steady-state window start."""
+    if ex is None:
+        return None
+    if "start_ns" in ex:
+        s = int(ex["start_ns"])
+        return s, int(ex.get("end_ns", s + int(ex.get("dur_ns", 0))))
+    w0, _ = _rank_window(analysis, finding)
+    s = w0 + int(round(float(ex["start_us"]) * 1e3))
+    if "end_us" in ex:
+        return s, w0 + int(round(float(ex["end_us"]) * 1e3))
+    return s, s + int(round(float(ex.get("dur_us", 0)) * 1e3))
+
+
+def best_example(finding) -> dict | None:
+    """The evidence example that carries the most of the finding's saving: the longest timed example,
+    leaving out groups that are not part of the saving (:data:`NOT_SAVING_GROUPS`). Ties go to the
+    first. Examples are a list of dicts or lists per cause (a dict of lists)."""
+    best, best_ns = None, -1.0
+    for ex in _timed_examples((finding.evidence or {}).get("examples")):
+        d = _example_ns(ex)
+        if d > best_ns:
+            best, best_ns = ex, d
+    return best
+
+
+def _timed_examples(ex, group: str = ""):
+    if group in NOT_SAVING_GROUPS:
+        return
     if isinstance(ex, dict):
         if any(k in ex for k in ("start_ns", "start_us")):
-            return ex
-        for v in ex.values():
-            found = _first_example(v)
-            if found is not None:
-                return found
+            yield ex
+            return
+        for k, v in ex.items():
+            yield from _timed_examples(v, str(k))
     elif isinstance(ex, (list, tuple)):
         for v in ex:
-            found = _first_example(v)
-            if found is not None:
-                return found
-    return None
+            yield from _timed_examples(v, group)
+
+
+def _example_ns(ex: dict) -> float:
+    """An example's length in ns (0 when it says none)."""
+    if "end_ns" in ex and "start_ns" in ex:
+        return float(ex["end_ns"]) - float(ex["start_ns"])
+    if "dur_ns" in ex:
+        return float(ex["dur_ns"])
+    if "end_us" in ex and "start_us" in ex:
+        return 1e3 * (float(ex["end_us"]) - float(ex["start_us"]))
+    if "dur_us" in ex:
+        return 1e3 * float(ex["dur_us"])
+    return 0.0
 
 
 # ====================================================================================== timeline
