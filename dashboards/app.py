@@ -54,9 +54,13 @@ class Run:
     def rank_frame(self) -> pd.DataFrame:
         return self.cached("rank_frame", lambda: F.rank_frame(self.analysis))
 
-    def full_timeline(self):
-        """The zoomed-out timeline (the Timeline page's first view), built once."""
-        return self.cached("full_timeline", lambda: _timeline(self, None))
+    def default_timeline(self):
+        """The Timeline page's first view (the steady-state window), built once."""
+        return self.cached("default_timeline", lambda: _timeline(self, F.default_view(self.analysis)))
+
+    def whole_timeline(self):
+        """The whole run, zoomed out."""
+        return self.cached("whole_timeline", lambda: _timeline(self, None))
 
     def prepare(self) -> None:
         """Build what the first page views need (timeline index, tables, figures) ahead of the first request."""
@@ -64,7 +68,7 @@ class Run:
         self.findings()
         self.rank_frame()
         self.category_frame()
-        self.full_timeline()
+        self.default_timeline()
 
 
 def _table(id_, df: pd.DataFrame, page_size: int = PAGE_SIZE, hidden=(), **kw):
@@ -154,7 +158,7 @@ def create_app(runs: list[Run], prepare: bool = True):
         view = None
         if focus and focus.get("run") == i and focus.get("view"):
             view = tuple(int(v) for v in focus["view"])
-        fig = _timeline(run, view) if view is not None else run.full_timeline()
+        fig = _timeline(run, view) if view is not None else run.default_timeline()
         return html.Div([
             html.H3(f"Timeline — {run.name}"),
             html.Div([
@@ -332,7 +336,7 @@ def create_app(runs: list[Run], prepare: bool = True):
             if v is None:
                 raise PreventUpdate
             view = None if v == "reset" else v
-        fig = _timeline(run, view) if view is not None else run.full_timeline()
+        fig = _timeline(run, view) if view is not None else run.whole_timeline()
         return fig, _status(fig)
 
     # ------------------------------------------------------------------ kernels table

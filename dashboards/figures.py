@@ -30,7 +30,7 @@ BINS = 800  # columns of the aggregated timeline (about one per pixel of a wide 
 COLORS = {
     "gemm": "#1f77b4", "attention": "#9467bd", "elementwise": "#2ca02c", "reduction": "#ff7f0e",
     "communication": "#d62728", "memory": "#8c564b", "other": "#7f7f7f", "memcpy": "#e377c2",
-    "memset": "#bcbd22", "nvtx": "#17becf", "nccl": "#d62728",
+    "memset": "#bcbd22", "nvtx": "#17becf", "api": "#64748b", "nccl": "#d62728",
 }
 SEVERITY_ORDER = {"high": 3, "medium": 2, "low": 1, "info": 0}
 # A small template (plotly_white's look): the built-in templates are deep-copied into every figure,
@@ -242,14 +242,30 @@ def _example_ns(ex: dict) -> float:
 
 
 # ====================================================================================== timeline
+MAX_LABELS = 300  # kernel names written on bars (the widest bars) in the exact view
+MAX_LINKS = 2000  # launch -> kernel arrows in the exact view
+MAX_COUNTER_TRACKS = 6  # counter names drawn as line tracks; the rest are counted in meta
+LANE_PX, COUNTER_PX = 40, 90
+
+
+def default_view(analysis) -> tuple[int, int] | None:
+    """The timeline's first view: the steady-state windows of all ranks (None: no window, whole run)."""
+    ws = [(r.window.start_ns, r.window.end_ns) for r in analysis.ranks if r.window.end_ns > r.window.start_ns]
+    if not ws:
+        return None
+    return min(w[0] for w in ws), max(w[1] for w in ws)
+
+
 def timeline_figure(index: TimelineIndex, view_ns: tuple[int, int] | None = None, *, max_exact: int = MAX_EXACT,
                     bins: int = BINS) -> go.Figure:
-    """Lanes of the run (host ranges, GPU streams, collectives per rank) for the visible range.
+    """Lanes of the run (NVTX ranges, CUDA API calls, GPU streams, collectives per rank) for the visible
+    range, and one line track per counter name under them.
 
     ``view_ns``: (start, end) on the run clock; None = the whole GPU activity (zoomed out). Zoomed out,
     or with ``max_exact`` or more events visible, lanes are aggregated: per lane and category, the
     busy fraction of each of ``bins`` bins, drawn as heat strips (one raster per category, however many
-    kernels). Zoomed in to fewer events, every event is drawn (one path per category)."""
+    kernels). Zoomed in to fewer events, every event is drawn (one path per category), the widest bars
+    carry their names, and kernels are linked to the API calls that launched them."""
     full = _gpu_extent(index)
     if view_ns is None:
         lo, hi = full
@@ -257,20 +273,25 @@ def timeline_figure(index: TimelineIndex, view_ns: tuple[int, int] | None = None
     else:
         lo, hi = index.clamp(view_ns[0] - index.origin_ns, view_ns[1] - index.origin_ns)
         zoomed_in = (hi - lo) < 0.98 * (full[1] - full[0])
+    lanes = index.lanes
+    if not lanes:
+        return empty_figure("no kernels, ranges or collectives in this run", "Timeline")
     n_visible = index.count(lo, hi)
     n_gpu = index.count(lo, hi, gpu_only=True)
     exact = zoomed_in and n_visible <= max_exact
-    lanes = index.lanes
-    L = max(len(lanes), 1)
-    has_counters = not index.counters.empty
-    fig = go.Figure()
-    if has_counters:
+    L = len(lanes)
+    counter_names = sorted(index.counters["name"].unique().tolist()) if len(index.counters) else []
+    tracks = counter_names[:MAX_COUNTER_TRACKS]
+    lanes_px = 60 + LANE_PX * L
+    if tracks:
         from plotly.subplots import make_subplots
-        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.78, 0.22], vertical_spacing=0.04)
+        fig = make_subplots(rows=1 + len(tracks), cols=1, shared_xaxes=True, vertical_spacing=0.02,
+                            row_heights=[lanes_px] + [COUNTER_PX] * len(tracks))
+        at = {"row": 1, "col": 1}
+    else:
+        fig, at = go.Figure(), {}
     ms = 1e-6
-    drawn = 0
-    if not lanes:
-        return empty_figure("no kernels, ranges or collectives in this run", "Timeline")
+    drawn = labels = links = 0
     if exact:
         ev = index.events(lo, hi)
         drawn = len(ev)
@@ -281,14 +302,8 @@ def timeline_figure(index: TimelineIndex, view_ns: tuple[int, int] | None = None
                 continue
             s = ev.start[sel]
             e = ev.end[sel]
-            x = np.empty(3 * len(sel))
-            x[0::3] = s * ms
-            x[1::3] = np.maximum(e, s + min_w) * ms
-            x[2::3] = np.nan
-            y = np.empty(3 * len(sel))
-            y[0::3] = ev.lane[sel]
-            y[1::3] = ev.lane[sel]
-            y[2::3] = np.nan
+            x = _triples(s * ms, np.maximum(e, s + min_w) * ms)
+            y = _triples(ev.lane[sel], ev.lane[sel])
             text = [f"{lab}<br>{cat} · {fmt_ns(b - a)}<br>start {a * ms:.3f} ms"
                     for lab, a, b in zip(ev.label[sel], s, e)]
             t3 = np.empty(3 * len(sel), dtype=object)
@@ -297,27 +312,28 @@ def timeline_figure(index: TimelineIndex, view_ns: tuple[int, int] | None = None
             t3[2::3] = ""
             fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=cat, line={"color": COLORS[cat], "width": 18},
                                      text=t3, hovertemplate="%{text}<extra></extra>", connectgaps=False,
-                                     legendgroup=cat, meta={"category": cat, "events": int(len(sel))}),
-                          **({"row": 1, "col": 1} if has_counters else {}))
+                                     legendgroup=cat, meta={"category": cat, "events": int(len(sel))}), **at)
+        labels = _add_bar_labels(fig, ev, lo, hi, at)
+        links = _add_launch_links(fig, index, ev, lo, hi, at)
         mode = "exact"
     else:
         edges, frac = index.busy(lo, hi, bins)
         x = edges * ms
         gpu_cats = [CATEGORIES.index(c) for c in GPU_CATEGORIES]
-        gpu_present = [c for c in gpu_cats if c in index.categories_present]
         for ci in index.categories_present:
             cat = CATEGORIES[ci]
-            lane_ids = [i for i, ln in enumerate(lanes) if (ln.kind == "gpu") == (ci in gpu_cats)
-                        and (ln.kind != "nccl" or cat == "nccl") and (ln.kind != "nvtx" or cat == "nvtx")]
+            lane_ids = sorted({lane for lane, c, _, _ in index.groups if c == ci})
             if not lane_ids:
                 continue
-            if ci in gpu_cats:
-                k, K = gpu_present.index(ci), len(gpu_present)
-            else:
-                k, K = 0, 1
-            h = 0.84 / K
+            # one heat strip per category, stacked inside the lane when a lane holds several categories
+            per_lane = {li: [c for c in index.categories_present if any(g[0] == li and g[1] == c for g in index.groups)]
+                        for li in lane_ids}
             yedges, z = [], []
             for j, li in enumerate(lane_ids):
+                cats_here = per_lane[li] if ci in gpu_cats else [ci]
+                K = len(cats_here) if ci in gpu_cats else 1
+                k = cats_here.index(ci) if ci in gpu_cats else 0
+                h = 0.84 / K
                 y0 = li - 0.42 + k * h
                 yedges += [y0, y0 + h]
                 z.append(np.where(frac[li, ci] > 0, frac[li, ci], np.nan))
@@ -328,16 +344,16 @@ def timeline_figure(index: TimelineIndex, view_ns: tuple[int, int] | None = None
                 x=x, y=yedges, z=z, zmin=0, zmax=1, showscale=False, name=cat, hoverongaps=False,
                 colorscale=[[0, _rgba(COLORS[cat], 0.35)], [1, _rgba(COLORS[cat], 1.0)]],
                 hovertemplate=f"{cat}<br>%{{x:.3f}} ms<br>busy %{{z:.0%}}<extra></extra>",
-                meta={"category": cat, "bins": int(len(x) - 1)}), **({"row": 1, "col": 1} if has_counters else {}))
+                meta={"category": cat, "bins": int(len(x) - 1)}), **at)
             # legend entry (heatmaps have none)
             fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=cat, legendgroup=cat,
-                                     marker={"color": COLORS[cat], "symbol": "square", "size": 10}, hoverinfo="skip"),
-                          **({"row": 1, "col": 1} if has_counters else {}))
+                                     marker={"color": COLORS[cat], "symbol": "square", "size": 10}, hoverinfo="skip"), **at)
         mode = "aggregated"
-    if has_counters:
-        for label, t, v in index.counter_series(lo, hi, bins):
+    for row, name in enumerate(tracks, start=2):
+        for label, t, v in index.counter_series(lo, hi, bins, name=name):
             fig.add_trace(go.Scatter(x=t * ms, y=v, mode="lines", name=label, line={"width": 1.5, "shape": "hv"},
-                                     showlegend=True, meta={"counter": label}), row=2, col=1)
+                                     showlegend=True, meta={"counter": label}), row=row, col=1)
+        fig.update_yaxes(title_text=_short(name, 22), title_font={"size": 10}, row=row, col=1)
     status = (f"exact: {n_gpu:,} GPU ops ({n_visible:,} events) drawn one by one" if mode == "exact"
               else f"aggregated: {n_gpu:,} GPU ops ({n_visible:,} events) as busy fraction in {bins} bins"
               + ("" if zoomed_in else " — zoom in to see kernels"))
@@ -345,21 +361,63 @@ def timeline_figure(index: TimelineIndex, view_ns: tuple[int, int] | None = None
              "range": [L - 0.5, -0.5], "showgrid": False, "zeroline": False, "fixedrange": True}
     xr = [lo * ms, hi * ms]
     fig.update_layout(
-        template=_TEMPLATE, height=max(320, 110 + 46 * L + (160 if has_counters else 0)),
-        margin={"l": 130, "r": 20, "t": 78, "b": 45}, title={"text": status, "font": {"size": 13}, "y": 0.99, "yanchor": "top"},
+        template=_TEMPLATE, height=110 + lanes_px + COUNTER_PX * len(tracks),
+        margin={"l": 170, "r": 20, "t": 78, "b": 45}, title={"text": status, "font": {"size": 13}, "y": 0.99, "yanchor": "top"},
         uirevision="timeline", dragmode="zoom", hovermode="closest", showlegend=True,
         legend={"orientation": "h", "y": 1.0, "x": 0, "xanchor": "left", "yanchor": "bottom"},
         meta={"mode": mode, "visible_events": int(n_visible), "visible_gpu_ops": int(n_gpu), "drawn_events": int(drawn),
               "bins": int(bins) if mode == "aggregated" else 0, "origin_ns": int(index.origin_ns),
-              "view_ns": [int(lo + index.origin_ns), int(hi + index.origin_ns)], "status": status})
-    if has_counters:
-        fig.update_yaxes(**yaxis, row=1, col=1)
-        fig.update_xaxes(range=xr, row=1, col=1)
-        fig.update_xaxes(range=xr, title_text="ms since first event", row=2, col=1)
-    else:
-        fig.update_yaxes(**yaxis)
-        fig.update_xaxes(range=xr, title_text="ms since first event", showgrid=True)
+              "view_ns": [int(lo + index.origin_ns), int(hi + index.origin_ns)], "status": status,
+              "bar_labels": int(labels), "launch_links": int(links), "counter_tracks": tracks,
+              "counters_not_drawn": counter_names[MAX_COUNTER_TRACKS:]})
+    fig.update_yaxes(**yaxis, **at)
+    fig.update_xaxes(range=xr, showgrid=True)
+    fig.update_xaxes(title_text="ms since first event", row=1 + len(tracks), col=1) if tracks else \
+        fig.update_xaxes(title_text="ms since first event")
     return fig
+
+
+def _triples(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[a0, b0, NaN, a1, b1, NaN, ...]: one line segment per pair (NaN breaks the line)."""
+    out = np.empty(3 * len(a))
+    out[0::3] = a
+    out[1::3] = b
+    out[2::3] = np.nan
+    return out
+
+
+def _add_bar_labels(fig: go.Figure, ev, lo: int, hi: int, at: dict) -> int:
+    """Names on the GPU bars wide enough to hold a few characters (the widest MAX_LABELS of them)."""
+    width = np.minimum(ev.end, hi) - np.maximum(ev.start, lo)
+    px = width / max(hi - lo, 1) * 1100  # about the plot's width in pixels
+    sel = np.nonzero(ev.is_gpu & (px >= 40))[0]
+    if len(sel) > MAX_LABELS:
+        sel = sel[np.argsort(-px[sel], kind="stable")[:MAX_LABELS]]
+    if not len(sel):
+        return 0
+    mid = (np.maximum(ev.start[sel], lo) + np.minimum(ev.end[sel], hi)) / 2 * 1e-6
+    chars = np.maximum((px[sel] / 6.5).astype(int), 3)
+    text = [_short(str(n), int(c)) for n, c in zip(ev.label[sel], chars)]
+    fig.add_trace(go.Scatter(x=mid, y=ev.lane[sel], mode="text", text=text, textfont={"size": 10, "color": "white"},
+                             hoverinfo="skip", showlegend=False, meta={"bar_labels": int(len(sel))}), **at)
+    return int(len(sel))
+
+
+def _add_launch_links(fig: go.Figure, index: TimelineIndex, ev, lo: int, hi: int, at: dict) -> int:
+    """A thin line from each visible kernel's launch call (CUDA API lane) to the kernel's start, for calls
+    inside the view (lines from calls far off screen would cover the lanes)."""
+    pos, api_lane, api_start = index.launches(ev)
+    inside = (api_start >= lo) & (api_start < hi)
+    pos, api_lane, api_start = pos[inside], api_lane[inside], api_start[inside]
+    if not len(pos):
+        return 0
+    if len(pos) > MAX_LINKS:  # evenly thinned: the pattern stays visible
+        keep = np.linspace(0, len(pos) - 1, MAX_LINKS).astype(np.int64)
+        pos, api_lane, api_start = pos[keep], api_lane[keep], api_start[keep]
+    fig.add_trace(go.Scatter(x=_triples(api_start * 1e-6, ev.start[pos] * 1e-6), y=_triples(api_lane + 0.3, ev.lane[pos] - 0.3),
+                             mode="lines", line={"color": "rgba(55,65,81,0.35)", "width": 1}, name="launch → kernel",
+                             hoverinfo="skip", connectgaps=False, meta={"links": int(len(pos))}), **at)
+    return int(len(pos))
 
 
 def _gpu_extent(index: TimelineIndex) -> tuple[int, int]:
