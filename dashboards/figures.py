@@ -158,7 +158,7 @@ def category_figure(analysis) -> go.Figure:
         fig.add_bar(y=d["rank"], x=100 * d["frac"], name=cat, orientation="h", marker_color=COLORS.get(cat, "#999"),
                     text=[fmt_ns(v) for v in d["ns"]], hovertemplate=f"{cat}: %{{x:.1f}}%% of the window (%{{text}})<extra></extra>")
     fig.update_layout(template=_TEMPLATE, barmode="stack", title="Time by category (% of the steady-state window)",
-                      height=140 + 40 * len(analysis.ranks), xaxis_title="% of window", margin={"l": 70, "r": 20, "t": 50, "b": 40},
+                      height=140 + 40 * len(analysis.ranks), xaxis={"title": "% of window", "range": [0, 100]}, margin={"l": 70, "r": 20, "t": 50, "b": 40},
                       legend={"orientation": "h", "y": -0.35}, meta={"bars": len(df)})
     return fig
 
@@ -295,7 +295,7 @@ def timeline_figure(index: TimelineIndex, view_ns: tuple[int, int] | None = None
     if exact:
         ev = index.events(lo, hi)
         drawn = len(ev)
-        min_w = max((hi - lo) // 1500, 1)  # at least ~1 px so a 1 us kernel is visible at any zoom
+        min_w = max((hi - lo) // 700, 1)  # at least ~2 px so a 1 us kernel is visible at any zoom
         for ci, cat in enumerate(CATEGORIES):
             sel = np.nonzero(ev.category == ci)[0]
             if len(sel) == 0:
@@ -310,7 +310,8 @@ def timeline_figure(index: TimelineIndex, view_ns: tuple[int, int] | None = None
             t3[0::3] = text
             t3[1::3] = text
             t3[2::3] = ""
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=cat, line={"color": COLORS[cat], "width": 18},
+            # simplify=False: plotly.js otherwise drops segments shorter than a pixel (a blank lane)
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=cat, line={"color": COLORS[cat], "width": 18, "simplify": False},
                                      text=t3, hovertemplate="%{text}<extra></extra>", connectgaps=False,
                                      legendgroup=cat, meta={"category": cat, "events": int(len(sel))}), **at)
         labels = _add_bar_labels(fig, ev, lo, hi, at)
@@ -760,7 +761,7 @@ def comm_fraction_figure(analysis) -> go.Figure:
     for m, g in df.groupby("metric", sort=True):
         fig.add_bar(x=g["rank"], y=g["value"], name=m)
     fig.update_layout(template=_TEMPLATE, barmode="group", title="Exposed communication and bubbles (% of window)",
-                      height=360, yaxis_title="%", meta={"bars": int(len(df))})
+                      height=360, yaxis={"title": "% of window", "range": [0, 100]}, meta={"bars": int(len(df))})
     return fig
 
 
@@ -807,23 +808,31 @@ def straggler_frame(trace: Trace) -> pd.DataFrame:
 
 # ====================================================================================== memory
 def memory_figure(trace: Trace, max_points: int = 4000) -> go.Figure:
-    """Allocated GPU memory over time (running sum of allocation events per rank and device), and every
-    memory counter (reserved / allocated / used samples), on the timeline's clock."""
+    """GPU memory over time on the timeline's clock: the running sum of allocation events per rank,
+    device and source (nsys ``--cuda-memory-usage``, a PyTorch memory snapshot's trace), allocated blocks
+    (alloc/free) and reserved segments (segment_*) apart, and every memory counter; a counter sampled once
+    (a snapshot's allocator state) is a marker."""
     me = trace.memory_events
     origin = run_origin_ns(trace)
     fig = go.Figure()
     n = 0
-    for (rank, dev), g in me.groupby(["rank", "device_id"], sort=True):
-        g = g.sort_values("ts_ns", kind="stable")
-        b = g["bytes"].to_numpy(np.float64)
-        sign = np.where(g["kind"].astype(str).to_numpy() == "free", -1.0, 1.0)
-        delta = np.where(b < 0, b, sign * b)
-        t = (g["ts_ns"].to_numpy(np.int64) - origin) * 1e-6
-        y = np.cumsum(delta)
-        t, y = _downsample_step(t, y, max_points)
-        fig.add_trace(go.Scatter(x=t, y=y / 2**30, mode="lines", line={"shape": "hv"}, name=f"r{rank} gpu{dev} allocated (events)",
-                                 meta={"series": "allocated", "events": int(len(g))}))
-        n += 1
+    if len(me):
+        kind = me["kind"].astype(str).to_numpy()
+        series = np.where(np.char.startswith(kind.astype(str), "segment"), "reserved", "allocated")
+        d = pd.DataFrame({"rank": me["rank"].to_numpy(), "dev": me["device_id"].to_numpy(), "src": me["source"].astype(str).to_numpy(),
+                          "series": series, "ts": me["ts_ns"].to_numpy(np.int64), "b": me["bytes"].to_numpy(np.float64),
+                          "free": np.char.startswith(kind.astype(str), "free") | (kind == "segment_free")})
+        for (rank, dev, src, ser), g in d.groupby(["rank", "dev", "src", "series"], sort=True):
+            g = g.sort_values("ts", kind="stable")
+            b = g["b"].to_numpy()
+            delta = np.where(b < 0, b, np.where(g["free"].to_numpy(), -b, b))
+            t = (g["ts"].to_numpy() - origin) * 1e-6
+            y = np.cumsum(delta)
+            t, y = _downsample_step(t, y, max_points)
+            fig.add_trace(go.Scatter(x=t, y=y / 2**30, mode="lines+markers" if len(t) == 1 else "lines", line={"shape": "hv"},
+                                     name=f"rank {rank} GPU {dev} {ser} ({src.replace('_', ' ')})",
+                                     meta={"series": ser, "source": src, "events": int(len(g))}))
+            n += 1
     cnt = trace.counters
     if len(cnt):
         mem = cnt[cnt["name"].astype(str).str.contains(r"mem|reserved|allocated|kv", case=False, regex=True)]
@@ -832,13 +841,16 @@ def memory_figure(trace: Trace, max_points: int = 4000) -> go.Figure:
             v = g["value"].to_numpy(np.float64)
             scale = 2**30 if np.nanmax(np.abs(v)) > 2**20 else 1.0
             t, v = _downsample_step(t, v, max_points)
-            fig.add_trace(go.Scatter(x=t, y=v / scale, mode="lines", line={"shape": "hv", "dash": "dot"},
-                                     name=f"r{rank} {name}" + (" (GiB)" if scale > 1 else ""), meta={"series": str(name)}))
+            one = len(t) == 1
+            fig.add_trace(go.Scatter(x=t, y=v / scale, mode="markers" if one else "lines",
+                                     line={"shape": "hv", "dash": "dot"}, marker={"size": 10, "symbol": "diamond"},
+                                     name=f"rank {rank} {name}" + (" (GiB)" if scale > 1 else "") + (" at snapshot" if one else ""),
+                                     meta={"series": str(name), "points": int(len(t))}))
             n += 1
     if n == 0:
         return empty_figure("no memory events or memory counters in this run "
                             "(nsys --cuda-memory-usage=true or torch.profiler profile_memory=True records them)", "GPU memory")
-    fig.update_layout(template=_TEMPLATE, title="GPU memory over time", height=420, xaxis_title="ms since first event", showlegend=True,
+    fig.update_layout(template=_TEMPLATE, title="GPU memory over time", height=460, xaxis_title="ms since first event", showlegend=True,
                       yaxis_title="GiB", legend={"orientation": "h", "y": -0.2}, meta={"series": n})
     return fig
 
@@ -931,4 +943,127 @@ def compare_figure(a, b, name_a: str = "A", name_b: str = "B", top: int = 15) ->
     fig.update_layout(template=_TEMPLATE, height=140 + 26 * len(d), margin={"l": 330, "r": 20, "t": 60, "b": 40},
                       title={"text": f"Per-kernel time per step, {name_b} − {name_a} (step {sa:.3f} → {sb:.3f} ms)", "font": {"size": 14}},
                       xaxis_title="us per step (B − A)", meta={"bars": int(len(d)), "kernels": int(len(df))})
+    return fig
+
+
+# ====================================================================================== summaries
+def example_caption(analysis, finding) -> str:
+    """What the finding's timeline example shows: its cause or name, length and start."""
+    ex = best_example(finding)
+    span = example_span(analysis, finding, ex)
+    if ex is None or span is None:
+        return "No timed example in the evidence: the view is the rank's steady-state window."
+    group = _example_group(finding, ex)
+    what = ex.get("name") or ex.get("direction") or ""
+    head = " · ".join(x for x in (group.replace("_", " ") if group else "", str(what)) if x)
+    return (f"Example that carries the most of the saving: {head + ', ' if head else ''}{fmt_ns(span[1] - span[0])} "
+            f"starting {fmt_ns(span[0] - _rank_window(analysis, finding)[0])} into the steady-state window.")
+
+
+def _example_group(finding, ex) -> str:
+    examples = (finding.evidence or {}).get("examples")
+    if isinstance(examples, dict):
+        for k, v in examples.items():
+            if isinstance(v, list) and any(e is ex for e in v):
+                return str(k)
+    return ""
+
+
+def launch_delay_figure(delays: pd.DataFrame, bins: int = 60) -> go.Figure:
+    """Distribution of launch delays (kernel start minus its launch call's start), one histogram per rank,
+    binned here (log-spaced bins in microseconds) so a million launches cost 60 bars."""
+    if delays.empty:
+        return empty_figure("no kernels matched to launch calls (needs CUDA API calls with correlation ids)", "Launch delay")
+    d_us = np.maximum(delays["delay_ns"].to_numpy(np.float64), 1.0) / 1e3
+    edges = np.logspace(np.log10(d_us.min()), np.log10(max(d_us.max(), d_us.min() * 1.01)), bins + 1)
+    fig = go.Figure()
+    for rank, g in delays.groupby("rank", sort=True):
+        v = np.maximum(g["delay_ns"].to_numpy(np.float64), 1.0) / 1e3
+        counts, _ = np.histogram(v, edges)
+        mid = np.sqrt(edges[:-1] * edges[1:])
+        fig.add_bar(x=mid, y=counts, width=np.diff(edges), name=f"rank {rank}", opacity=0.75,
+                    hovertemplate="%{x:.3g} us: %{y} launches<extra></extra>", meta={"launches": int(len(g))})
+    p50, p99 = np.percentile(d_us, [50, 99])
+    fig.update_layout(template=_TEMPLATE, barmode="overlay", height=340,
+                      title={"text": f"Launch delay: kernel start − launch call start (median {p50:.3g} us, p99 {p99:.3g} us)",
+                             "font": {"size": 14}},
+                      xaxis={"type": "log", "title": "delay (us)"}, yaxis_title="launches", meta={"launches": int(len(delays))})
+    return fig
+
+
+def kernel_duration_figure(trace: Trace, windows: dict | None, top: int = 12) -> go.Figure:
+    """Duration distribution of the kernels with the most total time (box: min, quartiles, median, max),
+    quartiles computed here so a kernel launched a million times costs five numbers."""
+    from gpudoctor.model.stats import in_windows
+    k = trace.kernels[in_windows(trace.kernels, windows)]
+    if k.empty:
+        return empty_figure("no kernels in the steady-state window", "Kernel durations")
+    d = pd.DataFrame({"kernel": k["name"].to_numpy(), "us": (k["end_ns"] - k["start_ns"]).to_numpy() / 1e3})
+    g = d.groupby("kernel", observed=True)["us"]
+    q = pd.DataFrame({"total": g.sum(), "min": g.min(), "q1": g.quantile(0.25), "med": g.median(), "q3": g.quantile(0.75),
+                      "max": g.max(), "n": g.size()}).sort_values("total", ascending=False).head(top).iloc[::-1]
+    names = [_short(n, 60) for n in q.index.astype(str)]
+    fig = go.Figure(go.Box(y=names, q1=q["q1"], median=q["med"], q3=q["q3"], lowerfence=q["min"], upperfence=q["max"],
+                           orientation="h", marker_color=COLORS["gemm"], name="duration", hoverinfo="x",
+                           meta={"kernels": int(len(q))}))
+    fig.update_layout(template=_TEMPLATE, height=120 + 30 * len(q), margin={"l": 20, "r": 20, "t": 50, "b": 40},
+                      title={"text": f"Kernel durations (the {len(q)} kernels with most time; min, quartiles, max)", "font": {"size": 14}},
+                      xaxis={"type": "log", "title": "duration (us)"}, showlegend=False, meta={"kernels": int(len(q))})
+    return fig
+
+
+def step_figure(steps: pd.DataFrame) -> go.Figure:
+    """Per step: GPU busy time and idle time by cause (stacked), exposed communication as a line."""
+    if steps.empty:
+        return empty_figure("no steps found (NVTX ranges, gpudoctor.annotate.step() or torch.profiler steps mark them)", "Steps")
+    fig = go.Figure()
+    multi = steps["rank"].nunique() > 1
+    x = [f"r{r} s{s}" if multi else str(s) for r, s in zip(steps["rank"], steps["step"])]
+    fig.add_bar(x=x, y=steps["gpu_busy_ns"] / 1e6, name="GPU busy", marker_color="#1f77b4")
+    idle_cols = [c for c in steps.columns if c.startswith("idle_")]
+    colors = ["#fbbf24", "#f97316", "#ef4444", "#a855f7", "#10b981", "#94a3b8"]
+    for i, c in enumerate(idle_cols):
+        fig.add_bar(x=x, y=steps[c] / 1e6, name=c.removeprefix("idle_").removesuffix("_ns").replace("_", " ") + " (idle)",
+                    marker_color=colors[i % len(colors)])
+    if not idle_cols:
+        fig.add_bar(x=x, y=steps["gpu_idle_ns"] / 1e6, name="GPU idle", marker_color="#cbd5e1")
+    if steps["exposed_comm_ns"].any():
+        fig.add_scatter(x=x, y=steps["exposed_comm_ns"] / 1e6, name="exposed communication", mode="lines+markers",
+                        line={"color": COLORS["nccl"]})
+    fig.update_layout(template=_TEMPLATE, barmode="stack", height=380, title={"text": "Per step: GPU busy and idle by cause", "font": {"size": 14}},
+                      xaxis_title="rank / step" if multi else "step", yaxis_title="ms", meta={"steps": int(len(steps))},
+                      legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+def collective_summary_frame(trace: Trace) -> pd.DataFrame:
+    """Per rank and collective op: calls, total and mean time, and how many calls carry a size."""
+    c = trace.collectives
+    cols = ["rank", "op", "calls", "total_ms", "mean_us", "max_us", "sized_calls", "total_bytes"]
+    if c.empty:
+        return pd.DataFrame(columns=cols)
+    d = pd.DataFrame({"rank": c["rank"].to_numpy(), "op": c["op"].astype(str).to_numpy(),
+                      "dur": (c["end_ns"] - c["start_ns"]).to_numpy(), "b": c["bytes"].to_numpy()})
+    d["sized"] = d["b"] > 0
+    d["b"] = d["b"].clip(lower=0)
+    g = d.groupby(["rank", "op"], sort=True).agg(calls=("dur", "size"), total=("dur", "sum"), mean=("dur", "mean"),
+                                                 mx=("dur", "max"), sized_calls=("sized", "sum"), total_bytes=("b", "sum")).reset_index()
+    g["total_ms"] = (g["total"] / 1e6).round(3)
+    g["mean_us"] = (g["mean"] / 1e3).round(1)
+    g["max_us"] = (g["mx"] / 1e3).round(1)
+    return g[cols]
+
+
+def collective_time_figure(trace: Trace) -> go.Figure:
+    """Time in collectives per rank, by op (what the bandwidth chart cannot show when sizes are unknown)."""
+    d = collective_summary_frame(trace)
+    if d.empty:
+        return empty_figure("no collectives in this run", "Time in collectives")
+    fig = go.Figure()
+    for op, g in d.groupby("op", sort=True):
+        fig.add_bar(x=[f"rank {r}" for r in g["rank"]], y=g["total_ms"], name=op,
+                    text=[f"{n} calls" for n in g["calls"]], hovertemplate="%{x}: %{y:.2f} ms (%{text})<extra>" + op + "</extra>")
+    fig.update_layout(template=_TEMPLATE, barmode="stack", height=340, yaxis_title="ms in the whole trace",
+                      title={"text": "Time in collectives per rank (NCCL kernels / ranges, whole trace)", "font": {"size": 14}},
+                      meta={"bars": int(len(d))})
     return fig

@@ -154,9 +154,10 @@ def _table(df: pd.DataFrame, rows: int, multi_rank: bool):
         numeric = pd.api.types.is_numeric_dtype(d[c])
         head = (c.removesuffix("_ns")[: -len("_fraction")] + " %" if c.endswith("_fraction") else c.removesuffix("_ns")).replace("_", " ")
         if numeric:
-            t.add_column(head, justify="right", min_width=max(len(x) for x in cells[c]), overflow="fold")
+            t.add_column(head, justify="right", overflow="fold",
+                         min_width=max([len(x) for x in cells[c]] + [len(w) for w in head.split()]))
         else:
-            t.add_column(head, justify="left", overflow="fold", min_width=min(24, max(len(x) for x in cells[c])))
+            t.add_column(head, justify="left", overflow="fold", min_width=min(44, max(len(x) for x in cells[c])))
     for i in range(len(d)):
         t.add_row(*(cells[c][i] for c in cols))
     return t
