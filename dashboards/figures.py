@@ -405,19 +405,23 @@ def _add_bar_labels(fig: go.Figure, ev, lo: int, hi: int, at: dict) -> int:
 
 
 def _add_launch_links(fig: go.Figure, index: TimelineIndex, ev, lo: int, hi: int, at: dict) -> int:
-    """A thin line from each visible kernel's launch call (CUDA API lane) to the kernel's start, for calls
-    inside the view (lines from calls far off screen would cover the lanes)."""
+    """A thin line from each visible GPU op's launch call (CUDA API lane) to the op's start. Calls made
+    before the view (the host runs ahead of the GPU) are drawn fainter: they enter from the left edge."""
     pos, api_lane, api_start = index.launches(ev)
-    inside = (api_start >= lo) & (api_start < hi)
-    pos, api_lane, api_start = pos[inside], api_lane[inside], api_start[inside]
     if not len(pos):
         return 0
-    if len(pos) > MAX_LINKS:  # evenly thinned: the pattern stays visible
-        keep = np.linspace(0, len(pos) - 1, MAX_LINKS).astype(np.int64)
-        pos, api_lane, api_start = pos[keep], api_lane[keep], api_start[keep]
-    fig.add_trace(go.Scatter(x=_triples(api_start * 1e-6, ev.start[pos] * 1e-6), y=_triples(api_lane + 0.3, ev.lane[pos] - 0.3),
-                             mode="lines", line={"color": "rgba(55,65,81,0.35)", "width": 1}, name="launch → kernel",
-                             hoverinfo="skip", connectgaps=False, meta={"links": int(len(pos))}), **at)
+    inside = (api_start >= lo) & (api_start < hi)
+    for sel, name, color in ((inside, "launch → kernel", "rgba(55,65,81,0.45)"),
+                             (~inside, "launch (before the view) → kernel", "rgba(55,65,81,0.12)")):
+        p, ln, st = pos[sel], api_lane[sel], api_start[sel]
+        if not len(p):
+            continue
+        if len(p) > MAX_LINKS:  # evenly thinned: the pattern stays visible
+            keep = np.linspace(0, len(p) - 1, MAX_LINKS).astype(np.int64)
+            p, ln, st = p[keep], ln[keep], st[keep]
+        fig.add_trace(go.Scatter(x=_triples(st * 1e-6, ev.start[p] * 1e-6), y=_triples(ln + 0.3, ev.lane[p] - 0.3),
+                                 mode="lines", line={"color": color, "width": 1, "simplify": False}, name=name,
+                                 hoverinfo="skip", connectgaps=False, meta={"links": int(len(p))}), **at)
     return int(len(pos))
 
 
