@@ -22,7 +22,7 @@ SEVERITY_STYLE = {"high": "bold red", "medium": "yellow", "low": "cyan", "info":
 PIPE_WIDTH = 120
 _NBSP = "\u00a0"
 # a number and its unit (or an arrow between values) stay on one line
-_KEEP = re.compile(r"(?<=\d) (?=(?:ns|us|µs|ms|s|%|GB|GiB|MB|MiB|KB|KiB|B|W|MHz|GB/s|TB/s|TFLOP/s|FLOP/B|x)\b)|(?<=\d) (?=->|→)|(?<=->) |(?<=→) ")
+_KEEP = re.compile(r"(?<=\d) (?=(?:ns|us|µs|ms|s|%|GB|GiB|MB|MiB|KB|KiB|B|W|MHz|GB/s|TB/s|TFLOP/s|FLOP/B|x)\b)|(?<=\d) (?=->|→)|(?<=->) |(?<=→) |(?<=--set) ")
 
 
 def make_console(no_color: bool = False, file=None) -> Console:
@@ -33,8 +33,10 @@ def make_console(no_color: bool = False, file=None) -> Console:
     if not tty:
         cols = os.environ.get("COLUMNS", "")
         width = int(cols) if cols.isdigit() and int(cols) >= 40 else PIPE_WIDTH
-    return Console(file=out, width=width, no_color=no_color or bool(os.environ.get("NO_COLOR")), highlight=False,
-                   soft_wrap=False)
+    plain = no_color or bool(os.environ.get("NO_COLOR"))
+    # color_system=None: no escape codes at all (no_color alone still writes bold)
+    return Console(file=out, width=width, no_color=plain, highlight=False, soft_wrap=False,
+                   **({"color_system": None} if plain else {}))
 
 
 def paragraph(text: str, width: int, indent: str = "", first: str | None = None) -> str:
@@ -92,7 +94,8 @@ def render(analysis, console: Console | None = None, top: int = 8, verbose: bool
     for f in findings:
         style = SEVERITY_STYLE.get(f.severity, "")
         where = f" rank {f.rank}" if f.rank is not None and len(analysis.ranks) > 1 else ""
-        saving = f"  saves ~{ns(f.estimated_saving_ns)} ({pct(f.estimated_saving_fraction)} of window)" if f.estimated_saving_ns else ""
+        saving = (f"  saves ~{ns(f.estimated_saving_ns)} ({pct(f.estimated_saving_fraction)} of window)"
+                  .replace(" ", _NBSP).replace(_NBSP * 2, "  ", 1) if f.estimated_saving_ns else "")  # one phrase
         head = f"{f.severity.upper():6} "
         body = paragraph(f"{head}{f.analyzer}{where}: {f.title}{saving}", c.width, " " * 8, "")
         line = Text(body)
