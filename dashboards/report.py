@@ -147,7 +147,9 @@ def build_report(analysis, name: str, ceilings: dict | None = None) -> str:
         parts.append("</section>")
     if not trace.collectives.empty or any(f.analyzer in F.COMM_ANALYZERS for f in a.findings):
         parts.append("<section id='communication'><h2>Communication</h2>")
-        parts.append(_figure_html(F.comm_bandwidth_figure(trace, ceilings, F.analysis_link_ceiling(a, ceilings)), "fig-comm"))
+        bw = F.comm_bandwidth_figure(trace, ceilings, F.analysis_link_ceiling(a, ceilings))
+        parts.append(f"<p class='muted'>{esc(bw.layout.meta['message'])}</p>" if bw.layout.meta.get("empty")
+                     else _figure_html(bw, "fig-comm"))
         parts.append(_figure_html(F.comm_fraction_figure(a), "fig-comm-fraction"))
         parts.append(_figure_html(F.collective_time_figure(trace), "fig-comm-time"))
         parts.append("<h3>Collectives per rank and op</h3>" + _table_html(F.collective_summary_frame(trace)))
