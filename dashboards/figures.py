@@ -302,7 +302,8 @@ def timeline_figure(index: TimelineIndex, view_ns: tuple[int, int] | None = None
                 continue
             s = ev.start[sel]
             e = ev.end[sel]
-            x = _triples(s * ms, np.maximum(e, s + min_w) * ms)
+            # drawn clipped to the view: geometry far outside it would widen the page (hover keeps the real times)
+            x = _triples(np.maximum(s, lo) * ms, np.minimum(np.maximum(e, s + min_w), max(hi, s.max() + min_w)) * ms)
             y = _triples(ev.lane[sel], ev.lane[sel])
             text = [f"{lab}<br>{cat} · {fmt_ns(b - a)}<br>start {a * ms:.3f} ms"
                     for lab, a, b in zip(ev.label[sel], s, e)]
@@ -419,7 +420,11 @@ def _add_launch_links(fig: go.Figure, index: TimelineIndex, ev, lo: int, hi: int
         if len(p) > MAX_LINKS:  # evenly thinned: the pattern stays visible
             keep = np.linspace(0, len(p) - 1, MAX_LINKS).astype(np.int64)
             p, ln, st = p[keep], ln[keep], st[keep]
-        fig.add_trace(go.Scatter(x=_triples(st * 1e-6, ev.start[p] * 1e-6), y=_triples(ln + 0.3, ev.lane[p] - 0.3),
+        y0, y1 = ln + 0.3, ev.lane[p] - 0.3
+        x1 = np.maximum(ev.start[p], lo).astype(np.float64)
+        x0 = np.maximum(st, lo).astype(np.float64)  # a call before the view: the line enters at the left edge
+        y0 = y0 + (y1 - y0) * (x0 - st) / np.maximum(x1 - st, 1)
+        fig.add_trace(go.Scatter(x=_triples(x0 * 1e-6, x1 * 1e-6), y=_triples(y0, y1),
                                  mode="lines", line={"color": color, "width": 1, "simplify": False}, name=name,
                                  hoverinfo="skip", connectgaps=False, meta={"links": int(len(p))}), **at)
     return int(len(pos))
@@ -989,7 +994,7 @@ def launch_delay_figure(delays: pd.DataFrame, bins: int = 60) -> go.Figure:
                     hovertemplate="%{x:.3g} us: %{y} launches<extra></extra>", meta={"launches": int(len(g))})
     p50, p99 = np.percentile(d_us, [50, 99])
     fig.update_layout(template=_TEMPLATE, barmode="overlay", height=340,
-                      title={"text": f"Launch delay: kernel start − launch call start (median {p50:.3g} us, p99 {p99:.3g} us)",
+                      title={"text": f"Launch delay: kernel start − launch call start (median {fmt_ns(p50 * 1e3)}, p99 {fmt_ns(p99 * 1e3)})",
                              "font": {"size": 14}},
                       xaxis={"type": "log", "title": "delay (us)"}, yaxis_title="launches", meta={"launches": int(len(delays))})
     return fig

@@ -42,7 +42,7 @@ def _table_html(df: pd.DataFrame, max_rows: int | None = None, classes: dict[str
         return "<p class='muted'>none</p>"
     d = df.head(max_rows) if max_rows else df
     cols = [c for c in d.columns if not str(c).startswith("_")]
-    out = ["<table><thead><tr>", *[f"<th>{html.escape(str(c))}</th>" for c in cols], "</tr></thead><tbody>"]
+    out = ["<table><thead><tr>", *[f"<th>{html.escape(str(c)).replace('_', '_<wbr>')}</th>" for c in cols], "</tr></thead><tbody>"]
     for row in d[cols].itertuples(index=False, name=None):
         out.append("<tr>")
         for c, v in zip(cols, row):

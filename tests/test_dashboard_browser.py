@@ -434,3 +434,27 @@ def test_finding_evidence_is_the_largest_saving_example(page, server, errors):
     assert idx >= 0
     shot(page, "overview-finding-decode")
     assert errors == []
+
+
+# ------------------------------------------------------------------------------------------ the HTML report
+@pytest.mark.parametrize("name, inputs", [("decode", [FX / "nsys" / "decode.nsys.sqlite"]),
+                                          ("mlp-ncu", [FX / "nsys" / "mlp_fp32.nsys.sqlite", FX / "ncu" / "ncu_kernels.raw.csv"]),
+                                          ("ddp-2gpu", MULTI["ddp_comm_bound (2x H200, nsys)"])])
+def test_report_in_the_browser(page, errors, tmp_path, name, inputs):
+    """The report opens offline, draws every figure, and fits the window (long kernel names wrap)."""
+    from gpudoctor.dashboards.report import write_report
+    from gpudoctor.pipeline import analyze_inputs
+
+    path = write_report(tmp_path / f"{name}.html", analyze_inputs([str(p) for p in inputs]), name)
+    page.set_viewport_size({"width": 1300, "height": 900})
+    page.goto(path.as_uri())
+    page.wait_for_selector("#fig-timeline-steady .main-svg", state="attached", timeout=60_000)
+    page.wait_for_timeout(500)
+    drawn = page.evaluate(DRAWN_JS)
+    assert drawn and all(v > 0 for v in drawn.values()), drawn
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1300
+    # the fraction axis is 0-100% however small the shares
+    assert page.evaluate("document.getElementById('fig-category')._fullLayout.xaxis.range") == [0, 100]
+    ART.mkdir(exist_ok=True)
+    page.screenshot(path=str(ART / f"report-{name}.png"), full_page=True)
+    assert errors == []
