@@ -246,8 +246,10 @@ def create_app(runs: list[Run], prepare: bool = True):
             html.H3(f"Communication — {run.name}"),
             dcc.Graph(id="comm-bw-graph", figure=F.comm_bandwidth_figure(a.trace, run.ceilings, link), config={"displaylogo": False}),
             dcc.Graph(id="comm-fraction-graph", figure=F.comm_fraction_figure(a), config={"displaylogo": False}),
-            dcc.Graph(id="comm-time-graph", figure=F.collective_time_figure(a.trace), config={"displaylogo": False}),
-            html.H4("Collectives per rank and op"),
+            dcc.Graph(id="comm-time-graph", figure=F.collective_time_figure(a.trace, S.windows(a)), config={"displaylogo": False}),
+            html.H4("Communication kernels per rank and collective (steady-state window)"),
+            _table("comm-kernel-table", F.comm_kernel_frame(a.trace, S.windows(a))),
+            html.H4("Collective calls per rank and op (host side, whole trace)"),
             _table("comm-summary-table", F.collective_summary_frame(a.trace)) if len(a.trace.collectives)
             else html.Em("No collectives in this run."),
             html.H4("Exposed communication and bubbles (findings)"),

@@ -105,8 +105,10 @@ def findings_frame(analysis) -> pd.DataFrame:
 
 
 def _metric(v) -> str:
+    if v is None:
+        return "unknown"
     if isinstance(v, float):
-        return "n/a" if v != v else (f"{v:.3g}" if abs(v) < 1e6 else f"{v:.3e}")
+        return "unknown" if v != v else (f"{v:.3g}" if abs(v) < 1e6 else f"{v:.3e}")
     return str(v)
 
 
@@ -1063,16 +1065,45 @@ def collective_summary_frame(trace: Trace) -> pd.DataFrame:
     return g[cols]
 
 
-def collective_time_figure(trace: Trace) -> go.Figure:
-    """Time in collectives per rank, by op (what the bandwidth chart cannot show when sizes are unknown)."""
-    d = collective_summary_frame(trace)
+_NCCL_OP = re.compile(r"nccl(?:Dev)?Kernel_([A-Za-z]+)|nccl([A-Z][a-z]+(?:[A-Z][a-z]+)*?)(?:Ring|Tree|Kernel)")
+
+
+def comm_kernel_frame(trace: Trace, windows: dict | None = None) -> pd.DataFrame:
+    """Communication kernels (GPU time) per rank and collective, in each rank's window: kernels, GPU
+    time, share of the window. The op comes from the NCCL kernel name (ncclDevKernel_AllReduce_... ->
+    all_reduce)."""
+    from gpudoctor.model.stats import in_windows, window_total_ns
+    cols = ["rank", "op", "kernels", "gpu_ms", "mean_us", "window_pct"]
+    k = trace.kernels
+    k = k[in_windows(k, windows) & (k["category"].astype(str).to_numpy() == "communication")]
+    if k.empty:
+        return pd.DataFrame(columns=cols)
+    names = k["name"].astype(str)
+    op = names.str.extract(_NCCL_OP).bfill(axis=1).iloc[:, 0].fillna("other")
+    op = op.str.replace(r"(?<!^)(?=[A-Z])", "_", regex=True).str.lower()
+    d = pd.DataFrame({"rank": k["rank"].to_numpy(), "op": op.to_numpy(), "d": (k["end_ns"] - k["start_ns"]).to_numpy()})
+    g = d.groupby(["rank", "op"], sort=True)["d"].agg(["size", "sum", "mean"]).reset_index()
+    span = {int(r): window_total_ns(k[k["rank"].to_numpy() == r], windows) for r in g["rank"].unique()}
+    g["kernels"] = g["size"]
+    g["gpu_ms"] = (g["sum"] / 1e6).round(3)
+    g["mean_us"] = (g["mean"] / 1e3).round(1)
+    g["window_pct"] = (100 * g["sum"] / g["rank"].map(span).clip(lower=1)).round(1)
+    return g[cols]
+
+
+def collective_time_figure(trace: Trace, windows: dict | None = None) -> go.Figure:
+    """GPU time of the communication kernels per rank, by collective, as % of each rank's window (what
+    the bandwidth chart cannot show when message sizes are unknown)."""
+    d = comm_kernel_frame(trace, windows)
     if d.empty:
-        return empty_figure("no collectives in this run", "Time in collectives")
+        return empty_figure("no communication kernels in the steady-state window", "Communication kernel time")
     fig = go.Figure()
     for op, g in d.groupby("op", sort=True):
-        fig.add_bar(x=[f"rank {r}" for r in g["rank"]], y=g["total_ms"], name=op,
-                    text=[f"{n} calls" for n in g["calls"]], hovertemplate="%{x}: %{y:.2f} ms (%{text})<extra>" + op + "</extra>")
-    fig.update_layout(template=_TEMPLATE, barmode="stack", height=340, yaxis_title="ms in the whole trace",
-                      title={"text": "Time in collectives per rank (NCCL kernels / ranges, whole trace)", "font": {"size": 14}},
+        fig.add_bar(x=[f"rank {r}" for r in g["rank"]], y=g["window_pct"], name=op,
+                    customdata=np.c_[g["gpu_ms"], g["kernels"]],
+                    hovertemplate="%{x}: %{y:.1f}% of the window (%{customdata[0]:.2f} ms, %{customdata[1]} kernels)<extra>"
+                    + op + "</extra>")
+    fig.update_layout(template=_TEMPLATE, barmode="stack", height=340, yaxis={"title": "% of window", "range": [0, 100]},
+                      title={"text": "Communication kernels: GPU time per rank (steady-state window)", "font": {"size": 14}},
                       meta={"bars": int(len(d))})
     return fig

@@ -151,8 +151,10 @@ def build_report(analysis, name: str, ceilings: dict | None = None) -> str:
         parts.append(f"<p class='muted'>{esc(bw.layout.meta['message'])}</p>" if bw.layout.meta.get("empty")
                      else _figure_html(bw, "fig-comm"))
         parts.append(_figure_html(F.comm_fraction_figure(a), "fig-comm-fraction"))
-        parts.append(_figure_html(F.collective_time_figure(trace), "fig-comm-time"))
-        parts.append("<h3>Collectives per rank and op</h3>" + _table_html(F.collective_summary_frame(trace)))
+        parts.append(_figure_html(F.collective_time_figure(trace, S.windows(a)), "fig-comm-time"))
+        parts.append("<h3>Communication kernels per rank and collective (steady-state window)</h3>"
+                     + _table_html(F.comm_kernel_frame(trace, S.windows(a))))
+        parts.append("<h3>Collective calls per rank and op (host side, whole trace)</h3>" + _table_html(F.collective_summary_frame(trace)))
         parts.append("<h3>Stragglers (last rank to arrive at each collective)</h3>" + _table_html(F.straggler_frame(trace)))
         sf = F.straggler_findings_frame(a)
         if len(sf):

@@ -410,6 +410,7 @@ def test_pages_draw_figures_for_each_fixture_kind(page, server, errors, run_inde
         page.click("#nav-communication")
         page.wait_for_selector("#comm-summary-table td[data-dash-column='op']")
         assert sorted(set(rows(page, "comm-summary-table", "op"))) == ["all_gather", "all_reduce", "broadcast"]
+        assert rows(page, "comm-kernel-table", "op") == ["all_reduce", "broadcast", "all_reduce"]
     assert errors == []
 
 

@@ -663,7 +663,16 @@ def test_communication_of_the_ddp_recording(ddp):
     assert cs.groupby("op")["calls"].sum().to_dict() == {"all_gather": 2, "all_reduce": 130, "broadcast": 24}
     assert (cs["sized_calls"] == 0).all()  # nsys without NCCL's NVTX payloads: no message sizes
     assert F.comm_bandwidth_figure(ddp.trace).layout.meta["empty"]
-    fig = F.collective_time_figure(ddp.trace)
-    assert _drawn(fig) == len(cs)
+    # GPU time of the NCCL kernels in each rank's window: all-reduce dominates, as nccl_dominated measures
+    from gpudoctor.render.summaries import windows
+    ck = F.comm_kernel_frame(ddp.trace, windows(ddp))
+    for r in (0, 1):
+        mine = ck[ck["rank"] == r].set_index("op")
+        f = next(f for f in ddp.findings if f.analyzer == "nccl_dominated" and f.rank == r)
+        assert mine["window_pct"].idxmax() == "all_reduce"
+        assert mine.loc["all_reduce", "window_pct"] == pytest.approx(100 * f.metrics["comm_fraction"], abs=0.1)
+    assert ck[ck["op"] == "all_reduce"]["kernels"].tolist() == [40, 32]
+    fig = F.collective_time_figure(ddp.trace, windows(ddp))
+    assert _drawn(fig) == int((ck["window_pct"] > 0).sum()) == 2 and list(fig.layout.yaxis.range) == [0, 100]
     frac = F.comm_fraction_figure(ddp)
     assert list(frac.layout.yaxis.range) == [0, 100] and _drawn(frac) >= 2
