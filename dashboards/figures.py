@@ -408,14 +408,17 @@ def _add_bar_labels(fig: go.Figure, ev, lo: int, hi: int, at: dict) -> int:
 
 
 def _add_launch_links(fig: go.Figure, index: TimelineIndex, ev, lo: int, hi: int, at: dict) -> int:
-    """A thin line from each visible GPU op's launch call (CUDA API lane) to the op's start. Calls made
-    before the view (the host runs ahead of the GPU) are drawn fainter: they enter from the left edge."""
+    """A thin line from each visible GPU op's launch call (CUDA API lane) to the op's start; returns how
+    many visible ops have a recorded call. Calls made up to one view-width before the view (the host runs
+    ahead of the GPU) are drawn fainter, entering from the left edge; earlier ones are not drawn."""
     pos, api_lane, api_start = index.launches(ev)
     if not len(pos):
         return 0
     inside = (api_start >= lo) & (api_start < hi)
+    # calls long before the view would all enter flat along the kernel lane: only those of the last view-width
+    near = ~inside & (api_start >= lo - (hi - lo))
     for sel, name, color in ((inside, "launch → kernel", "rgba(55,65,81,0.45)"),
-                             (~inside, "launch (before the view) → kernel", "rgba(55,65,81,0.12)")):
+                             (near, "launch (before the view) → kernel", "rgba(55,65,81,0.15)")):
         p, ln, st = pos[sel], api_lane[sel], api_start[sel]
         if not len(p):
             continue

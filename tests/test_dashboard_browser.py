@@ -458,4 +458,5 @@ def test_report_in_the_browser(page, errors, tmp_path, name, inputs):
     assert page.evaluate("document.getElementById('fig-category')._fullLayout.xaxis.range") == [0, 100]
     ART.mkdir(exist_ok=True)
     page.screenshot(path=str(ART / f"report-{name}.png"), full_page=True)
+    page.screenshot(path=str(ART / f"report-{name}-top.png"), full_page=True, clip={"x": 0, "y": 0, "width": 1300, "height": 2200})
     assert errors == []
