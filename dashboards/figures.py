@@ -158,7 +158,8 @@ def category_figure(analysis) -> go.Figure:
     for cat in [c for c in CATEGORIES if c in set(df["category"])]:
         d = df[df["category"] == cat]
         fig.add_bar(y=d["rank"], x=100 * d["frac"], name=cat, orientation="h", marker_color=COLORS.get(cat, "#999"),
-                    text=[fmt_ns(v) for v in d["ns"]], hovertemplate=f"{cat}: %{{x:.1f}}%% of the window (%{{text}})<extra></extra>")
+                    text=[fmt_ns(v) for v in d["ns"]], textposition="none",
+                    hovertemplate=f"{cat}: %{{x:.1f}}%% of the window (%{{text}})<extra></extra>")
     fig.update_layout(template=_TEMPLATE, barmode="stack", title="Time by category (% of the steady-state window)",
                       height=140 + 40 * len(analysis.ranks), xaxis={"title": "% of window", "range": [0, 100]}, margin={"l": 70, "r": 20, "t": 50, "b": 40},
                       legend={"orientation": "h", "y": -0.35}, meta={"bars": len(df)})

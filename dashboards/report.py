@@ -11,6 +11,7 @@ import datetime as _dt
 import html
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -29,7 +30,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px auto;ma
 h1{margin-bottom:4px} .muted{color:#6b7280;font-size:13px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0 16px;width:100%}
 th,td{border:1px solid #e5e7eb;padding:4px 8px;text-align:left;vertical-align:top}
-td{overflow-wrap:anywhere} td.num{white-space:nowrap;overflow-wrap:normal}
+td{overflow-wrap:break-word} td.num{white-space:nowrap;overflow-wrap:normal}
 th{background:#f3f4f6} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .sev-high{color:#b91c1c;font-weight:700}.sev-medium{color:#c2410c;font-weight:700}.sev-low{color:#a16207}.sev-info{color:#6b7280}
 details pre{background:#f9fafb;border:1px solid #e5e7eb;padding:8px;max-height:320px;overflow:auto;font-size:12px}
@@ -42,7 +43,7 @@ def _table_html(df: pd.DataFrame, max_rows: int | None = None, classes: dict[str
         return "<p class='muted'>none</p>"
     d = df.head(max_rows) if max_rows else df
     cols = [c for c in d.columns if not str(c).startswith("_")]
-    out = ["<table><thead><tr>", *[f"<th>{html.escape(str(c)).replace('_', '_<wbr>')}</th>" for c in cols], "</tr></thead><tbody>"]
+    out = ["<table><thead><tr>", *[f"<th>{_breakable(str(c))}</th>" for c in cols], "</tr></thead><tbody>"]
     for row in d[cols].itertuples(index=False, name=None):
         out.append("<tr>")
         for c, v in zip(cols, row):
@@ -50,12 +51,18 @@ def _table_html(df: pd.DataFrame, max_rows: int | None = None, classes: dict[str
             cls = (classes or {}).get(c)
             klass = " ".join(x for x in ("num" if num else "", cls(v) if cls else "") if x)
             text = "" if v is None or (isinstance(v, float) and v != v) else str(v)
-            out.append(f"<td{f' class={chr(34)}{klass}{chr(34)}' if klass else ''}>{html.escape(text)}</td>")
+            out.append(f"<td{f' class={chr(34)}{klass}{chr(34)}' if klass else ''}>{_breakable(text)}</td>")
         out.append("</tr>")
     out.append("</tbody></table>")
     if max_rows and len(df) > max_rows:
         out.append(f"<p class='muted'>{len(df) - max_rows} more rows not shown</p>")
     return "".join(out)
+
+
+def _breakable(text: str) -> str:
+    """Escaped ``text`` that may break after ``_ , ( : <`` (long kernel names and shapes wrap there, not
+    inside a word, and never widen the page)."""
+    return re.sub(r"(_|,|\(|::|&lt;)", r"\1<wbr>", html.escape(text))
 
 
 def _figure_html(fig, div_id: str) -> str:

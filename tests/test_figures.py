@@ -641,7 +641,8 @@ def test_fractions_have_fixed_axes(naive, decode):
 def test_report_wraps_long_names(naive):
     from gpudoctor.dashboards.report import build_report
     html = build_report(naive, "attn_naive")
-    assert "td{overflow-wrap:anywhere}" in html and "td.num{white-space:nowrap" in html
+    assert "td{overflow-wrap:break-word}" in html and "td.num{white-space:nowrap" in html
+    assert "<td>softmax_<wbr>warp_<wbr>forward</td>" in html  # names break after underscores
 
 
 def test_memory_figure_draws_every_series():
