@@ -151,14 +151,20 @@ class TimelineIndex:
                 lane_of[(rank, "nccl")] = len(lanes)
                 lanes.append(Lane(rank, "nccl", f"{who}NCCL calls"))
 
-        def lane_codes(keys: pd.DataFrame) -> np.ndarray:
-            # vectorized dict lookup through a MultiIndex of the (few) distinct keys
-            if keys.empty:
+        def lane_codes(key_of, *cols: np.ndarray) -> np.ndarray:
+            """Each row's lane: ``key_of`` (a lane_of key from one row's values) is called once per
+            distinct row, found by factorizing the integer columns (no per-row Python)."""
+            if not len(cols[0]):
                 return np.zeros(0, np.int32)
-            uniq = keys.drop_duplicates()
-            codes = np.array([lane_of[tuple(x)] for x in uniq.itertuples(index=False, name=None)], np.int32)
-            idx = pd.MultiIndex.from_frame(uniq)
-            return codes[idx.get_indexer(pd.MultiIndex.from_frame(keys))]
+            comb = np.zeros(len(cols[0]), np.int64)
+            for col in cols:
+                codes, uniq = pd.factorize(col)
+                comb = comb * len(uniq) + codes
+            codes, uniq = pd.factorize(comb)
+            first = np.empty(len(uniq), np.int64)
+            first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # the first row of each distinct key
+            table = np.array([lane_of[key_of(*(int(col[i]) for col in cols))] for i in first], np.int32)
+            return table[codes]
 
         cat_index = {c: i for i, c in enumerate(CATEGORIES)}
         parts = []
@@ -166,35 +172,32 @@ class TimelineIndex:
         if len(k):
             kc = _codes_via(k["category"], lambda x: cat_index.get(x, cat_index["other"]), cat_index["other"])
             parts.append((
-                lane_codes(pd.DataFrame({"rank": k["rank"].to_numpy(), "kind": "gpu", "dev": k["device_id"].to_numpy(),
-                                         "s": k["stream_id"].to_numpy()})),
+                lane_codes(lambda rk, dev, st: (rk, "gpu", dev, st), k["rank"].to_numpy(), k["device_id"].to_numpy(),
+                           k["stream_id"].to_numpy()),
                 kc.astype(np.int16), k["start_ns"].to_numpy(np.int64), k["end_ns"].to_numpy(np.int64),
                 k["name"], k["correlation_id"].to_numpy(np.int64)))
         if len(m):
             mc = np.where(m["kind"].astype(str).to_numpy() == "memset", cat_index["memset"], cat_index["memcpy"]).astype(np.int16)
             parts.append((
-                lane_codes(pd.DataFrame({"rank": m["rank"].to_numpy(), "kind": "gpu", "dev": m["device_id"].to_numpy(),
-                                         "s": m["stream_id"].to_numpy()})),
+                lane_codes(lambda rk, dev, st: (rk, "gpu", dev, st), m["rank"].to_numpy(), m["device_id"].to_numpy(),
+                           m["stream_id"].to_numpy()),
                 mc, m["start_ns"].to_numpy(np.int64), m["end_ns"].to_numpy(np.int64),
                 pd.Series(m["kind"].astype(str).to_numpy() + " " + _bytes_text(m["bytes"].to_numpy()).to_numpy()).astype("category"),
                 m["correlation_id"].to_numpy(np.int64)))
         if len(r):
             parts.append((
-                lane_codes(pd.DataFrame({"rank": r["rank"].to_numpy(), "kind": "nvtx", "t": r["thread_id"].to_numpy(),
-                                         "d": np.minimum(r["depth"].to_numpy(), MAX_RANGE_DEPTH)})),
+                lane_codes(lambda rk, t, d: (rk, "nvtx", t, d), r["rank"].to_numpy(), r["thread_id"].to_numpy(),
+                           np.minimum(r["depth"].to_numpy(), MAX_RANGE_DEPTH)),
                 np.full(len(r), cat_index["nvtx"], np.int16), r["start_ns"].to_numpy(np.int64),
                 r["end_ns"].to_numpy(np.int64), r["text"], np.full(len(r), -1, np.int64)))
         if len(a):
-            th = a["thread_id"].to_numpy()
-            folded = np.array([api_thread.get((rk, t), -1) for rk, t in zip(*_distinct(a["rank"].to_numpy(), th))])
             parts.append((
-                lane_codes(pd.DataFrame({"rank": a["rank"].to_numpy(), "kind": "api",
-                                         "t": folded[_distinct_codes(a["rank"].to_numpy(), th)]})),
+                lane_codes(lambda rk, t: (rk, "api", api_thread.get((rk, t), -1)), a["rank"].to_numpy(), a["thread_id"].to_numpy()),
                 np.full(len(a), cat_index["api"], np.int16), a["start_ns"].to_numpy(np.int64),
                 a["end_ns"].to_numpy(np.int64), a["name"], a["correlation_id"].to_numpy(np.int64)))
         if len(c):
             parts.append((
-                lane_codes(pd.DataFrame({"rank": c["rank"].to_numpy(), "kind": "nccl"})),
+                lane_codes(lambda rk: (rk, "nccl"), c["rank"].to_numpy()),
                 np.full(len(c), cat_index["nccl"], np.int16), c["start_ns"].to_numpy(np.int64),
                 c["end_ns"].to_numpy(np.int64),
                 pd.Series(c["op"].astype(str).to_numpy() + " " + _bytes_text(c["bytes"].to_numpy()).to_numpy()).astype("category"),
@@ -366,19 +369,6 @@ def _api_lane_threads(a: pd.DataFrame) -> dict[tuple, int]:
         mine = sum(1 for (rk, _), v in out.items() if rk == rank and v != -1)
         out[(int(rank), int(t))] = int(t) if mine < MAX_API_THREADS else -1
     return out
-
-
-def _distinct(*cols: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The distinct rows of the columns (as separate arrays)."""
-    u = pd.DataFrame({i: c for i, c in enumerate(cols)}).drop_duplicates()
-    return tuple(u[i].to_numpy() for i in range(len(cols)))
-
-
-def _distinct_codes(*cols: np.ndarray) -> np.ndarray:
-    """Each row's position among :func:`_distinct` of the same columns."""
-    df = pd.DataFrame({i: c for i, c in enumerate(cols)})
-    u = df.drop_duplicates()
-    return pd.MultiIndex.from_frame(u).get_indexer(pd.MultiIndex.from_frame(df))
 
 
 def _codes_via(col: pd.Series, fn, fill: int) -> np.ndarray:
