@@ -247,7 +247,7 @@ def _example_ns(ex: dict) -> float:
 # ====================================================================================== timeline
 MAX_LABELS = 300  # kernel names written on bars (the widest bars) in the exact view
 MAX_LINKS = 2000  # launch -> kernel arrows in the exact view
-MAX_COUNTER_TRACKS = 6  # counter names drawn as line tracks; the rest are counted in meta
+MAX_COUNTER_TRACKS = 8  # counter names drawn as line tracks; the others are named in the status line
 LANE_PX, COUNTER_PX = 40, 90
 
 
@@ -362,6 +362,8 @@ def timeline_figure(index: TimelineIndex, view_ns: tuple[int, int] | None = None
     status = (f"exact: {n_gpu:,} GPU ops ({n_visible:,} events) drawn one by one" if mode == "exact"
               else f"aggregated: {n_gpu:,} GPU ops ({n_visible:,} events) as busy fraction in {bins} bins"
               + ("" if zoomed_in else " — zoom in to see kernels"))
+    if counter_names[MAX_COUNTER_TRACKS:]:
+        status += f"; counters not drawn: {', '.join(counter_names[MAX_COUNTER_TRACKS:])}"
     yaxis = {"tickmode": "array", "tickvals": list(range(L)), "ticktext": [ln.label for ln in lanes],
              "range": [L - 0.5, -0.5], "showgrid": False, "zeroline": False, "fixedrange": True}
     xr = [lo * ms, hi * ms]
