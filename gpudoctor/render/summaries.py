@@ -16,7 +16,8 @@ from gpudoctor.model import stats
 
 KINDS = ("kernels", "api", "ops", "steps", "launch")
 TITLES = {"kernels": "Kernels (steady-state window)", "api": "CUDA API calls (steady-state window)",
-          "ops": "Operators (PyTorch ops with input shapes, whole trace)", "steps": "Steps (steady-state window)",
+          "ops": ("Operators (PyTorch ops with input shapes, whole trace; the ops the trace model keeps: "
+                 "matrix products, attention, convolution, softmax)"), "steps": "Steps (steady-state window)",
           "launch": "Launch delay: kernel start minus its launch call's start (steady-state window)"}
 EMPTY_WHY = {"kernels": "no kernels in the steady-state window",
              "api": "no CUDA API calls in this trace (nsys records them with -t cuda; torch.profiler with CUDA activities)",
