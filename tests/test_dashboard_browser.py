@@ -419,11 +419,10 @@ def test_finding_evidence_is_the_largest_saving_example(page, server, errors):
     from gpudoctor.dashboards import figures as F
     run = server["runs"][DECODE]
     f = next(f for f in run.analysis.findings if f.analyzer == "gpu_idle")
-    idx = run.analysis.findings.index(f)
     goto(page, server, "/", "Overview")
     select_run(page, DECODE, server)
     page.wait_for_selector("#page h3:has-text('decode (nsys)')")
-    page.click(f"#findings-table tr.finding-row:has-text('gpu_idle')")
+    page.click("#findings-table tr.finding-row:has-text('gpu_idle')")
     page.wait_for_selector("#finding-example")
     assert "module load, 60.3 ms" in page.inner_text("#finding-example")
     page.wait_for_selector("#finding-timeline .scatterlayer .trace", state="attached")
@@ -432,7 +431,6 @@ def test_finding_evidence_is_the_largest_saving_example(page, server, errors):
     assert plot_range(page, "finding-timeline") == pytest.approx([(s - origin) / 1e6, (e - origin) / 1e6])
     drawn = page.evaluate(DRAWN_JS)
     assert drawn["finding-timeline"] > 0
-    assert idx >= 0
     shot(page, "overview-finding-decode")
     assert errors == []
 
