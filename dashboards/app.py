@@ -16,8 +16,10 @@ import pandas as pd
 
 from gpudoctor.dashboards import figures as F
 from gpudoctor.dashboards.timeline import TimelineIndex
+from gpudoctor.model import stats
+from gpudoctor.render import summaries as S
 
-PAGES = [("/", "Overview"), ("/timeline", "Timeline"), ("/kernels", "Kernels"), ("/roofline", "Roofline"),
+PAGES = [("/", "Overview"), ("/timeline", "Timeline"), ("/kernels", "Kernels"), ("/summaries", "Summaries"), ("/roofline", "Roofline"),
          ("/communication", "Communication"), ("/memory", "Memory"), ("/compare", "Compare")]
 PAGE_SIZE = 50
 
@@ -45,6 +47,13 @@ class Run:
     def kernel_table(self, scope: str) -> pd.DataFrame:
         return self.cached(("kernels", scope), lambda: F.kernel_table(self.analysis, scope))
 
+    def summaries(self) -> dict[str, pd.DataFrame]:
+        """The summary tables (raw: ns and fractions), built once."""
+        return self.cached("summaries", lambda: S.tables(self.analysis))
+
+    def launch_delays(self) -> pd.DataFrame:
+        return self.cached("launch_delays", lambda: stats.launch_delays(self.analysis.trace, S.windows(self.analysis)))
+
     def findings(self) -> pd.DataFrame:
         return self.cached("findings", lambda: F.findings_frame(self.analysis))
 
@@ -54,9 +63,13 @@ class Run:
     def rank_frame(self) -> pd.DataFrame:
         return self.cached("rank_frame", lambda: F.rank_frame(self.analysis))
 
-    def full_timeline(self):
-        """The zoomed-out timeline (the Timeline page's first view), built once."""
-        return self.cached("full_timeline", lambda: _timeline(self, None))
+    def default_timeline(self):
+        """The Timeline page's first view (the steady-state window), built once."""
+        return self.cached("default_timeline", lambda: _timeline(self, F.default_view(self.analysis)))
+
+    def whole_timeline(self):
+        """The whole run, zoomed out."""
+        return self.cached("whole_timeline", lambda: _timeline(self, None))
 
     def prepare(self) -> None:
         """Build what the first page views need (timeline index, tables, figures) ahead of the first request."""
@@ -64,7 +77,7 @@ class Run:
         self.findings()
         self.rank_frame()
         self.category_frame()
-        self.full_timeline()
+        self.default_timeline()
 
 
 def _table(id_, df: pd.DataFrame, page_size: int = PAGE_SIZE, hidden=(), **kw):
@@ -154,7 +167,7 @@ def create_app(runs: list[Run], prepare: bool = True):
         view = None
         if focus and focus.get("run") == i and focus.get("view"):
             view = tuple(int(v) for v in focus["view"])
-        fig = _timeline(run, view) if view is not None else run.full_timeline()
+        fig = _timeline(run, view) if view is not None else run.default_timeline()
         return html.Div([
             html.H3(f"Timeline — {run.name}"),
             html.Div([
@@ -189,6 +202,25 @@ def create_app(runs: list[Run], prepare: bool = True):
             dcc.Graph(id="kernel-category-graph", config={"displaylogo": False}),
         ])
 
+    def summaries(i: int, run: Run):
+        tabs = run.summaries()
+        a = run.analysis
+        children = [html.H3(f"Summaries — {run.name}"),
+                    html.Div("Times in microseconds; the steady-state window of each rank (operators: the whole trace). "
+                             "`gpudoctor analyze --summary KIND` prints them, `--csv DIR` writes them.",
+                             style={"fontSize": 12, "color": "#6b7280"})]
+        figs = {"kernels": lambda: F.kernel_duration_figure(a.trace, S.windows(a)),
+                "steps": lambda: F.step_figure(tabs["steps"]),
+                "launch": lambda: F.launch_delay_figure(run.launch_delays())}
+        for kind in S.KINDS:
+            df = tabs[kind]
+            children.append(html.H4(S.TITLES[kind]))
+            if kind in figs:
+                children.append(dcc.Graph(id=f"summary-{kind}-graph", figure=figs[kind](), config={"displaylogo": False}))
+            children.append(_table(f"summary-{kind}-table", S.display(df), page_size=15) if len(df)
+                            else html.Em(f"None: {S.EMPTY_WHY[kind]}.", id=f"summary-{kind}-empty"))
+        return html.Div(children)
+
     def roofline(i: int, run: Run):
         trace = run.analysis.trace
         fig = F.roofline_figure(trace, run.ceilings)
@@ -214,6 +246,12 @@ def create_app(runs: list[Run], prepare: bool = True):
             html.H3(f"Communication — {run.name}"),
             dcc.Graph(id="comm-bw-graph", figure=F.comm_bandwidth_figure(a.trace, run.ceilings, link), config={"displaylogo": False}),
             dcc.Graph(id="comm-fraction-graph", figure=F.comm_fraction_figure(a), config={"displaylogo": False}),
+            dcc.Graph(id="comm-time-graph", figure=F.collective_time_figure(a.trace, S.windows(a)), config={"displaylogo": False}),
+            html.H4("Communication kernels per rank and collective (steady-state window)"),
+            _table("comm-kernel-table", F.comm_kernel_frame(a.trace, S.windows(a))),
+            html.H4("Collective calls per rank and op (host side, whole trace)"),
+            _table("comm-summary-table", F.collective_summary_frame(a.trace)) if len(a.trace.collectives)
+            else html.Em("No collectives in this run."),
             html.H4("Exposed communication and bubbles (findings)"),
             _table("comm-findings-table", cf) if len(cf) else html.Em("No communication findings in this run."),
             html.H4("Stragglers (last rank to arrive at each collective)"),
@@ -257,6 +295,8 @@ def create_app(runs: list[Run], prepare: bool = True):
             return timeline(i, run, focus)
         if path == "/kernels":
             return kernels(i, run)
+        if path == "/summaries":
+            return summaries(i, run)
         if path == "/roofline":
             return roofline(i, run)
         if path == "/communication":
@@ -293,6 +333,7 @@ def create_app(runs: list[Run], prepare: bool = True):
                                                              id="finding-evidence", style={"maxHeight": "300px", "overflow": "auto"})]),
             html.Div([html.B("Example in the timeline "),
                       dcc.Link("(open in Timeline →)", href="/timeline", id="finding-timeline-link")]),
+            html.P(F.example_caption(run.analysis, f), id="finding-example", style={"fontSize": 13, "margin": "4px 0"}),
             dcc.Graph(id="finding-timeline", figure=fig, config={"displaylogo": False}),
         ])
         return detail, {"run": int(run_value), "view": [int(span[0]), int(span[1])], "finding": idx}
@@ -332,7 +373,7 @@ def create_app(runs: list[Run], prepare: bool = True):
             if v is None:
                 raise PreventUpdate
             view = None if v == "reset" else v
-        fig = _timeline(run, view) if view is not None else run.full_timeline()
+        fig = _timeline(run, view) if view is not None else run.whole_timeline()
         return fig, _status(fig)
 
     # ------------------------------------------------------------------ kernels table

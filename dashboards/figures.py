@@ -30,7 +30,7 @@ BINS = 800  # columns of the aggregated timeline (about one per pixel of a wide 
 COLORS = {
     "gemm": "#1f77b4", "attention": "#9467bd", "elementwise": "#2ca02c", "reduction": "#ff7f0e",
     "communication": "#d62728", "memory": "#8c564b", "other": "#7f7f7f", "memcpy": "#e377c2",
-    "memset": "#bcbd22", "nvtx": "#17becf", "nccl": "#d62728",
+    "memset": "#bcbd22", "nvtx": "#17becf", "api": "#64748b", "nccl": "#d62728",
 }
 SEVERITY_ORDER = {"high": 3, "medium": 2, "low": 1, "info": 0}
 # A small template (plotly_white's look): the built-in templates are deep-copied into every figure,
@@ -105,8 +105,10 @@ def findings_frame(analysis) -> pd.DataFrame:
 
 
 def _metric(v) -> str:
+    if v is None:
+        return "unknown"
     if isinstance(v, float):
-        return "n/a" if v != v else (f"{v:.3g}" if abs(v) < 1e6 else f"{v:.3e}")
+        return "unknown" if v != v else (f"{v:.3g}" if abs(v) < 1e6 else f"{v:.3e}")
     return str(v)
 
 
@@ -156,34 +158,25 @@ def category_figure(analysis) -> go.Figure:
     for cat in [c for c in CATEGORIES if c in set(df["category"])]:
         d = df[df["category"] == cat]
         fig.add_bar(y=d["rank"], x=100 * d["frac"], name=cat, orientation="h", marker_color=COLORS.get(cat, "#999"),
-                    text=[fmt_ns(v) for v in d["ns"]], hovertemplate=f"{cat}: %{{x:.1f}}%% of the window (%{{text}})<extra></extra>")
+                    text=[fmt_ns(v) for v in d["ns"]], textposition="none",
+                    hovertemplate=f"{cat}: %{{x:.1f}}%% of the window (%{{text}})<extra></extra>")
     fig.update_layout(template=_TEMPLATE, barmode="stack", title="Time by category (% of the steady-state window)",
-                      height=140 + 40 * len(analysis.ranks), xaxis_title="% of window", margin={"l": 70, "r": 20, "t": 50, "b": 40},
+                      height=140 + 40 * len(analysis.ranks), xaxis={"title": "% of window", "range": [0, 100]}, margin={"l": 70, "r": 20, "t": 50, "b": 40},
                       legend={"orientation": "h", "y": -0.35}, meta={"bars": len(df)})
     return fig
 
 
+# Example groups that are not part of their finding's saving: gpu_idle's queued gaps between kernels
+# (latency on the GPU, not host time a fix removes).
+NOT_SAVING_GROUPS = frozenset({"gpu_side"})
+
+
 def finding_span(analysis, finding) -> tuple[int, int]:
-    """Where the timeline should jump for ``finding``: its first example's span (``start_ns``/``end_ns``
-    on the run clock, or ``start_us``/``end_us``/``dur_us`` after the rank's steady-state window start),
-    padded by a tenth on each side; else the rank's steady-state window."""
-    rank = finding.rank if finding.rank is not None else (analysis.ranks[0].rank if analysis.ranks else 0)
-    summary = next((r for r in analysis.ranks if r.rank == rank), analysis.ranks[0] if analysis.ranks else None)
-    w0, w1 = (summary.window.start_ns, summary.window.end_ns) if summary is not None else (0, 0)
-    ex = _first_example((finding.evidence or {}).get("examples"))
-    span = None
-    if ex is not None:
-        if "start_ns" in ex:
-            s = int(ex["start_ns"])
-            e = int(ex.get("end_ns", s + int(ex.get("dur_ns", 0))))
-            span = (s, e)
-        elif "start_us" in ex:
-            s = w0 + int(round(float(ex["start_us"]) * 1e3))
-            if "end_us" in ex:
-                e = w0 + int(round(float(ex["end_us"]) * 1e3))
-            else:
-                e = s + int(round(float(ex.get("dur_us", 0)) * 1e3))
-            span = (s, e)
+    """Where the timeline should jump for ``finding``: the span of its evidence example that carries the
+    most of its saving (:func:`best_example`), padded by a tenth on each side (at least 50 us); else the
+    rank's steady-state window."""
+    w0, w1 = _rank_window(analysis, finding)
+    span = example_span(analysis, finding, best_example(finding))
     if span is None or span[1] < span[0]:
         return int(w0), int(w1)
     s, e = span
@@ -191,32 +184,91 @@ def finding_span(analysis, finding) -> tuple[int, int]:
     return int(s - pad), int(e + pad)
 
 
-def _first_example(ex) -> dict | None:
-    """The first example with a time: examples are a list of dicts, or lists per cause (a dict of lists)."""
+def _rank_window(analysis, finding) -> tuple[int, int]:
+    rank = finding.rank if finding.rank is not None else (analysis.ranks[0].rank if analysis.ranks else 0)
+    summary = next((r for r in analysis.ranks if r.rank == rank), analysis.ranks[0] if analysis.ranks else None)
+    return (summary.window.start_ns, summary.window.end_ns) if summary is not None else (0, 0)
+
+
+def example_span(analysis, finding, ex: dict | None) -> tuple[int, int] | None:
+    """An example's (start, end) on the run clock: ``start_ns``/``end_ns``, or ``start_us``/``end_us``/
+    ``dur_us`` after the rank's steady-state window start."""
+    if ex is None:
+        return None
+    if "start_ns" in ex:
+        s = int(ex["start_ns"])
+        return s, int(ex.get("end_ns", s + int(ex.get("dur_ns", 0))))
+    w0, _ = _rank_window(analysis, finding)
+    s = w0 + int(round(float(ex["start_us"]) * 1e3))
+    if "end_us" in ex:
+        return s, w0 + int(round(float(ex["end_us"]) * 1e3))
+    return s, s + int(round(float(ex.get("dur_us", 0)) * 1e3))
+
+
+def best_example(finding) -> dict | None:
+    """The evidence example that carries the most of the finding's saving: the longest timed example,
+    leaving out groups that are not part of the saving (:data:`NOT_SAVING_GROUPS`). Ties go to the
+    first. Examples are a list of dicts or lists per cause (a dict of lists)."""
+    best, best_ns = None, -1.0
+    for ex in _timed_examples((finding.evidence or {}).get("examples")):
+        d = _example_ns(ex)
+        if d > best_ns:
+            best, best_ns = ex, d
+    return best
+
+
+def _timed_examples(ex, group: str = ""):
+    if group in NOT_SAVING_GROUPS:
+        return
     if isinstance(ex, dict):
         if any(k in ex for k in ("start_ns", "start_us")):
-            return ex
-        for v in ex.values():
-            found = _first_example(v)
-            if found is not None:
-                return found
+            yield ex
+            return
+        for k, v in ex.items():
+            yield from _timed_examples(v, str(k))
     elif isinstance(ex, (list, tuple)):
         for v in ex:
-            found = _first_example(v)
-            if found is not None:
-                return found
-    return None
+            yield from _timed_examples(v, group)
+
+
+def _example_ns(ex: dict) -> float:
+    """An example's length in ns (0 when it says none)."""
+    if "end_ns" in ex and "start_ns" in ex:
+        return float(ex["end_ns"]) - float(ex["start_ns"])
+    if "dur_ns" in ex:
+        return float(ex["dur_ns"])
+    if "end_us" in ex and "start_us" in ex:
+        return 1e3 * (float(ex["end_us"]) - float(ex["start_us"]))
+    if "dur_us" in ex:
+        return 1e3 * float(ex["dur_us"])
+    return 0.0
 
 
 # ====================================================================================== timeline
+MAX_LABELS = 300  # kernel names written on bars (the widest bars) in the exact view
+MAX_LINKS = 2000  # launch -> kernel arrows in the exact view
+MAX_COUNTER_TRACKS = 8  # counter names drawn as line tracks; the others are named in the status line
+LANE_PX, COUNTER_PX = 40, 90
+
+
+def default_view(analysis) -> tuple[int, int] | None:
+    """The timeline's first view: the steady-state windows of all ranks (None: no window, whole run)."""
+    ws = [(r.window.start_ns, r.window.end_ns) for r in analysis.ranks if r.window.end_ns > r.window.start_ns]
+    if not ws:
+        return None
+    return min(w[0] for w in ws), max(w[1] for w in ws)
+
+
 def timeline_figure(index: TimelineIndex, view_ns: tuple[int, int] | None = None, *, max_exact: int = MAX_EXACT,
                     bins: int = BINS) -> go.Figure:
-    """Lanes of the run (host ranges, GPU streams, collectives per rank) for the visible range.
+    """Lanes of the run (NVTX ranges, CUDA API calls, GPU streams, collectives per rank) for the visible
+    range, and one line track per counter name under them.
 
     ``view_ns``: (start, end) on the run clock; None = the whole GPU activity (zoomed out). Zoomed out,
     or with ``max_exact`` or more events visible, lanes are aggregated: per lane and category, the
     busy fraction of each of ``bins`` bins, drawn as heat strips (one raster per category, however many
-    kernels). Zoomed in to fewer events, every event is drawn (one path per category)."""
+    kernels). Zoomed in to fewer events, every event is drawn (one path per category), the widest bars
+    carry their names, and kernels are linked to the API calls that launched them."""
     full = _gpu_extent(index)
     if view_ns is None:
         lo, hi = full
@@ -224,67 +276,69 @@ def timeline_figure(index: TimelineIndex, view_ns: tuple[int, int] | None = None
     else:
         lo, hi = index.clamp(view_ns[0] - index.origin_ns, view_ns[1] - index.origin_ns)
         zoomed_in = (hi - lo) < 0.98 * (full[1] - full[0])
+    lanes = index.lanes
+    if not lanes:
+        return empty_figure("no kernels, ranges or collectives in this run", "Timeline")
     n_visible = index.count(lo, hi)
     n_gpu = index.count(lo, hi, gpu_only=True)
     exact = zoomed_in and n_visible <= max_exact
-    lanes = index.lanes
-    L = max(len(lanes), 1)
-    has_counters = not index.counters.empty
-    fig = go.Figure()
-    if has_counters:
+    L = len(lanes)
+    counter_names = sorted(index.counters["name"].unique().tolist()) if len(index.counters) else []
+    tracks = counter_names[:MAX_COUNTER_TRACKS]
+    lanes_px = 60 + LANE_PX * L
+    if tracks:
         from plotly.subplots import make_subplots
-        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.78, 0.22], vertical_spacing=0.04)
+        fig = make_subplots(rows=1 + len(tracks), cols=1, shared_xaxes=True, vertical_spacing=0.02,
+                            row_heights=[lanes_px] + [COUNTER_PX] * len(tracks))
+        at = {"row": 1, "col": 1}
+    else:
+        fig, at = go.Figure(), {}
     ms = 1e-6
-    drawn = 0
-    if not lanes:
-        return empty_figure("no kernels, ranges or collectives in this run", "Timeline")
+    drawn = labels = links = 0
     if exact:
         ev = index.events(lo, hi)
         drawn = len(ev)
-        min_w = max((hi - lo) // 1500, 1)  # at least ~1 px so a 1 us kernel is visible at any zoom
+        min_w = max((hi - lo) // 700, 1)  # at least ~2 px so a 1 us kernel is visible at any zoom
         for ci, cat in enumerate(CATEGORIES):
             sel = np.nonzero(ev.category == ci)[0]
             if len(sel) == 0:
                 continue
             s = ev.start[sel]
             e = ev.end[sel]
-            x = np.empty(3 * len(sel))
-            x[0::3] = s * ms
-            x[1::3] = np.maximum(e, s + min_w) * ms
-            x[2::3] = np.nan
-            y = np.empty(3 * len(sel))
-            y[0::3] = ev.lane[sel]
-            y[1::3] = ev.lane[sel]
-            y[2::3] = np.nan
+            # drawn clipped to the view: geometry far outside it would widen the page (hover keeps the real times)
+            x = _triples(np.maximum(s, lo) * ms, np.minimum(np.maximum(e, s + min_w), max(hi, s.max() + min_w)) * ms)
+            y = _triples(ev.lane[sel], ev.lane[sel])
             text = [f"{lab}<br>{cat} · {fmt_ns(b - a)}<br>start {a * ms:.3f} ms"
                     for lab, a, b in zip(ev.label[sel], s, e)]
             t3 = np.empty(3 * len(sel), dtype=object)
             t3[0::3] = text
             t3[1::3] = text
             t3[2::3] = ""
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=cat, line={"color": COLORS[cat], "width": 18},
+            # simplify=False: plotly.js otherwise drops segments shorter than a pixel (a blank lane)
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=cat, line={"color": COLORS[cat], "width": 18, "simplify": False},
                                      text=t3, hovertemplate="%{text}<extra></extra>", connectgaps=False,
-                                     legendgroup=cat, meta={"category": cat, "events": int(len(sel))}),
-                          **({"row": 1, "col": 1} if has_counters else {}))
+                                     legendgroup=cat, meta={"category": cat, "events": int(len(sel))}), **at)
+        labels = _add_bar_labels(fig, ev, lo, hi, at)
+        links = _add_launch_links(fig, index, ev, lo, hi, at)
         mode = "exact"
     else:
         edges, frac = index.busy(lo, hi, bins)
         x = edges * ms
         gpu_cats = [CATEGORIES.index(c) for c in GPU_CATEGORIES]
-        gpu_present = [c for c in gpu_cats if c in index.categories_present]
         for ci in index.categories_present:
             cat = CATEGORIES[ci]
-            lane_ids = [i for i, ln in enumerate(lanes) if (ln.kind == "gpu") == (ci in gpu_cats)
-                        and (ln.kind != "nccl" or cat == "nccl") and (ln.kind != "nvtx" or cat == "nvtx")]
+            lane_ids = sorted({lane for lane, c, _, _ in index.groups if c == ci})
             if not lane_ids:
                 continue
-            if ci in gpu_cats:
-                k, K = gpu_present.index(ci), len(gpu_present)
-            else:
-                k, K = 0, 1
-            h = 0.84 / K
+            # one heat strip per category, stacked inside the lane when a lane holds several categories
+            per_lane = {li: [c for c in index.categories_present if any(g[0] == li and g[1] == c for g in index.groups)]
+                        for li in lane_ids}
             yedges, z = [], []
             for j, li in enumerate(lane_ids):
+                cats_here = per_lane[li] if ci in gpu_cats else [ci]
+                K = len(cats_here) if ci in gpu_cats else 1
+                k = cats_here.index(ci) if ci in gpu_cats else 0
+                h = 0.84 / K
                 y0 = li - 0.42 + k * h
                 yedges += [y0, y0 + h]
                 z.append(np.where(frac[li, ci] > 0, frac[li, ci], np.nan))
@@ -295,38 +349,93 @@ def timeline_figure(index: TimelineIndex, view_ns: tuple[int, int] | None = None
                 x=x, y=yedges, z=z, zmin=0, zmax=1, showscale=False, name=cat, hoverongaps=False,
                 colorscale=[[0, _rgba(COLORS[cat], 0.35)], [1, _rgba(COLORS[cat], 1.0)]],
                 hovertemplate=f"{cat}<br>%{{x:.3f}} ms<br>busy %{{z:.0%}}<extra></extra>",
-                meta={"category": cat, "bins": int(len(x) - 1)}), **({"row": 1, "col": 1} if has_counters else {}))
+                meta={"category": cat, "bins": int(len(x) - 1)}), **at)
             # legend entry (heatmaps have none)
             fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=cat, legendgroup=cat,
-                                     marker={"color": COLORS[cat], "symbol": "square", "size": 10}, hoverinfo="skip"),
-                          **({"row": 1, "col": 1} if has_counters else {}))
+                                     marker={"color": COLORS[cat], "symbol": "square", "size": 10}, hoverinfo="skip"), **at)
         mode = "aggregated"
-    if has_counters:
-        for label, t, v in index.counter_series(lo, hi, bins):
+    for row, name in enumerate(tracks, start=2):
+        for label, t, v in index.counter_series(lo, hi, bins, name=name):
             fig.add_trace(go.Scatter(x=t * ms, y=v, mode="lines", name=label, line={"width": 1.5, "shape": "hv"},
-                                     showlegend=True, meta={"counter": label}), row=2, col=1)
+                                     showlegend=True, meta={"counter": label}), row=row, col=1)
+        fig.update_yaxes(title_text=_short(name, 22), title_font={"size": 10}, row=row, col=1)
     status = (f"exact: {n_gpu:,} GPU ops ({n_visible:,} events) drawn one by one" if mode == "exact"
               else f"aggregated: {n_gpu:,} GPU ops ({n_visible:,} events) as busy fraction in {bins} bins"
               + ("" if zoomed_in else " — zoom in to see kernels"))
+    if counter_names[MAX_COUNTER_TRACKS:]:
+        status += f"; counters not drawn: {', '.join(counter_names[MAX_COUNTER_TRACKS:])}"
     yaxis = {"tickmode": "array", "tickvals": list(range(L)), "ticktext": [ln.label for ln in lanes],
              "range": [L - 0.5, -0.5], "showgrid": False, "zeroline": False, "fixedrange": True}
     xr = [lo * ms, hi * ms]
     fig.update_layout(
-        template=_TEMPLATE, height=max(320, 110 + 46 * L + (160 if has_counters else 0)),
-        margin={"l": 130, "r": 20, "t": 78, "b": 45}, title={"text": status, "font": {"size": 13}, "y": 0.99, "yanchor": "top"},
+        template=_TEMPLATE, height=110 + lanes_px + COUNTER_PX * len(tracks),
+        margin={"l": 170, "r": 20, "t": 78, "b": 45}, title={"text": status, "font": {"size": 13}, "y": 0.99, "yanchor": "top"},
         uirevision="timeline", dragmode="zoom", hovermode="closest", showlegend=True,
         legend={"orientation": "h", "y": 1.0, "x": 0, "xanchor": "left", "yanchor": "bottom"},
         meta={"mode": mode, "visible_events": int(n_visible), "visible_gpu_ops": int(n_gpu), "drawn_events": int(drawn),
               "bins": int(bins) if mode == "aggregated" else 0, "origin_ns": int(index.origin_ns),
-              "view_ns": [int(lo + index.origin_ns), int(hi + index.origin_ns)], "status": status})
-    if has_counters:
-        fig.update_yaxes(**yaxis, row=1, col=1)
-        fig.update_xaxes(range=xr, row=1, col=1)
-        fig.update_xaxes(range=xr, title_text="ms since first event", row=2, col=1)
-    else:
-        fig.update_yaxes(**yaxis)
-        fig.update_xaxes(range=xr, title_text="ms since first event", showgrid=True)
+              "view_ns": [int(lo + index.origin_ns), int(hi + index.origin_ns)], "status": status,
+              "bar_labels": int(labels), "launch_links": int(links), "counter_tracks": tracks,
+              "counters_not_drawn": counter_names[MAX_COUNTER_TRACKS:]})
+    fig.update_yaxes(**yaxis, **at)
+    fig.update_xaxes(range=xr, showgrid=True)
+    fig.update_xaxes(title_text="ms since first event", row=1 + len(tracks), col=1) if tracks else \
+        fig.update_xaxes(title_text="ms since first event")
     return fig
+
+
+def _triples(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[a0, b0, NaN, a1, b1, NaN, ...]: one line segment per pair (NaN breaks the line)."""
+    out = np.empty(3 * len(a))
+    out[0::3] = a
+    out[1::3] = b
+    out[2::3] = np.nan
+    return out
+
+
+def _add_bar_labels(fig: go.Figure, ev, lo: int, hi: int, at: dict) -> int:
+    """Names on the GPU bars wide enough to hold a few characters (the widest MAX_LABELS of them)."""
+    width = np.minimum(ev.end, hi) - np.maximum(ev.start, lo)
+    px = width / max(hi - lo, 1) * 1100  # about the plot's width in pixels
+    sel = np.nonzero(ev.is_gpu & (px >= 40))[0]
+    if len(sel) > MAX_LABELS:
+        sel = sel[np.argsort(-px[sel], kind="stable")[:MAX_LABELS]]
+    if not len(sel):
+        return 0
+    mid = (np.maximum(ev.start[sel], lo) + np.minimum(ev.end[sel], hi)) / 2 * 1e-6
+    chars = np.maximum((px[sel] / 6.5).astype(int), 3)
+    text = [_short(str(n), int(c)) for n, c in zip(ev.label[sel], chars)]
+    fig.add_trace(go.Scatter(x=mid, y=ev.lane[sel], mode="text", text=text, textfont={"size": 10, "color": "white"},
+                             hoverinfo="skip", showlegend=False, meta={"bar_labels": int(len(sel))}), **at)
+    return int(len(sel))
+
+
+def _add_launch_links(fig: go.Figure, index: TimelineIndex, ev, lo: int, hi: int, at: dict) -> int:
+    """A thin line from each visible GPU op's launch call (CUDA API lane) to the op's start; returns how
+    many visible ops have a recorded call. Calls made up to one view-width before the view (the host runs
+    ahead of the GPU) are drawn fainter, entering from the left edge; earlier ones are not drawn."""
+    pos, api_lane, api_start = index.launches(ev)
+    if not len(pos):
+        return 0
+    inside = (api_start >= lo) & (api_start < hi)
+    # calls long before the view would all enter flat along the kernel lane: only those of the last view-width
+    near = ~inside & (api_start >= lo - (hi - lo))
+    for sel, name, color in ((inside, "launch → kernel", "rgba(55,65,81,0.45)"),
+                             (near, "launch (before the view) → kernel", "rgba(55,65,81,0.15)")):
+        p, ln, st = pos[sel], api_lane[sel], api_start[sel]
+        if not len(p):
+            continue
+        if len(p) > MAX_LINKS:  # evenly thinned: the pattern stays visible
+            keep = np.linspace(0, len(p) - 1, MAX_LINKS).astype(np.int64)
+            p, ln, st = p[keep], ln[keep], st[keep]
+        y0, y1 = ln + 0.3, ev.lane[p] - 0.3
+        x1 = np.maximum(ev.start[p], lo).astype(np.float64)
+        x0 = np.maximum(st, lo).astype(np.float64)  # a call before the view: the line enters at the left edge
+        y0 = y0 + (y1 - y0) * (x0 - st) / np.maximum(x1 - st, 1)
+        fig.add_trace(go.Scatter(x=_triples(x0 * 1e-6, x1 * 1e-6), y=_triples(y0, y1),
+                                 mode="lines", line={"color": color, "width": 1, "simplify": False}, name=name,
+                                 hoverinfo="skip", connectgaps=False, meta={"links": int(len(p))}), **at)
+    return int(len(pos))
 
 
 def _gpu_extent(index: TimelineIndex) -> tuple[int, int]:
@@ -669,7 +778,7 @@ def comm_fraction_figure(analysis) -> go.Figure:
     for m, g in df.groupby("metric", sort=True):
         fig.add_bar(x=g["rank"], y=g["value"], name=m)
     fig.update_layout(template=_TEMPLATE, barmode="group", title="Exposed communication and bubbles (% of window)",
-                      height=360, yaxis_title="%", meta={"bars": int(len(df))})
+                      height=360, yaxis={"title": "% of window", "range": [0, 100]}, meta={"bars": int(len(df))})
     return fig
 
 
@@ -716,23 +825,31 @@ def straggler_frame(trace: Trace) -> pd.DataFrame:
 
 # ====================================================================================== memory
 def memory_figure(trace: Trace, max_points: int = 4000) -> go.Figure:
-    """Allocated GPU memory over time (running sum of allocation events per rank and device), and every
-    memory counter (reserved / allocated / used samples), on the timeline's clock."""
+    """GPU memory over time on the timeline's clock: the running sum of allocation events per rank,
+    device and source (nsys ``--cuda-memory-usage``, a PyTorch memory snapshot's trace), allocated blocks
+    (alloc/free) and reserved segments (segment_*) apart, and every memory counter; a counter sampled once
+    (a snapshot's allocator state) is a marker."""
     me = trace.memory_events
     origin = run_origin_ns(trace)
     fig = go.Figure()
     n = 0
-    for (rank, dev), g in me.groupby(["rank", "device_id"], sort=True):
-        g = g.sort_values("ts_ns", kind="stable")
-        b = g["bytes"].to_numpy(np.float64)
-        sign = np.where(g["kind"].astype(str).to_numpy() == "free", -1.0, 1.0)
-        delta = np.where(b < 0, b, sign * b)
-        t = (g["ts_ns"].to_numpy(np.int64) - origin) * 1e-6
-        y = np.cumsum(delta)
-        t, y = _downsample_step(t, y, max_points)
-        fig.add_trace(go.Scatter(x=t, y=y / 2**30, mode="lines", line={"shape": "hv"}, name=f"r{rank} gpu{dev} allocated (events)",
-                                 meta={"series": "allocated", "events": int(len(g))}))
-        n += 1
+    if len(me):
+        kind = me["kind"].astype(str).to_numpy()
+        series = np.where(np.char.startswith(kind.astype(str), "segment"), "reserved", "allocated")
+        d = pd.DataFrame({"rank": me["rank"].to_numpy(), "dev": me["device_id"].to_numpy(), "src": me["source"].astype(str).to_numpy(),
+                          "series": series, "ts": me["ts_ns"].to_numpy(np.int64), "b": me["bytes"].to_numpy(np.float64),
+                          "free": np.char.startswith(kind.astype(str), "free") | (kind == "segment_free")})
+        for (rank, dev, src, ser), g in d.groupby(["rank", "dev", "src", "series"], sort=True):
+            g = g.sort_values("ts", kind="stable")
+            b = g["b"].to_numpy()
+            delta = np.where(b < 0, b, np.where(g["free"].to_numpy(), -b, b))
+            t = (g["ts"].to_numpy() - origin) * 1e-6
+            y = np.cumsum(delta)
+            t, y = _downsample_step(t, y, max_points)
+            fig.add_trace(go.Scatter(x=t, y=y / 2**30, mode="lines+markers" if len(t) == 1 else "lines", line={"shape": "hv"},
+                                     name=f"rank {rank} GPU {dev} {ser} ({src.replace('_', ' ')})",
+                                     meta={"series": ser, "source": src, "events": int(len(g))}))
+            n += 1
     cnt = trace.counters
     if len(cnt):
         mem = cnt[cnt["name"].astype(str).str.contains(r"mem|reserved|allocated|kv", case=False, regex=True)]
@@ -741,13 +858,16 @@ def memory_figure(trace: Trace, max_points: int = 4000) -> go.Figure:
             v = g["value"].to_numpy(np.float64)
             scale = 2**30 if np.nanmax(np.abs(v)) > 2**20 else 1.0
             t, v = _downsample_step(t, v, max_points)
-            fig.add_trace(go.Scatter(x=t, y=v / scale, mode="lines", line={"shape": "hv", "dash": "dot"},
-                                     name=f"r{rank} {name}" + (" (GiB)" if scale > 1 else ""), meta={"series": str(name)}))
+            one = len(t) == 1
+            fig.add_trace(go.Scatter(x=t, y=v / scale, mode="markers" if one else "lines",
+                                     line={"shape": "hv", "dash": "dot"}, marker={"size": 10, "symbol": "diamond"},
+                                     name=f"rank {rank} {name}" + (" (GiB)" if scale > 1 else "") + (" at snapshot" if one else ""),
+                                     meta={"series": str(name), "points": int(len(t))}))
             n += 1
     if n == 0:
         return empty_figure("no memory events or memory counters in this run "
                             "(nsys --cuda-memory-usage=true or torch.profiler profile_memory=True records them)", "GPU memory")
-    fig.update_layout(template=_TEMPLATE, title="GPU memory over time", height=420, xaxis_title="ms since first event", showlegend=True,
+    fig.update_layout(template=_TEMPLATE, title="GPU memory over time", height=460, xaxis_title="ms since first event", showlegend=True,
                       yaxis_title="GiB", legend={"orientation": "h", "y": -0.2}, meta={"series": n})
     return fig
 
@@ -840,4 +960,156 @@ def compare_figure(a, b, name_a: str = "A", name_b: str = "B", top: int = 15) ->
     fig.update_layout(template=_TEMPLATE, height=140 + 26 * len(d), margin={"l": 330, "r": 20, "t": 60, "b": 40},
                       title={"text": f"Per-kernel time per step, {name_b} − {name_a} (step {sa:.3f} → {sb:.3f} ms)", "font": {"size": 14}},
                       xaxis_title="us per step (B − A)", meta={"bars": int(len(d)), "kernels": int(len(df))})
+    return fig
+
+
+# ====================================================================================== summaries
+def example_caption(analysis, finding) -> str:
+    """What the finding's timeline example shows: its cause or name, length and start."""
+    ex = best_example(finding)
+    span = example_span(analysis, finding, ex)
+    if ex is None or span is None:
+        return "No timed example in the evidence: the view is the rank's steady-state window."
+    group = _example_group(finding, ex)
+    what = ex.get("name") or ex.get("direction") or ""
+    head = " · ".join(x for x in (group.replace("_", " ") if group else "", str(what)) if x)
+    return (f"Example that carries the most of the saving: {head + ', ' if head else ''}{fmt_ns(span[1] - span[0])} "
+            f"starting {fmt_ns(span[0] - _rank_window(analysis, finding)[0])} into the steady-state window.")
+
+
+def _example_group(finding, ex) -> str:
+    examples = (finding.evidence or {}).get("examples")
+    if isinstance(examples, dict):
+        for k, v in examples.items():
+            if isinstance(v, list) and any(e is ex for e in v):
+                return str(k)
+    return ""
+
+
+def launch_delay_figure(delays: pd.DataFrame, bins: int = 60) -> go.Figure:
+    """Distribution of launch delays (kernel start minus its launch call's start), one histogram per rank,
+    binned here (log-spaced bins in microseconds) so a million launches cost 60 bars."""
+    if delays.empty:
+        return empty_figure("no kernels matched to launch calls (needs CUDA API calls with correlation ids)", "Launch delay")
+    d_us = np.maximum(delays["delay_ns"].to_numpy(np.float64), 1.0) / 1e3
+    edges = np.logspace(np.log10(d_us.min()), np.log10(max(d_us.max(), d_us.min() * 1.01)), bins + 1)
+    fig = go.Figure()
+    for rank, g in delays.groupby("rank", sort=True):
+        v = np.maximum(g["delay_ns"].to_numpy(np.float64), 1.0) / 1e3
+        counts, _ = np.histogram(v, edges)
+        mid = np.sqrt(edges[:-1] * edges[1:])
+        fig.add_bar(x=mid, y=counts, width=np.diff(edges), name=f"rank {rank}", opacity=0.75,
+                    hovertemplate="%{x:.3g} us: %{y} launches<extra></extra>", meta={"launches": int(len(g))})
+    p50, p99 = np.percentile(d_us, [50, 99])
+    fig.update_layout(template=_TEMPLATE, barmode="overlay", height=340,
+                      title={"text": f"Launch delay: kernel start − launch call start (median {fmt_ns(p50 * 1e3)}, p99 {fmt_ns(p99 * 1e3)})",
+                             "font": {"size": 14}},
+                      xaxis={"type": "log", "title": "delay (us)"}, yaxis_title="launches", meta={"launches": int(len(delays))})
+    return fig
+
+
+def kernel_duration_figure(trace: Trace, windows: dict | None, top: int = 12) -> go.Figure:
+    """Duration distribution of the kernels with the most total time (box: min, quartiles, median, max),
+    quartiles computed here so a kernel launched a million times costs five numbers."""
+    from gpudoctor.model.stats import in_windows
+    k = trace.kernels[in_windows(trace.kernels, windows)]
+    if k.empty:
+        return empty_figure("no kernels in the steady-state window", "Kernel durations")
+    d = pd.DataFrame({"kernel": k["name"].to_numpy(), "us": (k["end_ns"] - k["start_ns"]).to_numpy() / 1e3})
+    g = d.groupby("kernel", observed=True)["us"]
+    q = pd.DataFrame({"total": g.sum(), "min": g.min(), "q1": g.quantile(0.25), "med": g.median(), "q3": g.quantile(0.75),
+                      "max": g.max(), "n": g.size()}).sort_values("total", ascending=False).head(top).iloc[::-1]
+    names = [_short(n, 60) for n in q.index.astype(str)]
+    fig = go.Figure(go.Box(y=names, q1=q["q1"], median=q["med"], q3=q["q3"], lowerfence=q["min"], upperfence=q["max"],
+                           orientation="h", marker_color=COLORS["gemm"], name="duration", hoverinfo="x",
+                           meta={"kernels": int(len(q))}))
+    fig.update_layout(template=_TEMPLATE, height=120 + 30 * len(q), margin={"l": 20, "r": 20, "t": 50, "b": 40},
+                      title={"text": f"Kernel durations (the {len(q)} kernels with most time; min, quartiles, max)", "font": {"size": 14}},
+                      xaxis={"type": "log", "title": "duration (us)"}, showlegend=False, meta={"kernels": int(len(q))})
+    return fig
+
+
+def step_figure(steps: pd.DataFrame) -> go.Figure:
+    """Per step: GPU busy time and idle time by cause (stacked), exposed communication as a line."""
+    if steps.empty:
+        return empty_figure("no steps found (NVTX ranges, gpudoctor.annotate.step() or torch.profiler steps mark them)", "Steps")
+    fig = go.Figure()
+    multi = steps["rank"].nunique() > 1
+    x = [f"r{r} s{s}" if multi else str(s) for r, s in zip(steps["rank"], steps["step"])]
+    fig.add_bar(x=x, y=steps["gpu_busy_ns"] / 1e6, name="GPU busy", marker_color="#1f77b4")
+    idle_cols = [c for c in steps.columns if c.startswith("idle_")]
+    colors = ["#fbbf24", "#f97316", "#ef4444", "#a855f7", "#10b981", "#94a3b8"]
+    for i, c in enumerate(idle_cols):
+        fig.add_bar(x=x, y=steps[c] / 1e6, name=c.removeprefix("idle_").removesuffix("_ns").replace("_", " ") + " (idle)",
+                    marker_color=colors[i % len(colors)])
+    if not idle_cols:
+        fig.add_bar(x=x, y=steps["gpu_idle_ns"] / 1e6, name="GPU idle", marker_color="#cbd5e1")
+    if steps["exposed_comm_ns"].any():
+        fig.add_scatter(x=x, y=steps["exposed_comm_ns"] / 1e6, name="exposed communication", mode="lines+markers",
+                        line={"color": COLORS["nccl"]})
+    fig.update_layout(template=_TEMPLATE, barmode="stack", height=380, title={"text": "Per step: GPU busy and idle by cause", "font": {"size": 14}},
+                      xaxis_title="rank / step" if multi else "step", yaxis_title="ms", meta={"steps": int(len(steps))},
+                      legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+def collective_summary_frame(trace: Trace) -> pd.DataFrame:
+    """Per rank and collective op: calls, total and mean time, and how many calls carry a size."""
+    c = trace.collectives
+    cols = ["rank", "op", "calls", "total_ms", "mean_us", "max_us", "sized_calls", "total_bytes"]
+    if c.empty:
+        return pd.DataFrame(columns=cols)
+    d = pd.DataFrame({"rank": c["rank"].to_numpy(), "op": c["op"].astype(str).to_numpy(),
+                      "dur": (c["end_ns"] - c["start_ns"]).to_numpy(), "b": c["bytes"].to_numpy()})
+    d["sized"] = d["b"] > 0
+    d["b"] = d["b"].clip(lower=0)
+    g = d.groupby(["rank", "op"], sort=True).agg(calls=("dur", "size"), total=("dur", "sum"), mean=("dur", "mean"),
+                                                 mx=("dur", "max"), sized_calls=("sized", "sum"), total_bytes=("b", "sum")).reset_index()
+    g["total_ms"] = (g["total"] / 1e6).round(3)
+    g["mean_us"] = (g["mean"] / 1e3).round(1)
+    g["max_us"] = (g["mx"] / 1e3).round(1)
+    return g[cols]
+
+
+_NCCL_OP = re.compile(r"nccl(?:Dev)?Kernel_([A-Za-z]+)|nccl([A-Z][a-z]+(?:[A-Z][a-z]+)*?)(?:Ring|Tree|Kernel)")
+
+
+def comm_kernel_frame(trace: Trace, windows: dict | None = None) -> pd.DataFrame:
+    """Communication kernels (GPU time) per rank and collective, in each rank's window: kernels, GPU
+    time, share of the window. The op comes from the NCCL kernel name (ncclDevKernel_AllReduce_... ->
+    all_reduce)."""
+    from gpudoctor.model.stats import in_windows, window_total_ns
+    cols = ["rank", "op", "kernels", "gpu_ms", "mean_us", "window_pct"]
+    k = trace.kernels
+    k = k[in_windows(k, windows) & (k["category"].astype(str).to_numpy() == "communication")]
+    if k.empty:
+        return pd.DataFrame(columns=cols)
+    names = k["name"].astype(str)
+    op = names.str.extract(_NCCL_OP).bfill(axis=1).iloc[:, 0].fillna("other")
+    op = op.str.replace(r"(?<!^)(?=[A-Z])", "_", regex=True).str.lower()
+    d = pd.DataFrame({"rank": k["rank"].to_numpy(), "op": op.to_numpy(), "d": (k["end_ns"] - k["start_ns"]).to_numpy()})
+    g = d.groupby(["rank", "op"], sort=True)["d"].agg(["size", "sum", "mean"]).reset_index()
+    span = {int(r): window_total_ns(k[k["rank"].to_numpy() == r], windows) for r in g["rank"].unique()}
+    g["kernels"] = g["size"]
+    g["gpu_ms"] = (g["sum"] / 1e6).round(3)
+    g["mean_us"] = (g["mean"] / 1e3).round(1)
+    g["window_pct"] = (100 * g["sum"] / g["rank"].map(span).clip(lower=1)).round(1)
+    return g[cols]
+
+
+def collective_time_figure(trace: Trace, windows: dict | None = None) -> go.Figure:
+    """GPU time of the communication kernels per rank, by collective, as % of each rank's window (what
+    the bandwidth chart cannot show when message sizes are unknown)."""
+    d = comm_kernel_frame(trace, windows)
+    if d.empty:
+        return empty_figure("no communication kernels in the steady-state window", "Communication kernel time")
+    fig = go.Figure()
+    for op, g in d.groupby("op", sort=True):
+        fig.add_bar(x=[f"rank {r}" for r in g["rank"]], y=g["window_pct"], name=op,
+                    customdata=np.c_[g["gpu_ms"], g["kernels"]],
+                    hovertemplate="%{x}: %{y:.1f}% of the window (%{customdata[0]:.2f} ms, %{customdata[1]} kernels)<extra>"
+                    + op + "</extra>")
+    fig.update_layout(template=_TEMPLATE, barmode="stack", height=340, yaxis={"title": "% of window", "range": [0, 100]},
+                      title={"text": "Communication kernels: GPU time per rank (steady-state window)", "font": {"size": 14}},
+                      meta={"bars": int(len(d))})
     return fig

@@ -11,6 +11,7 @@ import datetime as _dt
 import html
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -19,12 +20,17 @@ import pandas as pd
 from gpudoctor import __version__
 from gpudoctor.dashboards import figures as F
 from gpudoctor.dashboards.timeline import TimelineIndex
+from gpudoctor.model import stats
+from gpudoctor.render import summaries as S
+
+MAX_EVIDENCE_FIGURES = 5  # findings (largest saving first) whose example gets its own timeline
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px auto;max-width:1280px;color:#111827;padding:0 16px}
 h1{margin-bottom:4px} .muted{color:#6b7280;font-size:13px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0 16px;width:100%}
 th,td{border:1px solid #e5e7eb;padding:4px 8px;text-align:left;vertical-align:top}
+td{overflow-wrap:break-word} td.num{white-space:nowrap;overflow-wrap:normal}
 th{background:#f3f4f6} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .sev-high{color:#b91c1c;font-weight:700}.sev-medium{color:#c2410c;font-weight:700}.sev-low{color:#a16207}.sev-info{color:#6b7280}
 details pre{background:#f9fafb;border:1px solid #e5e7eb;padding:8px;max-height:320px;overflow:auto;font-size:12px}
@@ -37,7 +43,7 @@ def _table_html(df: pd.DataFrame, max_rows: int | None = None, classes: dict[str
         return "<p class='muted'>none</p>"
     d = df.head(max_rows) if max_rows else df
     cols = [c for c in d.columns if not str(c).startswith("_")]
-    out = ["<table><thead><tr>", *[f"<th>{html.escape(str(c))}</th>" for c in cols], "</tr></thead><tbody>"]
+    out = ["<table><thead><tr>", *[f"<th>{_breakable(str(c))}</th>" for c in cols], "</tr></thead><tbody>"]
     for row in d[cols].itertuples(index=False, name=None):
         out.append("<tr>")
         for c, v in zip(cols, row):
@@ -45,12 +51,18 @@ def _table_html(df: pd.DataFrame, max_rows: int | None = None, classes: dict[str
             cls = (classes or {}).get(c)
             klass = " ".join(x for x in ("num" if num else "", cls(v) if cls else "") if x)
             text = "" if v is None or (isinstance(v, float) and v != v) else str(v)
-            out.append(f"<td{f' class={chr(34)}{klass}{chr(34)}' if klass else ''}>{html.escape(text)}</td>")
+            out.append(f"<td{f' class={chr(34)}{klass}{chr(34)}' if klass else ''}>{_breakable(text)}</td>")
         out.append("</tr>")
     out.append("</tbody></table>")
     if max_rows and len(df) > max_rows:
         out.append(f"<p class='muted'>{len(df) - max_rows} more rows not shown</p>")
     return "".join(out)
+
+
+def _breakable(text: str) -> str:
+    """Escaped ``text`` that may break after ``_ , ( : <`` (long kernel names and shapes wrap there, not
+    inside a word, and never widen the page)."""
+    return re.sub(r"(_|,|\(|::|&lt;)", r"\1<wbr>", html.escape(text))
 
 
 def _figure_html(fig, div_id: str) -> str:
@@ -75,16 +87,23 @@ def build_report(analysis, name: str, ceilings: dict | None = None) -> str:
     if a.dropped:
         parts.append(f"<p class='muted'>dropped events: {esc(', '.join(f'{k}: {v}' for k, v in a.dropped.items()))}</p>")
 
-    # findings
+    index = TimelineIndex.from_trace(trace)
+    # findings, each with the timeline zoomed to the example that carries most of its saving
     fdf = F.findings_frame(a)
     parts.append(f"<section id='findings'><h2>Findings ({len(fdf)})</h2>")
     parts.append(_table_html(fdf.drop(columns=["idx", "recommendation"]), classes={"severity": lambda v: f"sev-{v}"}))
+    shown = 0
     for _, row in fdf.iterrows():
         f = a.findings[int(row["idx"])]
-        parts.append(f"<details><summary><span class='sev-{esc(f.severity)}'>{esc(f.severity)}</span> "
+        parts.append(f"<details{' open' if shown < MAX_EVIDENCE_FIGURES and F.best_example(f) else ''}>"
+                     f"<summary><span class='sev-{esc(f.severity)}'>{esc(f.severity)}</span> "
                      f"{esc(f.analyzer)} (rank {esc(str(f.rank))}): {esc(f.title)}</summary>"
-                     f"<p><b>Recommendation:</b> {esc(f.recommendation)}</p>"
-                     f"<pre>{esc(json.dumps({'metrics': f.metrics, 'evidence': f.evidence}, indent=1, default=_default))}</pre></details>")
+                     f"<p><b>Recommendation:</b> {esc(f.recommendation)}</p>")
+        if index.n_events and F.best_example(f) is not None and shown < MAX_EVIDENCE_FIGURES:
+            parts.append(f"<p class='muted'>{esc(F.example_caption(a, f))}</p>")
+            parts.append(_figure_html(F.timeline_figure(index, F.finding_span(a, f)), f"fig-finding-{int(row['idx'])}"))
+            shown += 1
+        parts.append(f"<pre>{esc(json.dumps({'metrics': f.metrics, 'evidence': f.evidence}, indent=1, default=_default))}</pre></details>")
     parts.append("</section>")
 
     # ranks + categories
@@ -93,22 +112,34 @@ def build_report(analysis, name: str, ceilings: dict | None = None) -> str:
     parts.append(_figure_html(F.category_figure(a), "fig-category"))
     parts.append("</section>")
 
-    # timeline: whole run (aggregated) and the steady window of the first rank
-    index = TimelineIndex.from_trace(trace)
+    # timeline: the steady-state window (the dashboard's first view), a typical step when the window is
+    # too busy to draw kernel by kernel, and the whole run
     if index.n_events:
         parts.append("<section id='timeline'><h2>Timeline</h2>")
-        parts.append(_figure_html(F.timeline_figure(index), "fig-timeline"))
-        if a.ranks and a.ranks[0].window.end_ns > a.ranks[0].window.start_ns:
-            w = a.ranks[0].window
-            steady = w.steady
-            # one steady step when the window holds too many events to draw one by one
-            view = (w.start_ns, w.end_ns)
-            if index.count(view[0] - index.origin_ns, view[1] - index.origin_ns) > F.MAX_EXACT and len(steady):
-                view = (int(steady["gpu_start_ns"].iloc[0]), int(steady["gpu_end_ns"].iloc[0]))
-            parts.append("<p class='muted'>Below: the steady-state window (or its first step) of rank "
-                         f"{a.ranks[0].rank}.</p>")
-            parts.append(_figure_html(F.timeline_figure(index, view), "fig-timeline-steady"))
+        view = F.default_view(a)
+        steady = F.timeline_figure(index, view)
+        parts.append("<p class='muted'>The steady-state window.</p>" + _figure_html(steady, "fig-timeline-steady"))
+        step = typical_step(a)
+        if steady.layout.meta["mode"] != "exact" and step is not None:
+            parts.append(f"<p class='muted'>A typical step (the median steady step of rank {a.ranks[0].rank}).</p>")
+            parts.append(_figure_html(F.timeline_figure(index, step), "fig-timeline-step"))
+        parts.append("<p class='muted'>The whole run.</p>" + _figure_html(F.timeline_figure(index), "fig-timeline"))
         parts.append("</section>")
+
+    # summaries
+    tabs = S.tables(a)
+    figs = {"kernels": lambda: F.kernel_duration_figure(trace, S.windows(a)),
+            "steps": lambda: F.step_figure(tabs["steps"]),
+            "launch": lambda: F.launch_delay_figure(stats.launch_delays(trace, S.windows(a)))}
+    parts.append("<section id='summaries'><h2>Summaries</h2><p class='muted'>Times in microseconds (the CSV files of "
+                 "<code>gpudoctor analyze --csv DIR</code> keep nanoseconds).</p>")
+    for kind in S.KINDS:
+        parts.append(f"<h3>{esc(S.TITLES[kind])}</h3>")
+        if kind in figs and not tabs[kind].empty:
+            parts.append(_figure_html(figs[kind](), f"fig-summary-{kind}"))
+        parts.append(_table_html(S.display(tabs[kind]), max_rows=30) if len(tabs[kind])
+                     else f"<p class='muted'>none: {esc(S.EMPTY_WHY[kind])}</p>")
+    parts.append("</section>")
 
     # kernels
     kt = F.kernel_table(a)
@@ -123,7 +154,14 @@ def build_report(analysis, name: str, ceilings: dict | None = None) -> str:
         parts.append("</section>")
     if not trace.collectives.empty or any(f.analyzer in F.COMM_ANALYZERS for f in a.findings):
         parts.append("<section id='communication'><h2>Communication</h2>")
-        parts.append(_figure_html(F.comm_bandwidth_figure(trace, ceilings, F.analysis_link_ceiling(a, ceilings)), "fig-comm"))
+        bw = F.comm_bandwidth_figure(trace, ceilings, F.analysis_link_ceiling(a, ceilings))
+        parts.append(f"<p class='muted'>{esc(bw.layout.meta['message'])}</p>" if bw.layout.meta.get("empty")
+                     else _figure_html(bw, "fig-comm"))
+        parts.append(_figure_html(F.comm_fraction_figure(a), "fig-comm-fraction"))
+        parts.append(_figure_html(F.collective_time_figure(trace, S.windows(a)), "fig-comm-time"))
+        parts.append("<h3>Communication kernels per rank and collective (steady-state window)</h3>"
+                     + _table_html(F.comm_kernel_frame(trace, S.windows(a))))
+        parts.append("<h3>Collective calls per rank and op (host side, whole trace)</h3>" + _table_html(F.collective_summary_frame(trace)))
         parts.append("<h3>Stragglers (last rank to arrive at each collective)</h3>" + _table_html(F.straggler_frame(trace)))
         sf = F.straggler_findings_frame(a)
         if len(sf):
@@ -140,6 +178,16 @@ def build_report(analysis, name: str, ceilings: dict | None = None) -> str:
     head = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>gpudoctor report — {esc(name)}</title>"
             f"<style>{_CSS}</style><script type='text/javascript'>{get_plotlyjs()}</script></head><body>")
     return head + "\n".join(parts) + "</body></html>"
+
+
+def typical_step(analysis) -> tuple[int, int] | None:
+    """The GPU span of the first rank's median steady step (by duration), or None."""
+    if not analysis.ranks or not len(analysis.ranks[0].window.steady):
+        return None
+    st = analysis.ranks[0].window.steady.reset_index(drop=True)
+    i = int(st["duration_ns"].rank(method="first").sub((len(st) + 1) / 2).abs().idxmin())
+    lo, hi = int(st["gpu_start_ns"].iat[i]), int(st["gpu_end_ns"].iat[i])
+    return (lo, hi) if hi > lo else None
 
 
 def _default(o):

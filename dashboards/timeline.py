@@ -30,15 +30,16 @@ from gpudoctor.model.trace import Trace
 
 # Display order of categories: kernel categories, then memory operations, host ranges, collectives.
 MEMOP_CATEGORIES = ("memcpy", "memset")
-CATEGORIES = tuple(KERNEL_CATEGORIES) + MEMOP_CATEGORIES + ("nvtx", "nccl")
+CATEGORIES = tuple(KERNEL_CATEGORIES) + MEMOP_CATEGORIES + ("nvtx", "api", "nccl")
 GPU_CATEGORIES = tuple(KERNEL_CATEGORIES) + MEMOP_CATEGORIES
 MAX_RANGE_DEPTH = 4  # deeper host ranges are folded into this depth's lane
+MAX_API_THREADS = 2  # CUDA API calls of threads beyond the busiest ones share one lane per rank
 
 
 @dataclass(frozen=True)
 class Lane:
     rank: int
-    kind: str  # gpu | nvtx | nccl
+    kind: str  # gpu | nvtx | api | nccl
     label: str
 
 
@@ -52,6 +53,7 @@ class Events:
     end: np.ndarray
     label: np.ndarray  # object: hover text head (kernel name, range text, op)
     is_gpu: np.ndarray  # kernels and memops (what the kernel budget counts)
+    corr: np.ndarray  # correlation id of kernels, memops and API calls (-1 for others)
 
     def __len__(self) -> int:
         return len(self.start)
@@ -62,7 +64,7 @@ class TimelineIndex:
 
     def __init__(self, lanes: list[Lane], lane: np.ndarray, cat: np.ndarray, start: np.ndarray,
                  end: np.ndarray, label_codes: np.ndarray, labels: list[str], origin_ns: int,
-                 counters: pd.DataFrame | None = None):
+                 counters: pd.DataFrame | None = None, corr: np.ndarray | None = None):
         self.lanes = lanes
         self.origin_ns = int(origin_ns)
         self.labels = np.asarray(labels, dtype=object)
@@ -74,6 +76,7 @@ class TimelineIndex:
         self._start = start[order].astype(np.int64)
         self._end = end[order].astype(np.int64)
         self._label = label_codes[order]
+        self._corr = (corr if corr is not None else np.full(n, -1, np.int64))[order].astype(np.int64)
         gid, first = np.unique(self._group, return_index=True)
         bounds = np.r_[first, n].astype(np.int64)
         self.groups = [(int(g) // ncat, int(g) % ncat, int(bounds[i]), int(bounds[i + 1])) for i, g in enumerate(gid)]
@@ -93,6 +96,15 @@ class TimelineIndex:
             self.lo, self.hi = 0, 1
         self.counters = counters if counters is not None else pd.DataFrame(columns=["rank", "device_id", "t", "name", "value"])
         self.categories_present = sorted({c for _, c, _, _ in self.groups})
+        # API calls by (rank, correlation id): where a kernel's launch arrow starts
+        api = CATEGORIES.index("api")
+        is_api = (self._group % ncat == api) & (self._corr >= 0)
+        lane_rank = np.array([ln.rank for ln in lanes] or [0], dtype=np.int64)
+        ai = np.nonzero(is_api)[0]
+        key = lane_rank[self._group[ai] // ncat] * (1 << 40) + self._corr[ai]
+        o = np.argsort(key, kind="stable")
+        self._api_key, self._api_pos = key[o], ai[o]
+        self._lane_rank = lane_rank
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -105,36 +117,54 @@ class TimelineIndex:
 
         lanes: list[Lane] = []
         lane_of: dict[tuple, int] = {}
+        a = trace.api_calls
         ranks = sorted(set(k["rank"].unique().tolist()) | set(m["rank"].unique().tolist())
                        | set(r["rank"].unique().tolist()) | set(c["rank"].unique().tolist()))
-        # Lane keys in display order: per rank, host ranges, then GPU streams, then collectives.
+        purpose = _stream_purposes(k, m)
+        api_thread = _api_lane_threads(a)
+        # Lane keys in display order: per rank, host ranges, CUDA API, then GPU streams, then collectives.
         for rank in ranks:
+            who = f"rank {rank} · " if len(ranks) > 1 else ""
             rr = r[r["rank"].to_numpy() == rank]
             keys = sorted(set(zip(rr["thread_id"].tolist(), np.minimum(rr["depth"].to_numpy(), MAX_RANGE_DEPTH).tolist())))
             threads = sorted({t for t, _ in keys})
+            nvtx = "NVTX" if (~rr["domain"].astype(str).isin(["record_function", "profiler_step"])).any() else "ranges"
             for t, d in keys:
-                tl = f" t{threads.index(t)}" if len(threads) > 1 else ""
+                tl = f" thread {threads.index(t) + 1}" if len(threads) > 1 else ""
                 lane_of[(rank, "nvtx", t, d)] = len(lanes)
-                lanes.append(Lane(rank, "nvtx", f"r{rank} ranges{tl} d{d}"))
+                lanes.append(Lane(rank, "nvtx", f"{who}{nvtx}{tl}" + (f" level {d + 1}" if d else "")))
+            at = sorted({v for (rk, _), v in api_thread.items() if rk == rank}, key=lambda v: (v == -1, v))
+            for j, t in enumerate(at):
+                lane_of[(rank, "api", t)] = len(lanes)
+                tl = " (other threads)" if t == -1 else (f" thread {j + 1}" if len(at) > 1 else "")
+                lanes.append(Lane(rank, "api", f"{who}CUDA API{tl}"))
             kk = k[k["rank"].to_numpy() == rank]
             mm = m[m["rank"].to_numpy() == rank]
             streams = sorted(set(zip(kk["device_id"].tolist(), kk["stream_id"].tolist()))
                              | set(zip(mm["device_id"].tolist(), mm["stream_id"].tolist())))
+            devices = {d for d, _ in streams}
             for dev, s in streams:
                 lane_of[(rank, "gpu", dev, s)] = len(lanes)
-                lanes.append(Lane(rank, "gpu", f"r{rank} gpu{dev} s{s}"))
+                gpu = f"GPU {dev} " if len(devices) > 1 or len(ranks) > 1 else ""
+                lanes.append(Lane(rank, "gpu", f"{who}{gpu}{purpose.get((rank, dev, s), 'compute')} (stream {s})"))
             if (c["rank"].to_numpy() == rank).any():
                 lane_of[(rank, "nccl")] = len(lanes)
-                lanes.append(Lane(rank, "nccl", f"r{rank} NCCL"))
+                lanes.append(Lane(rank, "nccl", f"{who}NCCL calls"))
 
-        def lane_codes(keys: pd.DataFrame) -> np.ndarray:
-            # vectorized dict lookup through a MultiIndex of the (few) distinct keys
-            if keys.empty:
+        def lane_codes(key_of, *cols: np.ndarray) -> np.ndarray:
+            """Each row's lane: ``key_of`` (a lane_of key from one row's values) is called once per
+            distinct row, found by factorizing the integer columns (no per-row Python)."""
+            if not len(cols[0]):
                 return np.zeros(0, np.int32)
-            uniq = keys.drop_duplicates()
-            codes = np.array([lane_of[tuple(x)] for x in uniq.itertuples(index=False, name=None)], np.int32)
-            idx = pd.MultiIndex.from_frame(uniq)
-            return codes[idx.get_indexer(pd.MultiIndex.from_frame(keys))]
+            comb = np.zeros(len(cols[0]), np.int64)
+            for col in cols:
+                codes, uniq = pd.factorize(col)
+                comb = comb * len(uniq) + codes
+            codes, uniq = pd.factorize(comb)
+            first = np.empty(len(uniq), np.int64)
+            first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # the first row of each distinct key
+            table = np.array([lane_of[key_of(*(int(col[i]) for col in cols))] for i in first], np.int32)
+            return table[codes]
 
         cat_index = {c: i for i, c in enumerate(CATEGORIES)}
         parts = []
@@ -142,33 +172,40 @@ class TimelineIndex:
         if len(k):
             kc = _codes_via(k["category"], lambda x: cat_index.get(x, cat_index["other"]), cat_index["other"])
             parts.append((
-                lane_codes(pd.DataFrame({"rank": k["rank"].to_numpy(), "kind": "gpu", "dev": k["device_id"].to_numpy(),
-                                         "s": k["stream_id"].to_numpy()})),
+                lane_codes(lambda rk, dev, st: (rk, "gpu", dev, st), k["rank"].to_numpy(), k["device_id"].to_numpy(),
+                           k["stream_id"].to_numpy()),
                 kc.astype(np.int16), k["start_ns"].to_numpy(np.int64), k["end_ns"].to_numpy(np.int64),
-                k["name"]))
+                k["name"], k["correlation_id"].to_numpy(np.int64)))
         if len(m):
             mc = np.where(m["kind"].astype(str).to_numpy() == "memset", cat_index["memset"], cat_index["memcpy"]).astype(np.int16)
             parts.append((
-                lane_codes(pd.DataFrame({"rank": m["rank"].to_numpy(), "kind": "gpu", "dev": m["device_id"].to_numpy(),
-                                         "s": m["stream_id"].to_numpy()})),
+                lane_codes(lambda rk, dev, st: (rk, "gpu", dev, st), m["rank"].to_numpy(), m["device_id"].to_numpy(),
+                           m["stream_id"].to_numpy()),
                 mc, m["start_ns"].to_numpy(np.int64), m["end_ns"].to_numpy(np.int64),
-                pd.Series(m["kind"].astype(str).to_numpy() + " " + _bytes_text(m["bytes"].to_numpy()).to_numpy()).astype("category")))
+                pd.Series(m["kind"].astype(str).to_numpy() + " " + _bytes_text(m["bytes"].to_numpy()).to_numpy()).astype("category"),
+                m["correlation_id"].to_numpy(np.int64)))
         if len(r):
             parts.append((
-                lane_codes(pd.DataFrame({"rank": r["rank"].to_numpy(), "kind": "nvtx", "t": r["thread_id"].to_numpy(),
-                                         "d": np.minimum(r["depth"].to_numpy(), MAX_RANGE_DEPTH)})),
+                lane_codes(lambda rk, t, d: (rk, "nvtx", t, d), r["rank"].to_numpy(), r["thread_id"].to_numpy(),
+                           np.minimum(r["depth"].to_numpy(), MAX_RANGE_DEPTH)),
                 np.full(len(r), cat_index["nvtx"], np.int16), r["start_ns"].to_numpy(np.int64),
-                r["end_ns"].to_numpy(np.int64), r["text"]))
+                r["end_ns"].to_numpy(np.int64), r["text"], np.full(len(r), -1, np.int64)))
+        if len(a):
+            parts.append((
+                lane_codes(lambda rk, t: (rk, "api", api_thread.get((rk, t), -1)), a["rank"].to_numpy(), a["thread_id"].to_numpy()),
+                np.full(len(a), cat_index["api"], np.int16), a["start_ns"].to_numpy(np.int64),
+                a["end_ns"].to_numpy(np.int64), a["name"], a["correlation_id"].to_numpy(np.int64)))
         if len(c):
             parts.append((
-                lane_codes(pd.DataFrame({"rank": c["rank"].to_numpy(), "kind": "nccl"})),
+                lane_codes(lambda rk: (rk, "nccl"), c["rank"].to_numpy()),
                 np.full(len(c), cat_index["nccl"], np.int16), c["start_ns"].to_numpy(np.int64),
                 c["end_ns"].to_numpy(np.int64),
-                pd.Series(c["op"].astype(str).to_numpy() + " " + _bytes_text(c["bytes"].to_numpy()).to_numpy()).astype("category")))
+                pd.Series(c["op"].astype(str).to_numpy() + " " + _bytes_text(c["bytes"].to_numpy()).to_numpy()).astype("category"),
+                np.full(len(c), -1, np.int64)))
 
         labels: list[str] = []
-        codes_all, lane_all, cat_all, s_all, e_all = [], [], [], [], []
-        for lane, cat, s, e, lab in parts:
+        codes_all, lane_all, cat_all, s_all, e_all, corr_all = [], [], [], [], [], []
+        for lane, cat, s, e, lab, corr in parts:
             lab = lab if isinstance(lab.dtype, pd.CategoricalDtype) else lab.astype(str).astype("category")
             codes = lab.cat.codes.to_numpy().astype(np.int64)
             cats = [str(x) for x in lab.cat.categories]
@@ -179,19 +216,21 @@ class TimelineIndex:
             cat_all.append(cat)
             s_all.append(s - origin)
             e_all.append(np.maximum(e, s) - origin)
+            corr_all.append(corr)
         labels.append("")
         if parts:
             codes = np.concatenate(codes_all)
             codes = np.where(codes >= 0, codes, len(labels) - 1)
-            arrays = (np.concatenate(lane_all), np.concatenate(cat_all), np.concatenate(s_all), np.concatenate(e_all), codes)
+            arrays = (np.concatenate(lane_all), np.concatenate(cat_all), np.concatenate(s_all), np.concatenate(e_all), codes,
+                      np.concatenate(corr_all))
         else:
             arrays = (np.zeros(0, np.int32), np.zeros(0, np.int16), np.zeros(0, np.int64), np.zeros(0, np.int64),
-                      np.zeros(0, np.int64))
+                      np.zeros(0, np.int64), np.zeros(0, np.int64))
         cnt = trace.counters
         counters = pd.DataFrame({"rank": cnt["rank"].to_numpy(), "device_id": cnt["device_id"].to_numpy(),
                                  "t": cnt["ts_ns"].to_numpy(np.int64) - origin, "name": cnt["name"].astype(str).to_numpy(),
                                  "value": cnt["value"].to_numpy(np.float64)}).sort_values("t", kind="stable")
-        return cls(lanes, *arrays[:4], arrays[4], labels, origin, counters=counters.reset_index(drop=True))
+        return cls(lanes, *arrays[:4], arrays[4], labels, origin, counters=counters.reset_index(drop=True), corr=arrays[5])
 
     # ------------------------------------------------------------------ queries
     @property
@@ -260,15 +299,30 @@ class TimelineIndex:
         cat = (self._group[sel] % ncat).astype(np.int16)
         gpu = np.isin(cat, [CATEGORIES.index(c) for c in GPU_CATEGORIES])
         return Events(lane=(self._group[sel] // ncat).astype(np.int32), category=cat, start=self._start[sel],
-                      end=self._end[sel], label=self.labels[self._label[sel]], is_gpu=gpu)
+                      end=self._end[sel], label=self.labels[self._label[sel]], is_gpu=gpu, corr=self._corr[sel])
 
-    def counter_series(self, lo: int, hi: int, bins: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-        """(name, t, value) per counter (rank, device, name) inside [lo, hi); min/max per bin when dense."""
+    def launches(self, ev: Events) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For the GPU events of ``ev`` launched by a recorded API call: (event positions in ``ev``, the
+        call's lane, the call's start), matched by rank and correlation id."""
+        sel = np.nonzero(ev.is_gpu & (ev.corr >= 0))[0]
+        if not len(sel) or not len(self._api_key):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        key = self._lane_rank[ev.lane[sel]] * (1 << 40) + ev.corr[sel]
+        i = np.clip(np.searchsorted(self._api_key, key), 0, len(self._api_key) - 1)
+        ok = self._api_key[i] == key
+        pos = self._api_pos[i[ok]]
+        return sel[ok], self._group[pos] // len(CATEGORIES), self._start[pos]
+
+    def counter_series(self, lo: int, hi: int, bins: int, name: str | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(label, t, value) per counter (rank, device, name) inside [lo, hi), of one counter ``name``
+        or all; min/max per bin when dense."""
         out = []
         c = self.counters
+        if name is not None:
+            c = c[c["name"].to_numpy() == name]
         if c.empty:
             return out
-        for (rank, dev, name), g in c.groupby(["rank", "device_id", "name"], sort=True):
+        for (rank, dev, cname), g in c.groupby(["rank", "device_id", "name"], sort=True):
             t = g["t"].to_numpy()
             v = g["value"].to_numpy()
             i0 = max(np.searchsorted(t, lo, side="left") - 1, 0)
@@ -281,9 +335,40 @@ class TimelineIndex:
                 imax = df.groupby("b")["v"].idxmax().to_numpy()
                 keep = np.unique(np.r_[imin, imax])
                 t, v = t[keep], v[keep]
-            label = f"r{rank} {name}" + (f" gpu{dev}" if dev >= 0 else "")
+            label = f"rank {rank} {cname}" + (f" GPU {dev}" if dev >= 0 else "")
             out.append((label, t, v))
         return out
+
+
+def _stream_purposes(k: pd.DataFrame, m: pd.DataFrame) -> dict[tuple, str]:
+    """What each (rank, device, stream) runs: "NCCL" when most of its kernel time is communication
+    kernels, "copies" when it runs only memcpy/memset, else "compute"."""
+    out: dict[tuple, str] = {}
+    if len(k):
+        d = pd.DataFrame({"rank": k["rank"].to_numpy(), "dev": k["device_id"].to_numpy(), "s": k["stream_id"].to_numpy(),
+                          "d": (k["end_ns"] - k["start_ns"]).to_numpy(),
+                          "comm": (k["category"].astype(str).to_numpy() == "communication")})
+        d["cd"] = d["d"] * d["comm"]
+        g = d.groupby(["rank", "dev", "s"], sort=False)[["d", "cd"]].sum()
+        for key, row in g.iterrows():  # one row per stream
+            out[key] = "NCCL" if row["cd"] > 0.5 * row["d"] else "compute"
+    if len(m):
+        for key in set(zip(m["rank"].tolist(), m["device_id"].tolist(), m["stream_id"].tolist())) - set(out):
+            out[key] = "copies"
+    return out
+
+
+def _api_lane_threads(a: pd.DataFrame) -> dict[tuple, int]:
+    """(rank, thread) -> the thread id of its CUDA API lane: the busiest MAX_API_THREADS threads of a rank
+    get a lane each, the others share one (-1)."""
+    if a.empty:
+        return {}
+    n = pd.DataFrame({"rank": a["rank"].to_numpy(), "t": a["thread_id"].to_numpy()}).value_counts()
+    out = {}
+    for (rank, t), _ in n.items():  # in descending count order
+        mine = sum(1 for (rk, _), v in out.items() if rk == rank and v != -1)
+        out[(int(rank), int(t))] = int(t) if mine < MAX_API_THREADS else -1
+    return out
 
 
 def _codes_via(col: pd.Series, fn, fill: int) -> np.ndarray:

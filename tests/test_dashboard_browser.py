@@ -25,7 +25,11 @@ FX = ROOT / "fixtures"
 ART = ROOT / "test-artifacts"
 RUNS = [FX / "nsys" / "attn_naive.nsys.sqlite", FX / "nsys" / "attn_sdpa.nsys.sqlite", FX / "ncu" / "ncu_kernels.raw.csv",
         FX / "torch" / "attn_naive.torch.json.gz"]
-NAIVE, SDPA, NCU, TORCH, COMM = range(5)
+# runs of several inputs each (one run = all inputs of one analyze call)
+MULTI = {"ddp_comm_bound (2x H200, nsys)": [FX / "multigpu" / f"ddp_comm_bound_rank{r}.sqlite" for r in (0, 1)],
+         "kv_static (nsys + memory snapshot)": [FX / "nsys" / "kv_static.nsys.sqlite", FX / "kv" / "kv_static.snapshot.pickle"],
+         "decode (nsys)": [FX / "nsys" / "decode.nsys.sqlite"]}
+NAIVE, SDPA, NCU, TORCH, COMM, DDP, KV, DECODE = range(8)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
@@ -66,8 +70,11 @@ def server():
     from gpudoctor.cli.dashboard import load_runs
     from gpudoctor.dashboards.app import Run, create_app
 
+    from gpudoctor.pipeline import analyze_inputs
+
     runs = load_runs([str(p) for p in RUNS])
     runs.append(Run("synthetic 2-rank all_reduce", _comm_run(runs[NAIVE].analysis)))
+    runs += [Run(name, analyze_inputs([str(p) for p in paths])) for name, paths in MULTI.items()]
     app = create_app(runs)
     srv = make_server("127.0.0.1", 0, app.server, threaded=True)
     th = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -138,10 +145,16 @@ def test_every_page_renders(page, server, errors):
     shot(page, "overview")
 
     goto(page, server, "/timeline", "Timeline")
-    page.wait_for_selector("#timeline-graph .heatmaplayer")
-    assert page.inner_text("#timeline-status").startswith("aggregated: 1,305 GPU ops")
-    assert plot_meta(page, "timeline-graph")["mode"] == "aggregated"
-    shot(page, "timeline-zoomed-out")
+    page.wait_for_selector("#timeline-graph .scatterlayer .trace", state="attached")
+    # the first view is the steady-state window, kernel by kernel
+    w = a.ranks[0].window
+    k, m = a.trace.kernels, a.trace.memops
+    n_ops = int(((k["end_ns"] > w.start_ns) & (k["start_ns"] < w.end_ns)).sum()
+                + ((m["end_ns"] > w.start_ns) & (m["start_ns"] < w.end_ns)).sum())
+    assert page.inner_text("#timeline-status").startswith(f"exact: {n_ops:,} GPU ops")
+    origin = server["runs"][NAIVE].index.origin_ns
+    assert plot_range(page, "timeline-graph") == pytest.approx([(w.start_ns - origin) / 1e6, (w.end_ns - origin) / 1e6])
+    shot(page, "timeline-steady")
 
     goto(page, server, "/kernels", "Kernels")
     page.wait_for_selector("#kernel-table td[data-dash-column='kernel']")
@@ -217,7 +230,7 @@ def test_clicking_a_finding_jumps_the_timeline(page, server, errors):
     want = [(s - origin) / 1e6, (e - origin) / 1e6]
 
     goto(page, server, "/timeline", "Timeline")
-    page.wait_for_selector("#timeline-graph .heatmaplayer")
+    page.wait_for_selector("#timeline-graph .scatterlayer .trace", state="attached")
     before = plot_range(page, "timeline-graph")
 
     goto(page, server, "/", "Overview")
@@ -252,17 +265,16 @@ def test_timeline_zoom_shows_exact_kernels_of_a_step(page, server, errors):
     origin = run.index.origin_ns
 
     goto(page, server, "/timeline", "Timeline")
-    page.wait_for_selector("#timeline-graph .heatmaplayer")
+    page.wait_for_selector("#timeline-graph .scatterlayer .trace", state="attached")
     # zoom like a user's drag does: a relayout of the x range (the server redraws for the new range)
     page.evaluate("([a, b]) => Plotly.relayout(document.querySelector('#timeline-graph .js-plotly-plot'),"
                   " {'xaxis.range[0]': a, 'xaxis.range[1]': b})", [(lo - origin) / 1e6, (hi - origin) / 1e6])
-    page.wait_for_function("document.getElementById('timeline-status').innerText.startsWith('exact')")
-    assert page.inner_text("#timeline-status").startswith(f"exact: {n_ops:,} GPU ops")
+    page.wait_for_function(f"document.getElementById('timeline-status').innerText.startsWith('exact: {n_ops:,} GPU ops')")
     page.wait_for_selector("#timeline-graph .scatterlayer .trace", state="attached")
     drawn = page.evaluate("""() => {
         const gd = document.querySelector('#timeline-graph .js-plotly-plot');
         let n = 0;
-        for (const t of gd._fullData) if (t.meta && t.meta.category && !['nvtx', 'nccl'].includes(t.meta.category))
+        for (const t of gd._fullData) if (t.meta && t.meta.category && !['nvtx', 'api', 'nccl'].includes(t.meta.category))
             n += Array.from(t.x).filter(v => v !== null && !Number.isNaN(v)).length / 2;
         return n; }""")
     assert drawn == n_ops
@@ -333,9 +345,116 @@ def test_communication_page(page, server, errors):
     shot(page, "communication")
     # its timeline has an NCCL lane per rank
     page.click("#nav-timeline")
-    page.wait_for_selector("#timeline-graph .heatmaplayer")
+    page.wait_for_selector("#timeline-graph .ytick")
     ticks = page.evaluate("() => [...document.querySelectorAll('#timeline-graph .ytick text')].map(t => t.textContent)")
-    assert "r0 NCCL" in ticks and "r1 NCCL" in ticks
+    assert "rank 0 · NCCL calls" in ticks and "rank 1 · NCCL calls" in ticks
     select_run(page, NAIVE, server)
     page.wait_for_selector("#page h3:has-text('attn_naive (nsys)')")
+    assert errors == []
+
+
+# ------------------------------------------------------------------------------------------ every page, every kind
+# What each page must draw per fixture kind (graph id -> must it draw something). Graphs not listed may be
+# empty-with-a-message for that kind (a torch trace has no memory events, only an ncu run has a roofline).
+KINDS = {
+    NAIVE: ("nsys", {"timeline-graph", "kernel-category-graph", "summary-kernels-graph", "summary-steps-graph",
+                     "summary-launch-graph", "memory-graph"}),
+    TORCH: ("torch", {"timeline-graph", "kernel-category-graph", "summary-kernels-graph", "summary-steps-graph",
+                      "summary-launch-graph"}),
+    NCU: ("ncu", {"roofline-graph", "kernel-category-graph"}),
+    DDP: ("ddp-2gpu", {"timeline-graph", "kernel-category-graph", "summary-kernels-graph", "summary-steps-graph",
+                       "summary-launch-graph", "comm-fraction-graph", "comm-time-graph"}),
+    KV: ("kv-snapshot", {"timeline-graph", "kernel-category-graph", "summary-kernels-graph", "memory-graph"}),
+}
+PAGE_IDS = [("Timeline", "timeline"), ("Kernels", "kernels"), ("Summaries", "summaries"), ("Roofline", "roofline"),
+            ("Communication", "communication"), ("Memory", "memory")]
+DRAWN_JS = """() => Object.fromEntries([...document.querySelectorAll('.js-plotly-plot')].map(gd => {
+    const meta = gd._fullLayout.meta || {};
+    let n = 0;
+    for (const t of gd._fullData) {
+        if (t.visible === false) continue;
+        if (t.type === 'heatmap') n += t.z.flat().filter(v => v !== null && !Number.isNaN(v)).length;
+        else if (t.type === 'box') n += (t.q1 || []).length;
+        else if (t.x) n += Array.from(t.x).filter(v => v !== null && v !== undefined && !Number.isNaN(v)).length;
+    }
+    return [gd.parentElement.id || gd.id, meta.empty ? 0 : n];
+}))"""
+
+
+@pytest.mark.parametrize("run_index", list(KINDS), ids=[v[0] for v in KINDS.values()])
+def test_pages_draw_figures_for_each_fixture_kind(page, server, errors, run_index):
+    kind, must = KINDS[run_index]
+    run = server["runs"][run_index]
+    goto(page, server, "/", "Overview")
+    select_run(page, run_index, server)
+    page.wait_for_selector(f"#page h3:has-text('{run.name}')")
+    shot(page, f"overview-{kind}")
+    seen: dict[str, int] = {}
+    for label, slug in PAGE_IDS:
+        page.click(f"#nav-{label.lower()}")
+        page.wait_for_selector(f"#page h3:has-text('{label} — {run.name}')")
+        graphs = page.locator("#page .dash-graph")
+        for i in range(graphs.count()):  # every graph on the page has been drawn by plotly
+            graphs.nth(i).locator(".main-svg").first.wait_for(state="attached", timeout=30_000)
+        page.wait_for_load_state("networkidle")
+        seen.update(page.evaluate(DRAWN_JS))
+        shot(page, f"{slug}-{kind}")
+    missing = sorted(g for g in must if not seen.get(g))
+    assert not missing, (missing, seen)
+    # tables that every run with a timeline has
+    if run_index != NCU:
+        page.click("#nav-summaries")
+        page.wait_for_selector("#summary-kernels-table td[data-dash-column='kernel']")
+        assert len(rows(page, "summary-kernels-table", "kernel")) == min(15, len(run.summaries()["kernels"]))
+    if run_index == DDP:
+        page.click("#nav-communication")
+        page.wait_for_selector("#comm-summary-table td[data-dash-column='op']")
+        assert sorted(set(rows(page, "comm-summary-table", "op"))) == ["all_gather", "all_reduce", "broadcast"]
+        assert rows(page, "comm-kernel-table", "op") == ["all_reduce", "broadcast", "all_reduce"]
+    assert errors == []
+
+
+def test_finding_evidence_is_the_largest_saving_example(page, server, errors):
+    """decode: the gpu_idle finding shows the 60 ms module-load gap, not a few-us queued gap."""
+    from gpudoctor.dashboards import figures as F
+    run = server["runs"][DECODE]
+    f = next(f for f in run.analysis.findings if f.analyzer == "gpu_idle")
+    goto(page, server, "/", "Overview")
+    select_run(page, DECODE, server)
+    page.wait_for_selector("#page h3:has-text('decode (nsys)')")
+    page.click("#findings-table tr.finding-row:has-text('gpu_idle')")
+    page.wait_for_selector("#finding-example")
+    assert "module load, 60.3 ms" in page.inner_text("#finding-example")
+    page.wait_for_selector("#finding-timeline .scatterlayer .trace", state="attached")
+    s, e = F.finding_span(run.analysis, f)
+    origin = run.index.origin_ns
+    assert plot_range(page, "finding-timeline") == pytest.approx([(s - origin) / 1e6, (e - origin) / 1e6])
+    drawn = page.evaluate(DRAWN_JS)
+    assert drawn["finding-timeline"] > 0
+    shot(page, "overview-finding-decode")
+    assert errors == []
+
+
+# ------------------------------------------------------------------------------------------ the HTML report
+@pytest.mark.parametrize("name, inputs", [("decode", [FX / "nsys" / "decode.nsys.sqlite"]),
+                                          ("mlp-ncu", [FX / "nsys" / "mlp_fp32.nsys.sqlite", FX / "ncu" / "ncu_kernels.raw.csv"]),
+                                          ("ddp-2gpu", MULTI["ddp_comm_bound (2x H200, nsys)"])])
+def test_report_in_the_browser(page, errors, tmp_path, name, inputs):
+    """The report opens offline, draws every figure, and fits the window (long kernel names wrap)."""
+    from gpudoctor.dashboards.report import write_report
+    from gpudoctor.pipeline import analyze_inputs
+
+    path = write_report(tmp_path / f"{name}.html", analyze_inputs([str(p) for p in inputs]), name)
+    page.set_viewport_size({"width": 1300, "height": 900})
+    page.goto(path.as_uri())
+    page.wait_for_selector("#fig-timeline-steady .main-svg", state="attached", timeout=60_000)
+    page.wait_for_timeout(500)
+    drawn = page.evaluate(DRAWN_JS)
+    assert drawn and all(v > 0 for v in drawn.values()), drawn
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1300
+    # the fraction axis is 0-100% however small the shares
+    assert page.evaluate("document.getElementById('fig-category')._fullLayout.xaxis.range") == [0, 100]
+    ART.mkdir(exist_ok=True)
+    page.screenshot(path=str(ART / f"report-{name}.png"), full_page=True)
+    page.screenshot(path=str(ART / f"report-{name}-top.png"), full_page=True, clip={"x": 0, "y": 0, "width": 1300, "height": 2200})
     assert errors == []

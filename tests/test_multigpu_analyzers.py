@@ -336,19 +336,25 @@ def test_trace_path_template():
 
 
 # ------------------------------------------------------------------------------------------------ recorded fixtures
+# Real per-rank Nsight Systems exports from 2x H200 (fixtures/multigpu/README.md): DDP whose all-reduce
+# dominates (ddp_comm_bound) and a 2-stage pipeline with one micro-batch (pipe_m1). Cases that wait for a
+# recording (a compute-bound DDP, a 4-micro-batch pipeline, torch.profiler traces of each) skip until
+# scripts/record-multigpu.sh has made them.
 
+RECORDED = {("ddp_comm", "nsys"): "ddp_comm_bound_rank{r}.sqlite", ("pp_1mb", "nsys"): "pipe_m1_rank{r}.sqlite"}
 CASES = ("ddp_comm", "ddp_compute", "pp_1mb", "pp_4mb")
 SUFFIX = {"nsys": ".nsys.sqlite", "torch": ".torch.json.gz"}
 
 
 def _files(case: str, source: str) -> list[Path]:
-    return [FIX / f"{case}_rank{r}{SUFFIX[source]}" for r in (0, 1)]
+    pattern = RECORDED.get((case, source), f"{case}_rank{{r}}{SUFFIX[source]}")
+    return [FIX / pattern.format(r=r) for r in (0, 1)]
 
 
 def _need(case: str, source: str) -> list[Path]:
     files = _files(case, source)
     if not all(f.exists() for f in files):
-        pytest.skip(f"fixtures/multigpu/{case}_rank{{0,1}}{SUFFIX[source]} not recorded yet")
+        pytest.skip(f"fixtures/multigpu/{files[0].name.replace('rank0', 'rank{0,1}')} not recorded yet")
     return files
 
 
@@ -371,9 +377,25 @@ def test_ddp_comm_is_communication_bound(source):
     assert sorted(out) == [0, 1]
     for r, fs in out.items():
         [f] = [f for f in fs if "Exposed communication" in f.title]
-        assert f.severity in ("medium", "high"), (r, f.title)
-        assert f.metrics["exposed_comm_fraction"] >= 0.10
-        assert f.metrics["comm_fraction"] > 0.25
+        assert f.severity == "high", (r, f.title)
+        # the recording's README: exposed communication roughly 40-50% of a step on each rank
+        assert 0.40 <= f.metrics["exposed_comm_fraction"] <= 0.50
+        assert f.metrics["comm_fraction"] > 0.6
+        assert f.metrics["world_size"] == 2
+
+
+def test_ddp_comm_recorded_values():
+    """Values of the nsys recording, checked against its kernels: 8 all-reduce kernels per steady step."""
+    out = _findings("ddp_comm", "nsys", nccl_dominated)
+    f0, f1 = out[0][0], out[1][0]
+    assert (f0.metrics["steps"], f1.metrics["steps"]) == (5, 4)
+    assert f1.metrics["comm_kernels_per_step"] == 8.0
+    t = _load("ddp_comm", "nsys")
+    k = t.kernels[(t.kernels["rank"] == 1)]
+    ar = k[k["name"].astype(str).str.contains("AllReduce")]
+    assert len(ar) > 0 and (ar["category"].astype(str) == "communication").all()
+    assert f0.metrics["exposed_comm_fraction"] == pytest.approx(0.4187, abs=1e-3)
+    assert f1.metrics["exposed_comm_fraction"] == pytest.approx(0.4337, abs=1e-3)
 
 
 @pytest.mark.parametrize("source", ["nsys", "torch"])
@@ -398,7 +420,20 @@ def test_pipeline_is_not_nccl_dominated(source):
 
 
 @pytest.mark.parametrize("source", ["nsys", "torch"])
-def test_pipeline_bubbles_recorded(source):
+def test_pipeline_bubble_one_microbatch_recorded(source):
+    """p = 2 stages, m = 1: each rank waits about half of the step (the ideal bubble is 0.5)."""
+    out = _findings("pp_1mb", source, pipeline_bubbles)
+    for r in (0, 1):
+        [f] = out[r]
+        assert f.metrics["pipeline_stages"] == 2
+        assert 0.45 <= f.metrics["bubble_fraction"] <= 0.6, f.title
+        assert f.severity == "high"
+        # the bubble is spent inside NCCL send/recv kernels, not idle
+        assert f.metrics["p2p_fraction"] > 0.45 and f.metrics["idle_fraction"] < 0.02
+
+
+@pytest.mark.parametrize("source", ["nsys", "torch"])
+def test_pipeline_bubbles_shrink_with_microbatches(source):
     one = _findings("pp_1mb", source, pipeline_bubbles)
     four = _findings("pp_4mb", source, pipeline_bubbles)
     for r in (0, 1):
@@ -406,8 +441,6 @@ def test_pipeline_bubbles_recorded(source):
         assert f1.metrics["microbatches"] == 1 and f4.metrics["microbatches"] == 4
         assert f1.metrics["ideal_bubble_fraction"] == pytest.approx(0.5)
         assert f4.metrics["ideal_bubble_fraction"] == pytest.approx(0.2)
-        assert f1.metrics["bubble_fraction"] >= 0.35, f1.title
-        assert f1.severity in ("medium", "high")
         assert f4.metrics["bubble_fraction"] < f1.metrics["bubble_fraction"], (f1.title, f4.title)
 
 
@@ -417,19 +450,25 @@ def test_straggler_table_recorded(case, source):
     _need(case, source)
     tab = stragglers.straggler_table(_load(case, source))
     assert list(tab["rank"]) == [0, 1]
-    assert (tab["steps"] >= 3).all()
+    assert (tab["steps"] >= 2).all()
     if case.startswith("ddp"):  # synchronous data parallel: both ranks' steps take the same time
         a, b = tab["median_step_ns"]
         assert a == pytest.approx(b, rel=0.1)
         assert not any(f.severity in ("medium", "high") for f in stragglers.analyze_run(_load(case, source)))
+    else:  # the two stages of the pipeline: neither is a straggler worth fixing
+        assert [f.severity for f in stragglers.analyze_run(_load(case, source))] in ([], ["info"], ["low"])
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_nsys_sees_the_nccl_collectives(case):
     _need(case, "nsys")
     t = _load(case, "nsys")
-    ops = set(t.collectives["op"].astype(str))
+    ops = t.collectives["op"].astype(str).value_counts().to_dict()
     if case.startswith("ddp"):
         assert "all_reduce" in ops
     else:
-        assert ops & {"send", "recv", "send_recv"}
+        assert set(ops) & {"send", "recv", "send_recv"}
+    if case == "ddp_comm":
+        assert ops == {"all_reduce": 130, "broadcast": 24, "all_gather": 2}
+    if case == "pp_1mb":
+        assert ops == {"send": 8, "recv": 8}

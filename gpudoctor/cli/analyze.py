@@ -49,7 +49,11 @@ class AnalyzeCommand(Command):
         p.add_argument("--scheduler", metavar="ADDRESS",
                        help="analyze ranks on this Dask cluster, e.g. tcp://host:8786 (needs gpudoctor[dask])")
         p.add_argument("--quiet", "-q", action="store_true", help="print nothing (with --json/--markdown)")
+        p.add_argument("--no-color", action="store_true", help="plain text, no colors (also: NO_COLOR=1)")
         p.add_argument("--verbose", "-v", action="store_true", help="also show info findings")
+        p.add_argument("--summary", action="append", metavar="KIND", choices=("kernels", "api", "ops", "steps", "launch"),
+                       help="also print a summary table: kernels | api | ops | steps | launch (repeatable)")
+        p.add_argument("--csv", metavar="DIR", help="write every summary table as DIR/<kind>.csv")
 
     def run(self, args: argparse.Namespace) -> int:
         from gpudoctor.pipeline import analyze_inputs
@@ -58,9 +62,16 @@ class AnalyzeCommand(Command):
         analysis = analyze_inputs(args.inputs, config=config, rank_map=parse_rank_map(args.rank),
                                   workers=args.workers, scheduler=args.scheduler)
         write_outputs(analysis, args.json, args.markdown)
+        if args.csv:
+            from gpudoctor.render.summaries import write_csv
+            write_csv(analysis, args.csv)
         if not args.quiet:
-            from gpudoctor.render.terminal import render
-            render(analysis, verbose=args.verbose)
+            from gpudoctor.render.terminal import make_console, render
+            out = make_console(no_color=args.no_color)
+            render(analysis, console=out, verbose=args.verbose)
+            if args.summary:
+                from gpudoctor.render.summaries import render as render_summaries
+                render_summaries(analysis, list(dict.fromkeys(args.summary)), console=out)
         for err in analysis.errors:  # one line each on stderr, even with --quiet; the rest was analyzed
             print(f"gpudoctor: error: {err}", file=sys.stderr)
         return 2 if analysis.errors else 0
