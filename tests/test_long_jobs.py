@@ -267,3 +267,18 @@ def test_whole_program_counts_steps_without_a_window():
     assert [w.boundary("annotate", i * 10**6) for i in range(1, 4)] == ["step"] * 3
     assert w.boundary("forward", 5 * 10**6) is None
     assert w.finish(10**7, "program end") == "stop" and w.summary()["steps_recorded"] == 3
+
+
+def test_exit_code_passes_through_a_closed_pipe(tmp_path):
+    """`gpudoctor profile ... | head -1`: the program's exit code, not 1 from writing to the closed pipe."""
+    p = subprocess.Popen([sys.executable, "-m", "gpudoctor", "profile", "--backend", "torch", "--no-nvml", "--whole",
+                          "-o", str(tmp_path / "run"), "--", sys.executable, "tests/programs/train_cpu.py", "--steps",
+                          "30", "--exit-code", "3"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    first = p.stdout.readline()
+    p.stdout.close()  # what `head -1` does
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 3, err
+    assert first.startswith(b"step 0")
+    m = json.loads((tmp_path / "run/manifest.json").read_text())
+    assert m["exit_code"] == 3 and m["analysis"]["status"] == "ok"

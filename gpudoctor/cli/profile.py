@@ -513,7 +513,8 @@ class Profile:
 
             def poll():
                 st = rundir.read_json(status_path) or {}
-                if self.early is None and (st.get("capture") or {}).get("state") == "done" and st.get("trace"):
+                if self.early is None and (st.get("capture") or {}).get("state") == "done" and st.get("trace") \
+                        and not st.get("finalizing_ns"):  # a window closed by the program's end: analyzed at the end
                     res.capture = st["capture"]
                     self.window_closed(res, [report], sup)
 
@@ -675,7 +676,7 @@ class Profile:
         from gpudoctor.collect import nsys
 
         st = rundir.read_json(agent_status) or {}
-        if (st.get("capture") or {}).get("state") != "done":
+        if (st.get("capture") or {}).get("state") != "done" or st.get("finalizing_ns"):
             return
         rep = base.with_name(base.name + ".nsys-rep")
         if not rep.exists() or base.with_name(base.name + ".qdstrm").exists():
@@ -1019,7 +1020,7 @@ def analyze_and_record(run_dir: Path, manifest: dict, manifest_path: Path, final
 
         render(analysis)
         sys.stdout.flush()
-    except BrokenPipeError:
+    except (BrokenPipeError, SystemExit):  # rich raises SystemExit(1) on a broken pipe
         _stdout_gone()
     except KeyboardInterrupt:
         say("printing interrupted; the analysis is saved")
