@@ -282,3 +282,29 @@ def test_exit_code_passes_through_a_closed_pipe(tmp_path):
     assert first.startswith(b"step 0")
     m = json.loads((tmp_path / "run/manifest.json").read_text())
     assert m["exit_code"] == 3 and m["analysis"]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_killed_gpudoctor_never_leaves_the_program_running(tmp_path):
+    """kill -9 of gpudoctor: the program gets SIGTERM (parent-death signal), writes what its open window
+    holds, and the run directory's manifest (written at the start) says which run it was."""
+    run = tmp_path / "run"
+    proc, log = _start(run, LONG, "--seconds", "300", extra=("--skip", "0", "--duration", "600"))
+    status = run / "raw/trace.torch-status.json"
+    try:
+        _wait_for(lambda: '"recording"' in _text(status), proc, log)
+        time.sleep(0.5)
+        agent_pid = json.loads(status.read_text())["pid"]
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{agent_pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{agent_pid}").exists(), "the program outlived gpudoctor"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["outcome"] == "running" and m["command"][-2:] == ["--seconds", "300"]
+    st = json.loads(status.read_text())
+    assert st["signal"] == "SIGTERM" and (run / "raw/trace.torch.json.gz").stat().st_size > 0
