@@ -115,9 +115,10 @@ class ProfileCommand(Command):
                        help="nsys: no GPU metrics sampling (default: on where the GPU and permissions allow)")
         w.add_argument("--gpu-metrics-frequency", type=int, metavar="HZ", default=DEFAULT_GPU_METRICS_HZ,
                        help=f"nsys GPU metrics samples per second (default {DEFAULT_GPU_METRICS_HZ})")
-        w.add_argument("--stacks", action="store_true",
-                       help="also record Python call stacks inside the window (torch: with_stack; "
-                            "nsys: Python backtraces of CUDA calls)")
+        w.add_argument("--stacks", action=argparse.BooleanOptionalAction, default=True,
+                       help="record Python call stacks inside the window, to name the lines that make the GPU "
+                            "wait (torch: with_stack; nsys: Python backtraces of slow CUDA calls and Python "
+                            "sampling); on by default")
         p.add_argument("--capture-range", metavar="NVTX_NAME",
                        help="nsys: collect only inside the first NVTX range of that name (e.g. step_3)")
         p.add_argument("--nproc", type=int, metavar="N",
@@ -620,11 +621,13 @@ class Profile:
         finally:
             if self._shim:
                 shutil.rmtree(self._shim, ignore_errors=True)
-        if rc != 0 and metrics_args and not (rundir.read_json(status_path) or {}).get("start_ns"):
-            # nsys refused before starting the program: most likely the GPU metrics sampling; once without it
-            say(f"{self.label}nsys failed before the program started; retrying without GPU metrics sampling")
-            res.notes.append("GPU metrics sampling made nsys fail before the program started: recorded without it")
-            argv = [x for x in argv if x not in metrics_args]
+        if rc != 0 and (metrics_args or stack_args) and not (rundir.read_json(status_path) or {}).get("start_ns"):
+            # nsys refused before starting the program: most likely GPU metrics or CPU sampling is not
+            # permitted here; once more without them
+            say(f"{self.label}nsys failed before the program started; retrying without GPU metrics and call stacks")
+            res.notes.append("nsys failed before the program started with GPU metrics sampling / call stacks: "
+                             "recorded without them")
+            argv = [x for x in argv if x not in metrics_args and x not in stack_args]
             res.backend_facts["gpu_metrics"] = False
             rc, sup, state = self._supervise_nsys(argv, env, status_path, agent_status, res, facts, base)
         return self._nsys_result(res, rc, sup, state, status_path, agent_status, facts, base)
@@ -932,7 +935,7 @@ class Profile:
             if v is not None:
                 inner += [opt, str(v)]
         for flag, on in (("--whole", a.whole), ("--stop-after-capture", a.stop_after_capture),
-                         ("--stacks", a.stacks), ("--no-gpu-metrics", a.no_gpu_metrics)):
+                         ("--no-stacks", not a.stacks), ("--no-gpu-metrics", a.no_gpu_metrics)):
             if on:
                 inner.append(flag)
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc),
