@@ -84,7 +84,7 @@ class TorchRecorder:
         self.prof.stop()
         for key, value in facts.items():
             try:
-                self.prof.add_metadata_json(f"gpudoctor_{key}", json.dumps(value))
+                self.prof.add_metadata_json(key, json.dumps(value))  # top-level keys of the trace
             except Exception:
                 pass
         _export(self.prof, self.trace_path, self.status)
