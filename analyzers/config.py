@@ -50,6 +50,7 @@ DEFAULTS: dict[str, dict[str, tuple[Any, str]]] = {
     },
     "low_tensor_core": {
         "fallback_precision": ("tf32", "precision whose tensor-core rate the saving estimate assumes (tf32: allow_tf32)"),
+        "tensor_active_min": (0.01, "GPU metrics / NVML: a GEMM kernel whose mean Tensor Active is below this runs without tensor cores"),
         "tensor_pipe_min": (0.05, "ncu: a GEMM whose tensor pipe is active less than this fraction runs without tensor cores"),
         "gemv_max_n": (16, "a GEMM whose N tile (nvjet _MxN_) or M (shapes) is at most this is GEMV-shaped: not flagged"),
         "misaligned_penalty": (0.25, "fraction of a misaligned fp16/bf16/fp8 GEMM's time assumed recoverable by padding"),
