@@ -26,6 +26,7 @@ class RankSummary:
     category_time: pd.DataFrame  # category, total_ns, window_fraction
     range_time: pd.DataFrame  # text, count, gpu_ns, window_fraction
     samples: dict  # NVML means over the window (or the whole run when there are no kernels)
+    profiled_kernel_count: int = 0  # kernel launches Nsight Compute profiled (kernel_metrics rows)
 
     def to_dict(self) -> dict:
         w = self.window
@@ -43,6 +44,7 @@ class RankSummary:
             "gpu_busy_fraction": round(self.gpu_busy_fraction, 6),
             "kernel_count": self.kernel_count,
             "steady_kernel_count": self.steady_kernel_count,
+            "profiled_kernel_count": self.profiled_kernel_count,
             "top_kernels": _records(self.top_kernels),
             "time_by_category": _records(self.category_time),
             "time_by_range": _records(self.range_time),
@@ -106,7 +108,8 @@ def summarize_rank(trace: Trace, rank: int) -> RankSummary:
     return RankSummary(rank=rank, device=str(dev), window=window, gpu_busy_fraction=busy / dur,
                        kernel_count=int(len(t.kernels)), steady_kernel_count=int(len(k)),
                        top_kernels=top.reset_index(drop=True), category_time=cat.reset_index(drop=True),
-                       range_time=rng.reset_index(drop=True), samples=samples)
+                       range_time=rng.reset_index(drop=True), samples=samples,
+                       profiled_kernel_count=int(len(t.kernel_metrics)))
 
 
 NVML_MEANS = {"nvml.gpu_util_pct": "gpu_util_pct", "nvml.sm_util_pct": "sm_util_pct",

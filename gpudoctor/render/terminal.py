@@ -17,7 +17,9 @@ def render(analysis, console: Console | None = None, top: int = 8, verbose: bool
         console.print(f"\n[bold]rank {r.rank}[/bold]  {r.device or 'unknown device'}", highlight=False)
         console.print(f"  steady-state window: {ns(w.duration_ns)} ({w.describe()})", highlight=False)
         console.print(f"  GPU busy: {pct(r.gpu_busy_fraction)}   kernels: {r.steady_kernel_count} in window, "
-                      f"{r.kernel_count} in trace", highlight=False)
+                      f"{r.kernel_count} in trace"
+                      + (f", {r.profiled_kernel_count} profiled by Nsight Compute" if r.profiled_kernel_count else ""),
+                      highlight=False)
         if r.samples:
             s = r.samples
             parts = [f"{k.replace('_pct', '')} {s[k]:.0f}%" for k in ("gpu_util_pct", "sm_util_pct", "tensor_util_pct",
