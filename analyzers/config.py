@@ -60,6 +60,7 @@ DEFAULTS: dict[str, dict[str, tuple[Any, str]]] = {
     "memory_bound_decode": {
         "decode_range_pattern": ("decode|generate|generation", "regex (case-insensitive) of step range names that are decode steps"),
         "gemv_max_n": (16, "N tile (nvjet _MxN_) at most this, or M <= this in shapes: a GEMV-shaped (decode) GEMM"),
+        "decode_max_tokens": (256, "with CPU-op shapes: steps of at most this many tokens whose intensity is below the ridge point are decode steps"),
         "decode_gemv_fraction": (0.5, "steps whose GEMM time is at least this fraction GEMV-shaped are decode steps"),
         "model_bytes": (None, "bytes of weights read per step (e.g. parameters x 2 for bf16); shapes give it when recorded"),
         "kv_bytes_per_step": (None, "bytes of KV cache read per step (added to model_bytes)"),
