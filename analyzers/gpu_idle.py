@@ -33,6 +33,7 @@ import pandas as pd
 
 from gpudoctor.analyzers.context import AnalysisContext, display_name
 from gpudoctor.analyzers.findings import Finding
+from gpudoctor.analyzers.observer_effect import profiler_overhead
 from gpudoctor.model.columns import equals
 from gpudoctor.model.steps import merge_intervals
 
@@ -244,6 +245,31 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     if ranked and ranked[0][1] == "launch_bound" and not np.isnan(med_kernel) and med_kernel < int(cfg["launch_bound_kernel_ns"]):
         rec[0] = (f"Median kernel {med_kernel / 1e3:.1f} us is shorter than its launch (median launch call "
                   f"{med_launch / 1e3:.1f} us): " + rec[0])
+    sev, title, rec = _observer_effect(ctx, cfg, sev, title, rec, metrics, evidence, by_cause, n_steps)
     return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=saving,
                     estimated_saving_fraction=round(sfrac, 6), recommendation=" ".join(rec), evidence=evidence,
                     rank=ctx.rank)]
+
+
+def _observer_effect(ctx: AnalysisContext, cfg: dict, sev: str, title: str, rec: list[str], metrics: dict,
+                     evidence: dict, by_cause: dict, n_steps: int) -> tuple[str, str, list[str]]:
+    """Under torch.profiler, when the profiler's own per-op cost can explain the host-late idle time: say so,
+    estimate it, rate the finding at most low and point to Nsight Systems."""
+    est = profiler_overhead(ctx, float(cfg["profiler_op_overhead_ns"]), float(cfg["profiler_op_overhead_stack_ns"]))
+    if est is None:
+        return sev, title, rec
+    host_late = sum(v for c, v in by_cause.items() if c in ("launch_bound", "host_gap")) / n_steps
+    explained = min(est["per_step_ns"] / host_late, 1.0) if host_late > 0 else 0.0
+    metrics["profiler_overhead_per_step_ns"] = int(est["per_step_ns"])
+    metrics["profiler_explained_fraction"] = round(explained, 4)
+    evidence["observer_effect"] = {**est, "host_late_idle_per_step_ns": int(host_late),
+                                   "basis": "measured unprofiled steps" if est["how"] == "measured" else
+                                   "operators per step x per-operator profiler cost"}
+    if explained < float(cfg["profiler_explained_min"]) or sev in ("info", "low"):
+        return sev, title, rec
+    title += (f" (torch.profiler's own per-op cost, {est['how']} ~{est['per_step_ns'] / 1e6:.2f} ms/step, can explain "
+              f"{explained:.0%} of the host-side idle time)")
+    rec = [f"This idle time may be the profiler's: torch.profiler{' with record_shapes' if est['record_shapes'] else ''}"
+           f"{' and with_stack' if est['with_stack'] else ''} costs the host ~{est['per_step_ns'] / 1e6:.2f} ms per step "
+           f"({est['how']}). Re-profile with `gpudoctor profile --backend nsys` (no per-operator host cost) before acting."] + rec
+    return "low", title, rec

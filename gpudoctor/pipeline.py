@@ -142,7 +142,10 @@ def read_run_dir(run_dir: Path) -> Trace:
         traces.append(read_input(p, rank=rep.get("rank")))
     if not traces:
         raise InputError(run_dir, "run directory lists no reports and has no run.db")
-    return _devices_from_manifest(combine(traces), manifest)
+    trace = _devices_from_manifest(combine(traces), manifest)
+    if isinstance(manifest.get("unprofiled_step_ms"), (int, float)):  # torch backend: steps timed unprofiled first
+        trace.meta.setdefault("unprofiled_step_ms", float(manifest["unprofiled_step_ms"]))
+    return trace
 
 
 def _devices_from_manifest(trace: Trace, manifest: dict) -> Trace:
