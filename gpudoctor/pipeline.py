@@ -255,7 +255,20 @@ def analyze_trace(trace: Trace, config=None) -> tuple[list[RankSummary], list]:
         return _analyze_trace(trace, config)
 
 
+def _use_stored_ceilings(trace: Trace, config) -> None:
+    """Ceilings `gpudoctor ceilings` stored for the run's GPU model, when none were given."""
+    if getattr(config, "ceilings", None) is not None or trace.meta.get("ceilings") or trace.devices.empty:
+        return
+    names = {str(n) for n in trace.devices["name"] if n}
+    if len(names) == 1:
+        from gpudoctor.store.ceilings import stored_ceilings
+        stored = stored_ceilings(names.pop())
+        if stored:
+            trace.meta["ceilings"] = stored
+
+
 def _analyze_trace(trace: Trace, config=None) -> tuple[list[RankSummary], list]:
+    _use_stored_ceilings(trace, config)
     ranks = [summarize_rank(trace, r) for r in (trace.rank_ids or [0])]
     findings = []
     try:

@@ -196,3 +196,18 @@ def test_gpu_idle_uses_measured_unprofiled_step_time():
     assert f.severity == "low" and "--backend nsys" in f.recommendation and "profiler" in f.title
     t.meta["unprofiled_step_ms"] = nsys_step_ms
     assert run_all(t, only=["gpu_idle"])[0].severity == "high"
+
+
+def test_stored_ceilings_of_the_gpu_model_are_used_and_both_ridge_points_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPUDOCTOR_HOME", str(tmp_path))
+    (tmp_path / "ceilings").mkdir()
+    (tmp_path / "ceilings" / "nvidia_h100_80gb_hbm3.json").write_text(CEILINGS.read_text())
+    out = tmp_path / "a.json"
+    assert main(["analyze", str(FIX / "torch" / "decode.torch.json.gz"), "--json", str(out), "--quiet"]) == 0
+    f = next(f for f in json.loads(out.read_text())["findings"] if f["analyzer"] == "memory_bound_decode")
+    measured = json.loads(CEILINGS.read_text())
+    assert f["metrics"]["ridge_point_spec"] == pytest.approx(989.4e12 / 3.35e12, rel=1e-3)
+    assert f["metrics"]["ridge_point_measured"] == pytest.approx(
+        measured["bf16_flops_per_s"] / measured["copy_bandwidth_bytes_per_s"], rel=1e-3)
+    assert f["metrics"]["peak_bandwidth_bytes_per_s"] == pytest.approx(measured["copy_bandwidth_bytes_per_s"], rel=1e-6)
+    assert "datasheet" in f["title"]
