@@ -202,7 +202,8 @@ def _shape_dtypes(ctx: AnalysisContext, gemm: np.ndarray) -> np.ndarray:
     rows = np.nonzero(gemm & (op_idx >= 0))[0]
     if ctx.ops is None or not len(rows):
         return out
-    first = ctx.ops["input_types"].map(lambda t: next((x for x in (t or []) if x), "")).to_numpy(dtype=object)
+    first = ctx.op_facts(lambda name, dims, types: (next((x for x in types if x), ""),), "ltc.first_type",
+                         ("first_type",))["first_type"].to_numpy(dtype=object)  # once per distinct shape
     out[rows] = first[op_idx[rows]]
     return out
 
