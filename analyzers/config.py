@@ -50,7 +50,7 @@ DEFAULTS: dict[str, dict[str, tuple[Any, str]]] = {
     },
     "low_tensor_core": {
         "fallback_precision": ("tf32", "precision whose tensor-core rate the saving estimate assumes (tf32: allow_tf32)"),
-        "tensor_active_min": (0.01, "GPU metrics / NVML: a GEMM kernel whose mean Tensor Active is below this runs without tensor cores"),
+        "tensor_active_min": (0.05, "GPU metrics: a GEMM kernel whose Tensor Active per unit of GEMM time is below this runs without tensor cores (NVML: the window mean)"),
         "tensor_pipe_min": (0.05, "ncu: a GEMM whose tensor pipe is active less than this fraction runs without tensor cores"),
         "gemv_max_n": (16, "a GEMM whose N tile (nvjet _MxN_) or M (shapes) is at most this is GEMV-shaped: not flagged"),
         "misaligned_penalty": (0.25, "fraction of a misaligned fp16/bf16/fp8 GEMM's time assumed recoverable by padding"),
@@ -79,9 +79,8 @@ DEFAULTS: dict[str, dict[str, tuple[Any, str]]] = {
         "launch_gap_max_ns": (50000, "a host-late gap up to this long with no other cause counts as launch overhead"),
         "module_call_min_ns": (10000, "cudaFuncSetAttribute / cuKernelSetAttribute calls at least this long count as module load"),
         "max_examples": (5, "examples of each cause listed in the evidence"),
-        "profiler_op_overhead_ns": (2200, "torch.profiler host cost per operator with record_shapes (ns), when no unprofiled step time was measured"),
-        "profiler_op_overhead_stack_ns": (4400, "... with record_shapes and with_stack"),
-        "profiler_explained_min": (0.5, "torch.profiler traces: at most low when the profiler's estimated cost explains this fraction of the host-late idle time"),
+        "profiler_op_overhead_ns": (4800, "torch.profiler host cost per operator with record_shapes (ns), when no unprofiled step time was measured"),
+        "profiler_op_overhead_stack_ns": (9600, "... with record_shapes and with_stack"),
     },
 }
 

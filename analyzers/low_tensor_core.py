@@ -138,26 +138,35 @@ def _kernel_device(ctx: AnalysisContext) -> int | None:
 
 
 def _by_name_from_gpu_metrics(ctx: AnalysisContext, rows: np.ndarray) -> tuple[dict[str, float], dict]:
-    """Per GEMM kernel name (rows of ctx.kernels), the duration-weighted mean Tensor Active fraction from
-    Nsight Systems GPU metrics over its launches; {} when the export has no such samples."""
+    """Per GEMM kernel name (rows of ctx.kernels), the Tensor Active fraction per unit of GEMM time from
+    Nsight Systems GPU metrics; {} when the export has no such samples.
+
+    A 2 kHz sample averages over 500 us: several kernels and idle time. So per sample the activity is set
+    against the share of the period that GEMM kernels covered: for a name,
+    sum over its launches of duration x mean Tensor Active / sum of duration x mean GEMM coverage. A
+    launch-bound bf16 network (GPU idle half the time) then still reads tens of percent, an FP32 one stays
+    near the counter's floor (~1% on an H200 with only FFMA work)."""
     ts, values, src = sampled.series(ctx.trace.counters, "tensor_active_fraction", "gpu_metrics", _kernel_device(ctx))
     k = ctx.kernels
     if len(ts) < 2 or len(rows) == 0:
         return {}, {}
     s = k["start_ns"].to_numpy(np.int64)[rows]
     e = k["end_ns"].to_numpy(np.int64)[rows]
+    cov = sampled.coverage(ts, s, e)
     ta = sampled.interval_means(ts, values, s, e)
-    ok = np.isfinite(ta)
+    gc = sampled.interval_means(ts, cov, s, e)
+    ok = np.isfinite(ta) & np.isfinite(gc)
     if not ok.any():
         return {}, {}
     w = (e - s)[ok].astype(float)
     names = ctx.kname_at(rows[ok])
-    g = pd.DataFrame({"n": names, "wv": ta[ok] * w, "w": w}).groupby("n", sort=False)[["wv", "w"]].sum()
-    per = (g["wv"] / g["w"].where(g["w"] > 0)).dropna()
+    g = pd.DataFrame({"n": names, "ta": ta[ok] * w, "cov": gc[ok] * w}).groupby("n", sort=False)[["ta", "cov"]].sum()
+    per = (g["ta"] / g["cov"].where(g["cov"] > 0)).dropna()
     inside = (ts >= ctx.start_ns) & (ts < ctx.end_ns)
     period = float(np.median(np.diff(ts))) if len(ts) > 1 else float("nan")
     info = {"samples_in_window": int(inside.sum()), "sample_period_us": round(period / 1e3, 1),
-            "window_tensor_active_fraction": round(float(np.nanmean(values[inside])), 4) if inside.any() else None}
+            "window_tensor_active_fraction": round(float(np.nanmean(values[inside])), 4) if inside.any() else None,
+            "window_gemm_coverage_fraction": round(float(np.mean(cov[inside])), 4) if inside.any() else None}
     return {str(n): float(v) for n, v in per.items()}, info
 
 

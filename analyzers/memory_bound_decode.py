@@ -101,6 +101,17 @@ def _named_steps(ctx: AnalysisContext, steady: pd.DataFrame, pat: re.Pattern) ->
     return named | has
 
 
+def _inference_matmuls(ctx: AnalysisContext, gemm: np.ndarray, dur: np.ndarray) -> bool:
+    """No backward pass among the CPU ops, and most GEMM time launched by matrix-product ops (not
+    convolutions): the shape of a decoder's forward pass, not of training or a CNN."""
+    ops = ctx.ops
+    if ops is None or ops["name"].astype(str).str.contains("backward", regex=False).any():
+        return False
+    by_mm = gemm & (ctx.kernel_ops(MM_OPS) >= 0)
+    total = float(dur[gemm].sum())
+    return total > 0 and float(dur[by_mm].sum()) / total >= 0.5
+
+
 def find_decode_steps(ctx: AnalysisContext, cfg: dict, steady: pd.DataFrame, step_idx: np.ndarray, gemm: np.ndarray,
                       gemv: np.ndarray, shape: dict, ridge: float) -> tuple[np.ndarray, np.ndarray, str | None]:
     """Decode steps (mask over ``steady``), the GEMV-shaped kernels, and what decided."""
@@ -118,7 +129,8 @@ def find_decode_steps(ctx: AnalysisContext, cfg: dict, steady: pd.DataFrame, ste
     by_share = share >= float(cfg["decode_gemv_fraction"])
     # Any batch: few tokens per step at an intensity below the ridge point (CPU-op shapes).
     by_shapes = np.zeros(n_steps, dtype=bool)
-    if shape and shape.get("weight_bytes") and shape["tokens"] <= int(cfg["decode_max_tokens"]):
+    if (shape and shape.get("weight_bytes") and shape["tokens"] <= int(cfg["decode_max_tokens"])
+            and _inference_matmuls(ctx, gemm, dur)):
         ai = shape["flops"] / shape["weight_bytes"]
         if math.isfinite(ridge) and ai < ridge:
             by_shapes[:] = g_all > 0
@@ -286,35 +298,35 @@ def measure(ctx: AnalysisContext, cfg: dict, steady: pd.DataFrame, step_idx: np.
     mbu = achieved / bw if math.isfinite(achieved) and math.isfinite(bw) else float("nan")
     measured: dict = {}
 
-    # Measured DRAM traffic replaces the estimate: Nsight Compute per kernel, then GPU-metrics samples.
-    if n_decode:
-        nc = bytes_from_ncu(ctx, np.nonzero(in_sel)[0], len(sel_idx))
-        if nc and nc["bytes_per_step"] > 0:
-            measured = {"ncu_profiled_fraction": round(nc["profiled_fraction"], 4)}
-            basis, bytes_step = "ncu", nc["bytes_per_step"]
-            achieved = bytes_step / (period_ns * 1e-9)
-            mbu = achieved / bw
-            src["bytes"] = "DRAM bytes Nsight Compute measured on the decode steps' kernels"
-            if not math.isfinite(ai) and nc["flops_per_step"] > 0:
-                ai = nc["flops_per_step"] / bytes_step
-                src["intensity"] = "FLOPs / DRAM bytes measured by Nsight Compute"
-        s, e = _decode_spans(steady, sel_idx)
-        gm = bytes_from_gpu_metrics(ctx, s, e, spec_bw)
-        if gm:
-            basis = "gpu_metrics"
-            bytes_step = gm["bytes_per_step"]
-            achieved = bytes_step / (gm["span_ns"] * 1e-9)
-            mbu = achieved / bw if math.isfinite(bw) else float("nan")
-            src["bytes"] = ("DRAM Read + Write Bandwidth [Throughput %] (Nsight Systems GPU metrics) over the decode "
-                            "steps' GPU spans")
-            measured = {"dram_throughput_fraction": round(gm["dram_fraction"], 4),
-                        "dram_read_fraction": round(gm["dram_read_fraction"], 4),
-                        "tensor_active_fraction": None if not math.isfinite(gm["tensor_active_fraction"])
-                        else round(gm["tensor_active_fraction"], 4),
-                        "samples": gm["samples"], "decode_span_ns": round(gm["span_ns"])}
-            if not math.isfinite(ai) and math.isfinite(gm["tensor_active_fraction"]) and gm["dram_fraction"] > 0:
-                ai = gm["tensor_active_fraction"] * peak_flops / (gm["dram_fraction"] * spec_bw)
-                src["intensity"] = "Tensor Active x peak FLOP/s / measured DRAM bytes/s (GPU metrics; approximate)"
+    # Measured DRAM traffic replaces the estimate: Nsight Compute per kernel, then GPU-metrics samples
+    # (over the decode steps; over all steps when there are none, for the info finding).
+    nc = bytes_from_ncu(ctx, np.nonzero(in_sel)[0], len(sel_idx))
+    if nc and nc["bytes_per_step"] > 0:
+        measured = {"ncu_profiled_fraction": round(nc["profiled_fraction"], 4)}
+        basis, bytes_step = "ncu", nc["bytes_per_step"]
+        achieved = bytes_step / (period_ns * 1e-9)
+        mbu = achieved / bw
+        src["bytes"] = "DRAM bytes Nsight Compute measured on the decode steps' kernels"
+        if not math.isfinite(ai) and nc["flops_per_step"] > 0:
+            ai = nc["flops_per_step"] / bytes_step
+            src["intensity"] = "FLOPs / DRAM bytes measured by Nsight Compute"
+    s, e = _decode_spans(steady, sel_idx)
+    gm = bytes_from_gpu_metrics(ctx, s, e, spec_bw)
+    if gm:
+        basis = "gpu_metrics"
+        bytes_step = gm["bytes_per_step"]
+        achieved = bytes_step / (gm["span_ns"] * 1e-9)
+        mbu = achieved / bw if math.isfinite(bw) else float("nan")
+        src["bytes"] = ("DRAM Read + Write Bandwidth [Throughput %] (Nsight Systems GPU metrics) over the "
+                        + ("decode" if n_decode else "steady") + " steps' GPU spans")
+        measured = {"dram_throughput_fraction": round(gm["dram_fraction"], 4),
+                    "dram_read_fraction": round(gm["dram_read_fraction"], 4),
+                    "tensor_active_fraction": None if not math.isfinite(gm["tensor_active_fraction"])
+                    else round(gm["tensor_active_fraction"], 4),
+                    "samples": gm["samples"], "mean_step_span_ns": round(gm["span_ns"])}
+        if not math.isfinite(ai) and math.isfinite(gm["tensor_active_fraction"]) and gm["dram_fraction"] > 0:
+            ai = gm["tensor_active_fraction"] * peak_flops / (gm["dram_fraction"] * spec_bw)
+            src["intensity"] = "Tensor Active x peak FLOP/s / measured DRAM bytes/s (GPU metrics; approximate)"
     if not math.isfinite(ai) and tokens is not None:
         ai = 2.0 * float(tokens) / float(cfg["bytes_per_param"])  # weights dominate: FLOP per weight byte
         src["intensity"] = "2 x tokens / bytes_per_param (weights only; model size unknown)" + (

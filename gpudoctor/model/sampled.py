@@ -33,6 +33,8 @@ import re
 import numpy as np
 import pandas as pd
 
+from gpudoctor.model.steps import merge_intervals
+
 # (canonical key, regex over the counter name, source). First match wins; GPU-metrics names first.
 _CANON: tuple[tuple[str, re.Pattern, str], ...] = tuple((k, re.compile(p, re.I), s) for k, p, s in (
     ("dram_read_fraction", r"^DRAM Read Bandwidth\b", "gpu_metrics"),
@@ -120,6 +122,31 @@ def interval_means(ts: np.ndarray, values: np.ndarray, starts: np.ndarray, ends:
     good = (ends > starts) & (covered > 0)
     out[good] = (integral(ends[good], area) - integral(starts[good], area)) / covered[good]
     return out
+
+
+def sample_periods(ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) of the period each sample stands for (see :func:`interval_means`)."""
+    period = int(np.median(np.diff(ts))) if len(ts) > 1 else 1
+    bounds = np.r_[ts[0] - max(period, 1), ts] if len(ts) else np.zeros(1, np.int64)
+    return bounds[:-1], bounds[1:]
+
+
+def coverage(ts: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Per sample, the fraction of its period covered by the union of the intervals [starts, ends)."""
+    if len(ts) == 0:
+        return np.zeros(0)
+    p0, p1 = sample_periods(ts)
+    us, ue = merge_intervals(starts, ends)
+    if len(us) == 0:
+        return np.zeros(len(ts))
+    cum = np.r_[0, np.cumsum(ue - us)]
+
+    def before(t):  # union length before each time t
+        i = np.searchsorted(ue, t, side="right")
+        j = np.clip(i, 0, len(us) - 1)
+        return cum[i] + np.where(i < len(us), np.clip(t - us[j], 0, ue[j] - us[j]), 0)
+
+    return (before(p1) - before(p0)) / np.maximum(p1 - p0, 1)
 
 
 def sample_count_in(ts: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
