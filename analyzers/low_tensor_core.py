@@ -51,7 +51,7 @@ TC_NAME = re.compile(r"tf32|hmma|gmma|wgmma|nvjet|tensorop|tensor_?core|[shi]\d{
 # cuDNN / cuBLAS kernels that run on the FP32 pipes (SIMT): direct and legacy-engine convolutions,
 # Winograd and FFT convolutions, FFMA / SIMT GEMMs.
 SIMT_NAME = re.compile(r"sgemm|simt|ffma|conv2d_grouped_direct|wgrad2d_grouped_direct|dgrad2d_grouped_direct|"
-                       r"dgrad_engine|wgrad_alg\d_engine|implicit_convolve|winograd|fft\d?d_|fft_(r2c|c2r)|"
+                       r"dgrad_engine|wgrad_alg\d_engine|implicit_convolve|winograd|fft\d?d_|fft_(r2c|c2r)|pointwise_mult_and_sum_complex|"
                        r"flip_filter|compute_gemm_pointers", re.I)
 FP32_NAME = re.compile(r"f32f32_f32f32|<float, ?float|\bfloat\b.*\bfloat\b|_fp32|_f32_", re.I)
 BASIS_CONFIDENCE = {"gpu_metrics": "high", "ncu": "high", "nvml": "medium", "shapes": "medium", "names": "low"}

@@ -63,6 +63,8 @@ def per_kernel(km: pd.DataFrame) -> pd.DataFrame:
         cols[c + "_n"] = np.where(np.isfinite(v), w, 0.0)
     g = pd.DataFrame(cols).groupby("name", sort=False).sum(min_count=1)
     out = pd.DataFrame({"name": g.index.astype(str), "launches": g["launches"].to_numpy(np.int64)})
+    ranges = pd.Series(km["nvtx_range"].astype(str).to_numpy(dtype=object)).groupby(names, sort=False).first()
+    out["nvtx_range"] = ranges.reindex(out["name"]).to_numpy(dtype=object)
     for c in _SUM:
         out[c] = np.where(g["_has_" + c].to_numpy() > 0, g[c].to_numpy(np.float64), np.nan)
     for c in _MEAN:
@@ -197,6 +199,8 @@ def explain(ctx: AnalysisContext, row: pd.Series, total_ns: float, ceil_src: str
                 "cudnn.allow_tf32 = True). ") + text
     evidence = {"basis": "ncu", "confidence": confidence, "bound_by": row["bound_by"], "ceilings": ceil_src,
                 "kernel": str(row["name"])[:200]}
+    if row["nvtx_range"]:
+        evidence["nvtx_range"] = str(row["nvtx_range"])
     return Finding(analyzer=ID, severity=severity(ctx, frac) if saving > 0 else "info", title=title,
                    metrics=metrics, estimated_saving_ns=int(saving), estimated_saving_fraction=round(frac, 6),
                    recommendation=text, evidence=evidence, rank=ctx.rank)
