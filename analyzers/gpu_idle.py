@@ -262,8 +262,8 @@ def _observer_effect(ctx: AnalysisContext, cfg: dict, sev: str, title: str, rec:
     if est is None:
         return sev, title, rec
     host_late = sum(v for c, v in by_cause.items() if c in ("launch_bound", "host_gap"))
-    cost = min(est["per_step_ns"] * n_steps, host_late)  # the profiler only lengthens host-late gaps
     window, idle = metrics["window_ns"], metrics["idle_ns"]
+    cost = min(est["per_step_ns"] * n_steps, idle)  # host time the profiler added shows up as idle GPU time
     idle_without = (idle - cost) / (window - cost) if window > cost else 0.0
     metrics["profiler_overhead_per_step_ns"] = int(est["per_step_ns"])
     metrics["idle_fraction_without_profiler"] = round(idle_without, 6)
