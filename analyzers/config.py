@@ -79,8 +79,8 @@ DEFAULTS: dict[str, dict[str, tuple[Any, str]]] = {
         "launch_gap_max_ns": (50000, "a host-late gap up to this long with no other cause counts as launch overhead"),
         "module_call_min_ns": (10000, "cudaFuncSetAttribute / cuKernelSetAttribute calls at least this long count as module load"),
         "max_examples": (5, "examples of each cause listed in the evidence"),
-        "profiler_op_overhead_ns": (4800, "torch.profiler host cost per operator with record_shapes (ns), when no unprofiled step time was measured"),
-        "profiler_op_overhead_stack_ns": (9600, "... with record_shapes and with_stack"),
+        "profiler_op_overhead_ns": (2200, "torch.profiler host cost per operator with record_shapes (ns), when no unprofiled step time was measured"),
+        "profiler_op_overhead_stack_ns": (4400, "... with record_shapes and with_stack"),
     },
 }
 

@@ -8,14 +8,15 @@ host-bound under the profiler. Two ways to know, the first that applies wins:
   turning the profiler on and records it in the trace's metadata or the run manifest). The profiler's
   cost per step = profiled step period - unprofiled step time.
 * **estimated**: operators per step (every ``cpu_op`` event of the trace / steps) x the per-operator cost
-  ``profiler_op_overhead_ns`` (``_stack_ns`` when Python stacks were recorded). The default, 4.8 us per
-  operator with record_shapes, is what the H200 fixtures show for a host-bound training step: timm
-  ResNet-50 bf16 runs 3,698 operators per step in 33.97 ms under Nsight Systems and 51.91 ms under
-  torch.profiler with record_shapes (17.9 ms more: 4.85 us per operator). The H100 ``tiny_sync`` loop
-  (960 elementwise operators per step, 9.02 vs 11.17 ms) shows 2.2 us: operators with more inputs cost
-  more to record. The other two costs keep the ratios measured on a CPU-only loop (torch 2.13, 2-core
-  AMD EPYC guest, min of 5 runs: 1.6 / 7.7 / 15.4 us per op plain / shapes / shapes + stack): 2x with
-  with_stack, 0.2x without record_shapes.
+  ``profiler_op_overhead_ns`` (``_stack_ns`` when Python stacks were recorded). What torch.profiler with
+  record_shapes adds per operator shows in the host-bound fixtures, as (step under torch.profiler - step
+  under Nsight Systems) / operators per step: 1.2 us for ``tiny_fused`` (15 operators, 362.5 vs 380.2 us,
+  H100), 2.2 us for ``tiny_sync`` (960 elementwise operators, 9.02 vs 11.17 ms, H100), 4.85 us for the
+  timm ResNet-50 bf16 training step (3,698 operators, 33.97 vs 51.91 ms, H200): operators with more
+  inputs cost more to record. The default is the middle one, 2.2 us. The other two costs keep the ratios
+  measured on a CPU-only loop (torch 2.13, 2-core AMD EPYC guest, min of 5 runs: 1.6 / 7.7 / 15.4 us per
+  op plain / shapes / shapes + stack): 2x with with_stack, 0.2x without record_shapes. A measured
+  ``unprofiled_step_ms`` is always better.
 
 gpu_idle calls :func:`profiler_overhead` for torch.profiler traces only (Nsight Systems costs the host
 no per-operator work).

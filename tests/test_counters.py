@@ -181,9 +181,9 @@ def test_gpu_idle_estimates_the_profilers_cost_on_torch_traces_only():
     f = run_all(fresh(FIX / "torch" / "tiny_sync.torch.json.gz"), only=["gpu_idle"])[0]
     oe = f.evidence["observer_effect"]
     assert oe["how"] == "estimated" and oe["record_shapes"] and oe["ops_per_step"] == 960
-    assert f.metrics["profiler_overhead_per_step_ns"] == 960 * 4800
-    assert f.metrics["idle_fraction_without_profiler"] == pytest.approx(0.8496, abs=0.001)
-    assert f.severity == "high"  # still 85% idle without the profiler: the program's own syncs and launches
+    assert f.metrics["profiler_overhead_per_step_ns"] == 960 * 2200
+    assert f.metrics["idle_fraction_without_profiler"] == pytest.approx(0.889, abs=0.01)  # nsys measured 0.889
+    assert f.severity == "high"  # still 89% idle without the profiler: the program's own syncs and launches
     assert "profiler" not in f.title
     n = run_all(fresh(FIX / "nsys" / "tiny_sync.nsys.sqlite"), only=["gpu_idle"])[0]
     assert "observer_effect" not in n.evidence and "idle_fraction_without_profiler" not in n.metrics
