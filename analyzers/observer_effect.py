@@ -34,8 +34,12 @@ PLAIN_OP_NS_RATIO = 0.2  # per-op cost without record_shapes / with it (see abov
 def _unprofiled_step_ns(meta: dict) -> float | None:
     for src in (meta.get("torch_profiler") or {}, meta):
         v = src.get("unprofiled_step_ms")
-        if isinstance(v, (int, float)) and math.isfinite(v) and v > 0:
-            return float(v) * 1e6
+        try:  # torch.profiler's add_metadata writes strings
+            v = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(v) and v > 0:
+            return v * 1e6
     return None
 
 
