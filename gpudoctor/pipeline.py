@@ -143,8 +143,10 @@ def read_run_dir(run_dir: Path) -> Trace:
     if not traces:
         raise InputError(run_dir, "run directory lists no reports and has no run.db")
     trace = _devices_from_manifest(combine(traces), manifest)
-    if isinstance(manifest.get("unprofiled_step_ms"), (int, float)):  # torch backend: steps timed unprofiled first
-        trace.meta.setdefault("unprofiled_step_ms", float(manifest["unprofiled_step_ms"]))
+    # Step time before the profiler started (the profiler's own cost, measured): gpu_idle reads it.
+    for src in (manifest, manifest.get("capture") or {}):
+        if isinstance(src, dict) and isinstance(src.get("unprofiled_step_ms"), (int, float)):
+            trace.meta.setdefault("unprofiled_step_ms", float(src["unprofiled_step_ms"]))
     return trace
 
 

@@ -213,3 +213,17 @@ def test_stored_ceilings_of_the_gpu_model_are_used_and_both_ridge_points_reporte
         measured["bf16_flops_per_s"] / measured["copy_bandwidth_bytes_per_s"], rel=1e-3)
     assert f["metrics"]["peak_bandwidth_bytes_per_s"] == pytest.approx(measured["copy_bandwidth_bytes_per_s"], rel=1e-6)
     assert "datasheet" in f["title"]
+
+
+def test_run_manifest_unprofiled_step_time_reaches_gpu_idle(tmp_path):
+    import shutil
+    shutil.copy(FIX / "torch" / "tiny_sync.torch.json.gz", tmp_path / "trace.torch.json.gz")
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "reports": [{"path": "trace.torch.json.gz", "rank": 0}],
+        "capture": {"unprofiled_step_ms": 1.0, "profiled_step_ms": 11.2}}))
+    out = tmp_path / "a.json"
+    assert main(["analyze", str(tmp_path), "--json", str(out), "--quiet"]) == 0
+    f = next(f for f in json.loads(out.read_text())["findings"] if f["analyzer"] == "gpu_idle")
+    assert f["evidence"]["observer_effect"]["how"] == "measured"
+    assert f["evidence"]["observer_effect"]["unprofiled_step_ns"] == 1_000_000
+    assert f["severity"] == "low" and "--backend nsys" in f["recommendation"]
