@@ -171,3 +171,11 @@ def test_profiler_cost_estimate_moves_the_idle_fraction_towards_the_unprofiled_o
         assert t.metrics["idle_fraction"] > n.metrics["idle_fraction"]
         assert n.metrics["idle_fraction"] - 0.05 <= t.metrics["idle_fraction_without_profiler"] < t.metrics["idle_fraction"]
         assert t.severity == n.severity  # the profiler does not explain these verdicts: no downgrade
+
+
+def test_run_summary_carries_gpu_metric_means():
+    from gpudoctor.model.summary import summarize_rank
+    s = summarize_rank(load("nsys/prefill_gm.nsys.sqlite"), 0).to_dict()["gpu_metrics"]
+    assert s["tensor_active_fraction"] == pytest.approx(0.79, abs=0.01)
+    assert s["gr_active_fraction"] > 0.95 and s["dram_read_fraction"] == pytest.approx(0.19, abs=0.01)
+    assert summarize_rank(load("nsys/mlp_bf16.nsys.sqlite"), 0).to_dict()["gpu_metrics"] == {}  # recorded without

@@ -29,6 +29,9 @@ def render(analysis, console: Console | None = None, top: int = 8, verbose: bool
             if "mem_used_bytes_max" in s:
                 parts.append(f"memory used max {s['mem_used_bytes_max'] / 2**30:.1f} GiB")
             console.print(f"  NVML ({s.get('samples', 0)} samples): " + ", ".join(parts), highlight=False)
+        if r.gpu_metrics:
+            console.print("  GPU metrics (window mean): " + ", ".join(
+                f"{k.replace('_fraction', '').replace('_', ' ')} {v:.0%}" for k, v in r.gpu_metrics.items()), highlight=False)
         if len(r.category_time):
             cats = "  ".join(f"{c} {pct(f)}" for c, f in zip(r.category_time["category"], r.category_time["window_fraction"]))
             console.print(f"  time by category: {cats}", highlight=False)
