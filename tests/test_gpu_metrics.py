@@ -179,3 +179,24 @@ def test_run_summary_carries_gpu_metric_means():
     assert s["tensor_active_fraction"] == pytest.approx(0.79, abs=0.01)
     assert s["gr_active_fraction"] > 0.95 and s["dram_read_fraction"] == pytest.approx(0.19, abs=0.01)
     assert summarize_rank(load("nsys/mlp_bf16.nsys.sqlite"), 0).to_dict()["gpu_metrics"] == {}  # recorded without
+
+
+@pytest.mark.parametrize("rel,frac", [("nsys/conv_fp32_gm.nsys.sqlite", 1.0), ("nsys/conv_bf16_gm.nsys.sqlite", 0.0)])
+def test_convolution_names_alone_agree_with_the_measurement(rel, frac):
+    """Without the GPU-metrics samples the names decide: cuDNN's FP32 kernels (dgrad_engine, wgrad_alg0_engine,
+    ffma implicit GEMM, FFT, Winograd) are SIMT, the bf16 xmma / nvjet / tensorop kernels are not."""
+    from gpudoctor.model.trace import empty_frame
+    t = load(rel)
+    t.counters = empty_frame("counters")
+    f = [x for x in run_all(t, only=["low_tensor_core"])][0]
+    assert f.evidence["basis"] == "names"
+    assert f.metrics["non_tensor_core_gemm_fraction"] == pytest.approx(frac, abs=0.001)
+
+
+def test_decode_at_batch_32_from_names_alone():
+    from gpudoctor.model.trace import empty_frame
+    t = load("nsys/decode_b32_gm.nsys.sqlite")
+    t.counters = empty_frame("counters")
+    f = [x for x in run_all(t, only=["memory_bound_decode"])][0]
+    assert f.evidence["basis"] == "names" and f.metrics["tokens_per_step"] == 32  # nvjet _64x32_ / _128x32_ tiles
+    assert f.severity == "medium" and f.metrics["mbu"] is None
