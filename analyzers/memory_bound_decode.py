@@ -255,28 +255,9 @@ def _tokens(ctx: AnalysisContext, cfg: dict, shape: dict, rows: np.ndarray, src:
     return None, False
 
 
-def measure(ctx: AnalysisContext, cfg: dict, steady: pd.DataFrame, step_idx: np.ndarray, sel_idx: np.ndarray,
-            gemm: np.ndarray, gemv: np.ndarray, shape: dict, n_decode: int) -> dict:
-    """Bytes, FLOPs, tokens, MBU and intensity of the decode steps from the strongest evidence present."""
-    k = ctx.kernels
-    dur = k["dur_ns"].to_numpy(np.int64)
-    n_steps = len(steady)
-    peaks = ctx.peaks
-    bw = peaks.memory_bandwidth_bytes_per_s if peaks else float("nan")
-    precision = str(cfg["precision"])
-    peak_flops = peaks.flops(precision) if peaks else float("nan")
-    ridge = peak_flops / bw if peaks else float("nan")
-    spec = lookup(ctx.device_name)
-    spec_bw = spec.memory_bandwidth_bytes_per_s if spec is not None else bw
-    in_sel = np.isin(step_idx, sel_idx)
-    decode_gemm = gemm & in_sel if n_decode else gemv & in_sel
-    src: dict = {}
-    tokens, tokens_bound = _tokens(ctx, cfg, shape, np.nonzero((gemv if gemv.any() else gemm) & in_sel)[0]
-                                   if n_decode else np.zeros(0, np.int64), src)
-    period_ns = ctx.window_ns / n_steps if n_steps else float("nan")
-    busy_steps = ctx.busy_ns() / n_steps if n_steps else float("nan")
-
-    # Weight + KV bytes from config or shapes (what a step must read).
+def _estimate(cfg: dict, shape: dict, tokens: float | None, src: dict) -> dict:
+    """What a step must read and compute, from the config or the CPU-op shapes (basis ``shapes``), else
+    nothing known (basis ``names``)."""
     model_bytes, kv_bytes = cfg["model_bytes"], cfg["kv_bytes_per_step"] or 0
     basis = "names"
     if model_bytes is not None:
@@ -294,52 +275,74 @@ def measure(ctx: AnalysisContext, cfg: dict, steady: pd.DataFrame, step_idx: np.
     else:
         flops_step = float("nan")
     ai = flops_step / bytes_step if bytes_step and math.isfinite(bytes_step) else float("nan")
-    achieved = bytes_step / (period_ns * 1e-9) if math.isfinite(bytes_step) else float("nan")
-    mbu = achieved / bw if math.isfinite(achieved) and math.isfinite(bw) else float("nan")
-    measured: dict = {}
+    return {"basis": basis, "bytes_step": bytes_step, "flops_step": flops_step, "ai": ai, "span_ns": None, "measured": {}}
 
-    # Measured DRAM traffic replaces the estimate: Nsight Compute per kernel, then GPU-metrics samples
-    # (over the decode steps; over all steps when there are none, for the info finding).
+
+def _measured(ctx: AnalysisContext, est: dict, steady: pd.DataFrame, in_sel: np.ndarray, sel_idx: np.ndarray,
+              n_decode: int, peak_flops: float, spec_bw: float, src: dict) -> dict:
+    """Measured DRAM traffic replaces the estimate: Nsight Compute per kernel, then GPU-metrics samples (over
+    the decode steps; over all steps when there are none, for the info finding)."""
+    out = dict(est)
     nc = bytes_from_ncu(ctx, np.nonzero(in_sel)[0], len(sel_idx))
     if nc and nc["bytes_per_step"] > 0:
-        measured = {"ncu_profiled_fraction": round(nc["profiled_fraction"], 4)}
-        basis, bytes_step = "ncu", nc["bytes_per_step"]
-        achieved = bytes_step / (period_ns * 1e-9)
-        mbu = achieved / bw
+        out.update(basis="ncu", bytes_step=nc["bytes_per_step"],
+                   measured={"ncu_profiled_fraction": round(nc["profiled_fraction"], 4)})
         src["bytes"] = "DRAM bytes Nsight Compute measured on the decode steps' kernels"
-        if not math.isfinite(ai) and nc["flops_per_step"] > 0:
-            ai = nc["flops_per_step"] / bytes_step
+        if not math.isfinite(out["ai"]) and nc["flops_per_step"] > 0:
+            out["ai"] = nc["flops_per_step"] / nc["bytes_per_step"]
             src["intensity"] = "FLOPs / DRAM bytes measured by Nsight Compute"
-    s, e = _decode_spans(steady, sel_idx)
-    gm = bytes_from_gpu_metrics(ctx, s, e, spec_bw)
+    gm = bytes_from_gpu_metrics(ctx, *_decode_spans(steady, sel_idx), spec_bw)
     if gm:
-        basis = "gpu_metrics"
-        bytes_step = gm["bytes_per_step"]
-        achieved = bytes_step / (gm["span_ns"] * 1e-9)
-        mbu = achieved / bw if math.isfinite(bw) else float("nan")
+        ta = gm["tensor_active_fraction"]
+        out.update(basis="gpu_metrics", bytes_step=gm["bytes_per_step"], span_ns=gm["span_ns"], measured={
+            "dram_throughput_fraction": round(gm["dram_fraction"], 4), "dram_read_fraction": round(gm["dram_read_fraction"], 4),
+            "tensor_active_fraction": round(ta, 4) if math.isfinite(ta) else None, "samples": gm["samples"],
+            "mean_step_span_ns": round(gm["span_ns"])})
         src["bytes"] = ("DRAM Read + Write Bandwidth [Throughput %] (Nsight Systems GPU metrics) over the "
                         + ("decode" if n_decode else "steady") + " steps' GPU spans")
-        measured = {"dram_throughput_fraction": round(gm["dram_fraction"], 4),
-                    "dram_read_fraction": round(gm["dram_read_fraction"], 4),
-                    "tensor_active_fraction": None if not math.isfinite(gm["tensor_active_fraction"])
-                    else round(gm["tensor_active_fraction"], 4),
-                    "samples": gm["samples"], "mean_step_span_ns": round(gm["span_ns"])}
-        if not math.isfinite(ai) and math.isfinite(gm["tensor_active_fraction"]) and gm["dram_fraction"] > 0:
-            ai = gm["tensor_active_fraction"] * peak_flops / (gm["dram_fraction"] * spec_bw)
+        if not math.isfinite(out["ai"]) and math.isfinite(ta) and gm["dram_fraction"] > 0:
+            out["ai"] = ta * peak_flops / (gm["dram_fraction"] * spec_bw)
             src["intensity"] = "Tensor Active x peak FLOP/s / measured DRAM bytes/s (GPU metrics; approximate)"
+    return out
+
+
+def measure(ctx: AnalysisContext, cfg: dict, steady: pd.DataFrame, step_idx: np.ndarray, sel_idx: np.ndarray,
+            gemm: np.ndarray, gemv: np.ndarray, shape: dict, n_decode: int) -> dict:
+    """Bytes, FLOPs, tokens, MBU and intensity of the decode steps from the strongest evidence present."""
+    dur = ctx.kernels["dur_ns"].to_numpy(np.int64)
+    n_steps = len(steady)
+    peaks = ctx.peaks
+    bw = peaks.memory_bandwidth_bytes_per_s if peaks else float("nan")
+    precision = str(cfg["precision"])
+    peak_flops = peaks.flops(precision) if peaks else float("nan")
+    spec = lookup(ctx.device_name)
+    spec_bw = spec.memory_bandwidth_bytes_per_s if spec is not None else bw
+    in_sel = np.isin(step_idx, sel_idx)
+    src: dict = {}
+    tokens, tokens_bound = _tokens(ctx, cfg, shape, np.nonzero((gemv if gemv.any() else gemm) & in_sel)[0]
+                                   if n_decode else np.zeros(0, np.int64), src)
+    period_ns = ctx.window_ns / n_steps if n_steps else float("nan")
+    busy_steps = ctx.busy_ns() / n_steps if n_steps else float("nan")
+    m = _measured(ctx, _estimate(cfg, shape, tokens, src), steady, in_sel, sel_idx, n_decode, peak_flops, spec_bw, src)
+    bytes_step, ai = m["bytes_step"], m["ai"]
+    # MBU over the steps' GPU spans when DRAM traffic was sampled there, else over the step period.
+    over_ns = m["span_ns"] if m["span_ns"] else period_ns
+    achieved = bytes_step / (over_ns * 1e-9) if math.isfinite(bytes_step) else float("nan")
+    mbu = achieved / bw if math.isfinite(achieved) and math.isfinite(bw) else float("nan")
     if not math.isfinite(ai) and tokens is not None:
         ai = 2.0 * float(tokens) / float(cfg["bytes_per_param"])  # weights dominate: FLOP per weight byte
         src["intensity"] = "2 x tokens / bytes_per_param (weights only; model size unknown)" + (
             ": an upper bound" if tokens_bound else "")
     mbu_busy = (bytes_step / (busy_steps * 1e-9) / bw) if math.isfinite(bytes_step) and math.isfinite(bw) and busy_steps > 0 \
         else float("nan")
-    busy_sel = busy_steps * len(sel_idx)
-    return {"bw": bw, "peak_flops": peak_flops, "ridge": ridge, "ridges": _ridges(ctx, precision), "tokens": tokens,
-            "tokens_bound": tokens_bound, "period_ns": period_ns, "busy_steps": busy_steps, "bytes_step": bytes_step,
-            "flops_step": flops_step, "ai": ai, "achieved": achieved, "mbu": mbu, "mbu_busy": mbu_busy, "basis": basis,
-            "src": src, "measured": measured, "gemv_ns": float(dur[gemv & in_sel].sum()),
+    decode_gemm = gemm & in_sel if n_decode else gemv & in_sel
+    return {"bw": bw, "peak_flops": peak_flops, "ridge": peak_flops / bw if peaks else float("nan"),
+            "ridges": _ridges(ctx, precision), "tokens": tokens, "tokens_bound": tokens_bound, "period_ns": period_ns,
+            "busy_steps": busy_steps, "bytes_step": bytes_step, "flops_step": m["flops_step"], "ai": ai,
+            "achieved": achieved, "mbu": mbu, "mbu_busy": mbu_busy, "basis": m["basis"], "src": src,
+            "measured": m["measured"], "gemv_ns": float(dur[gemv & in_sel].sum()),
             "gemm_ns": float(dur[gemm & in_sel].sum()), "decode_gemm_ns": float(dur[decode_gemm].sum()),
-            "busy_sel": busy_sel, "gemv_rows": np.nonzero(gemv & in_sel)[0]}
+            "busy_sel": busy_steps * len(sel_idx), "gemv_rows": np.nonzero(gemv & in_sel)[0]}
 
 
 def severity(cfg: dict, f: dict) -> str:
