@@ -9,10 +9,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from gpudoctor.analyzers import low_tensor_core, ncu_kernels
+from gpudoctor.analyzers import low_tensor_core
 from gpudoctor.analyzers.config import load_config
 from gpudoctor.analyzers.registry import run_all
 from gpudoctor.cli.main import main
