@@ -14,7 +14,7 @@ Metric names differ between sources and GPU generations; :func:`canonical` maps 
 ==========================  ==================================================================  =========
 key                         names                                                                unit
 ==========================  ==================================================================  =========
-dram_read_fraction          ``DRAM Read Bandwidth [Throughput %]`` (nsys), ncu dram read share   0..1
+dram_read_fraction          ``DRAM Read Bandwidth [Throughput %]`` (Nsight Systems)             0..1
 dram_write_fraction         ``DRAM Write Bandwidth [Throughput %]``                              0..1
 tensor_active_fraction      ``Tensor Active [Throughput %]``, ``Tensor Active / FP16 Active``,   0..1
                             ``Tensor Pipe Active``, NVML ``nvml.tensor_util_pct``
