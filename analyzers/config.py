@@ -50,6 +50,7 @@ DEFAULTS: dict[str, dict[str, tuple[Any, str]]] = {
     },
     "low_tensor_core": {
         "fallback_precision": ("tf32", "precision whose tensor-core rate the saving estimate assumes (tf32: allow_tf32)"),
+        "tensor_active_min": (0.05, "GPU metrics: a GEMM kernel whose Tensor Active per unit of GEMM time is below this runs without tensor cores (NVML: the window mean)"),
         "tensor_pipe_min": (0.05, "ncu: a GEMM whose tensor pipe is active less than this fraction runs without tensor cores"),
         "gemv_max_n": (16, "a GEMM whose N tile (nvjet _MxN_) or M (shapes) is at most this is GEMV-shaped: not flagged"),
         "misaligned_penalty": (0.25, "fraction of a misaligned fp16/bf16/fp8 GEMM's time assumed recoverable by padding"),
@@ -59,6 +60,7 @@ DEFAULTS: dict[str, dict[str, tuple[Any, str]]] = {
     "memory_bound_decode": {
         "decode_range_pattern": ("decode|generate|generation", "regex (case-insensitive) of step range names that are decode steps"),
         "gemv_max_n": (16, "N tile (nvjet _MxN_) at most this, or M <= this in shapes: a GEMV-shaped (decode) GEMM"),
+        "decode_max_tokens": (256, "with CPU-op shapes: steps of at most this many tokens whose intensity is below the ridge point are decode steps"),
         "decode_gemv_fraction": (0.5, "steps whose GEMM time is at least this fraction GEMV-shaped are decode steps"),
         "model_bytes": (None, "bytes of weights read per step (e.g. parameters x 2 for bf16); shapes give it when recorded"),
         "kv_bytes_per_step": (None, "bytes of KV cache read per step (added to model_bytes)"),
@@ -77,6 +79,8 @@ DEFAULTS: dict[str, dict[str, tuple[Any, str]]] = {
         "launch_gap_max_ns": (50000, "a host-late gap up to this long with no other cause counts as launch overhead"),
         "module_call_min_ns": (10000, "cudaFuncSetAttribute / cuKernelSetAttribute calls at least this long count as module load"),
         "max_examples": (5, "examples of each cause listed in the evidence"),
+        "profiler_op_overhead_ns": (2200, "torch.profiler host cost per operator with record_shapes (ns), when no unprofiled step time was measured"),
+        "profiler_op_overhead_stack_ns": (4400, "... with record_shapes and with_stack"),
     },
 }
 

@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.analyzers.context import AnalysisContext, display_name
-from gpudoctor.analyzers.findings import Finding
+from gpudoctor.analyzers.findings import SEVERITIES, Finding
+from gpudoctor.analyzers.observer_effect import profiler_overhead
 from gpudoctor.model.columns import equals
 from gpudoctor.model.steps import merge_intervals
 
@@ -153,6 +154,15 @@ def attribute(ctx: AnalysisContext, gaps: pd.DataFrame) -> tuple[np.ndarray, dic
     return cause, ov
 
 
+def _severity(ctx: AnalysisContext, cfg: dict, idle_fraction: float) -> str:
+    if idle_fraction >= float(cfg["idle_fraction_high"]):
+        return "high"
+    if idle_fraction >= float(cfg["idle_fraction_medium"]):
+        return "medium"
+    sev = ctx.severity(ID, idle_fraction)
+    return "low" if sev in ("medium", "high") else sev  # below this analyzer's own thresholds: never more than low
+
+
 def analyze(ctx: AnalysisContext) -> list[Finding]:
     if ctx.kernels.empty and ctx.memops.empty:
         return []
@@ -228,14 +238,7 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
         evidence["source_note"] = ("torch.profiler records no driver module loads (cuLibraryLoadData): JIT / module "
                                    "loading shows up as host_gap here")
 
-    if idle_fraction >= float(cfg["idle_fraction_high"]):
-        sev = "high"
-    elif idle_fraction >= float(cfg["idle_fraction_medium"]):
-        sev = "medium"
-    else:
-        sev = ctx.severity(ID, idle_fraction)
-        if sev in ("medium", "high"):
-            sev = "low"  # below this analyzer's own thresholds it is never more than low
+    sev = _severity(ctx, cfg, idle_fraction)
     ranked = sorted(((v, c) for c, v in by_cause.items() if c != "gpu_side" and v >= 0.005 * window), reverse=True)
     parts = [f"{c.replace('_', ' ')} {v / window:.0%}" for v, c in ranked[:3]]
     title = f"GPU idle {idle_fraction:.0%} of the steady-state window" + (f": {', '.join(parts)}" if parts else "")
@@ -244,6 +247,35 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     if ranked and ranked[0][1] == "launch_bound" and not np.isnan(med_kernel) and med_kernel < int(cfg["launch_bound_kernel_ns"]):
         rec[0] = (f"Median kernel {med_kernel / 1e3:.1f} us is shorter than its launch (median launch call "
                   f"{med_launch / 1e3:.1f} us): " + rec[0])
+    sev, title, rec = _observer_effect(ctx, cfg, sev, title, rec, metrics, evidence, by_cause, n_steps)
     return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=saving,
                     estimated_saving_fraction=round(sfrac, 6), recommendation=" ".join(rec), evidence=evidence,
                     rank=ctx.rank)]
+
+
+def _observer_effect(ctx: AnalysisContext, cfg: dict, sev: str, title: str, rec: list[str], metrics: dict,
+                     evidence: dict, by_cause: dict, n_steps: int) -> tuple[str, str, list[str]]:
+    """Under torch.profiler: the profiler's own per-op host cost, and the idle fraction without it. When
+    removing it would lower the severity, the profiler explains the verdict: say so, rate at most low and
+    point to Nsight Systems."""
+    est = profiler_overhead(ctx, float(cfg["profiler_op_overhead_ns"]), float(cfg["profiler_op_overhead_stack_ns"]))
+    if est is None:
+        return sev, title, rec
+    host_late = sum(v for c, v in by_cause.items() if c in ("launch_bound", "host_gap"))
+    window, idle = metrics["window_ns"], metrics["idle_ns"]
+    cost = min(est["per_step_ns"] * n_steps, idle)  # host time the profiler added shows up as idle GPU time
+    idle_without = (idle - cost) / (window - cost) if window > cost else 0.0
+    metrics["profiler_overhead_per_step_ns"] = int(est["per_step_ns"])
+    metrics["idle_fraction_without_profiler"] = round(idle_without, 6)
+    evidence["observer_effect"] = {**est, "host_late_idle_per_step_ns": int(host_late / n_steps),
+                                   "basis": "measured unprofiled steps" if est["how"] == "measured" else
+                                   "operators per step x per-operator profiler cost"}
+    without = _severity(ctx, cfg, idle_without)
+    if SEVERITIES.index(without) >= SEVERITIES.index(sev) or sev in ("info", "low"):
+        return sev, title, rec
+    title += (f" (torch.profiler's own per-op cost, {est['how']} ~{est['per_step_ns'] / 1e6:.2f} ms/step, can explain it: "
+              f"~{idle_without:.0%} idle without it)")
+    rec = [f"This idle time may be the profiler's: torch.profiler{' with record_shapes' if est['record_shapes'] else ''}"
+           f"{' and with_stack' if est['with_stack'] else ''} costs the host ~{est['per_step_ns'] / 1e6:.2f} ms per step "
+           f"({est['how']}). Re-profile with `gpudoctor profile --backend nsys` (no per-operator host cost) before acting."] + rec
+    return "low", title, rec

@@ -75,7 +75,7 @@ def run_all(trace: Trace, config: Config | dict | None = None, only: list[str] |
 
 
 # Multi-GPU and memory analyzers live in their own modules and join the registry here.
-from gpudoctor.analyzers import kv_fragmentation, nccl_dominated, pipeline_bubbles, stragglers  # noqa: E402
+from gpudoctor.analyzers import kv_fragmentation, nccl_dominated, ncu_kernels, pipeline_bubbles, stragglers  # noqa: E402
 
-for _module in (nccl_dominated, pipeline_bubbles, stragglers, kv_fragmentation):
+for _module in (nccl_dominated, pipeline_bubbles, stragglers, kv_fragmentation, ncu_kernels):
     register(_module)

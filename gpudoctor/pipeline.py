@@ -142,7 +142,12 @@ def read_run_dir(run_dir: Path) -> Trace:
         traces.append(read_input(p, rank=rep.get("rank")))
     if not traces:
         raise InputError(run_dir, "run directory lists no reports and has no run.db")
-    return _devices_from_manifest(combine(traces), manifest)
+    trace = _devices_from_manifest(combine(traces), manifest)
+    # Step time before the profiler started (the profiler's own cost, measured): gpu_idle reads it.
+    for src in (manifest, manifest.get("capture") or {}):
+        if isinstance(src, dict) and isinstance(src.get("unprofiled_step_ms"), (int, float)):
+            trace.meta.setdefault("unprofiled_step_ms", float(src["unprofiled_step_ms"]))
+    return trace
 
 
 def _devices_from_manifest(trace: Trace, manifest: dict) -> Trace:
@@ -252,7 +257,20 @@ def analyze_trace(trace: Trace, config=None) -> tuple[list[RankSummary], list]:
         return _analyze_trace(trace, config)
 
 
+def _use_stored_ceilings(trace: Trace, config) -> None:
+    """Ceilings `gpudoctor ceilings` stored for the run's GPU model, when none were given."""
+    if getattr(config, "ceilings", None) is not None or trace.meta.get("ceilings") or trace.devices.empty:
+        return
+    names = {str(n) for n in trace.devices["name"] if n}
+    if len(names) == 1:
+        from gpudoctor.store.ceilings import stored_ceilings
+        stored = stored_ceilings(names.pop())
+        if stored:
+            trace.meta["ceilings"] = stored
+
+
 def _analyze_trace(trace: Trace, config=None) -> tuple[list[RankSummary], list]:
+    _use_stored_ceilings(trace, config)
     ranks = [summarize_rank(trace, r) for r in (trace.rank_ids or [0])]
     findings = []
     try:

@@ -4,28 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
 from gpudoctor.cli.base import Command
-
-
-def ceilings_dir() -> Path:
-    base = os.environ.get("GPUDOCTOR_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "gpudoctor")
-    return Path(base) / "ceilings"
-
-
-def stored_ceilings(device_name: str) -> dict | None:
-    """Ceilings measured earlier on a GPU of this name, or None."""
-    p = ceilings_dir() / (_slug(device_name) + ".json")
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+from gpudoctor.store.ceilings import ceilings_dir, slug
 
 
 class CeilingsCommand(Command):
@@ -43,7 +24,7 @@ class CeilingsCommand(Command):
 
         res = measure_ceilings(copy_bytes=args.copy_bytes, device=args.device)
         text = json.dumps(res, indent=1) + "\n"
-        target = ceilings_dir() / (_slug(res["device_name"]) + ".json")
+        target = ceilings_dir() / (slug(res["device_name"]) + ".json")
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target, text)
         if args.out:

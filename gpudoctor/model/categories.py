@@ -18,7 +18,7 @@ _RULES: list[tuple[str, re.Pattern]] = [
         r"xqa|flashinfer|sdpa|mha_|_mha|fused_mha", re.I)),
     ("gemm", re.compile(
         r"gemm|nvjet|cutlass|cublas|xmma|sm\d+_xmma|matmul|dot_kernel|gemv|gemvx|sgemm|hgemm|"
-        r"implicit_convolve|conv2d|convolution|wgrad|dgrad|fprop|cudnn.*conv|splitkreduce|_mm_|triton_mm|bmm", re.I)),
+        r"implicit_convolve|conv2d|convolution|wgrad|dgrad|fprop|winograd|fft2d_r2c|fft2d_c2r|pointwise_mult_and_sum_complex|cgemm|cudnn.*conv|splitkreduce|_mm_|triton_mm|bmm", re.I)),
     ("reduction", re.compile(r"reduce|softmax|norm|sum_|argmax|argmin|cross_entropy|nll_loss|topk|sort|scan|cumsum", re.I)),
     ("memory", re.compile(r"memcpy|memset|copy_kernel|direct_copy|cat_|catarray|index_select|gather|scatter|fill", re.I)),
     ("elementwise", re.compile(r"elementwise|vectorized|unrolled|pointwise|triton_poi|activation|gelu|relu|silu|dropout|add|mul|foreach", re.I)),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from gpudoctor.model import sampled
 from gpudoctor.model.columns import as_categorical
 from gpudoctor.model.steps import StepWindow, find_steps, union_ns
 from gpudoctor.model.trace import Trace
@@ -26,6 +27,8 @@ class RankSummary:
     category_time: pd.DataFrame  # category, total_ns, window_fraction
     range_time: pd.DataFrame  # text, count, gpu_ns, window_fraction
     samples: dict  # NVML means over the window (or the whole run when there are no kernels)
+    profiled_kernel_count: int = 0  # kernel launches Nsight Compute profiled (kernel_metrics rows)
+    gpu_metrics: dict | None = None  # Nsight Systems GPU metrics: time-weighted means over the window (fractions)
 
     def to_dict(self) -> dict:
         w = self.window
@@ -43,6 +46,8 @@ class RankSummary:
             "gpu_busy_fraction": round(self.gpu_busy_fraction, 6),
             "kernel_count": self.kernel_count,
             "steady_kernel_count": self.steady_kernel_count,
+            "profiled_kernel_count": self.profiled_kernel_count,
+            "gpu_metrics": self.gpu_metrics or {},
             "top_kernels": _records(self.top_kernels),
             "time_by_category": _records(self.category_time),
             "time_by_range": _records(self.range_time),
@@ -106,7 +111,25 @@ def summarize_rank(trace: Trace, rank: int) -> RankSummary:
     return RankSummary(rank=rank, device=str(dev), window=window, gpu_busy_fraction=busy / dur,
                        kernel_count=int(len(t.kernels)), steady_kernel_count=int(len(k)),
                        top_kernels=top.reset_index(drop=True), category_time=cat.reset_index(drop=True),
-                       range_time=rng.reset_index(drop=True), samples=samples)
+                       range_time=rng.reset_index(drop=True), samples=samples,
+                       profiled_kernel_count=int(len(t.kernel_metrics)),
+                       gpu_metrics=gpu_metric_means(t.counters, lo, hi))
+
+
+GPU_METRIC_KEYS = ("dram_read_fraction", "dram_write_fraction", "tensor_active_fraction", "sm_active_fraction",
+                   "gr_active_fraction")
+
+
+def gpu_metric_means(counters: pd.DataFrame, lo: int, hi: int) -> dict:
+    """Time-weighted means of the main Nsight Systems GPU metrics over [lo, hi] (fractions of peak)."""
+    out = {}
+    if hi <= lo:
+        return out
+    for key in GPU_METRIC_KEYS:
+        v, src = sampled.metric_over(counters, key, np.array([lo]), np.array([hi]), source="gpu_metrics")
+        if src and np.isfinite(v[0]):
+            out[key] = round(float(v[0]), 4)
+    return out
 
 
 NVML_MEANS = {"nvml.gpu_util_pct": "gpu_util_pct", "nvml.sm_util_pct": "sm_util_pct",

@@ -41,6 +41,7 @@ from gpudoctor.model.categories import categorize_kernels
 from gpudoctor.model.counters_from_ranges import MALFORMED_REASON, counters_from_ranges
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
+from gpudoctor.readers.nsys_gpu_metrics import GpuMetricsSchemaError, read_gpu_metrics
 
 SOURCE_FORMAT = "nsys_sqlite"
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -462,6 +463,8 @@ class _Reader:
             "driver_version": env.get("NvDriverVersion", ""),
             "cuda_driver_version": _cuda_version(env.get("CudaDriverVersion", "")),
         }
+        if getattr(self, "gpu_metric_sets", None):
+            t.meta["gpu_metric_sets"] = self.gpu_metric_sets
         if len(gpu_pids) > 1:
             # Several processes did GPU work; the model has one row per rank, so they share this rank.
             t.meta["nsys_gpu_pids"] = gpu_pids
@@ -874,36 +877,13 @@ class _Reader:
     # -- counters and memory -------------------------------------------------------------------------
 
     def counters(self, gpu_to_dev: dict[int, int]) -> pd.DataFrame:
-        t, info = "GPU_METRICS", "TARGET_INFO_GPU_METRICS"
-        if not self.has(t) or "metricId" not in self.columns(t):
-            return conform("counters", pd.DataFrame())
-        ts_col = self.col(t, "timestamp") or self.col(t, "start")
-        if ts_col is None:
-            raise _BadExport(f"{t} has no timestamp column (unsupported nsys export schema)")
-        f = self.fetch(t, [
-            ("ts", ts_col, 0, "i8"), ("type_id", self.col(t, "typeId"), -1, "i8"),
-            ("metric_id", '"metricId"', -1, "i8"), ("value", self.col(t, "value"), float("nan"), "f8"),
-        ])
-        names: dict[tuple[int, int], str] = {}
-        by_metric: dict[int, str] = {}
-        if self.has(info) and {"metricId", "metricName"} <= set(self.columns(info)):
-            type_sel = '"typeId"' if "typeId" in self.columns(info) else "-1"
-            for ty, mid, mname in self.conn.execute(f'SELECT {type_sel}, "metricId", "metricName" FROM "{info}"'):
-                names[(int(ty), int(mid))] = str(mname)
-                by_metric.setdefault(int(mid), str(mname))
-        t_codes, t_uniq = _factorize(f["type_id"])
-        m_codes, m_uniq = _factorize(f["metric_id"])
-        inv, pairs = _factorize(t_codes * max(len(m_uniq), 1) + m_codes)
-        labels = np.array([names.get((int(t_uniq[p // len(m_uniq)]), int(m_uniq[p % len(m_uniq)])),
-                                     by_metric.get(int(m_uniq[p % len(m_uniq)]), f"gpu_metric_{int(m_uniq[p % len(m_uniq)])}"))
-                           for p in pairs.tolist()], dtype=object)
-        gpu = np.where(f["type_id"] >= 0, f["type_id"] & 0xFF, -1)  # nsys packs the GPU id in typeId's low byte
-        device = _map_codes(gpu, gpu_to_dev, None)
-        device = np.where(pd.isna(device), gpu, device).astype(np.int64)
-        return conform("counters", pd.DataFrame({
-            "rank": self.rank, "device_id": device, "ts_ns": f["ts"] + self.offset,
-            "name": _cat_from_distinct(labels, inv), "value": f["value"],
-        }))
+        try:
+            frame, sets = read_gpu_metrics(self, gpu_to_dev, self.rank, self.offset,
+                                           _map_codes, _factorize, _cat_from_distinct)
+        except GpuMetricsSchemaError as e:
+            raise _BadExport(str(e)) from None
+        self.gpu_metric_sets = sets
+        return conform("counters", frame)
 
     def memory_events(self) -> pd.DataFrame:
         t = "CUDA_GPU_MEMORY_USAGE_EVENTS"

@@ -13,7 +13,8 @@ def render(analysis) -> str:
     for r in analysis.ranks:
         out += ["", f"## Rank {r.rank}: {r.device}", "",
                 f"- Steady-state window: {ns(r.window.duration_ns)} ({r.window.describe()})",
-                f"- GPU busy: {pct(r.gpu_busy_fraction)}; kernels: {r.steady_kernel_count} in window, {r.kernel_count} in trace"]
+                f"- GPU busy: {pct(r.gpu_busy_fraction)}; kernels: {r.steady_kernel_count} in window, {r.kernel_count} in trace"
+                + (f", {r.profiled_kernel_count} profiled by Nsight Compute" if r.profiled_kernel_count else "")]
         if len(r.category_time):
             out.append("- Time by category: " + ", ".join(
                 f"{c} {pct(f)}" for c, f in zip(r.category_time["category"], r.category_time["window_fraction"])))

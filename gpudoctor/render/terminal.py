@@ -60,7 +60,8 @@ def render(analysis, console: Console | None = None, top: int = 8, verbose: bool
         c.print(Text(f"\nrank {r.rank}", style="bold") + Text(f"  {r.device or 'unknown device'}"), soft_wrap=True)
         _say(c, f"steady-state window: {ns(w.duration_ns)} ({w.describe()})", "  ")
         _say(c, f"GPU busy: {pct(r.gpu_busy_fraction)}   kernels: {r.steady_kernel_count} in window, "
-                f"{r.kernel_count} in trace", "  ")
+                f"{r.kernel_count} in trace"
+                + (f", {r.profiled_kernel_count} profiled by Nsight Compute" if r.profiled_kernel_count else ""), "  ")
         if r.samples:
             s = r.samples
             parts = [f"{k.replace('_pct', '')} {s[k]:.0f}%" for k in ("gpu_util_pct", "sm_util_pct", "tensor_util_pct",
@@ -70,6 +71,9 @@ def render(analysis, console: Console | None = None, top: int = 8, verbose: bool
             if "mem_used_bytes_max" in s:
                 parts.append(f"memory used max {s['mem_used_bytes_max'] / 2**30:.1f} GiB")
             _say(c, f"NVML ({s.get('samples', 0)} samples): " + ", ".join(parts), "    ", "  ")
+        if r.gpu_metrics:
+            _say(c, "GPU metrics (window mean): " + ", ".join(
+                f"{k.replace('_fraction', '').replace('_', ' ')} {v:.0%}" for k, v in r.gpu_metrics.items()), "    ", "  ")
         if len(r.category_time):
             cats = ", ".join(f"{k} {pct(f)}" for k, f in zip(r.category_time["category"], r.category_time["window_fraction"]))
             _say(c, f"time by category: {cats}", "    ", "  ")
