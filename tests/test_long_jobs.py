@@ -308,3 +308,18 @@ def test_killed_gpudoctor_never_leaves_the_program_running(tmp_path):
     assert m["outcome"] == "running" and m["command"][-2:] == ["--seconds", "300"]
     st = json.loads(status.read_text())
     assert st["signal"] == "SIGTERM" and (run / "raw/trace.torch.json.gz").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_window_trace_carries_the_measured_step_times(tmp_path):
+    """The torch trace of a window says how long steps took before it and inside it: the analyzers tell
+    the profiler's own cost from a slow host with that (observer effect)."""
+    run = tmp_path / "run"
+    proc, log = _start(run, LONG, "--seconds", "120", extra=("--stop-after-capture",))
+    assert proc.wait(timeout=120) == 0, log.read_text()
+    from gpudoctor.readers import kineto
+
+    meta = kineto.read(run / "raw/trace.torch.json.gz").meta["torch_profiler"]
+    cap = json.loads((run / "manifest.json").read_text())["capture"]
+    assert float(meta["unprofiled_step_ms"]) == cap["unprofiled_step_ms"] > 0
+    assert float(meta["profiled_step_ms"]) == cap["profiled_step_ms"] > 0

@@ -81,12 +81,12 @@ class TorchRecorder:
         self.prof.step()
 
     def stop(self, facts: dict) -> None:
-        self.prof.stop()
-        for key, value in facts.items():
+        for key, value in facts.items():  # top-level keys of the trace; only taken while it records
             try:
-                self.prof.add_metadata_json(key, json.dumps(value))  # top-level keys of the trace
+                self.prof.add_metadata_json(key, json.dumps(value))
             except Exception:
                 pass
+        self.prof.stop()
         _export(self.prof, self.trace_path, self.status)
 
 
