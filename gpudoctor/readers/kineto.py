@@ -66,10 +66,10 @@ except ImportError:  # pragma: no cover - exercised only without orjson
     _loads = json.loads
 
 from gpudoctor.errors import InputError
-from gpudoctor.readers.limits import gunzip, open_input
 from gpudoctor.model.categories import categorize_kernels, short_names
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
+from gpudoctor.readers.limits import gunzip, open_input
 
 FORMAT = "kineto_json"
 SOURCE = "kineto"
