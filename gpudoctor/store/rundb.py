@@ -75,7 +75,7 @@ _CAT_STR = pd.Series(["x"]).astype(str).astype("category").cat.categories.dtype
 def save(trace: Trace, path: str | os.PathLike, *, cache: bool = True) -> Path:
     """Write ``trace`` to the SQLite file ``path`` (or ``path/run.db`` when ``path`` is a directory).
 
-    The file is written to ``<path>.tmp-<pid>`` and renamed into place, so ``path`` is never seen
+    The file is written to ``<path>.tmp-<pid>-<random>`` and renamed into place, so ``path`` is never seen
     half-written. With ``cache`` (the default) the columnar cache ``<path>.cache.npz`` is written
     next to it; otherwise a cache left by an earlier save is removed. Returns the run.db path.
     """
