@@ -25,7 +25,6 @@ explains every key.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from gpudoctor.errors import GpudoctorError
+from gpudoctor.readers.limits import read_json_file, read_small_file
 
 # analyzer id -> key -> (default, one-line meaning). ``None`` defaults are facts about the workload that
 # only the user knows (model size, batch): numbers, unknown until given.
@@ -231,11 +231,7 @@ def _split_assignment(text: str) -> tuple[str, str]:
 
 
 def _load_ceilings_file(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise GpudoctorError(f"{path}: cannot read measured ceilings: {e}") from None
+    data = read_json_file(path, "measured ceilings")  # a regular file, size and depth limits
     if not isinstance(data, dict):
         raise GpudoctorError(f"{path}: measured ceilings must be a JSON object")
     return data
@@ -274,11 +270,11 @@ def from_toml(data: dict, origin: str = "gpudoctor.toml", base_dir: Path | None 
 
 def read_toml(p: Path) -> dict:
     """A gpudoctor.toml as a dict, or a one-line GpudoctorError naming the file."""
+    data = read_small_file(p, "a gpudoctor.toml config")  # a regular file within GPUDOCTOR_MAX_CONFIG_MB
     try:
-        with open(p, "rb") as f:
-            return tomllib.load(f)
-    except OSError as e:
-        raise GpudoctorError(f"{p}: cannot read config: {e.strerror or e}") from None
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise GpudoctorError(f"{p}: not valid TOML: invalid UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise GpudoctorError(f"{p}: not valid TOML: {e}") from None
 

@@ -7,6 +7,7 @@ and Dash's own scripts are served by the app itself (no CDN): the dashboard work
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import threading
 from dataclasses import dataclass, field
@@ -93,8 +94,59 @@ def _table(id_, df: pd.DataFrame, page_size: int = PAGE_SIZE, hidden=(), **kw):
         tooltip_duration=None, **kw)
 
 
-def create_app(runs: list[Run], prepare: bool = True):
-    """The Dash app serving ``runs`` (already analyzed). ``prepare`` builds timeline indexes up front."""
+def host_allowed(host_header: str | None, names=()) -> bool:
+    """True when a request's Host header names this server: an IP literal, ``localhost`` or one of
+    ``names``. Any other name is refused: a DNS-rebinding page reaches the server under the attacker's
+    domain name, never under an IP literal the browser would treat as another origin."""
+    host = (host_header or "").strip().lower()
+    if host.startswith("["):
+        name = host[1:host.find("]")] if "]" in host else ""
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if not name:
+        return False
+    if name == "localhost" or name in {n.lower() for n in names}:
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+MAX_TIME_NS = 1 << 62  # views and indexes beyond this are not times (client input is checked against it)
+
+
+def _int_or_prevent(value, lo: int = -MAX_TIME_NS, hi: int = MAX_TIME_NS) -> int:
+    """A client-sent integer within [lo, hi); anything else (text, inf, 1e400, booleans) ends the
+    callback without an update instead of an HTTP 500."""
+    from dash.exceptions import PreventUpdate
+
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise PreventUpdate
+    try:
+        i = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise PreventUpdate from None
+    if not lo <= i < hi:
+        raise PreventUpdate
+    return i
+
+
+def _view_or_prevent(view) -> tuple[int, int]:
+    from dash.exceptions import PreventUpdate
+
+    if not isinstance(view, (list, tuple)) or len(view) != 2:
+        raise PreventUpdate
+    a, b = (_int_or_prevent(v) for v in view)
+    if b <= a:
+        raise PreventUpdate
+    return a, b
+
+
+def create_app(runs: list[Run], prepare: bool = True, allowed_hosts=()):
+    """The Dash app serving ``runs`` (already analyzed). ``prepare`` builds timeline indexes up front.
+    Requests whose Host header is not ``host_allowed`` (with ``allowed_hosts``) get 403."""
     import dash
     from dash import ALL, Input, Output, State, dcc, html
     from dash.exceptions import PreventUpdate
@@ -110,14 +162,15 @@ def create_app(runs: list[Run], prepare: bool = True):
     app = dash.Dash(__name__, title="gpudoctor", suppress_callback_exceptions=True, serve_locally=True,
                     assets_folder="__no_assets__", update_title=None)
 
+    @app.server.before_request
+    def _check_host():
+        from flask import request
+        if not host_allowed(request.host, allowed_hosts):
+            return "gpudoctor dashboard: unexpected Host header (see --allowed-host)", 403
+        return None
+
     def run_of(value) -> Run:
-        try:
-            i = int(value)
-        except (TypeError, ValueError):
-            raise PreventUpdate from None
-        if not 0 <= i < len(runs):
-            raise PreventUpdate
-        return runs[i]
+        return runs[_int_or_prevent(value, 0, len(runs))]
 
     plotly_src = app.get_relative_path("/_dash-component-suites/plotly/package_data/plotly.min.js")
     app.index_string = app.index_string.replace(
@@ -165,8 +218,11 @@ def create_app(runs: list[Run], prepare: bool = True):
 
     def timeline(i: int, run: Run, focus):
         view = None
-        if focus and focus.get("run") == i and focus.get("view"):
-            view = tuple(int(v) for v in focus["view"])
+        if isinstance(focus, dict) and focus.get("run") == i and focus.get("view"):
+            try:
+                view = _view_or_prevent(focus["view"])
+            except PreventUpdate:
+                view = None  # a stored view that is not a time range: show the default
         fig = _timeline(run, view) if view is not None else run.default_timeline()
         return html.Div([
             html.H3(f"Timeline — {run.name}"),
@@ -289,8 +345,8 @@ def create_app(runs: list[Run], prepare: bool = True):
     @app.callback(Output("page", "children"), Input("url", "pathname"), Input("run", "value"), State("focus", "data"))
     def render_page(path, run_value, focus):
         run = run_of(run_value)
-        i = int(run_value)
-        path = (path or "/").rstrip("/") or "/"
+        i = _int_or_prevent(run_value, 0, len(runs))
+        path = (path if isinstance(path, str) else "/").rstrip("/") or "/"
         if path == "/timeline":
             return timeline(i, run, focus)
         if path == "/kernels":
@@ -317,9 +373,7 @@ def create_app(runs: list[Run], prepare: bool = True):
         if not isinstance(trig, dict) or not any(clicks or []):
             raise PreventUpdate
         run = run_of(run_value)
-        idx = int(trig["index"])
-        if not 0 <= idx < len(run.analysis.findings):
-            raise PreventUpdate
+        idx = _int_or_prevent(trig.get("index"), 0, len(run.analysis.findings))
         f = run.analysis.findings[idx]
         span = F.finding_span(run.analysis, f)
         fig = _timeline(run, span)
@@ -369,10 +423,13 @@ def create_app(runs: list[Run], prepare: bool = True):
                 raise PreventUpdate
             view = (r.window.start_ns, r.window.end_ns)
         else:
-            v = F.relayout_view(relayout, run.index.origin_ns)
+            try:
+                v = F.relayout_view(relayout, run.index.origin_ns)
+            except (TypeError, ValueError, OverflowError, AttributeError, KeyError):
+                raise PreventUpdate from None
             if v is None:
                 raise PreventUpdate
-            view = None if v == "reset" else v
+            view = None if v == "reset" else _view_or_prevent(v)
         fig = _timeline(run, view) if view is not None else run.whole_timeline()
         return fig, _status(fig)
 

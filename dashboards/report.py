@@ -12,7 +12,6 @@ import html
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -203,30 +202,14 @@ def _default(o):
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temp file in the same directory and a rename."""
+    """Write ``text`` to ``path`` atomically (gpudoctor.store.atomic: temp file and rename, symlinks
+    followed, devices and FIFOs written in place, ``-`` is stdout), creating its directory."""
+    from gpudoctor.store.atomic import STDOUT, atomic_write_text
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
-def _umask() -> int:
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
+    if str(path) != STDOUT:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, text)
 
 
 def write_report(path: str | os.PathLike, analysis, name: str, ceilings: dict | None = None) -> Path:

@@ -149,11 +149,13 @@ def _release_memory() -> None:
 def map_rank(path: str, rank: int | None = None, config=None, world: list[str] | None = None) -> RankResult:
     """Read one input and analyze each of its ranks (the map step; runs on a worker)."""
     from gpudoctor.pipeline import read_input
+    from gpudoctor.readers.boundary import input_boundary
 
     out = RankResult(path=str(path))
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        trace = read_input(path, rank=rank)
+        with input_boundary(path):
+            trace = read_input(path, rank=rank)
     except GpudoctorError as e:
         out.error = str(e)
         out.inputs = [{"path": str(path), "error": str(e)}]

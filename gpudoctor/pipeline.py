@@ -8,7 +8,6 @@ analyzed.
 from __future__ import annotations
 
 import importlib
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,8 @@ from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.model.summary import RankSummary, summarize_rank
 from gpudoctor.model.trace import Trace, merge
 from gpudoctor.readers import detect
+from gpudoctor.readers.boundary import input_boundary
+from gpudoctor.readers.manifest import read_manifest
 
 JSON_SCHEMA_VERSION = "1.0"
 
@@ -32,7 +33,18 @@ READER_MODULES = {
     "prometheus": "gpudoctor.readers.prometheus",
     "nvml_csv": "gpudoctor.readers.nvml",
 }
-_DIR_SUFFIXES = (".sqlite", ".json", ".json.gz", ".csv", ".log", ".txt", ".pickle", ".nsys-rep", ".ncu-rep", ".prom")
+_DIR_SUFFIXES = (".sqlite", ".json", ".csv", ".log", ".txt", ".pickle", ".nsys-rep", ".ncu-rep", ".prom")
+# A compressed trace in a directory is taken too: gzip is read, the others get a one-line error (never skipped).
+_COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+
+
+def _trace_file_name(name: str) -> bool:
+    low = name.lower()
+    for c in _COMPRESSED_SUFFIXES:
+        if low.endswith(c):
+            low = low[:-len(c)]
+            break
+    return low.endswith(_DIR_SUFFIXES)
 
 
 @dataclass
@@ -129,10 +141,7 @@ def read_run_dir(run_dir: Path) -> Trace:
         from gpudoctor.store.rundb import load
         return load(db)
     manifest_path = run_dir / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(manifest_path, f"unreadable manifest: {e}") from None
+    manifest = read_manifest(run_dir)
     traces = []
     root = run_dir.resolve()
     for rep in manifest.get("reports", []):
@@ -174,7 +183,10 @@ def expand_inputs(paths: list[str]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir() and not ((p / "manifest.json").exists() or (p / "run.db").exists()):
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(_DIR_SUFFIXES))
+            try:
+                files = sorted(f for f in p.iterdir() if f.is_file() and _trace_file_name(f.name))
+            except OSError:
+                files = []  # unreadable directory: detect() says why
             if not files:
                 out.append(p)  # detect() will say what is wrong
             out.extend(files)
@@ -190,7 +202,8 @@ def load_inputs(paths: list[str], rank_map: dict[str, int] | None = None) -> tup
     from gpudoctor import progress
     for p in progress.track(expand_inputs(paths), "Reading inputs"):
         try:
-            t = read_input(p, rank=rank_map.get(str(p), rank_map.get(p.name)))
+            with input_boundary(p):
+                t = read_input(p, rank=rank_map.get(str(p), rank_map.get(p.name)))
         except GpudoctorError as e:
             errors.append(str(e))
             inputs.append({"path": str(p), "error": str(e)})

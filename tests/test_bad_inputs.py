@@ -520,3 +520,389 @@ def test_large_trace_streamed_bounded_memory(one_line, tmp_path):
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["kernels"] >= n * 0.99
     assert r["growth_mb"] < 300, r
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile inputs, through the boundary every read goes through (gpudoctor/readers/boundary.py): each is
+# one line naming the input, never an internal error, and the limits (gpudoctor/readers/limits.py)
+# stop the costly ones early. Each case holds the promise named in docs/reliability.md.
+
+from gpudoctor.readers.boundary import input_boundary  # noqa: E402
+
+# A byte flip that made store.rundb.is_run_db raise UnicodeDecodeError (found by tests/test_fuzz.py).
+NSYS_UNICODE_FLIP = (141693, 217)
+
+
+def _guarded_read(path):
+    with input_boundary(path):
+        return read_input(path)
+
+
+def _nsys_flip_byte(offset: int, xor: int):
+    def build(tmp):
+        data = bytearray(NSYS.read_bytes())
+        data[offset] ^= xor
+        return _write(tmp, "flip1.nsys.sqlite", bytes(data))
+    return build
+
+
+def _run_dir(manifest_text: str):
+    def build(tmp):
+        run = tmp / "run"
+        run.mkdir()
+        (run / "manifest.json").write_text(manifest_text)
+        return run
+    return build
+
+
+def _ncu_column(col: str, value: str):
+    """The raw ncu CSV with every kernel row's ``col`` set to ``value``."""
+    import csv
+    import io
+
+    def build(tmp):
+        rows = list(csv.reader(io.StringIO(NCU_RAW.read_text())))
+        j = rows[0].index(col)
+        for r in rows[2:]:
+            r[j] = value
+        out = io.StringIO()
+        csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(rows)
+        return _write(tmp, f"ncu_{col.replace(' ', '_')}.csv", out.getvalue())
+    return build
+
+
+def _nccl_row_field(index: int, value: str):
+    """The nccl-tests log with field ``index`` of the 1 MiB row replaced."""
+    def build(tmp):
+        lines = NCCL.read_text().splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            if line.strip().startswith("1048576 "):
+                parts = line.split()
+                parts[index] = value
+                lines[i] = "  ".join(parts) + "\n"
+        return _write(tmp, "nccl_edit.log", "".join(lines))
+    return build
+
+
+def _gzip_bomb(name: str, head: bytes, inflated_bytes: int):
+    """A real header followed by ``inflated_bytes`` of blanks, gzipped (about 1000x)."""
+    def build(tmp):
+        import zlib
+        comp = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip container
+        out = [comp.compress(head)]
+        block = b" " * (1 << 20)
+        for _ in range(inflated_bytes >> 20):
+            out.append(comp.compress(block))
+        out.append(comp.flush())
+        return _write(tmp, name, b"".join(out))
+    return build
+
+
+def _nvml(text: str):
+    return lambda tmp: _write(tmp, "nvml.csv", text)
+
+
+def _rundb_edit(sql: str):
+    def build(tmp):
+        from gpudoctor.store import rundb
+        db = rundb.save(read_input(NSYS), tmp / "run", cache=False)
+        conn = sqlite3.connect(db)
+        conn.execute(sql)
+        conn.commit()
+        conn.close()
+        return db
+    return build
+
+
+def _fifo(tmp):
+    p = tmp / "trace.json"
+    os.mkfifo(p)
+    return p
+
+
+def _pickle_bomb(tmp, width: int = 1000, levels: int = 3):
+    """A 8 KB pickle whose memo references expand to 1e9 objects: level k is a list of ``width``
+    references to level k-1 (no code, only plain lists)."""
+    out = [b"\x80\x02", b"]q\x00(" + b"K\x01" * width + b"e"]
+    for k in range(1, levels + 1):
+        out.append(b"]q" + bytes([k]) + b"(" + (b"h" + bytes([k - 1])) * width + b"e")
+    out.append(b"}q\xf0(X\x08\x00\x00\x00segments]X\x0d\x00\x00\x00device_traces]h" + bytes([levels]) + b"au.")
+    return _write(tmp, "bomb.pickle", b"".join(out))
+
+
+_NCU_HEAD = b"".join(NCU_RAW.read_bytes().splitlines(keepends=True)[:3])
+_NCCL_HEAD = NCCL.read_bytes()[:2000]
+
+# name, builder, expected substring of the one-line error
+HOSTILE_CASES = [
+    ("nsys_byte_flip_unicode", _nsys_flip_byte(*NSYS_UNICODE_FLIP), "UnicodeDecodeError"),
+    ("json_nested_100k", lambda tmp: _write(tmp, "deep.json", "[" * 100_000 + "]" * 100_000), "nested too deeply"),
+    ("manifest_nested_100k", _run_dir("[" * 100_000 + "]" * 100_000), "JSON nested 100000 levels deep"),
+    ("manifest_is_a_list", _run_dir("[1, 2]"), "a JSON list, expected an object"),
+    ("manifest_reports_not_a_list", _run_dir('{"reports": 5}'), "reports is a int, expected a list"),
+    ("manifest_report_without_path", _run_dir('{"reports": [{"rank": 0}]}'), "reports[0] has no path"),
+    ("manifest_rank_not_a_number", _run_dir('{"reports": [{"path": "a.json", "rank": "x"}]}'),
+     "reports[0].rank is 'x'"),
+    ("manifest_gpu_memory_inf", _run_dir('{"reports": [{"path": "a.json"}], "gpus": [{"memory_bytes": 1e400}]}'),
+     "gpus[0].memory_bytes"),
+    ("ncu_id_inf", _ncu_column("ID", "inf"), "invalid ID 'inf'"),
+    ("ncu_id_1e400", _ncu_column("ID", "1e400"), "invalid ID '1e400'"),
+    ("ncu_process_id_huge", _ncu_column("Process ID", "99999999999999999999999"), "invalid Process ID"),
+    ("nvml_ts_inf", _nvml("ts_ns,device_id,gpu_util_pct\n1000,0,50\ninf,0,60\n"), "ts_ns 'inf' is not an integer"),
+    ("nvml_device_huge", _nvml("ts_ns,device_id,gpu_util_pct\n1000,99999999999999999999999,50\n"),
+     "device_id '99999999999999999999999'"),
+    ("nvml_ts_float", _nvml("ts_ns,device_id,gpu_util_pct\n1e30,0,50\n"), "ts_ns '1e30'"),
+    ("rundb_meta_inputs_not_a_list", _rundb_edit("UPDATE meta SET value = '5' WHERE key = 'inputs'"),
+     "meta 'inputs' is not a list"),
+    ("fifo_input", _fifo, "not a regular file"),
+    ("json_bz2", lambda tmp: _write(tmp, "t.json.bz2", __import__("bz2").compress(torch_bytes())), "bzip2-compressed"),
+    ("pickle_memo_bomb", _pickle_bomb, "memo amplification"),
+    ("jsongz_bomb", _gzip_bomb("bomb.json.gz", b'{"traceEvents": [', 80 << 20), "gzip inflates more than 200x"),
+    ("ncu_csvgz_bomb", _gzip_bomb("bomb.csv.gz", _NCU_HEAD, 80 << 20), "gzip inflates more than 200x"),
+    ("nccl_loggz_bomb", _gzip_bomb("bomb.log.gz", _NCCL_HEAD, 80 << 20), "gzip inflates more than 200x"),
+]
+
+
+@pytest.mark.parametrize("name,build,expect", HOSTILE_CASES, ids=_names(HOSTILE_CASES))
+def test_hostile_input_one_line_error(name, build, expect, tmp_path):
+    """Promise: hostile or damaged content is that input's one-line error naming it, never an internal
+    error, and costly inputs stop at a limit."""
+    path = build(tmp_path)
+    with pytest.raises(InputError) as ei:
+        _guarded_read(path)
+    msg = str(ei.value)
+    assert "\n" not in msg and "internal error" not in msg, msg
+    assert str(path) in msg or str(path / "manifest.json") in msg, msg
+    assert expect in msg, msg
+
+
+def test_gzip_limit_is_raised_by_its_setting(tmp_path, monkeypatch):
+    """Promise: each limit names its setting, and the setting moves it."""
+    path = _gzip_bomb("b.json.gz", b'{"traceEvents": [', 8 << 20)(tmp_path)
+    monkeypatch.setenv("GPUDOCTOR_MAX_DECOMPRESSED_MB", "4")
+    monkeypatch.setenv("GPUDOCTOR_MAX_GZIP_RATIO", "100000")
+    with pytest.raises(InputError, match="more than 4 MB.*GPUDOCTOR_MAX_DECOMPRESSED_MB"):
+        _guarded_read(path)
+    monkeypatch.setenv("GPUDOCTOR_MAX_DECOMPRESSED_MB", "64")
+    with pytest.raises(InputError, match="not a trace|no traceEvents|truncated or invalid JSON"):
+        _guarded_read(path)  # past the limit's check: the (unterminated) JSON itself is what is wrong
+
+
+def test_gzip_limit_holds_on_the_parallel_path(tmp_path, monkeypatch):
+    """Promise: the parallel (many rank files) path reads through the same limits and boundary."""
+    from gpudoctor.parallel import analyze_many
+    bomb = _gzip_bomb("rank0.json.gz", b'{"traceEvents": [', 80 << 20)(tmp_path)
+    good = _copy(NSYS, tmp_path, "rank1.nsys.sqlite")
+    a = analyze_many([str(bomb), str(good)], executor="serial", progress=False)
+    (err,) = a.errors
+    assert "gzip inflates more than 200x" in err and str(bomb) in err
+    assert [r.rank for r in a.ranks] == [1]
+
+
+def test_pickle_limit_setting(tmp_path, monkeypatch):
+    from gpudoctor.readers.limits import check_pickle_expansion
+    from gpudoctor.readers.safe_pickle import load
+    real = load(SNAPSHOT)
+    n = check_pickle_expansion(real, SNAPSHOT)
+    assert n == 5719  # the fixture's containers: far below the default limit
+    monkeypatch.setenv("GPUDOCTOR_MAX_PICKLE_OBJECTS", str(n - 1))
+    with pytest.raises(InputError, match="GPUDOCTOR_MAX_PICKLE_OBJECTS"):
+        load(SNAPSHOT)
+
+
+def test_json_depth_ignores_brackets_in_strings():
+    from gpudoctor.readers.limits import json_depth
+    assert json_depth(b'{"a": [1, {"b": "[[[[\\"]]]{{{"}]}') == 3
+    assert json_depth(b'"\\\\" [[]]') == 2  # an escaped backslash does not escape the quote
+    assert json_depth(b"") == 0
+
+
+def _nsys_null_time(col: str):
+    return nsys_loose(f"null_{col}.nsys.sqlite", f'UPDATE {{K}} SET "{col}" = NULL WHERE rowid = 3')
+
+
+HOSTILE_SUCCESS_CASES = [
+    # name, builder, kernel count, {dropped reason substring: count}
+    ("nsys_null_kernel_start", _nsys_null_time("start"), NSYS_KERNELS - 1, {"start or end time missing (NULL)": 1}),
+    ("nsys_null_kernel_end", _nsys_null_time("end"), NSYS_KERNELS - 1, {"start or end time missing (NULL)": 1}),
+    ("nsys_time_past_int64", nsys_sql("big.nsys.sqlite",
+                                      f"UPDATE TARGET_INFO_SESSION_START_TIME SET utcEpochNs = {(1 << 62) - 1}",
+                                      f'UPDATE {_K} SET start = {1 << 62}, "end" = {(1 << 62) + 10} WHERE rowid = 3'),
+     NSYS_KERNELS - 1, {"time out of range": 1}),
+]
+
+
+@pytest.mark.parametrize("name,build,kernels,dropped", HOSTILE_SUCCESS_CASES, ids=_names(HOSTILE_SUCCESS_CASES))
+def test_invalid_times_are_dropped_and_counted(name, build, kernels, dropped, tmp_path):
+    """Promise: a NULL or out-of-range time is counted in `dropped` with its reason, never turned into
+    data (a NULL start once became a 4.2 s kernel; a large base wrapped around int64)."""
+    t = read_input(build(tmp_path))
+    assert len(t.kernels) == kernels
+    counts = t.dropped_counts()
+    for reason, n in dropped.items():
+        (hit,) = [v for k, v in counts.items() if reason in k]
+        assert hit == n, counts
+    dur = (t.kernels["end_ns"] - t.kernels["start_ns"]).to_numpy()
+    assert dur.min() >= 0 and dur.max() < 1_000_000, dur.max()  # every kernel of this fixture is < 1 ms
+    assert t.kernels["start_ns"].min() > 0
+
+
+def test_nsys_utc_offset_out_of_range_is_ignored(tmp_path):
+    """Promise: an impossible session start (past 2**62 ns) never shifts times past int64."""
+    path = nsys_sql("off.nsys.sqlite", "UPDATE TARGET_INFO_SESSION_START_TIME SET utcEpochNs = 9000000000000000000")(tmp_path)
+    t = read_input(path)
+    assert len(t.kernels) == NSYS_KERNELS
+    assert 0 < t.kernels["start_ns"].min() < 60 * 10**9  # session clock, not 9e18 + wrap
+    assert "out of range, ignored" in t.ranks["clock_source"].iloc[0]
+
+
+def test_ncu_csv_with_utf8_bom_is_read(tmp_path):
+    """Promise: an ncu CSV saved with a UTF-8 BOM (spreadsheet tools) reads like the original."""
+    path = _write(tmp_path, "bom.csv", b"\xef\xbb\xbf" + NCU_RAW.read_bytes())
+    assert len(read_input(path).kernel_metrics) == len(read_input(NCU_RAW).kernel_metrics) > 0
+
+
+@pytest.mark.parametrize("field,value", [(0, "99999999999999999999999"), (5, "inf"), (8, "inf"), (7, "1e400")],
+                         ids=["size_huge", "time_inf", "wrong_inf", "busbw_1e400"])
+def test_nccl_out_of_range_row_is_counted(field, value, tmp_path):
+    """Promise: an nccl-tests row with inf or out-of-range numbers is counted as unreadable, not kept."""
+    t = read_input(_nccl_row_field(field, value)(tmp_path))
+    full = read_input(NCCL)
+    assert len(t.collectives) == len(full.collectives) - 1
+    assert t.dropped_counts() == {"unparseable nccl-tests row": 1}
+
+
+def test_nvml_inf_sample_is_not_a_sample(tmp_path):
+    t = read_input(_nvml("ts_ns,device_id,gpu_util_pct,power_w\n1000,0,50,inf\n2000,0,60,300\n")(tmp_path))
+    assert sorted(zip(t.counters["ts_ns"], t.counters["value"])) == [(1000, 50.0), (2000, 60.0), (2000, 300.0)]
+
+
+def test_category_rules_linear_on_adversarial_names():
+    """Promise: kernel names are untrusted; every category rule is linear in the name's length. The old
+    `cudnn.*conv` rule took 32 s on the first 100 KB name (quadratic); now 0.3 s."""
+    import time
+
+    from gpudoctor.model.categories import category_of
+    names = ["cudnn" * 20_000, "sm9" * 33_000, "cudnn" * 20_000 + "conv"]
+    t0 = time.perf_counter()
+    cats = [category_of(n) for n in names]
+    assert cats == ["other", "other", "gemm"]
+    assert time.perf_counter() - t0 < 5.0
+    assert category_of("cudnn::detail::convolve_sgemm") == "gemm" and category_of("CUDNN_x_Conv") == "gemm"
+
+
+def test_rank_directory_takes_every_compression_case_insensitively(tmp_path):
+    """Promise: a directory of rank files never skips one silently: .JSON.GZ is read, .json.bz2 is a
+    one-line error (gpudoctor reads gzip), and the other ranks are analyzed."""
+    from gpudoctor.pipeline import expand_inputs
+    d = tmp_path / "ranks"
+    d.mkdir()
+    doc = torch_doc()
+    for rank, name in ((0, "rank0.json.gz"), (1, "rank1.JSON.GZ"), (2, "rank2.json.bz2"), (3, "rank3.Json")):
+        doc["distributedInfo"] = {"rank": rank, "world_size": 4, "backend": "nccl"}
+        data = json.dumps(doc).encode()
+        data = gzip.compress(data) if name.lower().endswith(".gz") else (
+            __import__("bz2").compress(data) if name.endswith(".bz2") else data)
+        _write(d, name, data)
+    _write(d, "notes.md", "not a trace")
+    assert sorted(p.name for p in expand_inputs([str(d)])) == ["rank0.json.gz", "rank1.JSON.GZ", "rank2.json.bz2",
+                                                               "rank3.Json"]
+    a = analyze_inputs([str(d)])
+    assert [r.rank for r in a.ranks] == [0, 1, 3]
+    (err,) = a.errors
+    assert "rank2.json.bz2" in err and "bzip2-compressed" in err
+
+
+def test_reader_bug_is_the_inputs_error_with_a_report(tmp_path, monkeypatch):
+    """Promise: a bug in one reader fails only that input (exit 2 at the end) and writes a report file
+    whose path is in the one line; the other inputs are analyzed."""
+    from gpudoctor.readers import nccltests
+    monkeypatch.setenv("GPUDOCTOR_REPORT_DIR", str(tmp_path))
+    monkeypatch.delenv("GPUDOCTOR_DEBUG", raising=False)
+
+    def broken(path, rank=None):
+        raise AttributeError("'NoneType' object has no attribute 'rows'")
+    monkeypatch.setattr(nccltests, "read", broken)
+    a = analyze_inputs([str(NCCL), str(NSYS)])
+    (err,) = a.errors
+    assert "internal error while reading it (AttributeError" in err and "\n" not in err
+    report = Path(err.rsplit("report: ", 1)[1])
+    assert report.parent == tmp_path and "Traceback" in report.read_text() and "broken" in report.read_text()
+    assert [r.kernel_count for r in a.ranks] == [NSYS_KERNELS]
+
+
+def test_internal_error_exit_70_names_its_report(tmp_path, monkeypatch, capsys):
+    """Promise: outside the reading of inputs, a bug is exit 70 with one line naming the report file."""
+    from gpudoctor import pipeline
+    from gpudoctor.cli.main import main
+    monkeypatch.setenv("GPUDOCTOR_REPORT_DIR", str(tmp_path))
+    monkeypatch.delenv("GPUDOCTOR_DEBUG", raising=False)
+
+    def broken(*a, **k):
+        raise KeyError("oops")
+    monkeypatch.setattr(pipeline, "analyze_trace", broken)
+    assert main(["analyze", str(NSYS), "-q"]) == 70
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("gpudoctor: internal error: KeyError") and "traceback in " in line
+    report = Path(line.rsplit("traceback in ", 1)[1].rstrip(")"))
+    assert report.parent == tmp_path and "KeyError: 'oops'" in report.read_text()
+
+
+@pytest.mark.parametrize("kind", ["file", "directory", "rank_directory"])
+def test_unreadable_input_one_line_and_good_input_analyzed(kind, tmp_path, monkeypatch):
+    """Promise: an unreadable file or directory is one line, exit 2, the other inputs analyzed. Root reads
+    everything, so as root the permission error is raised where gpudoctor opens the path."""
+    from gpudoctor import readers
+    from gpudoctor.readers import limits
+    good = _copy(NSYS, tmp_path, "rank5.nsys.sqlite")
+    bad = tmp_path / ("bad.json" if kind == "file" else "bad_dir")
+    if kind == "file":
+        shutil.copyfile(TORCH, bad)
+    else:
+        bad.mkdir()
+        if kind == "directory":
+            (bad / "manifest.json").write_text("{}")
+        else:
+            _copy(TORCH, bad, "rank0.json.gz")
+    bad.chmod(0)
+    if os.geteuid() == 0:
+        def deny(real):
+            def fake(p, *a, **k):
+                if Path(p) == bad or bad in Path(p).parents:
+                    raise PermissionError(13, "Permission denied", str(p))
+                return real(p, *a, **k)
+            return fake
+        monkeypatch.setattr(limits, "open", deny(open), raising=False)
+        monkeypatch.setattr(readers.os, "listdir", deny(os.listdir))
+        monkeypatch.setattr(Path, "iterdir", lambda self, real=Path.iterdir: (
+            deny(lambda p: real(p))(self)))
+    try:
+        a = analyze_inputs([str(bad), str(good)])
+    finally:
+        bad.chmod(0o755)
+    (err,) = a.errors
+    assert str(bad) in err and "Permission denied" in err and "\n" not in err, err
+    assert [r.rank for r in a.ranks] == [5]
+
+
+def test_cli_hostile_inputs_exit_2_and_good_input_analyzed(tmp_path):
+    """Promise: through the CLI, hostile inputs of every reader family are one line each on stderr,
+    exit 2, and the good input of the same call is analyzed."""
+    names = ["json_nested_100k", "manifest_is_a_list", "ncu_id_inf", "nvml_ts_inf", "rundb_meta_inputs_not_a_list",
+             "nsys_byte_flip_unicode", "pickle_memo_bomb"]
+    bad = []
+    for name, build, expect in HOSTILE_CASES:
+        if name in names:
+            sub = tmp_path / name
+            sub.mkdir()
+            bad.append((build(sub), expect))
+    good = _copy(NSYS, tmp_path, "rank5.nsys.sqlite")
+    p = _cli("analyze", *(str(b) for b, _ in bad), str(good), "--json", "-")
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and "internal error" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == len(bad), p.stderr
+    for (b, expect), line in zip(bad, lines):
+        assert str(b) in line and expect in line, line
+    doc = json.loads(p.stdout)
+    assert [r["rank"] for r in doc["ranks"]] == [5] and doc["ranks"][0]["kernel_count"] == NSYS_KERNELS

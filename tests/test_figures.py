@@ -462,7 +462,12 @@ def test_dashboard_warns_on_non_loopback(monkeypatch, capsys):
         served["host"] = host
         return FakeServer()
     monkeypatch.setattr(werkzeug.serving, "make_server", fake_make_server)
-    assert main(["dashboard", str(NAIVE), "--host", "0.0.0.0", "--port", "0"]) == 0
+    # Without the confirmation flag: the warning, a one-line refusal, exit 2, nothing served.
+    assert main(["dashboard", str(NAIVE), "--host", "0.0.0.0", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "without --allow-remote" in err.splitlines()[-1]
+    assert served == {}
+    assert main(["dashboard", str(NAIVE), "--host", "0.0.0.0", "--port", "0", "--allow-remote"]) == 0
     err = capsys.readouterr().err
     assert "WARNING" in err and "NOT a loopback address" in err
     assert served == {"host": "0.0.0.0", "yes": True}

@@ -1,9 +1,13 @@
 """Property tests: random truncations and byte flips of a real fixture give a Trace or a GpudoctorError
 (one line, naming the file) from every reader, never another exception.
 
-Short in CI: GPUDOCTOR_FUZZ_EXAMPLES examples per reader and damage kind (default 15). The long local run:
+Short by default: GPUDOCTOR_FUZZ_EXAMPLES examples per reader and damage kind (default 15), the same
+examples on every run (derandomized: a red run is reproducible, CI never flakes). The long local run
+explores new examples:
 
-    GPUDOCTOR_FUZZ_EXAMPLES=2000 python -m pytest -q tests/test_fuzz.py
+    GPUDOCTOR_FUZZ_RANDOM=1 GPUDOCTOR_FUZZ_EXAMPLES=2000 python -m pytest -q tests/test_fuzz.py
+
+A crash found that way becomes a fixed case in REGRESSIONS below (and in tests/test_bad_inputs.py).
 """
 
 from __future__ import annotations
@@ -61,9 +65,27 @@ def _check(name: str, data: bytes) -> None:
         assert isinstance(t, Trace)
 
 
-# CI runs the same examples every time (a red CI must be reproducible); local long runs explore freely.
-_FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=bool(os.environ.get("CI")), database=None,
+# The same examples every run unless GPUDOCTOR_FUZZ_RANDOM is set (local exploration); hypothesis prints
+# the failing example's bytes (print_blob) so it can be added to REGRESSIONS.
+_FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("GPUDOCTOR_FUZZ_RANDOM"),
+                 database=None, print_blob=True,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+# Damage that once escaped as another exception: (reader, [(offset, xor)...]). Always run.
+REGRESSIONS = {
+    # a flipped byte in the SQLite schema: store.rundb.is_run_db raised UnicodeDecodeError
+    "nsys_schema_byte_not_utf8": ("nsys", [(141693, 217)]),
+    "nsys_three_flips": ("nsys", [(332258, 200), (208308, 201), (141693, 217)]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REGRESSIONS))
+def test_fuzz_regressions(case):
+    name, flips = REGRESSIONS[case]
+    buf = bytearray(_source(name))
+    for offset, xor in flips:
+        buf[offset] ^= xor
+    _check(name, bytes(buf))
 
 # (reader, damage) pairs where a crash was found: xfail(strict=True) so CI stays green and the bug stays
 # visible. Filled in from findings; see docs/reliability.md.

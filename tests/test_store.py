@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sqlite3
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from gpudoctor.model.trace import Trace, conform, empty_frame
 from gpudoctor.store import (MODEL_VERSION, atomic_path, atomic_write_bytes, atomic_write_text, cache_path,
                              is_run_db, load, save)
 from gpudoctor.store import rundb
+from gpudoctor.store.atomic import temp_path
 
 # Values that are easy to get wrong: fills, extremes of int64, NaN/inf, unicode, SQL quoting, the
 # separator the reader uses (U+001F), newlines, empty strings.
@@ -239,7 +241,7 @@ def test_interrupted_atomic_path_leaves_nothing(tmp_path):
     target = tmp_path / "run.db"
     with pytest.raises(RuntimeError):
         with atomic_path(target) as tmp:
-            assert tmp.parent == tmp_path and tmp.name == f"run.db.tmp-{os.getpid()}"
+            assert tmp.parent == tmp_path and re.fullmatch(rf"run\.db\.tmp-{os.getpid()}-[0-9a-f]{{8}}", tmp.name)
             tmp.write_bytes(b"half written")
             raise RuntimeError("crash while writing")
     assert not target.exists()
@@ -257,13 +259,18 @@ def test_interrupted_atomic_path_keeps_the_old_file(tmp_path):
     assert os.listdir(tmp_path) == ["x.json"]
 
 
-def test_atomic_path_removes_a_stale_temp_and_requires_a_write(tmp_path):
+def test_atomic_path_requires_a_write(tmp_path):
     target = tmp_path / "f"
-    (tmp_path / f"f.tmp-{os.getpid()}").write_text("left by a killed process")
     with pytest.raises(FileNotFoundError):
         with atomic_path(target):
             pass  # wrote nothing
     assert os.listdir(tmp_path) == []
+
+
+def test_temp_names_differ_for_the_same_pid(tmp_path):
+    """Two writers with the same pid (two containers sharing a directory) never share a temp file."""
+    names = {temp_path(tmp_path / "f").name for _ in range(100)}
+    assert len(names) == 100 and all(n.startswith(f"f.tmp-{os.getpid()}-") for n in names)
 
 
 def test_atomic_write_text_and_bytes(tmp_path):

@@ -38,8 +38,8 @@ class AnalyzeCommand(Command):
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories; all inputs form one run")
-        p.add_argument("--json", metavar="FILE", help="write the analysis as JSON (docs/json-schema.md)")
-        p.add_argument("--markdown", metavar="FILE", help="write a Markdown report")
+        p.add_argument("--json", metavar="FILE", help="write the analysis as JSON (docs/json-schema.md); - for stdout")
+        p.add_argument("--markdown", metavar="FILE", help="write a Markdown report; - for stdout")
         p.add_argument("--config", metavar="TOML", help="gpudoctor.toml with analyzer thresholds")
         p.add_argument("--set", action="append", metavar="ANALYZER.KEY=VALUE", default=[],
                        help="override one analyzer threshold, e.g. gpu_idle.idle_fraction_medium=0.2")
@@ -57,24 +57,33 @@ class AnalyzeCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from gpudoctor.pipeline import analyze_inputs
+        from gpudoctor.store.atomic import STDOUT, check_writable
 
+        if args.json == STDOUT and args.markdown == STDOUT:
+            raise GpudoctorError("--json - and --markdown - would both write to standard output; pick one")
+        check_writable(args.json, "JSON output")  # before the analysis, not after it
+        check_writable(args.markdown, "Markdown report")
         config = load_config(args.config, args.set)
         analysis = analyze_inputs(args.inputs, config=config, rank_map=parse_rank_map(args.rank),
                                   workers=args.workers, scheduler=args.scheduler)
-        write_outputs(analysis, args.json, args.markdown)
-        if args.csv:
-            from gpudoctor.render.summaries import write_csv
-            write_csv(analysis, args.csv)
-        if not args.quiet:
+        if not args.quiet and STDOUT not in (args.json, args.markdown):  # stdout holds the JSON/Markdown then
             from gpudoctor.render.terminal import make_console, render
             out = make_console(no_color=args.no_color)
             render(analysis, console=out, verbose=args.verbose)
             if args.summary:
                 from gpudoctor.render.summaries import render as render_summaries
                 render_summaries(analysis, list(dict.fromkeys(args.summary)), console=out)
-        for err in analysis.errors:  # one line each on stderr, even with --quiet; the rest was analyzed
+        errors = list(analysis.errors)
+        try:
+            write_outputs(analysis, args.json, args.markdown)
+            if args.csv:
+                from gpudoctor.render.summaries import write_csv
+                write_csv(analysis, args.csv)
+        except (OSError, GpudoctorError) as e:  # the findings above are printed all the same
+            errors.append(f"cannot write the output: {getattr(e, 'strerror', None) or e}")
+        for err in errors:  # one line each on stderr, even with --quiet; the rest was analyzed
             print(f"gpudoctor: error: {err}", file=sys.stderr)
-        return 2 if analysis.errors else 0
+        return 2 if errors else 0
 
 
 def load_config(path: str | None, overrides: list[str]):

@@ -15,13 +15,14 @@ class CeilingsCommand(Command):
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", type=int, default=0, help="CUDA device index")
-        p.add_argument("--out", metavar="FILE", help="also write the result here")
+        p.add_argument("--out", metavar="FILE", help="also write the result here (- for stdout)")
         p.add_argument("--copy-bytes", type=int, default=2 << 30)
 
     def run(self, args: argparse.Namespace) -> int:
         from gpudoctor.collect.ceilings import measure_ceilings
-        from gpudoctor.store.atomic import atomic_write_text
+        from gpudoctor.store.atomic import atomic_write_text, check_writable
 
+        check_writable(args.out, "ceilings")  # before the measurement, not after it
         res = measure_ceilings(copy_bytes=args.copy_bytes, device=args.device)
         text = json.dumps(res, indent=1) + "\n"
         target = ceilings_dir() / (slug(res["device_name"]) + ".json")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import socket
 import sys
 from pathlib import Path
@@ -38,14 +37,19 @@ def non_loopback_warning(host: str, port: int) -> str:
 
 
 def _load_ceilings(path: str | None) -> dict | None:
+    """The ceilings JSON: a regular file (or - for stdin) within GPUDOCTOR_MAX_CONFIG_MB, whose rates are
+    finite positive numbers."""
     if not path:
         return None
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise GpudoctorError(f"{path}: cannot read ceilings: {e}") from None
+    from gpudoctor.readers.limits import read_json_file
+
+    data = read_json_file(path, "a ceilings file", allow_stdin=True)
     if not isinstance(data, dict) or not data.get("copy_bandwidth_bytes_per_s"):
         raise GpudoctorError(f"{path}: not a ceilings file (expected the JSON of gpudoctor ceilings)")
+    for key, value in data.items():
+        if key.endswith("_per_s") and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                           and 0 < value < 1e30):
+            raise GpudoctorError(f"{path}: ceilings {key} is {str(value)[:40]!r}, expected a positive number")
     return data
 
 
@@ -97,6 +101,10 @@ class DashboardCommand(Command):
         p.add_argument("runs", nargs="+", metavar="RUN",
                        help="run directories or exports; each argument is one run (analyzed on its own)")
         p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+        p.add_argument("--allow-remote", action="store_true",
+                       help="confirm serving a non-loopback --host: anyone who reaches it reads every run (no authentication)")
+        p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="also accept requests for this host name (the Host header); IP addresses and localhost always are")
         p.add_argument("--port", type=int, default=8050, help="port (default 8050; 0 picks a free one)")
         p.add_argument("--ceilings", metavar="JSON", help="measured ceilings (gpudoctor ceilings) for the roofline")
         p.add_argument("--config", metavar="TOML", help="gpudoctor.toml with analyzer thresholds")
@@ -110,8 +118,14 @@ class DashboardCommand(Command):
         loopback = is_loopback(args.host)
         if not loopback:  # before the (slow) analysis, and again once the port is known
             print(non_loopback_warning(args.host, args.port), file=sys.stderr)
+            if not args.allow_remote:
+                raise GpudoctorError(f"refusing to serve on {args.host} without --allow-remote (see the warning "
+                                     "above); the default --host 127.0.0.1 needs no confirmation")
         runs = load_runs(args.runs, _load_ceilings(args.ceilings), load_config(args.config, []))
-        app = create_app(runs)
+        names = list(args.allowed_host)
+        if not loopback:  # the machine's own names, as remote browsers will type them
+            names += [socket.gethostname(), socket.getfqdn(), args.host]
+        app = create_app(runs, allowed_hosts=tuple(n for n in names if n))
         from werkzeug.serving import make_server
         try:
             srv = make_server(args.host, args.port, app.server, threaded=True)
@@ -135,7 +149,7 @@ class ReportCommand(Command):
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("inputs", nargs="+", metavar="RUN", help="a run directory, or exports that form one run")
-        p.add_argument("--html", required=True, metavar="FILE", help="where to write the report")
+        p.add_argument("--html", required=True, metavar="FILE", help="where to write the report; - for stdout")
         p.add_argument("--ceilings", metavar="JSON", help="measured ceilings (gpudoctor ceilings) for the roofline")
         p.add_argument("--config", metavar="TOML", help="gpudoctor.toml with analyzer thresholds")
 
@@ -145,6 +159,9 @@ class ReportCommand(Command):
         from gpudoctor.dashboards.report import write_report
         from gpudoctor.pipeline import analyze_inputs
 
+        from gpudoctor.store.atomic import check_writable
+
+        check_writable(args.html, "report")  # before the analysis, not after it
         ceilings = _load_ceilings(args.ceilings)
         analysis = analyze_inputs(args.inputs, config=load_config(args.config, []), need_trace=True)
         for e in analysis.errors:
@@ -154,5 +171,6 @@ class ReportCommand(Command):
             out = write_report(args.html, analysis, name, ceilings)
         except OSError as e:
             raise GpudoctorError(f"{args.html}: cannot write the report: {e}") from None
-        print(f"gpudoctor: wrote {out}", file=sys.stderr)
+        if str(out) != "-":
+            print(f"gpudoctor: wrote {out}", file=sys.stderr)
         return 2 if analysis.errors else 0

@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug in gpudoctor: still one line for the user, the traceback on request
         if os.environ.get("GPUDOCTOR_DEBUG"):
             raise
-        print(f"gpudoctor: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              "(set GPUDOCTOR_DEBUG=1 for the traceback)", file=sys.stderr)
+        from gpudoctor import crash
+        report = crash.write_report(e, f"running '{args.command}'")
+        print(f"gpudoctor: internal error: {crash.one_line(e)} (a bug in gpudoctor; traceback in {report})",
+              file=sys.stderr)
         return INTERNAL_ERROR
 
 

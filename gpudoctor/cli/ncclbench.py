@@ -88,8 +88,8 @@ class NcclBenchCommand(Command):
         if nproc < 1:
             raise GpudoctorError("--nproc must be at least 1")
         if nproc == 1:
-            print("gpudoctor: nccl-bench: one rank: bus bandwidth is 0 for every collective but broadcast",
-                  file=sys.stderr)
+            print("gpudoctor: nccl-bench: one rank: no data crosses a link, bus bandwidths are 0 and no ceiling "
+                  "applies (use --nproc 2 or more to measure a link)", file=sys.stderr)
         with tempfile.TemporaryDirectory(prefix="gpudoctor-nccl-") as tmp:
             json_path = args.json or str(Path(tmp) / "nccl_bench.json")
             if args.json:

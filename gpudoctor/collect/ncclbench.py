@@ -558,6 +558,18 @@ def run_rank(args: argparse.Namespace) -> int:
             pass
 
 
+def largest_line(op: str, result: dict, ceiling: dict, world: int) -> str:
+    """The summary line of ``op``'s largest size: its bus bandwidth against the link's ceiling, or, with
+    one rank, that there is no link to measure."""
+    size = result["largest"]["size_bytes"]
+    if world == 1:
+        return (f"# gpudoctor {op} largest: {size} B; one rank: no data crosses a link, so there is no bus "
+                "bandwidth to compare with a ceiling (run with --nproc 2 or more)")
+    f = result["fraction_of_ceiling"]
+    return (f"# gpudoctor {op} largest: {size} B, busbw {result['largest']['busbw_gbps']:.1f} GB/s"
+            + (f" = {100 * f:.1f}% of the {ceiling['gbps']:.0f} GB/s ceiling" if f is not None else ""))
+
+
 def _bench(torch, dist, args, rank: int, world: int, device, backend: str) -> int:
     me = _device_record(torch, rank, device)
     devices = [None] * world
@@ -629,6 +641,8 @@ def _bench(torch, dist, args, rank: int, world: int, device, backend: str) -> in
             printed = []
             for mode, t, w in (("out_of_place", t_oop, w_oop), ("in_place", t_ip, w_ip)):
                 alg, bus = bandwidths(op, sz.size_bytes, t, world)
+                if world == 1:
+                    bus = 0.0  # one rank: no byte crosses a link (a broadcast to itself is a no-op)
                 row[mode] = {"time_us": t * 1e6, "algbw_gbps": alg, "busbw_gbps": bus, "wrong": w}
                 printed.append((t * 1e6, alg, bus, w))
                 busbws.append(bus)
@@ -643,7 +657,7 @@ def _bench(torch, dist, args, rank: int, world: int, device, backend: str) -> in
             _print(format_footer(oob, avg, binary))
         largest = rows[-1] if rows else None
         frac = None
-        if largest and ceiling["gbps"]:
+        if largest and ceiling["gbps"] and world > 1:
             best = max(largest["out_of_place"]["busbw_gbps"], largest["in_place"]["busbw_gbps"])
             frac = best / ceiling["gbps"]
         results[op] = {"binary": binary, "bus_factor": bus_factor(op, world), "rows": rows,
@@ -659,10 +673,7 @@ def _bench(torch, dist, args, rank: int, world: int, device, backend: str) -> in
         tail = []
         for op, r in results.items():
             if r["largest"]:
-                f = r["fraction_of_ceiling"]
-                tail.append(f"# gpudoctor {op} largest: {r['largest']['size_bytes']} B, busbw "
-                            f"{r['largest']['busbw_gbps']:.1f} GB/s"
-                            + (f" = {100 * f:.1f}% of the {ceiling['gbps']:.0f} GB/s ceiling" if f is not None else ""))
+                tail.append(largest_line(op, r, ceiling, world))
         tail.append(f"# gpudoctor wrong elements: {wrong_total}" + (" (DATA CORRUPTION)" if wrong_total else ""))
         _print("\n".join(tail) + "\n")
         if args.json:
@@ -677,11 +688,11 @@ def _bench(torch, dist, args, rank: int, world: int, device, backend: str) -> in
                 "ops": results, "wrong_total": wrong_total,
             }
             from pathlib import Path
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{args.json}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(doc, f, indent=1)
-            os.replace(tmp, args.json)
+
+            from gpudoctor.store.atomic import atomic_write_text
+            if args.json != "-":
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(args.json, json.dumps(doc, indent=1))
     if wrong_total:
         if main:
             print(f"gpudoctor: nccl-bench: data corruption: {wrong_total} wrong elements", file=sys.stderr)

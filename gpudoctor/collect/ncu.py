@@ -7,7 +7,6 @@ GPU as the workload runs it, and the timeline (nsys / torch.profiler) was record
 from __future__ import annotations
 
 import glob
-import gzip
 import os
 import re
 import shlex
@@ -93,9 +92,8 @@ def available_metrics(ncu: str | os.PathLike, chip: str | None = None, timeout: 
     """
     p = Path(ncu)
     if p.is_file() and (p.suffix in (".gz", ".txt") or not os.access(p, os.X_OK)):
-        data = p.read_bytes()
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
+        from gpudoctor.readers import read_bytes
+        data = read_bytes(p, "a saved ncu --query-metrics output")  # gzip within the limits
         return parse_query_metrics(data.decode("utf-8", errors="replace"))
     cmd = [str(ncu), "--query-metrics"] + (["--chip", chip] if chip else [])
     try:

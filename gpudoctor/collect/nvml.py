@@ -461,6 +461,7 @@ def read_samples(path: str | Path, rank: int | None = None):
     Names are ``nvml.<column>`` (``nvml.gpu_util_pct``...); empty cells are left out; rows are sorted by
     time. A truncated last line (the sampler was killed mid-write) is skipped.
     """
+    import numpy as np
     import pandas as pd
 
     from gpudoctor.errors import InputError
@@ -468,7 +469,7 @@ def read_samples(path: str | Path, rank: int | None = None):
 
     path = Path(path)
     try:
-        df = pd.read_csv(path, on_bad_lines="skip", dtype={"ts_ns": "Int64", "device_id": "Int64"})
+        df = pd.read_csv(path, on_bad_lines="skip", dtype={"ts_ns": str, "device_id": str})
     except FileNotFoundError:
         raise InputError(path, "no such file") from None
     except pd.errors.EmptyDataError:
@@ -478,10 +479,19 @@ def read_samples(path: str | Path, rank: int | None = None):
     if "ts_ns" not in df.columns or "device_id" not in df.columns:
         raise InputError(path, "not an NVML sample CSV (expected columns ts_ns, device_id, ...)")
     df = df.dropna(subset=["ts_ns", "device_id"])
+    for col, top in (("ts_ns", 2 ** 62), ("device_id", 1 << 16)):
+        # Integers in range only: a float, inf or a 30-digit number is damage, never a wrapped int64.
+        v = pd.to_numeric(df[col].str.strip(), errors="coerce", downcast=None)
+        ok = df[col].str.strip().str.fullmatch(r"\d{1,19}").fillna(False).to_numpy() & (v < top).to_numpy()
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise InputError(path, f"data row {i + 1}: {col} {str(df[col].iloc[i])[:40]!r} is not an integer "
+                                   f"in 0..{top}")
+        df[col] = v.astype("int64")
     metrics = [c for c in df.columns if c not in ("ts_ns", "device_id")]
     long = df.melt(id_vars=["ts_ns", "device_id"], value_vars=metrics, var_name="name", value_name="value")
     long["value"] = pd.to_numeric(long["value"], errors="coerce")
-    long = long.dropna(subset=["value"])
+    long = long[np.isfinite(long["value"].to_numpy(dtype="float64", na_value=np.nan))]  # inf: not a sample
     long = long.sort_values(["ts_ns", "device_id", "name"], kind="stable")
     out = pd.DataFrame({
         "rank": int(rank or 0),

@@ -9,16 +9,45 @@ import pandas as pd
 
 from gpudoctor.model.columns import per_value
 
+
+
+class _InOrder:
+    """``first`` somewhere before ``second``, case-insensitively: what the regex ``first.*second`` says,
+    in linear time (``re.search`` retries ``.*`` from every occurrence of ``first``: quadratic)."""
+
+    def __init__(self, first: str, second: str):
+        self.first, self.second = first.lower(), second.lower()
+
+    def search(self, name: str) -> bool:
+        low = name.lower()
+        i = low.find(self.first)
+        return i >= 0 and low.find(self.second, i + len(self.first)) >= 0
+
+
+class _AnyOf:
+    """Matches when any of ``rules`` does (each a compiled regex or an ``_InOrder``)."""
+
+    def __init__(self, *rules):
+        self.rules = rules
+
+    def search(self, name: str) -> bool:
+        return any(r.search(name) for r in self.rules)
+
+
 # Order matters: the first pattern that matches wins. Communication and attention come before GEMM
-# because fused attention kernels and NCCL kernels contain GEMM-like words.
-_RULES: list[tuple[str, re.Pattern]] = [
+# because fused attention kernels and NCCL kernels contain GEMM-like words. Every rule runs in time
+# linear in the name: alternations of literals only, no ``.*`` or nested repetition (names are
+# untrusted input; tests/test_bad_inputs.py::test_category_rules_linear_on_adversarial_names).
+_RULES: list[tuple[str, re.Pattern | _AnyOf]] = [
     ("communication", re.compile(r"nccl|all_?reduce|all_?gather|reduce_?scatter|sendrecv|alltoall", re.I)),
     ("attention", re.compile(
         r"flash|fmha|attention|attn|xformers|cutlassF|cutlassB|pagedattention|paged_attention|"
         r"xqa|flashinfer|sdpa|mha_|_mha|fused_mha", re.I)),
-    ("gemm", re.compile(
-        r"gemm|nvjet|cutlass|cublas|xmma|sm\d+_xmma|matmul|dot_kernel|gemv|gemvx|sgemm|hgemm|"
-        r"implicit_convolve|conv2d|convolution|wgrad|dgrad|fprop|winograd|fft2d_r2c|fft2d_c2r|pointwise_mult_and_sum_complex|cgemm|cudnn.*conv|splitkreduce|_mm_|triton_mm|bmm", re.I)),
+    ("gemm", _AnyOf(re.compile(
+        r"gemm|nvjet|cutlass|cublas|xmma|matmul|dot_kernel|gemv|gemvx|sgemm|hgemm|"
+        r"implicit_convolve|conv2d|convolution|wgrad|dgrad|fprop|winograd|fft2d_r2c|fft2d_c2r|"
+        r"pointwise_mult_and_sum_complex|cgemm|splitkreduce|_mm_|triton_mm|bmm", re.I),
+        _InOrder("cudnn", "conv"))),
     ("reduction", re.compile(r"reduce|softmax|norm|sum_|argmax|argmin|cross_entropy|nll_loss|topk|sort|scan|cumsum", re.I)),
     ("memory", re.compile(r"memcpy|memset|copy_kernel|direct_copy|cat_|catarray|index_select|gather|scatter|fill", re.I)),
     ("elementwise", re.compile(r"elementwise|vectorized|unrolled|pointwise|triton_poi|activation|gelu|relu|silu|dropout|add|mul|foreach", re.I)),

@@ -6,7 +6,8 @@ misnamed file still gets the right reader or a clear error.
 
 from __future__ import annotations
 
-import gzip
+import os
+import stat
 from pathlib import Path
 
 from gpudoctor.errors import InputError
@@ -14,16 +15,19 @@ from gpudoctor.errors import InputError
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
+# Compressions gpudoctor does not read: named in the error instead of "not a recognized trace".
+_OTHER_COMPRESSIONS = {b"BZh": ("bzip2", "bunzip2"), b"\xfd7zXZ\x00": ("xz", "unxz"),
+                       b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"), b"\x04\x22\x4d\x18": ("lz4", "unlz4")}
+
+
 def _head(path: Path, n: int = 4096) -> bytes:
-    with open(path, "rb") as f:
-        head = f.read(n)
-    if head[:2] == b"\x1f\x8b":
-        try:
-            with gzip.open(path, "rb") as g:
-                return g.read(n)
-        except (OSError, EOFError) as e:
-            raise InputError(path, f"corrupt gzip: {e}") from None
-    return head
+    from gpudoctor.readers.limits import open_input
+
+    try:
+        with open_input(path) as f:
+            return f.read(n)
+    except OSError as e:
+        raise InputError(path, f"cannot read: {e.strerror or e}") from None
 
 
 def detect(path: str | Path) -> str:
@@ -32,16 +36,27 @@ def detect(path: str | Path) -> str:
     if not path.exists():
         raise InputError(path, "no such file")
     if path.is_dir():
-        if (path / "manifest.json").exists() or (path / "run.db").exists():
+        try:
+            names = set(os.listdir(path))
+        except OSError as e:
+            raise InputError(path, f"cannot read the directory: {e.strerror or e}") from None
+        if "manifest.json" in names or "run.db" in names:
             return "run_dir"
         raise InputError(path, "directory holds no gpudoctor run (no manifest.json or run.db)")
-    if path.stat().st_size == 0:
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(path, "not a regular file (a FIFO, socket or device); gpudoctor reads files")
+    if st.st_size == 0:
         raise InputError(path, "empty file")
     if path.suffix == ".nsys-rep":
         return "nsys_rep"
     if path.suffix == ".ncu-rep":
         return "ncu_rep"
     head = _head(path)
+    for magic, (name, tool) in _OTHER_COMPRESSIONS.items():
+        if head.startswith(magic):
+            raise InputError(path, f"{name}-compressed; gpudoctor reads plain or gzip files: "
+                                   f"decompress it first ({tool} FILE)")
     if head.startswith(SQLITE_MAGIC):
         return "sqlite"  # nsys export or a gpudoctor run.db; the reader checks which
     if head[:2] == b"\x80\x04" or head[:2] == b"\x80\x05" or head[:2] == b"\x80\x02":
@@ -67,6 +82,8 @@ def read_bytes(path: str | Path, expected: str, gunzip: bool = True) -> bytes:
 
     ``expected`` names what the reader wanted ("an Nsight Compute CSV export") for the directory case.
     """
+    from gpudoctor.readers.limits import gunzip as bounded_gunzip
+
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -77,8 +94,5 @@ def read_bytes(path: str | Path, expected: str, gunzip: bool = True) -> bytes:
     except OSError as e:
         raise InputError(path, f"cannot read: {e.strerror or e}") from None
     if gunzip and data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise InputError(path, f"corrupt gzip: {e}") from None
+        data = bounded_gunzip(data, path)
     return data

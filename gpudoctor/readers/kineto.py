@@ -46,11 +46,9 @@ from __future__ import annotations
 
 import codecs
 import gc
-import gzip
 import json
 import operator
 import re
-import zlib
 from collections import Counter
 from itertools import compress, repeat
 from pathlib import Path
@@ -71,6 +69,7 @@ from gpudoctor.errors import InputError
 from gpudoctor.model.categories import categorize_kernels, short_names
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
+from gpudoctor.readers.limits import gunzip, open_input
 
 FORMAT = "kineto_json"
 SOURCE = "kineto"
@@ -228,6 +227,8 @@ def _read(path: Path, rank: int | None) -> Trace:
     parser = "stream"
     try:
         header = _stream(path, acc)
+    except InputError:  # corrupt gzip or past a limit: the whole-document path would say the same
+        raise
     except Exception as e:  # noqa: BLE001 - anything odd: start over on the whole-document path
         header = None
         parser = f"whole ({_one_line(e)[:200] or type(e).__name__})"
@@ -271,10 +272,7 @@ class _Reader:
     """Plain or gzip byte stream (gzip recognized by magic bytes)."""
 
     def __init__(self, path: Path):
-        self._raw = open(path, "rb")
-        magic = self._raw.read(2)
-        self._raw.seek(0)
-        self._f = gzip.GzipFile(fileobj=self._raw, mode="rb") if magic == _GZIP_MAGIC else self._raw
+        self._f = open_input(path)  # gzip inflated within GPUDOCTOR_MAX_DECOMPRESSED_MB (readers/limits.py)
 
     def read(self, n: int) -> bytes:
         return self._f.read(n)
@@ -283,9 +281,7 @@ class _Reader:
         return self
 
     def __exit__(self, *exc):
-        if self._f is not self._raw:
-            self._f.close()
-        self._raw.close()
+        self._f.close()
 
 
 def _stream(path: Path, acc: "_Accumulator") -> dict:
@@ -492,10 +488,7 @@ def _read_all(path: Path) -> bytes:
     except OSError as e:
         raise InputError(path, f"cannot read: {_one_line(e.strerror or e)}") from None
     if data[:2] == _GZIP_MAGIC:
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise InputError(path, f"corrupt gzip: {_one_line(e)}") from None
+        data = gunzip(data, path)
     if data.startswith(_BOM):
         data = data[3:]
     return data

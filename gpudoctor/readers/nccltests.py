@@ -332,10 +332,24 @@ def _columns(line: str, path: Path) -> list[str]:
     return cols
 
 
+_MAX_INT = 2 ** 62  # sizes, counts and roots beyond this are damage, not data
+
+
 def _number(tok: str) -> float | None:
+    """A measurement; ValueError (the row counts as unreadable) for inf, NaN or a value past 1e300."""
     if tok.upper() in ("N/A", "NA", "-"):
         return None
-    return float(tok)
+    v = float(tok)
+    if not math.isfinite(v) or abs(v) > 1e300:
+        raise ValueError(f"out-of-range value {tok!r}")
+    return v
+
+
+def _int(tok: str) -> int:
+    v = int(tok)
+    if not 0 <= v < _MAX_INT:
+        raise ValueError(f"out-of-range integer {tok[:40]!r}")
+    return v
 
 
 def _parse_row(tokens: list[str], cols: list[str]) -> dict | None:
@@ -352,13 +366,13 @@ def _parse_row(tokens: list[str], cols: list[str]) -> dict | None:
     try:
         for name, tok in zip(cols, tokens):
             if name in ("size", "count"):
-                row["size_bytes" if name == "size" else "count"] = int(tok)
+                row["size_bytes" if name == "size" else "count"] = _int(tok)
             elif name == "type":
                 row["type"] = tok
             elif name == "redop":
                 row["redop"] = tok
             elif name == "root":
-                row["root"] = int(tok)
+                row["root"] = _int(tok) if tok != "-1" else -1
             elif name == "timestamp":
                 row["timestamp"] = tok
             else:

@@ -118,7 +118,28 @@ def to_number(s: pd.Series) -> pd.Series:
     if s.dtype.kind in "fiu":
         return s.astype("float64")
     txt = s.astype("string").str.strip().str.replace(",", "", regex=False)
-    return pd.to_numeric(txt, errors="coerce").astype("float64")
+    out = pd.to_numeric(txt, errors="coerce").astype("float64")
+    return out.where(np.isfinite(out.to_numpy()))  # inf / 1e400: not a measurement either
+
+
+_MAX_ID = 2 ** 53  # beyond this a float no longer holds every integer
+
+
+def _id_column(path: Path, df: pd.DataFrame, col: str, fill: int | None) -> pd.Series:
+    """An integer column (launch ID, process, device): a one-line error for a value that is not a
+    non-negative integer below 2**53; NaN allowed only where ``fill`` is given."""
+    if col not in df.columns:
+        return pd.Series(np.full(len(df), -1 if fill is None else fill, dtype=np.int64), index=df.index)
+    v = to_number(df[col])
+    a = v.to_numpy()
+    bad = ~((a >= 0) & (a < _MAX_ID) & (a == np.floor(a)))
+    if fill is not None:
+        bad &= ~np.isnan(a)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(path, f"kernel row {i + 1} has an invalid {col} {str(df[col].iloc[i])[:40]!r} "
+                               "(expected a non-negative integer)")
+    return v.fillna(fill if fill is not None else -1).astype("int64")
 
 
 # ------------------------------------------------------------------------------------- CSV loading
@@ -128,6 +149,8 @@ def _load_text(path: Path) -> str:
         raise InputError(path, "empty file")
     if b"\x00" in data[:4096]:
         raise InputError(path, "binary file, expected an Nsight Compute CSV export (ncu --csv --page raw)")
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM (spreadsheet tools add one)
+        data = data[3:]
     return data.decode("utf-8", errors="replace")
 
 
@@ -366,7 +389,7 @@ def _ints3(s: pd.Series | None, n: int) -> np.ndarray:
         return out
     ext = s.astype("string").str.extract(_TRIPLE)
     vals = ext.apply(pd.to_numeric, errors="coerce").to_numpy(dtype="float64")
-    ok = ~np.isnan(vals)
+    ok = np.isfinite(vals) & (np.abs(vals) < 2 ** 31)  # out of range: unknown (-1), never a wrapped int
     out[ok] = vals[ok].astype(np.int64)
     return out
 
@@ -402,14 +425,9 @@ def read_metrics(path: str | Path, rank: int | None = None) -> tuple[pd.DataFram
         df, src = _details_page(path, header, rows)
     n = len(df)
     idx = df.index
-    launch = to_number(df["ID"])
-    if launch.isna().any():
-        bad = int(np.flatnonzero(launch.isna().to_numpy())[0])
-        raise InputError(path, f"kernel row {bad + 1} has a non-numeric ID {df['ID'].iloc[bad]!r}")
-    pid = to_number(df["Process ID"]) if "Process ID" in df.columns else pd.Series(np.full(n, -1.0), index=idx)
-    pid = pid.fillna(-1).astype("int64")
-    dev = to_number(df["Device"]) if "Device" in df.columns else pd.Series(np.zeros(n), index=idx)
-    dev = dev.fillna(0).astype("int64")
+    launch = _id_column(path, df, "ID", None)
+    pid = _id_column(path, df, "Process ID", -1)
+    dev = _id_column(path, df, "Device", 0)
 
     # processes -> ranks in the order of their first profiled launch
     first = pd.DataFrame({"pid": pid, "id": launch}).groupby("pid", sort=False)["id"].min().sort_values()
@@ -424,7 +442,7 @@ def read_metrics(path: str | Path, rank: int | None = None) -> tuple[pd.DataFram
             for j, ax in enumerate("xyz"):
                 s = src.get(pre + ax)
                 if s is not None:
-                    fill = (arr[:, j] < 0) & s.notna().to_numpy()
+                    fill = (arr[:, j] < 0) & s.notna().to_numpy() & (s.abs() < 2 ** 31).to_numpy()
                     arr[fill, j] = s.to_numpy()[fill].astype(np.int64)
 
     out = pd.DataFrame({

@@ -75,6 +75,15 @@ R_MEMOP_END_BEFORE_START = "memop end before start"
 R_NVTX_NOT_CLOSED = "nvtx range never closed"
 R_NVTX_END_BEFORE_START = "nvtx range end before start"
 R_HOST_MEMORY = "host memory event (pageable/pinned), not GPU memory"
+R_TIME_MISSING = "start or end time missing (NULL)"
+R_TIME_OUT_OF_RANGE = "time out of range (past int64 nanoseconds with the session's UTC offset)"
+
+# A NULL time is fetched as this (no real time is that far before the session), then dropped with
+# R_TIME_MISSING. Not int64's minimum: SQLite reads that literal as a REAL.
+_INT64_MAX = np.iinfo(np.int64).max
+_NULL_TIME = -_INT64_MAX
+# UTC offsets nsys can write: 0 .. 2**62 ns (year 2116). Anything else is damage: ignored, said in the meta.
+_MAX_OFFSET = 1 << 62
 
 # Variables that name a process's global rank in the environment nsys recorded, in order of trust.
 RANK_ENV_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
@@ -236,6 +245,8 @@ def _check_file(path: Path) -> None:
 
 
 class _Reader:
+    NULL_TIME = _NULL_TIME  # what fetch() puts for a NULL time (valid_times() drops and counts it)
+
     def __init__(self, path: Path, conn: sqlite3.Connection, uri: str | None = None):
         self.path = path
         self.conn = conn
@@ -474,6 +485,17 @@ class _Reader:
         if count:
             self.dropped.append((source, reason, int(count)))
 
+    def valid_times(self, source: str, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+        """Rows whose times are real: not NULL, and not past int64 once the offset is added (no
+        wrap-around). The others are counted in ``dropped`` by reason; end-before-start is the caller's
+        (it has its own reason). Negative times are real: GPU metrics sampled before the session."""
+        missing = (start == _NULL_TIME) | (end == _NULL_TIME)
+        limit = _INT64_MAX - self.offset
+        too_big = ~missing & ((start > limit) | (end > limit))
+        self.drop(source, R_TIME_MISSING, int(missing.sum()))
+        self.drop(source, R_TIME_OUT_OF_RANGE, int(too_big.sum()))
+        return ~(missing | too_big)
+
     # -- run-level facts -----------------------------------------------------------------------------
 
     def system_env(self) -> dict[str, str]:
@@ -491,7 +513,10 @@ class _Reader:
         if self.has(t) and "utcEpochNs" in self.columns(t):
             row = self.conn.execute(f'SELECT "utcEpochNs" FROM "{t}" WHERE "utcEpochNs" IS NOT NULL LIMIT 1').fetchone()
             if row is not None:
-                return int(row[0]), f"{t}.utcEpochNs"
+                offset = int(row[0])
+                if 0 <= offset < _MAX_OFFSET:
+                    return offset, f"{t}.utcEpochNs"
+                return 0, f"nsys session clock ({t}.utcEpochNs {offset} is out of range, ignored)"
         return 0, "nsys session clock (export has no TARGET_INFO_SESSION_START_TIME)"
 
     def cuda_pid(self, kernels: pd.DataFrame, memops: pd.DataFrame, api: pd.DataFrame) -> int:
@@ -580,7 +605,7 @@ class _Reader:
         short = c("shortName") or c("demangledName")
         demangled = c("demangledName") or c("shortName")
         f = self.fetch(t, [
-            ("start", '"start"', 0, "i8"), ("end", '"end"', 0, "i8"),
+            ("start", '"start"', _NULL_TIME, "i8"), ("end", '"end"', _NULL_TIME, "i8"),
             ("device_id", c("deviceId"), 0, "i8"), ("stream_id", c("streamId"), -1, "i8"),
             ("correlation_id", c("correlationId"), -1, "i8"), ("global_pid", c("globalPid"), 0, "i8"),
             ("short", short, -1, "i8"), ("demangled", demangled, -1, "i8"),
@@ -589,8 +614,10 @@ class _Reader:
             ("registers_per_thread", c("registersPerThread"), -1, "i8"), ("shared_memory_bytes", smem, -1, "i8"),
             ("graph_id", graph, -1, "i8"),
         ])
-        bad = f["end"] < f["start"]
-        self.drop("nsys:CUPTI_ACTIVITY_KIND_KERNEL", R_KERNEL_END_BEFORE_START, int(bad.sum()))
+        bad = ~self.valid_times("nsys:CUPTI_ACTIVITY_KIND_KERNEL", f["start"], f["end"])
+        backwards = ~bad & (f["end"] < f["start"])
+        self.drop("nsys:CUPTI_ACTIVITY_KIND_KERNEL", R_KERNEL_END_BEFORE_START, int(backwards.sum()))
+        bad |= backwards
         if bad.any():
             f = {k: v[~bad] for k, v in f.items()}
         name = self.string_cat(f.pop("short"))
@@ -616,7 +643,7 @@ class _Reader:
             self.require(copy_t, "start", "end")
             c = lambda n: self.col(copy_t, n)  # noqa: E731
             f = self.fetch(copy_t, [
-                ("start", '"start"', 0, "i8"), ("end", '"end"', 0, "i8"),
+                ("start", '"start"', _NULL_TIME, "i8"), ("end", '"end"', _NULL_TIME, "i8"),
                 ("device_id", c("deviceId"), 0, "i8"), ("stream_id", c("streamId"), -1, "i8"),
                 ("correlation_id", c("correlationId"), -1, "i8"), ("global_pid", c("globalPid"), 0, "i8"),
                 ("bytes", c("bytes"), 0, "i8"), ("copy_kind", c("copyKind"), 0, "i8"),
@@ -638,7 +665,7 @@ class _Reader:
             self.require(set_t, "start", "end")
             c = lambda n: self.col(set_t, n)  # noqa: E731
             f = self.fetch(set_t, [
-                ("start", '"start"', 0, "i8"), ("end", '"end"', 0, "i8"),
+                ("start", '"start"', _NULL_TIME, "i8"), ("end", '"end"', _NULL_TIME, "i8"),
                 ("device_id", c("deviceId"), 0, "i8"), ("stream_id", c("streamId"), -1, "i8"),
                 ("correlation_id", c("correlationId"), -1, "i8"), ("global_pid", c("globalPid"), 0, "i8"),
                 ("bytes", c("bytes"), 0, "i8"), ("mem_kind", c("memKind"), -1, "i8"),
@@ -651,9 +678,10 @@ class _Reader:
         return pd.concat(frames, ignore_index=True)
 
     def _memop_frame(self, table: str, f: dict, kind, src_kind, dst_kind) -> pd.DataFrame:
-        bad = f["end"] < f["start"]
-        self.drop(f"nsys:{table}", R_MEMOP_END_BEFORE_START, int(bad.sum()))
-        keep = ~bad
+        valid = self.valid_times(f"nsys:{table}", f["start"], f["end"])
+        backwards = valid & (f["end"] < f["start"])
+        self.drop(f"nsys:{table}", R_MEMOP_END_BEFORE_START, int(backwards.sum()))
+        keep = valid & ~backwards
         df = pd.DataFrame({
             "rank": self.rank, "device_id": f["device_id"][keep], "stream_id": f["stream_id"][keep],
             "start_ns": f["start"][keep] + self.offset, "end_ns": f["end"][keep] + self.offset,
@@ -676,11 +704,14 @@ class _Reader:
             self.require(table, "start", "end")
             c = lambda n: self.col(table, n)  # noqa: E731
             f = self.fetch(table, [
-                ("start", '"start"', 0, "i8"), ("end", '"end"', 0, "i8"),
+                ("start", '"start"', _NULL_TIME, "i8"), ("end", '"end"', _NULL_TIME, "i8"),
                 ("thread_id", c("globalTid"), -1, "i8"), ("correlation_id", c("correlationId"), -1, "i8"),
                 ("name_id", c("nameId"), -1, "i8"), ("return_value", c("returnValue"), 0, "i8"),
                 ("event_class", c("eventClass"), -1, "i8"),
             ])
+            keep = self.valid_times(f"nsys:{table}", f["start"], f["end"])
+            if not keep.all():
+                f = {k: v[keep] for k, v in f.items()}
             name = self.string_cat(f["name_id"], transform=lambda s: _API_VERSION_SUFFIX.sub("", s))
             if c("eventClass") and class_api:
                 # nsys writes driver calls into the RUNTIME table too, told apart by eventClass.
@@ -719,16 +750,18 @@ class _Reader:
         domains = self.nvtx_domains()
         types = ", ".join(str(x) for x in NVTX_RANGE_TYPES)
         f = self.fetch(t, [
-            ("rowid", "rowid", -1, "i8"), ("start", '"start"', 0, "i8"),
+            ("rowid", "rowid", -1, "i8"), ("start", '"start"', _NULL_TIME, "i8"),
             ("end", c("end"), 0, "i8"), ("open", '"end" IS NULL' if c("end") else None, 1, "i8"),
             ("thread_id", c("globalTid"), -1, "i8"), ("text_id", c("textId"), -1, "i8"),
             ("domain_id", c("domainId"), 0, "i8"), ("json_id", c("jsonTextId"), -1, "i8"),
         ], where=f'"eventType" IN ({types})')
         open_ = f["open"].astype(bool)
-        backwards = ~open_ & (f["end"] < f["start"])
         self.drop("nsys:NVTX_EVENTS", R_NVTX_NOT_CLOSED, int(open_.sum()))
+        valid = ~open_
+        valid[valid] = self.valid_times("nsys:NVTX_EVENTS", f["start"][valid], f["end"][valid])
+        backwards = valid & (f["end"] < f["start"])
         self.drop("nsys:NVTX_EVENTS", R_NVTX_END_BEFORE_START, int(backwards.sum()))
-        keep = ~(open_ | backwards)
+        keep = valid & ~(open_ | backwards)
         f = {k: v[keep] for k, v in f.items()}
         text = self.nvtx_text(t, f["rowid"], f["text_id"], "text", types)
         # Domain names from the domain-create events; a domain created before the capture has only its id.
@@ -894,7 +927,7 @@ class _Reader:
             raise _BadExport(f"{t} has no start/bytes column (unsupported nsys export schema)")
         c = lambda n: self.col(t, n)  # noqa: E731
         f = self.fetch(t, [
-            ("ts", ts_col, 0, "i8"), ("device_id", c("deviceId"), 0, "i8"), ("address", c("address"), -1, "i8"),
+            ("ts", ts_col, _NULL_TIME, "i8"), ("device_id", c("deviceId"), 0, "i8"), ("address", c("address"), -1, "i8"),
             ("bytes", '"bytes"', 0, "i8"), ("oper", c("memoryOperationType"), -1, "i8"), ("mem_kind", c("memKind"), -1, "i8"),
         ])
         opers = self.enum("ENUM_CUDA_DEV_MEM_EVENT_OPER", _DEV_MEM_OPER_IDS)
@@ -905,6 +938,7 @@ class _Reader:
         is_host = _map_codes(f["mem_kind"], host_kinds, False).astype(bool)
         self.drop(f"nsys:{t}", R_HOST_MEMORY, int(is_host.sum()))
         keep = ~is_host
+        keep[keep] = self.valid_times(f"nsys:{t}", f["ts"][keep], f["ts"][keep])
         size = np.abs(f["bytes"][keep])
         kind = kind[keep]
         return conform("memory_events", pd.DataFrame({

@@ -53,9 +53,12 @@ def read_gpu_metrics(reader, gpu_to_dev: dict[int, int], rank: int, offset_ns: i
     if ts_col is None:
         raise GpuMetricsSchemaError(f"{TABLE} has no timestamp column (unsupported nsys export schema)")
     f = reader.fetch(TABLE, [
-        ("ts", ts_col, 0, "i8"), ("type_id", reader.col(TABLE, "typeId"), -1, "i8"),
+        ("ts", ts_col, reader.NULL_TIME, "i8"), ("type_id", reader.col(TABLE, "typeId"), -1, "i8"),
         ("metric_id", '"metricId"', -1, "i8"), ("value", reader.col(TABLE, "value"), float("nan"), "f8"),
     ])
+    keep = reader.valid_times(f"nsys:{TABLE}", f["ts"], f["ts"])  # NULL / out-of-range times: counted drops
+    if not keep.all():
+        f = {k: v[keep] for k, v in f.items()}
     names, by_metric, sets = metric_names(reader)
     t_codes, t_uniq = factorize(f["type_id"])
     m_codes, m_uniq = factorize(f["metric_id"])

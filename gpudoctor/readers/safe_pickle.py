@@ -35,6 +35,7 @@ from pathlib import Path
 
 from gpudoctor.readers import read_bytes
 from gpudoctor.errors import InputError
+from gpudoctor.readers.limits import check_pickle_expansion
 
 PLAIN_TYPES = (dict, list, tuple, set, frozenset, str, bytes, bytearray, int, float, bool, type(None))
 
@@ -103,6 +104,12 @@ def loads(data: bytes, path: str | Path = "<bytes>") -> object:
 
 
 def load(path: str | Path) -> object:
-    """Read ``path`` and unpickle it allowing only plain data (see the module docstring)."""
+    """Read ``path`` and unpickle it allowing only plain data (see the module docstring).
+
+    Memo references let a small pickle stand for a huge tree (one list referenced a million times,
+    each holding another): the result is refused when it expands to more than
+    GPUDOCTOR_MAX_PICKLE_OBJECTS containers (``limits.check_pickle_expansion``), before a reader walks it."""
     path = Path(path)
-    return loads(read_bytes(path, "a CUDA memory snapshot", gunzip=False), path)
+    obj = loads(read_bytes(path, "a CUDA memory snapshot", gunzip=False), path)
+    check_pickle_expansion(obj, path)
+    return obj

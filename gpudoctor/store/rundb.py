@@ -75,7 +75,7 @@ _CAT_STR = pd.Series(["x"]).astype(str).astype("category").cat.categories.dtype
 def save(trace: Trace, path: str | os.PathLike, *, cache: bool = True) -> Path:
     """Write ``trace`` to the SQLite file ``path`` (or ``path/run.db`` when ``path`` is a directory).
 
-    The file is written to ``<path>.tmp-<pid>`` and renamed into place, so ``path`` is never seen
+    The file is written to ``<path>.tmp-<pid>-<random>`` and renamed into place, so ``path`` is never seen
     half-written. With ``cache`` (the default) the columnar cache ``<path>.cache.npz`` is written
     next to it; otherwise a cache left by an earlier save is removed. Returns the run.db path.
     """
@@ -151,12 +151,13 @@ def is_run_db(path: str | os.PathLike) -> bool:
             if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
                 return False
         conn = _connect_ro(p)
+        conn.text_factory = bytes  # damaged text is no reason to fail a yes/no question
         try:
             row = conn.execute(f"SELECT value FROM {META_TABLE} WHERE key = 'schema_version'").fetchone()
         finally:
             conn.close()
         return row is not None
-    except (OSError, sqlite3.Error):
+    except (OSError, sqlite3.Error, ValueError):  # ValueError: an error message that is not UTF-8
         return False
 
 
@@ -437,8 +438,11 @@ def _read_meta(conn: sqlite3.Connection, db_path: Path) -> tuple[dict, str]:
             continue
         try:
             meta[key] = json.loads(value)
-        except (TypeError, ValueError):  # edited by hand into plain text: keep the text
+        except (TypeError, ValueError, RecursionError):  # edited by hand into plain text: keep the text
             meta[key] = value
+    inputs = meta.get("inputs")
+    if inputs is not None and not (isinstance(inputs, list) and all(isinstance(i, dict) for i in inputs)):
+        raise InputError(db_path, "meta 'inputs' is not a list of objects (edited run.db?)")
     try:
         write_id = str(json.loads(raw.get("write_id") or '""'))
     except (TypeError, ValueError):
