@@ -28,7 +28,7 @@ Severity: high when exposed_comm_fraction >= exposed_fraction_high (0.25), mediu
 estimated_saving_ns = the exposed communication that could hide behind compute not yet overlapping
 anything: min(exposed, compute - overlapped) (with perfect overlap a step takes max(compute, comm)).
 
-nccl-tests input (gpudoctor.readers.nccltests): any ``#wrong`` > 0 is data corruption: a HIGH finding
+nccl-tests input (read by gpudoctor.readers.nccltests): any ``#wrong`` > 0 is data corruption: a HIGH finding
 "data corruption: N wrong elements". Without corruption, the bus bandwidth of the largest measured size is
 compared with the ceiling (info; medium when below link_fraction_medium of it for sizes >= 64 MB).
 """
@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.analyzers.findings import Finding
+from gpudoctor.model import collectives
 from gpudoctor.model.columns import equals, per_value
 from gpudoctor.model.steps import union_ns
 
@@ -152,9 +153,8 @@ def link_ceiling_gbps(ctx, cfg: dict) -> tuple[float | None, str]:
 
 
 def bus_factor(op: str, n: int) -> float | None:
-    from gpudoctor.readers.nccltests import bus_factor as f
     try:
-        return f(op, n)
+        return collectives.bus_factor(op, n)
     except ValueError:
         return None
 
