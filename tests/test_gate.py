@@ -18,8 +18,10 @@ from gpudoctor.analyzers.findings import Finding
 from gpudoctor.cli.main import main
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.gate import outputs, stats
-from gpudoctor.gate.compare import (GateOptions, RunData, UserMetric, busy_in_windows, compare, evaluate_rules,
-                                    gate_block, kernel_key, load_run, run_from_trace, _analyze)
+from gpudoctor.gate.compare import (GateOptions, RunData, UserMetric, compare, evaluate_rules,
+                                    gate_block, load_run, run_from_trace, _analyze)
+from gpudoctor.model.kernel_names import kernel_key
+from gpudoctor.model.samples import busy_in_windows
 
 ROOT = Path(__file__).resolve().parent.parent
 NSYS = ROOT / "fixtures" / "nsys"

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from gpudoctor.errors import InputError
+from gpudoctor.model.kernel_names import short_kernel_name
 from gpudoctor.model.schema import TABLES
 from gpudoctor.readers import kineto
 from gpudoctor.readers.kineto import read
@@ -552,17 +553,17 @@ def test_odd_but_readable_inputs(tmp_path):
 
 
 def test_short_kernel_name():
-    assert kineto.short_kernel_name("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT") == (
+    assert short_kernel_name("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT") == (
         "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT")
-    assert kineto.short_kernel_name(
+    assert short_kernel_name(
         "void at::native::vectorized_elementwise_kernel<8, at::native::BUnaryFunctor<c10::BFloat16, c10::BFloat16, "
         "c10::BFloat16, at::native::binary_internal::MulFunctor<float> >, std::array<char*, 2ul> >(int, "
         "at::native::BUnaryFunctor<c10::BFloat16, c10::BFloat16, c10::BFloat16, "
         "at::native::binary_internal::MulFunctor<float> >, std::array<char*, 2ul>)") == "vectorized_elementwise_kernel"
-    assert kineto.short_kernel_name(
+    assert short_kernel_name(
         "void (anonymous namespace)::softmax_warp_forward<float, float, float, 11, false, false>(float*, float const*, "
         "int, int, int, bool const*, int, bool)") == "softmax_warp_forward"
-    assert kineto.short_kernel_name(
+    assert short_kernel_name(
         "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)"
         "::{lambda()#3}::operator()() const::{lambda()#7}::operator()() const::{lambda(float)#1}, std::array<char*, "
         "2ul>, 4>(int, at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() "

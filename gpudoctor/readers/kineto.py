@@ -1007,42 +1007,6 @@ def _memop_kind(key: str) -> tuple[str, str, str]:
     return kind, src, dst
 
 
-def short_kernel_name(name: str) -> str:
-    """nsys-style short name of a demangled kernel signature: no return type, scope, template
-    arguments or parameters ("void at::native::elementwise_kernel<128, 4, ...>(int, ...)" ->
-    "elementwise_kernel"). Kineto gives only the full name; this matches nsys ``shortName`` on the
-    committed fixtures. Not applied by ``read`` (``name`` is the name as given), offered for callers.
-    """
-    s = name.strip()
-    if s.endswith(")"):  # parameter list
-        depth = 0
-        for i in range(len(s) - 1, -1, -1):
-            depth += s[i] in ")>"
-            depth -= s[i] in "(<"
-            if depth == 0:
-                s = s[:i]
-                break
-    while s.endswith(">"):  # template arguments
-        depth = 0
-        for i in range(len(s) - 1, -1, -1):
-            depth += s[i] == ">"
-            depth -= s[i] == "<"
-            if depth == 0:
-                s = s[:i]
-                break
-        else:
-            break
-    depth, cut = 0, 0
-    for i, c in enumerate(s):  # last scope component; a space at depth 0 ends the return type
-        if c in "<(":
-            depth += 1
-        elif c in ">)":
-            depth -= 1
-        elif depth == 0 and (c == " " or (c == ":" and s.startswith("::", i))):
-            cut = i + (2 if c == ":" else 1)
-    return s[cut:] or name
-
-
 def _collective_op(name: Any) -> str | None:
     if not isinstance(name, str):
         return None
