@@ -412,7 +412,7 @@ def test_rank_resolution(tmp_path):
     assert t.meta["inputs"][0]["rank"] == 2
     for name, want in [("trace_rank3.json", 3), ("rank_3.json", 3), ("w-rank-12.pt.trace.json", 12),
                        ("rank0.json", 0), ("plain.json", 0), ("frank2_4242.1700000000000.pt.trace.json", 0),
-                       ("run.r7.json", 7)]:
+                       ("run.r7.json", 7), ("train.rank.4.json", 4)]:  # the same rule as nsys files
         assert read(_write(tmp_path, ev, name=name)).ranks["rank"].tolist() == [want], name
     # tensorboard_trace_handler names: <hostname>_<pid>.<ms>.pt.trace.json
     t = read(_write(tmp_path, ev, name="frank2_4242.1700000000000.pt.trace.json"))

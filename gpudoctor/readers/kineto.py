@@ -71,6 +71,7 @@ from gpudoctor.errors import InputError
 from gpudoctor.model.categories import categorize_kernels, short_names
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
+from gpudoctor.readers import rank_from_filename
 
 FORMAT = "kineto_json"
 SOURCE = "kineto"
@@ -174,7 +175,6 @@ _MEMORY_KINDS = {
     "managed": "managed", "device static": "device", "managed static": "managed", "unknown": "unknown",
 }
 
-_RANK_RE = re.compile(r"(?<![a-z])rank[_-]?(\d+)|\.r(\d+)\.", re.I)  # rank3 rank_3 rank-3 .r3.
 # tensorboard_trace_handler names files "<hostname>_<pid>.<ms>.pt.trace.json[.gz]".
 _TB_NAME_RE = re.compile(r"^(?P<host>.+)_(?P<pid>\d+)\.\d+\.pt\.trace\.json(?:\.gz)?$")
 # Start of an event (after its "{") that the model does not need: flow events, and cpu_op /
@@ -975,9 +975,9 @@ def _resolve_rank(path: Path, header: dict, rank: int | None) -> tuple[int, str]
         if r is not None and r >= 0:
             return r, "distributedInfo"
     for text in (path.name, path.parent.name):
-        m = _RANK_RE.search(text)
-        if m:
-            return int(m.group(1) or m.group(2)), "file name"
+        r = rank_from_filename(text)
+        if r is not None:
+            return r, "file name"
     return 0, "default"
 
 

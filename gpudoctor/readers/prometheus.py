@@ -51,9 +51,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gpudoctor.readers import read_bytes
 from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.model.trace import Trace
+from gpudoctor.readers import rank_from_filename, read_bytes
 
 SOURCE_FORMAT = "prometheus_text"
 R_BAD_LINE = "unparsable Prometheus line"
@@ -264,7 +264,6 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
         raise InputError(path, "Prometheus text without any vllm: metric (gpudoctor reads vLLM's "
                                "vllm:kv_cache_usage_perc, vllm:num_requests_running, vllm:cache_config_info)")
     if rank is None:
-        from gpudoctor.readers.nsys import rank_from_filename
         rank = rank_from_filename(path.name)
     rank = 0 if rank is None else int(rank)
 
