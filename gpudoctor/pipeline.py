@@ -74,7 +74,8 @@ def _gate_block(analysis) -> dict | None:
 
 
 def _read_nsys_rep(path: Path, rank: int | None) -> Trace:
-    from gpudoctor.collect.nsys import export_sqlite, find_nsys
+    from gpudoctor.collect.locate import find_nsys
+    from gpudoctor.collect.nsys import export_sqlite
 
     loc = find_nsys()
     if loc is None:

@@ -49,7 +49,6 @@ reduce-scatter the total input size, for all-to-all the total per-rank buffer.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
