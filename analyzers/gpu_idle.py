@@ -33,10 +33,22 @@ import pandas as pd
 
 from gpudoctor.analyzers.context import AnalysisContext, display_name
 from gpudoctor.analyzers.findings import Finding
+from gpudoctor.analyzers.spec import AnalyzerSpec, Setting, fraction
 from gpudoctor.model.columns import equals
 from gpudoctor.model.steps import merge_intervals
 
 ID = "gpu_idle"
+
+SETTINGS = (
+    fraction("idle_fraction_medium", 0.25, "medium when the GPU is idle at least this fraction of the steady-state window"),
+    fraction("idle_fraction_high", 0.5, "high at this fraction"),
+    Setting("launch_bound_kernel_ns", 5000, "median kernel shorter than this with host-late gaps: launch-bound", unit="ns"),
+    Setting("launch_gap_max_ns", 50000, "a host-late gap up to this long with no other cause counts as launch overhead",
+            unit="ns"),
+    Setting("module_call_min_ns", 10000, "cudaFuncSetAttribute / cuKernelSetAttribute calls at least this long count as "
+            "module load", unit="ns"),
+    Setting("max_examples", 5, "examples of each cause listed in the evidence", unit="count"),
+)
 
 CAUSES = ("gpu_side", "module_load", "host_sync", "pageable_memcpy", "launch_bound", "host_gap")
 MODULE_ALWAYS = re.compile(r"^cu(Library|Module)Load|^cuLink(Create|AddData|AddFile|Complete)|^nvrtc|^nvJitLink", re.I)
@@ -247,3 +259,13 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=saving,
                     estimated_saving_fraction=round(sfrac, 6), recommendation=" ".join(rec), evidence=evidence,
                     rank=ctx.rank)]
+
+
+SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
+    ("idle_by_cause_us", "idle time in the window by cause"),
+    ("gaps_by_cause", "number of idle gaps by cause"),
+    ("examples", "the longest gaps of each cause with their start times"),
+    ("note", "how causes were attributed"),
+    ("source_note", "what the input could not tell (no runtime calls recorded...)"),
+    ("window", "the steady-state window"),
+))

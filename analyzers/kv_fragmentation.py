@@ -57,25 +57,27 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from gpudoctor.analyzers.config import severity_for
 from gpudoctor.analyzers.context import AnalysisContext
-from gpudoctor.analyzers.findings import Finding
+from gpudoctor.analyzers.findings import Finding, severity_for
+from gpudoctor.analyzers.spec import AnalyzerSpec, Setting, fraction
 from gpudoctor.model.counters_from_ranges import counters_from_ranges
 
 ID = "kv_fragmentation"
 
-# key -> (default, meaning). To be merged into gpudoctor.analyzers.config.DEFAULTS["kv_fragmentation"].
-CONFIG_DEFAULTS: dict[str, tuple] = {
-    "waste_fraction_low": (0.1, "low when at least this fraction of allocated KV token slots holds no token"),
-    "waste_fraction_medium": (0.2, "medium at this fraction"),
-    "waste_fraction_high": (0.5, "high at this fraction"),
-    "bytes_per_token": (None, "KV bytes per token (layers x 2 x kv_heads x head_dim x bytes per element); "
-                              "derived from the allocator view when it can be"),
-    "min_kv_allocation_bytes": (1 << 20, "live allocations smaller than this are not KV-cache candidates"),
-    "static_min_allocations": (4, "identical live allocations needed to call it one max-length buffer per request"),
-    "pattern_min_share": (0.5, "share of live allocated bytes a static or pool pattern must hold"),
-    "max_samples_listed": (5, "annotation samples listed in the evidence (the most wasteful and the last)"),
-}
+SETTINGS = (
+    fraction("waste_fraction_low", 0.1, "low when at least this fraction of allocated KV token slots holds no token"),
+    fraction("waste_fraction_medium", 0.2, "medium at this fraction"),
+    fraction("waste_fraction_high", 0.5, "high at this fraction"),
+    Setting("bytes_per_token", None, "KV bytes per token (layers x 2 x kv_heads x head_dim x bytes per element); "
+            "derived from the allocator view when it can be", unit="bytes", kind="number"),
+    Setting("min_kv_allocation_bytes", 1 << 20, "live allocations smaller than this are not KV-cache candidates",
+            unit="bytes"),
+    Setting("static_min_allocations", 4, "identical live allocations needed to call it one max-length buffer per request",
+            unit="count", minimum=1),
+    fraction("pattern_min_share", 0.5, "share of live allocated bytes a static or pool pattern must hold"),
+    Setting("max_samples_listed", 5, "annotation samples listed in the evidence (the most wasteful and the last)",
+            unit="count"),
+)
 
 COUNTER_PREFIX = "kv_cache."
 _REQUEST_KEYS = ("requests", "sequences", "num_sequences", "num_requests")
@@ -83,10 +85,7 @@ _EVENT_SOURCES = ("torch_snapshot", "kineto_memory", "nsys_cuda_memory")
 
 
 def _cfg(ctx: AnalysisContext, key: str):
-    try:
-        return ctx.config.get(ID, key)
-    except KeyError:  # a Config made before this module was registered
-        return CONFIG_DEFAULTS[key][0]
+    return ctx.config.get(ID, key)
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -488,3 +487,12 @@ def _recommendation(ctx: AnalysisContext, m: dict, alloc: dict | None, severity:
                          "free pieces of split segments: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lets it "
                          "grow segments instead of splitting them.")
     return " ".join(parts)
+
+
+SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
+    ("allocator", "the allocator view of the memory snapshot (live KV-sized blocks, patterns)"),
+    ("examples", "the most wasteful annotation samples"),
+    ("inconsistent_samples", "samples whose used tokens exceed the allocated ones (left out)"),
+    ("estimate", "how bytes per token were derived"),
+    ("window", "the steady-state window"),
+))

@@ -23,10 +23,21 @@ import pandas as pd
 
 from gpudoctor.analyzers.context import ELEMENT_BYTES, AnalysisContext
 from gpudoctor.analyzers.findings import Finding
+from gpudoctor.analyzers.spec import SEVERITY_OVERRIDES, AnalyzerSpec, Setting, fraction
 from gpudoctor.analyzers.unfused_attention import FUSED
 from gpudoctor.model.categories import category_of
+from gpudoctor.model.devices import PRECISIONS
 
 ID = "low_tensor_core"
+
+SETTINGS = (
+    Setting("fallback_precision", "tf32", "precision whose tensor-core rate the saving estimate assumes (tf32: allow_tf32)",
+            choices=PRECISIONS),
+    fraction("tensor_pipe_min", 0.05, "ncu: a GEMM whose tensor pipe is active less than this fraction runs without tensor cores"),
+    Setting("gemv_max_n", 16, "a GEMM whose N tile (nvjet _MxN_) or M (shapes) is at most this is GEMV-shaped: not flagged",
+            unit="elements"),
+    fraction("misaligned_penalty", 0.25, "fraction of a misaligned fp16/bf16/fp8 GEMM's time assumed recoverable by padding"),
+) + SEVERITY_OVERRIDES
 
 NON_TC = re.compile(r"sgemm|simt|ffma", re.I)
 GEMV_NAME = re.compile(r"gemv|gemmSN|gemmk1", re.I)
@@ -219,3 +230,14 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=int(saving),
                     estimated_saving_fraction=round(sfrac, 6), recommendation=" ".join(rec), evidence=evidence,
                     rank=ctx.rank)]
+
+
+SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
+    ("method", "how tensor-core use was decided (ncu counters, kernel names, shapes)"),
+    ("non_tensor_core_kernels", "GEMM kernels without tensor cores: name, launches, time"),
+    ("examples", "a few of those launches with their start times"),
+    ("misaligned_examples", "GEMMs whose shapes are not multiples of 8/16"),
+    ("saving_formula", "how the saving was estimated"),
+    ("peaks", "the device peaks the estimate used"),
+    ("window", "the steady-state window"),
+))

@@ -41,23 +41,27 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.analyzers.findings import Finding
+from gpudoctor.analyzers.spec import AnalyzerSpec, Setting, fraction
 from gpudoctor.model import collectives
 from gpudoctor.model.columns import equals, per_value
 from gpudoctor.model.steps import union_ns
 
 ID = "nccl_dominated"
 
-# key -> (default, meaning). Read through _settings (config.py may register them under this ID).
-DEFAULTS = {
-    "exposed_fraction_medium": (0.10, "medium when exposed communication is at least this fraction of the window"),
-    "exposed_fraction_high": (0.25, "high at this fraction"),
-    "comm_fraction_info": (0.05, "below medium, an info finding when communication is at least this fraction"),
-    "small_message_bytes": (1 << 20, "collectives smaller than this (median) are latency-bound: fewer, larger ones"),
-    "many_collectives_per_step": (64, "more collectives than this per step: coalesce them"),
-    "link_bandwidth_gbps": (None, "link ceiling per GPU per direction (GB/s); default from nccl-bench or the GPU model"),
-    "link_fraction_medium": (0.5, "achieved bus bandwidth below this fraction of the ceiling (large messages): check the link"),
-    "large_message_bytes": (16 << 20, "messages at least this large are expected to approach the link ceiling"),
-}
+SETTINGS = (
+    fraction("exposed_fraction_medium", 0.10, "medium when exposed communication is at least this fraction of the window"),
+    fraction("exposed_fraction_high", 0.25, "high at this fraction"),
+    fraction("comm_fraction_info", 0.05, "below medium, an info finding when communication is at least this fraction"),
+    Setting("small_message_bytes", 1 << 20, "collectives smaller than this (median) are latency-bound: fewer, larger ones",
+            unit="bytes"),
+    Setting("many_collectives_per_step", 64, "more collectives than this per step: coalesce them", unit="count"),
+    Setting("link_bandwidth_gbps", None, "link ceiling per GPU per direction; default from nccl-bench or the GPU model",
+            unit="GB/s", kind="number"),
+    fraction("link_fraction_medium", 0.5, "achieved bus bandwidth below this fraction of the ceiling (large messages): "
+             "check the link"),
+    Setting("large_message_bytes", 16 << 20, "messages at least this large are expected to approach the link ceiling",
+            unit="bytes"),
+)
 
 COMM_KERNEL = r"nccl|^(all_?reduce|all_?gather|reduce_?scatter|alltoall|sendrecv)|cross_device_reduce"
 P2P_KERNEL = r"nccl(?:Dev)?Kernel_(?:SendRecv|Send|Recv)(?![a-z])|nccl(?:SendRecv|Send|Recv)Kernel"
@@ -77,16 +81,6 @@ _OPS = {"allreduce": "all_reduce", "allgather": "all_gather", "reducescatter": "
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers shared with pipeline_bubbles and stragglers
-
-
-def settings(ctx, analyzer: str, defaults: dict) -> dict:
-    """The analyzer's defaults overlaid with whatever the config holds for it."""
-    out = {k: v for k, (v, _) in defaults.items()}
-    values = getattr(getattr(ctx, "config", None), "values", None) or {}
-    for k, v in (values.get(analyzer) or {}).items():
-        if v is not None:
-            out[k] = v
-    return out
 
 
 def name_mask(names: pd.Series, pattern: str) -> np.ndarray:
@@ -325,7 +319,7 @@ def comm_metrics(ctx) -> dict:
 
 
 def analyze(ctx) -> list[Finding]:
-    cfg = settings(ctx, ID, DEFAULTS)
+    cfg = ctx.config.section(ID)
     out: list[Finding] = []
     if isinstance(ctx.trace.meta.get("nccl_tests"), dict) and ctx.rank == _nccl_tests_rank(ctx.trace):
         out += nccl_corruption(ctx.trace, ctx.rank)
@@ -416,3 +410,14 @@ def analyze(ctx) -> list[Finding]:
                        recommendation=" ".join(rec), evidence=evidence, rank=ctx.rank))
     return out
 
+
+SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
+    ("top_comm_kernels", "the communication kernels with the most time: name, op, count, total"),
+    ("ceiling_source", "where the link ceiling came from (nccl-bench, config, GPU model)"),
+    ("note", "how exposed communication was measured"),
+    ("ops", "nccl-tests: the collectives whose rows returned wrong data"),
+    ("wrong_rows", "nccl-tests: the rows with #wrong > 0"),
+    ("source", "nccl-tests: the log"),
+    ("log", "nccl-tests: the log the bandwidths came from"),
+    ("window", "the steady-state window"),
+))

@@ -23,9 +23,17 @@ import pandas as pd
 
 from gpudoctor.analyzers.context import ELEMENT_BYTES, AnalysisContext, display_name
 from gpudoctor.analyzers.findings import Finding
+from gpudoctor.analyzers.spec import SEVERITY_OVERRIDES, AnalyzerSpec, Setting
 from gpudoctor.model.categories import category_of
 
 ID = "unfused_attention"
+
+SETTINGS = (
+    Setting("max_kernels_between", 10, "most non-GEMM kernels between a GEMM and the softmax on either side of a chain",
+            unit="count"),
+    Setting("max_gemms_per_side", 2, "GEMMs directly before/after the chain counted as part of it (backward has 2)",
+            unit="count"),
+) + SEVERITY_OVERRIDES
 
 FUSED = re.compile(
     r"flash_fwd|flash_bwd|flash::|flashattn|flash_attn|flash_attention|fmha|cutlassF|cutlassB|"
@@ -295,3 +303,13 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
            "so a fused backend is eligible.")
     return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=int(saving),
                     estimated_saving_fraction=round(frac, 6), recommendation=rec, evidence=evidence, rank=ctx.rank)]
+
+
+SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
+    ("chain_kernels_by_time_us", "the chain's kernels (short names) and their time in the window"),
+    ("examples", "a few chains with their kernels and start times"),
+    ("fused_kernels", "fused attention kernels seen in the window"),
+    ("fused_kernels_also_present", "a fused attention kernel runs next to the unfused chains"),
+    ("saving_formula", "how the saving was estimated"),
+    ("window", "the steady-state window"),
+))

@@ -72,16 +72,15 @@ def serve(n_kernels: int) -> None:
     from werkzeug.serving import make_server
 
     from gpudoctor.dashboards.app import Run, create_app
-    from gpudoctor.pipeline import Analysis, analyze_trace
+    from gpudoctor.pipeline import analyze
     from gpudoctor.readers import nsys
 
     t0 = time.perf_counter()
     trace = scale_trace(nsys.read(FIXTURE), n_kernels)
     t1 = time.perf_counter()
-    ranks, findings = analyze_trace(trace)
+    analysis = analyze(trace, [{"path": f"{FIXTURE} (scaled)"}], [], samples=False)
     t2 = time.perf_counter()
-    run = Run(f"attn_naive x{-(-n_kernels // 1089)} ({len(trace.kernels):,} kernels)",
-              Analysis(inputs=[{"path": f"{FIXTURE} (scaled)"}], trace=trace, ranks=ranks, findings=findings))
+    run = Run(f"attn_naive x{-(-n_kernels // 1089)} ({len(trace.kernels):,} kernels)", analysis)
     app = create_app([run])  # prepares the timeline index
     t3 = time.perf_counter()
     srv = make_server("127.0.0.1", 0, app.server, threaded=True)

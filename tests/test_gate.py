@@ -18,6 +18,7 @@ from gpudoctor.analyzers.findings import Finding
 from gpudoctor.cli.main import main
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.gate import outputs, stats
+from gpudoctor.render import jsonout
 from gpudoctor.gate.compare import (GateOptions, RunData, UserMetric, compare, evaluate_rules,
                                     gate_block, load_run, run_from_trace, _analyze)
 from gpudoctor.model.kernel_names import kernel_key
@@ -266,7 +267,7 @@ def test_bad_rule_config(tmp_path):
 
 
 def _traced(path):
-    from gpudoctor.pipeline import load_inputs
+    from gpudoctor.readers.inputs import load_inputs
     trace, _, errors = load_inputs([str(path)])
     assert not errors
     return trace
@@ -413,7 +414,7 @@ def test_analysis_json_inputs(tmp_path):
 
     def write(path, src, with_gate=True, durations=False):
         an = analyze_inputs([str(src)])
-        d = an.to_json_dict()  # analysis.json carries the gate block
+        d = jsonout.to_json_dict(an)  # analysis.json carries the gate block
         assert d["gate"] == json.loads(json.dumps(gate_block(an)))
         if not with_gate:  # as an analysis.json from elsewhere might be
             d.pop("gate")
@@ -483,7 +484,7 @@ def test_calibrate_cli(tmp_path, capsys):
 
 
 def test_multi_rank_run(runs):
-    from gpudoctor.pipeline import load_inputs
+    from gpudoctor.readers.inputs import load_inputs
 
     trace, _, errors = load_inputs([str(BASE_A), str(BASE_B)], {str(BASE_A): 0, str(BASE_B): 1})
     assert not errors and trace.rank_ids == [0, 1]

@@ -45,12 +45,12 @@ import pytest
 
 from gpudoctor.analyzers import kv_fragmentation as kv
 from gpudoctor.analyzers.config import Config
-from gpudoctor.analyzers.registry import contexts
+from gpudoctor.analyzers.runner import contexts
 from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.model.counters_from_ranges import (MALFORMED_REASON, counters_from_ranges, format_counter_text,
                                                   parse_counter_text)
 from gpudoctor.model.trace import Trace, conform
-from gpudoctor.pipeline import read_input
+from gpudoctor.readers.inputs import read_input
 from gpudoctor.readers import detect, nsys, prometheus, safe_pickle, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -248,7 +248,7 @@ def test_log_joins_the_traces_of_a_run():
 
 
 def test_read_input_picks_the_reader():
-    from gpudoctor.pipeline import read_input
+    from gpudoctor.readers.inputs import read_input
     t = read_input(HANDMADE)
     assert len(t.meta["nccl_tests"]["rows"]) == 28
 

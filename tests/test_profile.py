@@ -689,6 +689,7 @@ def test_nvml_only_run_dir_takes_its_gpu_from_the_manifest(tmp_path):
     """NVML samples alone carry no device table: the manifest's GPU list (what the profiler saw) fills it,
     so the summary and the gate's environment name the GPU."""
     from gpudoctor.pipeline import analyze_inputs
+    from gpudoctor.render import jsonout
 
     run = tmp_path / "run"
     (run / "raw").mkdir(parents=True)
@@ -703,7 +704,7 @@ def test_nvml_only_run_dir_takes_its_gpu_from_the_manifest(tmp_path):
     assert d["name"].tolist() == ["NVIDIA H100 80GB HBM3"] and d["memory_bytes"].tolist() == [85520809984]
     assert d["sm_clock_hz"].tolist() == [1.98e9] and a.ranks[0].device == "NVIDIA H100 80GB HBM3"
     assert a.trace.meta["driver_version"] == "580.159.04"
-    assert a.to_json_dict()["gate"]["env"]["gpus"] == ["NVIDIA H100 80GB HBM3"]
+    assert jsonout.to_json_dict(a)["gate"]["env"]["gpus"] == ["NVIDIA H100 80GB HBM3"]
 
 
 def test_merge_manifests():

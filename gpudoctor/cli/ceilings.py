@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 from gpudoctor.cli.base import Command
+from gpudoctor.collect.ceilings import measure_ceilings
+from gpudoctor.store.atomic import atomic_write_text
 
 
 def ceilings_dir() -> Path:
@@ -38,9 +40,6 @@ class CeilingsCommand(Command):
         p.add_argument("--copy-bytes", type=int, default=2 << 30)
 
     def run(self, args: argparse.Namespace) -> int:
-        from gpudoctor.collect.ceilings import measure_ceilings
-        from gpudoctor.store.atomic import atomic_write_text
-
         res = measure_ceilings(copy_bytes=args.copy_bytes, device=args.device)
         text = json.dumps(res, indent=1) + "\n"
         target = ceilings_dir() / (_slug(res["device_name"]) + ".json")

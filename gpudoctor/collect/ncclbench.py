@@ -36,8 +36,9 @@ import socket
 import sys
 import time
 
-from gpudoctor.errors import GpudoctorError
+from gpudoctor import __version__
 from gpudoctor.collect.nccltests_layout import format_footer, format_row, format_run_header, format_table_header
+from gpudoctor.errors import GpudoctorError
 from gpudoctor.model.collectives import DTYPE_TYPES, OP_BINARIES, bandwidths, bus_factor, op_sizes, redop_of, root_of
 
 ALL_OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
@@ -535,7 +536,6 @@ def run_rank(args: argparse.Namespace) -> int:
     backend = args.backend
     rank, world, local = launch["rank"], launch["world"], launch["local"]
     if rank == 0:  # before NCCL starts (and maybe logs): readers sniff the first lines
-        from gpudoctor import __version__
         _print(f"# gpudoctor nccl-bench {__version__}: NCCL collectives in the nccl-tests layout\n")
     if backend == "nccl":
         if not torch.cuda.is_available():

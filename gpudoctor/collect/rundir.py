@@ -36,6 +36,7 @@ import shutil
 from pathlib import Path
 
 from gpudoctor.errors import GpudoctorError
+from gpudoctor.store.atomic import atomic_write_text
 
 RAW = "raw"
 MANIFEST = "manifest.json"
@@ -188,8 +189,6 @@ def check_space(directory: Path, need: int | None = None) -> None:
 
 
 def write_json(path: Path, doc: dict) -> None:
-    from gpudoctor.store.atomic import atomic_write_text
-
     atomic_write_text(path, json.dumps(doc, indent=1, default=str) + "\n")
 
 

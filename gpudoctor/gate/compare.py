@@ -36,10 +36,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gpudoctor import __version__
+from gpudoctor.analyzers.runner import TraceAnalysis, analyze_trace
 from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.gate import stats
+from gpudoctor.gate.attribution import attribute
 from gpudoctor.model.samples import rank_data
 from gpudoctor.model.trace import Trace
+from gpudoctor.readers.inputs import load_inputs
+from gpudoctor.render.fmt import ns
 
 RUN_FORMAT = "gpudoctor-gate-run"
 RUN_FORMAT_VERSION = 1
@@ -318,16 +323,8 @@ def run_from_trace(trace: Trace, ranks: list, findings: list, label: str, source
 # -- reading inputs ---------------------------------------------------------------------------------------
 
 
-def _analyze(trace: Trace, analyzer_config) -> tuple[list, list, list[str]]:
-    from gpudoctor.pipeline import analyze_trace
-    from gpudoctor.model.summary import summarize_rank
-
-    try:
-        ranks, findings = analyze_trace(trace, analyzer_config)
-        return ranks, findings, []
-    except ImportError as e:  # analyzers missing or half-installed: the metrics still work
-        ranks = [summarize_rank(trace, r) for r in (trace.rank_ids or [0])]
-        return ranks, [], [f"analyzers unavailable ({e}); rules on findings cannot be checked"]
+def _analyze(trace: Trace, analyzer_config) -> TraceAnalysis:
+    return analyze_trace(trace, analyzer_config)
 
 
 def _is_analysis_json(path: Path) -> dict | None:
@@ -396,11 +393,10 @@ def run_from_analysis_json(data: dict, label: str) -> RunData:
 
 
 def gate_block(analysis) -> dict:
-    """The ``gate`` block of analysis.json for an Analysis (pipeline.Analysis): what the gate needs to compare
-    this run later without the trace. Recomputed from the trace (or from the analysis' ``gate_samples``,
-    per-rank samples computed where the events were), a few KB."""
+    """The ``gate`` block of analysis.json for an Analysis: what the gate needs to compare this run later
+    without the trace, a few KB, assembled from the per-rank samples the analysis computed."""
     run = run_from_trace(analysis.trace, analysis.ranks, [], label="", source="analysis_json",
-                         rank_samples=getattr(analysis, "gate_samples", None))
+                         rank_samples=analysis.gate_samples)
     d = run.to_dict()
     d.pop("label", None)
     return d
@@ -473,19 +469,17 @@ def load_run(spec: str, analyzer_config=None, user_metrics: list[UserMetric] | N
             if user_metrics:
                 read_user_metrics(paths, user_metrics, run)
             return run
-    from gpudoctor.pipeline import load_inputs
-
     trace, _inputs, errors = load_inputs([str(p) for p in paths])
     if errors or trace is None:
         raise GpudoctorError("; ".join(errors) or f"{spec}: nothing could be read")
     if trace.kernels.empty:
         raise InputError(spec, "no GPU kernels in this run: nothing to compare")
-    ranks, findings, notes = _analyze(trace, analyzer_config)
+    result = _analyze(trace, analyzer_config)
     is_run_dir = len(paths) == 1 and paths[0].is_dir() and ((paths[0] / "manifest.json").exists() or (paths[0] / "run.db").exists())
-    run = run_from_trace(trace, ranks, findings, label, source="run_dir" if is_run_dir else "trace")
+    run = run_from_trace(trace, result.ranks, result.findings, label, source="run_dir" if is_run_dir else "trace",
+                         rank_samples=result.samples)
     if is_run_dir:
         run.env.update(manifest_env(paths[0]))
-    run.notes.extend(notes)
     if user_metrics:
         read_user_metrics(paths, user_metrics, run)
     return run
@@ -733,7 +727,6 @@ class GateResult:
         return self.reasons[0] if self.reasons else self.status
 
     def to_dict(self) -> dict:
-        from gpudoctor import __version__
 
         o = self.options
         return {
@@ -761,7 +754,6 @@ def pooled(runs: list[RunData], metric: str) -> list[float]:
 def compare(baselines: list[RunData], candidates: list[RunData], options: GateOptions | None = None) -> GateResult:
     """Decide every metric, check the rules, attribute the change. Raises GpudoctorError (exit 2) when the
     runs come from different hardware or software and ``allow_mismatch`` is off."""
-    from gpudoctor.gate.attribution import attribute
 
     o = options or GateOptions()
     if not baselines or not candidates:
@@ -810,7 +802,6 @@ def fmt_value(v: float | None, unit: str) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
     if unit == "ns":
-        from gpudoctor.render.fmt import ns
         return ns(v)
     if unit == "fraction":
         return f"{v:.3f}"

@@ -65,9 +65,12 @@ def in_window(df: pd.DataFrame, start_ns: int, end_ns: int, start_col="start_ns"
     return df[(e > start_ns) & (s < end_ns)]
 
 
-def summarize_rank(trace: Trace, rank: int) -> RankSummary:
-    t = trace.for_rank(rank) if len(trace.rank_ids) > 1 else trace
-    window = find_steps(t.ranges, t.kernels)
+def summarize_rank(trace: Trace, rank: int, view: Trace | None = None, window: StepWindow | None = None) -> RankSummary:
+    """Where ``rank``'s steady-state time went. ``view``: the rank's tables when already filtered; ``window``:
+    its steady-state window when already found (else both are computed here)."""
+    t = view if view is not None else trace.for_rank(rank) if len(trace.rank_ids) > 1 else trace
+    if window is None:
+        window = find_steps(t.ranges, t.kernels)
     lo, hi = window.start_ns, window.end_ns
     dur = max(hi - lo, 1)
     k = in_window(t.kernels, lo, hi)
