@@ -19,6 +19,7 @@ from gpudoctor.analyzers.config import Config, as_config
 from gpudoctor.analyzers.context import AnalysisContext, build_context
 from gpudoctor.analyzers.findings import Finding
 from gpudoctor.analyzers.registry import ANALYZERS
+from gpudoctor.model.kernel_names import kernel_keys
 from gpudoctor.model.samples import rank_data
 from gpudoctor.model.steps import StepWindow, find_steps
 from gpudoctor.model.summary import RankSummary, summarize_rank
@@ -97,10 +98,11 @@ def analyze_trace(trace: Trace, config: Config | dict | None = None, *, only: li
     cfg = as_config(config)
     views = rank_views(trace)
     windows = {r: find_steps(v.ranges, v.kernels) for r, v in views.items()}
-    out = TraceAnalysis(ranks=[summarize_rank(trace, r, view=v, window=windows[r]) for r, v in views.items()],
-                        findings=[], windows=windows)
+    keys = {r: kernel_keys(v.kernels) for r, v in views.items()}  # each kernel's identity, decided once
+    out = TraceAnalysis(ranks=[summarize_rank(trace, r, view=v, window=windows[r], keys=keys[r])
+                               for r, v in views.items()], findings=[], windows=windows)
     if samples:
-        out.samples = {r: rank_data(v, windows[r]) for r, v in views.items()}
+        out.samples = {r: rank_data(v, windows[r], keys[r]) for r, v in views.items()}
     findings: list[Finding] = []
     for r, v in views.items():
         ctx = build_context(trace, r, cfg, rank_view=v, window=windows[r], run_windows=windows)

@@ -277,7 +277,8 @@ def test_refuses_different_gpu_model(runs):
     trace = _traced(BASE_B)
     other = copy.deepcopy(trace)  # the fixture file is not touched
     other.devices["name"] = "NVIDIA A100-SXM4-80GB"
-    ranks, findings, _ = _analyze(other, None)
+    a = _analyze(other, None)
+    ranks, findings = a.ranks, a.findings
     cand = run_from_trace(other, ranks, findings, "edited")
     assert cand.env["gpus"] == ["NVIDIA A100-SXM4-80GB"]
     assert runs["gate_base_a"].env["driver_version"] == "580.159.04"
@@ -488,7 +489,8 @@ def test_multi_rank_run(runs):
 
     trace, _, errors = load_inputs([str(BASE_A), str(BASE_B)], {str(BASE_A): 0, str(BASE_B): 1})
     assert not errors and trace.rank_ids == [0, 1]
-    ranks, findings, _ = _analyze(trace, None)
+    a = _analyze(trace, None)
+    ranks, findings = a.ranks, a.findings
     run = run_from_trace(trace, ranks, findings, "two-ranks")
     assert run.env["gpu_count"] == 2
     assert len(run.samples["gpu_time"]) == 19 + 29  # different steady counts: pooled

@@ -37,9 +37,10 @@ def kernel_key(name: str, demangled: str) -> str:
     return name
 
 
-def kernel_keys(k: pd.DataFrame) -> np.ndarray:
+def kernel_keys(k: pd.DataFrame) -> pd.Categorical:
+    """``kernel_key`` of every kernel row (``name``, ``demangled_name``), decided once per distinct pair."""
     if k.empty:
-        return np.array([], dtype=object)
+        return pd.Categorical([])
     names = pd.Categorical(k["name"].astype(str)) if not isinstance(k["name"].dtype, pd.CategoricalDtype) else k["name"].values
     dem = (pd.Categorical(k["demangled_name"].astype(str)) if not isinstance(k["demangled_name"].dtype, pd.CategoricalDtype)
            else k["demangled_name"].values)
@@ -51,7 +52,8 @@ def kernel_keys(k: pd.DataFrame) -> np.ndarray:
     ncat, dcat = np.asarray(names.categories, dtype=object), np.asarray(dem.categories, dtype=object)
     keys = np.array([kernel_key(str(ncat[a]) if a >= 0 else "", str(dcat[b]) if b >= 0 else "")
                      for a, b in zip(nn, dd)], dtype=object)
-    return keys[inv]
+    distinct, per_pair = np.unique(keys, return_inverse=True)
+    return pd.Categorical.from_codes(per_pair.ravel()[inv.ravel()], categories=distinct)
 
 
 def short_kernel_name(name: str) -> str:

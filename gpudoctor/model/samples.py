@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.model.kernel_names import kernel_keys
-from gpudoctor.model.steps import merge_intervals
+from gpudoctor.model.steps import StepWindow, merge_intervals
 from gpudoctor.model.trace import Trace
 
 _DIGITS = re.compile(r"\d+")
@@ -49,8 +49,9 @@ def _assign_to_steps(t: np.ndarray, step_start: np.ndarray, step_end: np.ndarray
     return np.where(ok, idx, -1)
 
 
-def rank_data(t: Trace, window) -> dict:
-    """Per-step samples and steady-step attribution totals of one rank."""
+def rank_data(t: Trace, window: StepWindow, keys: pd.Categorical | None = None) -> dict:
+    """Per-step samples and steady-step attribution totals of one rank (``keys``: ``kernel_keys`` of
+    ``t.kernels`` when already computed)."""
     steady = window.steady.sort_values("gpu_start_ns", kind="stable")
     st = steady["gpu_start_ns"].to_numpy(np.int64)
     en = steady["gpu_end_ns"].to_numpy(np.int64)
@@ -71,7 +72,9 @@ def rank_data(t: Trace, window) -> dict:
     out["wall_time"] = period[steady_mask[:-1]].astype(float) if len(starts_all) >= 2 else None
     # Attribution: kernels and memops starting inside a steady step.
     kin = _assign_to_steps(k["start_ns"].to_numpy(np.int64), st, en) >= 0
-    kk = pd.DataFrame({"name": kernel_keys(k)[kin], "category": k["category"].astype(str).to_numpy()[kin],
+    if keys is None:
+        keys = kernel_keys(k)
+    kk = pd.DataFrame({"name": np.asarray(keys.categories, dtype=object)[np.asarray(keys.codes)[kin]], "category": k["category"].astype(str).to_numpy()[kin],
                        "d": (k["end_ns"] - k["start_ns"]).to_numpy(np.int64)[kin]})
     min_ = _assign_to_steps(m["start_ns"].to_numpy(np.int64), st, en) >= 0
     mm = pd.DataFrame({"name": "[" + m["kind"].astype(str).to_numpy()[min_].astype(object) + "]",
