@@ -12,6 +12,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from gpudoctor.model.columns import as_categorical
 from gpudoctor.model.kernel_names import kernel_keys
 from gpudoctor.model.steps import StepWindow, merge_intervals
 from gpudoctor.model.trace import Trace
@@ -74,16 +75,32 @@ def rank_data(t: Trace, window: StepWindow, keys: pd.Categorical | None = None) 
     kin = _assign_to_steps(k["start_ns"].to_numpy(np.int64), st, en) >= 0
     if keys is None:
         keys = kernel_keys(k)
-    kk = pd.DataFrame({"name": np.asarray(keys.categories, dtype=object)[np.asarray(keys.codes)[kin]], "category": k["category"].astype(str).to_numpy()[kin],
-                       "d": (k["end_ns"] - k["start_ns"]).to_numpy(np.int64)[kin]})
     min_ = _assign_to_steps(m["start_ns"].to_numpy(np.int64), st, en) >= 0
-    mm = pd.DataFrame({"name": "[" + m["kind"].astype(str).to_numpy()[min_].astype(object) + "]",
-                       "category": "memory", "d": (m["end_ns"] - m["start_ns"]).to_numpy(np.int64)[min_]})
-    both = pd.concat([kk, mm], ignore_index=True) if len(mm) else kk
-    out["kernels"] = (both.groupby(["name", "category"], sort=False).agg(total_ns=("d", "sum"), count=("d", "size"))
-                      .reset_index())
+    out["kernels"] = _kernel_totals(k, keys, kin, m, min_)
     out["ranges"] = _range_time(t, kin, min_, steady)
     return out
+
+
+def _kernel_totals(k: pd.DataFrame, keys: pd.Categorical, kin: np.ndarray, m: pd.DataFrame,
+                   min_: np.ndarray) -> pd.DataFrame:
+    """Total time and launches per (kernel identity, category) of the steady-step kernels, then per memop
+    kind ("[memcpy_htod]", category memory), in order of first appearance. Grouped on integer codes: only
+    the few distinct names become strings."""
+    cat = as_categorical(k["category"])
+    kg = pd.DataFrame({"key": np.asarray(keys.codes)[kin], "cat": np.asarray(cat.cat.codes)[kin],
+                       "d": (k["end_ns"] - k["start_ns"]).to_numpy(np.int64)[kin]})
+    g = kg.groupby(["key", "cat"], sort=False).agg(total_ns=("d", "sum"), count=("d", "size")).reset_index()
+    key_names = np.asarray(keys.categories, dtype=object)
+    cat_names = np.asarray(cat.cat.categories.astype(str), dtype=object)
+    kernels = pd.DataFrame({"name": key_names[g["key"].to_numpy()] if len(g) else np.array([], dtype=object),
+                            "category": cat_names[g["cat"].to_numpy()] if len(g) else np.array([], dtype=object),
+                            "total_ns": g["total_ns"].to_numpy(np.int64), "count": g["count"].to_numpy(np.int64)})
+    mm = pd.DataFrame({"name": "[" + m["kind"].astype(str).to_numpy()[min_].astype(object) + "]",
+                       "category": "memory", "d": (m["end_ns"] - m["start_ns"]).to_numpy(np.int64)[min_]})
+    if not len(mm):
+        return kernels
+    memops = mm.groupby(["name", "category"], sort=False).agg(total_ns=("d", "sum"), count=("d", "size")).reset_index()
+    return pd.concat([kernels, memops], ignore_index=True)
 
 
 def _range_time(t: Trace, kin: np.ndarray, min_: np.ndarray, steady: pd.DataFrame) -> pd.DataFrame:
