@@ -449,7 +449,8 @@ def _recommendation(ctx: AnalysisContext, m: dict, alloc: dict | None, severity:
     if waste is None:
         parts.append("Waste needs token counts the allocator cannot see: call gpudoctor.annotate.kv_cache("
                      "used_tokens=..., allocated_tokens=..., block_tokens=...) once per step, or scrape the "
-                     "engine's metrics (gpudoctor profile --scrape http://HOST:PORT/metrics for vLLM).")
+                     "engine's metrics while it runs and pass the file to gpudoctor analyze (for vLLM: "
+                     "curl -s http://HOST:PORT/metrics >> engine.prom, one scrape per interval).")
         if alloc is not None and alloc["pattern"] == "static_max_length":
             parts.append("If these are per-request KV buffers sized for the maximum length, a paged KV cache "
                          "(vLLM PagedAttention, TensorRT-LLM paged KV cache) allocates only the blocks tokens fill.")

@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.analyzers.findings import Finding, severity_for
-from gpudoctor.analyzers.spec import AnalyzerSpec, Setting, fraction
 from gpudoctor.analyzers.nccl_dominated import comm_mask, intervals, p2p_mask, world_size
+from gpudoctor.analyzers.spec import AnalyzerSpec, Setting, fraction
 from gpudoctor.model.steps import union_ns
 
 ID = "pipeline_bubbles"

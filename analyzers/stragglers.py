@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.analyzers.findings import Finding, severity_for
-from gpudoctor.analyzers.spec import AnalyzerSpec, fraction
 from gpudoctor.analyzers.nccl_dominated import comm_mask, intervals, overlap_ns, pipeline_p2p
+from gpudoctor.analyzers.spec import AnalyzerSpec, fraction
 from gpudoctor.model.steps import StepWindow, find_steps, union_ns
 from gpudoctor.model.trace import Trace
 

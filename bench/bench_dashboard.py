@@ -88,7 +88,7 @@ def serve(n_kernels: int) -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     print(json.dumps({"ready": True, "port": srv.server_port, "pid": os.getpid(), "kernels": len(trace.kernels),
                       "build_s": t1 - t0, "analyze_s": t2 - t1, "prepare_s": t3 - t2,
-                      "step": [int(ranks[0].window.steps["gpu_start_ns"].iloc[5]), int(ranks[0].window.steps["gpu_end_ns"].iloc[5])],
+                      "step": [int(analysis.ranks[0].window.steps["gpu_start_ns"].iloc[5]), int(analysis.ranks[0].window.steps["gpu_end_ns"].iloc[5])],
                       "origin_ns": int(run.index.origin_ns)}), flush=True)
     srv.serve_forever()
 

@@ -367,7 +367,8 @@ def _run_processes(files, ranks, fmts, config, workers, results, bar) -> None:
 
 def _run_dask(files, ranks, fmts, config, workers, scheduler, results, bar) -> None:
     try:
-        from dask.distributed import Client, LocalCluster, as_completed as dask_completed
+        from dask.distributed import Client, LocalCluster
+        from dask.distributed import as_completed as dask_completed
     except ImportError:
         raise GpudoctorError("--scheduler needs Dask: pip install 'gpudoctor[dask]'") from None
     cluster = None

@@ -18,11 +18,20 @@ from gpudoctor.analyzers.findings import Finding
 from gpudoctor.cli.main import main
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.gate import outputs, stats
-from gpudoctor.render import jsonout
-from gpudoctor.gate.compare import (GateOptions, RunData, UserMetric, compare, evaluate_rules,
-                                    gate_block, load_run, run_from_trace, _analyze)
+from gpudoctor.gate.compare import (
+    GateOptions,
+    RunData,
+    UserMetric,
+    _analyze,
+    compare,
+    evaluate_rules,
+    gate_block,
+    load_run,
+    run_from_trace,
+)
 from gpudoctor.model.kernel_names import kernel_key
 from gpudoctor.model.samples import busy_in_windows
+from gpudoctor.render import jsonout
 
 ROOT = Path(__file__).resolve().parent.parent
 NSYS = ROOT / "fixtures" / "nsys"

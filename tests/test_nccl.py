@@ -20,12 +20,12 @@ from gpudoctor.analyzers import nccl_dominated
 from gpudoctor.analyzers.config import Config
 from gpudoctor.analyzers.context import build_context
 from gpudoctor.collect import ncclbench as nb
-from gpudoctor.errors import InputError
-from gpudoctor.readers import detect, nccltests
 from gpudoctor.collect import nccltests_layout
 from gpudoctor.collect.nccltests_layout import format_footer, format_row, format_run_header, format_table_header
+from gpudoctor.errors import InputError
 from gpudoctor.model import collectives
 from gpudoctor.model.collectives import bandwidths, bus_factor, op_sizes
+from gpudoctor.readers import detect, nccltests
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDMADE = ROOT / "tests" / "data" / "nccl_tests_all_reduce_handmade.log"

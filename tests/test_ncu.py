@@ -23,8 +23,7 @@ from gpudoctor.collect import locate
 from gpudoctor.collect import ncu as collect
 from gpudoctor.errors import InputError
 from gpudoctor.model.schema import TABLES
-from gpudoctor.readers import detect
-from gpudoctor.readers import ncu
+from gpudoctor.readers import detect, ncu
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / "fixtures/ncu/ncu_kernels.raw.csv"

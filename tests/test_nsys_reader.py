@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 from gpudoctor.errors import InputError
-from gpudoctor.readers import nsys
-from gpudoctor.readers import rank_from_filename
+from gpudoctor.readers import nsys, rank_from_filename
 from gpudoctor.readers.nsys import read
 
 SAMPLE = Path("/work/shared/samples/attention_h100.nsys.sqlite")

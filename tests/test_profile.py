@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from gpudoctor.collect import locate
+from gpudoctor.collect import locate, nvml, ranks, rundir
 from gpudoctor.collect import nsys as nsys_mod
-from gpudoctor.collect import nvml, ranks, rundir
 from gpudoctor.collect.torch_backend import NotPython, parse_python_command
 from gpudoctor.errors import GpudoctorError
 

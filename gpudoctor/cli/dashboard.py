@@ -11,8 +11,8 @@ from pathlib import Path
 
 from gpudoctor.analyzers.config import load_config
 from gpudoctor.cli.base import Command
-from gpudoctor.pipeline import analyze_inputs
 from gpudoctor.errors import GpudoctorError, require
+from gpudoctor.pipeline import analyze_inputs
 
 
 def is_loopback(host: str) -> bool:
@@ -142,7 +142,7 @@ class ReportCommand(Command):
     def run(self, args: argparse.Namespace) -> int:
         require("plotly", "dash")
         from gpudoctor.dashboards.report import write_report
-    
+
         ceilings = _load_ceilings(args.ceilings)
         analysis = analyze_inputs(args.inputs, config=load_config(args.config, []), need_trace=True)
         for e in analysis.errors:

@@ -14,7 +14,6 @@ import re
 import numpy as np
 import pandas as pd
 
-
 # PyTorch's generic kernels: one short name for hundreds of ops. Attribution names them by their functor.
 GENERIC_KERNELS = {"vectorized_elementwise_kernel", "elementwise_kernel", "unrolled_elementwise_kernel", "reduce_kernel",
                    "index_elementwise_kernel", "vectorized_templated_elementwise_kernel", "multi_tensor_apply_kernel",
