@@ -176,3 +176,11 @@ def test_a_back_edge_is_caught(tmp_path):
     assert RANK[layer_of(m)] > RANK[layer_of("gpudoctor.model.m")]
     f.write_text("try:\n    import gpudoctor.analyzers.registry\nexcept ImportError:\n    pass\n")
     assert imports("gpudoctor.pipeline", f, KNOWN) == [("gpudoctor.analyzers.registry", 2, True)]
+
+
+def test_docs_list_the_same_layers():
+    """docs/architecture.md's layer table names these layers in this order."""
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    table = doc[doc.index("| layer (lowest first) | modules |"):].split("\n\n")[0]
+    names = [row.split("|")[1].strip() for row in table.splitlines()[2:]]
+    assert names == [name for name, _ in LAYERS]
