@@ -318,31 +318,16 @@ def comm_metrics(ctx) -> dict:
     }
 
 
-def analyze(ctx) -> list[Finding]:
-    cfg = ctx.config.section(ID)
-    out: list[Finding] = []
-    if isinstance(ctx.trace.meta.get("nccl_tests"), dict) and ctx.rank == _nccl_tests_rank(ctx.trace):
-        out += nccl_corruption(ctx.trace, ctx.rank)
-        out += nccl_tests_bandwidth(ctx, cfg)
+def measure(ctx, cfg: dict) -> dict | None:
+    """Communication in the window (``comm_metrics``), the top communication kernels, collective sizes and
+    bandwidths against the link ceiling; None when the rank runs no communication kernel."""
     if ctx.kernels.empty or ctx.window_ns <= 0:
-        return out
+        return None
     m = comm_metrics(ctx)
     cm = m.pop("_mask")
     if not cm.any():
-        return out
-    window = m["window_ns"]
-    ef, cf = m["exposed_comm_fraction"], m["comm_fraction"]
-    if ef >= float(cfg["exposed_fraction_high"]):
-        sev = "high"
-    elif ef >= float(cfg["exposed_fraction_medium"]):
-        sev = "medium"
-    elif cf >= float(cfg["comm_fraction_info"]):
-        sev = "info"
-    else:
-        return out
-    saving = int(max(0, min(m["exposed_comm_ns"], m["compute_ns"] - m["overlapped_comm_ns"])))
-    k = ctx.kernels
-    ck = k[cm]
+        return None
+    ck = ctx.kernels[cm]
     names = ck["kname"].astype(str) if "kname" in ck else ck["name"].astype(str)
     dur = (ck["end_ns"] - ck["start_ns"]).to_numpy(np.int64)
     top = (pd.DataFrame({"name": names.to_numpy(), "d": dur}).groupby("name").agg(count=("d", "size"), total_ns=("d", "sum"))
@@ -364,16 +349,34 @@ def analyze(ctx) -> list[Finding]:
         big = [b for b in bw if b["median_bytes"] >= int(cfg["large_message_bytes"])]
         if big:
             metrics["link_fraction"] = round(max(b["busbw_gbps"] for b in big) / ceiling, 4)
+    saving = int(max(0, min(m["exposed_comm_ns"], m["compute_ns"] - m["overlapped_comm_ns"])))
+    return {"raw": m, "metrics": metrics, "top": top, "n_steps": n_steps, "bandwidth": bw, "ceiling": ceiling,
+            "ceiling_source": ceiling_src, "saving_ns": saving}
 
+
+def severity(m: dict, cfg: dict) -> str | None:
+    """high / medium on the exposed fraction, info on the communication fraction, else None (no finding)."""
+    ef, cf = m["raw"]["exposed_comm_fraction"], m["raw"]["comm_fraction"]
+    if ef >= float(cfg["exposed_fraction_high"]):
+        return "high"
+    if ef >= float(cfg["exposed_fraction_medium"]):
+        return "medium"
+    if cf >= float(cfg["comm_fraction_info"]):
+        return "info"
+    return None
+
+
+def _advice(m: dict, cfg: dict) -> list[str]:
+    raw, metrics, n_steps, bw, ceiling = m["raw"], m["metrics"], m["n_steps"], m["bandwidth"], m["ceiling"]
     rec = []
-    if m["compute_ns"] and m["comm_ns"] > m["compute_ns"]:
-        rec.append(f"Communication ({m['comm_ns'] / 1e6 / n_steps:.2f} ms per step) takes longer than compute "
-                   f"({m['compute_ns'] / 1e6 / n_steps:.2f} ms): no overlap can hide it all. Give each GPU more work per "
+    if raw["compute_ns"] and raw["comm_ns"] > raw["compute_ns"]:
+        rec.append(f"Communication ({raw['comm_ns'] / 1e6 / n_steps:.2f} ms per step) takes longer than compute "
+                   f"({raw['compute_ns'] / 1e6 / n_steps:.2f} ms): no overlap can hide it all. Give each GPU more work per "
                    "byte communicated: a larger per-GPU batch, or gradient accumulation with DDP's no_sync() so that "
                    "gradients are all-reduced once every N micro-batches; halve the bytes with bf16 gradients "
                    "(DDP comm hook bf16_compress_hook, or bf16 mixed precision).")
-    if m["overlap_fraction"] < 0.5:
-        rec.append(f"Only {m['overlap_fraction']:.0%} of the communication overlaps compute. With DDP the all-reduce of "
+    if raw["overlap_fraction"] < 0.5:
+        rec.append(f"Only {raw['overlap_fraction']:.0%} of the communication overlaps compute. With DDP the all-reduce of "
                    "each gradient bucket starts as soon as the bucket is ready in backward: keep the default overlap "
                    "(no find_unused_parameters unless needed; static_graph=True; gradient_as_bucket_view=True), and "
                    "tune bucket_cap_mb (smaller buckets start earlier, larger ones use the link better). With FSDP, "
@@ -383,8 +386,8 @@ def analyze(ctx) -> list[Finding]:
         rec.append(f"The median collective moves {metrics['median_collective_bytes'] / 1024:.0f} KiB: small messages are "
                    "latency-bound. Use fewer, larger collectives (raise DDP bucket_cap_mb, coalesce tensors, "
                    "torch.distributed's coalescing manager, flatten parameters).")
-    elif m["comm_kernels"] / n_steps > int(cfg["many_collectives_per_step"]):
-        rec.append(f"{m['comm_kernels'] / n_steps:.0f} communication kernels per step: coalesce them into fewer, larger "
+    elif raw["comm_kernels"] / n_steps > int(cfg["many_collectives_per_step"]):
+        rec.append(f"{raw['comm_kernels'] / n_steps:.0f} communication kernels per step: coalesce them into fewer, larger "
                    "collectives.")
     if "link_fraction" in metrics and metrics["link_fraction"] < float(cfg["link_fraction_medium"]):
         rec.append(f"Large collectives reach only {metrics['link_fraction']:.0%} of the {ceiling:.0f} GB/s link ceiling "
@@ -396,18 +399,35 @@ def analyze(ctx) -> list[Finding]:
     if not bw:
         rec.append("Message sizes are unknown in this trace (torch.profiler records them; with Nsight Systems trace "
                    "NVTX so that NCCL's own ranges carry them).")
-    title = (f"Exposed communication {ef:.0%} of the steady-state window (communication {cf:.0%}, "
-             f"{m['overlap_fraction']:.0%} of it overlapped with compute)")
+    return rec
+
+
+def explain(ctx, m: dict, sev: str, cfg: dict) -> Finding:
+    raw, window, saving = m["raw"], m["raw"]["window_ns"], m["saving_ns"]
+    title = (f"Exposed communication {raw['exposed_comm_fraction']:.0%} of the steady-state window (communication "
+             f"{raw['comm_fraction']:.0%}, {raw['overlap_fraction']:.0%} of it overlapped with compute)")
     evidence = {
         "window": ctx.window.describe(),
         "top_comm_kernels": [{"name": str(n)[:120], "count": int(r["count"]), "total_us": round(r["total_ns"] / 1e3, 1),
-                              "op": kernel_op(str(n))} for n, r in top.iterrows()],
-        "ceiling_source": ceiling_src,
+                              "op": kernel_op(str(n))} for n, r in m["top"].iterrows()],
+        "ceiling_source": m["ceiling_source"],
         "note": "kernel time of a collective includes waiting for the other ranks",
     }
-    out.append(Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=saving,
-                       estimated_saving_fraction=round(saving / window, 6) if window else 0.0,
-                       recommendation=" ".join(rec), evidence=evidence, rank=ctx.rank))
+    return Finding(analyzer=ID, severity=sev, title=title, metrics=m["metrics"], estimated_saving_ns=saving,
+                   estimated_saving_fraction=round(saving / window, 6) if window else 0.0,
+                   recommendation=" ".join(_advice(m, cfg)), evidence=evidence, rank=ctx.rank)
+
+
+def analyze(ctx) -> list[Finding]:
+    cfg = ctx.config.section(ID)
+    out: list[Finding] = []
+    if isinstance(ctx.trace.meta.get("nccl_tests"), dict) and ctx.rank == _nccl_tests_rank(ctx.trace):
+        out += nccl_corruption(ctx.trace, ctx.rank)
+        out += nccl_tests_bandwidth(ctx, cfg)
+    m = measure(ctx, cfg)
+    sev = severity(m, cfg) if m is not None else None
+    if m is not None and sev is not None:
+        out.append(explain(ctx, m, sev, cfg))
     return out
 
 
