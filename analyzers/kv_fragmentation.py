@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -232,7 +233,8 @@ def _split(wasted: np.ndarray, block: np.ndarray, requests: np.ndarray) -> tuple
     return internal, wasted - internal
 
 
-def _severity(ctx: AnalysisContext, waste: float | None) -> str:
+def severity(ctx: AnalysisContext, waste: float | None) -> str:
+    """This analyzer's thresholds on the waste fraction (memory, not time); info when it is unknown."""
     return severity_for(waste, float(_cfg(ctx, "waste_fraction_medium")), float(_cfg(ctx, "waste_fraction_high")),
                         float(_cfg(ctx, "waste_fraction_low")))
 
@@ -248,18 +250,30 @@ def kv_counters(ctx: AnalysisContext) -> pd.DataFrame:
     return pd.concat([c, rows], ignore_index=True) if len(rows) else c
 
 
-def analyze(ctx: AnalysisContext) -> list[Finding]:
+@dataclass
+class Measurement:
+    """What ``measure`` found: the metrics (None = unknown), the evidence, the allocator view, the waste."""
+
+    metrics: dict
+    evidence: dict
+    alloc: dict | None
+    waste: float | None
+
+
+def measure(ctx: AnalysisContext) -> Measurement | None:
+    """Token slots (annotations, else vLLM's metrics), the allocator's view (a memory snapshot or the
+    timeline's memory events), the layout, sequences and bytes; None when there is nothing to speak of."""
     counters = kv_counters(ctx)
     tok = token_samples(counters)
     vl = vllm_samples(counters)
     alloc = allocator_view(ctx)
     has_vllm = not vl.empty and np.isfinite(vl["usage"].to_numpy(np.float64)).any()
     if tok.empty and not has_vllm and (alloc is None or alloc["pattern"] == "none"):
-        return []
+        return None
     # Without token counts, an allocation pattern seen in a timeline's memory events is only a guess (a
     # training run's activations look the same): speak only when the user gave a memory snapshot.
     if tok.empty and not has_vllm and alloc["source"] != "torch_snapshot":
-        return []
+        return None
 
     # Keys in the order reports show them; unknown values are left out of the finding.
     m: dict = {k: None for k in (
@@ -407,12 +421,21 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     if m["pool_tokens"] and m["allocated_tokens"] and m["pool_free_fraction"] is None and m["waste_source"] == "annotations":
         m["pool_free_fraction"] = round(max(0.0, 1.0 - m["allocated_tokens"] / m["pool_tokens"]), 6)
 
-    severity = _severity(ctx, waste)
-    title = _title(m, alloc)
-    rec = _recommendation(ctx, m, alloc, severity)
+    return Measurement(m, evidence, alloc, waste)
+
+
+def explain(ctx: AnalysisContext, found: Measurement, sev: str) -> Finding:
+    """Title and fix; metrics without the unknown ones. Memory, not time: no time saving."""
+    m, alloc = found.metrics, found.alloc
     metrics = {k: v for k, v in m.items() if v is not None}
-    return [Finding(analyzer=ID, severity=severity, title=title, metrics=metrics, estimated_saving_ns=0,
-                    estimated_saving_fraction=0.0, recommendation=rec, evidence=evidence, rank=ctx.rank)]
+    return Finding(analyzer=ID, severity=sev, title=_title(m, alloc), metrics=metrics, estimated_saving_ns=0,
+                   estimated_saving_fraction=0.0, recommendation=_recommendation(ctx, m, alloc, sev),
+                   evidence=found.evidence, rank=ctx.rank)
+
+
+def analyze(ctx: AnalysisContext) -> list[Finding]:
+    found = measure(ctx)
+    return [] if found is None else [explain(ctx, found, severity(ctx, found.waste))]
 
 
 def _pattern_text(m: dict, alloc: dict | None) -> str:
