@@ -29,14 +29,11 @@ Hand-made bad inputs in tests/data (not recordings):
 from __future__ import annotations
 
 import copyreg
-import http.server
 import json
 import pickle
 import pickletools
-import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +43,7 @@ import pytest
 from gpudoctor.analyzers import kv_fragmentation as kv
 from gpudoctor.analyzers.config import Config
 from gpudoctor.analyzers.runner import contexts
-from gpudoctor.errors import GpudoctorError, InputError
+from gpudoctor.errors import InputError
 from gpudoctor.model.counters_from_ranges import MALFORMED_REASON, counters_from_ranges, format_counter_text, parse_counter_text
 from gpudoctor.model.trace import Trace, conform
 from gpudoctor.readers import detect, nsys, prometheus, safe_pickle, snapshot
