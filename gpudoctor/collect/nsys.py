@@ -10,6 +10,7 @@ export failures (the ``.nsys-rep`` is kept and can be analyzed later).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
