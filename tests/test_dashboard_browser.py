@@ -68,7 +68,6 @@ def server():
 
     from gpudoctor.cli.dashboard import load_runs
     from gpudoctor.dashboards.app import Run, create_app
-
     from gpudoctor.pipeline import analyze_inputs
 
     runs = load_runs([str(p) for p in RUNS])
