@@ -36,7 +36,6 @@ import shutil
 from pathlib import Path
 
 from gpudoctor.errors import GpudoctorError
-from gpudoctor.store.atomic import atomic_write_text
 
 RAW = "raw"
 MANIFEST = "manifest.json"
@@ -189,6 +188,8 @@ def check_space(directory: Path, need: int | None = None) -> None:
 
 
 def write_json(path: Path, doc: dict) -> None:
+    from gpudoctor.store.atomic import atomic_write_text  # not at the top: gpudoctor.store loads run.db's pandas
+
     atomic_write_text(path, json.dumps(doc, indent=1, default=str) + "\n")
 
 
