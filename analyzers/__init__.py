@@ -1,3 +1,3 @@
 """Analyzers: pure functions of the trace model that return Findings. They never plot or read files."""
 
-from gpudoctor.analyzers.findings import Finding, SEVERITIES  # noqa: F401
+from gpudoctor.analyzers.findings import SEVERITIES, Finding  # noqa: F401

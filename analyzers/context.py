@@ -19,16 +19,18 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from gpudoctor.analyzers.config import Config
 from gpudoctor.model.columns import per_value
 from gpudoctor.model.devices import DevicePeaks, peaks_for
 from gpudoctor.model.steps import StepWindow, find_steps, union_ns
 from gpudoctor.model.trace import Trace
+
+if TYPE_CHECKING:  # annotations only: the config imports the registry, which imports the analyzers
+    from gpudoctor.analyzers.config import Config
 
 OPS_COLUMNS = ("rank", "thread_id", "start_ns", "end_ns", "name", "external_id", "input_dims", "input_types",
                "sequence_number", "shape_key")
@@ -72,6 +74,7 @@ class AnalysisContext:
     config: Config
     ops: pd.DataFrame | None = None  # CPU ops with shapes when the caller provided them
     run_trace: Trace | None = None  # the whole run (all ranks), for analyzers that compare ranks
+    run_windows: dict[int, StepWindow] | None = None  # every rank's steady-state window, found once
     _cache: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ basics
@@ -300,10 +303,13 @@ def _ops_for_rank(trace: Trace, rank: int) -> pd.DataFrame | None:
     return ops
 
 
-def build_context(trace: Trace, rank: int, config: Config, rank_view: Trace | None = None) -> AnalysisContext:
-    """The context of one rank of ``trace`` (``rank_view``: an already filtered view, to avoid refiltering)."""
+def build_context(trace: Trace, rank: int, config: Config, rank_view: Trace | None = None,
+                  window: StepWindow | None = None, run_windows: dict[int, StepWindow] | None = None) -> AnalysisContext:
+    """The context of one rank of ``trace`` (``rank_view``: an already filtered view, to avoid refiltering;
+    ``window``: the rank's steady-state window when already found; ``run_windows``: every rank's)."""
     t = rank_view if rank_view is not None else trace.for_rank(rank)
-    window = find_steps(t.ranges, t.kernels)
+    if window is None:
+        window = find_steps(t.ranges, t.kernels)
     lo, hi = window.start_ns, window.end_ns
     k = _clip(t.kernels, lo, hi)
     k["kname"] = _kernel_names(k) if len(k) else pd.Categorical([])
@@ -314,4 +320,5 @@ def build_context(trace: Trace, rank: int, config: Config, rank_view: Trace | No
     ceilings = config.ceilings if config.ceilings is not None else trace.meta.get("ceilings")
     peaks = peaks_for(name, ceilings, reported_bw)
     return AnalysisContext(rank=rank, trace=t, window=window, kernels=k, memops=m, api_calls=a,
-                           device_name=name, peaks=peaks, config=config, ops=_ops_for_rank(t, rank), run_trace=trace)
+                           device_name=name, peaks=peaks, config=config, ops=_ops_for_rank(t, rank), run_trace=trace,
+                           run_windows=run_windows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 SEVERITIES = ("info", "low", "medium", "high")
@@ -29,3 +30,21 @@ class Finding:
     @property
     def severity_rank(self) -> int:
         return SEVERITIES.index(self.severity)
+
+
+def severity_for(fraction: float, medium: float = 0.05, high: float = 0.15, low: float = 0.01) -> str:
+    """THE severity rule: a problem costing ``fraction`` of the steady-state window is
+
+    high if fraction >= high (15%), medium if >= medium (5%), low if >= low (1%), else info.
+    NaN (cost unknown) is info. Analyzers whose cost is not a share of the window (memory_bound_decode,
+    gpu_idle) document their own thresholds and call this with them.
+    """
+    if fraction is None or not math.isfinite(fraction):
+        return "info"
+    if fraction >= high:
+        return "high"
+    if fraction >= medium:
+        return "medium"
+    if fraction >= low:
+        return "low"
+    return "info"

@@ -34,10 +34,25 @@ import pandas as pd
 from gpudoctor.analyzers.context import AnalysisContext, display_name
 from gpudoctor.analyzers.findings import SEVERITIES, Finding
 from gpudoctor.analyzers.observer_effect import profiler_overhead
+from gpudoctor.analyzers.spec import AnalyzerSpec, Setting, fraction
 from gpudoctor.model.columns import equals
 from gpudoctor.model.steps import merge_intervals
 
 ID = "gpu_idle"
+
+SETTINGS = (
+    fraction("idle_fraction_medium", 0.25, "medium when the GPU is idle at least this fraction of the steady-state window"),
+    fraction("idle_fraction_high", 0.5, "high at this fraction"),
+    Setting("launch_bound_kernel_ns", 5000, "median kernel shorter than this with host-late gaps: launch-bound", unit="ns"),
+    Setting("launch_gap_max_ns", 50000, "a host-late gap up to this long with no other cause counts as launch overhead",
+            unit="ns"),
+    Setting("module_call_min_ns", 10000, "cudaFuncSetAttribute / cuKernelSetAttribute calls at least this long count as "
+            "module load", unit="ns"),
+    Setting("max_examples", 5, "examples of each cause listed in the evidence", unit="count"),
+    Setting("profiler_op_overhead_ns", 2200, "torch.profiler host cost per operator with record_shapes, when no "
+            "unprofiled step time was measured", unit="ns"),
+    Setting("profiler_op_overhead_stack_ns", 4400, "... with record_shapes and with_stack", unit="ns"),
+)
 
 CAUSES = ("gpu_side", "module_load", "host_sync", "pageable_memcpy", "launch_bound", "host_gap")
 MODULE_ALWAYS = re.compile(r"^cu(Library|Module)Load|^cuLink(Create|AddData|AddFile|Complete)|^nvrtc|^nvJitLink", re.I)
@@ -279,3 +294,15 @@ def _observer_effect(ctx: AnalysisContext, cfg: dict, sev: str, title: str, rec:
            f"{' and with_stack' if est['with_stack'] else ''} costs the host ~{est['per_step_ns'] / 1e6:.2f} ms per step "
            f"({est['how']}). Re-profile with `gpudoctor profile --backend nsys` (no per-operator host cost) before acting."] + rec
     return "low", title, rec
+
+
+SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
+    ("idle_by_cause_us", "idle time in the window by cause"),
+    ("gaps_by_cause", "number of idle gaps by cause"),
+    ("examples", "the longest gaps of each cause with their start times"),
+    ("note", "how causes were attributed"),
+    ("source_note", "what the input could not tell (no runtime calls recorded...)"),
+    ("window", "the steady-state window"),
+    ("observer_effect", "under torch.profiler: its estimated per-step host cost, how it was estimated, and the "
+                        "host-late idle time per step"),
+))

@@ -53,29 +53,32 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from gpudoctor.analyzers.config import severity_for
 from gpudoctor.analyzers.context import AnalysisContext
-from gpudoctor.analyzers.findings import Finding
+from gpudoctor.analyzers.findings import Finding, severity_for
+from gpudoctor.analyzers.spec import AnalyzerSpec, Setting, fraction
 from gpudoctor.model.counters_from_ranges import counters_from_ranges
 
 ID = "kv_fragmentation"
 
-# key -> (default, meaning). To be merged into gpudoctor.analyzers.config.DEFAULTS["kv_fragmentation"].
-CONFIG_DEFAULTS: dict[str, tuple] = {
-    "waste_fraction_low": (0.1, "low when at least this fraction of allocated KV token slots holds no token"),
-    "waste_fraction_medium": (0.2, "medium at this fraction"),
-    "waste_fraction_high": (0.5, "high at this fraction"),
-    "bytes_per_token": (None, "KV bytes per token (layers x 2 x kv_heads x head_dim x bytes per element); "
-                              "derived from the allocator view when it can be"),
-    "min_kv_allocation_bytes": (1 << 20, "live allocations smaller than this are not KV-cache candidates"),
-    "static_min_allocations": (4, "identical live allocations needed to call it one max-length buffer per request"),
-    "pattern_min_share": (0.5, "share of live allocated bytes a static or pool pattern must hold"),
-    "max_samples_listed": (5, "annotation samples listed in the evidence (the most wasteful and the last)"),
-}
+SETTINGS = (
+    fraction("waste_fraction_low", 0.1, "low when at least this fraction of allocated KV token slots holds no token"),
+    fraction("waste_fraction_medium", 0.2, "medium at this fraction"),
+    fraction("waste_fraction_high", 0.5, "high at this fraction"),
+    Setting("bytes_per_token", None, "KV bytes per token (layers x 2 x kv_heads x head_dim x bytes per element); "
+            "derived from the allocator view when it can be", unit="bytes", kind="number"),
+    Setting("min_kv_allocation_bytes", 1 << 20, "live allocations smaller than this are not KV-cache candidates",
+            unit="bytes"),
+    Setting("static_min_allocations", 4, "identical live allocations needed to call it one max-length buffer per request",
+            unit="count", minimum=1),
+    fraction("pattern_min_share", 0.5, "share of live allocated bytes a static or pool pattern must hold"),
+    Setting("max_samples_listed", 5, "annotation samples listed in the evidence (the most wasteful and the last)",
+            unit="count"),
+)
 
 COUNTER_PREFIX = "kv_cache."
 _REQUEST_KEYS = ("requests", "sequences", "num_sequences", "num_requests")
@@ -83,10 +86,7 @@ _EVENT_SOURCES = ("torch_snapshot", "kineto_memory", "nsys_cuda_memory")
 
 
 def _cfg(ctx: AnalysisContext, key: str):
-    try:
-        return ctx.config.get(ID, key)
-    except KeyError:  # a Config made before this module was registered
-        return CONFIG_DEFAULTS[key][0]
+    return ctx.config.get(ID, key)
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -233,7 +233,8 @@ def _split(wasted: np.ndarray, block: np.ndarray, requests: np.ndarray) -> tuple
     return internal, wasted - internal
 
 
-def _severity(ctx: AnalysisContext, waste: float | None) -> str:
+def severity(ctx: AnalysisContext, waste: float | None) -> str:
+    """This analyzer's thresholds on the waste fraction (memory, not time); info when it is unknown."""
     return severity_for(waste, float(_cfg(ctx, "waste_fraction_medium")), float(_cfg(ctx, "waste_fraction_high")),
                         float(_cfg(ctx, "waste_fraction_low")))
 
@@ -249,18 +250,30 @@ def kv_counters(ctx: AnalysisContext) -> pd.DataFrame:
     return pd.concat([c, rows], ignore_index=True) if len(rows) else c
 
 
-def analyze(ctx: AnalysisContext) -> list[Finding]:
+@dataclass
+class Measurement:
+    """What ``measure`` found: the metrics (None = unknown), the evidence, the allocator view, the waste."""
+
+    metrics: dict
+    evidence: dict
+    alloc: dict | None
+    waste: float | None
+
+
+def measure(ctx: AnalysisContext) -> Measurement | None:
+    """Token slots (annotations, else vLLM's metrics), the allocator's view (a memory snapshot or the
+    timeline's memory events), the layout, sequences and bytes; None when there is nothing to speak of."""
     counters = kv_counters(ctx)
     tok = token_samples(counters)
     vl = vllm_samples(counters)
     alloc = allocator_view(ctx)
     has_vllm = not vl.empty and np.isfinite(vl["usage"].to_numpy(np.float64)).any()
     if tok.empty and not has_vllm and (alloc is None or alloc["pattern"] == "none"):
-        return []
+        return None
     # Without token counts, an allocation pattern seen in a timeline's memory events is only a guess (a
     # training run's activations look the same): speak only when the user gave a memory snapshot.
     if tok.empty and not has_vllm and alloc["source"] != "torch_snapshot":
-        return []
+        return None
 
     # Keys in the order reports show them; unknown values are left out of the finding.
     m: dict = {k: None for k in (
@@ -408,12 +421,21 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     if m["pool_tokens"] and m["allocated_tokens"] and m["pool_free_fraction"] is None and m["waste_source"] == "annotations":
         m["pool_free_fraction"] = round(max(0.0, 1.0 - m["allocated_tokens"] / m["pool_tokens"]), 6)
 
-    severity = _severity(ctx, waste)
-    title = _title(m, alloc)
-    rec = _recommendation(ctx, m, alloc, severity)
+    return Measurement(m, evidence, alloc, waste)
+
+
+def explain(ctx: AnalysisContext, found: Measurement, sev: str) -> Finding:
+    """Title and fix; metrics without the unknown ones. Memory, not time: no time saving."""
+    m, alloc = found.metrics, found.alloc
     metrics = {k: v for k, v in m.items() if v is not None}
-    return [Finding(analyzer=ID, severity=severity, title=title, metrics=metrics, estimated_saving_ns=0,
-                    estimated_saving_fraction=0.0, recommendation=rec, evidence=evidence, rank=ctx.rank)]
+    return Finding(analyzer=ID, severity=sev, title=_title(m, alloc), metrics=metrics, estimated_saving_ns=0,
+                   estimated_saving_fraction=0.0, recommendation=_recommendation(ctx, m, alloc, sev),
+                   evidence=found.evidence, rank=ctx.rank)
+
+
+def analyze(ctx: AnalysisContext) -> list[Finding]:
+    found = measure(ctx)
+    return [] if found is None else [explain(ctx, found, severity(ctx, found.waste))]
 
 
 def _pattern_text(m: dict, alloc: dict | None) -> str:
@@ -450,7 +472,8 @@ def _recommendation(ctx: AnalysisContext, m: dict, alloc: dict | None, severity:
     if waste is None:
         parts.append("Waste needs token counts the allocator cannot see: call gpudoctor.annotate.kv_cache("
                      "used_tokens=..., allocated_tokens=..., block_tokens=...) once per step, or scrape the "
-                     "engine's metrics (gpudoctor profile --scrape http://HOST:PORT/metrics for vLLM).")
+                     "engine's metrics while it runs and pass the file to gpudoctor analyze (for vLLM: "
+                     "curl -s http://HOST:PORT/metrics >> engine.prom, one scrape per interval).")
         if alloc is not None and alloc["pattern"] == "static_max_length":
             parts.append("If these are per-request KV buffers sized for the maximum length, a paged KV cache "
                          "(vLLM PagedAttention, TensorRT-LLM paged KV cache) allocates only the blocks tokens fill.")
@@ -488,3 +511,12 @@ def _recommendation(ctx: AnalysisContext, m: dict, alloc: dict | None, severity:
                          "free pieces of split segments: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lets it "
                          "grow segments instead of splitting them.")
     return " ".join(parts)
+
+
+SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
+    ("allocator", "the allocator view of the memory snapshot (live KV-sized blocks, patterns)"),
+    ("examples", "the most wasteful annotation samples"),
+    ("inconsistent_samples", "samples whose used tokens exceed the allocated ones (left out)"),
+    ("estimate", "how bytes per token were derived"),
+    ("window", "the steady-state window"),
+))

@@ -37,11 +37,24 @@ import pandas as pd
 
 from gpudoctor.analyzers.context import ELEMENT_BYTES, AnalysisContext, display_name
 from gpudoctor.analyzers.findings import Finding
+from gpudoctor.analyzers.spec import SEVERITY_OVERRIDES, AnalyzerSpec, Setting, fraction
 from gpudoctor.analyzers.unfused_attention import FUSED
 from gpudoctor.model import sampled
 from gpudoctor.model.categories import category_of
+from gpudoctor.model.devices import PRECISIONS
 
 ID = "low_tensor_core"
+
+SETTINGS = (
+    Setting("fallback_precision", "tf32", "precision whose tensor-core rate the saving estimate assumes (tf32: allow_tf32)",
+            choices=PRECISIONS),
+    fraction("tensor_active_min", 0.05, "GPU metrics: a GEMM kernel whose Tensor Active per unit of GEMM time is below this "
+             "runs without tensor cores (NVML: the window mean)"),
+    fraction("tensor_pipe_min", 0.05, "ncu: a GEMM whose tensor pipe is active less than this fraction runs without tensor cores"),
+    Setting("gemv_max_n", 16, "a GEMM whose N tile (nvjet _MxN_) or M (shapes) is at most this is GEMV-shaped: not flagged",
+            unit="elements"),
+    fraction("misaligned_penalty", 0.25, "fraction of a misaligned fp16/bf16/fp8 GEMM's time assumed recoverable by padding"),
+) + SEVERITY_OVERRIDES
 
 NON_TC = re.compile(r"sgemm|simt|ffma", re.I)
 # Names that positively say tensor cores: TF32, HMMA/GMMA instructions, cuBLAS nvjet, CUTLASS tensorop,
@@ -411,3 +424,18 @@ def explain(ctx: AnalysisContext, sev: str, metrics: dict, evidence: dict, frac:
     return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=int(saving),
                     estimated_saving_fraction=round(sfrac, 6), recommendation=" ".join(rec), evidence=evidence,
                     rank=ctx.rank)]
+
+
+SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
+    ("method", "how tensor-core use was decided (ncu counters, kernel names, shapes)"),
+    ("basis", "the measurement the verdict rests on: gpu_metrics, ncu, nvml, shapes or names"),
+    ("confidence", "high (measured per kernel), medium (window mean or shapes) or low (kernel names alone)"),
+    ("measurement", "the measured tensor-core numbers behind the verdict"),
+    ("disagreements", "kernels where the measurement and the kernel name disagree"),
+    ("non_tensor_core_kernels", "GEMM kernels without tensor cores: name, launches, time"),
+    ("examples", "a few of those launches with their start times"),
+    ("misaligned_examples", "GEMMs whose shapes are not multiples of 8/16"),
+    ("saving_formula", "how the saving was estimated"),
+    ("peaks", "the device peaks the estimate used"),
+    ("window", "the steady-state window"),
+))

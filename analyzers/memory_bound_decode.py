@@ -41,10 +41,37 @@ import pandas as pd
 from gpudoctor.analyzers.context import AnalysisContext
 from gpudoctor.analyzers.findings import Finding
 from gpudoctor.analyzers.low_tensor_core import MM_OPS, gemm_kernels, gemm_shapes, tile_min
+from gpudoctor.analyzers.spec import AnalyzerSpec, Setting, fraction
 from gpudoctor.model import sampled
-from gpudoctor.model.devices import lookup
+from gpudoctor.model.devices import PRECISIONS, lookup
 
 ID = "memory_bound_decode"
+
+SETTINGS = (
+    Setting("decode_range_pattern", "decode|generate|generation",
+            "regex (case-insensitive) of step range names that are decode steps", kind="regex"),
+    Setting("gemv_max_n", 16, "N tile (nvjet _MxN_) at most this, or M <= this in shapes: a GEMV-shaped (decode) GEMM",
+            unit="elements"),
+    Setting("decode_max_tokens", 256, "with CPU-op shapes: steps of at most this many tokens whose intensity is below "
+            "the ridge point are decode steps", unit="tokens"),
+    fraction("decode_gemv_fraction", 0.5, "steps whose GEMM time is at least this fraction GEMV-shaped are decode steps"),
+    Setting("model_bytes", None, "bytes of weights read per step (e.g. parameters x 2 for bf16); shapes give it when recorded",
+            unit="bytes", kind="number"),
+    Setting("kv_bytes_per_step", None, "bytes of KV cache read per step (added to model_bytes)", unit="bytes",
+            kind="number"),
+    Setting("tokens_per_step", None, "tokens produced per step (the decode batch); shapes give it when recorded",
+            unit="tokens", kind="number", minimum=1),
+    Setting("bytes_per_param", 2, "bytes per weight (2 = bf16/fp16, 1 = fp8/int8) for FLOPs = 2 x params x tokens",
+            unit="bytes", kind="number", minimum=0.125),
+    Setting("precision", "bf16", "precision of the matrix products, for the compute ceiling",
+            choices=PRECISIONS),
+    Setting("target_batch", 32, "batch the recommendation quotes ('batching to B would give ...'), capped by the ridge point",
+            unit="tokens", minimum=1),
+    Setting("medium_headroom", 4.0, "medium when ridge point / arithmetic intensity >= this (batching can give >= 4x)",
+            unit="x"),
+    Setting("high_headroom", 16.0, "high when ridge point / arithmetic intensity >= this", unit="x"),
+    fraction("gemv_busy_fraction_min", 0.25, "below medium unless GEMV-shaped GEMMs are at least this fraction of GPU busy time"),
+)
 INFERENCE_STEP = re.compile(r"prefill|decode|generat|infer|forward|serve", re.I)
 
 
@@ -216,7 +243,6 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     gemm, gemv = gemm_kernels(ctx, gmax)
     if not gemm.any():
         return []
-    dur = k["dur_ns"].to_numpy(np.int64)
     starts = k["start_ns"].to_numpy(np.int64)
 
     steady = ctx.window.steady.reset_index(drop=True)
@@ -457,3 +483,16 @@ def explain(ctx: AnalysisContext, cfg: dict, f: dict, sev: str) -> list[Finding]
     return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=int(saving),
                     estimated_saving_fraction=round(sfrac, 6), recommendation=" ".join(rec), evidence=evidence,
                     rank=ctx.rank)]
+
+
+SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
+    ("decode_steps_by", "how decode steps were recognized (range names, GEMV share)"),
+    ("basis", "the measurement the arithmetic intensity rests on: gpu_metrics, ncu, shapes or names"),
+    ("confidence", "high (measured DRAM traffic), medium (CPU-op shapes) or low (kernel names alone)"),
+    ("measurement", "the measured DRAM numbers behind the verdict"),
+    ("example_steps", "a few decode steps with their times"),
+    ("gemv_kernels", "the GEMV-shaped GEMM kernels and their time"),
+    ("peaks", "the device peaks the roofline used"),
+    ("sources", "where model bytes and tokens per step came from (config, shapes)"),
+    ("window", "the steady-state window"),
+))

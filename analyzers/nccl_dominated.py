@@ -28,7 +28,7 @@ Severity: high when exposed_comm_fraction >= exposed_fraction_high (0.25), mediu
 estimated_saving_ns = the exposed communication that could hide behind compute not yet overlapping
 anything: min(exposed, compute - overlapped) (with perfect overlap a step takes max(compute, comm)).
 
-nccl-tests input (gpudoctor.readers.nccltests): any ``#wrong`` > 0 is data corruption: a HIGH finding
+nccl-tests input (read by gpudoctor.readers.nccltests): any ``#wrong`` > 0 is data corruption: a HIGH finding
 "data corruption: N wrong elements". Without corruption, the bus bandwidth of the largest measured size is
 compared with the ceiling (info; medium when below link_fraction_medium of it for sizes >= 64 MB).
 """
@@ -41,22 +41,27 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.analyzers.findings import Finding
+from gpudoctor.analyzers.spec import AnalyzerSpec, Setting, fraction
+from gpudoctor.model import collectives
 from gpudoctor.model.columns import equals, per_value
 from gpudoctor.model.steps import union_ns
 
 ID = "nccl_dominated"
 
-# key -> (default, meaning). Read through _settings (config.py may register them under this ID).
-DEFAULTS = {
-    "exposed_fraction_medium": (0.10, "medium when exposed communication is at least this fraction of the window"),
-    "exposed_fraction_high": (0.25, "high at this fraction"),
-    "comm_fraction_info": (0.05, "below medium, an info finding when communication is at least this fraction"),
-    "small_message_bytes": (1 << 20, "collectives smaller than this (median) are latency-bound: fewer, larger ones"),
-    "many_collectives_per_step": (64, "more collectives than this per step: coalesce them"),
-    "link_bandwidth_gbps": (None, "link ceiling per GPU per direction (GB/s); default from nccl-bench or the GPU model"),
-    "link_fraction_medium": (0.5, "achieved bus bandwidth below this fraction of the ceiling (large messages): check the link"),
-    "large_message_bytes": (16 << 20, "messages at least this large are expected to approach the link ceiling"),
-}
+SETTINGS = (
+    fraction("exposed_fraction_medium", 0.10, "medium when exposed communication is at least this fraction of the window"),
+    fraction("exposed_fraction_high", 0.25, "high at this fraction"),
+    fraction("comm_fraction_info", 0.05, "below medium, an info finding when communication is at least this fraction"),
+    Setting("small_message_bytes", 1 << 20, "collectives smaller than this (median) are latency-bound: fewer, larger ones",
+            unit="bytes"),
+    Setting("many_collectives_per_step", 64, "more collectives than this per step: coalesce them", unit="count"),
+    Setting("link_bandwidth_gbps", None, "link ceiling per GPU per direction; default from nccl-bench or the GPU model",
+            unit="GB/s", kind="number"),
+    fraction("link_fraction_medium", 0.5, "achieved bus bandwidth below this fraction of the ceiling (large messages): "
+             "check the link"),
+    Setting("large_message_bytes", 16 << 20, "messages at least this large are expected to approach the link ceiling",
+            unit="bytes"),
+)
 
 COMM_KERNEL = r"nccl|^(all_?reduce|all_?gather|reduce_?scatter|alltoall|sendrecv)|cross_device_reduce"
 P2P_KERNEL = r"nccl(?:Dev)?Kernel_(?:SendRecv|Send|Recv)(?![a-z])|nccl(?:SendRecv|Send|Recv)Kernel"
@@ -76,16 +81,6 @@ _OPS = {"allreduce": "all_reduce", "allgather": "all_gather", "reducescatter": "
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers shared with pipeline_bubbles and stragglers
-
-
-def settings(ctx, analyzer: str, defaults: dict) -> dict:
-    """The analyzer's defaults overlaid with whatever the config holds for it."""
-    out = {k: v for k, (v, _) in defaults.items()}
-    values = getattr(getattr(ctx, "config", None), "values", None) or {}
-    for k, v in (values.get(analyzer) or {}).items():
-        if v is not None:
-            out[k] = v
-    return out
 
 
 def name_mask(names: pd.Series, pattern: str) -> np.ndarray:
@@ -152,9 +147,8 @@ def link_ceiling_gbps(ctx, cfg: dict) -> tuple[float | None, str]:
 
 
 def bus_factor(op: str, n: int) -> float | None:
-    from gpudoctor.readers.nccltests import bus_factor as f
     try:
-        return f(op, n)
+        return collectives.bus_factor(op, n)
     except ValueError:
         return None
 
@@ -324,31 +318,16 @@ def comm_metrics(ctx) -> dict:
     }
 
 
-def analyze(ctx) -> list[Finding]:
-    cfg = settings(ctx, ID, DEFAULTS)
-    out: list[Finding] = []
-    if isinstance(ctx.trace.meta.get("nccl_tests"), dict) and ctx.rank == _nccl_tests_rank(ctx.trace):
-        out += nccl_corruption(ctx.trace, ctx.rank)
-        out += nccl_tests_bandwidth(ctx, cfg)
+def measure(ctx, cfg: dict) -> dict | None:
+    """Communication in the window (``comm_metrics``), the top communication kernels, collective sizes and
+    bandwidths against the link ceiling; None when the rank runs no communication kernel."""
     if ctx.kernels.empty or ctx.window_ns <= 0:
-        return out
+        return None
     m = comm_metrics(ctx)
     cm = m.pop("_mask")
     if not cm.any():
-        return out
-    window = m["window_ns"]
-    ef, cf = m["exposed_comm_fraction"], m["comm_fraction"]
-    if ef >= float(cfg["exposed_fraction_high"]):
-        sev = "high"
-    elif ef >= float(cfg["exposed_fraction_medium"]):
-        sev = "medium"
-    elif cf >= float(cfg["comm_fraction_info"]):
-        sev = "info"
-    else:
-        return out
-    saving = int(max(0, min(m["exposed_comm_ns"], m["compute_ns"] - m["overlapped_comm_ns"])))
-    k = ctx.kernels
-    ck = k[cm]
+        return None
+    ck = ctx.kernels[cm]
     names = ck["kname"].astype(str) if "kname" in ck else ck["name"].astype(str)
     dur = (ck["end_ns"] - ck["start_ns"]).to_numpy(np.int64)
     top = (pd.DataFrame({"name": names.to_numpy(), "d": dur}).groupby("name").agg(count=("d", "size"), total_ns=("d", "sum"))
@@ -370,16 +349,34 @@ def analyze(ctx) -> list[Finding]:
         big = [b for b in bw if b["median_bytes"] >= int(cfg["large_message_bytes"])]
         if big:
             metrics["link_fraction"] = round(max(b["busbw_gbps"] for b in big) / ceiling, 4)
+    saving = int(max(0, min(m["exposed_comm_ns"], m["compute_ns"] - m["overlapped_comm_ns"])))
+    return {"raw": m, "metrics": metrics, "top": top, "n_steps": n_steps, "bandwidth": bw, "ceiling": ceiling,
+            "ceiling_source": ceiling_src, "saving_ns": saving}
 
+
+def severity(m: dict, cfg: dict) -> str | None:
+    """high / medium on the exposed fraction, info on the communication fraction, else None (no finding)."""
+    ef, cf = m["raw"]["exposed_comm_fraction"], m["raw"]["comm_fraction"]
+    if ef >= float(cfg["exposed_fraction_high"]):
+        return "high"
+    if ef >= float(cfg["exposed_fraction_medium"]):
+        return "medium"
+    if cf >= float(cfg["comm_fraction_info"]):
+        return "info"
+    return None
+
+
+def _advice(m: dict, cfg: dict) -> list[str]:
+    raw, metrics, n_steps, bw, ceiling = m["raw"], m["metrics"], m["n_steps"], m["bandwidth"], m["ceiling"]
     rec = []
-    if m["compute_ns"] and m["comm_ns"] > m["compute_ns"]:
-        rec.append(f"Communication ({m['comm_ns'] / 1e6 / n_steps:.2f} ms per step) takes longer than compute "
-                   f"({m['compute_ns'] / 1e6 / n_steps:.2f} ms): no overlap can hide it all. Give each GPU more work per "
+    if raw["compute_ns"] and raw["comm_ns"] > raw["compute_ns"]:
+        rec.append(f"Communication ({raw['comm_ns'] / 1e6 / n_steps:.2f} ms per step) takes longer than compute "
+                   f"({raw['compute_ns'] / 1e6 / n_steps:.2f} ms): no overlap can hide it all. Give each GPU more work per "
                    "byte communicated: a larger per-GPU batch, or gradient accumulation with DDP's no_sync() so that "
                    "gradients are all-reduced once every N micro-batches; halve the bytes with bf16 gradients "
                    "(DDP comm hook bf16_compress_hook, or bf16 mixed precision).")
-    if m["overlap_fraction"] < 0.5:
-        rec.append(f"Only {m['overlap_fraction']:.0%} of the communication overlaps compute. With DDP the all-reduce of "
+    if raw["overlap_fraction"] < 0.5:
+        rec.append(f"Only {raw['overlap_fraction']:.0%} of the communication overlaps compute. With DDP the all-reduce of "
                    "each gradient bucket starts as soon as the bucket is ready in backward: keep the default overlap "
                    "(no find_unused_parameters unless needed; static_graph=True; gradient_as_bucket_view=True), and "
                    "tune bucket_cap_mb (smaller buckets start earlier, larger ones use the link better). With FSDP, "
@@ -389,8 +386,8 @@ def analyze(ctx) -> list[Finding]:
         rec.append(f"The median collective moves {metrics['median_collective_bytes'] / 1024:.0f} KiB: small messages are "
                    "latency-bound. Use fewer, larger collectives (raise DDP bucket_cap_mb, coalesce tensors, "
                    "torch.distributed's coalescing manager, flatten parameters).")
-    elif m["comm_kernels"] / n_steps > int(cfg["many_collectives_per_step"]):
-        rec.append(f"{m['comm_kernels'] / n_steps:.0f} communication kernels per step: coalesce them into fewer, larger "
+    elif raw["comm_kernels"] / n_steps > int(cfg["many_collectives_per_step"]):
+        rec.append(f"{raw['comm_kernels'] / n_steps:.0f} communication kernels per step: coalesce them into fewer, larger "
                    "collectives.")
     if "link_fraction" in metrics and metrics["link_fraction"] < float(cfg["link_fraction_medium"]):
         rec.append(f"Large collectives reach only {metrics['link_fraction']:.0%} of the {ceiling:.0f} GB/s link ceiling "
@@ -402,17 +399,45 @@ def analyze(ctx) -> list[Finding]:
     if not bw:
         rec.append("Message sizes are unknown in this trace (torch.profiler records them; with Nsight Systems trace "
                    "NVTX so that NCCL's own ranges carry them).")
-    title = (f"Exposed communication {ef:.0%} of the steady-state window (communication {cf:.0%}, "
-             f"{m['overlap_fraction']:.0%} of it overlapped with compute)")
+    return rec
+
+
+def explain(ctx, m: dict, sev: str, cfg: dict) -> Finding:
+    raw, window, saving = m["raw"], m["raw"]["window_ns"], m["saving_ns"]
+    title = (f"Exposed communication {raw['exposed_comm_fraction']:.0%} of the steady-state window (communication "
+             f"{raw['comm_fraction']:.0%}, {raw['overlap_fraction']:.0%} of it overlapped with compute)")
     evidence = {
         "window": ctx.window.describe(),
         "top_comm_kernels": [{"name": str(n)[:120], "count": int(r["count"]), "total_us": round(r["total_ns"] / 1e3, 1),
-                              "op": kernel_op(str(n))} for n, r in top.iterrows()],
-        "ceiling_source": ceiling_src,
+                              "op": kernel_op(str(n))} for n, r in m["top"].iterrows()],
+        "ceiling_source": m["ceiling_source"],
         "note": "kernel time of a collective includes waiting for the other ranks",
     }
-    out.append(Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=saving,
-                       estimated_saving_fraction=round(saving / window, 6) if window else 0.0,
-                       recommendation=" ".join(rec), evidence=evidence, rank=ctx.rank))
+    return Finding(analyzer=ID, severity=sev, title=title, metrics=m["metrics"], estimated_saving_ns=saving,
+                   estimated_saving_fraction=round(saving / window, 6) if window else 0.0,
+                   recommendation=" ".join(_advice(m, cfg)), evidence=evidence, rank=ctx.rank)
+
+
+def analyze(ctx) -> list[Finding]:
+    cfg = ctx.config.section(ID)
+    out: list[Finding] = []
+    if isinstance(ctx.trace.meta.get("nccl_tests"), dict) and ctx.rank == _nccl_tests_rank(ctx.trace):
+        out += nccl_corruption(ctx.trace, ctx.rank)
+        out += nccl_tests_bandwidth(ctx, cfg)
+    m = measure(ctx, cfg)
+    sev = severity(m, cfg) if m is not None else None
+    if m is not None and sev is not None:
+        out.append(explain(ctx, m, sev, cfg))
     return out
 
+
+SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
+    ("top_comm_kernels", "the communication kernels with the most time: name, op, count, total"),
+    ("ceiling_source", "where the link ceiling came from (nccl-bench, config, GPU model)"),
+    ("note", "how exposed communication was measured"),
+    ("ops", "nccl-tests: the collectives whose rows returned wrong data"),
+    ("wrong_rows", "nccl-tests: the rows with #wrong > 0"),
+    ("source", "nccl-tests: the log"),
+    ("log", "nccl-tests: the log the bandwidths came from"),
+    ("window", "the steady-state window"),
+))

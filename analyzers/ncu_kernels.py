@@ -32,15 +32,16 @@ from gpudoctor.analyzers.context import AnalysisContext, display_name
 from gpudoctor.analyzers.findings import Finding
 from gpudoctor.analyzers.low_tensor_core import is_gemm
 from gpudoctor.analyzers.roofline import kernel_roofline
+from gpudoctor.analyzers.spec import AnalyzerSpec, Setting, fraction
 from gpudoctor.model.devices import lookup
 
 ID = "ncu_kernels"
-DEFAULTS = {
-    "max_kernels": (10, "findings for at most this many kernels, the longest first"),
-    "latency_sol_max": (0.6, "latency-bound when neither SM nor memory speed-of-light throughput reaches this fraction"),
-    "medium_fraction": (None, "own override of severity.medium_fraction (saving / profiled time)"),
-    "high_fraction": (None, "own override of severity.high_fraction"),
-}
+SETTINGS = (
+    Setting("max_kernels", 10, "findings for at most this many kernels, the longest first", unit="count"),
+    fraction("latency_sol_max", 0.6, "latency-bound when neither SM nor memory speed-of-light throughput reaches this fraction"),
+    fraction("medium_fraction", None, "own override of severity.medium_fraction (saving / profiled time)"),
+    fraction("high_fraction", None, "own override of severity.high_fraction"),
+)
 
 _SUM = ("duration_ns", "dram_read_bytes", "dram_write_bytes", "flops_fp64", "flops_fp32", "flops_fp16", "flops_tensor")
 _MEAN = ("tensor_pipe_fraction", "sm_throughput_fraction", "memory_throughput_fraction", "dram_throughput_fraction",
@@ -216,3 +217,13 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     tc_min = float(ctx.config.section("low_tensor_core")["tensor_pipe_min"])
     keep = _tc_saving_fraction(ctx)
     return [explain(ctx, row, total, ceil_src, tc_min, keep) for _, row in kn.head(int(cfg["max_kernels"])).iterrows()]
+
+
+SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
+    ("basis", "where the numbers come from (ncu)"),
+    ("confidence", "high with FLOP and DRAM counters (roofline), medium from speed-of-light percentages alone"),
+    ("bound_by", "what decided the bound: roofline or speed-of-light throughput"),
+    ("ceilings", "the ceilings the roofline used (measured or datasheet, and the GPU)"),
+    ("kernel", "the kernel's full name"),
+    ("nvtx_range", "the NVTX range ncu recorded the kernel in"),
+))

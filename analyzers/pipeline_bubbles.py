@@ -29,24 +29,27 @@ import re
 import numpy as np
 import pandas as pd
 
-from gpudoctor.analyzers.config import severity_for
-from gpudoctor.analyzers.findings import Finding
-from gpudoctor.analyzers.nccl_dominated import comm_mask, intervals, p2p_mask, settings, world_size
+from gpudoctor.analyzers.findings import Finding, severity_for
+from gpudoctor.analyzers.nccl_dominated import comm_mask, intervals, p2p_mask, world_size
+from gpudoctor.analyzers.spec import AnalyzerSpec, Setting, fraction
 from gpudoctor.model.steps import union_ns
 
 ID = "pipeline_bubbles"
 
-DEFAULTS = {
-    "pipeline_stages": (None, "pipeline stages p (default: the number of ranks in the run)"),
-    "microbatches": (None, "micro-batches per step m (default: from ranges named microbatch_<j>)"),
-    "virtual_stages": (1, "model chunks per stage v of an interleaved schedule (1 = GPipe / 1F1B)"),
-    "bubble_fraction_medium": (0.2, "medium when no compute runs at least this fraction of the window"),
-    "bubble_fraction_high": (0.4, "high at this fraction"),
-    "far_above": (0.1, "measured bubble this much (fraction of the window) above the ideal is 'far above'"),
-    "target_microbatches_per_stage": (4, "the saving assumes m = this x p micro-batches"),
-    "microbatch_pattern": (r"micro_?batch[\s_#:-]*(\d+)|(?:^|[^a-z])mb[\s_#:-]*(\d+)",
-                           "regex (case-insensitive) of micro-batch range names; the first number is the index"),
-}
+SETTINGS = (
+    Setting("pipeline_stages", None, "pipeline stages p (default: the number of ranks in the run)", unit="count",
+            kind="integer", minimum=1),
+    Setting("microbatches", None, "micro-batches per step m (default: from ranges named microbatch_<j>)", unit="count",
+            kind="integer", minimum=1),
+    Setting("virtual_stages", 1, "model chunks per stage v of an interleaved schedule (1 = GPipe / 1F1B)", unit="count",
+            minimum=1),
+    fraction("bubble_fraction_medium", 0.2, "medium when no compute runs at least this fraction of the window"),
+    fraction("bubble_fraction_high", 0.4, "high at this fraction"),
+    fraction("far_above", 0.1, "measured bubble this much (fraction of the window) above the ideal is 'far above'"),
+    Setting("target_microbatches_per_stage", 4, "the saving assumes m = this x p micro-batches", unit="count", minimum=1),
+    Setting("microbatch_pattern", r"micro_?batch[\s_#:-]*(\d+)|(?:^|[^a-z])mb[\s_#:-]*(\d+)",
+            "regex (case-insensitive) of micro-batch range names; the first number is the index", kind="regex"),
+)
 P2P_OPS = ("send", "recv", "send_recv")
 
 
@@ -119,7 +122,7 @@ def bubble_metrics(ctx) -> dict:
 def analyze(ctx) -> list[Finding]:
     if not is_pipeline(ctx.trace) or ctx.window_ns <= 0:
         return []
-    cfg = settings(ctx, ID, DEFAULTS)
+    cfg = ctx.config.section(ID)
     m = bubble_metrics(ctx)
     window = m["window_ns"]
     p, p_source = stages(ctx, cfg)
@@ -172,3 +175,11 @@ def analyze(ctx) -> list[Finding]:
     return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=saving,
                     estimated_saving_fraction=round(saving / window, 6) if window else 0.0,
                     recommendation=" ".join(rec), evidence=evidence, rank=ctx.rank)]
+
+
+SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
+    ("formula", "the ideal bubble formula used"),
+    ("p_from", "where the number of stages came from"),
+    ("m_from", "where the number of micro-batches came from"),
+    ("window", "the steady-state window"),
+))

@@ -23,9 +23,17 @@ import pandas as pd
 
 from gpudoctor.analyzers.context import ELEMENT_BYTES, AnalysisContext, display_name
 from gpudoctor.analyzers.findings import Finding
+from gpudoctor.analyzers.spec import SEVERITY_OVERRIDES, AnalyzerSpec, Setting
 from gpudoctor.model.categories import category_of
 
 ID = "unfused_attention"
+
+SETTINGS = (
+    Setting("max_kernels_between", 10, "most non-GEMM kernels between a GEMM and the softmax on either side of a chain",
+            unit="count"),
+    Setting("max_gemms_per_side", 2, "GEMMs directly before/after the chain counted as part of it (backward has 2)",
+            unit="count"),
+) + SEVERITY_OVERRIDES
 
 FUSED = re.compile(
     r"flash_fwd|flash_bwd|flash::|flashattn|flash_attn|flash_attention|fmha|cutlassF|cutlassB|"
@@ -211,10 +219,25 @@ def _short(name: str, n: int = 120) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
 
 
-def analyze(ctx: AnalysisContext) -> list[Finding]:
+@dataclass
+class Measurement:
+    """What ``measure`` found in one rank's window."""
+
+    chains: Chains
+    fused_names: list[str]
+    metrics: dict
+    saving_ns: int
+    saving_fraction: float
+    traffic_ns: int
+
+
+def measure(ctx: AnalysisContext) -> Measurement | None:
+    """The unfused chains and fused attention kernels of the window, their time and the saving of fusing
+    (softmax + elementwise kernels of every chain, plus the score-matrix traffic of its GEMMs when shapes
+    give it); None when there is no attention at all."""
     k = ctx.kernels
     if k.empty:
-        return []
+        return None
     dur = k["dur_ns"].to_numpy(np.int64)
     cls = ctx.name_map(kernel_class, "unfused_attention.class", dtype=np.int64)
     fused_ns = int(dur[cls == FUSEDK].sum())
@@ -222,7 +245,7 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     fused_names = sorted(str(n) for n in k["kname"].cat.categories[fused_codes[fused_codes >= 0]])
     chains = find_chains(ctx)
     if not len(chains) and not fused_ns:
-        return []
+        return None
     bw = ctx.peaks.memory_bandwidth_bytes_per_s if ctx.peaks else float("nan")
     t = chains.table
     chain_ns, gemm_ns = chains.sums(dur)
@@ -235,7 +258,6 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     # The GEMM-side traffic cannot exceed the chain GEMMs' own time.
     traffic_ns = min(traffic_ns, gemm_ns)
     saving = side_ns + traffic_ns
-    frac = ctx.fraction(saving)
     n_steps = max(len(ctx.window.steady), 1)
     metrics = {
         "attention_time_fraction": round(ctx.fraction(chain_ns), 6),
@@ -249,14 +271,26 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
         "fused_attention_fraction": round(ctx.fraction(fused_ns), 6),
         "shapes_checked": int(t["shape_checked"].sum()),
     }
+    return Measurement(chains, fused_names, metrics, int(saving), ctx.fraction(saving), traffic_ns)
+
+
+def severity(ctx: AnalysisContext, m: Measurement) -> str:
+    """The general rule on the saving's share of the window; info when attention is already fused."""
+    return ctx.severity(ID, m.saving_fraction) if len(m.chains) else "info"
+
+
+def explain(ctx: AnalysisContext, m: Measurement, sev: str) -> Finding:
+    """Title, evidence (the chains' kernels, a few chains with their times) and the fix."""
+    metrics, chains = m.metrics, m.chains
     if not len(chains):
-        return [Finding(
-            analyzer=ID, severity="info",
+        return Finding(
+            analyzer=ID, severity=sev,
             title=f"Attention runs in fused kernels ({metrics['fused_attention_fraction']:.1%} of the steady-state window)",
             metrics=metrics, recommendation="Nothing to do: attention is already fused.",
-            evidence={"fused_kernels": [_short(n) for n in fused_names[:10]], "window": ctx.window.describe()},
-            rank=ctx.rank)]
-
+            evidence={"fused_kernels": [_short(n) for n in m.fused_names[:10]], "window": ctx.window.describe()},
+            rank=ctx.rank)
+    k, t = ctx.kernels, chains.table
+    dur = k["dur_ns"].to_numpy(np.int64)
     rows_all = chains.member_rows()
     codes = k["kname"].cat.codes.to_numpy()[rows_all]
     by_code = pd.Series(dur[rows_all]).groupby(codes).sum().sort_values(ascending=False)
@@ -278,11 +312,11 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
         "examples": examples,
         "saving_formula": "softmax + elementwise kernels of every chain"
                           + (" + score/probability matrix traffic of the chain GEMMs at peak bandwidth"
-                             if traffic_ns else " (shapes not recorded: GEMM-side score-matrix traffic not counted, a lower bound)"),
+                             if m.traffic_ns else " (shapes not recorded: GEMM-side score-matrix traffic not counted, a lower bound)"),
     }
-    if fused_names:
-        evidence["fused_kernels_also_present"] = [_short(n) for n in fused_names[:5]]
-    sev = ctx.severity(ID, frac)
+    if m.fused_names:
+        evidence["fused_kernels_also_present"] = [_short(n) for n in m.fused_names[:5]]
+    frac = m.saving_fraction
     per_step = metrics["instances_per_step"]
     title = (f"Unfused attention: {len(chains)} GEMM→softmax→GEMM chains ({per_step:g} per step) take "
              f"{metrics['attention_time_fraction']:.0%} of the steady-state window; fusing saves ~{frac:.0%}")
@@ -293,5 +327,20 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
            "Inference engines: keep the fused attention backend on (vLLM VLLM_ATTENTION_BACKEND=FLASH_ATTN or "
            "FLASHINFER, TensorRT-LLM --context_fmha enable). Keep q/k/v in bf16/fp16 with head_dim a multiple of 8 "
            "so a fused backend is eligible.")
-    return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=int(saving),
-                    estimated_saving_fraction=round(frac, 6), recommendation=rec, evidence=evidence, rank=ctx.rank)]
+    return Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=m.saving_ns,
+                   estimated_saving_fraction=round(frac, 6), recommendation=rec, evidence=evidence, rank=ctx.rank)
+
+
+def analyze(ctx: AnalysisContext) -> list[Finding]:
+    m = measure(ctx)
+    return [] if m is None else [explain(ctx, m, severity(ctx, m))]
+
+
+SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
+    ("chain_kernels_by_time_us", "the chain's kernels (short names) and their time in the window"),
+    ("examples", "a few chains with their kernels and start times"),
+    ("fused_kernels", "fused attention kernels seen in the window"),
+    ("fused_kernels_also_present", "a fused attention kernel runs next to the unfused chains"),
+    ("saving_formula", "how the saving was estimated"),
+    ("window", "the steady-state window"),
+))

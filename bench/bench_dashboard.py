@@ -72,16 +72,15 @@ def serve(n_kernels: int) -> None:
     from werkzeug.serving import make_server
 
     from gpudoctor.dashboards.app import Run, create_app
-    from gpudoctor.pipeline import Analysis, analyze_trace
+    from gpudoctor.pipeline import analyze
     from gpudoctor.readers import nsys
 
     t0 = time.perf_counter()
     trace = scale_trace(nsys.read(FIXTURE), n_kernels)
     t1 = time.perf_counter()
-    ranks, findings = analyze_trace(trace)
+    analysis = analyze(trace, [{"path": f"{FIXTURE} (scaled)"}], [], samples=False)
     t2 = time.perf_counter()
-    run = Run(f"attn_naive x{-(-n_kernels // 1089)} ({len(trace.kernels):,} kernels)",
-              Analysis(inputs=[{"path": f"{FIXTURE} (scaled)"}], trace=trace, ranks=ranks, findings=findings))
+    run = Run(f"attn_naive x{-(-n_kernels // 1089)} ({len(trace.kernels):,} kernels)", analysis)
     app = create_app([run])  # prepares the timeline index
     t3 = time.perf_counter()
     srv = make_server("127.0.0.1", 0, app.server, threaded=True)
@@ -89,7 +88,7 @@ def serve(n_kernels: int) -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     print(json.dumps({"ready": True, "port": srv.server_port, "pid": os.getpid(), "kernels": len(trace.kernels),
                       "build_s": t1 - t0, "analyze_s": t2 - t1, "prepare_s": t3 - t2,
-                      "step": [int(ranks[0].window.steps["gpu_start_ns"].iloc[5]), int(ranks[0].window.steps["gpu_end_ns"].iloc[5])],
+                      "step": [int(analysis.ranks[0].window.steps["gpu_start_ns"].iloc[5]), int(analysis.ranks[0].window.steps["gpu_end_ns"].iloc[5])],
                       "origin_ns": int(run.index.origin_ns)}), flush=True)
     srv.serve_forever()
 

@@ -51,7 +51,7 @@ def child(mode: str, d: str, workers: int) -> dict:
     t0 = time.perf_counter()
     from gpudoctor import parallel
     from gpudoctor.pipeline import analyze_inputs
-    import gpudoctor.analyzers.registry  # noqa: F401
+    from gpudoctor.render import jsonout
     out = {"import_s": round(time.perf_counter() - t0, 3), "base_mb": status("VmRSS:")}
     t1 = time.perf_counter()
     if mode == "serial":
@@ -60,7 +60,7 @@ def child(mode: str, d: str, workers: int) -> dict:
         a = parallel.analyze_many([d], workers=workers, executor=mode, progress=False)
     out["total_s"] = round(time.perf_counter() - t1, 3)
     t2 = time.perf_counter()
-    js = a.to_json_dict()
+    js = jsonout.to_json_dict(a)
     out["json_s"] = round(time.perf_counter() - t2, 3)
     out["digest"] = hashlib.sha256(json.dumps(js, sort_keys=True, default=str).encode()).hexdigest()[:16]
     out["ranks"] = len(a.ranks)

@@ -63,8 +63,9 @@ def main() -> int:
     log = work / "bench.log"
 
     from gpudoctor.collect import nsys as nsys_mod
+    from gpudoctor.collect.locate import find_nsys
 
-    loc = nsys_mod.find_nsys()
+    loc = find_nsys()
     configs: dict[str, callable] = {"bare": lambda i: (timed(program, env, log), None)}
     if loc and "nsys" not in skip:
         def nsys_direct(i, export=False):

@@ -8,8 +8,8 @@ Every measurement runs in a fresh Python process started by a small harness, so 
 process's own:
 
 - ``read_s`` / ``read_cpu_s``: wall and CPU seconds of ``reader.read(path)`` alone (imports excluded,
-  reported as ``import_s``); ``analyze_s``: ``summarize_rank`` + ``registry.run_all`` on the trace
-  (what ``pipeline.analyze_trace`` does); ``process_s``: the whole process, interpreter start included.
+  reported as ``import_s``); ``analyze_s``: ``pipeline.analyze`` on the trace (every rank's window,
+  summary, findings and gate samples, what ``gpudoctor analyze --json`` computes); ``process_s``: the whole process, interpreter start included.
 - ``peak_read_mb``: the process's peak RSS (``VmHWM``) right after the read; ``peak_mb``: at the end
   (after the analyzers); ``base_mb``: RSS after the imports. The harness also samples the RSS of the
   whole process tree every 20 ms (``tree_peak_mb``); ``process_cpu_s`` is the child's user + system time.
@@ -174,10 +174,9 @@ def finish(results: dict, out: Path | None) -> int:
 def child(job: dict) -> dict:
     """Runs in the child process: one measurement."""
     t0 = time.perf_counter()
-    from gpudoctor.pipeline import analyze_trace
+    from gpudoctor.pipeline import analyze
     from gpudoctor.readers import kineto, nsys
     from gpudoctor.store import rundb
-    import gpudoctor.analyzers.registry  # noqa: F401 - imported before timing
     out: dict = {"import_s": round(time.perf_counter() - t0, 3), "base_mb": status("VmRSS:")}
     kind, path = job["kind"], job["path"]
     t1, c1 = time.perf_counter(), time.process_time()
@@ -199,7 +198,7 @@ def child(job: dict) -> dict:
         out["save_s"] = round(time.perf_counter() - t2, 3)
     if job.get("analyze", True):
         t3, c3 = time.perf_counter(), time.process_time()
-        ranks, findings = analyze_trace(trace)
+        findings = analyze(trace, [], []).findings
         out["analyze_s"] = round(time.perf_counter() - t3, 3)
         out["analyze_cpu_s"] = round(time.process_time() - c3, 3)
         out["findings"] = sorted(f"{f.analyzer}:{f.severity}" for f in findings)

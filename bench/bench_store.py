@@ -35,8 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gpudoctor.model.trace import Trace  # noqa: E402
-from gpudoctor.store import cache_path, save  # noqa: E402
-from gpudoctor.store import rundb  # noqa: E402
+from gpudoctor.store import (  # noqa: E402
+    cache_path,
+    rundb,  # noqa: E402
+    save,
+)
 
 T0 = 1_795_424_261_851_772_571  # a UTC epoch in ns
 

@@ -20,7 +20,11 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from gpudoctor.analyzers.low_tensor_core import NON_TC
+from gpudoctor.analyzers.roofline import kernel_roofline
 from gpudoctor.dashboards.timeline import CATEGORIES, GPU_CATEGORIES, TimelineIndex
+from gpudoctor.model.categories import categorize, short_names
+from gpudoctor.model.devices import peaks_for
 from gpudoctor.model.summary import in_window
 from gpudoctor.model.trace import Trace
 
@@ -490,7 +494,6 @@ def kernel_table(analysis, scope: str = "steady") -> pd.DataFrame:
         km = trace.kernel_metrics
         if km.empty:
             return pd.DataFrame(columns=cols)
-        from gpudoctor.model.categories import categorize, short_names
         d = pd.DataFrame({"kernel": np.asarray(short_names(km["name"].astype(str)), dtype=object),
                           "signature": km["name"].astype(str).to_numpy(),
                           "category": np.asarray(categorize(km["name"].astype(str)), dtype=object),
@@ -541,10 +544,6 @@ def kernel_table(analysis, scope: str = "steady") -> pd.DataFrame:
 def _tensor_core_by_name(name: str, category: str) -> str:
     if category not in ("gemm", "attention"):
         return ""
-    try:
-        from gpudoctor.analyzers.low_tensor_core import NON_TC
-    except ImportError:  # analyzers not installed
-        NON_TC = re.compile(r"sgemm|simt|ffma", re.I)
     return "no (name)" if NON_TC.search(name) else "likely (name)"
 
 
@@ -554,12 +553,10 @@ def _metrics_by_kernel(trace: Trace) -> dict[str, dict]:
     if km.empty:
         return {}
     try:
-        from gpudoctor.analyzers.roofline import kernel_roofline
         ceil = resolve_ceilings(trace, None)[0]
         roof = kernel_roofline(km, ceil) if ceil else None
-    except (ImportError, ValueError):
+    except ValueError:
         roof = None
-    from gpudoctor.model.categories import short_names
     full = km["name"].astype(str).to_numpy()
     short = np.asarray(short_names(km["name"].astype(str)), dtype=object)
     # a launch joined to the timeline names its kernel exactly
@@ -597,7 +594,6 @@ def resolve_ceilings(trace: Trace, measured: dict | None) -> tuple[dict | None, 
     datasheet peaks of the run's GPU (device table). (None, why) when neither is known."""
     if measured:
         return dict(measured), f"measured ceilings ({measured.get('device_name', 'this GPU')})"
-    from gpudoctor.model.devices import peaks_for
     name = str(trace.devices["name"].iloc[0]) if len(trace.devices) else ""
     peaks = peaks_for(name) if name else None
     if peaks is None:
@@ -617,7 +613,6 @@ def load_ceilings(path: str | Path) -> dict:
 
 
 def roofline_frame(trace: Trace, ceilings: dict) -> pd.DataFrame:
-    from gpudoctor.analyzers.roofline import kernel_roofline
     return kernel_roofline(trace.kernel_metrics, ceilings)
 
 

@@ -2,9 +2,9 @@
 
 ``analyze_many(paths, config, workers=None, scheduler=None) -> Analysis``
 
-Map (one task per input file, on a worker process): read the file, summarize each of its ranks
-(``summarize_rank``), run every per-rank analyzer on it (``registry.run_all`` without the cross-rank
-ones), and compute the rank's row of the straggler table and the gate's per-step samples. A task
+Map (one task per input file, on a worker process): read the file and analyze each of its ranks as the
+serial path does (``runner.analyze_trace`` without the cross-rank analyzers: window, summary, findings and
+the gate's per-step samples computed once), and the rank's row of the straggler table from that window. A task
 returns only small results (a :class:`RankResult`: RankSummary, findings, the ranks / devices /
 dropped rows, step end times, the distinct kernel and collective kinds), never the trace, so a
 worker's memory is bounded by its largest rank and the parent holds a few kilobytes per rank.
@@ -16,7 +16,7 @@ a light trace (``meta["light_trace"]`` is True): the ranks, devices and dropped 
 and one kernel / collective row per distinct kind of each rank (which kernels and devices the run has,
 never how many or when), enough for the JSON / Markdown / terminal renderers; ``Analysis.gate_samples``
 holds the workers' per-rank samples, so the JSON's ``gate`` block equals the serial path's. Callers that need the event tables
-(dashboards, ``rundb.save``) must use the serial path (``pipeline.load_inputs`` + ``analyze_trace``).
+(dashboards, ``rundb.save``) must use the serial path (``readers.inputs.load_inputs`` + ``pipeline.analyze``).
 
 Executors
     ``scheduler`` given (an address such as ``tcp://host:8786``): that Dask cluster; the files must be
@@ -35,14 +35,13 @@ two differ only when an input fails or one file holds several ranks), and catego
 reader's category order (ties in "top kernels" may list in another order).
 
 Inputs that only make sense merged with another input (Nsight Compute exports, memory snapshots and
-other side inputs attach to a timeline's rank) cannot be mapped independently: :func:`use_parallel`
+other side inputs attach to a timeline's rank) cannot be mapped independently: :func:`parallel_formats`
 says False for them, and for run.db files.
 """
 
 from __future__ import annotations
 
 import gc
-import importlib
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -52,23 +51,31 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gpudoctor import progress as prog
+from gpudoctor.analyzers import stragglers
+from gpudoctor.analyzers.analysis import Analysis
+from gpudoctor.analyzers.config import Config, as_config
+from gpudoctor.analyzers.findings import Finding
+from gpudoctor.analyzers.registry import CROSS_RANK
+from gpudoctor.analyzers.runner import analyze_trace, finish, rank_views, sort_findings
 from gpudoctor.errors import GpudoctorError
-from gpudoctor.model.summary import RankSummary, summarize_rank
+from gpudoctor.model.steps import StepWindow
+from gpudoctor.model.summary import RankSummary
 from gpudoctor.model.trace import Trace, conform
+from gpudoctor.readers.boundary import input_boundary
+from gpudoctor.readers.inputs import expand_inputs, input_format, read_input
 
 PARALLEL_MIN_FILES = 8
 """``analyze_inputs`` switches to :func:`analyze_many` from this many input files on."""
-
-CROSS_RANK_ANALYZERS = ("stragglers",)
-"""Analyzers that need every rank at once; the reduce step runs them."""
 
 # Per rank, the distinct kernel and collective kinds: what run-level checks on names need (which
 # devices ran kernels, whether any rank runs pipeline send/recv...), a few rows instead of the events.
 _KERNEL_KIND_COLUMNS = ("rank", "device_id", "name", "demangled_name", "category")
 _COLLECTIVE_KIND_COLUMNS = ("rank", "op", "source")
 
-# Formats a worker can read and analyze on its own (one rank per file).
-_MAPPABLE = {"nsys_sqlite", "sqlite", "json", "nsys_rep"}
+# Formats a worker can read and analyze on its own (one rank per file). A run.db may hold a whole run
+# (several ranks, ncu metrics attached): not mappable.
+_MAPPABLE = {"nsys_sqlite", "json", "nsys_rep"}
 
 
 @dataclass
@@ -79,14 +86,14 @@ class RankResult:
     inputs: list[dict] = field(default_factory=list)
     error: str | None = None
     summaries: list[RankSummary] = field(default_factory=list)
-    findings: list = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
     ranks: pd.DataFrame | None = None
     devices: pd.DataFrame | None = None
     dropped: pd.DataFrame | None = None
     meta: dict = field(default_factory=dict)  # trace.meta without inputs
     straggler_rows: pd.DataFrame | None = None
     step_ends: dict = field(default_factory=dict)  # rank -> steady steps' GPU end times (ns)
-    gate_data: dict = field(default_factory=dict)  # rank -> the gate's per-rank samples (gate.compare.rank_data)
+    gate_data: dict = field(default_factory=dict)  # rank -> the gate's per-rank samples (model.samples.rank_data)
     kernel_kinds: pd.DataFrame | None = None  # distinct (rank, device_id, name, demangled_name, category)
     collective_kinds: pd.DataFrame | None = None  # distinct (rank, op, source) of the collectives
     read_s: float = 0.0
@@ -99,25 +106,23 @@ class RankResult:
 # When to use it
 
 
-def use_parallel(files: list[Path | str], min_files: int = PARALLEL_MIN_FILES) -> bool:
-    """True when there are at least ``min_files`` inputs and each one is a per-rank timeline file
-    (nsys SQLite / .nsys-rep, PyTorch profiler JSON) that a worker can read and analyze on its own."""
+def parallel_formats(files: list[Path], min_files: int = PARALLEL_MIN_FILES) -> list[str | None] | None:
+    """Each file's format (``input_format``, None when it cannot be read: reported by whichever path reads
+    it) when there are at least ``min_files`` inputs and each readable one is a per-rank timeline file (nsys
+    SQLite / .nsys-rep, PyTorch profiler JSON) that a worker can read and analyze on its own; else None."""
     if len(files) < min_files:
-        return False
-    from gpudoctor.readers import detect
-
+        return None
+    formats: list[str | None] = []
     for f in files:
         try:
-            fmt = detect(Path(f))
+            fmt = input_format(Path(f))
         except GpudoctorError:
-            continue  # reported as an input error by whichever path reads it
+            formats.append(None)
+            continue
         if fmt not in _MAPPABLE:
-            return False
-        if fmt == "sqlite":
-            from gpudoctor.pipeline import _is_run_db
-            if _is_run_db(Path(f)):
-                return False  # a run.db may hold a whole run (several ranks, ncu metrics attached)
-    return True
+            return None
+        formats.append(fmt)
+    return formats
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -146,16 +151,14 @@ def _release_memory() -> None:
         pass
 
 
-def map_rank(path: str, rank: int | None = None, config=None, world: list[str] | None = None) -> RankResult:
+def map_rank(path: str, rank: int | None = None, config: Config | dict | None = None, world: list[str] | None = None,
+             fmt: str | None = None) -> RankResult:
     """Read one input and analyze each of its ranks (the map step; runs on a worker)."""
-    from gpudoctor.pipeline import read_input
-    from gpudoctor.readers.boundary import input_boundary
-
     out = RankResult(path=str(path))
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         with input_boundary(path):
-            trace = read_input(path, rank=rank)
+            trace = read_input(path, rank=rank, fmt=fmt)
     except GpudoctorError as e:
         out.error = str(e)
         out.inputs = [{"path": str(path), "error": str(e)}]
@@ -168,13 +171,10 @@ def map_rank(path: str, rank: int | None = None, config=None, world: list[str] |
         # Run-level facts (versions, profiler header); tables kept in meta stay on the worker.
         out.meta = {k: v for k, v in trace.meta.items() if k != "inputs" and not isinstance(v, pd.DataFrame)}
         _announce_world(trace, world or [], str(path))
-        ranks = trace.rank_ids or [0]
-        out.summaries = [summarize_rank(trace, r) for r in ranks]
-        out.findings = _per_rank_findings(trace, config)
-        cfg = _as_config(config)
-        if cfg is None or cfg.enabled("stragglers"):
-            out.straggler_rows, out.step_ends = _straggler_part(trace, out.summaries)
-        out.gate_data = _gate_part(trace, out.summaries)
+        result = analyze_trace(trace, config, skip=CROSS_RANK)
+        out.summaries, out.findings, out.gate_data = result.ranks, result.findings, result.samples
+        if as_config(config).enabled(stragglers.ID):
+            out.straggler_rows, out.step_ends = _straggler_part(trace, result.windows)
         out.kernel_kinds = trace.kernels[list(_KERNEL_KIND_COLUMNS)].drop_duplicates().reset_index(drop=True)
         out.collective_kinds = trace.collectives[list(_COLLECTIVE_KIND_COLUMNS)].drop_duplicates().reset_index(drop=True)
         out.ranks, out.devices, out.dropped = trace.ranks, trace.devices, trace.dropped
@@ -200,62 +200,23 @@ def _announce_world(trace: Trace, world: list[str], own: str) -> None:
             {"path": p, "format": "peer", "rank": -(i + 1)} for i, p in enumerate(others)]
 
 
-def _as_config(config):
-    try:
-        from gpudoctor.analyzers.config import as_config
-    except ModuleNotFoundError:
-        return None
-    return as_config(config)
-
-
-def _registry():
-    try:
-        return importlib.import_module("gpudoctor.analyzers.registry")
-    except ModuleNotFoundError:
-        return None
-
-
-def _per_rank_findings(trace: Trace, config) -> list:
-    registry = _registry()
-    if registry is None:
-        return []
-    only = [a for a in registry.ANALYZERS if a not in CROSS_RANK_ANALYZERS]
-    return registry.run_all(trace, config, only=only)
-
-
-def _straggler_part(trace: Trace, summaries: list[RankSummary]) -> tuple[pd.DataFrame | None, dict]:
-    """This input's rows of the straggler table (step_end_lag_ns filled by the reduce) and step ends."""
-    try:
-        from gpudoctor.analyzers import stragglers
-    except ModuleNotFoundError:
-        return None, {}
-    rows = stragglers.straggler_table(trace)
-    ends = {}
-    with_kernels = set(rows["rank"].tolist())
-    for s in summaries:
-        if s.rank not in with_kernels:
+def _straggler_part(trace: Trace, windows: dict[int, StepWindow]) -> tuple[pd.DataFrame, dict[int, np.ndarray]]:
+    """This input's rows of the straggler table (step_end_lag_ns filled by the reduce) and step ends, from
+    the windows the analysis already found."""
+    rows, ends = [], {}
+    for r, view in rank_views(trace).items():
+        if view.kernels.empty:
             continue
-        steady = s.window.steady
-        ends[s.rank] = (steady["gpu_end_ns"].to_numpy(np.int64) if len(steady)
-                        else np.array([s.window.end_ns], np.int64))
-    return rows, ends
-
-
-def _gate_part(trace: Trace, summaries: list[RankSummary]) -> dict:
-    """The gate's per-rank samples (what analysis.json's "gate" block is built from)."""
-    try:
-        rank_data = importlib.import_module("gpudoctor.gate.compare").rank_data
-    except (ImportError, AttributeError):
-        return {}
-    multi = len(trace.rank_ids) > 1
-    return {s.rank: rank_data(trace.for_rank(s.rank) if multi else trace, s.window) for s in summaries}
+        row, ends[r] = stragglers.rank_row(view, r, windows[r])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=stragglers.COLUMNS), ends
 
 
 # ----------------------------------------------------------------------------------------------------
 # Reduce
 
 
-def reduce_results(results: list[RankResult], config=None):
+def reduce_results(results: list[RankResult], config: Config | dict | None = None) -> Analysis:
     """Assemble the Analysis of the run from the map results (in input order)."""
     inputs, errors, ok = [], [], []
     for r in results:
@@ -271,9 +232,7 @@ def reduce_results(results: list[RankResult], config=None):
     summaries = sorted((s for r in ok for s in r.summaries), key=lambda s: s.rank)
     findings = [f for r in ok for f in r.findings]
     findings.extend(_straggler_findings(ok, summaries, config, trace))
-    findings = _sort_findings(findings)
-    from gpudoctor.pipeline import Analysis
-
+    findings = sort_findings(findings)
     # The gate's per-rank samples come from the workers (the light trace has no events to compute them).
     return Analysis(inputs=inputs, trace=trace, ranks=summaries, findings=findings, errors=errors,
                     gate_samples={k: v for r in ok for k, v in r.gate_data.items()})
@@ -309,46 +268,26 @@ def _light_trace(results: list[RankResult], inputs: list[dict]) -> Trace:
     return t
 
 
-def _straggler_findings(results: list[RankResult], summaries: list[RankSummary], config, trace: Trace) -> list:
+def _straggler_findings(results: list[RankResult], summaries: list[RankSummary], config: Config | dict | None,
+                        trace: Trace) -> list[Finding]:
     """The stragglers finding of the run, from the per-rank rows, as analyze_run computes it."""
-    registry = _registry()
-    cfg = _as_config(config)
-    if registry is None or "stragglers" not in registry.ANALYZERS or (cfg is not None and not cfg.enabled("stragglers")):
+    cfg = as_config(config)
+    if not cfg.enabled(stragglers.ID):
         return []
-    from gpudoctor.analyzers import stragglers
-
     frames = [r.straggler_rows for r in results if r.straggler_rows is not None and len(r.straggler_rows)]
     if not frames:
         return []
     tab = pd.concat(frames, ignore_index=True).sort_values("rank", kind="stable").reset_index(drop=True)
-    step_ends = {}
+    step_ends: dict[int, np.ndarray] = {}
     for r in results:
         step_ends.update(r.step_ends)
-    if len(step_ends) > 1:
-        ranks = tab["rank"].tolist()
-        m = min(len(step_ends[k]) for k in ranks)
-        if m:
-            ends = np.stack([step_ends[k][-m:] for k in ranks])
-            lag = np.median(ends - ends.min(axis=0, keepdims=True), axis=1)
-            tab["step_end_lag_ns"] = [int(x) for x in lag]
-    found = stragglers.findings_from_table(tab, cfg if cfg is not None else config, trace)
-    first = summaries[0] if summaries else None
-    for f in found:
-        if f.analyzer != stragglers.ID:
-            raise ValueError(f"analyzer stragglers returned a finding of {f.analyzer!r}")
-        if f.rank is None and first is not None:
-            f.rank = first.rank
-        if first is not None:  # run_context's default: the window of the rank whose context ran it
-            f.evidence.setdefault("window_start_ns", first.window.start_ns)
-    return found
-
-
-def _sort_findings(findings: list) -> list:
-    """run_all's order: rank, severity (high first), saving; ties in registry order, then as emitted."""
-    registry = _registry()
-    order = {aid: i for i, aid in enumerate(registry.ANALYZERS)} if registry is not None else {}
-    return sorted(findings, key=lambda f: (f.rank if f.rank is not None else -1, -f.severity_rank,
-                                           -f.estimated_saving_ns, order.get(f.analyzer, len(order))))
+    tab = stragglers.with_step_end_lag(tab, step_ends)
+    found = stragglers.findings_from_table(tab, cfg.section(stragglers.ID), trace)
+    if not summaries:
+        return found
+    # As the serial path: run from the context of the run's first rank.
+    first = summaries[0]
+    return [finish(f, stragglers.ID, first.rank, first.window.start_ns) for f in found]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,21 +311,21 @@ def _have_dask() -> bool:
     return True
 
 
-def analyze_many(paths: list, config=None, workers: int | None = None, scheduler: str | None = None, *,
-                 rank_map: dict | None = None, executor: str = "auto", progress: bool | None = None):
+def analyze_many(paths: list, config: Config | dict | None = None, workers: int | None = None,
+                 scheduler: str | None = None, *, rank_map: dict | None = None, executor: str = "auto",
+                 progress: bool | None = None, formats: list[str | None] | None = None) -> Analysis:
     """Parse and analyze every input on a worker, reduce across ranks; returns an Analysis.
 
     ``paths``: input files (directories of per-rank files are expanded as ``analyze_inputs`` does).
     ``workers``: worker processes (default: usable CPUs, at most one per file). ``scheduler``: the address
     of an existing Dask scheduler. ``executor``: "auto" (Dask when installed, else processes), "dask",
     "processes", or "serial" (in this process, one file after the other: the reference). ``rank_map``:
-    path or file name -> rank, as in ``analyze_inputs``. Raises GpudoctorError when no input could be
-    read, or when two inputs claim the same rank.
+    path or file name -> rank, as in ``analyze_inputs``. ``formats``: each file's ``input_format`` when the
+    caller already sniffed them. Raises GpudoctorError when no input could be read, or when two inputs claim
+    the same rank.
     """
-    from gpudoctor import progress as prog
-    from gpudoctor.pipeline import expand_inputs
-
     files = [str(p) for p in expand_inputs([str(p) for p in paths])]
+    fmts = formats if formats is not None and len(formats) == len(files) else [None] * len(files)
     rank_map = rank_map or {}
     ranks = [rank_map.get(f, rank_map.get(Path(f).name)) for f in files]
     n = len(files)
@@ -399,12 +338,12 @@ def analyze_many(paths: list, config=None, workers: int | None = None, scheduler
     with prog.task(f"Analyzing {n} inputs ({executor}, {workers} workers)", total=n, show=progress) as bar:
         if executor == "serial":
             for i, f in enumerate(files):
-                results[i] = map_rank(f, ranks[i], config, files)
+                results[i] = map_rank(f, ranks[i], config, files, fmts[i])
                 bar.advance()
         elif executor == "processes":
-            _run_processes(files, ranks, config, workers, results, bar)
+            _run_processes(files, ranks, fmts, config, workers, results, bar)
         elif executor == "dask":
-            _run_dask(files, ranks, config, workers, scheduler, results, bar)
+            _run_dask(files, ranks, fmts, config, workers, scheduler, results, bar)
         else:
             raise ValueError(f"executor must be auto, dask, processes or serial, not {executor!r}")
     return reduce_results([r for r in results if r is not None], config)
@@ -414,24 +353,24 @@ def _pool_context():
     import multiprocessing as mp
     try:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["gpudoctor.parallel", "gpudoctor.pipeline", "gpudoctor.readers.nsys",
-                                    "gpudoctor.readers.kineto"])
+        ctx.set_forkserver_preload(["gpudoctor.parallel", "gpudoctor.readers.inputs"])
         return ctx
     except ValueError:  # no forkserver on this platform
         return mp.get_context("spawn")
 
 
-def _run_processes(files, ranks, config, workers, results, bar) -> None:
+def _run_processes(files, ranks, fmts, config, workers, results, bar) -> None:
     with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
-        futs = {pool.submit(map_rank, f, ranks[i], config, files): i for i, f in enumerate(files)}
+        futs = {pool.submit(map_rank, f, ranks[i], config, files, fmts[i]): i for i, f in enumerate(files)}
         for fut in as_completed(futs):
             results[futs[fut]] = fut.result()
             bar.advance()
 
 
-def _run_dask(files, ranks, config, workers, scheduler, results, bar) -> None:
+def _run_dask(files, ranks, fmts, config, workers, scheduler, results, bar) -> None:
     try:
-        from dask.distributed import Client, LocalCluster, as_completed as dask_completed
+        from dask.distributed import Client, LocalCluster
+        from dask.distributed import as_completed as dask_completed
     except ImportError:
         raise GpudoctorError("--scheduler needs Dask: pip install 'gpudoctor[dask]'") from None
     cluster = None
@@ -446,7 +385,7 @@ def _run_dask(files, ranks, config, workers, scheduler, results, bar) -> None:
         except (OSError, TimeoutError) as e:
             raise GpudoctorError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
     try:
-        futs = client.map(map_rank, files, ranks, [config] * len(files), [files] * len(files), pure=False)
+        futs = client.map(map_rank, files, ranks, [config] * len(files), [files] * len(files), fmts, pure=False)
         index = {f.key: i for i, f in enumerate(futs)}
         for fut in dask_completed(futs):
             results[index[fut.key]] = fut.result()

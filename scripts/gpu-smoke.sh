@@ -97,7 +97,7 @@ run() {  # name backend expected_rc report_format need_findings -- gpudoctor-pro
   check "$name" "$OUT/$name" "$rc" "$want" "$backend" "$fmt" "$findings"
 }
 
-NSYS_FOUND=$($PY -c 'from gpudoctor.collect.nsys import find_nsys; l = find_nsys(); print(f"{l.path} ({l.how})" if l else "")')
+NSYS_FOUND=$($PY -c 'from gpudoctor.collect.locate import find_nsys; l = find_nsys(); print(f"{l.path} ({l.how})" if l else "")')
 echo "gpudoctor smoke test into $OUT"
 echo "nsys: ${NSYS_FOUND:-not found}"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from gpudoctor.errors import GpudoctorError, InputError
-from gpudoctor.pipeline import analyze_inputs, read_input
+from gpudoctor.pipeline import analyze_inputs
+from gpudoctor.readers.inputs import read_input
 
 ROOT = Path(__file__).resolve().parent.parent
 FX = ROOT / "fixtures"
@@ -470,7 +471,7 @@ def test_cli_bad_input_error_is_one_stderr_line_without_quiet(tmp_path):
 
 _RSS_SCRIPT = r"""
 import json, resource, sys
-from gpudoctor.pipeline import read_input
+from gpudoctor.readers.inputs import read_input
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = read_input(sys.argv[1])
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -794,7 +795,7 @@ def test_category_rules_linear_on_adversarial_names():
 def test_rank_directory_takes_every_compression_case_insensitively(tmp_path):
     """Promise: a directory of rank files never skips one silently: .JSON.GZ is read, .json.bz2 is a
     one-line error (gpudoctor reads gzip), and the other ranks are analyzed."""
-    from gpudoctor.pipeline import expand_inputs
+    from gpudoctor.readers.inputs import expand_inputs
     d = tmp_path / "ranks"
     d.mkdir()
     doc = torch_doc()

@@ -13,7 +13,7 @@ import pytest
 
 from gpudoctor.analyzers import low_tensor_core
 from gpudoctor.analyzers.config import load_config
-from gpudoctor.analyzers.registry import run_all
+from gpudoctor.analyzers.runner import run_all
 from gpudoctor.cli.main import main
 from gpudoctor.model import sampled
 from gpudoctor.model.trace import Trace, conform

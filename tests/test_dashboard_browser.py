@@ -48,7 +48,7 @@ def _comm_run(base):
     """attn_naive on two ranks plus synthetic all_reduce calls (rank 1 arrives 200 us late): no fixture has
     NCCL, it was recorded on one GPU."""
     from gpudoctor.model.trace import Trace, conform
-    from gpudoctor.pipeline import Analysis, analyze_trace
+    from gpudoctor.pipeline import analyze
     k1 = base.trace.kernels.copy()
     k1["rank"] = 1
     t = Trace(devices=conform("devices", pd.concat([base.trace.devices, base.trace.devices.assign(rank=1)])),
@@ -59,8 +59,7 @@ def _comm_run(base):
              + int(2 ** (20 + 2 * i) / 150e9 * 1e9) + 20_000, "op": "all_reduce", "bytes": 2 ** (20 + 2 * i),
              "comm_size": 2, "source": "nvtx_nccl"} for i in range(6) for r in (0, 1)]
     t.set("collectives", pd.DataFrame(rows))
-    ranks, findings = analyze_trace(t)
-    return Analysis(inputs=[{"path": "synthetic"}], trace=t, ranks=ranks, findings=findings)
+    return analyze(t, [{"path": "synthetic"}], [])
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +68,6 @@ def server():
 
     from gpudoctor.cli.dashboard import load_runs
     from gpudoctor.dashboards.app import Run, create_app
-
     from gpudoctor.pipeline import analyze_inputs
 
     runs = load_runs([str(p) for p in RUNS])

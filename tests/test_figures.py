@@ -20,7 +20,7 @@ from gpudoctor.dashboards import figures as F  # noqa: E402
 from gpudoctor.dashboards.timeline import CATEGORIES, TimelineIndex  # noqa: E402
 from gpudoctor.model.schema import KERNEL_CATEGORIES  # noqa: E402
 from gpudoctor.model.trace import Trace, conform  # noqa: E402
-from gpudoctor.pipeline import analyze_inputs, analyze_trace  # noqa: E402
+from gpudoctor.pipeline import analyze, analyze_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FX = ROOT / "fixtures"
@@ -318,9 +318,7 @@ def synthetic_comm_run(base) -> object:
             rows.append({"rank": rank, "start_ns": start, "end_ns": start + dur, "op": "all_reduce", "bytes": size,
                          "dtype": "bf16", "comm_size": 2, "source": "nvtx_nccl"})
     t.set("collectives", pd.DataFrame(rows))
-    ranks, findings = analyze_trace(t)
-    from gpudoctor.pipeline import Analysis
-    return Analysis(inputs=[], trace=t, ranks=ranks, findings=findings)
+    return analyze(t, [], [])
 
 
 def test_communication_figures(naive):

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.model.trace import Trace
-from gpudoctor.pipeline import read_input
+from gpudoctor.readers.inputs import read_input
 
 ROOT = Path(__file__).resolve().parent.parent
 FX = ROOT / "fixtures"

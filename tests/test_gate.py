@@ -18,8 +18,20 @@ from gpudoctor.analyzers.findings import Finding
 from gpudoctor.cli.main import main
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.gate import outputs, stats
-from gpudoctor.gate.compare import (GateOptions, RunData, UserMetric, busy_in_windows, compare, evaluate_rules,
-                                    gate_block, kernel_key, load_run, run_from_trace, _analyze)
+from gpudoctor.gate.compare import (
+    GateOptions,
+    RunData,
+    UserMetric,
+    _analyze,
+    compare,
+    evaluate_rules,
+    gate_block,
+    load_run,
+    run_from_trace,
+)
+from gpudoctor.model.kernel_names import kernel_key
+from gpudoctor.model.samples import busy_in_windows
+from gpudoctor.render import jsonout
 
 ROOT = Path(__file__).resolve().parent.parent
 NSYS = ROOT / "fixtures" / "nsys"
@@ -264,7 +276,7 @@ def test_bad_rule_config(tmp_path):
 
 
 def _traced(path):
-    from gpudoctor.pipeline import load_inputs
+    from gpudoctor.readers.inputs import load_inputs
     trace, _, errors = load_inputs([str(path)])
     assert not errors
     return trace
@@ -274,7 +286,8 @@ def test_refuses_different_gpu_model(runs):
     trace = _traced(BASE_B)
     other = copy.deepcopy(trace)  # the fixture file is not touched
     other.devices["name"] = "NVIDIA A100-SXM4-80GB"
-    ranks, findings, _ = _analyze(other, None)
+    a = _analyze(other, None)
+    ranks, findings = a.ranks, a.findings
     cand = run_from_trace(other, ranks, findings, "edited")
     assert cand.env["gpus"] == ["NVIDIA A100-SXM4-80GB"]
     assert runs["gate_base_a"].env["driver_version"] == "580.159.04"
@@ -411,7 +424,7 @@ def test_analysis_json_inputs(tmp_path):
 
     def write(path, src, with_gate=True, durations=False):
         an = analyze_inputs([str(src)])
-        d = an.to_json_dict()  # analysis.json carries the gate block
+        d = jsonout.to_json_dict(an)  # analysis.json carries the gate block
         assert d["gate"] == json.loads(json.dumps(gate_block(an)))
         if not with_gate:  # as an analysis.json from elsewhere might be
             d.pop("gate")
@@ -481,11 +494,12 @@ def test_calibrate_cli(tmp_path, capsys):
 
 
 def test_multi_rank_run(runs):
-    from gpudoctor.pipeline import load_inputs
+    from gpudoctor.readers.inputs import load_inputs
 
     trace, _, errors = load_inputs([str(BASE_A), str(BASE_B)], {str(BASE_A): 0, str(BASE_B): 1})
     assert not errors and trace.rank_ids == [0, 1]
-    ranks, findings, _ = _analyze(trace, None)
+    a = _analyze(trace, None)
+    ranks, findings = a.ranks, a.findings
     run = run_from_trace(trace, ranks, findings, "two-ranks")
     assert run.env["gpu_count"] == 2
     assert len(run.samples["gpu_time"]) == 19 + 29  # different steady counts: pooled

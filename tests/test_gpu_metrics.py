@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gpudoctor.analyzers.config import Config
-from gpudoctor.analyzers.registry import run_all
+from gpudoctor.analyzers.runner import run_all
 from gpudoctor.model import sampled
 from gpudoctor.model.trace import Trace
 from gpudoctor.readers import kineto, ncu, nsys

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from gpudoctor.errors import InputError
+from gpudoctor.model.kernel_names import short_kernel_name
 from gpudoctor.model.schema import TABLES
 from gpudoctor.readers import kineto
 from gpudoctor.readers.kineto import read
@@ -411,7 +412,7 @@ def test_rank_resolution(tmp_path):
     assert t.meta["inputs"][0]["rank"] == 2
     for name, want in [("trace_rank3.json", 3), ("rank_3.json", 3), ("w-rank-12.pt.trace.json", 12),
                        ("rank0.json", 0), ("plain.json", 0), ("frank2_4242.1700000000000.pt.trace.json", 0),
-                       ("run.r7.json", 7)]:
+                       ("run.r7.json", 7), ("train.rank.4.json", 4)]:  # the same rule as nsys files
         assert read(_write(tmp_path, ev, name=name)).ranks["rank"].tolist() == [want], name
     # tensorboard_trace_handler names: <hostname>_<pid>.<ms>.pt.trace.json
     t = read(_write(tmp_path, ev, name="frank2_4242.1700000000000.pt.trace.json"))
@@ -552,17 +553,17 @@ def test_odd_but_readable_inputs(tmp_path):
 
 
 def test_short_kernel_name():
-    assert kineto.short_kernel_name("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT") == (
+    assert short_kernel_name("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT") == (
         "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT")
-    assert kineto.short_kernel_name(
+    assert short_kernel_name(
         "void at::native::vectorized_elementwise_kernel<8, at::native::BUnaryFunctor<c10::BFloat16, c10::BFloat16, "
         "c10::BFloat16, at::native::binary_internal::MulFunctor<float> >, std::array<char*, 2ul> >(int, "
         "at::native::BUnaryFunctor<c10::BFloat16, c10::BFloat16, c10::BFloat16, "
         "at::native::binary_internal::MulFunctor<float> >, std::array<char*, 2ul>)") == "vectorized_elementwise_kernel"
-    assert kineto.short_kernel_name(
+    assert short_kernel_name(
         "void (anonymous namespace)::softmax_warp_forward<float, float, float, 11, false, false>(float*, float const*, "
         "int, int, int, bool const*, int, bool)") == "softmax_warp_forward"
-    assert kineto.short_kernel_name(
+    assert short_kernel_name(
         "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)"
         "::{lambda()#3}::operator()() const::{lambda()#7}::operator()() const::{lambda(float)#1}, std::array<char*, "
         "2ul>, 4>(int, at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() "

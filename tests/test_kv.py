@@ -29,14 +29,11 @@ Hand-made bad inputs in tests/data (not recordings):
 from __future__ import annotations
 
 import copyreg
-import http.server
 import json
 import pickle
 import pickletools
-import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +42,12 @@ import pytest
 
 from gpudoctor.analyzers import kv_fragmentation as kv
 from gpudoctor.analyzers.config import Config
-from gpudoctor.analyzers.registry import contexts
-from gpudoctor.errors import GpudoctorError, InputError
-from gpudoctor.model.counters_from_ranges import (MALFORMED_REASON, counters_from_ranges, format_counter_text,
-                                                  parse_counter_text)
+from gpudoctor.analyzers.runner import contexts
+from gpudoctor.errors import InputError
+from gpudoctor.model.counters_from_ranges import MALFORMED_REASON, counters_from_ranges, format_counter_text, parse_counter_text
 from gpudoctor.model.trace import Trace, conform
-from gpudoctor.pipeline import read_input
 from gpudoctor.readers import detect, nsys, prometheus, safe_pickle, snapshot
+from gpudoctor.readers.inputs import read_input
 
 ROOT = Path(__file__).resolve().parents[1]
 KV = ROOT / "fixtures" / "kv"
@@ -527,7 +523,7 @@ def test_parse_sample_and_engines():
     assert (name, labels, value, ts) == ("vllm:kv_cache_usage_perc", {"engine": "0", "model_name": 'a,"b"}\\c'},
                                          0.5, 1700000000123000000)
     assert prometheus.parse_sample("up +Inf")[2] == float("inf")
-    for bad in ("{x=1} 2", 'm{a="1" 2', "m", "m 1 2 3"):
+    for bad in ("{x=1} 2", 'm{a="1" 2', "m", "m one"):
         with pytest.raises(ValueError):
             prometheus.parse_sample(bad)
     text = ("# scrape ts=2026-11-23T10:00:00Z\n"
@@ -536,11 +532,39 @@ def test_parse_sample_and_engines():
             'vllm:kv_cache_usage_perc{engine="0"} 1.0\nvllm:kv_cache_usage_perc{engine="1"} 0.2\n'
             'vllm:num_requests_running{engine="0"} 3\nvllm:num_requests_running{engine="1"} 4\n')
     scrapes, bad = prometheus.parse_text(text)
-    assert bad == 0 and len(scrapes) == 1 and scrapes[0]["ts_ns"] == 1795428000 * 10**9
-    rows, _ = prometheus._scrape_counters(scrapes[0]["samples"], scrapes[0]["ts_ns"])
+    assert bad == {} and len(scrapes) == 1 and scrapes[0]["ts_ns"] == 1795428000 * 10**9
+    rows, _, _ = prometheus._scrape_counters(scrapes[0]["samples"], scrapes[0]["ts_ns"])
     got = {n: v for _, n, v in rows}
     assert got["vllm.kv_cache_usage"] == pytest.approx((1.0 * 100 + 0.2 * 300) / 400)  # weighted by pool size
     assert got["vllm.num_requests_running"] == 7 and got["vllm.num_gpu_blocks"] == 400
+
+
+def test_prometheus_bad_numbers_are_counted_not_fatal(tmp_path):
+    """NaN / infinite values and times beyond int64 nanoseconds are counted drops; the rest is read."""
+    p = tmp_path / "engine.prom"
+    p.write_text("# scrape ts=1e300\n"
+                 'vllm:kv_cache_usage_perc{engine="0"} 0.5\n'
+                 "vllm:num_requests_running NaN\n"
+                 "vllm:num_requests_waiting +Inf\n"
+                 "vllm:num_requests_waiting 1e400\n"
+                 "vllm:num_requests_waiting 3 " + "9" * 400 + "\n"
+                 "vllm:num_requests_waiting 3 99999999999999999\n"
+                 "# scrape ts=9999-12-31T00:00:00\n"
+                 "vllm:kv_cache_usage_perc 0.25\n"
+                 "not a sample at all {\n")
+    t = read_input(p)
+    assert t.dropped_counts() == {prometheus.R_NON_FINITE: 3, prometheus.R_BAD_TIME: 3, prometheus.R_BAD_LINE: 2}
+    usage = t.counters[t.counters["name"].astype(str) == "vllm.kv_cache_usage"]
+    assert usage["value"].tolist() == [0.5, 0.25]
+
+
+def test_cli_prometheus_bad_numbers_exit_0(tmp_path, capsys):
+    from gpudoctor.cli.main import main
+    p = tmp_path / "engine.prom"
+    p.write_text('vllm:kv_cache_usage_perc 0.5 ' + "9" * 400 + "\nvllm:kv_cache_usage_perc Inf\n"
+                 "vllm:kv_cache_usage_perc 0.5\n")
+    assert main(["analyze", str(p), "-q"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_prometheus_without_vllm_metrics_is_an_input_error(tmp_path):
@@ -572,84 +596,6 @@ def test_kv_fragmentation_from_vllm_metrics():
                                 annotation_counters(PAGED_TRUTH, PAGED_SNAPSHOT_NS)))
     assert f.metrics["waste_source"] == "annotations" and f.metrics["waste_fraction"] == pytest.approx(0.0199)
     assert f.metrics["bytes_per_token"] == PAGED_TRUTH["bytes_per_token"]
-
-
-# ---------------------------------------------------------------------------------------------------
-# scrape() against a local server
-
-
-class _MetricsServer:
-    """A /metrics endpoint on 127.0.0.1 answering the handmade scrapes in turn; counts requests."""
-
-    def __init__(self, bodies: list[str], status: int = 200, stop_after: int | None = None,
-                 stop_event: threading.Event | None = None):
-        outer = self
-        self.requests = 0
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                i = outer.requests
-                outer.requests += 1
-                if stop_after is not None and outer.requests >= stop_after and stop_event is not None:
-                    stop_event.set()  # before answering: the client sees it as soon as it has the answer
-                body = bodies[min(i, len(bodies) - 1)].encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/metrics"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
-
-
-def _bodies() -> list[str]:
-    text = (DATA / "vllm_metrics_handmade.prom").read_text()
-    return re.split(r"^# scrape ts=.*\n", text, flags=re.M)[1:]
-
-
-def test_scrape_three_times_then_stop(tmp_path):
-    stop = threading.Event()
-    out = tmp_path / "metrics.prom"
-    result = {}
-    with _MetricsServer(_bodies(), stop_after=3, stop_event=stop) as srv:
-        th = threading.Thread(target=lambda: result.update(prometheus.scrape(srv.url, 0.02, stop, out, max_scrapes=3)))
-        th.start()
-        th.join(20)
-        assert not th.is_alive()
-        assert srv.requests == 3
-    assert result == {"scrapes": 3, "errors": 0, "path": str(out)}
-    assert out.read_text().count("# scrape ts=") == 3
-    t = prometheus.read(out)
-    usage = t.counters[t.counters["name"].astype(str) == "vllm.kv_cache_usage"].sort_values("ts_ns")
-    assert usage["value"].tolist() == pytest.approx([209 / 689, 419 / 689, 625 / 689])
-    assert usage["ts_ns"].is_monotonic_increasing and t.meta["prometheus"]["timed"]
-
-
-def test_scrape_errors_are_recorded_and_polling_stops(tmp_path):
-    stop = threading.Event()
-    out = tmp_path / "m.prom"
-    with _MetricsServer(["oops\n"], status=500, stop_after=2, stop_event=stop) as srv:
-        result = prometheus.scrape(srv.url, 0.01, stop, out)
-    assert result["scrapes"] == 0 and result["errors"] == 2
-    assert out.read_text().count("error=") == 2
-    with pytest.raises(GpudoctorError, match="expected an http"):
-        prometheus.scrape("file:///etc/passwd", 1.0, threading.Event(), out)
-    with pytest.raises(GpudoctorError, match="interval"):
-        prometheus.scrape("http://127.0.0.1:1/metrics", 0, threading.Event(), out)
 
 
 def test_handmade_inputs_are_marked():

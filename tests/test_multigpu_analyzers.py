@@ -195,11 +195,11 @@ def test_ideal_bubble():
 def test_microbatches_from_range_names():
     r = conform("ranges", pd.DataFrame({"text": ["step_1", "microbatch_0", "microbatch_1", "microbatch_0_backward",
                                                  "microbatch_3", "forward"]}))
-    assert pipeline_bubbles.microbatches_from_ranges(r, pipeline_bubbles.DEFAULTS["microbatch_pattern"][0]) == 3
+    assert pipeline_bubbles.microbatches_from_ranges(r, pipeline_bubbles.SPEC.setting("microbatch_pattern").default) == 3
     r = conform("ranges", pd.DataFrame({"text": ["mb 0", "mb 1", "mb_2", "step_0"]}))
-    assert pipeline_bubbles.microbatches_from_ranges(r, pipeline_bubbles.DEFAULTS["microbatch_pattern"][0]) == 3
+    assert pipeline_bubbles.microbatches_from_ranges(r, pipeline_bubbles.SPEC.setting("microbatch_pattern").default) == 3
     r = conform("ranges", pd.DataFrame({"text": ["step_0", "embedding"]}))
-    assert pipeline_bubbles.microbatches_from_ranges(r, pipeline_bubbles.DEFAULTS["microbatch_pattern"][0]) is None
+    assert pipeline_bubbles.microbatches_from_ranges(r, pipeline_bubbles.SPEC.setting("microbatch_pattern").default) is None
 
 
 def _pp_run(m: int):
@@ -285,7 +285,7 @@ def test_straggler_table_and_finding():
     assert f.metrics["excess_ns_per_step"] == 3 * MS
     assert f.metrics["excess_fraction_of_step"] == pytest.approx(0.3)
     assert f.severity == "high" and "Rank 1 is the slowest rank" in f.title and "0 wait on it" in f.title
-    assert stragglers.analyze_run(t, {"stragglers.excess_fraction_high": 0.5})[0].severity == "medium"
+    assert stragglers.analyze_run(t, {"excess_fraction_high": 0.5})[0].severity == "medium"
     # balanced ranks: no finding; one rank: no finding
     assert stragglers.analyze_run(merge([r0, rank_trace(1, [(GEMM, 7, 0, 5), (ALLREDUCE, 20, 5, 10)])])) == []
     assert stragglers.analyze_run(r0) == []
@@ -318,7 +318,7 @@ def test_workload_runs_on_cpu(tmp_path):
     assert t.rank_ids == [0, 1]
     texts = set(t.ranges["text"].astype(str))
     assert {"step_0", "step_2", "microbatch_3", "microbatch_0_backward"} <= texts
-    assert pipeline_bubbles.microbatches_from_ranges(t.ranges, pipeline_bubbles.DEFAULTS["microbatch_pattern"][0]) == 4
+    assert pipeline_bubbles.microbatches_from_ranges(t.ranges, pipeline_bubbles.SPEC.setting("microbatch_pattern").default) == 4
 
 
 def test_trace_path_template():

@@ -20,10 +20,12 @@ from gpudoctor.analyzers import nccl_dominated
 from gpudoctor.analyzers.config import Config
 from gpudoctor.analyzers.context import build_context
 from gpudoctor.collect import ncclbench as nb
+from gpudoctor.collect import nccltests_layout
+from gpudoctor.collect.nccltests_layout import format_footer, format_row, format_run_header, format_table_header
 from gpudoctor.errors import InputError
+from gpudoctor.model import collectives
+from gpudoctor.model.collectives import bandwidths, bus_factor, op_sizes
 from gpudoctor.readers import detect, nccltests
-from gpudoctor.readers.nccltests import (bandwidths, bus_factor, format_footer, format_row, format_run_header,
-                                         format_table_header, op_sizes)
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDMADE = ROOT / "tests" / "data" / "nccl_tests_all_reduce_handmade.log"
@@ -80,7 +82,7 @@ def test_bandwidths():
 
 
 def test_float_str_is_nccl_tests_getfloatstr():
-    f = nccltests._float_str
+    f = nccltests_layout._float_str
     assert f(17.0, 7) == "  17.00"
     assert f(346.2, 7) == " 346.20"
     assert f(12345.6, 7) == "12345.6"
@@ -246,7 +248,7 @@ def test_log_joins_the_traces_of_a_run():
 
 
 def test_read_input_picks_the_reader():
-    from gpudoctor.pipeline import read_input
+    from gpudoctor.readers.inputs import read_input
     t = read_input(HANDMADE)
     assert len(t.meta["nccl_tests"]["rows"]) == 28
 
@@ -344,7 +346,7 @@ def _table(op: str, n: int, rows: list[tuple]) -> str:
     devices = [{"rank": r, "pid": 100 + r, "host": "node", "device": r, "bus": f"0x{18 + r:02x}", "name": "NVIDIA H200"}
                for r in range(n)]
     text = format_run_header(nthreads=1, ngpus=1, min_bytes=rows[0][0], max_bytes=rows[-1][0], factor=2, warmup=5,
-                             iters=20, check=True, devices=devices, binary=nccltests.OP_BINARIES[op],
+                             iters=20, check=True, devices=devices, binary=collectives.OP_BINARIES[op],
                              preamble=["# gpudoctor nccl-bench 0.1.0: NCCL collectives in the nccl-tests layout"])
     text += format_table_header()
     bus_all, oob = [], 0
@@ -356,8 +358,8 @@ def _table(op: str, n: int, rows: list[tuple]) -> str:
             res.append((t, alg, bus, w))
             bus_all.append(bus)
             oob += bool(w)
-        text += format_row(sz.size_bytes, sz.count, "float", nccltests.redop_of(op), nccltests.root_of(op), res)
-    return text + format_footer(oob, sum(bus_all) / len(bus_all), nccltests.OP_BINARIES[op])
+        text += format_row(sz.size_bytes, sz.count, "float", collectives.redop_of(op), collectives.root_of(op), res)
+    return text + format_footer(oob, sum(bus_all) / len(bus_all), collectives.OP_BINARIES[op])
 
 
 def test_our_table_reads_back(tmp_path):

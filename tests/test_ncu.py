@@ -19,11 +19,11 @@ import pandas as pd
 import pytest
 
 from gpudoctor.analyzers.roofline import kernel_roofline
+from gpudoctor.collect import locate
 from gpudoctor.collect import ncu as collect
 from gpudoctor.errors import InputError
 from gpudoctor.model.schema import TABLES
-from gpudoctor.readers import detect
-from gpudoctor.readers import ncu
+from gpudoctor.readers import detect, ncu
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / "fixtures/ncu/ncu_kernels.raw.csv"
@@ -406,7 +406,7 @@ def test_empty_and_message_only(tmp_path):
 def test_ncu_rep_without_ncu(tmp_path, monkeypatch):
     rep = tmp_path / "x.ncu-rep"
     rep.write_bytes(b"\x00binary")
-    monkeypatch.setattr(collect, "find_ncu", lambda: None)
+    monkeypatch.setattr(ncu, "find_ncu", lambda: None)
     with pytest.raises(InputError) as e:
         ncu.read(rep)
     assert str(e.value) == (f"{rep}: reading .ncu-rep needs Nsight Compute's ncu on PATH; export it with: "
@@ -431,7 +431,7 @@ esac
 
 def test_ncu_rep_with_ncu(tmp_path, monkeypatch):
     fake = _fake_ncu(tmp_path)
-    monkeypatch.setattr(collect, "find_ncu", lambda: str(fake))
+    monkeypatch.setattr(ncu, "find_ncu", lambda: str(fake))
     rep = tmp_path / "run.ncu-rep"
     rep.write_bytes(b"\x00")
     t = ncu.read(rep)
@@ -499,7 +499,7 @@ def test_run_ncu_with_stand_in(tmp_path):
 def test_find_ncu_env(tmp_path, monkeypatch):
     fake = _fake_ncu(tmp_path)
     monkeypatch.setenv("NCU", str(fake))
-    assert collect.find_ncu() == str(fake)
+    assert locate.find_ncu() == str(fake)
 
 
 # ----------------------------------------------------------------------------------- timeline join

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from gpudoctor.errors import InputError
-from gpudoctor.readers import nsys
-from gpudoctor.readers.nsys import rank_from_filename, read
+from gpudoctor.readers import nsys, rank_from_filename
+from gpudoctor.readers.nsys import read
 
 SAMPLE = Path("/work/shared/samples/attention_h100.nsys.sqlite")
 
@@ -237,7 +237,7 @@ def test_small_chunks_give_the_same_tables(trace, monkeypatch):
 @pytest.mark.parametrize("name, rank", [
     ("rank0.nsys.sqlite", 0), ("trace_rank_3.sqlite", 3), ("rank-12.sqlite", 12), ("RANK5.sqlite", 5),
     ("prof.r3.sqlite", 3), ("node0_rank7_gpu.sqlite", 7), ("attention_h100.nsys.sqlite", None),
-    ("frank3.sqlite", None), ("ranking1.sqlite", None), ("r1.sqlite", None),
+    ("frank3.sqlite", None), ("ranking1.sqlite", None), ("r1.sqlite", None), ("train.rank.4.json", 4),
 ])
 def test_rank_from_filename(name, rank):
     assert rank_from_filename(name) == rank

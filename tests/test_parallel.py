@@ -11,6 +11,7 @@ import pytest
 from gpudoctor import parallel, progress
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.pipeline import analyze_inputs
+from gpudoctor.render import jsonout
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 NSYS = FIXTURES / "nsys" / "attn_naive.nsys.sqlite"
@@ -39,7 +40,7 @@ def straggler_run(tmp_path_factory):
 
 
 def _same(serial, par) -> None:
-    a, b = serial.to_json_dict(), par.to_json_dict()
+    a, b = jsonout.to_json_dict(serial), jsonout.to_json_dict(par)
     assert [r["rank"] for r in b["ranks"]] == [0, 1, 2]
     assert b["ranks"] == a["ranks"]  # per-rank summaries
     assert b["findings"] == a["findings"]
@@ -109,12 +110,12 @@ def test_errors_and_duplicate_ranks(tmp_path):
         parallel.analyze_many([str(bad)], executor="serial")
 
 
-def test_use_parallel(tmp_path):
-    files = _ranks(tmp_path, 8)
-    assert parallel.use_parallel(files)
-    assert not parallel.use_parallel(files[:7])
+def test_parallel_formats(tmp_path):
+    files = [Path(f) for f in _ranks(tmp_path, 8)]
+    assert parallel.parallel_formats(files) == ["nsys_sqlite"] * 8
+    assert parallel.parallel_formats(files[:7]) is None
     csv = FIXTURES / "ncu" / "ncu_kernels.raw.csv"
-    assert not parallel.use_parallel(files + [str(csv)])  # ncu metrics attach to a timeline: serial
+    assert parallel.parallel_formats(files + [csv]) is None  # ncu metrics attach to a timeline: serial
 
 
 def test_progress_is_silent_off_terminal(capsys, monkeypatch):

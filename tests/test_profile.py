@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from gpudoctor.collect import locate, nvml, ranks, rundir
 from gpudoctor.collect import nsys as nsys_mod
-from gpudoctor.collect import nvml, ranks, rundir
 from gpudoctor.collect.torch_backend import NotPython, parse_python_command
 from gpudoctor.errors import GpudoctorError
 
@@ -27,7 +27,7 @@ FIXTURE_SQLITE = ROOT / "fixtures" / "nsys" / "tiny_sync.nsys.sqlite"
 def cli_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ranks.RANK_ENV_VARS and not k.startswith(("TORCHELASTIC", "SLURM", "OMPI_", "PMI"))
-           and k not in ("WORLD_SIZE", "LOCAL_RANK", nsys_mod.ENV_VAR, "GPUDOCTOR_PROFILE_PARENT")}
+           and k not in ("WORLD_SIZE", "LOCAL_RANK", locate.ENV_VAR, "GPUDOCTOR_PROFILE_PARENT")}
     env["PYTHONPATH"] = str(ROOT)
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -481,25 +481,25 @@ def test_nsys_discovery_order(tmp_path, monkeypatch):
     ncu_copy = _fake_exe(tmp_path / "opt/nvidia/nsight-compute/2025.3.1/host/target-linux-x64/nsys")
     on_path = _fake_exe(tmp_path / "pathdir/nsys")
     explicit = _fake_exe(tmp_path / "explicit/nsys")
-    monkeypatch.setattr(nsys_mod, "STANDARD_GLOBS", [str(std / "*/bin/nsys"), str(tmp_path / "cuda*/bin/nsys")])
-    monkeypatch.setattr(nsys_mod, "NCU_COPY_GLOBS", [str(tmp_path / "opt/nvidia/nsight-compute/*/host/target-linux-x64/nsys")])
+    monkeypatch.setattr(locate, "STANDARD_GLOBS", [str(std / "*/bin/nsys"), str(tmp_path / "cuda*/bin/nsys")])
+    monkeypatch.setattr(locate, "NCU_COPY_GLOBS", [str(tmp_path / "opt/nvidia/nsight-compute/*/host/target-linux-x64/nsys")])
     empty = str(tmp_path / "empty")
     env = {"PATH": f"{tmp_path / 'pathdir'}:{empty}", "GPUDOCTOR_NSYS": explicit}
-    assert nsys_mod.find_nsys(env) == (on_path, "PATH")
+    assert locate.find_nsys(env) == (on_path, "PATH")
     env["PATH"] = empty
-    assert nsys_mod.find_nsys(env) == (explicit, "$GPUDOCTOR_NSYS")
+    assert locate.find_nsys(env) == (explicit, "$GPUDOCTOR_NSYS")
     env["GPUDOCTOR_NSYS"] = str(tmp_path / "explicit")  # a folder holding nsys works too
-    assert nsys_mod.find_nsys(env) == (explicit, "$GPUDOCTOR_NSYS")
+    assert locate.find_nsys(env) == (explicit, "$GPUDOCTOR_NSYS")
     del env["GPUDOCTOR_NSYS"]
-    assert nsys_mod.find_nsys(env) == (new_std, "standard folder")  # newest version first
+    assert locate.find_nsys(env) == (new_std, "standard folder")  # newest version first
     os.unlink(new_std)
-    assert nsys_mod.find_nsys(env) == (old_std, "standard folder")
+    assert locate.find_nsys(env) == (old_std, "standard folder")
     os.unlink(old_std)
-    assert nsys_mod.find_nsys(env) == (ncu_copy, "Nsight Compute copy")
+    assert locate.find_nsys(env) == (ncu_copy, "Nsight Compute copy")
     os.unlink(ncu_copy)
-    assert nsys_mod.find_nsys(env) is None
+    assert locate.find_nsys(env) is None
     env["GPUDOCTOR_NSYS"] = str(tmp_path / "nope")
-    assert "is not an executable" in nsys_mod.not_found_message(env)
+    assert "is not an executable" in locate.not_found_message(env)
 
 
 def test_nsys_profile_command():
@@ -688,6 +688,7 @@ def test_nvml_only_run_dir_takes_its_gpu_from_the_manifest(tmp_path):
     """NVML samples alone carry no device table: the manifest's GPU list (what the profiler saw) fills it,
     so the summary and the gate's environment name the GPU."""
     from gpudoctor.pipeline import analyze_inputs
+    from gpudoctor.render import jsonout
 
     run = tmp_path / "run"
     (run / "raw").mkdir(parents=True)
@@ -702,7 +703,7 @@ def test_nvml_only_run_dir_takes_its_gpu_from_the_manifest(tmp_path):
     assert d["name"].tolist() == ["NVIDIA H100 80GB HBM3"] and d["memory_bytes"].tolist() == [85520809984]
     assert d["sm_clock_hz"].tolist() == [1.98e9] and a.ranks[0].device == "NVIDIA H100 80GB HBM3"
     assert a.trace.meta["driver_version"] == "580.159.04"
-    assert a.to_json_dict()["gate"]["env"]["gpus"] == ["NVIDIA H100 80GB HBM3"]
+    assert jsonout.to_json_dict(a)["gate"]["env"]["gpus"] == ["NVIDIA H100 80GB HBM3"]
 
 
 def test_merge_manifests():

@@ -17,9 +17,17 @@ import pytest
 from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.model.schema import TABLES
 from gpudoctor.model.trace import Trace, conform, empty_frame
-from gpudoctor.store import (MODEL_VERSION, atomic_path, atomic_write_bytes, atomic_write_text, cache_path,
-                             is_run_db, load, save)
-from gpudoctor.store import rundb
+from gpudoctor.store import (
+    MODEL_VERSION,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    cache_path,
+    is_run_db,
+    load,
+    rundb,
+    save,
+)
 from gpudoctor.store.atomic import temp_path
 
 # Values that are easy to get wrong: fills, extremes of int64, NaN/inf, unicode, SQL quoting, the

@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gpudoctor.analyzers.analysis import Analysis
+from gpudoctor.analyzers.config import load_config
 from gpudoctor.cli.base import Command
 from gpudoctor.errors import GpudoctorError
+from gpudoctor.pipeline import analyze_inputs
+from gpudoctor.render import jsonout, markdown, summaries, terminal
+from gpudoctor.render.terminal import make_console
+from gpudoctor.store.atomic import STDOUT, atomic_write_text, check_writable
 
 
 def parse_rank_map(items: list[str] | None) -> dict[str, int]:
@@ -19,17 +25,11 @@ def parse_rank_map(items: list[str] | None) -> dict[str, int]:
     return out
 
 
-def write_outputs(analysis, json_path: str | None, markdown_path: str | None) -> None:
-    if not (json_path or markdown_path):
-        return
-    from gpudoctor.store.atomic import atomic_write_text
-
+def write_outputs(analysis: Analysis, json_path: str | None, markdown_path: str | None) -> None:
     if json_path:
-        from gpudoctor.render.jsonout import render as render_json
-        atomic_write_text(json_path, render_json(analysis))
+        atomic_write_text(json_path, jsonout.render(analysis))
     if markdown_path:
-        from gpudoctor.render.markdown import render as render_md
-        atomic_write_text(markdown_path, render_md(analysis))
+        atomic_write_text(markdown_path, markdown.render(analysis))
 
 
 class AnalyzeCommand(Command):
@@ -56,40 +56,26 @@ class AnalyzeCommand(Command):
         p.add_argument("--csv", metavar="DIR", help="write every summary table as DIR/<kind>.csv")
 
     def run(self, args: argparse.Namespace) -> int:
-        from gpudoctor.pipeline import analyze_inputs
-        from gpudoctor.store.atomic import STDOUT, check_writable
-
         if args.json == STDOUT and args.markdown == STDOUT:
             raise GpudoctorError("--json - and --markdown - would both write to standard output; pick one")
         check_writable(args.json, "JSON output")  # before the analysis, not after it
         check_writable(args.markdown, "Markdown report")
         config = load_config(args.config, args.set)
         analysis = analyze_inputs(args.inputs, config=config, rank_map=parse_rank_map(args.rank),
-                                  workers=args.workers, scheduler=args.scheduler)
+                                  workers=args.workers, scheduler=args.scheduler, samples=bool(args.json))
         if not args.quiet and STDOUT not in (args.json, args.markdown):  # stdout holds the JSON/Markdown then
-            from gpudoctor.render.terminal import make_console, render
             out = make_console(no_color=args.no_color)
-            render(analysis, console=out, verbose=args.verbose)
+            terminal.render(analysis, console=out, verbose=args.verbose)
             if args.summary:
-                from gpudoctor.render.summaries import render as render_summaries
-                render_summaries(analysis, list(dict.fromkeys(args.summary)), console=out)
+                summaries.render(analysis, list(dict.fromkeys(args.summary)), console=out)
         errors = list(analysis.errors)
         try:
             write_outputs(analysis, args.json, args.markdown)
             if args.csv:
-                from gpudoctor.render.summaries import write_csv
-                write_csv(analysis, args.csv)
+                summaries.write_csv(analysis, args.csv)
         except (OSError, GpudoctorError) as e:  # the findings above are printed all the same
             errors.append(f"cannot write the output: {getattr(e, 'strerror', None) or e}")
         for err in errors:  # one line each on stderr, even with --quiet; the rest was analyzed
             print(f"gpudoctor: error: {err}", file=sys.stderr)
         return 2 if errors else 0
 
-
-def load_config(path: str | None, overrides: list[str]):
-    """The analyzers' config, or None when the analyzers are not installed."""
-    try:
-        from gpudoctor.analyzers.config import load_config as load
-    except ModuleNotFoundError:
-        return None
-    return load(path, overrides)

@@ -8,8 +8,10 @@ import socket
 import sys
 from pathlib import Path
 
+from gpudoctor.analyzers.config import load_config
 from gpudoctor.cli.base import Command
 from gpudoctor.errors import GpudoctorError, require
+from gpudoctor.pipeline import analyze_inputs
 
 
 def is_loopback(host: str) -> bool:
@@ -74,7 +76,6 @@ def _run_names(args: list[str]) -> list[str]:
 def load_runs(paths: list[str], ceilings: dict | None = None, config=None):
     """Analyze each argument as one run. Unreadable runs are reported on stderr and skipped."""
     from gpudoctor.dashboards.app import Run
-    from gpudoctor.pipeline import analyze_inputs
 
     runs, errors = [], []
     for path, name in zip(paths, _run_names(paths)):
@@ -112,7 +113,6 @@ class DashboardCommand(Command):
     def run(self, args: argparse.Namespace) -> int:
         require("dash", "dash")
         require("plotly", "dash")
-        from gpudoctor.cli.analyze import load_config
         from gpudoctor.dashboards.app import create_app
 
         loopback = is_loopback(args.host)
@@ -155,10 +155,7 @@ class ReportCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         require("plotly", "dash")
-        from gpudoctor.cli.analyze import load_config
         from gpudoctor.dashboards.report import write_report
-        from gpudoctor.pipeline import analyze_inputs
-
         from gpudoctor.store.atomic import check_writable
 
         check_writable(args.html, "report")  # before the analysis, not after it

@@ -19,8 +19,26 @@ import sys
 import time
 from pathlib import Path
 
+from gpudoctor.analyzers.config import Config, load_config, read_toml
+from gpudoctor.analyzers.registry import ANALYZERS
 from gpudoctor.cli.base import Command
 from gpudoctor.errors import GpudoctorError
+from gpudoctor.gate import baselines, outputs
+from gpudoctor.gate.baselines import calibrated_tolerances, calibration
+from gpudoctor.gate.compare import (
+    KNOWN_ANALYZERS,
+    METRICS,
+    RULE_KEYS,
+    GateOptions,
+    UserMetric,
+    check_environment,
+    compare,
+    fmt_value,
+    load_run,
+    validate_rules,
+)
+from gpudoctor.gate.outputs import _gh_data
+from gpudoctor.store.atomic import atomic_write_text
 
 GATE_KEYS = {"tolerance", "tolerances", "min_steps", "alpha", "confidence", "bootstrap", "seed", "inconclusive",
              "metrics", "user_metrics", "baseline_dir", "top"}
@@ -39,12 +57,10 @@ def _config_path(path: str | None) -> Path | None:
 
 def read_gate_config(path: str | None) -> dict:
     """The [gate] table of gpudoctor.toml (validated; unknown keys are an error)."""
-    from gpudoctor.gate.compare import RULE_KEYS
 
     p = _config_path(path)
     if p is None:
         return {}
-    from gpudoctor.analyzers.config import read_toml
 
     data = read_toml(p)
     gate = data.get("gate", {})
@@ -69,7 +85,6 @@ def _num(cfg: dict, key: str, kind=float, lo=None, hi=None):
 
 
 def user_metrics_from(cfg: dict) -> list:
-    from gpudoctor.gate.compare import METRICS, UserMetric
 
     out = []
     table = cfg.get("user_metrics") or {}
@@ -93,7 +108,6 @@ def user_metrics_from(cfg: dict) -> list:
 
 def build_options(args, cfg: dict, baseline_tolerances: dict | None = None):
     """GateOptions from (later wins) defaults < calibrated baseline < gpudoctor.toml [gate] < command line."""
-    from gpudoctor.gate.compare import GateOptions, validate_rules
 
     o = GateOptions()
     for metric, tol in (baseline_tolerances or {}).items():
@@ -152,20 +166,10 @@ def build_options(args, cfg: dict, baseline_tolerances: dict | None = None):
 
 
 def _known_analyzers() -> tuple[str, ...]:
-    from gpudoctor.gate.compare import KNOWN_ANALYZERS
-
-    try:
-        from gpudoctor.analyzers.registry import ANALYZERS
-        return tuple(dict.fromkeys(list(KNOWN_ANALYZERS) + list(ANALYZERS)))
-    except ImportError:
-        return KNOWN_ANALYZERS
+    return tuple(dict.fromkeys(list(KNOWN_ANALYZERS) + list(ANALYZERS)))
 
 
-def analyzer_config(path: str | None):
-    try:
-        from gpudoctor.analyzers.config import load_config
-    except ImportError:
-        return None
+def analyzer_config(path: str | None) -> Config:
     return load_config(path, [])
 
 
@@ -173,7 +177,6 @@ def analyzer_config(path: str | None):
 
 
 def _write(path: str, text: str) -> None:
-    from gpudoctor.store.atomic import atomic_write_text
 
     atomic_write_text(path, text)
 
@@ -190,7 +193,7 @@ def _append_step_summary(text: str) -> None:
 
 def write_error_outputs(args, message: str) -> None:
     """When the gate cannot decide (input or usage error), CI still gets a report saying why."""
-    from xml.sax.saxutils import quoteattr, escape
+    from xml.sax.saxutils import escape, quoteattr
 
     if getattr(args, "junit", None):
         msg = message.replace("\n", " ")
@@ -206,7 +209,6 @@ def write_error_outputs(args, message: str) -> None:
     if getattr(args, "json", None):
         _write(args.json, json.dumps({"status": "error", "exit_code": 2, "reasons": [message]}, indent=2) + "\n")
     if getattr(args, "github", False):
-        from gpudoctor.gate.outputs import _gh_data
         print(f"::error title=gpudoctor gate::{_gh_data(message)}")
         _append_step_summary(md)
 
@@ -215,8 +217,6 @@ def write_error_outputs(args, message: str) -> None:
 
 
 def _load_side(specs: list[str], acfg, user_metrics, gpu_for_names: str, baseline_directory, docs: list) -> list:
-    from gpudoctor.gate import baselines
-    from gpudoctor.gate.compare import load_run
 
     runs = []
     for s in specs:
@@ -270,7 +270,6 @@ class GateCommand(Command):
         except GpudoctorError as e:
             write_error_outputs(args, str(e))
             raise
-        from gpudoctor.gate import outputs
 
         if args.junit:
             _write(args.junit, outputs.junit_xml(result, elapsed))
@@ -288,8 +287,6 @@ class GateCommand(Command):
         return result.exit_code
 
     def _compare(self, args):
-        from gpudoctor.gate.baselines import calibrated_tolerances
-        from gpudoctor.gate.compare import compare
 
         if not args.baseline or not args.candidate:
             raise GpudoctorError("gate needs --baseline RUN... and --candidate RUN... (or: gate calibrate --runs ...)")
@@ -308,8 +305,6 @@ class GateCommand(Command):
         return compare(bases, cands, o), time.monotonic() - t0
 
     def calibrate(self, args) -> int:
-        from gpudoctor.gate.baselines import calibration
-        from gpudoctor.gate.compare import METRICS, check_environment
 
         specs = args.runs or args.baseline
         if len(specs) < 2:
@@ -334,7 +329,6 @@ class GateCommand(Command):
         if args.json:
             _write(args.json, json.dumps(doc, indent=2) + "\n")
         if not args.quiet:
-            from gpudoctor.gate.compare import fmt_value
             print(f"calibration from {len(runs)} runs ({doc['method']}):")
             for m, c in cal.items():
                 unit = METRICS[m].unit if m in METRICS else ""
@@ -368,7 +362,6 @@ class BaselineCommand(Command):
         sh.add_argument("--json", action="store_true", help="print JSON")
 
     def run(self, args: argparse.Namespace) -> int:
-        from gpudoctor.gate import baselines
 
         action = getattr(args, "baseline_action", None)
         if action == "save":
@@ -397,7 +390,6 @@ class BaselineCommand(Command):
             if not sums:
                 print(f"no baselines in {baselines.baseline_dir(args.dir)}")
                 return 0
-            from gpudoctor.gate.compare import fmt_value
             for s in sums:
                 med = fmt_value(s["median_gpu_time_ns"], "ns") if s["median_gpu_time_ns"] is not None else "n/a"
                 print(f"{s['name']:<20} {s['hardware'] or 'unknown GPU':<28} {s['runs']} run(s) {s['steps']:>5} steps  "

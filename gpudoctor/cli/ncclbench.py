@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 
 from gpudoctor.cli.base import Command
+from gpudoctor.collect import ncclbench
+from gpudoctor.collect.ncclbench import SAFETY_ENV, add_bench_arguments
 from gpudoctor.errors import GpudoctorError
 
 
@@ -42,8 +44,6 @@ def worker_argv(args: argparse.Namespace, json_path: str | None) -> list[str]:
 
 def launch_env(base: dict | None = None) -> dict:
     """Environment of the launched ranks: the caller's, NVLink multicast off, this gpudoctor importable."""
-    from gpudoctor.collect.ncclbench import SAFETY_ENV
-
     env = dict(os.environ if base is None else base)
     env.update(SAFETY_ENV)
     root = str(Path(__file__).resolve().parents[2])  # the directory holding the gpudoctor package
@@ -72,13 +72,9 @@ class NcclBenchCommand(Command):
     help = "measure NCCL collectives like nccl-tests (bus bandwidth, #wrong), with the link's ceiling"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        from gpudoctor.collect.ncclbench import add_bench_arguments
-
         add_bench_arguments(p)
 
     def run(self, args: argparse.Namespace) -> int:
-        from gpudoctor.collect import ncclbench
-
         if _under_launcher():
             if args.nproc:
                 print("gpudoctor: nccl-bench: running as one rank of the launched job; --nproc ignored",

@@ -241,11 +241,11 @@ class Profile:
                              f"NVML: {why_not_nvml}")
 
     def _nsys_usable(self, strict: bool) -> dict:
-        from gpudoctor.collect import nsys
+        from gpudoctor.collect import locate, nsys
 
-        loc = nsys.find_nsys(self.env)
+        loc = locate.find_nsys(self.env)
         if loc is None:
-            raise GpudoctorError(nsys.not_found_message(self.env))
+            raise GpudoctorError(locate.not_found_message(self.env))
         version = nsys.nsys_version(loc.path, timeout=30 if strict else 20)
         facts = {"path": loc.path, "found_by": loc.how, "version": version}
         problem = nsys.importer_problem(loc.path)

@@ -15,7 +15,7 @@ in-place, as nccl-tests does (src/common.cu TimeTest/BenchTime):
   element compared with its expected value on the GPU; ``#wrong`` is the number of wrong elements,
   summed over ranks. Values are small integers, so sums are exact in every dtype.
 
-Sizes, counts, algbw and busbw follow nccl-tests (gpudoctor.readers.nccltests: op_sizes, bus_factor).
+Sizes, counts, algbw and busbw follow nccl-tests (gpudoctor.model.collectives: op_sizes, bus_factor).
 The table is printed in nccl-tests' layout so that ``gpudoctor analyze`` (and other nccl-tests tools)
 read it; the JSON holds the same rows plus the link, its ceiling and the fraction of it reached.
 
@@ -36,10 +36,10 @@ import socket
 import sys
 import time
 
+from gpudoctor import __version__
+from gpudoctor.collect.nccltests_layout import format_footer, format_row, format_run_header, format_table_header
 from gpudoctor.errors import GpudoctorError
-from gpudoctor.readers.nccltests import (DTYPE_TYPES, OP_BINARIES, bandwidths, bus_factor, format_footer,
-                                         format_row, format_run_header, format_table_header, op_sizes,
-                                         redop_of, root_of)
+from gpudoctor.model.collectives import DTYPE_TYPES, OP_BINARIES, bandwidths, bus_factor, op_sizes, redop_of, root_of
 
 ALL_OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
 OP_ALIASES = {
@@ -536,7 +536,6 @@ def run_rank(args: argparse.Namespace) -> int:
     backend = args.backend
     rank, world, local = launch["rank"], launch["world"], launch["local"]
     if rank == 0:  # before NCCL starts (and maybe logs): readers sniff the first lines
-        from gpudoctor import __version__
         _print(f"# gpudoctor nccl-bench {__version__}: NCCL collectives in the nccl-tests layout\n")
     if backend == "nccl":
         if not torch.cuda.is_available():

@@ -6,18 +6,18 @@ GPU as the workload runs it, and the timeline (nsys / torch.profiler) was record
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from gpudoctor.collect.locate import find_ncu
 from gpudoctor.errors import GpudoctorError
+from gpudoctor.readers.limits import gunzip
 
 # The metric list of scripts/record-fixtures.sh (what the committed fixtures hold), in that order.
 RECORDED_METRICS: tuple[str, ...] = (
@@ -48,26 +48,6 @@ DEFAULT_LAUNCH_COUNT = 200
 _METRIC_NAME = re.compile(r"^(?:[A-Za-z0-9_]+\.)*([a-z0-9]+__[A-Za-z0-9_]+)$")
 
 
-def find_ncu() -> str | None:
-    """Path of Nsight Compute's ``ncu``: $NCU, PATH, /opt/nvidia/nsight-compute/*/ncu, CUDA toolkits."""
-    env = os.environ.get("NCU")
-    if env and Path(env).is_file() and os.access(env, os.X_OK):
-        return env
-    found = shutil.which("ncu")
-    if found:
-        return found
-    for pattern in ("/opt/nvidia/nsight-compute/*/ncu", "/usr/local/cuda/bin/ncu", "/usr/local/cuda-*/bin/ncu",
-                    "/usr/local/NVIDIA-Nsight-Compute*/ncu"):
-        hits = [h for h in glob.glob(pattern) if os.access(h, os.X_OK)]
-        if hits:
-            return sorted(hits, key=_version_key)[-1]
-    return None
-
-
-def _version_key(path: str) -> list[int]:
-    return [int(x) for x in re.findall(r"\d+", path)]
-
-
 def parse_query_metrics(text: str) -> set[str]:
     """Metric base names (no ``.sum``/``.avg`` suffix) listed by ``ncu --query-metrics``.
 
@@ -92,8 +72,12 @@ def available_metrics(ncu: str | os.PathLike, chip: str | None = None, timeout: 
     """
     p = Path(ncu)
     if p.is_file() and (p.suffix in (".gz", ".txt") or not os.access(p, os.X_OK)):
-        from gpudoctor.readers import read_bytes
-        data = read_bytes(p, "a saved ncu --query-metrics output")  # gzip within the limits
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise GpudoctorError(f"{p}: cannot read: {e.strerror or e}") from None
+        if data[:2] == b"\x1f\x8b":
+            data = gunzip(data, p)  # within the decompression limits
         return parse_query_metrics(data.decode("utf-8", errors="replace"))
     cmd = [str(ncu), "--query-metrics"] + (["--chip", chip] if chip else [])
     try:
@@ -285,5 +269,5 @@ def join_to_timeline(kernel_metrics: pd.DataFrame, kernels: pd.DataFrame) -> tup
     return km, int((matched < 0).sum())
 
 
-__all__ = ["find_ncu", "ANALYZER_METRICS", "RECORDED_METRICS", "available_metrics", "parse_query_metrics",
+__all__ = ["ANALYZER_METRICS", "RECORDED_METRICS", "available_metrics", "parse_query_metrics",
            "unavailable_metrics", "build_ncu_command", "run_ncu", "join_to_timeline"]

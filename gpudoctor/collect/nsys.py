@@ -1,12 +1,5 @@
-"""Nsight Systems: find it, check it, build the ``nsys profile`` command, export the report to SQLite.
-
-Discovery (``find_nsys()``), first hit wins:
-
-1. ``nsys`` on PATH;
-2. ``$GPUDOCTOR_NSYS`` (a path to the nsys executable);
-3. the standard install folders: ``/opt/nvidia/nsight-systems/*/bin/nsys``, ``/usr/local/cuda/bin/nsys``,
-   ``/usr/local/cuda-*/bin/nsys`` (newest version first);
-4. the copy inside Nsight Compute: ``/opt/nvidia/nsight-compute/*/host/target-linux-x64/nsys``.
+"""Nsight Systems: check it, build the ``nsys profile`` command, export the report to SQLite (where it is
+installed: gpudoctor.collect.locate).
 
 Known failures handled by the profile command: nsys hanging after the program ended (bounded by a
 timeout; what nsys wrote -- ``.nsys-rep`` or ``.qdstrm`` -- is kept), a report importer that cannot load
@@ -16,26 +9,14 @@ export failures (the ``.nsys-rep`` is kept and can be analyzed later).
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shlex
 import shutil
 import subprocess
 from pathlib import Path
-from typing import NamedTuple
 
 from gpudoctor.errors import GpudoctorError
-
-ENV_VAR = "GPUDOCTOR_NSYS"
-STANDARD_GLOBS = [
-    "/opt/nvidia/nsight-systems/*/bin/nsys",
-    "/usr/local/cuda/bin/nsys",
-    "/usr/local/cuda-*/bin/nsys",
-]
-NCU_COPY_GLOBS = [
-    "/opt/nvidia/nsight-compute/*/host/target-linux-x64/nsys",
-]
 
 # Cheap defaults: CUDA/NVTX/cuBLAS/cuDNN API tracing, no CPU sampling (a 20 s program otherwise writes
 # a 2 GB .qdstrm), no context-switch tracing, no backtraces; GPU memory usage on.
@@ -51,57 +32,6 @@ _SHORT = {"-t": "--trace", "-s": "--sample", "-b": "--backtrace", "-o": "--outpu
           "-c": "--capture-range", "-p": "--nvtx-capture", "-d": "--duration", "-y": "--delay",
           "-x": "--stop-on-exit", "-e": "--env-var", "-w": "--show-output", "-n": "--inherit-environment"}
 _OWNED = {"--output", "--force-overwrite"}  # gpudoctor decides where the report goes
-
-
-class NsysLocation(NamedTuple):
-    path: str
-    how: str  # "PATH" | "$GPUDOCTOR_NSYS" | "standard folder" | "Nsight Compute copy"
-
-
-def _version_key(path: str) -> tuple:
-    """Sort key: the version numbers in the path (2025.3.1 -> (2025, 3, 1)), newest first when reversed."""
-    nums = re.findall(r"\d+(?:\.\d+)*", path)
-    best = max((tuple(int(x) for x in n.split(".")) for n in nums), default=())
-    return best, path
-
-
-def _executable(path: str) -> bool:
-    return os.path.isfile(path) and os.access(path, os.X_OK)
-
-
-def _globbed(patterns: list[str]) -> list[str]:
-    found = []
-    for pattern in patterns:
-        hits = [p for p in glob.glob(pattern) if _executable(p)]
-        found.extend(sorted(hits, key=_version_key, reverse=True))
-    return found
-
-
-def find_nsys(env: dict | None = None) -> NsysLocation | None:
-    """Where nsys is and how it was found, or None."""
-    env = os.environ if env is None else env
-    on_path = shutil.which("nsys", path=env.get("PATH", os.defpath))
-    if on_path:
-        return NsysLocation(on_path, "PATH")
-    explicit = env.get(ENV_VAR, "").strip()
-    if explicit:
-        if _executable(explicit):
-            return NsysLocation(explicit, f"${ENV_VAR}")
-        if os.path.isdir(explicit) and _executable(os.path.join(explicit, "nsys")):
-            return NsysLocation(os.path.join(explicit, "nsys"), f"${ENV_VAR}")
-    for path in _globbed(STANDARD_GLOBS):
-        return NsysLocation(path, "standard folder")
-    for path in _globbed(NCU_COPY_GLOBS):
-        return NsysLocation(path, "Nsight Compute copy")
-    return None
-
-
-def not_found_message(env: dict | None = None) -> str:
-    env = os.environ if env is None else env
-    bad = env.get(ENV_VAR, "").strip()
-    extra = f" (${ENV_VAR}={bad} is not an executable)" if bad and not _executable(bad) else ""
-    return ("Nsight Systems (nsys) not found on PATH, in $GPUDOCTOR_NSYS, in /opt/nvidia/nsight-systems, "
-            f"/usr/local/cuda*/bin or inside Nsight Compute{extra}")
 
 
 def nsys_version(path: str, timeout: float = 30.0) -> str:

@@ -188,7 +188,7 @@ def check_space(directory: Path, need: int | None = None) -> None:
 
 
 def write_json(path: Path, doc: dict) -> None:
-    from gpudoctor.store.atomic import atomic_write_text
+    from gpudoctor.store.atomic import atomic_write_text  # not at the top: gpudoctor.store loads run.db's pandas
 
     atomic_write_text(path, json.dumps(doc, indent=1, default=str) + "\n")
 

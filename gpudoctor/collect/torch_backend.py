@@ -14,6 +14,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+import gpudoctor
+
 # ---------------------------------------------------------------------------------------------------
 # Parent side: is the command a Python program, and how to run it under this module
 
@@ -88,8 +90,6 @@ def parse_python_command(cmd: list[str]) -> PyProgram:
 
 
 def _package_root() -> str:
-    import gpudoctor
-
     return os.path.dirname(os.path.dirname(os.path.abspath(gpudoctor.__file__)))
 
 

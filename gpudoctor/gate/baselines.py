@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gpudoctor import __version__
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.gate import stats
 from gpudoctor.gate.compare import METRICS, RunData, check_environment
+from gpudoctor.store.atomic import atomic_write_text
 
 FORMAT = "gpudoctor-baseline"
 VERSION = 1
@@ -60,9 +62,6 @@ def calibration(runs: list[RunData], metrics: list[str] | None = None) -> dict:
 
 
 def save(name: str, runs: list[RunData], directory: str | Path | None = None, allow_mismatch: bool = False) -> Path:
-    from gpudoctor import __version__
-    from gpudoctor.store.atomic import atomic_write_text
-
     check_name(name)
     if not runs:
         raise GpudoctorError("baseline save needs at least one run")

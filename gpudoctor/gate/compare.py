@@ -36,14 +36,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gpudoctor import __version__
+from gpudoctor.analyzers.runner import TraceAnalysis, analyze_trace
 from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.gate import stats
-from gpudoctor.model.steps import merge_intervals
+from gpudoctor.gate.attribution import attribute
+from gpudoctor.model.samples import rank_data
 from gpudoctor.model.trace import Trace
+from gpudoctor.readers.inputs import load_inputs
+from gpudoctor.render.fmt import ns
 
 RUN_FORMAT = "gpudoctor-gate-run"
 RUN_FORMAT_VERSION = 1
-_DIGITS = re.compile(r"\d+")
 
 
 @dataclass(frozen=True)
@@ -145,157 +149,6 @@ def _num(x):
 
 def _finding_dict(f) -> dict:
     return f if isinstance(f, dict) else f.to_dict()
-
-
-def busy_in_windows(starts: np.ndarray, ends: np.ndarray, win_start: np.ndarray, win_end: np.ndarray) -> np.ndarray:
-    """For each window, the length of the union of the intervals clipped to it (vectorized)."""
-    win_start = np.asarray(win_start, dtype=np.int64)
-    win_end = np.asarray(win_end, dtype=np.int64)
-    if len(starts) == 0:
-        return np.zeros(len(win_start), dtype=np.int64)
-    bs, be = merge_intervals(starts, ends)
-    cum = np.r_[0, np.cumsum(be - bs)]
-    i0 = np.searchsorted(be, win_start, side="right")  # first block ending after the window start
-    i1 = np.searchsorted(bs, win_end, side="left") - 1  # last block starting before the window end
-    out = np.zeros(len(win_start), dtype=np.int64)
-    ok = i0 <= i1
-    a, b = i0[ok], i1[ok]
-    tot = cum[b + 1] - cum[a]
-    tot -= np.maximum(win_start[ok] - bs[a], 0)
-    tot -= np.maximum(be[b] - win_end[ok], 0)
-    out[ok] = np.maximum(tot, 0)
-    return out
-
-
-def _assign_to_steps(t: np.ndarray, step_start: np.ndarray, step_end: np.ndarray) -> np.ndarray:
-    """Index of the steady step whose GPU span holds each time, or -1."""
-    if len(step_start) == 0 or len(t) == 0:
-        return np.full(len(t), -1)
-    idx = np.searchsorted(step_start, t, side="right") - 1
-    ok = idx >= 0
-    ok[ok] = t[ok] < step_end[idx[ok]]
-    return np.where(ok, idx, -1)
-
-
-# PyTorch's generic kernels: one short name for hundreds of ops. Attribution names them by their functor.
-GENERIC_KERNELS = {"vectorized_elementwise_kernel", "elementwise_kernel", "unrolled_elementwise_kernel", "reduce_kernel",
-                   "index_elementwise_kernel", "vectorized_templated_elementwise_kernel", "multi_tensor_apply_kernel",
-                   "elementwise_kernel_with_index"}
-_WRAPPERS = GENERIC_KERNELS | {"gpu_kernel_impl_nocast", "gpu_kernel_impl", "gpu_kernel", "ReduceOp", "func_wrapper_t",
-                               "BUnaryFunctor", "AUnaryFunctor", "BinaryFunctor", "UnaryFunctor", "memory", "detail",
-                               "launch_vectorized_kernel", "launch_legacy_kernel", "TensorListMetadata", "opmath_gpu_kernel_with_scalars",
-                               "binary_internal", "native", "void", "at"}
-_NATIVE_ID = re.compile(r"at::native::(?:(?:<unnamed>|\(anonymous namespace\)|binary_internal|detail)::)*([A-Za-z_]\w*)")
-
-
-def kernel_key(name: str, demangled: str) -> str:
-    """The name attribution uses: the short name, with the op's functor for PyTorch's generic kernels
-    (``vectorized_elementwise_kernel<MulFunctor>``)."""
-    if name not in GENERIC_KERNELS or not demangled:
-        return name
-    for ident in _NATIVE_ID.findall(demangled):
-        if ident not in _WRAPPERS:
-            return f"{name}<{ident}>"
-    return name
-
-
-def _kernel_keys(k: pd.DataFrame) -> np.ndarray:
-    if k.empty:
-        return np.array([], dtype=object)
-    names = pd.Categorical(k["name"].astype(str)) if not isinstance(k["name"].dtype, pd.CategoricalDtype) else k["name"].values
-    dem = (pd.Categorical(k["demangled_name"].astype(str)) if not isinstance(k["demangled_name"].dtype, pd.CategoricalDtype)
-           else k["demangled_name"].values)
-    nc = np.asarray(names.codes, dtype=np.int64)
-    dc = np.asarray(dem.codes, dtype=np.int64)
-    pair = nc * (len(dem.categories) + 1) + (dc + 1)
-    uniq, inv = np.unique(pair, return_inverse=True)
-    nn, dd = uniq // (len(dem.categories) + 1), uniq % (len(dem.categories) + 1) - 1
-    ncat, dcat = np.asarray(names.categories, dtype=object), np.asarray(dem.categories, dtype=object)
-    keys = np.array([kernel_key(str(ncat[a]) if a >= 0 else "", str(dcat[b]) if b >= 0 else "")
-                     for a, b in zip(nn, dd)], dtype=object)
-    return keys[inv]
-
-
-def rank_data(t: Trace, window) -> dict:
-    """Per-step samples and steady-step attribution totals of one rank."""
-    steady = window.steady.sort_values("gpu_start_ns", kind="stable")
-    st = steady["gpu_start_ns"].to_numpy(np.int64)
-    en = steady["gpu_end_ns"].to_numpy(np.int64)
-    out: dict = {"n": len(steady)}
-    k, m = t.kernels, t.memops
-    starts = np.r_[k["start_ns"].to_numpy(np.int64), m["start_ns"].to_numpy(np.int64)]
-    ends = np.r_[k["end_ns"].to_numpy(np.int64), m["end_ns"].to_numpy(np.int64)]
-    out["step_time"] = (en - st).astype(float)
-    out["gpu_time"] = busy_in_windows(starts, ends, st, en).astype(float)
-    # Wall time: the step period, from the GPU start of a steady step to the GPU start of the next step.
-    # It is the loop's real time per iteration whichever side is the bottleneck (a host-bound loop starves
-    # the GPU, so GPU starts follow the host; a GPU-bound one queues), unlike the host range's duration,
-    # which only measures launching when the host runs ahead of the GPU.
-    allsteps = window.steps.sort_values("gpu_start_ns", kind="stable")
-    starts_all = allsteps["gpu_start_ns"].to_numpy(np.int64)
-    steady_mask = ~allsteps["warmup"].to_numpy(bool)
-    period = np.diff(starts_all)
-    out["wall_time"] = period[steady_mask[:-1]].astype(float) if len(starts_all) >= 2 else None
-    # Attribution: kernels and memops starting inside a steady step.
-    kin = _assign_to_steps(k["start_ns"].to_numpy(np.int64), st, en) >= 0
-    kk = pd.DataFrame({"name": _kernel_keys(k)[kin], "category": k["category"].astype(str).to_numpy()[kin],
-                       "d": (k["end_ns"] - k["start_ns"]).to_numpy(np.int64)[kin]})
-    min_ = _assign_to_steps(m["start_ns"].to_numpy(np.int64), st, en) >= 0
-    mm = pd.DataFrame({"name": "[" + m["kind"].astype(str).to_numpy()[min_].astype(object) + "]",
-                       "category": "memory", "d": (m["end_ns"] - m["start_ns"]).to_numpy(np.int64)[min_]})
-    both = pd.concat([kk, mm], ignore_index=True) if len(mm) else kk
-    out["kernels"] = (both.groupby(["name", "category"], sort=False).agg(total_ns=("d", "sum"), count=("d", "size"))
-                      .reset_index())
-    out["ranges"] = _range_time(t, kin, min_, steady)
-    return out
-
-
-def _range_time(t: Trace, kin: np.ndarray, min_: np.ndarray, steady: pd.DataFrame) -> pd.DataFrame:
-    """GPU time of the steady-step kernels launched inside each NVTX / record_function range (inclusive of
-    nested ranges), keyed by the range text with digits replaced by '#'. The step ranges themselves are left
-    out (they hold everything)."""
-    cols = ["text", "total_ns", "count"]
-    r, api = t.ranges, t.api_calls
-    if r.empty or api.empty:
-        return pd.DataFrame(columns=cols)
-    k, m = t.kernels, t.memops
-    corr = np.r_[k["correlation_id"].to_numpy(np.int64)[kin], m["correlation_id"].to_numpy(np.int64)[min_]]
-    dur = np.r_[(k["end_ns"] - k["start_ns"]).to_numpy(np.int64)[kin], (m["end_ns"] - m["start_ns"]).to_numpy(np.int64)[min_]]
-    ac = api[api["correlation_id"].to_numpy() >= 0]
-    acorr = ac["correlation_id"].to_numpy(np.int64)
-    order = np.argsort(acorr, kind="stable")
-    sc = acorr[order]
-    first = np.r_[True, sc[1:] != sc[:-1]] if len(sc) else np.zeros(0, bool)
-    uc, ui = sc[first], order[first]
-    if len(uc) == 0 or len(corr) == 0:
-        return pd.DataFrame(columns=cols)
-    pos = np.minimum(np.searchsorted(uc, corr), len(uc) - 1)
-    hit = (corr >= 0) & (uc[pos] == corr)
-    launches = pd.DataFrame({"thread_id": ac["thread_id"].to_numpy(np.int64)[ui[pos[hit]]],
-                             "start_ns": ac["start_ns"].to_numpy(np.int64)[ui[pos[hit]]], "d": dur[hit]})
-    if launches.empty:
-        return pd.DataFrame(columns=cols)
-    step_keys = set(_DIGITS.sub("#", str(n)) for n in steady["name"].astype(str))
-    text = r["text"] if isinstance(r["text"].dtype, pd.CategoricalDtype) else r["text"].astype(str).astype("category")
-    norm = np.array([_DIGITS.sub("#", str(c)) for c in text.cat.categories] + [""], dtype=object)
-    rr = r.assign(key=norm[np.asarray(text.cat.codes)])
-    rr = rr[~rr["key"].isin(step_keys)]
-    rows = []
-    for tid, g in launches.groupby("thread_id", sort=False):
-        g = g.sort_values("start_ns", kind="stable")
-        ts = g["start_ns"].to_numpy(np.int64)
-        cum = np.r_[0, np.cumsum(g["d"].to_numpy(np.int64))]
-        rt = rr[rr["thread_id"] == tid]
-        if rt.empty:
-            continue
-        lo = np.searchsorted(ts, rt["start_ns"].to_numpy(np.int64), side="left")
-        hi = np.searchsorted(ts, rt["end_ns"].to_numpy(np.int64), side="right")
-        rows.append(pd.DataFrame({"text": rt["key"].to_numpy(), "total_ns": cum[hi] - cum[lo], "count": hi - lo}))
-    if not rows:
-        return pd.DataFrame(columns=cols)
-    out = pd.concat(rows, ignore_index=True)
-    out = out[out["total_ns"] > 0]
-    return out.groupby("text", sort=False).agg(total_ns=("total_ns", "sum"), count=("count", "sum")).reset_index()
 
 
 def _combine_steps(per_rank: list[np.ndarray | None], notes: list[str], metric: str) -> list[float] | None:
@@ -470,16 +323,8 @@ def run_from_trace(trace: Trace, ranks: list, findings: list, label: str, source
 # -- reading inputs ---------------------------------------------------------------------------------------
 
 
-def _analyze(trace: Trace, analyzer_config) -> tuple[list, list, list[str]]:
-    from gpudoctor.pipeline import analyze_trace
-    from gpudoctor.model.summary import summarize_rank
-
-    try:
-        ranks, findings = analyze_trace(trace, analyzer_config)
-        return ranks, findings, []
-    except ImportError as e:  # analyzers missing or half-installed: the metrics still work
-        ranks = [summarize_rank(trace, r) for r in (trace.rank_ids or [0])]
-        return ranks, [], [f"analyzers unavailable ({e}); rules on findings cannot be checked"]
+def _analyze(trace: Trace, analyzer_config) -> TraceAnalysis:
+    return analyze_trace(trace, analyzer_config)
 
 
 def _is_analysis_json(path: Path) -> dict | None:
@@ -548,11 +393,10 @@ def run_from_analysis_json(data: dict, label: str) -> RunData:
 
 
 def gate_block(analysis) -> dict:
-    """The ``gate`` block of analysis.json for an Analysis (pipeline.Analysis): what the gate needs to compare
-    this run later without the trace. Recomputed from the trace (or from the analysis' ``gate_samples``,
-    per-rank samples computed where the events were), a few KB."""
+    """The ``gate`` block of analysis.json for an Analysis: what the gate needs to compare this run later
+    without the trace, a few KB, assembled from the per-rank samples the analysis computed."""
     run = run_from_trace(analysis.trace, analysis.ranks, [], label="", source="analysis_json",
-                         rank_samples=getattr(analysis, "gate_samples", None))
+                         rank_samples=analysis.gate_samples)
     d = run.to_dict()
     d.pop("label", None)
     return d
@@ -625,19 +469,17 @@ def load_run(spec: str, analyzer_config=None, user_metrics: list[UserMetric] | N
             if user_metrics:
                 read_user_metrics(paths, user_metrics, run)
             return run
-    from gpudoctor.pipeline import load_inputs
-
     trace, _inputs, errors = load_inputs([str(p) for p in paths])
     if errors or trace is None:
         raise GpudoctorError("; ".join(errors) or f"{spec}: nothing could be read")
     if trace.kernels.empty:
         raise InputError(spec, "no GPU kernels in this run: nothing to compare")
-    ranks, findings, notes = _analyze(trace, analyzer_config)
+    result = _analyze(trace, analyzer_config)
     is_run_dir = len(paths) == 1 and paths[0].is_dir() and ((paths[0] / "manifest.json").exists() or (paths[0] / "run.db").exists())
-    run = run_from_trace(trace, ranks, findings, label, source="run_dir" if is_run_dir else "trace")
+    run = run_from_trace(trace, result.ranks, result.findings, label, source="run_dir" if is_run_dir else "trace",
+                         rank_samples=result.samples)
     if is_run_dir:
         run.env.update(manifest_env(paths[0]))
-    run.notes.extend(notes)
     if user_metrics:
         read_user_metrics(paths, user_metrics, run)
     return run
@@ -885,7 +727,6 @@ class GateResult:
         return self.reasons[0] if self.reasons else self.status
 
     def to_dict(self) -> dict:
-        from gpudoctor import __version__
 
         o = self.options
         return {
@@ -913,7 +754,6 @@ def pooled(runs: list[RunData], metric: str) -> list[float]:
 def compare(baselines: list[RunData], candidates: list[RunData], options: GateOptions | None = None) -> GateResult:
     """Decide every metric, check the rules, attribute the change. Raises GpudoctorError (exit 2) when the
     runs come from different hardware or software and ``allow_mismatch`` is off."""
-    from gpudoctor.gate.attribution import attribute
 
     o = options or GateOptions()
     if not baselines or not candidates:
@@ -962,7 +802,6 @@ def fmt_value(v: float | None, unit: str) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
     if unit == "ns":
-        from gpudoctor.render.fmt import ns
         return ns(v)
     if unit == "fraction":
         return f"{v:.3f}"

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.model.columns import per_value
-
+from gpudoctor.model.kernel_names import short_kernel_name
 
 
 class _InOrder:
@@ -89,8 +89,6 @@ def categorize_kernels(short_names, demangled_names) -> pd.Categorical:
 
 def short_names(names) -> pd.Categorical:
     """Short kernel names (as nsys's shortName) for full demangled names, decided once per distinct name."""
-    from gpudoctor.readers.kineto import short_kernel_name
-
     cat = pd.Series(names).astype("category")
     uniq = np.array([short_kernel_name(str(n)) for n in cat.cat.categories], dtype=object)
     codes = cat.cat.codes.to_numpy()

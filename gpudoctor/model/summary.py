@@ -9,6 +9,7 @@ import pandas as pd
 
 from gpudoctor.model import sampled
 from gpudoctor.model.columns import as_categorical
+from gpudoctor.model.kernel_names import kernel_keys
 from gpudoctor.model.steps import StepWindow, find_steps, union_ns
 from gpudoctor.model.trace import Trace
 
@@ -70,19 +71,28 @@ def in_window(df: pd.DataFrame, start_ns: int, end_ns: int, start_col="start_ns"
     return df[(e > start_ns) & (s < end_ns)]
 
 
-def summarize_rank(trace: Trace, rank: int) -> RankSummary:
-    t = trace.for_rank(rank) if len(trace.rank_ids) > 1 else trace
-    window = find_steps(t.ranges, t.kernels)
+def summarize_rank(trace: Trace, rank: int, view: Trace | None = None, window: StepWindow | None = None,
+                   keys: pd.Categorical | None = None) -> RankSummary:
+    """Where ``rank``'s steady-state time went. ``view``: the rank's tables when already filtered; ``window``:
+    its steady-state window when already found; ``keys``: ``kernel_keys`` of its kernels (else all three are
+    computed here). Top kernels are grouped by kernel identity (``kernel_key``), not by short name."""
+    t = view if view is not None else trace.for_rank(rank) if len(trace.rank_ids) > 1 else trace
+    if window is None:
+        window = find_steps(t.ranges, t.kernels)
+    if keys is None:
+        keys = kernel_keys(t.kernels)
     lo, hi = window.start_ns, window.end_ns
     dur = max(hi - lo, 1)
-    k = in_window(t.kernels, lo, hi)
+    kin = (t.kernels["end_ns"].to_numpy() > lo) & (t.kernels["start_ns"].to_numpy() < hi)
+    k = t.kernels[kin]
     m = in_window(t.memops, lo, hi)
     busy = union_ns(np.r_[k["start_ns"].to_numpy(), m["start_ns"].to_numpy()],
                     np.r_[k["end_ns"].to_numpy(), m["end_ns"].to_numpy()], lo, hi)
     # Clip kernel durations to the window so fractions add up.
     kd = np.minimum(k["end_ns"].to_numpy(), hi) - np.maximum(k["start_ns"].to_numpy(), lo)
     # Group on the categorical codes; only the few groups become str.
-    kk = pd.DataFrame({"name": as_categorical(k["name"]).array, "category": as_categorical(k["category"]).array, "d": kd})
+    identity = pd.Categorical.from_codes(np.asarray(keys.codes)[kin], categories=keys.categories) if len(keys) else keys
+    kk = pd.DataFrame({"name": identity, "category": as_categorical(k["category"]).array, "d": kd})
     top = (kk.groupby(["name", "category"], sort=False, observed=True).agg(count=("d", "size"), total_ns=("d", "sum"))
            .reset_index().sort_values("total_ns", ascending=False).head(TOP_N))
     top["name"] = top["name"].astype(str)

@@ -7,12 +7,18 @@ misnamed file still gets the right reader or a clear error.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
 from gpudoctor.errors import InputError
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+
+_RANK_PATTERNS = (
+    re.compile(r"(?<![a-z])rank[_\-.]?(\d+)(?!\d)", re.I),  # rank0, rank_3, rank-12, rank.4
+    re.compile(r"\.r(\d+)\.", re.I),  # trace.r3.sqlite
+)
 
 
 # Compressions gpudoctor does not read: named in the error instead of "not a recognized trace".
@@ -96,3 +102,13 @@ def read_bytes(path: str | Path, expected: str, gunzip: bool = True) -> bytes:
     if gunzip and data[:2] == b"\x1f\x8b":
         data = bounded_gunzip(data, path)
     return data
+
+
+def rank_from_filename(name: str) -> int | None:
+    """The rank a file name states (``rank0``, ``rank_3``, ``rank-12``, ``train.rank.4.json``,
+    ``trace.r3.sqlite``), else None. The one rule every reader uses."""
+    for rx in _RANK_PATTERNS:
+        m = rx.search(name)
+        if m:
+            return int(m.group(1))
+    return None

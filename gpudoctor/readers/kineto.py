@@ -69,6 +69,7 @@ from gpudoctor.errors import InputError
 from gpudoctor.model.categories import categorize_kernels, short_names
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
+from gpudoctor.readers import rank_from_filename
 from gpudoctor.readers.limits import gunzip, open_input
 
 FORMAT = "kineto_json"
@@ -173,7 +174,6 @@ _MEMORY_KINDS = {
     "managed": "managed", "device static": "device", "managed static": "managed", "unknown": "unknown",
 }
 
-_RANK_RE = re.compile(r"(?<![a-z])rank[_-]?(\d+)|\.r(\d+)\.", re.I)  # rank3 rank_3 rank-3 .r3.
 # tensorboard_trace_handler names files "<hostname>_<pid>.<ms>.pt.trace.json[.gz]".
 _TB_NAME_RE = re.compile(r"^(?P<host>.+)_(?P<pid>\d+)\.\d+\.pt\.trace\.json(?:\.gz)?$")
 # Start of an event (after its "{") that the model does not need: flow events, and cpu_op /
@@ -968,9 +968,9 @@ def _resolve_rank(path: Path, header: dict, rank: int | None) -> tuple[int, str]
         if r is not None and r >= 0:
             return r, "distributedInfo"
     for text in (path.name, path.parent.name):
-        m = _RANK_RE.search(text)
-        if m:
-            return int(m.group(1) or m.group(2)), "file name"
+        r = rank_from_filename(text)
+        if r is not None:
+            return r, "file name"
     return 0, "default"
 
 
@@ -998,42 +998,6 @@ def _memop_kind(key: str) -> tuple[str, str, str]:
     src = _MEMORY_KINDS.get((m.group(2) or "").strip().lower(), "unknown")
     dst = _MEMORY_KINDS.get((m.group(3) or "").strip().lower(), "unknown")
     return kind, src, dst
-
-
-def short_kernel_name(name: str) -> str:
-    """nsys-style short name of a demangled kernel signature: no return type, scope, template
-    arguments or parameters ("void at::native::elementwise_kernel<128, 4, ...>(int, ...)" ->
-    "elementwise_kernel"). Kineto gives only the full name; this matches nsys ``shortName`` on the
-    committed fixtures. Not applied by ``read`` (``name`` is the name as given), offered for callers.
-    """
-    s = name.strip()
-    if s.endswith(")"):  # parameter list
-        depth = 0
-        for i in range(len(s) - 1, -1, -1):
-            depth += s[i] in ")>"
-            depth -= s[i] in "(<"
-            if depth == 0:
-                s = s[:i]
-                break
-    while s.endswith(">"):  # template arguments
-        depth = 0
-        for i in range(len(s) - 1, -1, -1):
-            depth += s[i] == ">"
-            depth -= s[i] == "<"
-            if depth == 0:
-                s = s[:i]
-                break
-        else:
-            break
-    depth, cut = 0, 0
-    for i, c in enumerate(s):  # last scope component; a space at depth 0 ends the return type
-        if c in "<(":
-            depth += 1
-        elif c in ">)":
-            depth -= 1
-        elif depth == 0 and (c == " " or (c == ":" and s.startswith("::", i))):
-            cut = i + (2 if c == ":" else 1)
-    return s[cut:] or name
 
 
 def _collective_op(name: Any) -> str | None:

@@ -1,8 +1,8 @@
 """nccl-tests output (``all_reduce_perf``, ``all_gather_perf``, ...) <-> trace model.
 
 ``read(path, rank=None) -> Trace`` reads the text that the nccl-tests binaries print (and that
-``gpudoctor nccl-bench`` prints: it writes this same layout, with the functions below, so that one
-reader serves both). The layout, from nccl-tests' src/common.cu and src/util.cu::
+``gpudoctor nccl-bench`` prints: it writes this same layout with gpudoctor.collect.nccltests_layout, so
+that one reader serves both). The layout, from nccl-tests' src/common.cu and src/util.cu::
 
     # nThread 1 nGpus 1 minBytes 8 maxBytes 1073741824 step: 2(factor) warmup iters: 5 iters: 20 ...
     #
@@ -56,39 +56,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from gpudoctor.readers import read_bytes
 from gpudoctor.errors import InputError
+from gpudoctor.model.collectives import BINARY_OPS, OP_BINARIES, TYPE_DTYPES
 from gpudoctor.model.trace import Trace
+from gpudoctor.readers import read_bytes
 
 FORMAT = "nccl_tests"
 SOURCE = "nccl_tests"
 R_ENDS_EARLY = "nccl-tests log ends early"
 R_BAD_ROW = "unparseable nccl-tests row"
-
-# nccl-tests binary stem -> model op name.
-BINARY_OPS = {
-    "all_reduce": "all_reduce", "all_gather": "all_gather", "reduce_scatter": "reduce_scatter",
-    "broadcast": "broadcast", "reduce": "reduce", "alltoall": "all_to_all", "alltoallv": "all_to_all",
-    "sendrecv": "send_recv", "gather": "gather", "scatter": "scatter", "hypercube": "hypercube",
-}
-# model op -> nccl-tests binary.
-OP_BINARIES = {
-    "all_reduce": "all_reduce_perf", "all_gather": "all_gather_perf", "reduce_scatter": "reduce_scatter_perf",
-    "broadcast": "broadcast_perf", "reduce": "reduce_perf", "all_to_all": "alltoall_perf",
-    "send_recv": "sendrecv_perf", "gather": "gather_perf", "scatter": "scatter_perf",
-}
-# nccl-tests type names -> torch-style dtype names.
-TYPE_DTYPES = {
-    "int8": "int8", "char": "int8", "uint8": "uint8", "int32": "int32", "int": "int32", "uint32": "uint32",
-    "int64": "int64", "uint64": "uint64", "half": "float16", "float16": "float16", "float": "float32",
-    "float32": "float32", "double": "float64", "float64": "float64", "bfloat16": "bfloat16",
-    "f8e4m3": "float8_e4m3fn", "f8e5m2": "float8_e5m2", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2",
-}
-DTYPE_TYPES = {"float32": "float", "float16": "half", "bfloat16": "bfloat16", "float64": "double",
-               "int8": "int8", "uint8": "uint8", "int32": "int32", "uint32": "uint32", "int64": "int64",
-               "uint64": "uint64"}
-DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int32": 4,
-               "uint32": 4, "int64": 8, "uint64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 # Column names nccl-tests prints. Per-mode columns appear once for out-of-place, once for in-place.
 _FIXED_COLUMNS = ("size", "count", "type", "redop", "root")
@@ -109,146 +85,6 @@ _OOB = re.compile(r"^#\s*Out of bounds values\s*:\s*(\d+)")
 _AVG = re.compile(r"^#\s*Avg bus bandwidth\s*:\s*([-+0-9.eEnaif]+)")
 _GPUDOCTOR = re.compile(r"^#\s*gpudoctor\s+([\w .-]+?)\s*:\s*(.*?)\s*$")
 _INT = re.compile(r"^[0-9]+$")
-
-
-# ----------------------------------------------------------------------------------------------------
-# nccl-tests conventions (shared with gpudoctor nccl-bench)
-
-
-def bus_factor(op: str, nranks: int) -> float:
-    """busbw / algbw of ``op`` on ``nranks`` ranks (nccl-tests doc/PERFORMANCE.md)."""
-    n = int(nranks)
-    if n < 1:
-        raise ValueError("nranks must be >= 1")
-    if op == "all_reduce":
-        return 2.0 * (n - 1) / n
-    if op in ("all_gather", "reduce_scatter", "all_to_all", "gather", "scatter"):
-        return (n - 1) / n
-    if op in ("broadcast", "reduce", "send_recv", "send", "recv"):
-        return 1.0
-    raise ValueError(f"no bus bandwidth factor known for {op!r}")
-
-
-@dataclass(frozen=True)
-class OpSize:
-    """One row's sizes in nccl-tests' conventions, for ``size`` bytes asked for."""
-
-    size_bytes: int  # the size column: max(send bytes, recv bytes) of one rank
-    count: int  # the count column: the element count passed to NCCL (per-rank chunk for gather-like ops)
-    send_count: int  # elements in the send buffer of one rank
-    recv_count: int  # elements in the receive buffer of one rank
-
-
-def op_sizes(op: str, size: int, nranks: int, elem_size: int) -> OpSize:
-    """nccl-tests' setupArgs + getCollByteCount for ``op``: what one row of ``size`` bytes moves."""
-    count = int(size) // int(elem_size)
-    n = int(nranks)
-    if op in ("all_reduce", "broadcast", "reduce"):
-        send, recv, param = count, count, count
-    elif op == "all_gather":
-        param = count // n
-        send, recv = param, param * n
-    elif op == "reduce_scatter":
-        param = count // n
-        send, recv = param * n, param
-    elif op == "all_to_all":
-        param = count // n
-        send, recv = param * n, param * n
-    else:
-        raise ValueError(f"unsupported op {op!r}")
-    return OpSize(size_bytes=max(send, recv) * elem_size, count=param, send_count=send, recv_count=recv)
-
-
-def bandwidths(op: str, size_bytes: int, time_s: float, nranks: int) -> tuple[float, float]:
-    """(algbw, busbw) in GB/s (1e9 bytes/s) for a row of ``size_bytes`` that took ``time_s``."""
-    if not time_s or time_s <= 0 or not math.isfinite(time_s):
-        return 0.0, 0.0
-    alg = size_bytes / 1e9 / time_s
-    return alg, alg * bus_factor(op, nranks)
-
-
-def root_of(op: str) -> int:
-    return 0 if op in ("broadcast", "reduce", "gather", "scatter") else -1
-
-
-def redop_of(op: str) -> str:
-    return "sum" if op in ("all_reduce", "reduce_scatter", "reduce") else "none"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Writing the layout (nccl-tests' printf formats)
-
-
-def _float_str(value: float, width: int) -> str:
-    """nccl-tests' getFloatStr: fixed width, fewer decimals as the value grows."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return f"{'N/A':>{width}}"
-    power, val = 0, 1
-    while value >= val:
-        power += 1
-        val *= 10
-    if power < width - 2:
-        return f"{value:{width}.2f}"
-    if power < width - 1:
-        return f"{value:{width}.1f}"
-    if power < width + 1:
-        return f"{value:{width}.0f}"
-    return f"{value:{width}.1e}"
-
-
-def format_run_header(*, nthreads: int, ngpus: int, min_bytes: int, max_bytes: int, factor: int,
-                      warmup: int, iters: int, check: bool, devices: list[dict], binary: str | None = None,
-                      preamble: list[str] | None = None) -> str:
-    """The lines before the table: parameters and the device of every rank.
-
-    ``devices``: dicts with rank, pid, host, device, bus (e.g. "0x18" or "0000:18:00"), name.
-    """
-    lines = list(preamble or [])
-    if binary:
-        lines.append(f"# Collective test starting: {binary}")
-    lines.append(f"# nThread {nthreads} nGpus {ngpus} minBytes {min_bytes} maxBytes {max_bytes} "
-                 f"step: {factor}(factor) warmup iters: {warmup} iters: {iters} agg iters: 1 "
-                 f"validation: {int(bool(check))} graph: 0")
-    lines.append("#")
-    lines.append("# Using devices")
-    for d in devices:
-        lines.append(f"#  Rank {int(d['rank']):2d} Group {0:2d} Pid {int(d.get('pid', 0)):6d} on "
-                     f"{str(d.get('host', '')):>10s} device {int(d.get('device', 0)):2d} "
-                     f"[{d.get('bus', '')}] {d.get('name', '')}")
-    return "\n".join(lines) + "\n"
-
-
-def format_table_header() -> str:
-    """The three header lines of the result table (nccl-tests' writeResultHeader, no timestamps)."""
-    e = ("", "", "", "", "")
-    return (
-        "#\n"
-        + "# %10s  %12s  %8s  %6s  %6s           out-of-place                       in-place          \n" % e
-        + "# %10s  %12s  %8s  %6s  %6s  %7s  %6s  %6s  %6s  %7s  %6s  %6s  %6s \n" % (
-            "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong",
-            "time", "algbw", "busbw", "#wrong")
-        + "# %10s  %12s  %8s  %6s  %6s  %7s  %6s  %6s  %6s  %7s  %6s  %6s  %6s \n" % (
-            "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)", "")
-    )
-
-
-def format_row(size_bytes: int, count: int, type_name: str, redop: str, root: int,
-               results: list[tuple[float, float, float, int | None]]) -> str:
-    """One data row. ``results``: (time_us, algbw, busbw, wrong or None when not checked) per mode,
-    out-of-place first."""
-    out = "%12d  %12d  %8s  %6s  %6s" % (size_bytes, count, type_name, redop, "%6i" % root)
-    for time_us, alg, bus, wrong in results:
-        w = "%6s" % "N/A" if wrong is None else "%6g" % float(wrong)
-        out += "  %7s  %6s  %6s  %s" % (_float_str(time_us, 7), _float_str(alg, 6), _float_str(bus, 6), w)
-    return out + "\n"
-
-
-def format_footer(out_of_bounds: int, avg_busbw: float, binary: str | None = None) -> str:
-    lines = ["# %-20s : %d %s" % ("Out of bounds values", out_of_bounds, "FAILED" if out_of_bounds else "OK"),
-             "# %-20s : %g " % ("Avg bus bandwidth", avg_busbw), "#"]
-    if binary:
-        lines.append(f"# Collective test concluded: {binary}")
-    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -568,5 +404,4 @@ def rows_frame(trace_or_meta) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-__all__ = ["read", "parse_text", "to_trace", "bus_factor", "op_sizes", "bandwidths", "format_run_header",
-           "format_table_header", "format_row", "format_footer", "rows_frame"]
+__all__ = ["read", "parse_text", "to_trace", "rows_frame"]

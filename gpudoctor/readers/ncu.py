@@ -54,10 +54,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gpudoctor.readers import read_bytes
+from gpudoctor.collect.locate import find_ncu
 from gpudoctor.errors import InputError
 from gpudoctor.model.schema import TABLES
 from gpudoctor.model.trace import Trace
+from gpudoctor.readers import read_bytes
 
 FORMAT = "ncu_csv"
 SOURCE = "ncu"
@@ -536,8 +537,6 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
 
 # ------------------------------------------------------------------------------------------ .ncu-rep
 def _read_rep(path: Path, rank: int | None):
-    from gpudoctor.collect.ncu import find_ncu
-
     ncu = find_ncu()
     if not ncu:
         raise InputError(path, "reading .ncu-rep needs Nsight Compute's ncu on PATH; export it with: "

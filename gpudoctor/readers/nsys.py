@@ -41,6 +41,7 @@ from gpudoctor.model.categories import categorize_kernels
 from gpudoctor.model.counters_from_ranges import MALFORMED_REASON, counters_from_ranges
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
+from gpudoctor.readers import rank_from_filename
 from gpudoctor.readers.nsys_gpu_metrics import GpuMetricsSchemaError, read_gpu_metrics
 
 SOURCE_FORMAT = "nsys_sqlite"
@@ -87,11 +88,6 @@ _MAX_OFFSET = 1 << 62
 
 # Variables that name a process's global rank in the environment nsys recorded, in order of trust.
 RANK_ENV_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
-
-_RANK_PATTERNS = (
-    re.compile(r"(?<![a-z])rank[_\-.]?(\d+)(?!\d)", re.I),  # rank0, rank_3, rank-12, rank.4
-    re.compile(r"\.r(\d+)\.", re.I),  # trace.r3.sqlite
-)
 
 _API_VERSION_SUFFIX = re.compile(r"_v\d+$")
 
@@ -160,15 +156,6 @@ class _BadExport(Exception):
 
 # ----------------------------------------------------------------------------------------------------
 # Public helpers
-
-
-def rank_from_filename(name: str) -> int | None:
-    """The rank a file name states (``rank0``, ``rank_3``, ``rank-12``, ``trace.r3.sqlite``), else None."""
-    for rx in _RANK_PATTERNS:
-        m = rx.search(name)
-        if m:
-            return int(m.group(1))
-    return None
 
 
 def rank_from_environment(env: dict[str, str]) -> int | None:

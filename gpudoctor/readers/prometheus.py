@@ -1,16 +1,20 @@
-"""Reader for saved Prometheus text scrapes of an inference engine (vLLM), and a scraper that saves them.
+"""Reader for saved Prometheus text scrapes of an inference engine (vLLM).
 
-``read(path, rank=None) -> Trace`` turns the engine's metrics into ``counters`` rows; ``scrape(url,
-interval_s, stop_event, out_path)`` polls a ``/metrics`` endpoint and appends each answer to a file
-that ``read`` understands (``gpudoctor profile --scrape URL``).
+``read(path, rank=None) -> Trace`` turns the engine's metrics into ``counters`` rows. Sample lines are
+parsed by prometheus_client's text-format parser; this module splits a file into scrapes and turns vLLM's
+metrics into counters.
 
 File layout: Prometheus text exposition format (``curl http://host:8000/metrics > FILE``), one scrape or
-several. Scrapes are separated by a comment line ``# scrape ts=SECONDS`` (UNIX time, as ``scrape``
-writes it; an ISO 8601 time is accepted too), by an OpenMetrics ``# EOF`` line, or, for files made by
+several. Scrapes are separated by a comment line ``# scrape ts=SECONDS`` (UNIX time; an ISO 8601 time is
+accepted too), by an OpenMetrics ``# EOF`` line, or, for files made by
 concatenating ``curl`` outputs, by a ``# HELP``/``# TYPE`` line of a metric already seen in the current
 scrape. Time of a sample: its own timestamp (milliseconds) if the line has one, else its scrape's ``ts``;
 when a file has no time at all, the scrapes are placed at the file's modification time, 1 ns apart in
 file order (``ranks.clock_source`` says so).
+
+Counted in ``dropped``, never silently skipped: lines the parser refuses, samples whose value is NaN or
+infinite, and times (sample timestamps, ``# scrape ts=``) outside the representable range (before 1970 or
+after 2262).
 
 Counters written (values aggregated over label sets, i.e. over engines of a data-parallel server: usage
 is averaged weighted by each engine's ``num_gpu_blocks`` when known, counts are summed):
@@ -35,28 +39,25 @@ InputError (there is nothing this reader can use in it).
 
 from __future__ import annotations
 
-import http.client
-import ipaddress
 import math
 import re
-import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from prometheus_client.parser import text_string_to_metric_families
 
-from gpudoctor.readers import read_bytes
-from gpudoctor.errors import GpudoctorError, InputError
+from gpudoctor.errors import InputError
 from gpudoctor.model.trace import Trace
+from gpudoctor.readers import rank_from_filename, read_bytes
 
 SOURCE_FORMAT = "prometheus_text"
 R_BAD_LINE = "unparsable Prometheus line"
+R_NON_FINITE = "Prometheus sample with a NaN or infinite value"
+R_BAD_TIME = "Prometheus time out of range"
+_MAX_EPOCH_NS = 2**63 - 1  # what an int64 nanosecond time can hold (year 2262)
 
 USAGE_NAMES = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # first wins when both are present
 CACHE_INFO = "vllm:cache_config_info"
@@ -64,35 +65,29 @@ _RENAMED = {"vllm:num_requests_running": "vllm.num_requests_running",
             "vllm:num_requests_waiting": "vllm.num_requests_waiting"}
 _CACHE_LABEL_COUNTERS = {"block_size": "vllm.block_size", "num_gpu_blocks": "vllm.num_gpu_blocks"}
 
-_METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)")
-_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(,|(?=\}))')
 _SCRAPE = re.compile(r"^#\s*scrape\b(.*)$", re.I)
 _TS_FIELD = re.compile(r"\bts=(\S+)")
 _HELP_TYPE = re.compile(r"^#\s*(HELP|TYPE)\s+([a-zA-Z_:][a-zA-Z0-9_:]*)")
 
 
-def _unescape(v: str) -> str:
-    return v.replace(r"\\", "\x00").replace(r"\"", '"').replace(r"\n", "\n").replace("\x00", "\\")
+class TimeOutOfRange(ValueError):
+    """A time before 1970 or beyond what int64 nanoseconds hold."""
 
 
-def _parse_value(text: str) -> float:
-    t = text.strip()
-    low = t.lower()
-    if low in ("nan",):
-        return float("nan")
-    if low in ("+inf", "inf"):
-        return float("inf")
-    if low == "-inf":
-        return float("-inf")
-    return float(t)
+def _epoch_ns(seconds: float) -> int:
+    if not math.isfinite(seconds) or not 0 < seconds * 1e9 < _MAX_EPOCH_NS:
+        raise TimeOutOfRange(f"time {seconds!r} s out of range")
+    return int(round(seconds * 1e9))
 
 
 def _parse_ts(text: str) -> int | None:
-    """A scrape time (UNIX seconds or ISO 8601) as epoch ns, else None."""
+    """A scrape time (UNIX seconds or ISO 8601) as epoch ns; None when it is not a time;
+    TimeOutOfRange when it is one that int64 nanoseconds cannot hold."""
     try:
-        sec = float(text)
-        return int(round(sec * 1e9)) if math.isfinite(sec) and sec > 0 else None
-    except ValueError:
+        return _epoch_ns(float(text))
+    except TimeOutOfRange:
+        raise
+    except (ValueError, OverflowError):
         pass
     try:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -100,45 +95,34 @@ def _parse_ts(text: str) -> int | None:
         return None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    return int(round(dt.timestamp() * 1e9))
+    return _epoch_ns(dt.timestamp())
 
 
 def parse_sample(line: str) -> tuple[str, dict[str, str], float, int | None]:
-    """``(name, labels, value, timestamp_ns or None)`` of one sample line; ValueError if malformed."""
-    m = _METRIC.match(line)
-    if not m:
-        raise ValueError("no metric name")
-    name = m.group(1)
-    pos = m.end()
-    labels: dict[str, str] = {}
-    if pos < len(line) and line[pos] == "{":
-        pos += 1
-        while True:
-            rest = line[pos:]
-            if rest.lstrip().startswith("}"):
-                pos += len(rest) - len(rest.lstrip()) + 1
-                break
-            lm = _LABEL.match(line, pos)
-            if not lm:
-                raise ValueError("bad label set")
-            labels[lm.group(1)] = _unescape(lm.group(2))
-            pos = lm.end()
-    fields = line[pos:].split()
-    if not fields or len(fields) > 2:
-        raise ValueError("expected a value and an optional timestamp")
-    value = _parse_value(fields[0])
+    """``(name, labels, value, timestamp_ns or None)`` of one sample line (prometheus_client's parser);
+    ValueError if malformed, TimeOutOfRange if its timestamp is."""
+    try:
+        samples = [smp for fam in text_string_to_metric_families(line + "\n") for smp in fam.samples]
+    except (ValueError, OverflowError, IndexError, KeyError, TypeError) as e:
+        raise ValueError(f"not a Prometheus sample ({e})") from None
+    if len(samples) != 1:
+        raise ValueError("expected one sample")
+    smp = samples[0]
+    # Sample timestamps are milliseconds: rounded to the microsecond, the float seconds give them back exactly.
     ts = None
-    if len(fields) == 2:
-        raw = fields[1]
-        ts = int(raw) * 1_000_000 if raw.lstrip("-").isdigit() else int(round(float(raw) * 1e6))  # ms -> ns
-    return name, labels, value, ts
+    if smp.timestamp is not None:
+        seconds = float(smp.timestamp)
+        _epoch_ns(seconds)  # in range?
+        ts = int(round(seconds * 1e6)) * 1000
+    return smp.name, dict(smp.labels), float(smp.value), ts
 
 
-def parse_text(text: str) -> tuple[list[dict], int]:
-    """Split ``text`` into scrapes; returns ([{"ts_ns": int|None, "samples": [(name, labels, value, ts)]}], bad lines)."""
+def parse_text(text: str) -> tuple[list[dict], dict[str, int]]:
+    """Split ``text`` into scrapes; returns ([{"ts_ns": int|None, "samples": [(name, labels, value, ts)]}],
+    {drop reason: lines})."""
     scrapes: list[dict] = []
-    cur = {"ts_ns": None, "samples": [], "described": set(), "types": {}}
-    bad = 0
+    cur: dict = {"ts_ns": None, "samples": [], "described": set(), "types": {}}
+    bad: dict[str, int] = defaultdict(int)
 
     def flush(new_ts=None):
         nonlocal cur
@@ -154,7 +138,11 @@ def parse_text(text: str) -> tuple[list[dict], int]:
             m = _SCRAPE.match(line)
             if m:
                 tm = _TS_FIELD.search(m.group(1))
-                flush(_parse_ts(tm.group(1)) if tm else None)
+                try:
+                    flush(_parse_ts(tm.group(1)) if tm else None)
+                except TimeOutOfRange:
+                    bad[R_BAD_TIME] += 1
+                    flush(None)
                 continue
             if line.upper().startswith("# EOF"):
                 flush()
@@ -170,12 +158,14 @@ def parse_text(text: str) -> tuple[list[dict], int]:
             continue
         try:
             cur["samples"].append(parse_sample(line))
-        except (ValueError, OverflowError):
-            bad += 1
+        except TimeOutOfRange:
+            bad[R_BAD_TIME] += 1
+        except ValueError:
+            bad[R_BAD_LINE] += 1
     flush()
     for sc in scrapes:
         sc.pop("described", None)
-    return [s for s in scrapes if s["samples"]], bad
+    return [s for s in scrapes if s["samples"]], dict(bad)
 
 
 def _num_label(v: str | None) -> float | None:
@@ -205,9 +195,11 @@ def _is_distribution(name: str, types: dict[str, str]) -> bool:
 
 
 def _scrape_counters(samples: list, ts: int, types: dict[str, str] | None = None
-                     ) -> tuple[list[tuple[int, str, float]], dict[str, str]]:
-    """Counter rows (ts, name, value) of one scrape and the cache-config labels seen in it."""
+                     ) -> tuple[list[tuple[int, str, float]], dict[str, str], int]:
+    """Counter rows (ts, name, value) of one scrape, the cache-config labels seen in it, and how many vllm:
+    samples were left out for a NaN or infinite value."""
     types = types or {}
+    non_finite = 0
     rows: list[tuple[int, str, float]] = []
     cache_labels: dict[str, str] = {}
     blocks_by_engine: dict[str, float] = {}
@@ -229,7 +221,10 @@ def _scrape_counters(samples: list, ts: int, types: dict[str, str] | None = None
     usage_name = next((u for u in USAGE_NAMES if any(s[0] == u for s in samples)), None)
     sums: dict[str, list] = defaultdict(list)  # counter -> [(ts, value, weight)]
     for name, labels, value, sts in samples:
-        if not name.startswith("vllm:") or name == CACHE_INFO or not math.isfinite(value):
+        if not name.startswith("vllm:") or name == CACHE_INFO:
+            continue
+        if not math.isfinite(value):
+            non_finite += 1
             continue
         t = sts if sts is not None else ts
         if name in USAGE_NAMES:
@@ -250,7 +245,7 @@ def _scrape_counters(samples: list, ts: int, types: dict[str, str] | None = None
         else:
             value = float(sum(v[1] for v in vals))
         rows.append((t, counter, value))
-    return rows, cache_labels
+    return rows, cache_labels, non_finite
 
 
 def read(path: str | Path, rank: int | None = None) -> Trace:
@@ -264,7 +259,6 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
         raise InputError(path, "Prometheus text without any vllm: metric (gpudoctor reads vLLM's "
                                "vllm:kv_cache_usage_perc, vllm:num_requests_running, vllm:cache_config_info)")
     if rank is None:
-        from gpudoctor.readers.nsys import rank_from_filename
         rank = rank_from_filename(path.name)
     rank = 0 if rank is None else int(rank)
 
@@ -278,7 +272,8 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
         if ts is None:
             ts = (last_ts + 1) if (timed and last_ts is not None) else (mtime_ns + i if not timed else mtime_ns)
         last_ts = ts
-        r, labels = _scrape_counters(sc["samples"], ts, sc["types"])
+        r, labels, non_finite = _scrape_counters(sc["samples"], ts, sc["types"])
+        bad[R_NON_FINITE] = bad.get(R_NON_FINITE, 0) + non_finite
         rows.extend(r)
         cache_config.update(labels)
 
@@ -292,70 +287,10 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
                     "clock_offset_ns": [0],
                     "clock_source": ["scrape ts comments (UTC epoch)" if timed
                                      else "file modification time (scrape times unknown)"]})
-    t.add_dropped(rank, "prometheus", R_BAD_LINE, bad)
+    for reason, n in bad.items():
+        t.add_dropped(rank, "prometheus", reason, n)
     t.meta["inputs"] = [{"path": str(path), "format": SOURCE_FORMAT, "rank": rank}]
     t.meta["prometheus"] = {"scrapes": len(scrapes), "timed": timed}
     if cache_config:
         t.meta["vllm_cache_config"] = cache_config
     return t
-
-
-# ------------------------------------------------------------------------------------------------------
-# Scraping
-
-
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def scrape(url: str, interval_s: float, stop_event: threading.Event, out_path: str | Path, *,
-           max_scrapes: int | None = None, timeout_s: float = 5.0, max_bytes: int = 32 << 20) -> dict:
-    """Poll ``url`` every ``interval_s`` seconds until ``stop_event`` is set (or ``max_scrapes`` answers were
-    saved) and append each answer to ``out_path`` after a ``# scrape ts=SECONDS url=URL`` line.
-
-    A failed request writes ``# scrape ts=... url=... error=...`` (no samples) and polling goes on. Only
-    http(s) URLs; proxies are bypassed for loopback hosts. Returns {"scrapes", "errors", "path"}.
-    Meant to run in a thread next to the profiled program; the first request is made at once.
-    """
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise GpudoctorError(f"--scrape {url}: expected an http:// or https:// metrics URL")
-    if not (interval_s > 0):
-        raise GpudoctorError(f"--scrape interval must be positive, got {interval_s}")
-    handlers = [urllib.request.ProxyHandler({})] if _is_loopback(parts.hostname) else []
-    opener = urllib.request.build_opener(*handlers)
-    out_path = Path(out_path)
-    ok = errors = 0
-    try:
-        out = open(out_path, "a", encoding="utf-8")
-    except OSError as e:
-        raise GpudoctorError(f"{out_path}: cannot write scrapes: {e.strerror or e}") from None
-    with out:
-        while not stop_event.is_set():
-            started = time.time()
-            try:
-                req = urllib.request.Request(url, headers={"Accept": "text/plain;version=0.0.4"})
-                with opener.open(req, timeout=timeout_s) as resp:
-                    body = resp.read(max_bytes + 1)
-                if len(body) > max_bytes:
-                    raise ValueError(f"answer larger than {max_bytes} bytes")
-                text = body.decode("utf-8", errors="replace")
-                out.write(f"# scrape ts={started:.6f} url={url}\n{text}")
-                if not text.endswith("\n"):
-                    out.write("\n")
-                ok += 1
-            except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
-                msg = " ".join(str(getattr(e, "reason", e) or type(e).__name__).split())[:200]
-                out.write(f"# scrape ts={started:.6f} url={url} error={msg}\n")
-                errors += 1
-            out.flush()
-            if max_scrapes is not None and ok >= max_scrapes:
-                break
-            stop_event.wait(max(0.0, interval_s - (time.time() - started)))
-    return {"scrapes": ok, "errors": errors, "path": str(out_path)}
-

@@ -33,8 +33,8 @@ import io
 import pickle
 from pathlib import Path
 
-from gpudoctor.readers import read_bytes
 from gpudoctor.errors import InputError
+from gpudoctor.readers import read_bytes
 from gpudoctor.readers.limits import check_pickle_expansion
 
 PLAIN_TYPES = (dict, list, tuple, set, frozenset, str, bytes, bytearray, int, float, bool, type(None))

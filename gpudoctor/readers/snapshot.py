@@ -45,7 +45,7 @@ import pandas as pd
 
 from gpudoctor.errors import InputError
 from gpudoctor.model.trace import Trace, conform
-from gpudoctor.readers import safe_pickle
+from gpudoctor.readers import rank_from_filename, safe_pickle
 
 SOURCE_FORMAT = "torch_memory_snapshot"
 SOURCE = "torch_snapshot"
@@ -273,7 +273,6 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
     path = Path(path)
     data = _as_snapshot(safe_pickle.load(path), path)
     if rank is None:
-        from gpudoctor.readers.nsys import rank_from_filename
         rank = rank_from_filename(path.name)
     rank = 0 if rank is None else int(rank)
 

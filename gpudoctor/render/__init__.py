@@ -1,7 +1,1 @@
-"""Renderers: Analysis -> terminal text, JSON, Markdown. Picked by name (RENDERERS)."""
-
-RENDERERS = {
-    "terminal": "gpudoctor.render.terminal:render",
-    "json": "gpudoctor.render.jsonout:render",
-    "markdown": "gpudoctor.render.markdown:render",
-}
+"""Renderers: Analysis -> terminal text (terminal.py), JSON (jsonout.py), Markdown (markdown.py)."""

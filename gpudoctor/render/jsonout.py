@@ -1,17 +1,39 @@
-"""analysis.json: the versioned JSON contract (docs/json-schema.md)."""
+"""analysis.json: the versioned JSON contract (docs/json-schema.md). Renders what the analysis computed."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
+
+import numpy as np
+
+from gpudoctor import __version__
+from gpudoctor.analyzers.analysis import Analysis
+from gpudoctor.gate.compare import gate_block
+
+JSON_SCHEMA_VERSION = "1.0"
 
 
-def render(analysis) -> str:
-    return json.dumps(analysis.to_json_dict(), indent=1, default=_default) + "\n"
+def to_json_dict(analysis: Analysis) -> dict[str, Any]:
+    """The JSON document as a dict. Findings keep the analysis' order; the ``gate`` block is the gate's
+    samples computed during the analysis (null when the analysis was made without them)."""
+    return {
+        "schema_version": JSON_SCHEMA_VERSION,
+        "gpudoctor_version": __version__,
+        "inputs": analysis.inputs,
+        "errors": analysis.errors,
+        "ranks": [r.to_dict() for r in analysis.ranks],
+        "findings": [f.to_dict() for f in analysis.findings],
+        "dropped": analysis.dropped,
+        "gate": gate_block(analysis) if analysis.gate_samples is not None else None,
+    }
 
 
-def _default(o):
-    import numpy as np
+def render(analysis: Analysis) -> str:
+    return json.dumps(to_json_dict(analysis), indent=1, default=_default) + "\n"
 
+
+def _default(o: Any) -> Any:
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from gpudoctor.analyzers.analysis import Analysis
 from gpudoctor.render.fmt import metric, ns, pct, short
 
 
-def render(analysis) -> str:
+def render(analysis: Analysis) -> str:
     out = ["# gpudoctor analysis", ""]
     out.append("Inputs: " + ", ".join(f"`{i.get('path')}`" for i in analysis.inputs))
     for e in analysis.errors:
@@ -23,7 +24,7 @@ def render(analysis) -> str:
             for row in r.top_kernels.itertuples():
                 out.append(f"| {ns(row.total_ns)} | {pct(row.window_fraction)} | {row.count} | {row.category} | "
                            f"`{short(row.name, 90).replace('|', '/')}` |")
-    findings = sorted(analysis.findings, key=lambda f: (-f.estimated_saving_ns, -f.severity_rank))
+    findings = analysis.findings  # in the analysis' order (analyzers.runner.sort_findings)
     out += ["", "## Findings", ""]
     if not findings:
         out.append("None.")

@@ -1,0 +1,209 @@
+"""Inputs -> one Trace: which reader reads a file, run directories, directories of per-rank files, and how
+the inputs of one call merge into one run.
+
+All inputs of one call form one run (per-rank files of a job, or a timeline plus its Nsight Compute
+export). An input that cannot be read is reported as a one-line error and the others are still read.
+Each input is sniffed once (``input_format``) and its format handed on to the reader.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from gpudoctor import progress
+from gpudoctor.collect.locate import find_nsys
+from gpudoctor.collect.ncu import join_to_timeline
+from gpudoctor.collect.nsys import export_sqlite
+from gpudoctor.errors import GpudoctorError, InputError
+from gpudoctor.model.trace import Trace, conform, merge
+from gpudoctor.readers import detect, kineto, nccltests, ncu, nsys, nvml, prometheus, snapshot
+from gpudoctor.readers.boundary import input_boundary
+from gpudoctor.readers.manifest import read_manifest
+from gpudoctor.store import rundb
+
+# format (input_format) -> read(path, rank=None) -> Trace
+READERS = {
+    "nsys_sqlite": nsys.read,
+    "json": kineto.read,
+    "ncu_csv": ncu.read,
+    "ncu_rep": ncu.read,
+    "nccl_tests": nccltests.read,
+    "pickle": snapshot.read,
+    "prometheus": prometheus.read,
+    "nvml_csv": nvml.read,
+}
+_DIR_SUFFIXES = (".sqlite", ".json", ".csv", ".log", ".txt", ".pickle", ".nsys-rep", ".ncu-rep", ".prom")
+# A compressed trace in a directory is taken too: gzip is read, the others get a one-line error (never skipped).
+_COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+
+
+def _trace_file_name(name: str) -> bool:
+    low = name.lower()
+    for c in _COMPRESSED_SUFFIXES:
+        if low.endswith(c):
+            low = low[:-len(c)]
+            break
+    return low.endswith(_DIR_SUFFIXES)
+
+
+def _read_nsys_rep(path: Path, rank: int | None) -> Trace:
+    loc = find_nsys()
+    if loc is None:
+        raise InputError(path, "reading .nsys-rep needs Nsight Systems (nsys); export it with: "
+                               "nsys export --type sqlite -o FILE.sqlite FILE.nsys-rep")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / (path.stem + ".sqlite")
+        why = export_sqlite(loc.path, path, out, timeout_s=600)
+        if why is not None:
+            raise InputError(path, why)
+        t = nsys.read(out, rank=rank)
+    for i in t.meta.get("inputs", []):
+        i["path"] = str(path)
+    t.ranks["source_file"] = str(path)
+    return t
+
+
+def input_format(path: Path) -> str:
+    """``detect``'s format, with an SQLite file told apart: "run_db" (a gpudoctor run.db) or "nsys_sqlite"."""
+    fmt = detect(path)
+    if fmt == "sqlite":
+        return "run_db" if rundb.is_run_db(path) else "nsys_sqlite"
+    return fmt
+
+
+def read_input(path: str | Path, rank: int | None = None, fmt: str | None = None) -> Trace:
+    """Read one file into a Trace, picking the reader from the file's content (``fmt``: ``input_format``'s
+    answer when the caller already sniffed the file)."""
+    path = Path(path)
+    fmt = fmt or input_format(path)
+    if fmt == "run_dir":
+        return read_run_dir(path)
+    if fmt == "nsys_rep":
+        return _read_nsys_rep(path, rank)
+    if fmt == "run_db":
+        return rundb.load(path)
+    return READERS[fmt](path, rank=rank)
+
+
+def read_run_dir(run_dir: Path) -> Trace:
+    """A run directory: run.db when present (fast), else the raw reports its manifest lists."""
+    db = run_dir / "run.db"
+    if db.exists() and rundb.is_run_db(db):
+        return rundb.load(db)
+    manifest_path = run_dir / "manifest.json"
+    manifest = read_manifest(run_dir)
+    traces = []
+    root = run_dir.resolve()
+    for rep in manifest.get("reports", []):
+        p = (run_dir / rep["path"]).resolve()
+        if root not in p.parents:  # never follow a path out of the run directory
+            raise InputError(manifest_path, f"report path {rep['path']!r} points outside the run directory")
+        traces.append(read_input(p, rank=rep.get("rank")))
+    if not traces:
+        raise InputError(run_dir, "run directory lists no reports and has no run.db")
+    trace = _devices_from_manifest(combine(traces), manifest)
+    # Step time before the profiler started (the profiler's own cost, measured): gpu_idle reads it.
+    for src in (manifest, manifest.get("capture") or {}):
+        if isinstance(src, dict) and isinstance(src.get("unprofiled_step_ms"), (int, float)):
+            trace.meta.setdefault("unprofiled_step_ms", float(src["unprofiled_step_ms"]))
+    return trace
+
+
+def _devices_from_manifest(trace: Trace, manifest: dict) -> Trace:
+    """A run without a timeline (NVML samples only) has no devices table: take the GPUs the profiler saw,
+    from the manifest, for its one rank (with several ranks it cannot tell whose GPU is whose)."""
+    gpus = [g for g in manifest.get("gpus") or [] if isinstance(g, dict) and g.get("name")]
+    ranks = trace.rank_ids
+    if len(trace.devices) or not gpus or len(ranks) > 1:
+        return trace
+    rank = ranks[0] if ranks else 0
+    trace.set("devices", {
+        "rank": [rank] * len(gpus), "device_id": [int(g.get("device_id", i)) for i, g in enumerate(gpus)],
+        "name": [str(g["name"]) for g in gpus], "memory_bytes": [int(g.get("memory_bytes") or 0) for g in gpus],
+        "sm_clock_hz": [float(g.get("max_sm_clock_mhz") or 0) * 1e6 for g in gpus],
+        "uuid": [str(g.get("uuid") or "") for g in gpus]})
+    for key in ("driver_version", "cuda_driver_version"):
+        if manifest.get(key) and not trace.meta.get(key):
+            trace.meta[key] = str(manifest[key])
+    return trace
+
+
+def expand_inputs(paths: list[str]) -> list[Path]:
+    """Directories that are not run directories stand for the trace files inside them (per-rank files)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir() and not ((p / "manifest.json").exists() or (p / "run.db").exists()):
+            try:
+                files = sorted(f for f in p.iterdir() if f.is_file() and _trace_file_name(f.name))
+            except OSError:
+                files = []  # unreadable directory: detect() says why
+            if not files:
+                out.append(p)  # detect() will say what is wrong
+            out.extend(files)
+        else:
+            out.append(p)
+    return out
+
+
+def load_inputs(paths: list[str], rank_map: dict[str, int] | None = None) -> tuple[Trace | None, list[dict], list[str]]:
+    """Read every input; returns (merged trace or None, inputs, one-line errors)."""
+    rank_map = rank_map or {}
+    traces, inputs, errors = [], [], []
+    for p in progress.track(expand_inputs(paths), "Reading inputs"):
+        try:
+            with input_boundary(p):
+                t = read_input(p, rank=rank_map.get(str(p), rank_map.get(p.name)))
+        except GpudoctorError as e:
+            errors.append(str(e))
+            inputs.append({"path": str(p), "error": str(e)})
+            continue
+        traces.append(t)
+        inputs.extend(t.meta.get("inputs") or [{"path": str(p)}])
+    if not traces:
+        return None, inputs, errors
+    return combine(traces), inputs, errors
+
+
+def combine(traces: list[Trace]) -> Trace:
+    """One run from many inputs. Side inputs (ncu kernel metrics, NVML samples, memory snapshots, engine
+    metrics) describe a timeline's rank rather than claiming a rank of their own."""
+    timeline = [t for t in traces if not _side_input(t)]
+    side = [t for t in traces if _side_input(t)]
+    if timeline and side:
+        merged = merge(timeline)
+        _attach_side_inputs(merged, side)
+        return merged
+    return merge(traces)
+
+
+SIDE_FORMATS = {"ncu_csv", "torch_memory_snapshot", "prometheus_text", "nvml_csv"}
+
+
+def _side_input(t: Trace) -> bool:
+    return len(t.kernels) == 0 and bool(set(t.ranks["source_format"].astype(str)) & SIDE_FORMATS)
+
+
+def _attach_side_inputs(trace: Trace, side: list[Trace]) -> None:
+    for name in ("kernel_metrics", "counters", "memory_events", "dropped"):
+        frames = [trace.table(name)] + [t.table(name) for t in side]
+        frames = [f for f in frames if len(f)]
+        if frames:
+            setattr(trace, name, conform(name, pd.concat(frames, ignore_index=True)))
+    if len(trace.kernel_metrics):
+        km, unjoined = join_to_timeline(trace.kernel_metrics, trace.kernels)
+        trace.kernel_metrics = conform("kernel_metrics", km)
+        if unjoined:
+            trace.add_dropped(0, "ncu", "ncu kernel not found in the timeline (kept, unjoined)", int(unjoined))
+    for t in side:
+        trace.meta.setdefault("inputs", []).extend(t.meta.get("inputs", []))
+        for k, v in t.meta.items():
+            if k == "inputs":
+                continue
+            if k == "memory_snapshot":  # one per rank: keep them all
+                cur = trace.meta.get(k)
+                trace.meta[k] = (cur if isinstance(cur, list) else [cur] if cur else []) + (v if isinstance(v, list) else [v])
+            else:
+                trace.meta.setdefault(k, v)
