@@ -59,26 +59,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-try:  # orjson is several times faster and is what the performance numbers assume
-    import orjson
-
-    _loads = orjson.loads
-except ImportError:  # pragma: no cover - exercised only without orjson
-    orjson = None
-    _loads = json.loads
+import orjson
 
 from gpudoctor.errors import InputError
 from gpudoctor.model.categories import categorize_kernels, short_names
+from gpudoctor.model.collectives import collective_op, enclosing_ops, op_of_kernel, range_op
+from gpudoctor.model.columns import per_value
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
+from gpudoctor.readers.event_split import BLOCK_BYTES, BOM, EventSplitter, NotStreamable, parse_bodies
+
+_loads = orjson.loads
 
 FORMAT = "kineto_json"
 SOURCE = "kineto"
 
-_BOM = b"\xef\xbb\xbf"
 _GZIP_MAGIC = b"\x1f\x8b"
-_BLOCK = 16 << 20  # bytes read per streaming step
-_MAX_CARRY = 256 << 20  # an "event" this long without a cut point: give up streaming
+_BLOCK = BLOCK_BYTES  # bytes read per streaming step
 _FEED_CHUNK = 200_000  # events per batch on the whole-document path
 
 # Kineto category names (older versions used capitalized names for some).
@@ -105,7 +102,8 @@ _FLOW_PHASES = {"s", "t", "f"}
 
 _PROFILER_STEP = "ProfilerStep#"
 _PARAM_COMMS = "record_param_comms"
-_SPECIAL_CPU_OPS = (_PROFILER_STEP, _PARAM_COMMS)
+_C10D = "c10d::"
+_SPECIAL_CPU_OPS = (_PROFILER_STEP, _PARAM_COMMS, _C10D)
 
 # cpu_op events kept in the cpu_ops table (the rest are only counted): the operators whose shapes the
 # analyzers read (matrix products and softmax: analyzers/low_tensor_core.py MM_OPS,
@@ -126,20 +124,6 @@ SHAPE_OPS = frozenset({
 SHAPE_OP_PREFIXES = ("aten::_scaled_dot_product_",)
 
 _NCCL_RE = re.compile(r"nccl", re.I)
-_NCCL_OP_RE = re.compile(
-    r"(AllReduce|AllGather|ReduceScatter|Broadcast|AllToAll|SendRecv|Send|Recv|Reduce)", re.I)
-_KERNEL_OPS = {
-    "allreduce": "all_reduce", "allgather": "all_gather", "reducescatter": "reduce_scatter",
-    "broadcast": "broadcast", "alltoall": "all_to_all", "sendrecv": "send_recv", "send": "send",
-    "recv": "recv", "reduce": "reduce",
-}
-# "Collective name" of record_param_comms, letters only, checked in this order.
-_COLLECTIVE_OPS = [
-    ("allreduce", "all_reduce"), ("reducescatter", "reduce_scatter"), ("allgather", "all_gather"),
-    ("alltoall", "all_to_all"), ("broadcast", "broadcast"), ("sendrecv", "send_recv"),
-    ("send", "send"), ("recv", "recv"), ("barrier", "barrier"), ("reduce", "reduce"),
-    ("gather", "gather"), ("scatter", "scatter"),
-]
 # c10 ScalarType names (Kineto "dtype") -> (torch dtype name, bytes per element).
 _DTYPES = {
     "Byte": ("uint8", 1), "Char": ("int8", 1), "Short": ("int16", 2), "Int": ("int32", 4),
@@ -177,23 +161,22 @@ _MEMORY_KINDS = {
 _RANK_RE = re.compile(r"(?<![a-z])rank[_-]?(\d+)|\.r(\d+)\.", re.I)  # rank3 rank_3 rank-3 .r3.
 # tensorboard_trace_handler names files "<hostname>_<pid>.<ms>.pt.trace.json[.gz]".
 _TB_NAME_RE = re.compile(r"^(?P<host>.+)_(?P<pid>\d+)\.\d+\.pt\.trace\.json(?:\.gz)?$")
-# Start of an event (after its "{") that the model does not need: flow events, and cpu_op /
+# Start of an event body (after its '{"') that the model does not need: flow events, and cpu_op /
 # python_function / gpu_user_annotation events except ProfilerStep#N and record_param_comms.
 _SKIP_RE = re.compile(
-    rb'\s*"ph"\s*:\s*"(?:([stf])"|X"\s*,\s*"cat"\s*:\s*"(cpu_op|python_function|gpu_user_annotation)"\s*,'
+    rb'ph"\s*:\s*"(?:([stf])"|X"\s*,\s*"cat"\s*:\s*"(cpu_op|python_function|gpu_user_annotation)"\s*,'
     rb'\s*"name"\s*:\s*"(?!ProfilerStep#|record_param_comms"))')
 # How the names of the cpu_op events that are parsed begin in the raw text (after the opening quote):
-# ProfilerStep#N, record_param_comms and SHAPE_OPS. The first _KEY_LEN bytes of each are a quick test.
-_TAKE_BACK_NAMES = (b"ProfilerStep#", b'record_param_comms"') + tuple(
+# ProfilerStep#N, record_param_comms, the c10d collectives and SHAPE_OPS. The first _KEY_LEN bytes of each
+# are a quick test (c10d names are listed by op so that their keys are not all "c10d::").
+_C10D_OPS = (b"allreduce", b"allgather", b"_allgather", b"alltoall", b"reduce", b"_reduce_scatter", b"broadcast",
+             b"send", b"recv", b"gather", b"scatter", b"barrier", b"allreduce_coalesced", b"all_to_all")
+_TAKE_BACK_NAMES = (b"ProfilerStep#", b'record_param_comms"') + tuple(b"c10d::" + op for op in _C10D_OPS) + tuple(
     sorted(n.encode() + b'"' for n in SHAPE_OPS)) + tuple(p.encode() for p in SHAPE_OP_PREFIXES)
 _KEY_LEN = min(map(len, _TAKE_BACK_NAMES))
 _TAKE_BACK_KEYS = frozenset(n[:_KEY_LEN] for n in _TAKE_BACK_NAMES)
 _SKIP_KEYS = {b"s": ("flow", None), b"t": ("flow", None), b"f": ("flow", None), b"cpu_op": ("X", "cpu_op"),
               b"python_function": ("X", "python_function"), b"gpu_user_annotation": ("X", "gpu_user_annotation")}
-_TE_KEY_RE = re.compile(rb'"traceEvents"\s*:\s*\[')
-_WS_B = re.compile(rb"\s*")
-_WS_S = re.compile(r"\s*")
-_OPEN_OBJ_RE = re.compile(rb"\s*\{")
 
 _EMPTY: dict = {}
 _NEG3 = (-1, -1, -1)
@@ -222,20 +205,24 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
             gc.enable()
 
 
-def _read(path: Path, rank: int | None) -> Trace:
+def _read(path: Path, rank: int | None, stream: bool = True) -> Trace:
+    """``stream=False`` takes the whole-document path directly (tests prove both paths equal)."""
     acc = _Accumulator()
-    header: dict | None
-    parser = "stream"
-    try:
-        header = _stream(path, acc)
-    except Exception as e:  # noqa: BLE001 - anything odd: start over on the whole-document path
-        header = None
-        parser = f"whole ({_one_line(e)[:200] or type(e).__name__})"
+    header: dict | None = None
+    parser, layout = "stream", ""
+    if not stream:
+        parser = "whole (asked)"
+    else:
+        try:
+            header, layout = _stream(path, acc)
+        except Exception as e:  # noqa: BLE001 - anything odd: start over on the whole-document path
+            header = None
+            parser = f"whole ({_one_line(e)[:200] or type(e).__name__})"
     if header is None:
         acc = _Accumulator()
         header = _parse_whole(path, acc)
     try:
-        return _build(path, header, acc, rank, parser)
+        return _build(path, header, acc, rank, parser, layout)
     except InputError:
         raise
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:
@@ -263,10 +250,6 @@ def _one_line(x: Any) -> str:
     return " ".join(str(x).split())
 
 
-class _NotStreamable(Exception):
-    pass
-
-
 class _Reader:
     """Plain or gzip byte stream (gzip recognized by magic bytes)."""
 
@@ -288,94 +271,59 @@ class _Reader:
         self._raw.close()
 
 
-def _stream(path: Path, acc: "_Accumulator") -> dict:
-    """Stream-parse a Kineto-laid-out JSON object; return its header (all keys but traceEvents).
+def _stream(path: Path, acc: "_Accumulator") -> tuple[dict, str]:
+    """Stream-parse the document batch by batch (event_split); return its header and layout.
 
     Raises on anything unexpected; the caller then parses the whole document.
     """
+    skipper = _Skipper()
     with _Reader(path) as f:
-        buf = f.read(_BLOCK)
-        if buf.startswith(_BOM):
-            buf = buf[3:]
-        if not _OPEN_OBJ_RE.match(buf):
-            raise _NotStreamable("not an object")
-        m = _TE_KEY_RE.search(buf)
-        if m is None:
-            raise _NotStreamable("traceEvents not near the start")
-        head = buf[: m.start()].decode("utf-8")
-        j = _WS_B.match(buf, m.end()).end()
-        if j >= len(buf):
-            raise _NotStreamable("array start at block end")
-        first = buf[j:j + 1]
-        if first == b"{":
-            nl = buf.rfind(b"\n", m.end(), j)
-            if nl < 0:
-                raise _NotStreamable("events not one per line")
-            indent = buf[nl + 1:j]
-            if indent.strip(b" \t"):
-                raise _NotStreamable("odd indentation")
-            sep = b"\n" + indent + b"{"
-        elif first == b"]":
-            sep = None
-        else:
-            raise _NotStreamable("traceEvents does not hold objects")
-        if sep is None:
-            buf = buf[j:] + f.read(-1)
-            start = 0
-        else:
-            start = nl  # batches start at a separator
-        skipper = _Skipper()
-        while sep is not None:
-            k = buf.rfind(sep, start + 1)
-            if k > start:
-                end = k
-                while end > start and buf[end - 1] in b" \t\r\n":
-                    end -= 1
-                if end > start and buf[end - 1] == 0x2C:  # ","
-                    end -= 1
-                _feed_region(acc, skipper, buf[start:end], sep)
-                start = k
-            more = f.read(_BLOCK)
-            if not more:
-                break
-            if len(buf) - start > _MAX_CARRY:
-                raise _NotStreamable("no event boundary found")
-            buf = buf[start:] + more
-            start = 0
-        rest_text = bytes(memoryview(buf)[start:]).decode("utf-8")
-        del buf
-    events, tail = _decode_tail(rest_text)
-    acc.feed(events)
-    return _join_header(head, tail)
+        splitter = EventSplitter(f, _BLOCK)
+        for batch in splitter.batches():
+            if batch.events is not None:
+                acc.feed(batch.events)
+                continue
+            if batch.exact:
+                kept, skipped = skipper.split(batch.bodies)
+                if skipped:
+                    acc.count_skipped(skipped)
+            else:  # a body may hold several events: parse every one
+                kept = batch.bodies
+            del batch
+            acc.feed(parse_bodies(kept))
+            del kept
+    if splitter.bare and not any(ph is not None for ph, _ in acc.counts):
+        raise NotStreamable("a list of objects that are not trace events")
+    return splitter.header, splitter.layout
 
 
 class _Skipper:
     """Recognizes, by their first bytes, the events the model does not use, so they are never parsed.
 
-    Those are most of a trace: cpu_op (except ProfilerStep#N, record_param_comms and ``SHAPE_OPS``),
-    python_function, gpu_user_annotation and flow events. The exact prefixes (Kineto's layout) are
-    learned with a regex from the first events of each region; after that the test is a plain
-    ``bytes.startswith``. The cpu_op events to parse share their category's prefix: they are taken
-    back from the skipped ones by the bytes of their name (a set lookup of the name's first bytes,
-    then ``startswith`` prefix + name on the few that pass; one tuple of ~25 prefixes tested on every
-    skipped event would cost a third of the reading time). An event written differently is simply
-    parsed (and then handled the same way), so this is only a shortcut.
+    Those are most of a trace: cpu_op (except ProfilerStep#N, record_param_comms, c10d collectives and
+    ``SHAPE_OPS``), python_function, gpu_user_annotation and flow events. The exact prefixes (this
+    file's layout) are learned with a regex from the first events of each batch; after that the test is
+    a plain ``bytes.startswith``. The cpu_op events to parse share their category's prefix: they are
+    taken back from the skipped ones by the bytes of their name (a set lookup of the name's first
+    bytes, then ``startswith`` prefix + name on the few that pass; one tuple of ~40 prefixes tested on
+    every skipped event would cost a third of the reading time). An event written differently is
+    simply parsed (and then handled the same way), so this is only a shortcut.
     """
 
-    LEARN_FIRST = 5000  # events looked at in the first region
+    LEARN_FIRST = 5000  # events looked at in the first batch
     LEARN_NEXT = 256  # and in each later one
 
     def __init__(self):
         self.by_key: dict[tuple, set] = {}  # (ph, cat) -> prefixes
         self.skip: tuple = ()
         self.take_back: list[tuple[slice, tuple]] = []  # per cpu_op prefix length: (name key, prefix + name)
-        self.regions = 0
+        self.batches = 0
 
-    def learn(self, pieces: list) -> None:
+    def learn(self, bodies: list) -> None:
         new = False
-        n = self.LEARN_FIRST if self.regions == 0 else self.LEARN_NEXT
-        self.regions += 1
-        for p in pieces[1:n]:
+        n = self.LEARN_FIRST if self.batches == 0 else self.LEARN_NEXT
+        self.batches += 1
+        for p in bodies[:n]:
             m = _SKIP_RE.match(p)
             if m is not None:
                 key = _SKIP_KEYS[m.group(1) or m.group(2)]
@@ -391,22 +339,16 @@ class _Skipper:
                 by_len.setdefault(len(pre), []).extend(pre + s for s in _TAKE_BACK_NAMES)
             self.take_back = [(slice(n, n + _KEY_LEN), tuple(full)) for n, full in sorted(by_len.items())]
 
-    def split(self, region: bytes, sep: bytes) -> tuple[list, Counter]:
-        """Pieces to parse, and counts of the skipped ones by (ph, cat)."""
-        pieces = region.split(sep)
-        self.learn(pieces)
+    def split(self, bodies: list) -> tuple[list, Counter]:
+        """Bodies to parse, and counts of the skipped ones by (ph, cat)."""
+        self.learn(bodies)
         if not self.skip:
-            return pieces[1:], Counter()
-        # Every piece but the region's last ends with its comma; give the last one too, since the
-        # events taken back below go after it.
-        last = pieces[-1].rstrip(b" \t\r\n")
-        if len(pieces) > 1 and not last.endswith(b","):
-            pieces[-1] = last + b","
-        skip = list(map(bytes.startswith, pieces, repeat(self.skip)))
-        kept = list(compress(pieces, map(operator.not_, skip)))
-        skipped = list(compress(pieces, skip))
-        del pieces, skip
-        # ProfilerStep#N / record_param_comms / SHAPE_OPS share the prefix of cpu_op: take them back.
+            return bodies, Counter()
+        skip = list(map(bytes.startswith, bodies, repeat(self.skip)))
+        kept = list(compress(bodies, map(operator.not_, skip)))
+        skipped = list(compress(bodies, skip))
+        del skip
+        # ProfilerStep#N / record_param_comms / c10d:: / SHAPE_OPS share the prefix of cpu_op: take them back.
         special: list = []
         for key, full in self.take_back:
             cand = list(map(_TAKE_BACK_KEYS.__contains__, map(operator.getitem, skipped, repeat(key))))
@@ -426,63 +368,7 @@ class _Skipper:
                 flows -= n
         if flows:
             counts[("flow", None)] += flows
-        return kept[1:], counts
-
-
-def _feed_region(acc: "_Accumulator", skipper: _Skipper, region: bytes, sep: bytes) -> None:
-    """Events ``<sep>ev1<sep>ev2...`` (each without its opening brace, with its trailing comma) -> acc.
-
-    Dropping whole pieces can only unbalance the text if a cut was not at an event boundary, so a wrong
-    cut still ends in a parse error (and the whole-document path), never in different events.
-    """
-    kept, skipped = skipper.split(region, sep)
-    del region
-    if skipped:
-        acc.count_skipped(skipped)
-    if not kept:
-        return
-    last = kept[-1].rstrip(b" \t\r\n")
-    kept[-1] = last[:-1] if last.endswith(b",") else last
-    data = b"[{" + sep.join(kept) + b"]"
-    del kept
-    events = _loads(data)
-    del data
-    acc.feed(events)
-
-
-def _decode_tail(s: str) -> tuple[list, str]:
-    """Parse the last events and the closing ``]``; return them and the text after the array."""
-    dec = json.JSONDecoder()
-    i = _WS_S.match(s, 0).end()
-    events: list = []
-    if s.startswith("]", i):
-        return events, s[i + 1:]
-    while True:
-        obj, i = dec.raw_decode(s, i)
-        events.append(obj)
-        i = _WS_S.match(s, i).end()
-        if s.startswith(",", i):
-            i = _WS_S.match(s, i + 1).end()
-            continue
-        if s.startswith("]", i):
-            return events, s[i + 1:]
-        raise _NotStreamable("unexpected text after an event")
-
-
-def _join_header(head: str, tail: str) -> dict:
-    h, t = head.rstrip(), tail.strip()
-    if h.endswith(","):
-        if t.startswith(","):
-            t = t[1:]
-        elif t.startswith("}"):
-            h = h[:-1]
-    elif h.endswith("{") and t.startswith(","):
-        t = t[1:]
-    doc = json.loads(h + t)
-    if not isinstance(doc, dict):
-        raise _NotStreamable("header is not an object")
-    doc.pop("traceEvents", None)
-    return doc
+        return kept, counts
 
 
 def _read_all(path: Path) -> bytes:
@@ -496,7 +382,7 @@ def _read_all(path: Path) -> bytes:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as e:
             raise InputError(path, f"corrupt gzip: {_one_line(e)}") from None
-    if data.startswith(_BOM):
+    if data.startswith(BOM):
         data = data[3:]
     return data
 
@@ -563,7 +449,7 @@ def _parse_whole(path: Path, acc: "_Accumulator") -> dict:
 def _retry_parse(data: bytes, msg: str) -> Any:
     """Second chances: what orjson refuses but is readable (NaN, Infinity, integers beyond 64 bits:
     stdlib json takes them), and a Chrome-trace array without its closing ']' (the format allows it)."""
-    if orjson is not None and "unexpected end of data" not in msg:
+    if "unexpected end of data" not in msg:
         try:
             return json.loads(data)
         except ValueError:
@@ -698,6 +584,7 @@ class _Accumulator:
         self.knccl: list[bool] = []  # per kernel-name code: NCCL kernel?
         self.nccl: list[tuple] = []  # (kernel row, External id, collective info or None)
         self.rpc: list[tuple] = []  # record_param_comms: (External id, tid, ts, dur, info)
+        self.comm_ops: list[tuple] = []  # c10d:: collective calls: (tid, ts, dur, name)
         self.cpu_op_count = 0
         self.proc_names: dict = {}
         self.proc_labels: dict = {}
@@ -832,6 +719,8 @@ class _Accumulator:
                 a = a if isinstance(a, dict) else _EMPTY
                 self.rpc.append((a.get("External id"), e.get("tid"), e.get("ts"), e.get("dur"),
                                  _collective_info(a)))
+            elif e["name"].startswith(_C10D):
+                self.comm_ops.append((e.get("tid"), e.get("ts"), e.get("dur"), e["name"]))
 
     def _shape_ops(self, evs: list) -> None:
         n = len(evs)
@@ -886,11 +775,10 @@ def _json_text(x: Any) -> str:
     """An args value as compact JSON text ("" when absent)."""
     if x is None:
         return ""
-    if orjson is not None:
-        try:
-            return orjson.dumps(x).decode("utf-8")
-        except TypeError:  # e.g. an integer beyond 64 bits (stdlib-parsed input)
-            pass
+    try:
+        return orjson.dumps(x).decode("utf-8")
+    except TypeError:  # e.g. an integer beyond 64 bits (stdlib-parsed input)
+        pass
     return json.dumps(x, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -1043,21 +931,6 @@ def short_kernel_name(name: str) -> str:
     return s[cut:] or name
 
 
-def _collective_op(name: Any) -> str | None:
-    if not isinstance(name, str):
-        return None
-    letters = re.sub(r"[^a-z]", "", name.lower())
-    for key, op in _COLLECTIVE_OPS:
-        if key in letters:
-            return op
-    return None
-
-
-def _kernel_op(name: str) -> str:
-    m = _NCCL_OP_RE.search(name)
-    return _KERNEL_OPS.get(m.group(1).lower(), "other") if m else "other"
-
-
 def _kernel_dtype(name: str) -> str:
     for tok in re.split(r"[_(),<>\s]+", name):
         d = _NCCL_DTYPE_TOKENS.get(tok)
@@ -1077,8 +950,11 @@ def _canonical_dtype(d: Any) -> str:
 
 
 def _collectives(acc: _Accumulator, k_row_new: np.ndarray, k_start: np.ndarray, k_end: np.ndarray,
-                 k_names: pd.Categorical, k_corr: np.ndarray, api: dict) -> dict:
-    """One row per NCCL kernel; args from the kernel, else its record_param_comms op."""
+                 k_names: pd.Categorical, k_corr: np.ndarray, api: dict, comm_ranges: dict) -> dict:
+    """One row per NCCL kernel. Op and sizes from the kernel's record_param_comms arguments (matched by
+    External id, else the one around the launch); else the op of the innermost collective-named host
+    range around the launch (``nccl:all_to_all``, ``c10d::alltoall_base_``, TorchRec's
+    ``## alltoall_fwd_single ##``: source "kineto_range"); else the kernel name."""
     rpc_by_ext = {}
     rpc_by_tid: dict = {}
     for ext, tid, ts, dur, info in acc.rpc:
@@ -1090,32 +966,39 @@ def _collectives(acc: _Accumulator, k_row_new: np.ndarray, k_start: np.ndarray, 
             rpc_by_tid.setdefault(tid, []).append((float(ts), float(ts) + float(dur), info))
     for v in rpc_by_tid.values():
         v.sort(key=lambda x: x[0])
-    # launch (tid, ts in the input's µs) per correlation, only for NCCL kernels
-    launch: dict = {}
-    if acc.nccl and len(api["corr"]):
-        want = np.array([k_corr[k_row_new[r]] for r, _, _ in acc.nccl if k_row_new[r] >= 0], dtype=np.int64)
-        sel = np.flatnonzero(np.isin(api["corr"], want))
-        for i in sel.tolist():
-            launch.setdefault(int(api["corr"][i]), (int(api["tid"][i]), float(api["ts_raw"][i])))
+    rows_k = np.array([k_row_new[r] for r, _, _ in acc.nccl], dtype=np.int64)
+    ok = rows_k >= 0
+    # launch of each NCCL kernel: (tid, ts in the input's units, start ns) through its correlation id
+    corr = k_corr[rows_k[ok]] if ok.any() else np.empty(0, np.int64)
+    order = np.argsort(api["corr"], kind="stable")
+    pos = np.searchsorted(api["corr"][order], corr)
+    pos = np.minimum(pos, max(len(order) - 1, 0))
+    found = (api["corr"][order][pos] == corr) if len(order) else np.zeros(len(corr), bool)
+    li = order[pos] if len(order) else np.zeros(len(corr), np.int64)
+    l_tid = np.where(found, api["tid"][li] if len(order) else -1, -1)
+    l_raw = np.where(found, api["ts_raw"][li].astype(np.float64) if len(order) else np.nan, np.nan)
+    l_ns = np.where(found, api["start_ns"][li] if len(order) else -1, -1)
+    by_range = enclosing_ops(l_tid[found], l_ns[found], comm_ranges["tid"], comm_ranges["start_ns"],
+                             comm_ranges["end_ns"], comm_ranges["op"])
+    range_op = np.full(len(corr), "", dtype=object)
+    range_op[found] = by_range
     rows: dict[str, list] = {k: [] for k in ("start_ns", "end_ns", "op", "bytes", "dtype", "comm_size", "source")}
-    for r, ext, info in acc.nccl:
+    for i, (r, ext, info) in enumerate(compress(acc.nccl, ok)):
         j = k_row_new[r]
-        if j < 0:
-            continue
         name = str(k_names[j])
         if info is None and ext is not None:
             info = rpc_by_ext.get(ext)
-        if info is None:
-            li = launch.get(int(k_corr[j]))
-            if li is not None:
-                for s, e, inf in reversed(rpc_by_tid.get(li[0], [])):
-                    if s <= li[1] <= e:
-                        info = inf
-                        break
-        op, nbytes, dtype, size, source = _kernel_op(name), -1, _kernel_dtype(name), -1, "kernel_name"
+        if info is None and found[i]:
+            for s, e, inf in reversed(rpc_by_tid.get(int(l_tid[i]), [])):
+                if s <= l_raw[i] <= e:
+                    info = inf
+                    break
+        op, nbytes, dtype, size, source = op_of_kernel(name), -1, _kernel_dtype(name), -1, "kernel_name"
+        if range_op[i]:
+            op, source = range_op[i], "kineto_range"
         if info is not None:
             cname, n_in, n_out, gsize, dt = info
-            op = _collective_op(cname) or op
+            op = collective_op(cname) or op
             dtype = _canonical_dtype(dt) or dtype
             size = _int_or_none(gsize)
             size = size if size is not None else -1
@@ -1134,6 +1017,30 @@ def _collectives(acc: _Accumulator, k_row_new: np.ndarray, k_start: np.ndarray, 
     return rows
 
 
+def _comm_ranges(acc: _Accumulator, ranges: pd.DataFrame, unit: str, offset: int) -> dict:
+    """Host ranges that name a collective: record_function ranges (``nccl:all_to_all``, TorchRec's),
+    and the c10d operator calls, with their op."""
+    r_op = per_value(ranges["text"], lambda t: range_op(t) or "", missing="")
+    sel = r_op != ""
+    tid = [ranges["thread_id"].to_numpy()[sel]]
+    start = [ranges["start_ns"].to_numpy()[sel]]
+    end = [ranges["end_ns"].to_numpy()[sel]]
+    ops = [r_op[sel]]
+    if acc.comm_ops:
+        c_tid, c_ts, c_dur, c_name = zip(*acc.comm_ops)
+        ts, dur = _nums(list(c_ts)), _nums(list(c_dur))
+        fin = np.isfinite(ts.astype(np.float64)) & np.isfinite(dur.astype(np.float64))
+        s_ns = _to_ns(ts[fin], unit) + offset
+        tid.append(_ints(list(c_tid), -1)[fin])
+        start.append(s_ns)
+        end.append(s_ns + _to_ns(dur[fin], unit))
+        ops.append(np.array([range_op(n) or "" for n in c_name], dtype=object)[fin])
+    out = {"tid": np.concatenate(tid).astype(np.int64), "start_ns": np.concatenate(start).astype(np.int64),
+           "end_ns": np.concatenate(end).astype(np.int64), "op": np.concatenate(ops)}
+    keep = out["op"] != ""
+    return {k: v[keep] for k, v in out.items()}
+
+
 def _sort(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Rows in time order, ties broken by the other keys, so the result never depends on batching."""
     if len(df) < 2:
@@ -1145,7 +1052,7 @@ def _sort(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return df.take(order).reset_index(drop=True)
 
 
-def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, parser: str) -> Trace:
+def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, parser: str, layout: str) -> Trace:
     rank, rank_from = _resolve_rank(path, header, rank_arg)
     base = _int_or_none(header.get("baseTimeNanoseconds"))
     offset = base if base is not None else 0
@@ -1240,8 +1147,9 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
 
     # collectives
     if acc.nccl:
-        api_cols = {"corr": a_corr, "tid": a_tid, "ts_raw": a.get("ts", None)[a_ok]}
-        rows = _collectives(acc, k_row_new, k_start, k_end, k_names, k_corr, api_cols)
+        api_cols = {"corr": a_corr, "tid": a_tid, "ts_raw": a.get("ts", None)[a_ok], "start_ns": a_start}
+        rows = _collectives(acc, k_row_new, k_start, k_end, k_names, k_corr, api_cols,
+                            _comm_ranges(acc, ranges, unit, offset))
         n_c = len(rows["start_ns"])
         trace.set("collectives", {"rank": np.full(n_c, rank, np.int64), **rows})
 
@@ -1344,6 +1252,8 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
     tp = {k: v for k, v in header.items()}
     tp["ts_unit"] = unit
     tp["parser"] = parser
+    if layout:
+        tp["event_separator"] = layout
     tp["rank_from"] = rank_from
     tp["event_counts"] = {f"{ph}/{cat}" if cat is not None else str(ph): n
                           for (ph, cat), n in sorted(acc.counts.items(), key=lambda x: -x[1])}
