@@ -24,9 +24,13 @@ Times
     baseTimeNanoseconds (clock_source "baseTimeNanoseconds"), or ts * 1000 when the file has no base
     (clock_source "trace"). The µs -> ns step splits integer and fraction so that it is exact for the
     3-decimal values Kineto writes (while the float64 can hold them to better than 0.5 ns, i.e. up to
-    ~100 days after the base). ts are read as nanoseconds only when the µs reading is impossible
-    (more than a year after baseTimeNanoseconds, or past the year 2190 without one);
-    ``meta["torch_profiler"]["ts_unit"]`` says which reading was used.
+    ~100 days after the base). The unit is decided once per file from its *median* timestamp: ts are
+    read as nanoseconds only when that median is impossible as µs (more than a year after
+    baseTimeNanoseconds, or past the year 2190 without one), so one odd timestamp cannot switch a file;
+    ``meta["torch_profiler"]["ts_unit"]`` says which reading was used. Events that cannot be placed are
+    dropped and counted in ``dropped`` by reason: ts or dur missing or not a number, a negative dur, a
+    ts more than a year from the file's median, or an absolute time outside int64 nanoseconds (never
+    wrapped around).
 
 What becomes what
     kernel -> kernels (+ collectives for NCCL kernels); gpu_memcpy / gpu_memset -> memops;
@@ -99,6 +103,14 @@ _KNOWN_UNMODELED = {
     "cuda_profiler_range", "fwdbwd", "ac2g", "kineto", "collective_comm",
 }
 _FLOW_PHASES = {"s", "t", "f"}
+# Kineto categories of devices gpudoctor does not model, by their prefix (mtia_ccp_events, mtia_runtime,
+# hpu_op, xpu_runtime, gcu_driver, privateuse1_runtime, ...) -> the device type named to the user.
+_OTHER_DEVICE_PREFIXES = {"mtia": "MTIA", "hpu": "HPU", "xpu": "XPU", "gcu": "GCU", "glow": "Glow",
+                          "privateuse1": "PrivateUse1", "mps": "MPS", "xla": "XLA", "ipu": "IPU"}
+# c10::DeviceType codes of "[memory]" events, other than CPU (0) and CUDA (1; HIP builds report CUDA too).
+_C10_DEVICE_TYPES = {6: "HIP", 7: "FPGA", 8: "MAIA", 9: "XLA", 10: "Vulkan", 11: "Metal", 12: "XPU",
+                     13: "MPS", 14: "Meta", 15: "HPU", 16: "VE", 17: "Lazy", 18: "IPU", 19: "MTIA",
+                     20: "PrivateUse1"}
 
 _PROFILER_STEP = "ProfilerStep#"
 _PARAM_COMMS = "record_param_comms"
@@ -182,6 +194,7 @@ _EMPTY: dict = {}
 _NEG3 = (-1, -1, -1)
 _US_PER_YEAR = 3.2e13  # µs
 _NS_YEAR_2190 = 7.0e18
+_NS_INT64_SAFE = 9.0e18  # |ns| at or above this could wrap int64 once rounded
 
 
 # --------------------------------------------------------------------------------------------------
@@ -590,6 +603,7 @@ class _Accumulator:
         self.proc_labels: dict = {}
         self.host_pids: Counter = Counter()
         self.cpu_memory_events = 0
+        self.other_devices: Counter = Counter()  # device type -> [memory] events of it
 
     def count_skipped(self, counts: Counter) -> None:
         for key, n in counts.items():
@@ -754,8 +768,9 @@ class _Accumulator:
         dev_type = _ints(_field(args, "Device Type", -1), -1)
         cuda = dev_type == 1  # c10::DeviceType::CUDA
         self.cpu_memory_events += int((dev_type == 0).sum())
-        self.unknown_cats["[memory] event on device type other than CPU/CUDA"] += int(
-            ((dev_type != 0) & ~cuda).sum())
+        other = dev_type[(dev_type != 0) & ~cuda]
+        for code, n in zip(*np.unique(other, return_counts=True)):
+            self.other_devices[_C10_DEVICE_TYPES.get(int(code), f"#{int(code)}")] += int(n)
         if not cuda.any():
             return
         idx = np.flatnonzero(cuda).tolist()
@@ -800,17 +815,63 @@ def _categorical(lut: dict, codes: np.ndarray, transform=None) -> pd.Categorical
     return pd.Categorical(np.asarray(cats, dtype=object)[codes] if len(codes) else [])
 
 
-def _ts_unit(base: int | None, tables: list[_Cols]) -> str:
-    max_ts = 0.0
-    for t in tables:
-        ts = t.get("ts", None)
-        if len(ts):
-            fin = ts[np.isfinite(ts)] if ts.dtype.kind == "f" else ts
-            if len(fin):
-                max_ts = max(max_ts, float(np.max(np.abs(fin))))
-    if base is not None:
-        return "ns" if max_ts > _US_PER_YEAR else "us"
-    return "ns" if max_ts * 1000.0 > _NS_YEAR_2190 else "us"
+class _Clock:
+    """How this file's ts/dur become ns, decided once per file, and which events cannot be placed.
+
+    Unit: ts are µs (the Chrome trace rule) unless the *median* timestamp is impossible as µs (more
+    than a year after baseTimeNanoseconds, or past the year 2190 without one): one odd timestamp cannot
+    switch the whole file. An event is dropped (counted by reason) when its ts or dur is missing or not
+    a number, its dur is negative, or its ts lies more than a year from the file's median timestamp
+    (which also keeps every ns value far inside int64: no wrap-around however large the base).
+    """
+
+    def __init__(self, base: int | None, tables: list[_Cols]):
+        self.offset = base if base is not None else 0
+        samples = []
+        for t in tables:
+            ts = t.get("ts", None)
+            if len(ts):
+                ts = ts[:: max(1, len(ts) // 100_000)].astype(np.float64)  # a spread-out sample suffices
+                samples.append(ts[np.isfinite(ts)])
+        allts = np.concatenate(samples) if samples else np.empty(0)
+        self.center = float(np.median(allts)) if len(allts) else 0.0
+        if base is not None:
+            self.unit = "ns" if abs(self.center) > _US_PER_YEAR else "us"
+        else:
+            self.unit = "ns" if abs(self.center) * 1000.0 > _NS_YEAR_2190 else "us"
+        self._year = _US_PER_YEAR * (1000.0 if self.unit == "ns" else 1.0)
+        self.dropped: Counter = Counter()
+
+    def valid(self, cols: _Cols, with_dur: bool = True) -> np.ndarray:
+        ts = cols.get("ts", None)
+        ok = np.ones(len(ts), dtype=bool)
+        if ts.dtype.kind == "f":
+            ok &= np.isfinite(ts)
+        if with_dur:
+            dur = cols.get("dur", None)
+            if dur.dtype.kind == "f":
+                ok &= np.isfinite(dur)
+        self.dropped["event missing ts or dur"] += int((~ok).sum())
+        if with_dur:
+            neg = ok & (dur < 0)
+            self.dropped["event with negative duration"] += int(neg.sum())
+            ok &= ~neg
+        tsf = ts.astype(np.float64)
+        far = ok & (np.abs(tsf - self.center) > self._year)
+        self.dropped["timestamp more than a year from the file's median"] += int(far.sum())
+        ok &= ~far
+        # absolute ns (with the base) must fit int64: estimated in float64 before the exact integer step
+        mult = 1.0 if self.unit == "ns" else 1000.0
+        end_f = tsf + (np.maximum(dur.astype(np.float64), 0) if with_dur else 0.0)
+        over = ok & (np.abs(tsf * mult + float(self.offset)) >= _NS_INT64_SAFE) | (
+            ok & (np.abs(end_f * mult + float(self.offset)) >= _NS_INT64_SAFE))
+        self.dropped["time beyond the int64 nanosecond range"] += int(over.sum())
+        return ok & ~over
+
+    def times_ns(self, cols: _Cols, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ts, dur = cols.get("ts", None)[ok], cols.get("dur", None)[ok]
+        start = _to_ns(ts, self.unit) + self.offset
+        return start, start + _to_ns(dur, self.unit)
 
 
 def _to_ns(a: np.ndarray, unit: str) -> np.ndarray:
@@ -821,22 +882,6 @@ def _to_ns(a: np.ndarray, unit: str) -> np.ndarray:
         return np.rint(a).astype(np.int64)
     whole = np.floor(a)
     return whole.astype(np.int64) * 1000 + np.rint((a - whole) * 1000.0).astype(np.int64)
-
-
-def _valid(cols: _Cols) -> np.ndarray:
-    ts, dur = cols.get("ts", None), cols.get("dur", None)
-    ok = np.ones(len(ts), dtype=bool)
-    if ts.dtype.kind == "f":
-        ok &= np.isfinite(ts)
-    if dur.dtype.kind == "f":
-        ok &= np.isfinite(dur)
-    return ok
-
-
-def _times_ns(cols: _Cols, ok: np.ndarray, unit: str, offset: int) -> tuple[np.ndarray, np.ndarray]:
-    ts, dur = cols.get("ts", None)[ok], cols.get("dur", None)[ok]
-    start = _to_ns(ts, unit) + offset
-    return start, start + _to_ns(dur, unit)
 
 
 def _int_or_none(x: Any) -> int | None:
@@ -878,6 +923,11 @@ def _main_pid(acc: _Accumulator, path: Path) -> int:
             return _int_or_none(pid)
     m = _TB_NAME_RE.match(path.name)
     return int(m.group("pid")) if m else -1
+
+
+def _device_of_category(cat: str) -> str:
+    """The device type of a Kineto event category gpudoctor does not model ("" for others)."""
+    return _OTHER_DEVICE_PREFIXES.get(cat.lower().split("_", 1)[0], "") if "_" in cat else ""
 
 
 def _memop_kind(key: str) -> tuple[str, str, str]:
@@ -1056,16 +1106,15 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
     rank, rank_from = _resolve_rank(path, header, rank_arg)
     base = _int_or_none(header.get("baseTimeNanoseconds"))
     offset = base if base is not None else 0
-    unit = _ts_unit(base, [acc.kern, acc.mem, acc.api, acc.rng, acc.ops])
+    clock = _Clock(base, [acc.kern, acc.mem, acc.api, acc.rng, acc.ops])
+    unit = clock.unit
     trace = Trace()
-    missing_times = 0
 
     # kernels
     k = acc.kern
-    ok = _valid(k) if k.n else np.zeros(0, bool)
-    missing_times += int((~ok).sum())
+    ok = clock.valid(k) if k.n else np.zeros(0, bool)
     k_row_new = np.where(ok, np.cumsum(ok) - 1, -1)
-    k_start, k_end = _times_ns(k, ok, unit, offset) if k.n else (np.empty(0, np.int64),) * 2
+    k_start, k_end = clock.times_ns(k, ok) if k.n else (np.empty(0, np.int64),) * 2
     k_names = _categorical(acc.kname, k.get("name", np.int32)[ok])
     # Kineto gives the full demangled name; `name` is the short form nsys calls shortName, so the
     # same kernel has the same name whichever profiler recorded it.
@@ -1084,9 +1133,8 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
 
     # memops
     m = acc.mem
-    ok = _valid(m) if m.n else np.zeros(0, bool)
-    missing_times += int((~ok).sum())
-    m_start, m_end = _times_ns(m, ok, unit, offset) if m.n else (np.empty(0, np.int64),) * 2
+    ok = clock.valid(m) if m.n else np.zeros(0, bool)
+    m_start, m_end = clock.times_ns(m, ok) if m.n else (np.empty(0, np.int64),) * 2
     m_codes = m.get("name", np.int32)[ok]
     parsed = [_memop_kind(_name_of(key)) for key in acc.mname]
     n_m = len(m_start)
@@ -1106,9 +1154,8 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
 
     # api calls
     a = acc.api
-    a_ok = _valid(a) if a.n else np.zeros(0, bool)
-    missing_times += int((~a_ok).sum())
-    a_start, a_end = _times_ns(a, a_ok, unit, offset) if a.n else (np.empty(0, np.int64),) * 2
+    a_ok = clock.valid(a) if a.n else np.zeros(0, bool)
+    a_start, a_end = clock.times_ns(a, a_ok) if a.n else (np.empty(0, np.int64),) * 2
     n_a = len(a_start)
     a_corr, a_tid = a.get("corr")[a_ok], a.get("tid")[a_ok]
     trace.set("api_calls", {
@@ -1120,9 +1167,8 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
 
     # ranges: depth and GPU projection
     r = acc.rng
-    ok = _valid(r) if r.n else np.zeros(0, bool)
-    missing_times += int((~ok).sum())
-    r_start, r_end = _times_ns(r, ok, unit, offset) if r.n else (np.empty(0, np.int64),) * 2
+    ok = clock.valid(r) if r.n else np.zeros(0, bool)
+    r_start, r_end = clock.times_ns(r, ok) if r.n else (np.empty(0, np.int64),) * 2
     n_r = len(r_start)
     r_codes = r.get("text", np.int32)[ok]
     r_tid = r.get("tid")[ok]
@@ -1156,9 +1202,8 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
     # cpu ops (SHAPE_OPS) with their shapes
     o = acc.ops
     if o.n:
-        ok = _valid(o)
-        missing_times += int((~ok).sum())
-        o_start, o_end = _times_ns(o, ok, unit, offset)
+        ok = clock.valid(o)
+        o_start, o_end = clock.times_ns(o, ok)
         n_o = len(o_start)
         trace.set("cpu_ops", {
             "rank": np.full(n_o, rank, np.int64), "thread_id": o.get("tid")[ok],
@@ -1174,8 +1219,7 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
     mv = acc.mev
     if mv.n:
         ts = mv.get("ts", None)
-        ok = np.isfinite(ts) if ts.dtype.kind == "f" else np.ones(len(ts), bool)
-        missing_times += int((~ok).sum())
+        ok = clock.valid(mv, with_dur=False)
         t_ns = _to_ns(ts[ok], unit) + offset
         dev = mv.get("device")[ok]
         nbytes = mv.get("bytes")[ok]
@@ -1241,10 +1285,20 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
     # dropped, never silent
     launched = np.isin(np.concatenate([k_corr, trace.memops["correlation_id"].to_numpy()]), a_corr)
     trace.add_dropped(rank, SOURCE, "gpu op with no launch record", int((~launched).sum()))
-    trace.add_dropped(rank, SOURCE, "event missing ts or dur", missing_times)
-    for cat, n in sorted(acc.unknown_cats.items()):
-        reason = cat if cat.startswith("[memory]") else f"unknown event category: {cat}"
+    for reason, n in sorted(clock.dropped.items()):
         trace.add_dropped(rank, SOURCE, reason, n)
+    other = Counter(acc.other_devices)
+    for cat, n in sorted(acc.unknown_cats.items()):
+        device = _device_of_category(cat)
+        if device:
+            other[device] += n
+        else:
+            trace.add_dropped(rank, SOURCE, f"unknown event category: {cat}", n)
+    # Accelerators gpudoctor does not model (MTIA, HPU, XPU, ...): named, so that a trace of one does
+    # not read as an idle GPU.
+    why = "" if n_k else " (the trace has no CUDA/HIP kernels)"
+    for device, n in sorted(other.items()):
+        trace.add_dropped(rank, SOURCE, f"events of device type {device} not analyzed{why}", n)
     for ph, n in sorted(acc.bad_phases.items()):
         trace.add_dropped(rank, SOURCE, f"unsupported event phase: {ph}", n)
 
