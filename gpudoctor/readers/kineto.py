@@ -4,19 +4,20 @@
 magic bytes, not by the extension).
 
 Parsing and memory
-    Kineto writes every event of ``traceEvents`` as a block that starts on a new line at a fixed
-    indentation (``"\\n  {"``). The reader streams the file in 16 MB blocks, cuts the array at those
-    event starts, drops unparsed the events the model does not use (recognized by their first bytes:
-    most cpu_op, python_function, gpu_user_annotation and flow events; they are only counted; the
-    cpu_ops kept, ``SHAPE_OPS``, are recognized by name the same way), parses
-    the rest of the batch with orjson (stdlib json when orjson is missing) and turns it into numpy
-    columns before reading on, so only one batch of parsed dicts is alive at a time. A cut in a wrong
-    place can only make a batch invalid JSON, never a different valid one; on any failure the reader
-    starts over and parses the whole document at once (the path that also reports bad input). Files
-    not laid out that way (one-line JSON, a bare event list) take the whole-document path directly
-    (several times slower, ~3 GB for 1 M events). Skipped events are not validated as JSON.
-    The cyclic GC is paused during a read (millions of acyclic objects). Output rows are sorted by
-    time, so the result does not depend on the path or the batching.
+    The reader streams the file in 16 MB blocks whatever its layout (Kineto's one event per block, or
+    one-line JSON from orjson / ``json.dumps``): ``gpudoctor.readers.event_split`` cuts the event array
+    at the file's own separator between events and checks each batch (see there). Events the model
+    does not use are dropped unparsed, recognized by their first bytes: most cpu_op, python_function,
+    gpu_user_annotation and flow events (they are only counted; the cpu_ops kept, ProfilerStep#N,
+    record_param_comms, the c10d collectives and ``SHAPE_OPS``, are recognized by name the same way).
+    The rest of the batch is parsed with orjson and turned into numpy columns before reading on, so
+    only one batch of parsed dicts is alive at a time: memory is bounded by the block size and the
+    model, not by the file. On any failure the reader starts over and parses the whole document at once
+    (the path that also reports bad input, and reads what orjson refuses: NaN, huge integers); both
+    paths give the same tables (tests/test_kineto_reader.py checks it on every real trace at hand).
+    Skipped events are not validated as JSON. The cyclic GC is paused during a read (millions of
+    acyclic objects). Output rows are sorted by time, so the result does not depend on the path or
+    the batching.
 
 Times
     ``ts``/``dur`` are microseconds (the Chrome trace rule; Kineto writes µs with 3 decimals, relative
@@ -33,7 +34,9 @@ Times
     wrapped around).
 
 What becomes what
-    kernel -> kernels (+ collectives for NCCL kernels); gpu_memcpy / gpu_memset -> memops;
+    kernel -> kernels (+ collectives for NCCL kernels: op and sizes from record_param_comms arguments,
+    else the op of the ``nccl:<op>`` / ``c10d::`` / TorchRec range around the launch, else the kernel
+    name; gpudoctor/model/collectives.py); gpu_memcpy / gpu_memset -> memops;
     cuda_runtime / cuda_driver -> api_calls; user_annotation -> ranges (domain "record_function"),
     ProfilerStep#N (cpu_op or user_annotation) -> ranges (domain "profiler_step"), with depth and GPU
     projection; CUDA "[memory]" instants -> memory_events and counters; deviceProperties -> devices;
@@ -42,8 +45,10 @@ What becomes what
     was taken with ``record_shapes``, ``Input Dims`` / ``Input type`` as JSON text. The other cpu_op
     events, python_function, gpu_user_annotation and the other known Kineto categories are not part
     of the model: they are counted in ``meta["torch_profiler"]["event_counts"]`` (cpu_op, all of
-    them, also in ``meta["cpu_op_count"]``). Unknown categories and unusable events are counted in
-    ``dropped``.
+    them, also in ``meta["cpu_op_count"]``). Events of devices gpudoctor does not model (MTIA, HPU,
+    XPU, ...: categories such as ``mtia_ccp_events``, and their ``[memory]`` events) are counted in
+    ``dropped`` as "events of device type X not analyzed" (with "the trace has no CUDA/HIP kernels"
+    when that is so). Unknown categories and unusable events are counted in ``dropped`` too.
 """
 
 from __future__ import annotations
