@@ -608,6 +608,23 @@ def test_stream_and_whole_document_are_one_result(path, tmp_path, monkeypatch):
     _same_meta(whole, small)
 
 
+@pytest.mark.parametrize("path", REAL_TRACES[:1] + REAL_TRACES[-1:], ids=lambda p: p.name)
+def test_two_halves_at_once_are_one_result(path, tmp_path, monkeypatch):
+    # a large plain file is read in two halves at once (the second in a forked process): same tables
+    plain = tmp_path / "plain.json"
+    plain.write_bytes(gzip.decompress(path.read_bytes()))
+    whole = kineto._read(plain, None, stream=False)
+    monkeypatch.setattr(kineto, "_TWO_PROCESS_MIN_BYTES", 0)
+    monkeypatch.setattr(kineto, "_BLOCK", 1 << 16)
+    monkeypatch.delenv("GPUDOCTOR_READ_THREADS", raising=False)
+    two = read(plain)
+    assert two.meta["torch_profiler"]["parser"] == "stream (2 processes)"
+    _assert_same_tables(whole, two)
+    _same_meta(whole, two)
+    monkeypatch.setenv("GPUDOCTOR_READ_THREADS", "1")
+    assert read(plain).meta["torch_profiler"]["parser"] == "stream"
+
+
 # ------------------------------------------------------------------------------------------------
 # time sanity and devices not modeled, on a real trace edited here (the edit is the bad input)
 

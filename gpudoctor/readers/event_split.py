@@ -69,8 +69,13 @@ class EventSplitter:
         self.header: dict | None = None
         self.layout = ""  # the separator found, for the reader's meta
         self.bare = False  # the document is a bare event list (no header)
+        self.head = ""  # the text before the event array
+        self.tail = ""  # the text after it
 
-    def batches(self) -> Iterator[Batch]:
+    def batches(self, until_separator: bool = False) -> Iterator[Batch]:
+        """Batches from the start of the document. ``until_separator``: the stream ends just before a
+        separator (the first half of a file cut in two): its last body is yielded as is, ``head`` holds
+        the text before the event array and ``header`` stays None."""
         buf = self._f.read(self._block)
         if buf.startswith(BOM):
             buf = buf[3:]
@@ -81,7 +86,7 @@ class EventSplitter:
             raise NotStreamable("an empty list")
         if buf.startswith(b"]", start):  # no events
             rest = buf[start + 1:] + self._f.read(-1)
-            self.header = _join_header(head, rest.decode("utf-8"))
+            self.header = join_header(head, rest.decode("utf-8"))
             return
         if not buf.startswith(b"{", start):
             raise NotStreamable("the event array does not hold objects")
@@ -91,6 +96,18 @@ class EventSplitter:
         if not buf.startswith(b'"', start):
             raise NotStreamable("an event does not start with a key")
         start += 1  # bodies start after their first quote: the separator ends with it
+        self.head = head
+        yield from self._cut(buf, start, sep, until_separator)
+        if not until_separator:
+            self.header = join_header(head, self.tail)
+
+    def resume(self, sep: bytes) -> Iterator[Batch]:
+        """Batches of a stream positioned at an event body (just after a separator), to the document's
+        end; ``tail`` then holds the text after the event array."""
+        self.layout = sep.decode("utf-8", "replace")
+        yield from self._cut(self._f.read(self._block), 0, sep, False)
+
+    def _cut(self, buf: bytes, start: int, sep: bytes | None, until_separator: bool) -> Iterator[Batch]:
         while sep is not None:
             k = buf.rfind(sep, start)
             if k > start:
@@ -103,11 +120,28 @@ class EventSplitter:
                 raise NotStreamable("no event separator found")
             buf = buf[start:] + more
             start = 0
+        if until_separator:  # the stream was cut just before a separator: what is left is one body
+            body = bytes(memoryview(buf)[start:])
+            yield Batch([body], exact=body.count(b'"ph"') + body.startswith(b'ph"') == 1)
+            return
         rest = '{"' + bytes(memoryview(buf)[start:]).decode("utf-8")
         del buf
-        events, tail = _decode_tail(rest)
+        events, self.tail = _decode_tail(rest)
         yield Batch([], exact=True, events=events)
-        self.header = _join_header(head, tail)
+
+    def separator(self) -> tuple[bytes, int]:
+        """The separator between events and the offset of the first event body (after its '{"'), read
+        from the start of the stream (which is left past that point)."""
+        buf = self._f.read(self._block)
+        bom = 3 if buf.startswith(BOM) else 0
+        head, start = self._array_start(buf[bom:])
+        if not head or not buf[bom:].startswith(b"{", start):
+            raise NotStreamable("not an object with events")
+        sep = self._separator(buf[bom:], start)
+        if sep is None:
+            raise NotStreamable("one event")
+        return sep, bom + start
+
 
     # -- layout
 
@@ -142,6 +176,26 @@ class EventSplitter:
             return None
         raise NotStreamable("no separator after the first event")
 
+
+class Window:
+    """The first ``size`` bytes of a binary stream."""
+
+    def __init__(self, f, size: int):
+        self._f, self._left = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        data = self._f.read(n) if n > 0 else b""
+        self._left -= len(data)
+        return data
+
+
+def find_cut(f, size: int, sep: bytes, block_bytes: int = BLOCK_BYTES) -> int:
+    """Offset of a separator near the middle of a seekable stream of ``size`` bytes (-1 if none)."""
+    f.seek(size // 2)
+    chunk = f.read(block_bytes)
+    k = chunk.find(sep)
+    return -1 if k < 0 else size // 2 + k
 
 def _batch(buf: bytes, start: int, end: int, sep: bytes) -> Batch:
     region = buf[start:end]
@@ -196,7 +250,7 @@ def _decode_tail(s: str) -> tuple[list, str]:
         raise NotStreamable("unexpected text after an event")
 
 
-def _join_header(head: str, tail: str) -> dict:
+def join_header(head: str, tail: str) -> dict:
     """The document's keys other than traceEvents, from the text before and after the array."""
     if not head:  # a bare event list: nothing may follow it
         if tail.strip():

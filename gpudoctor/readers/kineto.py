@@ -57,7 +57,10 @@ import codecs
 import gc
 import gzip
 import json
+import multiprocessing
 import operator
+import os
+import pickle
 import re
 import zlib
 from collections import Counter
@@ -76,7 +79,8 @@ from gpudoctor.model.collectives import collective_op, enclosing_ops, op_of_kern
 from gpudoctor.model.columns import per_value
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
-from gpudoctor.readers.event_split import BLOCK_BYTES, BOM, EventSplitter, NotStreamable, parse_bodies
+from gpudoctor.readers.event_split import (BLOCK_BYTES, BOM, EventSplitter, NotStreamable, Window, find_cut,
+                                           join_header, parse_bodies)
 
 _loads = orjson.loads
 
@@ -85,6 +89,7 @@ SOURCE = "kineto"
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _BLOCK = BLOCK_BYTES  # bytes read per streaming step
+_TWO_PROCESS_MIN_BYTES = 256 << 20  # plain files at least this large are read in two halves at once
 _FEED_CHUNK = 200_000  # events per batch on the whole-document path
 
 # Kineto category names (older versions used capitalized names for some).
@@ -231,11 +236,19 @@ def _read(path: Path, rank: int | None, stream: bool = True) -> Trace:
     if not stream:
         parser = "whole (asked)"
     else:
-        try:
-            header, layout = _stream(path, acc)
-        except Exception as e:  # noqa: BLE001 - anything odd: start over on the whole-document path
-            header = None
-            parser = f"whole ({_one_line(e)[:200] or type(e).__name__})"
+        if _two_processes(path):
+            try:
+                header, layout = _stream_two(path, acc)
+                parser = "stream (2 processes)"
+            except Exception:  # noqa: BLE001 - anything odd: one process, then the whole document
+                acc = _Accumulator()
+        if header is None:
+            try:
+                header, layout = _stream(path, acc)
+                parser = "stream"
+            except Exception as e:  # noqa: BLE001 - anything odd: start over on the whole-document path
+                header = None
+                parser = f"whole ({_one_line(e)[:200] or type(e).__name__})"
     if header is None:
         acc = _Accumulator()
         header = _parse_whole(path, acc)
@@ -294,25 +307,88 @@ def _stream(path: Path, acc: "_Accumulator") -> tuple[dict, str]:
 
     Raises on anything unexpected; the caller then parses the whole document.
     """
-    skipper = _Skipper()
     with _Reader(path) as f:
         splitter = EventSplitter(f, _BLOCK)
-        for batch in splitter.batches():
-            if batch.events is not None:
-                acc.feed(batch.events)
-                continue
-            if batch.exact:
-                kept, skipped = skipper.split(batch.bodies)
-                if skipped:
-                    acc.count_skipped(skipped)
-            else:  # a body may hold several events: parse every one
-                kept = batch.bodies
-            del batch
-            acc.feed(parse_bodies(kept))
-            del kept
+        _feed_batches(splitter.batches(), acc)
     if splitter.bare and not any(ph is not None for ph, _ in acc.counts):
         raise NotStreamable("a list of objects that are not trace events")
     return splitter.header, splitter.layout
+
+
+def _feed_batches(batches, acc: "_Accumulator") -> None:
+    skipper = _Skipper()
+    for batch in batches:
+        if batch.events is not None:
+            acc.feed(batch.events)
+            continue
+        if batch.exact:
+            kept, skipped = skipper.split(batch.bodies)
+            if skipped:
+                acc.count_skipped(skipped)
+        else:  # a body may hold several events: parse every one
+            kept = batch.bodies
+        del batch
+        acc.feed(parse_bodies(kept))
+        del kept
+
+
+def _two_processes(path: Path) -> bool:
+    """Read a large plain (seekable) file in two halves at once, the second in a forked process."""
+    if os.environ.get("GPUDOCTOR_READ_THREADS", "").strip() == "1" or (os.cpu_count() or 1) < 2:
+        return False
+    if "fork" not in multiprocessing.get_all_start_methods() or multiprocessing.current_process().daemon:
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) != _GZIP_MAGIC and path.stat().st_size >= _TWO_PROCESS_MIN_BYTES
+    except OSError:
+        return False
+
+
+def _stream_two(path: Path, acc: "_Accumulator") -> tuple[dict, str]:
+    """``_stream`` on two halves of the file, cut at a separator near the middle: this process reads
+    the first half while a forked one reads the second; their accumulators are then merged (string
+    codes remapped, kernel rows shifted). Same result as ``_stream``: rows are sorted at the end."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        sep, _ = EventSplitter(f, _BLOCK).separator()
+        cut = find_cut(f, size, sep, _BLOCK)
+    if cut < 0:
+        raise NotStreamable("no separator near the middle")
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_second_half, args=(path, sep, cut + len(sep), send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        with open(path, "rb") as f:
+            splitter = EventSplitter(Window(f, cut), _BLOCK)
+            _feed_batches(splitter.batches(until_separator=True), acc)
+        payload = recv.recv_bytes()
+    finally:
+        recv.close()
+        child.join()
+    ok, data = pickle.loads(payload)
+    del payload
+    if not ok:
+        raise NotStreamable(f"second half: {data}")
+    other, tail = data
+    acc.merge(other)
+    return join_header(splitter.head, tail), splitter.layout
+
+
+def _second_half(path: Path, sep: bytes, offset: int, send) -> None:
+    try:
+        acc = _Accumulator()
+        with open(path, "rb") as f:
+            f.seek(offset)
+            splitter = EventSplitter(f, _BLOCK)
+            _feed_batches(splitter.resume(sep), acc)
+        out = (True, (acc, splitter.tail))
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which falls back
+        out = (False, f"{type(e).__name__}: {_one_line(e)[:200]}")
+    send.send_bytes(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
+    send.close()
 
 
 class _Skipper:
@@ -612,6 +688,36 @@ class _Accumulator:
         self.host_pids: Counter = Counter()
         self.cpu_memory_events = 0
         self.other_devices: Counter = Counter()  # device type -> [memory] events of it
+
+    def merge(self, other: "_Accumulator") -> None:
+        """Append what ``other`` accumulated from a later part of the file (codes remapped)."""
+        for name in ("counts", "unknown_cats", "bad_phases", "host_pids", "other_devices"):
+            getattr(self, name).update(getattr(other, name))
+        self.cpu_op_count += other.cpu_op_count
+        self.cpu_memory_events += other.cpu_memory_events
+        for name in ("proc_names", "proc_labels"):
+            for k, v in getattr(other, name).items():
+                getattr(self, name).setdefault(k, v)
+        self.nccl.extend((row + self.kern.n, ext, info) for row, ext, info in other.nccl)
+        self.rpc.extend(other.rpc)
+        self.comm_ops.extend(other.comm_ops)
+        remaps = {  # table -> {code column: (my lut, its lut)}
+            "kern": {"name": (self.kname, other.kname)}, "mem": {"name": (self.mname, other.mname)},
+            "api": {"name": (self.aname, other.aname)}, "rng": {"text": (self.rtext, other.rtext)},
+            "ops": {"name": (self.oname, other.oname), "dims": (self.odims, other.odims),
+                    "types": (self.otypes, other.otypes)},
+            "mev": {},
+        }
+        for table, code_cols in remaps.items():
+            mine, theirs = getattr(self, table), getattr(other, table)
+            maps = {col: np.array([lut.setdefault(v, len(lut)) for v in their_lut], dtype=np.int32)
+                    for col, (lut, their_lut) in code_cols.items()}
+            for col, parts in theirs.parts.items():
+                if col in maps:
+                    parts = [maps[col][p] for p in parts]
+                mine.parts.setdefault(col, []).extend(parts)
+            mine.n += theirs.n
+        self.knccl = [_NCCL_RE.search(_name_of(k)) is not None for k in self.kname]
 
     def count_skipped(self, counts: Counter) -> None:
         for key, n in counts.items():
