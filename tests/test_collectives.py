@@ -5,7 +5,7 @@ what pipeline_bubbles / nccl_dominated make of it, on real traces:
   TorchRec-style embedding job; its ncclKernel_SendRecv kernels run inside nccl:all_to_all /
   nccl:all_reduce / nccl:_all_gather_base ranges, and its profiler wrote no "Collective name");
 - positive for pipeline_bubbles: the 2-stage pipeline recorded on 2x H200 (blocking dist.send/recv), and
-  negative: the DDP job of the same machine (shared samples; skipped when absent).
+  negative: the DDP job of the same machine (fixtures/multigpu).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from gpudoctor.readers import kineto
 ROOT = Path(__file__).resolve().parent.parent
 HTA = ROOT / "fixtures" / "hta" / "trace_filter"
 HTA_FILES = [str(HTA / f"sampled_rank-{r}.json.gz") for r in (0, 1)]
-MULTI = Path("/work/shared/samples/multigpu-h200x2")
+MULTI = ROOT / "fixtures" / "multigpu"
 
 
 def test_op_names():
@@ -119,7 +119,7 @@ def test_hta_each_source_alone(tmp_path):
 def _multi(case: str) -> list[str]:
     files = [MULTI / f"{case}_rank{r}.sqlite" for r in (0, 1)]
     if not all(f.exists() for f in files):
-        pytest.skip(f"shared sample {case} not present")
+        pytest.skip(f"fixtures/multigpu/{case} not present")
     return [str(f) for f in files]
 
 
