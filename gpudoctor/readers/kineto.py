@@ -79,6 +79,7 @@ from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
 from gpudoctor.readers.event_split import (BLOCK_BYTES, BOM, EventSplitter, NotStreamable, Window, find_cut,
                                            join_header, parse_bodies)
+from gpudoctor.readers import limits
 from gpudoctor.readers.limits import gunzip, open_input
 
 _loads = orjson.loads
@@ -514,6 +515,7 @@ def _parse_whole(path: Path, acc: "_Accumulator") -> dict:
     elif isinstance(doc, list):
         events, header = doc, {}
         probe = events[:100]
+        _check_depth(doc, path)
         if not probe or not all(isinstance(e, dict) and "ph" in e for e in probe):
             raise InputError(path, "not a trace: the top-level JSON list does not hold trace events "
                                    "(objects with a 'ph' field)")
@@ -533,6 +535,19 @@ def _parse_whole(path: Path, acc: "_Accumulator") -> dict:
                                    "expected an event object") from None
         raise InputError(path, f"unexpected event structure: {_one_line(e)}") from None
     return header
+
+
+def _check_depth(doc: Any, path: Path) -> None:
+    """A list nested past GPUDOCTOR_MAX_JSON_DEPTH is refused as such (some orjson builds parse it; a
+    trace is never that deep). Follows the first element down: cheap, and what a nesting attack uses."""
+    cap = limits.limit("GPUDOCTOR_MAX_JSON_DEPTH")
+    depth, x = 0, doc
+    while isinstance(x, (list, dict)) and x and depth <= cap:
+        x = x[0] if isinstance(x, list) else next(iter(x.values()))
+        depth += 1
+    if depth > cap:
+        raise InputError(path, f"JSON nested too deeply (more than {cap} levels; GPUDOCTOR_MAX_JSON_DEPTH "
+                               "raises the limit)")
 
 
 def _retry_parse(data: bytes, msg: str) -> Any:
