@@ -86,7 +86,7 @@ class RankResult:
     meta: dict = field(default_factory=dict)  # trace.meta without inputs
     straggler_rows: pd.DataFrame | None = None
     step_ends: dict = field(default_factory=dict)  # rank -> steady steps' GPU end times (ns)
-    gate_data: dict = field(default_factory=dict)  # rank -> the gate's per-rank samples (gate.compare.rank_data)
+    gate_data: dict = field(default_factory=dict)  # rank -> the gate's per-rank samples (gate.samples.rank_data)
     kernel_kinds: pd.DataFrame | None = None  # distinct (rank, device_id, name, demangled_name, category)
     collective_kinds: pd.DataFrame | None = None  # distinct (rank, op, source) of the collectives
     read_s: float = 0.0
@@ -242,7 +242,7 @@ def _straggler_part(trace: Trace, summaries: list[RankSummary]) -> tuple[pd.Data
 def _gate_part(trace: Trace, summaries: list[RankSummary]) -> dict:
     """The gate's per-rank samples (what analysis.json's "gate" block is built from)."""
     try:
-        rank_data = importlib.import_module("gpudoctor.gate.compare").rank_data
+        rank_data = importlib.import_module("gpudoctor.gate.samples").rank_data
     except (ImportError, AttributeError):
         return {}
     multi = len(trace.rank_ids) > 1

@@ -67,7 +67,7 @@ class Analysis:
 def _gate_block(analysis) -> dict | None:
     """What `gpudoctor gate` needs to compare this run later without the trace (per-step samples)."""
     try:
-        from gpudoctor.gate.compare import gate_block
+        from gpudoctor.gate.samples import gate_block
     except ImportError:
         return None
     return gate_block(analysis)

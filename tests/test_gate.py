@@ -18,8 +18,11 @@ from gpudoctor.analyzers.findings import Finding
 from gpudoctor.cli.main import main
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.gate import outputs, stats
-from gpudoctor.gate.compare import (GateOptions, RunData, UserMetric, busy_in_windows, compare, evaluate_rules,
-                                    gate_block, kernel_key, load_run, run_from_trace, _analyze)
+from gpudoctor.gate.compare import GateOptions, compare
+from gpudoctor.gate.inputs import analyze, load_run
+from gpudoctor.gate.rules import evaluate_rules
+from gpudoctor.gate.run import RunData, UserMetric
+from gpudoctor.gate.samples import busy_in_windows, gate_block, kernel_key, run_from_trace
 
 ROOT = Path(__file__).resolve().parent.parent
 NSYS = ROOT / "fixtures" / "nsys"
@@ -116,16 +119,51 @@ def test_pooling_runs(runs):
     assert r.attribution["baseline_steps"] == 48
 
 
-def test_few_steps_is_inconclusive(runs):
+def cut(run: RunData, n: int) -> RunData:
+    """The same run with only its first n steady steps of each per-step metric."""
+    r = copy.copy(run)
+    r.samples = {k: (v[:n] if k in ("gpu_time", "step_time", "wall_time") else v) for k, v in run.samples.items()}
+    return r
+
+
+def test_few_steps_far_apart_is_a_regression(runs):
+    # gate_slow_few: 3 steady steps of gate_slow (+9%): each is slower than every one of base_a's 19 steps by
+    # more than 2 x the 3% tolerance, so complete separation decides.
     r = compare([runs["gate_base_a"]], [runs["gate_slow_few"]])
     g = metric(r, "gpu_time").decision
-    assert g.decision == "inconclusive" and g.n_candidate == 3
-    assert "too few steps" in g.reason
+    assert g.n_candidate == 3 and g.decision == "regression" and g.rule == "separation"
+    assert 0.08 < g.extra["separation_gap"] < 0.10  # measured 9.1%
+    assert g.extra["separation_p"] == pytest.approx(1 / 1540)  # 1 / C(22, 3)
+    assert r.exit_code == 1 and "complete separation" in r.headline
+
+
+def test_few_steps_within_twice_the_tolerance_is_inconclusive(runs):
+    # With a 5% tolerance the 9% gap is not 2 x the tolerance apart, and 3 steps are too few for the test.
+    o = GateOptions(tolerance=0.05)
+    r = compare([runs["gate_base_a"]], [runs["gate_slow_few"]], o)
+    g = metric(r, "gpu_time").decision
+    assert g.decision == "inconclusive" and g.rule == "too_few" and "too few steps" in g.reason
     assert r.status == "inconclusive" and r.exit_code == 3
-    assert compare([runs["gate_base_a"]], [runs["gate_slow_few"]], GateOptions(inconclusive="pass")).exit_code == 0
-    assert compare([runs["gate_base_a"]], [runs["gate_slow_few"]], GateOptions(inconclusive="fail")).exit_code == 1
-    # With a lower bar the 3 steps suffice: +9.4% is then a regression.
-    assert compare([runs["gate_base_a"]], [runs["gate_slow_few"]], GateOptions(min_samples=3)).exit_code == 1
+    assert compare([runs["gate_base_a"]], [runs["gate_slow_few"]], GateOptions(tolerance=0.05, inconclusive="pass")).exit_code == 0
+    assert compare([runs["gate_base_a"]], [runs["gate_slow_few"]], GateOptions(tolerance=0.05, inconclusive="fail")).exit_code == 1
+    # With the full 28 steps of gate_slow the test decides: +9% beyond 5% is a regression.
+    assert metric(compare([runs["gate_base_a"]], [runs["gate_slow"]], o), "gpu_time").decision.rule == "test"
+
+
+@pytest.mark.parametrize("n", [3, 4, 5])
+def test_fused_to_unfused_attention_with_few_steps(runs, n):
+    g = metric(compare([cut(runs["attn_sdpa"], n)], [cut(runs["attn_naive"], n)]), "gpu_time").decision
+    assert g.decision == "regression" and g.rule == "separation" and g.ratio > 3  # measured 4.08 -> 13.8 ms
+
+
+@pytest.mark.parametrize("n", [3, 5, 10])
+def test_same_program_with_few_steps_passes(runs, n):
+    a, b = cut(runs["gate_base_a"], n), cut(runs["gate_base_b"], n)
+    g = metric(compare([a], [b]), "gpu_time").decision
+    assert g.decision == "pass", g.reason
+    assert g.rule in ("range", "test")
+    same = metric(compare([a], [cut(runs["gate_base_a"], n)]), "gpu_time").decision
+    assert same.decision == "pass" and same.change == 0
 
 
 def test_unfused_attention_fails_with_softmax_gemm_chain(runs):
@@ -160,10 +198,13 @@ def test_decide_rules():
     assert stats.decide(a, a * 1.001).decision == "pass"
     assert stats.decide(a, a * 1.10).decision == "regression"
     assert stats.decide(a, a * 0.90).decision == "improvement"
-    assert stats.decide(a, a[:4]).decision == "inconclusive"
+    assert stats.decide(a, a[:1]).decision == "inconclusive"
+    assert stats.decide(a, a[:4]).rule == "range"  # 4 of the same steps: all within the tolerance
     noisy = 1000 + rng.normal(0, 200, 8)
-    d = stats.decide(noisy, noisy * 1.02)
-    assert d.decision == "inconclusive" and "wide" in d.reason
+    d = stats.decide(noisy, noisy * 1.02)  # +2%, well inside the 20% step-to-step noise
+    assert d.decision == "pass" and d.rule == "noise"
+    d = stats.decide(noisy, noisy * 1.06)  # +6%: beyond the tolerance, not significant
+    assert d.decision == "inconclusive" and "not significant" in d.reason
     # Higher is better (tokens/s): 10% fewer is a regression.
     t = stats.decide(a, a * 0.9, higher_is_better=True)
     assert t.decision == "regression" and t.worse > 0.09
@@ -274,7 +315,7 @@ def test_refuses_different_gpu_model(runs):
     trace = _traced(BASE_B)
     other = copy.deepcopy(trace)  # the fixture file is not touched
     other.devices["name"] = "NVIDIA A100-SXM4-80GB"
-    ranks, findings, _ = _analyze(other, None)
+    ranks, findings, _ = analyze(other, None)
     cand = run_from_trace(other, ranks, findings, "edited")
     assert cand.env["gpus"] == ["NVIDIA A100-SXM4-80GB"]
     assert runs["gate_base_a"].env["driver_version"] == "580.159.04"
@@ -341,13 +382,13 @@ def test_cli_pass_and_inconclusive_main(tmp_path):
     assert main(["gate", "--baseline", str(BASE_A), "--candidate", str(BASE_B), "--junit", str(j), "-q"]) == 0
     assert junit_counts(j)[0] == {"tests": 6, "failures": 0, "errors": 0, "skipped": 0}
     j2 = tmp_path / "i.xml"
-    assert main(["gate", "--baseline", str(BASE_A), "--candidate", str(SLOW_FEW), "--junit", str(j2), "-q"]) == 3
+    few = ["gate", "--baseline", str(BASE_A), "--candidate", str(SLOW_FEW), "--tolerance", "0.05"]
+    assert main([*few, "--junit", str(j2), "-q"]) == 3
     attrs, found = junit_counts(j2)
     assert attrs == found and attrs["skipped"] == 1 and attrs["failures"] == 0
-    assert main(["gate", "--baseline", str(BASE_A), "--candidate", str(SLOW_FEW), "--inconclusive", "pass", "-q"]) == 0
+    assert main([*few, "--inconclusive", "pass", "-q"]) == 0
     j3 = tmp_path / "f.xml"
-    assert main(["gate", "--baseline", str(BASE_A), "--candidate", str(SLOW_FEW), "--inconclusive", "fail",
-                 "--junit", str(j3), "-q"]) == 1
+    assert main([*few, "--inconclusive", "fail", "--junit", str(j3), "-q"]) == 1
     assert junit_counts(j3)[0]["failures"] == 1
     assert main(["gate", "--baseline", str(BASE_A), "--candidate", str(SLOW), "--tolerance", "0.2", "-q"]) in (0, 3)
 
@@ -485,7 +526,7 @@ def test_multi_rank_run(runs):
 
     trace, _, errors = load_inputs([str(BASE_A), str(BASE_B)], {str(BASE_A): 0, str(BASE_B): 1})
     assert not errors and trace.rank_ids == [0, 1]
-    ranks, findings, _ = _analyze(trace, None)
+    ranks, findings, _ = analyze(trace, None)
     run = run_from_trace(trace, ranks, findings, "two-ranks")
     assert run.env["gpu_count"] == 2
     assert len(run.samples["gpu_time"]) == 19 + 29  # different steady counts: pooled

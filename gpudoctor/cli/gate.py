@@ -39,7 +39,7 @@ def _config_path(path: str | None) -> Path | None:
 
 def read_gate_config(path: str | None) -> dict:
     """The [gate] table of gpudoctor.toml (validated; unknown keys are an error)."""
-    from gpudoctor.gate.compare import RULE_KEYS
+    from gpudoctor.gate.rules import RULE_KEYS
 
     p = _config_path(path)
     if p is None:
@@ -69,7 +69,7 @@ def _num(cfg: dict, key: str, kind=float, lo=None, hi=None):
 
 
 def user_metrics_from(cfg: dict) -> list:
-    from gpudoctor.gate.compare import METRICS, UserMetric
+    from gpudoctor.gate.run import METRICS, UserMetric
 
     out = []
     table = cfg.get("user_metrics") or {}
@@ -93,7 +93,8 @@ def user_metrics_from(cfg: dict) -> list:
 
 def build_options(args, cfg: dict, baseline_tolerances: dict | None = None):
     """GateOptions from (later wins) defaults < calibrated baseline < gpudoctor.toml [gate] < command line."""
-    from gpudoctor.gate.compare import GateOptions, validate_rules
+    from gpudoctor.gate.compare import GateOptions
+    from gpudoctor.gate.rules import validate_rules
 
     o = GateOptions()
     for metric, tol in (baseline_tolerances or {}).items():
@@ -152,7 +153,7 @@ def build_options(args, cfg: dict, baseline_tolerances: dict | None = None):
 
 
 def _known_analyzers() -> tuple[str, ...]:
-    from gpudoctor.gate.compare import KNOWN_ANALYZERS
+    from gpudoctor.gate.rules import KNOWN_ANALYZERS
 
     try:
         from gpudoctor.analyzers.registry import ANALYZERS
@@ -216,7 +217,7 @@ def write_error_outputs(args, message: str) -> None:
 
 def _load_side(specs: list[str], acfg, user_metrics, gpu_for_names: str, baseline_directory, docs: list) -> list:
     from gpudoctor.gate import baselines
-    from gpudoctor.gate.compare import load_run
+    from gpudoctor.gate.inputs import load_run
 
     runs = []
     for s in specs:
@@ -309,7 +310,8 @@ class GateCommand(Command):
 
     def calibrate(self, args) -> int:
         from gpudoctor.gate.baselines import calibration
-        from gpudoctor.gate.compare import METRICS, check_environment
+        from gpudoctor.gate.environment import check_environment
+        from gpudoctor.gate.run import METRICS
 
         specs = args.runs or args.baseline
         if len(specs) < 2:

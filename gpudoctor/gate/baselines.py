@@ -19,7 +19,8 @@ import numpy as np
 
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.gate import stats
-from gpudoctor.gate.compare import METRICS, RunData, check_environment
+from gpudoctor.gate.environment import check_environment
+from gpudoctor.gate.run import METRICS, RunData
 
 FORMAT = "gpudoctor-baseline"
 VERSION = 1
