@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gpudoctor.errors import GpudoctorError
+from gpudoctor.errors import GpudoctorError, install_hint
 from gpudoctor.model.summary import RankSummary, summarize_rank
 from gpudoctor.model.trace import Trace, conform
 
@@ -431,7 +431,7 @@ def _run_dask(files, ranks, config, workers, scheduler, results, bar) -> None:
     try:
         from dask.distributed import Client, LocalCluster, as_completed as dask_completed
     except ImportError:
-        raise GpudoctorError("--scheduler needs Dask: pip install 'gpudoctor[dask]'") from None
+        raise GpudoctorError(f"--scheduler needs Dask: {install_hint('dask')}") from None
     cluster = None
     if scheduler is None:
         # One single-threaded process per worker: the readers hold the GIL most of the time.

@@ -368,7 +368,10 @@ def test_cli_outputs_regression(tmp_path):
     md = m.read_text()
     assert md.startswith("## gpudoctor gate: ❌ FAIL")
     assert "| GPU time per step (`gpu_time`)" in md and "Gelu" in md
-    assert "<Mul" not in md.replace("`vectorized_elementwise_kernel<MulFunctor>`", "")  # no raw HTML outside code
+    outside_code = "".join(md.split("`")[::2])
+    assert "<Mul" not in outside_code.replace("\\<Mul", "")  # no raw HTML outside code spans
+    assert "&gt;" not in md and "&lt;" not in md and " -> " in outside_code  # text kept as written
+    assert "[decided by " in md
     assert summary.read_text() == md
     doc = json.loads(js.read_text())
     assert doc["status"] == "fail" and doc["exit_code"] == 1

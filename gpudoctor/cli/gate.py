@@ -271,6 +271,9 @@ class GateCommand(Command):
         except GpudoctorError as e:
             write_error_outputs(args, str(e))
             raise
+        except Exception as e:  # a defect: CI still gets a report saying what broke
+            write_error_outputs(args, f"internal error: {type(e).__name__}: {e}")
+            raise
         from gpudoctor.gate import outputs
 
         if args.junit:
@@ -389,7 +392,10 @@ class BaselineCommand(Command):
                 print(f"(calibrated tolerances are applied from {baselines.MIN_CALIBRATION_RUNS} runs on)")
             return 0
         if action == "show":
-            items = [(p, d) for p, d in baselines.all_baselines(args.dir) if not args.name or d.get("name") == args.name]
+            found, unreadable = baselines.scan(args.dir)
+            for line in unreadable:
+                print(f"gpudoctor: warning: skipped {line}", file=sys.stderr)
+            items = [(p, d) for p, d in found if not args.name or d.get("name") == args.name]
             if args.name and not items:
                 raise GpudoctorError(f"no baseline {args.name!r} in {baselines.baseline_dir(args.dir)}")
             sums = [baselines.summary(p, d) for p, d in items]

@@ -45,6 +45,8 @@ import threading
 import time
 from pathlib import Path
 
+from gpudoctor.errors import install_hint
+
 METRICS = (
     "gpu_util_pct", "mem_util_pct", "mem_used_bytes", "power_w", "sm_clock_mhz", "temp_c", "throttle_reasons",
     "sm_util_pct", "sm_occupancy_pct", "tensor_util_pct", "dram_bw_util_pct",
@@ -83,7 +85,7 @@ def _pynvml():
     try:
         import pynvml
     except ImportError:
-        raise NvmlUnavailable("nvidia-ml-py is not installed (pip install 'gpudoctor[gpu]')") from None
+        raise NvmlUnavailable(f"nvidia-ml-py is not installed ({install_hint('gpu')})") from None
     return pynvml
 
 

@@ -162,7 +162,8 @@ def metric_line(m: MetricResult) -> str:
         if d.change is not None:
             s += f" ({d.change * 100:+.1f}%)"
         s += "; "
-    return s + d.reason
+    rule = stats.RULE_WORDS.get(d.rule)
+    return s + d.reason + (f" [decided by {rule}]" if rule else "")
 
 
 def _overall(metrics: list[MetricResult], rules: list, attribution: dict, o: GateOptions) -> tuple[str, int, list[str]]:

@@ -160,7 +160,10 @@ def load_run(spec: str, analyzer_config=None, user_metrics: list[UserMetric] | N
     if len(paths) == 1:
         data = _is_analysis_json(paths[0])
         if data is not None:
-            run = run_from_analysis_json(data, label)
+            try:
+                run = run_from_analysis_json(data, label)
+            except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+                raise InputError(paths[0], f"malformed analysis.json or gate run: {e}") from None
             if user_metrics:
                 read_user_metrics(paths, user_metrics, run)
             return run

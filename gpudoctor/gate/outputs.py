@@ -115,10 +115,15 @@ def junit_xml(result: GateResult, elapsed_s: float = 0.0) -> str:
 # -- Markdown -----------------------------------------------------------------------------------------------
 
 
+_TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
+_ENTITY = re.compile(r"&(?=#?\w+;)")
+
+
 def _md(text) -> str:
-    """Plain Markdown text: no table breaks, no HTML (kernel names are full of <...>)."""
-    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-            .replace("\n", " ").replace("`", "'"))
+    """Plain Markdown text outside code spans: kept as written (``473 us -> 515 us``), except what would start
+    an HTML tag or entity (kernel names are full of <...>) or break a table, which is backslash-escaped."""
+    s = str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("`", "'")
+    return _ENTITY.sub(r"\\&", _TAG_START.sub(r"\\<", s))
 
 
 def _code(text) -> str:
@@ -265,7 +270,9 @@ def to_json(result: GateResult) -> str:
 
 def terminal(result: GateResult) -> str:
     lines = [f"gpudoctor gate: {STATUS_WORD.get(result.status, result.status)} (exit {result.exit_code})"]
-    lines += [f"  {r}" for r in result.reasons[:6]]
+    # A metric's verdict is printed once, in the metrics list; the header adds only the other reasons.
+    shown = [metric_line(m) for m in result.metrics]
+    lines += [f"  {r}" for r in result.reasons[:6] if not any(x in r for x in shown)]
     lines.append("metrics:")
     for m in result.metrics:
         d = m.decision
@@ -275,8 +282,9 @@ def terminal(result: GateResult) -> str:
             lines.append(f"  {'info':<12} {m.spec.label}: {vals} [not gated; {d.n_baseline}/{d.n_candidate} values]")
             continue
         tag = "" if m.gated else " [not gated]"
-        extra = f"  p={_pval(d.p_value)}" if d.p_value is not None else ""
-        lines.append(f"  {m.status:<12} {metric_line(m)}{extra}{tag}")
+        line = metric_line(m)
+        extra = f"  p={_pval(d.p_value)}" if d.p_value is not None and " p=" not in line else ""
+        lines.append(f"  {m.status:<12} {line}{extra}{tag}")
     a = result.attribution
     if a.get("kernels"):
         lines.append(f"attribution: {a.get('headline', '')}")

@@ -111,20 +111,36 @@ class RunData:
 
     @classmethod
     def from_dict(cls, d: dict, label: str | None = None, findings: list | None = None) -> "RunData":
-        if d.get("format") != RUN_FORMAT:
+        """Raises ValueError (with what is wrong) for anything but a well-formed gate run document."""
+        if not isinstance(d, dict) or d.get("format") != RUN_FORMAT:
             raise ValueError("not a gpudoctor gate run")
-        if int(d.get("version", 0)) > RUN_FORMAT_VERSION:
-            raise ValueError(f"gate run format version {d.get('version')} is newer than this gpudoctor reads")
-        return cls(
-            label=label or d.get("label", ""), source=d.get("source", ""), env=dict(d.get("env") or {}),
-            samples={k: [float(x) for x in v if x is not None] for k, v in (d.get("samples") or {}).items()},
-            steps=int(d.get("steps", 0)),
-            kernels=pd.DataFrame(d.get("kernels") or [], columns=["name", "category", "total_ns", "count"]),
-            ranges=pd.DataFrame(d.get("ranges") or [], columns=["text", "total_ns", "count"]),
-            findings=list(findings if findings is not None else d.get("findings") or []),
-            windows=list(d.get("windows") or []), notes=list(d.get("notes") or []),
-            attribution_complete=bool(d.get("attribution_complete", True)),
-        )
+        try:
+            if int(d.get("version", 0)) > RUN_FORMAT_VERSION:
+                raise ValueError(f"gate run format version {d.get('version')} is newer than this gpudoctor reads")
+            samples = {str(k): [_finite(x) for x in v if x is not None] for k, v in (d.get("samples") or {}).items()}
+            kernels = pd.DataFrame([[str(n), str(c), int(t), int(k)] for n, c, t, k in d.get("kernels") or []],
+                                   columns=["name", "category", "total_ns", "count"])
+            ranges = pd.DataFrame([[str(t), int(n), int(k)] for t, n, k in d.get("ranges") or []],
+                                  columns=["text", "total_ns", "count"])
+            env = d.get("env") or {}
+            if not isinstance(env, dict):
+                raise ValueError("env is not an object")
+            return cls(
+                label=label or str(d.get("label", "")), source=str(d.get("source", "")), env=dict(env),
+                samples=samples, steps=int(d.get("steps", 0)), kernels=kernels, ranges=ranges,
+                findings=[f for f in (findings if findings is not None else d.get("findings") or []) if isinstance(f, dict)],
+                windows=[str(w) for w in d.get("windows") or []], notes=[str(n) for n in d.get("notes") or []],
+                attribution_complete=bool(d.get("attribution_complete", True)),
+            )
+        except (TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise ValueError(f"malformed gate run data: {e}") from None
+
+
+def _finite(x) -> float:
+    v = float(x)
+    if isinstance(x, bool) or not math.isfinite(v):
+        raise ValueError(f"sample {x!r} is not a finite number")
+    return v
 
 
 def num(x):

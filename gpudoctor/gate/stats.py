@@ -48,6 +48,9 @@ SEPARATION_FACTOR = 2.0  # the gap must exceed this many tolerances
 EXACT_PAIRS = 40_000  # pairwise differences for the exact interval; beyond: bootstrap
 EXACT_NULL_CELLS = 2_500  # m x n up to which the Mann-Whitney null distribution is computed exactly
 MAD_TO_SD = 1.4826
+# Decision.rule -> how the outputs name it
+RULE_WORDS = {"separation": "complete separation", "test": "Mann-Whitney test and interval",
+              "range": "pairwise range within tolerance", "noise": "baseline noise"}
 
 
 @dataclass
@@ -214,7 +217,6 @@ def decide(baseline, candidate, tolerance: float = DEFAULT_TOLERANCE, *, higher_
     d.ratio = d.median_candidate / d.median_baseline
     d.change = d.ratio - 1
     d.worse = -d.change if higher_is_better else d.change
-    pct = f"{d.change * 100:+.1f}%"
     if min(len(a), len(b)) < 2:
         d.rule = "too_few"
         d.reason = f"too few {unit_label}: {len(a)} baseline, {len(b)} candidate (need at least 2 per side)"
@@ -233,7 +235,7 @@ def decide(baseline, candidate, tolerance: float = DEFAULT_TOLERANCE, *, higher_
         d.extra.update(separation_gap=abs(gap), separation_p=p_one)
         d.decision, d.rule = (REGRESSION, "separation") if gap > 0 else (IMPROVEMENT, "separation")
         side = "worse" if gap > 0 else "better"
-        d.reason = (f"median {pct}; complete separation: every candidate {unit_label[:-1] if unit_label.endswith('s') else unit_label} "
+        d.reason = (f"complete separation: every candidate {unit_label[:-1] if unit_label.endswith('s') else unit_label} "
                     f"is {side} than every baseline one, by at least {abs(gap):.1%} (> {SEPARATION_FACTOR:g} x the "
                     f"{tolerance:.1%} tolerance; exact one-sided p={p_one:.2g})")
         return d
@@ -246,19 +248,19 @@ def decide(baseline, candidate, tolerance: float = DEFAULT_TOLERANCE, *, higher_
         conf = 1 - 2 / math.comb(len(a) + len(b), len(b))
         d.decision, d.rule = PASS, "range"
         d.extra.update(pairwise_ratio_range=[lo_r, hi_r], range_confidence=conf)
-        d.reason = (f"median {pct}; every candidate value is within the {tolerance:.1%} tolerance of every baseline "
+        d.reason = (f"every candidate value is within the {tolerance:.1%} tolerance of every baseline "
                     f"value (all pairwise ratios in [{lo_r:.3f}, {hi_r:.3f}], which holds the shift with "
                     f"{conf:.0%} confidence)")
         return d
     if abs(d.worse) <= tolerance and abs(d.change) <= noise and len(a) >= SEPARATION_MIN:
         d.decision, d.rule = PASS, "noise"
-        d.reason = (f"median {pct}, within the {tolerance:.1%} tolerance and within the baseline's step-to-step "
+        d.reason = (f"within the {tolerance:.1%} tolerance and within the baseline's step-to-step "
                     f"noise ({noise:.1%})")
         return d
     if d.rule == "undecided":
         return d  # the test rule said why
     d.rule = "too_few"
-    d.reason = (f"median {pct}; too few {unit_label} to decide: {len(a)} baseline, {len(b)} candidate (the test "
+    d.reason = (f"too few {unit_label} to decide: {len(a)} baseline, {len(b)} candidate (the test "
                 f"needs {min_samples} per side; complete separation by more than {sep_needed:.1%} decides from "
                 f"{SEPARATION_MIN})")
     return d
@@ -268,7 +270,7 @@ def _test_rule(d: Decision, a, b, tolerance, alpha, confidence, n_boot, seed) ->
     """The significance-and-interval rule; True when it decided (d is filled in), else d says why not."""
     if d.ci_low is None:
         d.rule = "undecided"
-        d.reason = (f"median {d.change * 100:+.1f}%; {len(a)} and {len(b)} values give no bounded {confidence:.0%} "
+        d.reason = (f"{len(a)} and {len(b)} values give no bounded {confidence:.0%} "
                     "interval: record more steps or runs")
         return False
     method = d.extra["ci_method"]
@@ -279,23 +281,22 @@ def _test_rule(d: Decision, a, b, tolerance, alpha, confidence, n_boot, seed) ->
     d.extra["worse_ci"] = [w_lo, w_hi]
     width = w_hi - w_lo
     significant = d.p_value is not None and d.p_value < alpha
-    pct = f"{d.change * 100:+.1f}%"
     ci = f"{confidence:.0%} CI of the ratio [{d.ci_low:.3f}, {d.ci_high:.3f}], {method}"
     if d.worse > tolerance and significant and w_lo > 0:
         d.decision, d.rule = REGRESSION, "test"
-        d.reason = f"median {pct}, worse than the {tolerance:.1%} tolerance (Mann-Whitney p={d.p_value:.2g}, {ci})"
+        d.reason = f"worse than the {tolerance:.1%} tolerance (Mann-Whitney p={d.p_value:.2g}, {ci})"
     elif d.worse < -tolerance and significant and w_hi < 0:
         d.decision, d.rule = IMPROVEMENT, "test"
-        d.reason = f"median {pct}, better by more than the {tolerance:.1%} tolerance (Mann-Whitney p={d.p_value:.2g}, {ci})"
+        d.reason = f"better by more than the {tolerance:.1%} tolerance (Mann-Whitney p={d.p_value:.2g}, {ci})"
     elif abs(d.worse) <= tolerance and ((w_lo >= -tolerance and w_hi <= tolerance) or width <= tolerance):
         d.decision, d.rule = PASS, "test"
-        d.reason = f"median {pct}, within the {tolerance:.1%} tolerance ({ci})"
+        d.reason = f"within the {tolerance:.1%} tolerance ({ci})"
     else:
         d.decision, d.rule = INCONCLUSIVE, "undecided"
         if abs(d.worse) > tolerance and not significant:
-            d.reason = f"median {pct} but not significant (Mann-Whitney p={d.p_value:.2g} >= {alpha}; {ci})"
+            d.reason = f"beyond the {tolerance:.1%} tolerance but not significant (Mann-Whitney p={d.p_value:.2g} >= {alpha}; {ci})"
         else:
-            d.reason = (f"median {pct}; the {ci} spans {width:.1%}, too wide to tell against the "
+            d.reason = (f"the {ci} spans {width:.1%}, too wide to tell against the "
                         f"{tolerance:.1%} tolerance: record more steps or runs")
         return False
     return True
