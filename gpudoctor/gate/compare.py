@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.gate import stats
+from gpudoctor.gate.conditions import check_conditions
 from gpudoctor.gate.environment import check_environment
 from gpudoctor.gate.rules import evaluate_rules, rule_values
 from gpudoctor.gate.run import DEFAULT_GATED, METRICS, MetricSpec, RunData, UserMetric
@@ -62,6 +63,7 @@ class GateResult:
     candidates: list[RunData]
     options: GateOptions
     mismatches: list[str] = field(default_factory=list)  # allowed with --allow-mismatch
+    not_comparable: list[str] = field(default_factory=list)  # environment / GPU conditions: inconclusive
     env_notes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -87,7 +89,8 @@ class GateResult:
             "metrics": [m.to_dict() for m in self.metrics],
             "rules": [r.to_dict() for r in self.rules],
             "attribution": self.attribution,
-            "mismatches": self.mismatches, "env_notes": self.env_notes, "notes": self.notes,
+            "mismatches": self.mismatches, "not_comparable": self.not_comparable, "env_notes": self.env_notes,
+            "notes": self.notes,
         }
 
 
@@ -96,17 +99,18 @@ def pooled(runs: list[RunData], metric: str) -> list[float]:
 
 
 def compare(baselines: list[RunData], candidates: list[RunData], options: GateOptions | None = None) -> GateResult:
-    """Decide every metric, check the rules, attribute the change. Raises GpudoctorError (exit 2) when the
-    runs come from different hardware or software and ``allow_mismatch`` is off."""
+    """Decide every metric, check the rules, attribute the change. Runs from different hardware or software,
+    or recorded in different GPU conditions (gpudoctor.gate.conditions), make the result inconclusive unless
+    ``allow_mismatch`` is on (then the differences are listed as mismatches)."""
     from gpudoctor.gate.attribution import attribute
 
     o = options or GateOptions()
     if not baselines or not candidates:
         raise GpudoctorError("gate needs at least one baseline and one candidate run")
     hard, soft = check_environment(baselines, candidates)
-    if hard and not o.allow_mismatch:
-        raise GpudoctorError("refusing to compare runs from different environments: " + "; ".join(hard)
-                             + " (pass --allow-mismatch to compare anyway)")
+    unfit, cond_notes = check_conditions(baselines, candidates)
+    not_comparable = [] if o.allow_mismatch else hard + unfit
+    mismatches = hard + unfit if o.allow_mismatch else []
     specs = dict(METRICS)
     for um in o.user_metrics:
         specs[um.name] = um.spec()
@@ -136,11 +140,12 @@ def compare(baselines: list[RunData], candidates: list[RunData], options: GateOp
     cand_findings = [dict(f, run=r.label) for r in candidates for f in r.findings]
     base_findings = [f for r in baselines for f in r.findings]
     rule_results = evaluate_rules(o.rules, cand_findings, rule_values(candidates), baseline_findings=base_findings)
-    status, code, reasons = _overall(results, rule_results, attribution, o)
+    status, code, reasons = _overall(results, rule_results, attribution, o, not_comparable)
+    notes += cond_notes
     for r in baselines + candidates:
         notes += [f"{r.label}: {n}" for n in r.notes]
     return GateResult(status, code, reasons, results, rule_results, attribution, baselines, candidates, o,
-                      mismatches=hard, env_notes=soft, notes=notes)
+                      mismatches=mismatches, env_notes=soft, notes=notes, not_comparable=not_comparable)
 
 
 def fmt_value(v: float | None, unit: str) -> str:
@@ -166,7 +171,8 @@ def metric_line(m: MetricResult) -> str:
     return s + d.reason + (f" [decided by {rule}]" if rule else "")
 
 
-def _overall(metrics: list[MetricResult], rules: list, attribution: dict, o: GateOptions) -> tuple[str, int, list[str]]:
+def _overall(metrics: list[MetricResult], rules: list, attribution: dict, o: GateOptions,
+             not_comparable: list[str]) -> tuple[str, int, list[str]]:
     g = [m for m in metrics if m.gated]
     reg = [m for m in g if m.status == stats.REGRESSION]
     err = [m for m in g if m.status == stats.ERROR]
@@ -180,7 +186,13 @@ def _overall(metrics: list[MetricResult], rules: list, attribution: dict, o: Gat
             line += f" | {attribution['headline']}"
         reasons.append(line)
     reasons += [f"rule {r.name}: {r.message}" for r in broken]
-    if reg or broken:
+    if broken:
+        return "fail", 1, reasons
+    if not_comparable:  # the step times may have moved for a reason other than the code
+        code = {"pass": 0, "fail": 1, "exit3": 3}[o.inconclusive]
+        return "inconclusive", code, ([f"not comparable: {x}" for x in not_comparable]
+                                      + [f"(not decided) {r}" for r in reasons])
+    if reg:
         return "fail", 1, reasons
     if err:
         return "error", 2, [f"error: {metric_line(m)}" for m in err]

@@ -38,6 +38,8 @@ def environment(trace: Trace) -> dict:
         v = next((s for s in sources if s not in (None, "")), None)
         if v is not None:
             env[key] = _version_text(v)
+    if isinstance(meta.get("gpu_state"), dict):  # recorded by gpudoctor profile (gpudoctor.collect.gpustate)
+        env["gpu_state"] = meta["gpu_state"]
     if "driver_version" not in env or "cuda_driver_version" not in env:
         for inp in meta.get("inputs") or []:
             if inp.get("format") == "nsys_sqlite" and inp.get("path"):
@@ -75,6 +77,8 @@ def manifest_env(run_dir: Path) -> dict:
     cudnn = v.get("cudnn_version") or v.get("cudnn")
     if cudnn not in (None, ""):
         out["cudnn_version"] = _cudnn_text(cudnn)
+    if isinstance(m.get("gpu_state"), dict):
+        out["gpu_state"] = m["gpu_state"]
     return out
 
 

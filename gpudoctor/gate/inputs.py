@@ -164,6 +164,8 @@ def load_run(spec: str, analyzer_config=None, user_metrics: list[UserMetric] | N
                 run = run_from_analysis_json(data, label)
             except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
                 raise InputError(paths[0], f"malformed analysis.json or gate run: {e}") from None
+            if (paths[0].parent / "manifest.json").is_file():  # analysis.json of a run directory
+                run.env.update(manifest_env(paths[0].parent))
             if user_metrics:
                 read_user_metrics(paths, user_metrics, run)
             return run

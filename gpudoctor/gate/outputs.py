@@ -93,8 +93,11 @@ def junit_xml(result: GateResult, elapsed_s: float = 0.0) -> str:
         case("gpudoctor.gate.rules", r.name, outcome, "rule", r.message, body,
              out=json.dumps(r.findings, indent=1, default=str) if r.findings else "")
     env = "; ".join(result.mismatches)
-    case("gpudoctor.gate.environment", "same GPU model, driver and major software versions", "pass", "", "", "",
-         out="\n".join(result.env_notes), err=(f"compared despite differences (--allow-mismatch): {env}" if env else ""))
+    unfit = "; ".join(result.not_comparable)
+    outcome = ("failure" if result.options.inconclusive == "fail" else "skipped") if unfit else "pass"
+    case("gpudoctor.gate.environment", "same GPU model, driver, software and GPU conditions", outcome,
+         "inconclusive", f"not comparable: {unfit}", f"not comparable: {unfit}", out="\n".join(result.env_notes),
+         err=(f"compared despite differences (--allow-mismatch): {env}" if env else ""))
     n = len(cases)
     attrs = {"name": "gpudoctor.gate", "tests": str(n), "failures": str(counts["failure"]),
              "errors": str(counts["error"]), "skipped": str(counts["skipped"]), "time": f"{elapsed_s:.3f}",
@@ -206,6 +209,10 @@ def markdown(result: GateResult) -> str:
                 if len(ev) > 3000:
                     ev = ev[:3000] + "\n…"
                 lines += [f"<details><summary>Evidence for {r.name}</summary>", "", "```json", ev, "```", "", "</details>", ""]
+    if result.not_comparable:
+        lines += ["### Not comparable", "", "The runs did not run in comparable conditions, so a change in step time "
+                  "is not attributed to the code:", ""]
+        lines += [f"- {_md(x)}" for x in result.not_comparable] + [""]
     if result.mismatches:
         lines += ["### Environment", "", "Compared despite differences (`--allow-mismatch`):", ""]
         lines += [f"- {_md(x)}" for x in result.mismatches] + [""]

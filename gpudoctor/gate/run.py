@@ -25,6 +25,7 @@ steady steps; else the ranks' steps are pooled).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -97,7 +98,7 @@ class RunData:
     def to_dict(self, findings: bool = False) -> dict:
         d = {
             "format": RUN_FORMAT, "version": RUN_FORMAT_VERSION, "label": self.label, "source": self.source,
-            "env": self.env,
+            "env": copy.deepcopy(self.env),  # a document of its own: editing it never edits this run
             "samples": {k: [num(x) for x in v] for k, v in self.samples.items()},
             "steps": int(self.steps),
             "kernels": [[str(r.name), str(r.category), int(r.total_ns), int(r.count)]
