@@ -577,3 +577,35 @@ def test_run_directory_manifest_versions(tmp_path):
     assert r.exit_code == 3 and "PyTorch major.minor version" in r.headline
     r = compare([ra], [rc])  # patch releases: a note, not a refusal
     assert r.exit_code == 0 and any("torch_version" in n for n in r.env_notes)
+
+
+def test_malformed_inputs_keep_the_exit_contract(tmp_path, capsys):
+    # An edited analysis.json (gate block with a non-number) is an input error, with the JSON/JUnit report.
+    good = tmp_path / "a.json"
+    assert main(["analyze", str(BASE_A), "--json", str(good), "-q"]) == 0
+    doc = json.loads(good.read_text())
+    doc["gate"]["samples"]["gpu_time"][0] = "x"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    junit, js = tmp_path / "j.xml", tmp_path / "r.json"
+    assert main(["gate", "--baseline", str(good), "--candidate", str(bad), "--junit", str(junit), "--json", str(js),
+                 "-q"]) == 2
+    assert "malformed" in capsys.readouterr().err
+    assert junit_counts(junit)[0]["errors"] == 1 and json.loads(js.read_text())["exit_code"] == 2
+    # One corrupt baseline file neither breaks `baseline show` for the others nor goes unmentioned.
+    bdir = tmp_path / "baselines"
+    assert main(["baseline", "save", "main", str(good), "--dir", str(bdir)]) == 0
+    saved = next(bdir.glob("*/main.json"))
+    (saved.parent / "broken.json").write_text('{"format": "gpudoctor-baseline", "version": 1, "runs": 5}')
+    capsys.readouterr()
+    assert main(["baseline", "show", "--dir", str(bdir)]) == 0
+    out = capsys.readouterr()
+    assert "main" in out.out and "broken.json" in out.err
+    (saved.parent / "main.json").write_text(saved.read_text().replace('"samples": {', '"samples": {"gpu_time": ["x"], "z": {', 1))
+    assert main(["gate", "--baseline", "@main", "--candidate", str(good), "--baseline-dir", str(bdir), "-q"]) == 2
+    assert "malformed baseline" in capsys.readouterr().err
+
+
+def test_gpu_conditions_not_recorded_is_a_note(runs):
+    r = compare([runs["gate_base_a"]], [runs["gate_base_b"]])
+    assert r.not_comparable == [] and any("GPU conditions" in n and "not checked" in n for n in r.notes)

@@ -371,6 +371,17 @@ class BaselineCommand(Command):
         sh.add_argument("name", nargs="?", metavar="NAME")
         sh.add_argument("--dir", metavar="DIR", help="baseline directory")
         sh.add_argument("--json", action="store_true", help="print JSON")
+        rec = sub.add_parser("record", help="append run(s) to the result history of NAME for their GPU model")
+        rec.add_argument("name", metavar="NAME")
+        rec.add_argument("runs", nargs="+", metavar="RUN", help="run directory, analysis.json or trace")
+        rec.add_argument("--commit", default=os.environ.get("GITHUB_SHA", ""), help="the commit (default $GITHUB_SHA)")
+        rec.add_argument("--dir", metavar="DIR", help="baseline directory")
+        hi = sub.add_parser("history", help="the result history of NAME: change points and slow drift")
+        hi.add_argument("name", metavar="NAME")
+        hi.add_argument("--gpu", default="", metavar="MODEL", help="GPU model (default: the only one recorded)")
+        hi.add_argument("--tolerance", type=float, default=None, metavar="FRAC", help="smallest change reported (default 0.03)")
+        hi.add_argument("--dir", metavar="DIR", help="baseline directory")
+        hi.add_argument("--json", action="store_true", help="print JSON")
 
     def run(self, args: argparse.Namespace) -> int:
         from gpudoctor.gate import baselines
@@ -417,4 +428,60 @@ class BaselineCommand(Command):
                     if s["calibrated_tolerances"]:
                         print("  calibrated tolerances: " + ", ".join(f"{k} {v:.1%}" for k, v in s["calibrated_tolerances"].items()))
             return 0
-        raise GpudoctorError("usage: gpudoctor baseline save NAME RUN... | gpudoctor baseline show [NAME]")
+        if action == "record":
+            return self.record(args)
+        if action == "history":
+            return self.history(args)
+        raise GpudoctorError("usage: gpudoctor baseline save NAME RUN... | show [NAME] | record NAME RUN... | "
+                             "history NAME")
+
+    def record(self, args) -> int:
+        from gpudoctor.gate import history
+
+        for run in _load_side(args.runs, analyzer_config(None), [], "", args.dir, []):
+            path = history.record(args.name, run, args.dir, commit=args.commit)
+            print(f"recorded {run.label} in {path}")
+        return 0
+
+    def history(self, args) -> int:
+        from gpudoctor.gate import baselines, history
+        from gpudoctor.gate.compare import fmt_value
+
+        root = baselines.baseline_dir(args.dir)
+        found = sorted(root.glob(f"*/{baselines.check_name(args.name)}.history.jsonl")) if root.is_dir() else []
+        if args.gpu:
+            found = [p for p in found if p.parent.name == baselines.hardware_key(args.gpu)]
+        if not found:
+            raise GpudoctorError(f"no history for {args.name!r} in {root} (record one: gpudoctor baseline record "
+                                 f"{args.name} RUN)")
+        if len(found) > 1:
+            raise GpudoctorError(f"{args.name!r} has histories for several GPU models "
+                                 f"({', '.join(p.parent.name for p in found)}): pick one with --gpu")
+        entries, skipped = history.load(found[0])
+        tol = args.tolerance if args.tolerance is not None else 0.03
+        res = history.analyze(entries, tolerance=tol)
+        res["path"], res["skipped_lines"] = str(found[0]), skipped
+        if args.json:
+            print(json.dumps(res, indent=2))
+            return 0
+        print(f"{args.name} ({found[0].parent.name}): {res['runs']} recorded runs, GPU time per step "
+              + " ".join(fmt_value(x, "ns") for x in res["medians"][-12:]) + (" ..." if res["runs"] > 12 else ""))
+        if skipped:
+            print(f"warning: {skipped} unreadable line(s) skipped")
+        for p in res["change_points"]:
+            print(f"change point at run {p['index'] + 1} ({p['label']}{' ' + p['commit'][:10] if p['commit'] else ''}): "
+                  f"{fmt_value(p['median_before'], 'ns')} -> {fmt_value(p['median_after'], 'ns')} "
+                  f"({p['change']:+.1%}, Mann-Whitney p={p['p_value']:.2g})")
+        d = res["drift"]
+        if d and d["detected"]:
+            print(f"drift: {d['total_change']:+.1%} over {d['runs']} runs ({d['slope_per_run']:+.2%} per run, "
+                  f"{stats_ci(d)})")
+        worse = any(p["change"] > 0 for p in res["change_points"]) or bool(d and d["detected"] and d["total_change"] > 0)
+        if not res["change_points"] and not (d and d["detected"]):
+            print(f"no change beyond {tol:.1%} in the series")
+        return 1 if worse else 0  # GPU time per step: up is worse
+
+
+def stats_ci(d: dict) -> str:
+    lo, hi = d["slope_ci"]
+    return f"95% CI of the slope [{lo:+.2%}, {hi:+.2%}] per run"
