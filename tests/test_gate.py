@@ -601,7 +601,9 @@ def test_malformed_inputs_keep_the_exit_contract(tmp_path, capsys):
     assert main(["baseline", "show", "--dir", str(bdir)]) == 0
     out = capsys.readouterr()
     assert "main" in out.out and "broken.json" in out.err
-    (saved.parent / "main.json").write_text(saved.read_text().replace('"samples": {', '"samples": {"gpu_time": ["x"], "z": {', 1))
+    edited = json.loads(saved.read_text())
+    edited["runs"][0]["samples"]["gpu_time"] = ["x"]
+    saved.write_text(json.dumps(edited))
     assert main(["gate", "--baseline", "@main", "--candidate", str(good), "--baseline-dir", str(bdir), "-q"]) == 2
     assert "malformed baseline" in capsys.readouterr().err
 
