@@ -611,3 +611,18 @@ def test_malformed_inputs_keep_the_exit_contract(tmp_path, capsys):
 def test_gpu_conditions_not_recorded_is_a_note(runs):
     r = compare([runs["gate_base_a"]], [runs["gate_base_b"]])
     assert r.not_comparable == [] and any("GPU conditions" in n and "not checked" in n for n in r.notes)
+
+
+def test_dashboard_compare_uses_the_gates_numbers(runs):
+    from gpudoctor.gate.pairs import compare_analyses, kernel_table
+    from gpudoctor.pipeline import analyze_inputs
+
+    a, b = analyze_inputs([str(SDPA)], need_trace=True), analyze_inputs([str(NAIVE)], need_trace=True)
+    r = compare_analyses(a, b)
+    g, cli = metric(r, "gpu_time").decision, metric(compare([runs["attn_sdpa"]], [runs["attn_naive"]]), "gpu_time").decision
+    assert (g.median_baseline, g.median_candidate, g.decision) == (cli.median_baseline, cli.median_candidate, "regression")
+    t = kernel_table(r)
+    top = compare([runs["attn_sdpa"]], [runs["attn_naive"]]).attribution["kernels"][0]
+    row = t[t["kernel"] == top["name"]].iloc[0]
+    assert row["diff_us"] == pytest.approx(top["delta_ns_per_step"] / 1e3, abs=0.01)
+    assert any("<" in k for k in t["kernel"])  # the gate's names: generic kernels carry their functor
