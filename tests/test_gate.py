@@ -626,3 +626,47 @@ def test_dashboard_compare_uses_the_gates_numbers(runs):
     row = t[t["kernel"] == top["name"]].iloc[0]
     assert row["diff_us"] == pytest.approx(top["delta_ns_per_step"] / 1e3, abs=0.01)
     assert any("<" in k for k in t["kernel"])  # the gate's names: generic kernels carry their functor
+
+
+def _fake_nsys(d: Path, report: Path) -> Path:
+    """A stand-in `nsys` that runs the program and hands back a real recording (``report``) as its report."""
+    d.mkdir()
+    script = d / "nsys"
+    script.write_text(f"#!{sys.executable}\n" + f"""import shutil, subprocess, sys
+args = sys.argv[1:]
+if args[:1] == ["--version"]:
+    print("NVIDIA Nsight Systems version 2099.1.1-fake"); sys.exit(0)
+if args[:1] == ["profile"]:
+    i, out = 1, None
+    while i < len(args) and args[i].startswith("-"):
+        if args[i].startswith("--output="):
+            out = args[i].split("=", 1)[1]
+        i += 2 if args[i] in ("-t", "-s", "-b", "-c", "-p", "-d", "-y", "-x", "-e", "-w", "-n") else 1
+    rc = subprocess.call(args[i:])
+    shutil.copy({str(report)!r}, out + ".nsys-rep")
+    sys.exit(rc)
+if args[:1] == ["export"]:
+    out = [a.split("=", 1)[1] for a in args if a.startswith("--output=")][0]
+    shutil.copy(args[-1], out); sys.exit(0)
+sys.exit(2)
+""")
+    script.chmod(0o755)
+    return d
+
+
+@pytest.mark.slow
+def test_candidate_cmd_records_repeated_runs(tmp_path):
+    fake = _fake_nsys(tmp_path / "bin", BASE_B)
+    env = {"PATH": f"{fake}{os.pathsep}{os.environ.get('PATH', '')}"}
+    runs_dir = tmp_path / "runs"
+    js = tmp_path / "r.json"
+    res = run_cli("gate", "--baseline", str(BASE_A), "--candidate-cmd", "sh -c 'echo step'", "--repeat", "2",
+                  "--profile-args", "--backend nsys --no-nvml", "--runs-dir", str(runs_dir), "--json", str(js), env=env)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in runs_dir.iterdir()) == ["candidate_1", "candidate_2"]
+    doc = json.loads(js.read_text())
+    g = next(x for x in doc["metrics"] if x["name"] == "gpu_time")
+    assert len(doc["candidate"]) == 2 and g["n_candidate"] == 2 * 29 and g["decision"] == "pass"
+    bad = run_cli("gate", "--baseline", str(BASE_A), "--candidate-cmd", "sh -c 'exit 5'", "--profile-args",
+                  "--backend nsys --no-nvml", "--runs-dir", str(tmp_path / "runs2"), env=env)
+    assert bad.returncode == 2 and "candidate command failed (exit 5) on run 1 of 1" in bad.stderr

@@ -230,6 +230,29 @@ def _load_side(specs: list[str], acfg, user_metrics, gpu_for_names: str, baselin
     return runs
 
 
+def record_candidates(args) -> list[str]:
+    """Run --candidate-cmd under gpudoctor profile --repeat times; the run directories."""
+    import shlex
+    import subprocess
+
+    if args.repeat < 1 or args.repeat > 100:
+        raise GpudoctorError("--repeat must be between 1 and 100")
+    cmd = shlex.split(args.candidate_cmd)
+    if not cmd:
+        raise GpudoctorError("--candidate-cmd is empty")
+    root = Path(args.runs_dir or Path("gpudoctor-runs") / time.strftime("gate-%Y%m%dT%H%M%SZ", time.gmtime()))
+    out = []
+    for i in range(1, args.repeat + 1):
+        run_dir = root / f"candidate_{i}"
+        argv = [sys.executable, "-m", "gpudoctor", "profile", "-o", str(run_dir), *shlex.split(args.profile_args),
+                "--", *cmd]
+        rc = subprocess.run(argv, stdout=sys.stderr if not args.quiet else subprocess.DEVNULL).returncode
+        if rc != 0 or not (run_dir / "manifest.json").is_file():
+            raise GpudoctorError(f"candidate command failed (exit {rc}) on run {i} of {args.repeat}: {shlex.join(cmd)}")
+        out.append(str(run_dir))
+    return out
+
+
 class GateCommand(Command):
     name = "gate"
     help = "compare a candidate run against a baseline; exit 1 on a real performance regression"
@@ -246,6 +269,13 @@ class GateCommand(Command):
                             "run), or @NAME for a saved baseline")
         p.add_argument("--candidate", nargs="+", metavar="RUN", default=[], help="candidate run(s), same forms")
         p.add_argument("--runs", nargs="+", metavar="RUN", default=[], help="with calibrate: repeated baseline runs")
+        p.add_argument("--candidate-cmd", metavar="'CMD'",
+                       help="record the candidate: run CMD under `gpudoctor profile` (--repeat times) and compare those runs")
+        p.add_argument("--repeat", type=int, default=1, metavar="N", help="with --candidate-cmd: how many runs (default 1)")
+        p.add_argument("--profile-args", default="", metavar="'ARGS'",
+                       help="with --candidate-cmd: options for gpudoctor profile, e.g. '--backend nsys'")
+        p.add_argument("--runs-dir", metavar="DIR",
+                       help="with --candidate-cmd: where the runs go (default gpudoctor-runs/gate-<UTC time>)")
         p.add_argument("--calibrate", action="store_true", help="same as the calibrate action")
         p.add_argument("--config", metavar="TOML", help="gpudoctor.toml ([gate] table; default ./gpudoctor.toml)")
         p.add_argument("--tolerance", type=float, metavar="FRAC", help="relative tolerance, e.g. 0.03 (default 0.03)")
@@ -295,8 +325,11 @@ class GateCommand(Command):
         from gpudoctor.gate.baselines import calibrated_tolerances
         from gpudoctor.gate.compare import compare
 
+        if args.candidate_cmd:
+            args.candidate = list(args.candidate) + record_candidates(args)
         if not args.baseline or not args.candidate:
-            raise GpudoctorError("gate needs --baseline RUN... and --candidate RUN... (or: gate calibrate --runs ...)")
+            raise GpudoctorError("gate needs --baseline RUN... and --candidate RUN... or --candidate-cmd 'CMD' "
+                                 "(or: gate calibrate --runs ...)")
         t0 = time.monotonic()
         cfg = read_gate_config(args.config)
         o = build_options(args, cfg)
