@@ -15,8 +15,9 @@ run's manifest (``gpu_state``) and run.db (``meta.gpu_state``):
         "remapped_rows": {"uncorrectable_new", "pending", "failed"},
         "other_processes": [{"pid", "used_memory_bytes", "known": true|false}]}]}
 
-``other_processes``: processes on the GPU during the capture that are not gpudoctor or its descendants;
-``known`` is false for a pid this machine's /proc does not show (a process in another container).
+``other_processes``: processes on the GPU during the capture that are not gpudoctor or its descendants
+(looked up while they run); ``known`` is false for a pid this machine's /proc does not show (NVML gives host
+pids: a process of another container, or, in a container whose pids differ from the host's, any process).
 """
 
 from __future__ import annotations
@@ -52,17 +53,24 @@ def _parent(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[1])  # field 4, after the parenthesized command name
 
 
-def label_processes(pids: dict[int, int], own_pid: int) -> list[dict]:
-    """The processes that are not ``own_pid`` or its descendants, each with the most GPU memory it held."""
-    out = []
-    for pid, mem in sorted(pids.items()):
-        chain, p, known = [], pid, Path(f"/proc/{pid}").exists()
-        while p and p not in chain and p != own_pid:
-            chain.append(p)
-            p = _parent(p)
-        if p != own_pid:
-            out.append({"pid": pid, "used_memory_bytes": int(mem), "known": known})
-    return out
+def process_owner(pid: int, own_pid: int) -> str:
+    """'own' for ``own_pid`` and its descendants, 'other' for another process this machine's /proc shows,
+    'unknown' for a pid it does not show (NVML reports host pids; a process of another container)."""
+    if not Path(f"/proc/{pid}").exists():
+        return "unknown"
+    chain, p = [], pid
+    while p and p not in chain:
+        if p == own_pid:
+            return "own"
+        chain.append(p)
+        p = _parent(p)
+    return "other"
+
+
+def other_processes(pids: dict[int, int], owners: dict[int, str]) -> list[dict]:
+    """The processes that are not gpudoctor's or its program's, each with the most GPU memory it held."""
+    return [{"pid": pid, "used_memory_bytes": int(mem), "known": owners.get(pid) == "other"}
+            for pid, mem in sorted(pids.items()) if owners.get(pid, "unknown") != "own"]
 
 
 def _stats(x: pd.Series, keys=("median", "min", "max")) -> dict | None:

@@ -384,6 +384,7 @@ class NvmlSampler:
         self._devs: list[_Device] = []
         self._snapshots: dict[str, list[dict]] = {}
         self._procs: dict[int, dict[int, int]] = {}  # device_id -> pid -> most GPU memory seen
+        self._own: dict[int, str] = {}  # pid -> "own" | "other" | "unknown" (gpustate.process_owner)
         self.driver_version = ""
 
     def start(self) -> bool:
@@ -460,9 +461,13 @@ class NvmlSampler:
             self._cpu_ns = time.thread_time_ns() - cpu0
 
     def _poll_processes(self) -> None:
+        from gpudoctor.collect import gpustate
+
         for d in self._devs:
             seen = self._procs.setdefault(d.ordinal, {})
             for pid, mem in d.processes():
+                if pid not in self._own:  # whose it is is looked up while it runs: /proc forgets it at exit
+                    self._own[pid] = gpustate.process_owner(pid, os.getpid())
                 seen[pid] = max(mem, seen.get(pid, 0))
 
     def stop(self) -> dict:
@@ -491,7 +496,7 @@ class NvmlSampler:
             samples = gpustate.read_csv(self.path)
         except (OSError, ValueError) as e:
             return {"error": f"cannot read the samples back: {e}"}
-        procs = {dev: gpustate.label_processes(pids, os.getpid()) for dev, pids in self._procs.items()}
+        procs = {dev: gpustate.other_processes(pids, self._own) for dev, pids in self._procs.items()}
         return gpustate.summarize(samples, self._snapshots.get("start") or [], self._snapshots.get("end") or [],
                                   procs, self.driver_version)
 

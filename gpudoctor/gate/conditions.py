@@ -10,7 +10,8 @@ inconclusive rather than a regression: the step times moved for a reason other t
 * a slowdown throttle reason (hardware slowdown, thermal, power brake) was active in more than
   ``THROTTLE_FRACTION`` of the busy samples of one run and not the other; the software power cap in
   ``POWER_CAP_FRACTION`` more of them;
-* other processes used the GPU during the capture;
+* other processes used the GPU during the capture (processes /proc does not show: a different number of them
+  in the two runs);
 * new uncorrectable ECC errors, pending or failed row remapping.
 
 A run without ``gpu_state`` (a bare trace, an old run directory) is not checked; the result says so.
@@ -51,7 +52,7 @@ def run_problems(run: RunData) -> list[str]:
     out = []
     for d in devices(run):
         gpu = f"{run.label} GPU {d.get('device_id', 0)}"
-        others = d.get("other_processes") or []
+        others = [p for p in d.get("other_processes") or [] if p.get("known", True)]
         if others:
             pids = ", ".join(f"pid {p.get('pid')} ({int(p.get('used_memory_bytes') or 0) >> 20} MiB)" for p in others[:3])
             out.append(f"{gpu}: {len(others)} other process(es) used the GPU during the capture: {pids}")
@@ -84,6 +85,11 @@ def pair_problems(base: RunData, cand: RunData) -> list[str]:
             if abs(fc - fb) > THROTTLE_FRACTION:
                 out.append(f"{where}: throttle reason {reason} in {fb:.0%} of busy samples ({base.label}) vs "
                            f"{fc:.0%} ({cand.label})")
+        # pids /proc does not show cannot be told apart from the program's own (host pids in a container):
+        # only more of them in one run than in the other counts.
+        ub, uc = (sum(not p.get("known", True) for p in d.get("other_processes") or []) for d in (db, dc))
+        if ub != uc:
+            out.append(f"{where}: {ub} ({base.label}) vs {uc} ({cand.label}) processes of other containers on the GPU")
         fb, fc = float(tb.get("sw_power_cap", 0)), float(tc.get("sw_power_cap", 0))
         if abs(fc - fb) > POWER_CAP_FRACTION:
             out.append(f"{where}: clocks held by the power cap in {fb:.0%} of busy samples ({base.label}) vs {fc:.0%} "
