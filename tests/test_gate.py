@@ -371,7 +371,7 @@ def test_cli_outputs_regression(tmp_path):
     outside_code = "".join(md.split("`")[::2])
     assert "<Mul" not in outside_code.replace("\\<Mul", "")  # no raw HTML outside code spans
     assert "&gt;" not in md and "&lt;" not in md and " -> " in outside_code  # text kept as written
-    assert "[decided by " in md
+    assert "[rule: complete separation]" in md
     assert summary.read_text() == md
     doc = json.loads(js.read_text())
     assert doc["status"] == "fail" and doc["exit_code"] == 1

@@ -168,7 +168,7 @@ def metric_line(m: MetricResult) -> str:
             s += f" ({d.change * 100:+.1f}%)"
         s += "; "
     rule = stats.RULE_WORDS.get(d.rule)
-    return s + d.reason + (f" [decided by {rule}]" if rule else "")
+    return s + d.reason + (f" [rule: {rule}]" if rule else "")
 
 
 def _overall(metrics: list[MetricResult], rules: list, attribution: dict, o: GateOptions,

@@ -138,8 +138,10 @@ def _pval(p) -> str:
     return "n/a" if p is None or (isinstance(p, float) and not math.isfinite(p)) else f"{p:.2g}"
 
 
-def _decision_cell(m: MetricResult, mode: str) -> str:
+def _decision_cell(m: MetricResult, mode: str, undecided: bool = False) -> str:
     s = m.status
+    if m.gated and undecided and s in ("regression", "improvement"):
+        return f"⚠️ {s} (not decided: the runs are not comparable)"
     if not m.gated:
         return "— (not gated)" if s in ("inconclusive", "error") else f"{s} (not gated)"
     icon = {"regression": "❌", "error": "❌", "inconclusive": "⚠️" if mode != "fail" else "❌",
@@ -156,9 +158,11 @@ def markdown(result: GateResult) -> str:
     b = ", ".join(f"{_code(r.label)} ({r.steps} steps)" for r in result.baselines)
     c = ", ".join(f"{_code(r.label)} ({r.steps} steps)" for r in result.candidates)
     lines += [f"Baseline: {b}  ", f"Candidate: {c}  ",
-              f"Tolerance {o.tolerance:.1%} ({o.tolerance_source}); Mann-Whitney U two-sided, alpha {o.alpha}; "
-              f"{o.confidence:.0%} bootstrap CI of the median ratio ({o.bootstrap} resamples, seed {o.seed}); "
-              f"at least {o.min_samples} steps per side; inconclusive → {o.inconclusive}.", ""]
+              f"Tolerance {o.tolerance:.1%} ({o.tolerance_source}). Rules: complete separation by more than "
+              f"{stats.SEPARATION_FACTOR:g} x the tolerance (from {stats.SEPARATION_MIN} steps per side); Mann-Whitney U "
+              f"(alpha {o.alpha}) with the {o.confidence:.0%} interval of the ratio (from {o.min_samples} steps per "
+              f"side); all pairwise ratios within the tolerance; the baseline's noise. Inconclusive → {o.inconclusive}.",
+              ""]
     lines += ["| metric | baseline median | candidate median | change | CI of ratio | p | n (base/cand) | decision |",
               "|---|---:|---:|---:|---|---:|---|---|"]
     for m in result.metrics:
@@ -167,7 +171,7 @@ def markdown(result: GateResult) -> str:
         ci = f"[{d.ci_low:.3f}, {d.ci_high:.3f}]" if d.ci_low is not None else "n/a"
         lines.append(f"| {_md(m.spec.label)} ({_code(m.spec.name)}) | {fmt_value(d.median_baseline, m.spec.unit)} | "
                      f"{fmt_value(d.median_candidate, m.spec.unit)} | {ch} | {ci} | {_pval(d.p_value)} | "
-                     f"{d.n_baseline}/{d.n_candidate} | {_decision_cell(m, o.inconclusive)} |")
+                     f"{d.n_baseline}/{d.n_candidate} | {_decision_cell(m, o.inconclusive, bool(result.not_comparable))} |")
     lines.append("")
     a = result.attribution
     if a.get("kernels"):
@@ -289,6 +293,8 @@ def terminal(result: GateResult) -> str:
             lines.append(f"  {'info':<12} {m.spec.label}: {vals} [not gated; {d.n_baseline}/{d.n_candidate} values]")
             continue
         tag = "" if m.gated else " [not gated]"
+        if m.gated and result.not_comparable and m.status in (stats.REGRESSION, stats.IMPROVEMENT):
+            tag = " [not decided: the runs are not comparable]"
         line = metric_line(m)
         extra = f"  p={_pval(d.p_value)}" if d.p_value is not None and " p=" not in line else ""
         lines.append(f"  {m.status:<12} {line}{extra}{tag}")
