@@ -670,3 +670,15 @@ def test_candidate_cmd_records_repeated_runs(tmp_path):
     bad = run_cli("gate", "--baseline", str(BASE_A), "--candidate-cmd", "sh -c 'exit 5'", "--profile-args",
                   "--backend nsys --no-nvml", "--runs-dir", str(tmp_path / "runs2"), env=env)
     assert bad.returncode == 2 and "candidate command failed (exit 5) on run 1 of 1" in bad.stderr
+
+
+def test_plain_install_has_what_the_gate_needs():
+    import tomllib
+
+    from gpudoctor.errors import MissingExtraError, install_hint
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.startswith("scipy") for d in deps)  # the gate's tests and change points, no extra
+    # From this checkout the hint names it, so the command works here as well as from an index.
+    assert install_hint("dash") == f"pip install -e '{ROOT}[dash]'"
+    assert str(ROOT) in str(MissingExtraError("plotly", "dash"))
