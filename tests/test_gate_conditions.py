@@ -65,7 +65,9 @@ def test_candidate_under_load_is_inconclusive(recorded):
     r = compare([recorded["base_1"]], [recorded["loaded"]])
     assert r.status == "inconclusive" and r.exit_code == 3
     assert any("other process" in x for x in r.not_comparable), r.not_comparable
-    assert compare([recorded["base_1"]], [recorded["loaded"]], GateOptions(allow_mismatch=True)).mismatches
+    # Without the check the same comparison is a false alarm: +18% GPU time per step, all from the load.
+    forced = compare([recorded["base_1"]], [recorded["loaded"]], GateOptions(allow_mismatch=True))
+    assert forced.exit_code == 1 and gpu_time(forced).ratio > 1.1 and len(forced.mismatches) == 3
 
 
 @needs_recordings
