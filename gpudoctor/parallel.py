@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gpudoctor.errors import GpudoctorError
+from gpudoctor.errors import GpudoctorError, install_hint
 from gpudoctor.model.summary import RankSummary, summarize_rank
 from gpudoctor.model.trace import Trace, conform
 
@@ -86,7 +86,7 @@ class RankResult:
     meta: dict = field(default_factory=dict)  # trace.meta without inputs
     straggler_rows: pd.DataFrame | None = None
     step_ends: dict = field(default_factory=dict)  # rank -> steady steps' GPU end times (ns)
-    gate_data: dict = field(default_factory=dict)  # rank -> the gate's per-rank samples (gate.compare.rank_data)
+    gate_data: dict = field(default_factory=dict)  # rank -> the gate's per-rank samples (gate.samples.rank_data)
     kernel_kinds: pd.DataFrame | None = None  # distinct (rank, device_id, name, demangled_name, category)
     collective_kinds: pd.DataFrame | None = None  # distinct (rank, op, source) of the collectives
     read_s: float = 0.0
@@ -244,7 +244,7 @@ def _straggler_part(trace: Trace, summaries: list[RankSummary]) -> tuple[pd.Data
 def _gate_part(trace: Trace, summaries: list[RankSummary]) -> dict:
     """The gate's per-rank samples (what analysis.json's "gate" block is built from)."""
     try:
-        rank_data = importlib.import_module("gpudoctor.gate.compare").rank_data
+        rank_data = importlib.import_module("gpudoctor.gate.samples").rank_data
     except (ImportError, AttributeError):
         return {}
     multi = len(trace.rank_ids) > 1
@@ -433,7 +433,7 @@ def _run_dask(files, ranks, config, workers, scheduler, results, bar) -> None:
     try:
         from dask.distributed import Client, LocalCluster, as_completed as dask_completed
     except ImportError:
-        raise GpudoctorError("--scheduler needs Dask: pip install 'gpudoctor[dask]'") from None
+        raise GpudoctorError(f"--scheduler needs Dask: {install_hint('dask')}") from None
     cluster = None
     if scheduler is None:
         # One single-threaded process per worker: the readers hold the GIL most of the time.

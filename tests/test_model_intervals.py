@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpudoctor.gate.compare import busy_in_windows
+from gpudoctor.gate.samples import busy_in_windows
 from gpudoctor.model.steps import merge_intervals, union_ns
 
 

@@ -36,7 +36,7 @@ import socket
 import sys
 import time
 
-from gpudoctor.errors import GpudoctorError
+from gpudoctor.errors import GpudoctorError, install_hint
 from gpudoctor.readers.nccltests import (DTYPE_TYPES, OP_BINARIES, bandwidths, bus_factor, format_footer,
                                          format_row, format_run_header, format_table_header, op_sizes,
                                          redop_of, root_of)
@@ -532,7 +532,7 @@ def run_rank(args: argparse.Namespace) -> int:
         import torch
         import torch.distributed as dist
     except ImportError:
-        raise GpudoctorError("nccl-bench needs PyTorch: pip install 'gpudoctor[torch]'") from None
+        raise GpudoctorError(f"nccl-bench needs PyTorch: {install_hint('torch')}") from None
     backend = args.backend
     rank, world, local = launch["rank"], launch["world"], launch["local"]
     if rank == 0:  # before NCCL starts (and maybe logs): readers sniff the first lines
