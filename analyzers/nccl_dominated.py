@@ -6,8 +6,9 @@ Per rank, in the steady-state window (ctx.kernels are clipped to it):
   2.x, ``ncclDevKernel_AllReduce_Sum_f32_RING_LL`` 2.19+, ``ncclAllReduceRingLLKernel_sum_f32`` <= 2.7,
   ``ncclDevKernel_SendRecv``) and every kernel categorized "communication";
 - compute kernels: all other kernels (on any stream);
-- pipeline-parallel send/recv kernels (send/recv with no all-to-all recorded in the run) are neither:
-  that waiting is pipeline_bubbles' subject;
+- pipeline-parallel send/recv kernels (send/recv kernels that are not the kernel of a collective: see
+  ``pipeline_p2p_mask`` and gpudoctor/model/collectives.py) are neither: that waiting is pipeline_bubbles'
+  subject;
 - comm_ns = union of communication time; overlapped_comm_ns = its part during which a compute kernel runs
   (on another stream); exposed_comm_ns = comm_ns - overlapped_comm_ns (communication with no compute
   running: the GPU waits on the network / the other ranks).
@@ -43,6 +44,7 @@ import pandas as pd
 from gpudoctor.analyzers.findings import Finding
 from gpudoctor.analyzers.spec import AnalyzerSpec, Setting, fraction
 from gpudoctor.model import collectives
+from gpudoctor.model.collectives import P2P_OPS
 from gpudoctor.model.columns import equals, per_value
 from gpudoctor.model.steps import union_ns
 
@@ -282,27 +284,58 @@ def _nccl_tests_rank(trace) -> int:
 
 
 def pipeline_p2p(trace) -> bool:
-    """Send/recv kernels that are pipeline transfers (no all-to-all recorded, which NCCL also runs as
-    send/recv): their time is pipeline_bubbles' subject, not this analyzer's."""
+    """Whether the run has pipeline transfers: send/recv kernels, and either no collective recorded
+    for them or a recorded point-to-point op (send / recv / send_recv). A run whose send/recv kernels
+    all belong to collectives (NCCL runs all-to-all, and uneven all-gather / reduce-scatter, as grouped
+    send/recv) has none. Asks only which ops the run has, so it works on the parallel path's light trace."""
     k = trace.kernels
     if k.empty or not p2p_mask(k).any():
         return False
     c = trace.collectives
     c = c[c["source"].astype(str) != "nccl_tests"] if len(c) else c
-    ops = set(c["op"].astype(str)) if len(c) else set()
-    return "all_to_all" not in ops
+    if c.empty:
+        return True
+    return bool(set(c["op"].astype(str)) & set(P2P_OPS))
+
+
+def pipeline_p2p_mask(kernels: pd.DataFrame, collectives: pd.DataFrame) -> np.ndarray:
+    """Send/recv kernels that are not the kernel of a collective: no collectives row of another op at
+    the same rank, start and end (the Kineto reader writes one row per NCCL kernel, with the op of its
+    record_param_comms call or of the collective range around its launch; model/collectives.py)."""
+    pm = p2p_mask(kernels)
+    c = collectives
+    if not pm.any() or c.empty:
+        return pm
+    c = c[~np.isin(c["op"].astype(str).to_numpy(), P2P_OPS) & (c["source"].astype(str).to_numpy() != "nccl_tests")]
+    if c.empty:
+        return pm
+    rows = np.flatnonzero(pm)
+    mine = pd.MultiIndex.from_arrays([kernels[col].to_numpy(np.int64)[rows] for col in ("rank", "start_ns", "end_ns")])
+    theirs = pd.MultiIndex.from_arrays([c[col].to_numpy(np.int64) for col in ("rank", "start_ns", "end_ns")])
+    out = pm.copy()
+    out[rows[mine.isin(theirs)]] = False
+    return out
+
+
+def pipeline_p2p_kernels(ctx) -> np.ndarray:
+    """For each steady-window kernel (``ctx.kernels``, clipped): a pipeline send/recv transfer?"""
+    k = ctx.kernels
+    if k.empty or not pipeline_p2p(ctx.trace):
+        return np.zeros(len(k), dtype=bool)
+    full = pipeline_p2p_mask(ctx.trace.kernels, ctx.trace.collectives)
+    return full[k["trace_row"].to_numpy()] if "trace_row" in k else pipeline_p2p_mask(k, ctx.trace.collectives)
 
 
 def comm_metrics(ctx) -> dict:
     """Communication / compute / overlap of one rank's steady window (ns and fractions).
 
-    Pipeline send/recv kernels are left out (neither communication nor compute) when pipeline_p2p says so.
+    Pipeline send/recv kernels (``pipeline_p2p_kernels``) are left out (neither communication nor compute).
     """
     k = ctx.kernels
     lo, hi = ctx.start_ns, ctx.end_ns
     window = max(hi - lo, 0)
     cm = comm_mask(k)
-    skip = p2p_mask(k) if pipeline_p2p(ctx.trace) else np.zeros(len(k), dtype=bool)
+    skip = pipeline_p2p_kernels(ctx)
     cm = cm & ~skip
     comm, comp, ov = overlap_ns(intervals(k, cm), intervals(k, ~cm & ~skip), lo, hi)
     exposed = comm - ov

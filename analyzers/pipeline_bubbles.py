@@ -2,7 +2,11 @@
 
 A rank runs pipeline parallelism when it has point-to-point communication: NCCL send/recv kernels
 (``ncclDevKernel_SendRecv``, ``ncclKernel_SendRecv_*``, ``ncclSendKernel`` / ``ncclRecvKernel`` of old
-NCCL) or collectives with op send / recv / send_recv. Otherwise this analyzer says nothing.
+NCCL) that are not the kernel of a collective, or collectives with op send / recv / send_recv. NCCL runs
+all-to-all (and uneven all-gather / reduce-scatter) as the same send/recv kernels: a send/recv kernel
+whose collectives row says all_to_all, all_reduce, ... (from record_param_comms, or the ``nccl:<op>`` /
+``c10d::`` / TorchRec range around its launch: gpudoctor/model/collectives.py) is not a pipeline
+transfer (``nccl_dominated.pipeline_p2p_mask``). Otherwise this analyzer says nothing.
 
 bubble_fraction = the part of the steady-state window in which no compute kernel runs (compute = every
 kernel that is not communication; time inside send/recv kernels, waiting for the neighbour stage,
@@ -30,8 +34,16 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.analyzers.findings import Finding, severity_for
-from gpudoctor.analyzers.nccl_dominated import comm_mask, intervals, p2p_mask, world_size
+from gpudoctor.analyzers.nccl_dominated import (
+    comm_mask,
+    intervals,
+    pipeline_p2p,
+    pipeline_p2p_kernels,
+    pipeline_p2p_mask,
+    world_size,
+)
 from gpudoctor.analyzers.spec import AnalyzerSpec, Setting, fraction
+from gpudoctor.model.collectives import P2P_OPS
 from gpudoctor.model.steps import union_ns
 
 ID = "pipeline_bubbles"
@@ -50,7 +62,6 @@ SETTINGS = (
     Setting("microbatch_pattern", r"micro_?batch[\s_#:-]*(\d+)|(?:^|[^a-z])mb[\s_#:-]*(\d+)",
             "regex (case-insensitive) of micro-batch range names; the first number is the index", kind="regex"),
 )
-P2P_OPS = ("send", "recv", "send_recv")
 
 
 def ideal_bubble(p: int, m: int, v: int = 1) -> float:
@@ -79,7 +90,7 @@ def microbatches_from_ranges(ranges: pd.DataFrame, pattern: str) -> int | None:
 
 def is_pipeline(trace) -> bool:
     k = trace.kernels
-    if len(k) and p2p_mask(k).any():
+    if len(k) and pipeline_p2p(trace) and pipeline_p2p_mask(k, trace.collectives).any():
         return True
     c = trace.collectives
     if not len(c):
@@ -94,7 +105,7 @@ def stages(ctx, cfg: dict) -> tuple[int, str]:
         return int(cfg["pipeline_stages"]), "config"
     run = getattr(ctx, "run_trace", None)
     if run is not None and len(run.kernels):
-        mask = p2p_mask(run.kernels)
+        mask = pipeline_p2p_mask(run.kernels, run.collectives)
         n = int(run.kernels.loc[mask, "rank"].nunique()) if mask.any() else 0
         if n >= 2:
             return n, "ranks with send/recv kernels"
@@ -106,7 +117,7 @@ def bubble_metrics(ctx) -> dict:
     lo, hi = ctx.start_ns, ctx.end_ns
     window = max(hi - lo, 0)
     cm = comm_mask(k)
-    pm = p2p_mask(k)
+    pm = pipeline_p2p_kernels(ctx)
     compute = union_ns(*intervals(k, ~cm), lo, hi)
     p2p = union_ns(*intervals(k, pm), lo, hi)
     busy = union_ns(np.r_[k["start_ns"].to_numpy(np.int64), mo["start_ns"].to_numpy(np.int64)],

@@ -1,11 +1,12 @@
 """gpudoctor's Kineto reader side by side with Holistic Trace Analysis (HTA) on the same traces.
 
     python -m venv /tmp/hta-venv && /tmp/hta-venv/bin/pip install HolisticTraceAnalysis==0.5.0 'pandas<3'
-    python bench/bench_hta.py [--sizes 100000,1000000,2160000] [--repeat 1] [--hta-python /tmp/hta-venv/bin/python]
-                              [--out results.json]
+    python bench/bench_hta.py [--sizes 100000,1000000,2160000] [--layouts kineto,oneline] [--repeat 1]
+                              [--hta-python /tmp/hta-venv/bin/python] [--skip-hta] [--out results.json]
 
 Inputs: bench/make_inputs.py kineto (the attn_naive torch.profiler trace with its steady steps
-replicated; plain JSON, Kineto's layout). For each size, in one run of this script, alternating:
+replicated; plain JSON, Kineto's layout, and the same document on one line). For each size and layout,
+in one run of this script, alternating:
 
 - gpudoctor: ``gpudoctor.readers.kineto.read(path)`` in a fresh process of this Python;
 - HTA: ``hta.trace_analysis.TraceAnalysis(trace_dir=DIR)`` (it parses the trace on construction) in a
@@ -14,8 +15,10 @@ replicated; plain JSON, Kineto's layout). For each size, in one run of this scri
   whole file), its default then; with one rank it parses in-process (no multiprocessing pool).
 
 Each child reports its load time (imports excluded), CPU time, RSS after imports and peak RSS
-(``VmHWM``); the harness samples the process tree's RSS too (``tree_peak_mb``). Ratios use the load
-times and the peak RSS of the whole process.
+(``VmHWM``); the harness samples the process tree's RSS too (``tree_peak_mb``) and takes the tree's CPU
+time from ``wait4`` (``process_cpu_s``, imports included). Ratios: load wall time, the tree's CPU time
+and the tree's peak RSS (gpudoctor reads a large plain file in two processes, so its own process is
+only part of it).
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ print(json.dumps(out))
 """
 
 
-def hta_dir(trace: Path, data: Path) -> Path:
-    d = data / "hta" / trace.stem.replace(".torch", "")
+def hta_dir(trace: Path, data: Path, layout: str) -> Path:
+    d = data / "hta" / f"{trace.stem.replace('.torch', '')}_{layout}"
     d.mkdir(parents=True, exist_ok=True)
     link = d / "rank0.json"
     if link.is_symlink() or link.exists():
@@ -83,6 +86,8 @@ def measure_hta(python: str, d: Path, repeat: int, timeout: float) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,1000000,2160000")
+    ap.add_argument("--layouts", default="kineto,oneline", help="kineto (Kineto's layout) and/or oneline")
+    ap.add_argument("--skip-hta", action="store_true", help="gpudoctor only (e.g. sizes HTA cannot finish)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--hta-python", default="/tmp/hta-venv/bin/python")
     ap.add_argument("--timeout", type=float, default=3600)
@@ -93,16 +98,20 @@ def main(argv=None) -> int:
         raise SystemExit(f"no HTA venv at {a.hta_python}: see this script's docstring")
     results = {"machine": bench_readers.machine(), "results": []}
     print(json.dumps(results["machine"]), flush=True)
-    for n in [int(float(x)) for x in a.sizes.split(",") if x]:
-        trace = make_inputs.make_kineto(n, a.data / "kineto")
+    for n, layout in [(int(float(x)), lay) for x in a.sizes.split(",") if x for lay in a.layouts.split(",")]:
+        make = make_inputs.make_kineto_oneline if layout == "oneline" else make_inputs.make_kineto
+        trace = make(n, a.data / "kineto")
         counts = make_inputs.kineto_counts(trace)
+        counts["layout"] = layout
         gd = bench_readers.measure({"kind": "kineto", "path": str(trace), "analyze": False}, a.repeat, a.timeout)
-        hta = measure_hta(a.hta_python, hta_dir(trace, a.data), a.repeat, a.timeout)
-        row = {"events": counts["events"], "bytes": counts["bytes"], "gpudoctor": gd, "hta": hta}
+        hta = {} if a.skip_hta else measure_hta(a.hta_python, hta_dir(trace, a.data, layout), a.repeat, a.timeout)
+        row = {"events": counts["events"], "bytes": counts["bytes"], "layout": layout, "gpudoctor": gd, "hta": hta}
         if gd.get("read_s") and hta.get("read_s"):
+            # gpudoctor reads a large plain file in two processes: CPU and memory of the whole process
+            # tree (imports included on both sides), not of the measured process alone
             row["speedup"] = round(hta["read_s"] / gd["read_s"], 2)
-            row["cpu_speedup"] = round(hta["read_cpu_s"] / gd["read_cpu_s"], 2)
-            row["peak_ratio"] = round(gd["peak_mb"] / hta["peak_mb"], 3)
+            row["cpu_speedup"] = round(hta["process_cpu_s"] / gd["process_cpu_s"], 2)
+            row["peak_ratio"] = round(gd["tree_peak_mb"] / hta["tree_peak_mb"], 3)
         print(json.dumps({k: v for k, v in row.items() if k not in ("gpudoctor", "hta")} |
                          {"gd_read_s": gd.get("read_s"), "hta_read_s": hta.get("read_s"),
                           "gd_peak_mb": gd.get("peak_mb"), "hta_peak_mb": hta.get("peak_mb"),

@@ -1,7 +1,7 @@
 """Make large benchmark inputs by scaling the real H100 fixtures (nothing here is synthetic data).
 
     python bench/make_inputs.py nsys   --kernels 1000000 [--out DIR]
-    python bench/make_inputs.py kineto --events 2160000  [--out DIR]
+    python bench/make_inputs.py kineto --events 2160000  [--layout kineto|oneline] [--out DIR]
     python bench/make_inputs.py ranks  --ranks 64 [--kernels-per-rank N] [--straggler RANK] [--out DIR]
 
 Everything is written under ``--out`` (default ``$GPUDOCTOR_BENCH_DIR`` or /tmp/gpudoctor-bench), never
@@ -28,6 +28,7 @@ kineto (fixtures/torch/attn_naive.torch.json.gz: the same workload through torch
     flows) by time, GPU events (kernel, memcpy, memset, gpu_user_annotation) and ac2g flows by
     correlation / External id. Replica k shifts ts by k x P and correlation, External id, flow id and
     "Ev Idx" by k x their span. Plain (not gzipped) JSON: ``--events`` is the total event count.
+    ``--layout oneline`` writes the same document on one line (events separated by "},{").
 
 ranks (many-rank runs)
     ``--ranks`` copies of the nsys fixture (or of its scaled version with ``--kernels-per-rank``) named
@@ -342,9 +343,32 @@ def make_kineto(events: int, out_dir: Path, force: bool = False) -> Path:
     return dst
 
 
+def make_kineto_oneline(events: int, out_dir: Path, force: bool = False) -> Path:
+    """The same trace as ``make_kineto`` as one-line JSON: every line stripped and joined. Exact, since a
+    JSON string cannot hold a raw newline, so every line break and the indentation around it lie outside
+    strings. Events are then separated by "},{" (what orjson and minified exports write)."""
+    src = make_kineto(events, out_dir, force)
+    dst = out_dir / f"attn_naive_e{events}.oneline.torch.json"
+    if dst.exists() and not force:
+        return dst
+    tmp = dst.with_name(dst.name + ".tmp")
+    with open(src, "rb") as f, open(tmp, "wb") as out:
+        while True:
+            lines = f.readlines(1 << 24)
+            if not lines:
+                break
+            out.write(b"".join(line.strip() for line in lines))
+    os.replace(tmp, dst)
+    return dst
+
+
 def kineto_counts(path: Path) -> dict:
     """Events of a Kineto-laid-out file: blocks that start a line with "  {" (the top-level object's own
-    opening "\n  {" at the start of the file is not an event)."""
+    opening "\n  {" at the start of the file is not an event). A one-line file made by
+    ``make_kineto_oneline`` has as many as its Kineto-layout source."""
+    if path.name.endswith(".oneline.torch.json"):
+        src = path.with_name(path.name.replace(".oneline.torch.json", ".torch.json"))
+        return {"events": kineto_counts(src)["events"], "bytes": path.stat().st_size}
     n = 0
     tail = b""
     with open(path, "rb") as f:
@@ -368,6 +392,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mix", choices=["launches", "full"], default="launches",
                     help="nsys: replicate kernels + their launches (default) or every runtime call and memop")
     ap.add_argument("--events", type=int, default=2_160_000)
+    ap.add_argument("--layout", choices=["kineto", "oneline"], default="kineto",
+                    help="kineto: Kineto's own layout (one event per block); oneline: the same JSON on one line")
     ap.add_argument("--ranks", type=int, default=64)
     ap.add_argument("--kernels-per-rank", type=int, default=0)
     ap.add_argument("--straggler", type=int, default=None)
@@ -379,7 +405,8 @@ def main(argv=None) -> int:
         p = make_nsys(a.kernels, a.out / "nsys", a.force, a.mix)
         info = {"path": str(p), **nsys_counts(p)}
     elif a.what == "kineto":
-        p = make_kineto(a.events, a.out / "kineto", a.force)
+        make = make_kineto_oneline if a.layout == "oneline" else make_kineto
+        p = make(a.events, a.out / "kineto", a.force)
         info = {"path": str(p), **kineto_counts(p)}
     else:
         d = make_ranks(a.ranks, a.out / "ranks", a.kernels_per_rank, a.straggler, a.force)

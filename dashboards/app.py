@@ -449,15 +449,22 @@ def create_app(runs: list[Run], prepare: bool = True, allowed_hosts=()):
     @app.callback(Output("compare-summary", "children"), Output("compare-graph", "figure"),
                   Output("compare-table-wrap", "children"), Input("compare-a", "value"), Input("compare-b", "value"))
     def do_compare(va, vb):
+        from gpudoctor.gate.compare import fmt_value, metric_line
+        from gpudoctor.gate.pairs import compare_analyses, kernel_table
+
         a, b = run_of(va), run_of(vb)
-        sa, sb = F.step_time(a.analysis), F.step_time(b.analysis)
-        df = F.compare_frame(a.analysis, b.analysis)
+        result = compare_analyses(a.analysis, b.analysis, a.name, b.name)  # what `gpudoctor gate` decides
+        g = next((m for m in result.metrics if m.spec.name == "gpu_time"), None)
+        sa, sb = (g.decision.median_baseline, g.decision.median_candidate) if g else (None, None)
+        df = kernel_table(result)
         summary = html.Div([
-            html.Span(f"A = {a.name}: step {sa:.3f} ms", id="compare-a-step"), html.Br(),
-            html.Span(f"B = {b.name}: step {sb:.3f} ms", id="compare-b-step"), html.Br(),
-            html.B(f"B − A: {sb - sa:+.3f} ms per step ({100 * (sb - sa) / sa:+.1f}%)" if sa == sa and sa > 0 else ""),
+            html.Span(f"A = {a.name}: GPU time per step {fmt_value(sa, 'ns')}", id="compare-a-step"), html.Br(),
+            html.Span(f"B = {b.name}: GPU time per step {fmt_value(sb, 'ns')}", id="compare-b-step"), html.Br(),
+            html.B(f"gate (A baseline, B candidate): {result.status}" + (f" — {metric_line(g)}" if g else ""),
+                   id="compare-verdict"),
         ])
-        return summary, F.compare_figure(a.analysis, b.analysis, "A", "B"), _table("compare-table", df, page_size=25)
+        fig = F.kernel_delta_figure(df, f"Per-kernel time per step, B − A ({fmt_value(sa, 'ns')} → {fmt_value(sb, 'ns')} GPU time)")
+        return summary, fig, _table("compare-table", df, page_size=25)
 
     return app
 

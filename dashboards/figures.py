@@ -958,6 +958,22 @@ def compare_figure(a, b, name_a: str = "A", name_b: str = "B", top: int = 15) ->
     return fig
 
 
+def kernel_delta_figure(df: pd.DataFrame, title: str, top: int = 15) -> go.Figure:
+    """Bars of the per-kernel change per step of a table with kernel, us_per_step_a/b and diff_us columns
+    (gpudoctor.gate.pairs.kernel_table: the gate's numbers and kernel names)."""
+    if df.empty:
+        return empty_figure("no steady-state kernels to compare", title)
+    d = df.head(top).iloc[::-1]
+    fig = go.Figure(go.Bar(x=d["diff_us"], y=[_short(k, 50) for k in d["kernel"]], orientation="h",
+                           marker_color=["#d62728" if v > 0 else "#2ca02c" for v in d["diff_us"]],
+                           text=[f"{x:.1f} → {y:.1f} us" for x, y in zip(d["us_per_step_a"], d["us_per_step_b"])],
+                           hovertemplate="%{y}<br>%{text}<br>change %{x:.1f} us per step<extra></extra>"))
+    fig.update_layout(template=_TEMPLATE, height=140 + 26 * len(d), margin={"l": 330, "r": 20, "t": 60, "b": 40},
+                      title={"text": title, "font": {"size": 14}}, xaxis_title="us per step (B − A)",
+                      meta={"bars": int(len(d)), "kernels": int(len(df))})
+    return fig
+
+
 # ====================================================================================== summaries
 def example_caption(analysis, finding) -> str:
     """What the finding's timeline example shows: its cause or name, length and start."""

@@ -25,7 +25,18 @@ class MissingExtraError(GpudoctorError):
     """An optional dependency is not installed."""
 
     def __init__(self, module: str, extra: str):
-        super().__init__(f"this needs the '{module}' package: pip install 'gpudoctor[{extra}]'")
+        super().__init__(f"this needs the '{module}' package: {install_hint(extra)}")
+
+
+def install_hint(extra: str) -> str:
+    """The install command for an extra that works where this gpudoctor came from: a source checkout (the
+    package sits next to pyproject.toml) or a package index."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file():
+        return f"pip install -e '{root}[{extra}]'"
+    return f"pip install 'gpudoctor[{extra}]'"
 
 
 def require(module: str, extra: str):

@@ -58,7 +58,7 @@ from gpudoctor.analyzers.config import Config, as_config
 from gpudoctor.analyzers.findings import Finding
 from gpudoctor.analyzers.registry import CROSS_RANK
 from gpudoctor.analyzers.runner import analyze_trace, finish, rank_views, sort_findings
-from gpudoctor.errors import GpudoctorError
+from gpudoctor.errors import GpudoctorError, install_hint
 from gpudoctor.model.steps import StepWindow
 from gpudoctor.model.summary import RankSummary
 from gpudoctor.model.trace import Trace, conform
@@ -372,7 +372,7 @@ def _run_dask(files, ranks, fmts, config, workers, scheduler, results, bar) -> N
         from dask.distributed import Client, LocalCluster
         from dask.distributed import as_completed as dask_completed
     except ImportError:
-        raise GpudoctorError("--scheduler needs Dask: pip install 'gpudoctor[dask]'") from None
+        raise GpudoctorError(f"--scheduler needs Dask: {install_hint('dask')}") from None
     cluster = None
     if scheduler is None:
         # One single-threaded process per worker: the readers hold the GIL most of the time.

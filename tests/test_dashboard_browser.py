@@ -289,17 +289,27 @@ def test_timeline_zoom_shows_exact_kernels_of_a_step(page, server, errors):
 
 # ------------------------------------------------------------------------------------------ compare
 def test_compare_switches_runs(page, server, errors):
-    from gpudoctor.dashboards import figures as F
+    # The page shows what `gpudoctor gate --baseline A --candidate B` decides: same numbers, same kernel names.
+    from gpudoctor.gate.compare import fmt_value
+    from gpudoctor.gate.pairs import compare_analyses, kernel_table
     runs = server["runs"]
+
+    def gate_view(i, j):
+        r = compare_analyses(runs[i].analysis, runs[j].analysis)
+        g = next(m for m in r.metrics if m.spec.name == "gpu_time").decision
+        return fmt_value(g.median_baseline, "ns"), fmt_value(g.median_candidate, "ns"), kernel_table(r)
+
     goto(page, server, "/compare", "Compare")
     page.wait_for_selector("#compare-graph .bars .point")
-    assert page.inner_text("#compare-a-step") == f"A = attn_naive (nsys): step {F.step_time(runs[NAIVE].analysis):.3f} ms"
-    assert page.inner_text("#compare-b-step") == f"B = attn_sdpa (nsys): step {F.step_time(runs[SDPA].analysis):.3f} ms"
-    assert rows(page, "compare-table", "kernel")[0] == F.compare_frame(runs[NAIVE].analysis, runs[SDPA].analysis)["kernel"].iloc[0]
+    sa, sb, table = gate_view(NAIVE, SDPA)
+    assert page.inner_text("#compare-a-step") == f"A = attn_naive (nsys): GPU time per step {sa}"
+    assert page.inner_text("#compare-b-step") == f"B = attn_sdpa (nsys): GPU time per step {sb}"
+    assert "improvement" in page.inner_text("#compare-verdict")
+    assert rows(page, "compare-table", "kernel")[0] == table["kernel"].iloc[0]
     select_option(page, "compare-b", f"{TORCH}: attn_naive (torch)")
     page.wait_for_function("document.getElementById('compare-b-step').innerText.includes('torch')")
-    assert page.inner_text("#compare-b-step") == f"B = attn_naive (torch): step {F.step_time(runs[TORCH].analysis):.3f} ms"
-    expect = F.compare_frame(runs[NAIVE].analysis, runs[TORCH].analysis)
+    _, sb, expect = gate_view(NAIVE, TORCH)
+    assert page.inner_text("#compare-b-step") == f"B = attn_naive (torch): GPU time per step {sb}"
     page.wait_for_function(f"document.querySelector('#compare-table td[data-dash-column=\"kernel\"]').innerText == {expect['kernel'].iloc[0]!r}")
     assert page.locator("#compare-graph .bars .point").count() == min(15, len(expect))
     shot(page, "compare-torch")

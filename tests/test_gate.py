@@ -18,17 +18,11 @@ from gpudoctor.analyzers.findings import Finding
 from gpudoctor.cli.main import main
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.gate import outputs, stats
-from gpudoctor.gate.compare import (
-    GateOptions,
-    RunData,
-    UserMetric,
-    _analyze,
-    compare,
-    evaluate_rules,
-    gate_block,
-    load_run,
-    run_from_trace,
-)
+from gpudoctor.gate.compare import GateOptions, compare
+from gpudoctor.gate.inputs import analyze, load_run
+from gpudoctor.gate.rules import evaluate_rules
+from gpudoctor.gate.run import RunData, UserMetric
+from gpudoctor.gate.samples import gate_block, run_from_trace
 from gpudoctor.model.kernel_names import kernel_key
 from gpudoctor.model.samples import busy_in_windows
 from gpudoctor.render import jsonout
@@ -128,16 +122,51 @@ def test_pooling_runs(runs):
     assert r.attribution["baseline_steps"] == 48
 
 
-def test_few_steps_is_inconclusive(runs):
+def cut(run: RunData, n: int) -> RunData:
+    """The same run with only its first n steady steps of each per-step metric."""
+    r = copy.copy(run)
+    r.samples = {k: (v[:n] if k in ("gpu_time", "step_time", "wall_time") else v) for k, v in run.samples.items()}
+    return r
+
+
+def test_few_steps_far_apart_is_a_regression(runs):
+    # gate_slow_few: 3 steady steps of gate_slow (+9%): each is slower than every one of base_a's 19 steps by
+    # more than 2 x the 3% tolerance, so complete separation decides.
     r = compare([runs["gate_base_a"]], [runs["gate_slow_few"]])
     g = metric(r, "gpu_time").decision
-    assert g.decision == "inconclusive" and g.n_candidate == 3
-    assert "too few steps" in g.reason
+    assert g.n_candidate == 3 and g.decision == "regression" and g.rule == "separation"
+    assert 0.08 < g.extra["separation_gap"] < 0.10  # measured 9.1%
+    assert g.extra["separation_p"] == pytest.approx(1 / 1540)  # 1 / C(22, 3)
+    assert r.exit_code == 1 and "complete separation" in r.headline
+
+
+def test_few_steps_within_twice_the_tolerance_is_inconclusive(runs):
+    # With a 5% tolerance the 9% gap is not 2 x the tolerance apart, and 3 steps are too few for the test.
+    o = GateOptions(tolerance=0.05)
+    r = compare([runs["gate_base_a"]], [runs["gate_slow_few"]], o)
+    g = metric(r, "gpu_time").decision
+    assert g.decision == "inconclusive" and g.rule == "too_few" and "too few steps" in g.reason
     assert r.status == "inconclusive" and r.exit_code == 3
-    assert compare([runs["gate_base_a"]], [runs["gate_slow_few"]], GateOptions(inconclusive="pass")).exit_code == 0
-    assert compare([runs["gate_base_a"]], [runs["gate_slow_few"]], GateOptions(inconclusive="fail")).exit_code == 1
-    # With a lower bar the 3 steps suffice: +9.4% is then a regression.
-    assert compare([runs["gate_base_a"]], [runs["gate_slow_few"]], GateOptions(min_samples=3)).exit_code == 1
+    assert compare([runs["gate_base_a"]], [runs["gate_slow_few"]], GateOptions(tolerance=0.05, inconclusive="pass")).exit_code == 0
+    assert compare([runs["gate_base_a"]], [runs["gate_slow_few"]], GateOptions(tolerance=0.05, inconclusive="fail")).exit_code == 1
+    # With the full 28 steps of gate_slow the test decides: +9% beyond 5% is a regression.
+    assert metric(compare([runs["gate_base_a"]], [runs["gate_slow"]], o), "gpu_time").decision.rule == "test"
+
+
+@pytest.mark.parametrize("n", [3, 4, 5])
+def test_fused_to_unfused_attention_with_few_steps(runs, n):
+    g = metric(compare([cut(runs["attn_sdpa"], n)], [cut(runs["attn_naive"], n)]), "gpu_time").decision
+    assert g.decision == "regression" and g.rule == "separation" and g.ratio > 3  # measured 4.08 -> 13.8 ms
+
+
+@pytest.mark.parametrize("n", [3, 5, 10])
+def test_same_program_with_few_steps_passes(runs, n):
+    a, b = cut(runs["gate_base_a"], n), cut(runs["gate_base_b"], n)
+    g = metric(compare([a], [b]), "gpu_time").decision
+    assert g.decision == "pass", g.reason
+    assert g.rule in ("range", "test")
+    same = metric(compare([a], [cut(runs["gate_base_a"], n)]), "gpu_time").decision
+    assert same.decision == "pass" and same.change == 0
 
 
 def test_unfused_attention_fails_with_softmax_gemm_chain(runs):
@@ -172,10 +201,13 @@ def test_decide_rules():
     assert stats.decide(a, a * 1.001).decision == "pass"
     assert stats.decide(a, a * 1.10).decision == "regression"
     assert stats.decide(a, a * 0.90).decision == "improvement"
-    assert stats.decide(a, a[:4]).decision == "inconclusive"
+    assert stats.decide(a, a[:1]).decision == "inconclusive"
+    assert stats.decide(a, a[:4]).rule == "range"  # 4 of the same steps: all within the tolerance
     noisy = 1000 + rng.normal(0, 200, 8)
-    d = stats.decide(noisy, noisy * 1.02)
-    assert d.decision == "inconclusive" and "wide" in d.reason
+    d = stats.decide(noisy, noisy * 1.02)  # +2%, well inside the 20% step-to-step noise
+    assert d.decision == "pass" and d.rule == "noise"
+    d = stats.decide(noisy, noisy * 1.06)  # +6%: beyond the tolerance, not significant
+    assert d.decision == "inconclusive" and "not significant" in d.reason
     # Higher is better (tokens/s): 10% fewer is a regression.
     t = stats.decide(a, a * 0.9, higher_is_better=True)
     assert t.decision == "regression" and t.worse > 0.09
@@ -282,19 +314,18 @@ def _traced(path):
     return trace
 
 
-def test_refuses_different_gpu_model(runs):
+def test_different_gpu_model_is_inconclusive(runs):
     trace = _traced(BASE_B)
     other = copy.deepcopy(trace)  # the fixture file is not touched
     other.devices["name"] = "NVIDIA A100-SXM4-80GB"
-    a = _analyze(other, None)
+    a = analyze(other, None)
     ranks, findings = a.ranks, a.findings
     cand = run_from_trace(other, ranks, findings, "edited")
     assert cand.env["gpus"] == ["NVIDIA A100-SXM4-80GB"]
     assert runs["gate_base_a"].env["driver_version"] == "580.159.04"
-    with pytest.raises(GpudoctorError) as e:
-        compare([runs["gate_base_a"]], [cand])
-    assert e.value.exit_code == 2
-    assert "GPU model" in str(e.value) and "A100" in str(e.value) and "H100" in str(e.value)
+    r = compare([runs["gate_base_a"]], [cand])
+    assert r.status == "inconclusive" and r.exit_code == 3
+    assert "GPU model" in r.headline and "A100" in r.headline and "H100" in r.headline
     r = compare([runs["gate_base_a"]], [cand], GateOptions(allow_mismatch=True))
     assert r.exit_code == 0 and r.mismatches
     attrs, found = junit_counts(outputs.junit_xml(r))
@@ -302,16 +333,17 @@ def test_refuses_different_gpu_model(runs):
     assert "--allow-mismatch" in outputs.markdown(r)
 
 
-def test_refuses_different_driver_via_cli(runs, tmp_path):
+def test_different_driver_is_inconclusive_via_cli(runs, tmp_path):
     d = runs["gate_base_b"].to_dict()
     d["env"]["driver_version"] = "570.86.15"
     p = tmp_path / "cand.json"
     p.write_text(json.dumps(d))
     junit = tmp_path / "j.xml"
     res = run_cli("gate", "--baseline", str(BASE_A), "--candidate", str(p), "--junit", str(junit))
-    assert res.returncode == 2
-    assert "NVIDIA driver: 580.159.04" in res.stderr and "570.86.15" in res.stderr
-    assert junit_counts(junit)[0] == {"tests": 1, "failures": 0, "errors": 1, "skipped": 0}
+    assert res.returncode == 3
+    assert "NVIDIA driver: 580.159.04" in res.stdout and "570.86.15" in res.stdout
+    attrs, found = junit_counts(junit)
+    assert attrs == found and attrs["skipped"] == 1 and attrs["failures"] == 0
     assert main(["gate", "--baseline", str(BASE_A), "--candidate", str(p), "--allow-mismatch", "-q"]) == 0
     # A minor CUDA difference is a note, not a refusal.
     d["env"]["driver_version"] = "580.159.04"
@@ -340,7 +372,10 @@ def test_cli_outputs_regression(tmp_path):
     md = m.read_text()
     assert md.startswith("## gpudoctor gate: ❌ FAIL")
     assert "| GPU time per step (`gpu_time`)" in md and "Gelu" in md
-    assert "<Mul" not in md.replace("`vectorized_elementwise_kernel<MulFunctor>`", "")  # no raw HTML outside code
+    outside_code = "".join(md.split("`")[::2])
+    assert "<Mul" not in outside_code.replace("\\<Mul", "")  # no raw HTML outside code spans
+    assert "&gt;" not in md and "&lt;" not in md and " -> " in outside_code  # text kept as written
+    assert "[rule: complete separation]" in md
     assert summary.read_text() == md
     doc = json.loads(js.read_text())
     assert doc["status"] == "fail" and doc["exit_code"] == 1
@@ -354,13 +389,13 @@ def test_cli_pass_and_inconclusive_main(tmp_path):
     assert main(["gate", "--baseline", str(BASE_A), "--candidate", str(BASE_B), "--junit", str(j), "-q"]) == 0
     assert junit_counts(j)[0] == {"tests": 6, "failures": 0, "errors": 0, "skipped": 0}
     j2 = tmp_path / "i.xml"
-    assert main(["gate", "--baseline", str(BASE_A), "--candidate", str(SLOW_FEW), "--junit", str(j2), "-q"]) == 3
+    few = ["gate", "--baseline", str(BASE_A), "--candidate", str(SLOW_FEW), "--tolerance", "0.05"]
+    assert main([*few, "--junit", str(j2), "-q"]) == 3
     attrs, found = junit_counts(j2)
     assert attrs == found and attrs["skipped"] == 1 and attrs["failures"] == 0
-    assert main(["gate", "--baseline", str(BASE_A), "--candidate", str(SLOW_FEW), "--inconclusive", "pass", "-q"]) == 0
+    assert main([*few, "--inconclusive", "pass", "-q"]) == 0
     j3 = tmp_path / "f.xml"
-    assert main(["gate", "--baseline", str(BASE_A), "--candidate", str(SLOW_FEW), "--inconclusive", "fail",
-                 "--junit", str(j3), "-q"]) == 1
+    assert main([*few, "--inconclusive", "fail", "--junit", str(j3), "-q"]) == 1
     assert junit_counts(j3)[0]["failures"] == 1
     assert main(["gate", "--baseline", str(BASE_A), "--candidate", str(SLOW), "--tolerance", "0.2", "-q"]) in (0, 3)
 
@@ -498,7 +533,7 @@ def test_multi_rank_run(runs):
 
     trace, _, errors = load_inputs([str(BASE_A), str(BASE_B)], {str(BASE_A): 0, str(BASE_B): 1})
     assert not errors and trace.rank_ids == [0, 1]
-    a = _analyze(trace, None)
+    a = analyze(trace, None)
     ranks, findings = a.ranks, a.findings
     run = run_from_trace(trace, ranks, findings, "two-ranks")
     assert run.env["gpu_count"] == 2
@@ -543,7 +578,112 @@ def test_run_directory_manifest_versions(tmp_path):
     c = make("c", "2.11.1+cu130", 91901)
     ra, rb, rc = load_run(str(a)), load_run(str(b)), load_run(str(c))
     assert ra.env["torch_version"] == "2.11.0+cu130" and ra.env["cudnn_version"] == "9.19.0"
-    with pytest.raises(GpudoctorError, match="PyTorch major.minor version"):
-        compare([ra], [rb])
+    r = compare([ra], [rb])
+    assert r.exit_code == 3 and "PyTorch major.minor version" in r.headline
     r = compare([ra], [rc])  # patch releases: a note, not a refusal
     assert r.exit_code == 0 and any("torch_version" in n for n in r.env_notes)
+
+
+def test_malformed_inputs_keep_the_exit_contract(tmp_path, capsys):
+    # An edited analysis.json (gate block with a non-number) is an input error, with the JSON/JUnit report.
+    good = tmp_path / "a.json"
+    assert main(["analyze", str(BASE_A), "--json", str(good), "-q"]) == 0
+    doc = json.loads(good.read_text())
+    doc["gate"]["samples"]["gpu_time"][0] = "x"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    junit, js = tmp_path / "j.xml", tmp_path / "r.json"
+    assert main(["gate", "--baseline", str(good), "--candidate", str(bad), "--junit", str(junit), "--json", str(js),
+                 "-q"]) == 2
+    assert "malformed" in capsys.readouterr().err
+    assert junit_counts(junit)[0]["errors"] == 1 and json.loads(js.read_text())["exit_code"] == 2
+    # One corrupt baseline file neither breaks `baseline show` for the others nor goes unmentioned.
+    bdir = tmp_path / "baselines"
+    assert main(["baseline", "save", "main", str(good), "--dir", str(bdir)]) == 0
+    saved = next(bdir.glob("*/main.json"))
+    (saved.parent / "broken.json").write_text('{"format": "gpudoctor-baseline", "version": 1, "runs": 5}')
+    capsys.readouterr()
+    assert main(["baseline", "show", "--dir", str(bdir)]) == 0
+    out = capsys.readouterr()
+    assert "main" in out.out and "broken.json" in out.err
+    edited = json.loads(saved.read_text())
+    edited["runs"][0]["samples"]["gpu_time"] = ["x"]
+    saved.write_text(json.dumps(edited))
+    assert main(["gate", "--baseline", "@main", "--candidate", str(good), "--baseline-dir", str(bdir), "-q"]) == 2
+    assert "malformed baseline" in capsys.readouterr().err
+
+
+def test_gpu_conditions_not_recorded_is_a_note(runs):
+    r = compare([runs["gate_base_a"]], [runs["gate_base_b"]])
+    assert r.not_comparable == [] and any("GPU conditions" in n and "not checked" in n for n in r.notes)
+
+
+def test_dashboard_compare_uses_the_gates_numbers(runs):
+    from gpudoctor.gate.pairs import compare_analyses, kernel_table
+    from gpudoctor.pipeline import analyze_inputs
+
+    a, b = analyze_inputs([str(SDPA)], need_trace=True), analyze_inputs([str(NAIVE)], need_trace=True)
+    r = compare_analyses(a, b)
+    g, cli = metric(r, "gpu_time").decision, metric(compare([runs["attn_sdpa"]], [runs["attn_naive"]]), "gpu_time").decision
+    assert (g.median_baseline, g.median_candidate, g.decision) == (cli.median_baseline, cli.median_candidate, "regression")
+    t = kernel_table(r)
+    top = compare([runs["attn_sdpa"]], [runs["attn_naive"]]).attribution["kernels"][0]
+    row = t[t["kernel"] == top["name"]].iloc[0]
+    assert row["diff_us"] == pytest.approx(top["delta_ns_per_step"] / 1e3, abs=0.01)
+    assert any("<" in k for k in t["kernel"])  # the gate's names: generic kernels carry their functor
+
+
+def _fake_nsys(d: Path, report: Path) -> Path:
+    """A stand-in `nsys` that runs the program and hands back a real recording (``report``) as its report."""
+    d.mkdir()
+    script = d / "nsys"
+    script.write_text(f"#!{sys.executable}\n" + f"""import shutil, subprocess, sys
+args = sys.argv[1:]
+if args[:1] == ["--version"]:
+    print("NVIDIA Nsight Systems version 2099.1.1-fake"); sys.exit(0)
+if args[:1] == ["profile"]:
+    i, out = 1, None
+    while i < len(args) and args[i].startswith("-"):
+        if args[i].startswith("--output="):
+            out = args[i].split("=", 1)[1]
+        i += 2 if args[i] in ("-t", "-s", "-b", "-c", "-p", "-d", "-y", "-x", "-e", "-w", "-n") else 1
+    rc = subprocess.call(args[i:])
+    shutil.copy({str(report)!r}, out + ".nsys-rep")
+    sys.exit(rc)
+if args[:1] == ["export"]:
+    out = [a.split("=", 1)[1] for a in args if a.startswith("--output=")][0]
+    shutil.copy(args[-1], out); sys.exit(0)
+sys.exit(2)
+""")
+    script.chmod(0o755)
+    return d
+
+
+@pytest.mark.slow
+def test_candidate_cmd_records_repeated_runs(tmp_path):
+    fake = _fake_nsys(tmp_path / "bin", BASE_B)
+    env = {"PATH": f"{fake}{os.pathsep}{os.environ.get('PATH', '')}"}
+    runs_dir = tmp_path / "runs"
+    js = tmp_path / "r.json"
+    res = run_cli("gate", "--baseline", str(BASE_A), "--candidate-cmd", "sh -c 'echo step'", "--repeat", "2",
+                  "--profile-args", "--backend nsys --no-nvml", "--runs-dir", str(runs_dir), "--json", str(js), env=env)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in runs_dir.iterdir()) == ["candidate_1", "candidate_2"]
+    doc = json.loads(js.read_text())
+    g = next(x for x in doc["metrics"] if x["name"] == "gpu_time")
+    assert len(doc["candidate"]) == 2 and g["n_candidate"] == 2 * 29 and g["decision"] == "pass"
+    bad = run_cli("gate", "--baseline", str(BASE_A), "--candidate-cmd", "sh -c 'exit 5'", "--profile-args",
+                  "--backend nsys --no-nvml", "--runs-dir", str(tmp_path / "runs2"), env=env)
+    assert bad.returncode == 2 and "candidate command failed (exit 5) on run 1 of 1" in bad.stderr
+
+
+def test_plain_install_has_what_the_gate_needs():
+    import tomllib
+
+    from gpudoctor.errors import MissingExtraError, install_hint
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.startswith("scipy") for d in deps)  # the gate's tests and change points, no extra
+    # From this checkout the hint names it, so the command works here as well as from an index.
+    assert install_hint("dash") == f"pip install -e '{ROOT}[dash]'"
+    assert str(ROOT) in str(MissingExtraError("plotly", "dash"))

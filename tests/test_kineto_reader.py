@@ -7,9 +7,12 @@ import copy
 import gzip
 import json
 import random
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 
+import orjson
 import pandas as pd
 import pytest
 
@@ -221,11 +224,12 @@ def test_gzip_round_trip(trace, sample_path, tmp_path):
 
 
 def test_streaming_blocks_and_whole_document_agree(trace, sample_path, raw, tmp_path, monkeypatch):
-    # one-line JSON cannot be cut at event starts: whole-document path
+    # one-line JSON (json.dumps' "}, {" and orjson's "},{" separators) streams too, to the same tables
     compact = tmp_path / "compact.json"
     compact.write_text(json.dumps(json.loads(sample_path.read_text())))
     t = read(compact)
-    assert t.meta["torch_profiler"]["parser"].startswith("whole")
+    assert t.meta["torch_profiler"]["parser"] == "stream"
+    assert t.meta["torch_profiler"]["event_separator"] == '}, {"'
     _assert_same_tables(trace, t)
     assert t.meta["torch_profiler"]["event_counts"] == trace.meta["torch_profiler"]["event_counts"]
     # tiny blocks: many cuts, carried partial events
@@ -286,7 +290,7 @@ def _ddp_events():
         _ev("kernel", "ncclDevKernel_AllGather_RING_LL(x)", 1400.0, 100.0, pid=0, tid=20, device=3, stream=20,
             correlation=101, **{"Collective name": "_allgather_base", "dtype": "Float", "In msg nelems": 10,
                                 "Out msg nelems": 80, "Group size": 8}),
-        _ev("cuda_driver", "cuLaunchKernel", 1220.0, 5.0, correlation=102),
+        _ev("cuda_driver", "cuLaunchKernel", 1260.0, 5.0, correlation=102),  # after nccl:_all_gather_base
         _ev("kernel", "ncclKernel_SendRecv_RING_SIMPLE_Sum_int8_t(ncclWorkElem)", 1600.0, 10.0, pid=0, tid=21,
             device=3, stream=21, correlation=102),
         _ev("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 1700.0, 3.0, pid=0, tid=20, device=3, stream=20,
@@ -390,7 +394,7 @@ def test_cpu_ops_table(tmp_path):
 def test_cpu_ops_stream_and_whole_agree(tmp_path, monkeypatch):
     events = _shape_op_events(n_steps=200)
     streamed = read(_write(tmp_path, events, name="a.json"))
-    whole = read(_write(tmp_path, events, name="b.json", indent=None))
+    whole = kineto._read(_write(tmp_path, events, name="b.json", indent=None), None, stream=False)
     assert streamed.meta["torch_profiler"]["parser"] == "stream"
     assert whole.meta["torch_profiler"]["parser"].startswith("whole")
     assert len(streamed.cpu_ops) == 4 * 200
@@ -569,3 +573,124 @@ def test_short_kernel_name():
         "2ul>, 4>(int, at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() "
         "const::{lambda()#7}::operator()() const::{lambda(float)#1}, std::array<char*, 2ul>)") == (
         "unrolled_elementwise_kernel")
+
+
+# ------------------------------------------------------------------------------------------------
+# one result whatever the path, on every real trace at hand
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_TRACES = sorted((ROOT / "fixtures" / "torch").glob("*.torch.json.gz")) + sorted(
+    (ROOT / "fixtures" / "hta" / "trace_filter").glob("*.json.gz"))
+
+
+def _same_meta(a, b):
+    ta, tb = a.meta["torch_profiler"], b.meta["torch_profiler"]
+    assert ta["event_counts"] == tb["event_counts"] and ta["ts_unit"] == tb["ts_unit"]
+    assert a.meta["cpu_op_count"] == b.meta["cpu_op_count"]
+    assert a.dropped_counts() == b.dropped_counts()
+
+
+@pytest.mark.parametrize("path", REAL_TRACES, ids=lambda p: p.name)
+def test_stream_and_whole_document_are_one_result(path, tmp_path, monkeypatch):
+    whole = kineto._read(path, None, stream=False)
+    streamed = read(path)
+    assert streamed.meta["torch_profiler"]["parser"] == "stream"
+    assert whole.meta["torch_profiler"]["parser"] == "whole (asked)"
+    _assert_same_tables(whole, streamed)
+    _same_meta(whole, streamed)
+    # the same document on one line (orjson's "},{" separators), read in small blocks
+    one_line = tmp_path / "one_line.json"
+    one_line.write_bytes(orjson.dumps(json.loads(gzip.decompress(path.read_bytes()))))
+    monkeypatch.setattr(kineto, "_BLOCK", 1 << 16)
+    small = read(one_line)
+    assert small.meta["torch_profiler"]["parser"] == "stream"
+    assert small.meta["torch_profiler"]["event_separator"] == '},{"'
+    _assert_same_tables(whole, small)
+    _same_meta(whole, small)
+
+
+@pytest.mark.parametrize("path", REAL_TRACES[:1] + REAL_TRACES[-1:], ids=lambda p: p.name)
+def test_two_halves_at_once_are_one_result(path, tmp_path, monkeypatch):
+    # a large plain file is read in two halves at once (the second in a forked process): same tables
+    plain = tmp_path / "plain.json"
+    plain.write_bytes(gzip.decompress(path.read_bytes()))
+    whole = kineto._read(plain, None, stream=False)
+    monkeypatch.setattr(kineto, "_TWO_PROCESS_MIN_BYTES", 0)
+    monkeypatch.setattr(kineto, "_BLOCK", 1 << 16)
+    monkeypatch.delenv("GPUDOCTOR_READ_THREADS", raising=False)
+    two = read(plain)
+    assert two.meta["torch_profiler"]["parser"] == "stream (2 processes)"
+    _assert_same_tables(whole, two)
+    _same_meta(whole, two)
+    monkeypatch.setenv("GPUDOCTOR_READ_THREADS", "1")
+    assert read(plain).meta["torch_profiler"]["parser"] == "stream"
+
+
+# ------------------------------------------------------------------------------------------------
+# time sanity and devices not modeled, on a real trace edited here (the edit is the bad input)
+
+TINY = ROOT / "fixtures" / "torch" / "tiny_sync.torch.json.gz"
+
+
+def _edited(tmp_path, edit, name="edited.json"):
+    doc = json.loads(gzip.decompress(TINY.read_bytes()))
+    edit(doc)
+    p = tmp_path / name
+    p.write_text(json.dumps(doc, indent=1))
+    return p
+
+
+def _first(doc, cat):
+    return next(e for e in doc["traceEvents"] if e.get("cat") == cat)
+
+
+def test_negative_duration_is_dropped_and_counted(tmp_path):
+    orig = read(TINY)
+    p = _edited(tmp_path, lambda d: _first(d, "kernel").__setitem__("dur", -900000.0))
+    t = read(p)
+    assert len(t.kernels) == len(orig.kernels) - 1
+    assert t.dropped_counts()["event with negative duration"] == 1
+    assert (t.kernels["end_ns"] >= t.kernels["start_ns"]).all()
+
+
+def test_one_huge_timestamp_does_not_switch_the_unit(tmp_path):
+    orig = read(TINY)
+    p = _edited(tmp_path, lambda d: _first(d, "cuda_runtime").__setitem__("ts", 4_567_021_018_119_081))
+    t = read(p)
+    assert t.meta["torch_profiler"]["ts_unit"] == "us"
+    assert t.dropped_counts()["timestamp more than a year from the file's median"] == 1
+    assert len(t.api_calls) == len(orig.api_calls) - 1
+    assert set(t.api_calls["start_ns"]) < set(orig.api_calls["start_ns"])
+    _assert_same_tables(orig, t, skip=("ranks", "api_calls", "dropped", "ranges"))
+
+
+def test_large_base_never_wraps(tmp_path):
+    # a base this close to the int64 limit puts every event past it: dropped and counted, never wrapped
+    p = _edited(tmp_path, lambda d: d.__setitem__("baseTimeNanoseconds", 9_200_000_000_000_000_000))
+    t = read(p)
+    assert len(t.kernels) == 0 and len(t.api_calls) == 0
+    assert t.dropped_counts()["time beyond the int64 nanosecond range"] > 0
+    # and a file whose base is the usual epoch keeps every ns exact and positive
+    assert (read(TINY).kernels["start_ns"] > 1_700_000_000_000_000_000).all()
+
+
+def test_unmodeled_device_is_named(tmp_path):
+    # the real trace with its GPU work relabelled as an MTIA device's (what MTIA traces carry)
+    def to_mtia(doc):
+        for e in doc["traceEvents"]:
+            if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+                e["cat"] = "mtia_ccp_events"
+            elif e.get("cat") in ("cuda_runtime", "cuda_driver"):
+                e["cat"] = "mtia_runtime"
+
+    p = _edited(tmp_path, to_mtia, name="mtia_like.json")
+    orig = read(TINY)
+    n = len(orig.kernels) + len(orig.memops) + len(orig.api_calls)
+    t = read(p)
+    assert len(t.kernels) == 0
+    assert t.dropped_counts() == {"events of device type MTIA not analyzed (the trace has no CUDA/HIP kernels)": n}
+    r = subprocess.run([sys.executable, "-m", "gpudoctor", "analyze", str(p)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"{n} events of device type MTIA not analyzed (the trace has no CUDA/HIP kernels)" in " ".join(
+        r.stdout.split())

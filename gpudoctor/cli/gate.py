@@ -19,26 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from gpudoctor.analyzers.config import Config, load_config, read_toml
+from gpudoctor.analyzers.config import Config, load_config
 from gpudoctor.analyzers.registry import ANALYZERS
 from gpudoctor.cli.base import Command
 from gpudoctor.errors import GpudoctorError
-from gpudoctor.gate import baselines, outputs
-from gpudoctor.gate.baselines import calibrated_tolerances, calibration
-from gpudoctor.gate.compare import (
-    KNOWN_ANALYZERS,
-    METRICS,
-    RULE_KEYS,
-    GateOptions,
-    UserMetric,
-    check_environment,
-    compare,
-    fmt_value,
-    load_run,
-    validate_rules,
-)
-from gpudoctor.gate.outputs import _gh_data
-from gpudoctor.store.atomic import atomic_write_text
+from gpudoctor.gate.rules import KNOWN_ANALYZERS
 
 GATE_KEYS = {"tolerance", "tolerances", "min_steps", "alpha", "confidence", "bootstrap", "seed", "inconclusive",
              "metrics", "user_metrics", "baseline_dir", "top"}
@@ -57,10 +42,12 @@ def _config_path(path: str | None) -> Path | None:
 
 def read_gate_config(path: str | None) -> dict:
     """The [gate] table of gpudoctor.toml (validated; unknown keys are an error)."""
+    from gpudoctor.gate.rules import RULE_KEYS
 
     p = _config_path(path)
     if p is None:
         return {}
+    from gpudoctor.analyzers.config import read_toml
 
     data = read_toml(p)
     gate = data.get("gate", {})
@@ -85,6 +72,7 @@ def _num(cfg: dict, key: str, kind=float, lo=None, hi=None):
 
 
 def user_metrics_from(cfg: dict) -> list:
+    from gpudoctor.gate.run import METRICS, UserMetric
 
     out = []
     table = cfg.get("user_metrics") or {}
@@ -108,6 +96,8 @@ def user_metrics_from(cfg: dict) -> list:
 
 def build_options(args, cfg: dict, baseline_tolerances: dict | None = None):
     """GateOptions from (later wins) defaults < calibrated baseline < gpudoctor.toml [gate] < command line."""
+    from gpudoctor.gate.compare import GateOptions
+    from gpudoctor.gate.rules import validate_rules
 
     o = GateOptions()
     for metric, tol in (baseline_tolerances or {}).items():
@@ -177,6 +167,7 @@ def analyzer_config(path: str | None) -> Config:
 
 
 def _write(path: str, text: str) -> None:
+    from gpudoctor.store.atomic import atomic_write_text
 
     atomic_write_text(path, text)
 
@@ -209,6 +200,7 @@ def write_error_outputs(args, message: str) -> None:
     if getattr(args, "json", None):
         _write(args.json, json.dumps({"status": "error", "exit_code": 2, "reasons": [message]}, indent=2) + "\n")
     if getattr(args, "github", False):
+        from gpudoctor.gate.outputs import _gh_data
         print(f"::error title=gpudoctor gate::{_gh_data(message)}")
         _append_step_summary(md)
 
@@ -217,6 +209,8 @@ def write_error_outputs(args, message: str) -> None:
 
 
 def _load_side(specs: list[str], acfg, user_metrics, gpu_for_names: str, baseline_directory, docs: list) -> list:
+    from gpudoctor.gate import baselines
+    from gpudoctor.gate.inputs import load_run
 
     runs = []
     for s in specs:
@@ -227,6 +221,29 @@ def _load_side(specs: list[str], acfg, user_metrics, gpu_for_names: str, baselin
         else:
             runs.append(load_run(s, acfg, user_metrics))
     return runs
+
+
+def record_candidates(args) -> list[str]:
+    """Run --candidate-cmd under gpudoctor profile --repeat times; the run directories."""
+    import shlex
+    import subprocess
+
+    if args.repeat < 1 or args.repeat > 100:
+        raise GpudoctorError("--repeat must be between 1 and 100")
+    cmd = shlex.split(args.candidate_cmd)
+    if not cmd:
+        raise GpudoctorError("--candidate-cmd is empty")
+    root = Path(args.runs_dir or Path("gpudoctor-runs") / time.strftime("gate-%Y%m%dT%H%M%SZ", time.gmtime()))
+    out = []
+    for i in range(1, args.repeat + 1):
+        run_dir = root / f"candidate_{i}"
+        argv = [sys.executable, "-m", "gpudoctor", "profile", "-o", str(run_dir), *shlex.split(args.profile_args),
+                "--", *cmd]
+        rc = subprocess.run(argv, stdout=sys.stderr if not args.quiet else subprocess.DEVNULL).returncode
+        if rc != 0 or not (run_dir / "manifest.json").is_file():
+            raise GpudoctorError(f"candidate command failed (exit {rc}) on run {i} of {args.repeat}: {shlex.join(cmd)}")
+        out.append(str(run_dir))
+    return out
 
 
 class GateCommand(Command):
@@ -245,6 +262,13 @@ class GateCommand(Command):
                             "run), or @NAME for a saved baseline")
         p.add_argument("--candidate", nargs="+", metavar="RUN", default=[], help="candidate run(s), same forms")
         p.add_argument("--runs", nargs="+", metavar="RUN", default=[], help="with calibrate: repeated baseline runs")
+        p.add_argument("--candidate-cmd", metavar="'CMD'",
+                       help="record the candidate: run CMD under `gpudoctor profile` (--repeat times) and compare those runs")
+        p.add_argument("--repeat", type=int, default=1, metavar="N", help="with --candidate-cmd: how many runs (default 1)")
+        p.add_argument("--profile-args", default="", metavar="'ARGS'",
+                       help="with --candidate-cmd: options for gpudoctor profile, e.g. '--backend nsys'")
+        p.add_argument("--runs-dir", metavar="DIR",
+                       help="with --candidate-cmd: where the runs go (default gpudoctor-runs/gate-<UTC time>)")
         p.add_argument("--calibrate", action="store_true", help="same as the calibrate action")
         p.add_argument("--config", metavar="TOML", help="gpudoctor.toml ([gate] table; default ./gpudoctor.toml)")
         p.add_argument("--tolerance", type=float, metavar="FRAC", help="relative tolerance, e.g. 0.03 (default 0.03)")
@@ -270,6 +294,10 @@ class GateCommand(Command):
         except GpudoctorError as e:
             write_error_outputs(args, str(e))
             raise
+        except Exception as e:  # a defect: CI still gets a report saying what broke
+            write_error_outputs(args, f"internal error: {type(e).__name__}: {e}")
+            raise
+        from gpudoctor.gate import outputs
 
         if args.junit:
             _write(args.junit, outputs.junit_xml(result, elapsed))
@@ -287,9 +315,14 @@ class GateCommand(Command):
         return result.exit_code
 
     def _compare(self, args):
+        from gpudoctor.gate.baselines import calibrated_tolerances
+        from gpudoctor.gate.compare import compare
 
+        if args.candidate_cmd:
+            args.candidate = list(args.candidate) + record_candidates(args)
         if not args.baseline or not args.candidate:
-            raise GpudoctorError("gate needs --baseline RUN... and --candidate RUN... (or: gate calibrate --runs ...)")
+            raise GpudoctorError("gate needs --baseline RUN... and --candidate RUN... or --candidate-cmd 'CMD' "
+                                 "(or: gate calibrate --runs ...)")
         t0 = time.monotonic()
         cfg = read_gate_config(args.config)
         o = build_options(args, cfg)
@@ -305,6 +338,9 @@ class GateCommand(Command):
         return compare(bases, cands, o), time.monotonic() - t0
 
     def calibrate(self, args) -> int:
+        from gpudoctor.gate.baselines import calibration
+        from gpudoctor.gate.environment import check_environment
+        from gpudoctor.gate.run import METRICS
 
         specs = args.runs or args.baseline
         if len(specs) < 2:
@@ -329,6 +365,7 @@ class GateCommand(Command):
         if args.json:
             _write(args.json, json.dumps(doc, indent=2) + "\n")
         if not args.quiet:
+            from gpudoctor.gate.compare import fmt_value
             print(f"calibration from {len(runs)} runs ({doc['method']}):")
             for m, c in cal.items():
                 unit = METRICS[m].unit if m in METRICS else ""
@@ -360,8 +397,20 @@ class BaselineCommand(Command):
         sh.add_argument("name", nargs="?", metavar="NAME")
         sh.add_argument("--dir", metavar="DIR", help="baseline directory")
         sh.add_argument("--json", action="store_true", help="print JSON")
+        rec = sub.add_parser("record", help="append run(s) to the result history of NAME for their GPU model")
+        rec.add_argument("name", metavar="NAME")
+        rec.add_argument("runs", nargs="+", metavar="RUN", help="run directory, analysis.json or trace")
+        rec.add_argument("--commit", default=os.environ.get("GITHUB_SHA", ""), help="the commit (default $GITHUB_SHA)")
+        rec.add_argument("--dir", metavar="DIR", help="baseline directory")
+        hi = sub.add_parser("history", help="the result history of NAME: change points and slow drift")
+        hi.add_argument("name", metavar="NAME")
+        hi.add_argument("--gpu", default="", metavar="MODEL", help="GPU model (default: the only one recorded)")
+        hi.add_argument("--tolerance", type=float, default=None, metavar="FRAC", help="smallest change reported (default 0.03)")
+        hi.add_argument("--dir", metavar="DIR", help="baseline directory")
+        hi.add_argument("--json", action="store_true", help="print JSON")
 
     def run(self, args: argparse.Namespace) -> int:
+        from gpudoctor.gate import baselines
 
         action = getattr(args, "baseline_action", None)
         if action == "save":
@@ -380,7 +429,10 @@ class BaselineCommand(Command):
                 print(f"(calibrated tolerances are applied from {baselines.MIN_CALIBRATION_RUNS} runs on)")
             return 0
         if action == "show":
-            items = [(p, d) for p, d in baselines.all_baselines(args.dir) if not args.name or d.get("name") == args.name]
+            found, unreadable = baselines.scan(args.dir)
+            for line in unreadable:
+                print(f"gpudoctor: warning: skipped {line}", file=sys.stderr)
+            items = [(p, d) for p, d in found if not args.name or d.get("name") == args.name]
             if args.name and not items:
                 raise GpudoctorError(f"no baseline {args.name!r} in {baselines.baseline_dir(args.dir)}")
             sums = [baselines.summary(p, d) for p, d in items]
@@ -390,6 +442,7 @@ class BaselineCommand(Command):
             if not sums:
                 print(f"no baselines in {baselines.baseline_dir(args.dir)}")
                 return 0
+            from gpudoctor.gate.compare import fmt_value
             for s in sums:
                 med = fmt_value(s["median_gpu_time_ns"], "ns") if s["median_gpu_time_ns"] is not None else "n/a"
                 print(f"{s['name']:<20} {s['hardware'] or 'unknown GPU':<28} {s['runs']} run(s) {s['steps']:>5} steps  "
@@ -401,4 +454,60 @@ class BaselineCommand(Command):
                     if s["calibrated_tolerances"]:
                         print("  calibrated tolerances: " + ", ".join(f"{k} {v:.1%}" for k, v in s["calibrated_tolerances"].items()))
             return 0
-        raise GpudoctorError("usage: gpudoctor baseline save NAME RUN... | gpudoctor baseline show [NAME]")
+        if action == "record":
+            return self.record(args)
+        if action == "history":
+            return self.history(args)
+        raise GpudoctorError("usage: gpudoctor baseline save NAME RUN... | show [NAME] | record NAME RUN... | "
+                             "history NAME")
+
+    def record(self, args) -> int:
+        from gpudoctor.gate import history
+
+        for run in _load_side(args.runs, analyzer_config(None), [], "", args.dir, []):
+            path = history.record(args.name, run, args.dir, commit=args.commit)
+            print(f"recorded {run.label} in {path}")
+        return 0
+
+    def history(self, args) -> int:
+        from gpudoctor.gate import baselines, history
+        from gpudoctor.gate.compare import fmt_value
+
+        root = baselines.baseline_dir(args.dir)
+        found = sorted(root.glob(f"*/{baselines.check_name(args.name)}.history.jsonl")) if root.is_dir() else []
+        if args.gpu:
+            found = [p for p in found if p.parent.name == baselines.hardware_key(args.gpu)]
+        if not found:
+            raise GpudoctorError(f"no history for {args.name!r} in {root} (record one: gpudoctor baseline record "
+                                 f"{args.name} RUN)")
+        if len(found) > 1:
+            raise GpudoctorError(f"{args.name!r} has histories for several GPU models "
+                                 f"({', '.join(p.parent.name for p in found)}): pick one with --gpu")
+        entries, skipped = history.load(found[0])
+        tol = args.tolerance if args.tolerance is not None else 0.03
+        res = history.analyze(entries, tolerance=tol)
+        res["path"], res["skipped_lines"] = str(found[0]), skipped
+        if args.json:
+            print(json.dumps(res, indent=2))
+            return 0
+        print(f"{args.name} ({found[0].parent.name}): {res['runs']} recorded runs, GPU time per step "
+              + " ".join(fmt_value(x, "ns") for x in res["medians"][-12:]) + (" ..." if res["runs"] > 12 else ""))
+        if skipped:
+            print(f"warning: {skipped} unreadable line(s) skipped")
+        for p in res["change_points"]:
+            print(f"change point at run {p['index'] + 1} ({p['label']}{' ' + p['commit'][:10] if p['commit'] else ''}): "
+                  f"{fmt_value(p['median_before'], 'ns')} -> {fmt_value(p['median_after'], 'ns')} "
+                  f"({p['change']:+.1%}, Mann-Whitney p={p['p_value']:.2g})")
+        d = res["drift"]
+        if d and d["detected"]:
+            print(f"drift: {d['total_change']:+.1%} over {d['runs']} runs ({d['slope_per_run']:+.2%} per run, "
+                  f"{stats_ci(d)})")
+        worse = any(p["change"] > 0 for p in res["change_points"]) or bool(d and d["detected"] and d["total_change"] > 0)
+        if not res["change_points"] and not (d and d["detected"]):
+            print(f"no change beyond {tol:.1%} in the series")
+        return 1 if worse else 0  # GPU time per step: up is worse
+
+
+def stats_ci(d: dict) -> str:
+    lo, hi = d["slope_ci"]
+    return f"95% CI of the slope [{lo:+.2%}, {hi:+.2%}] per run"

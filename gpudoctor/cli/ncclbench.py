@@ -23,7 +23,7 @@ from pathlib import Path
 from gpudoctor.cli.base import Command
 from gpudoctor.collect import ncclbench
 from gpudoctor.collect.ncclbench import SAFETY_ENV, add_bench_arguments
-from gpudoctor.errors import GpudoctorError
+from gpudoctor.errors import GpudoctorError, install_hint
 
 
 def _under_launcher() -> bool:
@@ -60,7 +60,7 @@ def _default_nproc(backend: str) -> int:
     try:
         import torch
     except ImportError:
-        raise GpudoctorError("nccl-bench needs PyTorch: pip install 'gpudoctor[torch]'") from None
+        raise GpudoctorError(f"nccl-bench needs PyTorch: {install_hint('torch')}") from None
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n == 0:
         raise GpudoctorError("no CUDA GPU visible: nccl-bench measures NCCL between GPUs")

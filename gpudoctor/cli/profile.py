@@ -880,6 +880,7 @@ class Profile:
             "backend_details": res.backend_facts,
             "capture": res.capture,
             "nvml": nvml_summary,
+            "gpu_state": (nvml_summary or {}).get("gpu_state"),  # the capture's conditions, for the gate
             "reports": res.reports,
             "files": res.files,
             "notes": res.notes,

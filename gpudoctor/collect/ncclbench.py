@@ -38,7 +38,7 @@ import time
 
 from gpudoctor import __version__
 from gpudoctor.collect.nccltests_layout import format_footer, format_row, format_run_header, format_table_header
-from gpudoctor.errors import GpudoctorError
+from gpudoctor.errors import GpudoctorError, install_hint
 from gpudoctor.model.collectives import DTYPE_TYPES, OP_BINARIES, bandwidths, bus_factor, op_sizes, redop_of, root_of
 
 ALL_OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
@@ -532,7 +532,7 @@ def run_rank(args: argparse.Namespace) -> int:
         import torch
         import torch.distributed as dist
     except ImportError:
-        raise GpudoctorError("nccl-bench needs PyTorch: pip install 'gpudoctor[torch]'") from None
+        raise GpudoctorError(f"nccl-bench needs PyTorch: {install_hint('torch')}") from None
     backend = args.backend
     rank, world, local = launch["rank"], launch["world"], launch["local"]
     if rank == 0:  # before NCCL starts (and maybe logs): readers sniff the first lines

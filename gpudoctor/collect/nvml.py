@@ -15,6 +15,7 @@ mem_util_pct           % of the period the memory controller was busy
 mem_used_bytes         device memory in use (all processes)
 power_w                board power draw
 sm_clock_mhz           current SM clock
+mem_clock_mhz          current memory clock
 temp_c                 GPU temperature
 throttle_reasons       bit mask of clock event reasons (nvmlClocksEventReason*; 0 = none, 1 = idle)
 sm_util_pct            % of SMs busy (GPM, Hopper and newer)
@@ -26,6 +27,10 @@ pcie_rx_bytes_per_s
 nvlink_tx_bytes_per_s  NVLink data traffic, all links (GPM, else NVML NVLink throughput counters)
 nvlink_rx_bytes_per_s
 =====================  =====================================================================
+
+``NvmlSampler.stop()`` also returns ``gpu_state``: the conditions of the capture (GPU model, driver, clocks
+while busy, power cap, temperature, throttle reasons, ECC / row-remap events, other processes on the GPU),
+summarized by gpudoctor.collect.gpustate from the samples and a snapshot taken at the start and the end.
 
 ``read_samples(path, rank)`` turns the CSV into rows of the trace model's ``counters`` table and
 ``read_trace(path, rank)`` into a Trace holding only those counters (no ``ranks`` row, so it merges with
@@ -45,13 +50,17 @@ import threading
 import time
 from pathlib import Path
 
+from gpudoctor.errors import install_hint
+
 METRICS = (
-    "gpu_util_pct", "mem_util_pct", "mem_used_bytes", "power_w", "sm_clock_mhz", "temp_c", "throttle_reasons",
+    "gpu_util_pct", "mem_util_pct", "mem_used_bytes", "power_w", "sm_clock_mhz", "mem_clock_mhz", "temp_c",
+    "throttle_reasons",
     "sm_util_pct", "sm_occupancy_pct", "tensor_util_pct", "dram_bw_util_pct",
     "pcie_tx_bytes_per_s", "pcie_rx_bytes_per_s", "nvlink_tx_bytes_per_s", "nvlink_rx_bytes_per_s",
 )
 COUNTER_PREFIX = "nvml."
 DEFAULT_INTERVAL_S = 0.1
+PROCESS_POLL_EVERY = 10  # samples between two looks at the processes on the GPU
 _MIB = 1 << 20
 
 # GPM metric id names (pynvml) -> our column, scale to our unit
@@ -83,7 +92,7 @@ def _pynvml():
     try:
         import pynvml
     except ImportError:
-        raise NvmlUnavailable("nvidia-ml-py is not installed (pip install 'gpudoctor[gpu]')") from None
+        raise NvmlUnavailable(f"nvidia-ml-py is not installed ({install_hint('gpu')})") from None
     return pynvml
 
 
@@ -203,6 +212,7 @@ class _Device:
         self._try("mem_used_bytes", lambda: p.nvmlDeviceGetMemoryInfo(h).used)
         self._try("power_w", lambda: p.nvmlDeviceGetPowerUsage(h) / 1000.0)
         self._try("sm_clock_mhz", lambda: p.nvmlDeviceGetClockInfo(h, p.NVML_CLOCK_SM))
+        self._try("mem_clock_mhz", lambda: p.nvmlDeviceGetClockInfo(h, p.NVML_CLOCK_MEM))
         self._try("temp_c", lambda: p.nvmlDeviceGetTemperature(h, p.NVML_TEMPERATURE_GPU))
         reasons = getattr(p, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
             p, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
@@ -311,6 +321,37 @@ class _Device:
                     row[col] = d * scales[i] / dt
         self.fields[3], self.fields[4] = now, ts_ns
 
+    def snapshot(self) -> dict:
+        """What is read once at the start and the end of a capture (each item only where NVML has it)."""
+        p, h = self.p, self.h
+        out: dict = {"device_id": self.ordinal}
+        for key, fn in (
+            ("name", lambda: _str(p.nvmlDeviceGetName(h))),
+            ("uuid", lambda: _str(p.nvmlDeviceGetUUID(h))),
+            ("power_limit_w", lambda: p.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0),
+            ("ecc_uncorrected", lambda: int(p.nvmlDeviceGetTotalEccErrors(
+                h, p.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, p.NVML_VOLATILE_ECC))),
+            ("ecc_corrected", lambda: int(p.nvmlDeviceGetTotalEccErrors(
+                h, p.NVML_MEMORY_ERROR_TYPE_CORRECTED, p.NVML_VOLATILE_ECC))),
+            ("remapped_rows", lambda: [int(x) for x in p.nvmlDeviceGetRemappedRows(h)]),  # corr, unc, pending, failed
+        ):
+            try:
+                out[key] = fn()
+            except Exception:
+                pass
+        return out
+
+    def processes(self) -> list[tuple[int, int]]:
+        """(pid, used GPU memory bytes) of the compute and graphics processes on this GPU now."""
+        out = []
+        for fn in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+            try:
+                for proc in getattr(self.p, fn)(self.h):
+                    out.append((int(proc.pid), int(proc.usedGpuMemory or 0)))
+            except Exception:
+                pass
+        return out
+
     def close(self) -> None:
         if self.gpm:
             for s in self.gpm[3]:
@@ -341,6 +382,10 @@ class NvmlSampler:
         self._t0 = self._t1 = 0.0
         self._pynvml = None
         self._devs: list[_Device] = []
+        self._snapshots: dict[str, list[dict]] = {}
+        self._procs: dict[int, dict[int, int]] = {}  # device_id -> pid -> most GPU memory seen
+        self._own: dict[int, str] = {}  # pid -> "own" | "other" | "unknown" (gpustate.process_owner)
+        self.driver_version = ""
 
     def start(self) -> bool:
         """Start sampling; False (and ``error`` set) when NVML or the devices cannot be used."""
@@ -369,6 +414,11 @@ class NvmlSampler:
             cols.extend(c for c in d.columns() if c not in cols)
         self.columns = [c for c in METRICS if c in cols]
         self.devices = [{"device_id": d.ordinal, "nvml_index": d.index, "metrics": d.columns()} for d in self._devs]
+        self._snapshots["start"] = [d.snapshot() for d in self._devs]
+        try:
+            self.driver_version = _str(self._pynvml.nvmlSystemGetDriverVersion())
+        except Exception:
+            pass
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "w", newline="")
         self._writer = csv.writer(self._file)
@@ -390,6 +440,8 @@ class NvmlSampler:
                 for d in self._devs:
                     row = d.sample(ts)
                     buf.append([ts, d.ordinal, *(_cell(row.get(c)) for c in self.columns)])
+                if self.samples % PROCESS_POLL_EVERY == 0:
+                    self._poll_processes()
                 self.samples += 1
                 now = time.monotonic()
                 if now - last_flush >= self.flush_s:
@@ -408,8 +460,18 @@ class NvmlSampler:
             self._file.flush()
             self._cpu_ns = time.thread_time_ns() - cpu0
 
+    def _poll_processes(self) -> None:
+        from gpudoctor.collect import gpustate
+
+        for d in self._devs:
+            seen = self._procs.setdefault(d.ordinal, {})
+            for pid, mem in d.processes():
+                if pid not in self._own:  # whose it is is looked up while it runs: /proc forgets it at exit
+                    self._own[pid] = gpustate.process_owner(pid, os.getpid())
+                seen[pid] = max(mem, seen.get(pid, 0))
+
     def stop(self) -> dict:
-        """Stop, close the file, and return a summary (samples, CPU time used, metrics, devices)."""
+        """Stop, close the file, and return a summary (samples, CPU time used, metrics, devices, gpu_state)."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join(timeout=10)
@@ -419,8 +481,24 @@ class NvmlSampler:
             except Exception:
                 pass
             self._thread = None
+            self._snapshots["end"] = [d.snapshot() for d in self._devs]
         self._shutdown()
-        return self.summary()
+        out = self.summary()
+        if self._snapshots.get("end") is not None:
+            out["gpu_state"] = self.gpu_state()
+        return out
+
+    def gpu_state(self) -> dict:
+        """The conditions of the capture (gpudoctor.collect.gpustate.summarize), from the CSV and snapshots."""
+        from gpudoctor.collect import gpustate
+
+        try:
+            samples = gpustate.read_csv(self.path)
+        except (OSError, ValueError) as e:
+            return {"error": f"cannot read the samples back: {e}"}
+        procs = {dev: gpustate.other_processes(pids, self._own) for dev, pids in self._procs.items()}
+        return gpustate.summarize(samples, self._snapshots.get("start") or [], self._snapshots.get("end") or [],
+                                  procs, self.driver_version)
 
     def summary(self) -> dict:
         wall = max(self._t1 - self._t0, 0.0)

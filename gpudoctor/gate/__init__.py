@@ -2,6 +2,9 @@
 inconclusive, with the change attributed to kernels, categories and NVTX ranges. docs/ci.md describes the
 method and its defaults."""
 
-from gpudoctor.gate.compare import GateOptions, GateResult, RunData, compare, evaluate_rules, load_run
+from gpudoctor.gate.compare import GateOptions, GateResult, compare
+from gpudoctor.gate.inputs import load_run
+from gpudoctor.gate.rules import evaluate_rules
+from gpudoctor.gate.run import RunData
 
 __all__ = ["GateOptions", "GateResult", "RunData", "compare", "evaluate_rules", "load_run"]

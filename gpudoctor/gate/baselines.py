@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gpudoctor import __version__
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.gate import stats
-from gpudoctor.gate.compare import METRICS, RunData, check_environment
-from gpudoctor.store.atomic import atomic_write_text
+from gpudoctor.gate.environment import check_environment
+from gpudoctor.gate.run import METRICS, RunData
 
 FORMAT = "gpudoctor-baseline"
 VERSION = 1
@@ -62,6 +61,9 @@ def calibration(runs: list[RunData], metrics: list[str] | None = None) -> dict:
 
 
 def save(name: str, runs: list[RunData], directory: str | Path | None = None, allow_mismatch: bool = False) -> Path:
+    from gpudoctor import __version__
+    from gpudoctor.store.atomic import atomic_write_text
+
     check_name(name)
     if not runs:
         raise GpudoctorError("baseline save needs at least one run")
@@ -93,17 +95,22 @@ def _read(path: Path) -> dict:
     return doc
 
 
-def all_baselines(directory: str | Path | None = None) -> list[tuple[Path, dict]]:
+def scan(directory: str | Path | None = None) -> tuple[list[tuple[Path, dict]], list[str]]:
+    """(readable baselines, one line per unreadable file): one bad file never hides the others."""
     root = baseline_dir(directory)
     if not root.is_dir():
-        return []
-    out = []
+        return [], []
+    out, bad = [], []
     for p in sorted(root.glob("*/*.json")):
         try:
-            out.append((p, _read(p)))
-        except GpudoctorError:
-            continue
-    return out
+            doc = _read(p)
+            summary(p, doc)  # checks the structure the listing needs
+            out.append((p, doc))
+        except GpudoctorError as e:
+            bad.append(str(e))
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            bad.append(f"{p}: malformed baseline: {e}")
+    return out, bad
 
 
 def load(name: str, gpu_name: str, directory: str | Path | None = None) -> tuple[list[RunData], dict, Path]:
@@ -112,14 +119,20 @@ def load(name: str, gpu_name: str, directory: str | Path | None = None) -> tuple
     root = baseline_dir(directory)
     path = root / hardware_key(gpu_name) / f"{name}.json"
     if not path.exists():
-        other = [d.get("hardware") or p.parent.name for p, d in all_baselines(directory) if d.get("name") == name]
+        other = [d.get("hardware") or p.parent.name for p, d in scan(directory)[0] if d.get("name") == name]
         if other:
             raise GpudoctorError(f"baseline {name!r} exists for {', '.join(sorted(set(other)))} but not for "
                                  f"{gpu_name or 'this GPU'}; save one on this hardware: gpudoctor baseline save {name} RUN")
         raise GpudoctorError(f"no baseline {name!r} in {root} (save one: gpudoctor baseline save {name} RUN)")
     doc = _read(path)
-    runs = [RunData.from_dict(r, label=f"@{name}#{i + 1}" if len(doc["runs"]) > 1 else f"@{name}")
-            for i, r in enumerate(doc.get("runs") or [])]
+    items = doc.get("runs") or []
+    if not isinstance(items, list):
+        raise GpudoctorError(f"{path}: malformed baseline: runs is not a list")
+    try:
+        runs = [RunData.from_dict(r, label=f"@{name}#{i + 1}" if len(items) > 1 else f"@{name}")
+                for i, r in enumerate(items)]
+    except ValueError as e:
+        raise GpudoctorError(f"{path}: malformed baseline: {e}") from None
     if not runs:
         raise GpudoctorError(f"{path}: baseline holds no runs")
     return runs, doc, path

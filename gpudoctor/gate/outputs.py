@@ -93,8 +93,11 @@ def junit_xml(result: GateResult, elapsed_s: float = 0.0) -> str:
         case("gpudoctor.gate.rules", r.name, outcome, "rule", r.message, body,
              out=json.dumps(r.findings, indent=1, default=str) if r.findings else "")
     env = "; ".join(result.mismatches)
-    case("gpudoctor.gate.environment", "same GPU model, driver and major software versions", "pass", "", "", "",
-         out="\n".join(result.env_notes), err=(f"compared despite differences (--allow-mismatch): {env}" if env else ""))
+    unfit = "; ".join(result.not_comparable)
+    outcome = ("failure" if result.options.inconclusive == "fail" else "skipped") if unfit else "pass"
+    case("gpudoctor.gate.environment", "same GPU model, driver, software and GPU conditions", outcome,
+         "inconclusive", f"not comparable: {unfit}", f"not comparable: {unfit}", out="\n".join(result.env_notes),
+         err=(f"compared despite differences (--allow-mismatch): {env}" if env else ""))
     n = len(cases)
     attrs = {"name": "gpudoctor.gate", "tests": str(n), "failures": str(counts["failure"]),
              "errors": str(counts["error"]), "skipped": str(counts["skipped"]), "time": f"{elapsed_s:.3f}",
@@ -115,10 +118,15 @@ def junit_xml(result: GateResult, elapsed_s: float = 0.0) -> str:
 # -- Markdown -----------------------------------------------------------------------------------------------
 
 
+_TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
+_ENTITY = re.compile(r"&(?=#?\w+;)")
+
+
 def _md(text) -> str:
-    """Plain Markdown text: no table breaks, no HTML (kernel names are full of <...>)."""
-    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-            .replace("\n", " ").replace("`", "'"))
+    """Plain Markdown text outside code spans: kept as written (``473 us -> 515 us``), except what would start
+    an HTML tag or entity (kernel names are full of <...>) or break a table, which is backslash-escaped."""
+    s = str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("`", "'")
+    return _ENTITY.sub(r"\\&", _TAG_START.sub(r"\\<", s))
 
 
 def _code(text) -> str:
@@ -130,8 +138,10 @@ def _pval(p) -> str:
     return "n/a" if p is None or (isinstance(p, float) and not math.isfinite(p)) else f"{p:.2g}"
 
 
-def _decision_cell(m: MetricResult, mode: str) -> str:
+def _decision_cell(m: MetricResult, mode: str, undecided: bool = False) -> str:
     s = m.status
+    if m.gated and undecided and s in ("regression", "improvement"):
+        return f"⚠️ {s} (not decided: the runs are not comparable)"
     if not m.gated:
         return "— (not gated)" if s in ("inconclusive", "error") else f"{s} (not gated)"
     icon = {"regression": "❌", "error": "❌", "inconclusive": "⚠️" if mode != "fail" else "❌",
@@ -148,9 +158,11 @@ def markdown(result: GateResult) -> str:
     b = ", ".join(f"{_code(r.label)} ({r.steps} steps)" for r in result.baselines)
     c = ", ".join(f"{_code(r.label)} ({r.steps} steps)" for r in result.candidates)
     lines += [f"Baseline: {b}  ", f"Candidate: {c}  ",
-              f"Tolerance {o.tolerance:.1%} ({o.tolerance_source}); Mann-Whitney U two-sided, alpha {o.alpha}; "
-              f"{o.confidence:.0%} bootstrap CI of the median ratio ({o.bootstrap} resamples, seed {o.seed}); "
-              f"at least {o.min_samples} steps per side; inconclusive → {o.inconclusive}.", ""]
+              f"Tolerance {o.tolerance:.1%} ({o.tolerance_source}). Rules: complete separation by more than "
+              f"{stats.SEPARATION_FACTOR:g} x the tolerance (from {stats.SEPARATION_MIN} steps per side); Mann-Whitney U "
+              f"(alpha {o.alpha}) with the {o.confidence:.0%} interval of the ratio (from {o.min_samples} steps per "
+              f"side); all pairwise ratios within the tolerance; the baseline's noise. Inconclusive → {o.inconclusive}.",
+              ""]
     lines += ["| metric | baseline median | candidate median | change | CI of ratio | p | n (base/cand) | decision |",
               "|---|---:|---:|---:|---|---:|---|---|"]
     for m in result.metrics:
@@ -159,7 +171,7 @@ def markdown(result: GateResult) -> str:
         ci = f"[{d.ci_low:.3f}, {d.ci_high:.3f}]" if d.ci_low is not None else "n/a"
         lines.append(f"| {_md(m.spec.label)} ({_code(m.spec.name)}) | {fmt_value(d.median_baseline, m.spec.unit)} | "
                      f"{fmt_value(d.median_candidate, m.spec.unit)} | {ch} | {ci} | {_pval(d.p_value)} | "
-                     f"{d.n_baseline}/{d.n_candidate} | {_decision_cell(m, o.inconclusive)} |")
+                     f"{d.n_baseline}/{d.n_candidate} | {_decision_cell(m, o.inconclusive, bool(result.not_comparable))} |")
     lines.append("")
     a = result.attribution
     if a.get("kernels"):
@@ -201,6 +213,10 @@ def markdown(result: GateResult) -> str:
                 if len(ev) > 3000:
                     ev = ev[:3000] + "\n…"
                 lines += [f"<details><summary>Evidence for {r.name}</summary>", "", "```json", ev, "```", "", "</details>", ""]
+    if result.not_comparable:
+        lines += ["### Not comparable", "", "The runs did not run in comparable conditions, so a change in step time "
+                  "is not attributed to the code:", ""]
+        lines += [f"- {_md(x)}" for x in result.not_comparable] + [""]
     if result.mismatches:
         lines += ["### Environment", "", "Compared despite differences (`--allow-mismatch`):", ""]
         lines += [f"- {_md(x)}" for x in result.mismatches] + [""]
@@ -265,7 +281,9 @@ def to_json(result: GateResult) -> str:
 
 def terminal(result: GateResult) -> str:
     lines = [f"gpudoctor gate: {STATUS_WORD.get(result.status, result.status)} (exit {result.exit_code})"]
-    lines += [f"  {r}" for r in result.reasons[:6]]
+    # A metric's verdict is printed once, in the metrics list; the header adds only the other reasons.
+    shown = [metric_line(m) for m in result.metrics]
+    lines += [f"  {r}" for r in result.reasons[:6] if not any(x in r for x in shown)]
     lines.append("metrics:")
     for m in result.metrics:
         d = m.decision
@@ -275,8 +293,11 @@ def terminal(result: GateResult) -> str:
             lines.append(f"  {'info':<12} {m.spec.label}: {vals} [not gated; {d.n_baseline}/{d.n_candidate} values]")
             continue
         tag = "" if m.gated else " [not gated]"
-        extra = f"  p={_pval(d.p_value)}" if d.p_value is not None else ""
-        lines.append(f"  {m.status:<12} {metric_line(m)}{extra}{tag}")
+        if m.gated and result.not_comparable and m.status in (stats.REGRESSION, stats.IMPROVEMENT):
+            tag = " [not decided: the runs are not comparable]"
+        line = metric_line(m)
+        extra = f"  p={_pval(d.p_value)}" if d.p_value is not None and " p=" not in line else ""
+        lines.append(f"  {m.status:<12} {line}{extra}{tag}")
     a = result.attribution
     if a.get("kernels"):
         lines.append(f"attribution: {a.get('headline', '')}")

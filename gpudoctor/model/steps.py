@@ -1,11 +1,19 @@
 """Steady state: find the steps of a run, skip warm-up, and say which window was used.
 
-Steps come from, in order of preference:
-1. ProfilerStep#N ranges (torch.profiler's ``prof.step()``);
+Steps come from, in order of preference (real markers first):
+1. ProfilerStep#N ranges (torch.profiler's ``prof.step()``), even a single one;
 2. the outermost repeated host range whose name looks like a step (``step_3``, ``train_step``,
-   ``decode_step``, ``iteration 7``), or failing that any outermost range repeated at least 3 times;
-3. a repeated kernel sequence: the kernel name that occurs once per step (the most common occurrence
-   count among names seen at least 3 times), its launches taken as step starts.
+   ``decode_step``, ``iteration 7``: NVTX or record_function);
+3. optimizer steps (``Optimizer.step#AdamW.step``, which torch.optim records by itself, or a range named
+   ``optimizer.step`` / ``optimizer_step``): one step ends where an optimizer step's GPU work ends, so
+   step i runs from the end of optimizer step i-1 (the first kernel for i = 0) to the end of step i;
+4. any other outermost host range repeated at least 3 times whose GPU spans hold at least
+   ``MIN_SEQUENCE_COVERAGE`` of the kernel time (a repeated name is not a step marker by itself);
+5. a repeated kernel sequence: the same kernels, by full identity (the demangled name, not the short
+   name: many different kernels share a short name such as ``vectorized_elementwise_kernel``), at least
+   ``MIN_SEQUENCE_KERNELS`` of them, repeated back to back at least twice, the repetitions holding at
+   least ``MIN_SEQUENCE_COVERAGE`` of the kernel time. The repetitions are the steps.
+Otherwise: "no steps found" with the reason, and the window is the whole trace (nothing is skipped).
 Each step's GPU span is its projection onto the GPU. Warm-up: the first step is always skipped when
 there are at least 3; further leading steps are skipped while they take over 1.25x the median.
 """
@@ -19,8 +27,12 @@ import numpy as np
 import pandas as pd
 
 STEP_NAME = re.compile(r"(^|[^a-z])(step|iter|iteration|batch)([^a-z]|$)|profilerstep", re.I)
+OPTIMIZER_STEP = re.compile(r"^optimizer\.step#|(^|[^a-z])optimizer[._ ]?step([^a-z]|$)", re.I)
 _DIGITS = re.compile(r"\d+")
 WARMUP_RATIO = 1.25
+MIN_SEQUENCE_KERNELS = 8  # a repeated kernel sequence shorter than this is not taken as a step
+MIN_SEQUENCE_COVERAGE = 0.8  # ... nor one whose repetitions hold less of the kernel time
+_MAX_ANCHORS = 64  # anchor kernels tried by the sequence search
 
 
 @dataclass
@@ -28,7 +40,7 @@ class StepWindow:
     steps: pd.DataFrame  # index, name, gpu_start_ns, gpu_end_ns, duration_ns, warmup
     start_ns: int
     end_ns: int
-    source: str  # how the steps were found, for the user
+    source: str  # how the steps were found (or why none were), for the user
 
     @property
     def steady(self) -> pd.DataFrame:
@@ -50,62 +62,180 @@ def _normalize(text: pd.Series) -> pd.Series:
     return text.astype(str).str.replace(_DIGITS, "#", regex=True)
 
 
-def _from_ranges(ranges: pd.DataFrame) -> tuple[pd.DataFrame, str] | None:
+def _from_ranges(ranges: pd.DataFrame, kernels: pd.DataFrame) -> tuple[pd.DataFrame, str] | None:
     r = ranges[(ranges["gpu_start_ns"] >= 0) & (ranges["gpu_kernel_count"] > 0)]
     if r.empty:
         return None
     prof = r[r["domain"].astype(str) == "profiler_step"]
-    if len(prof) >= 2:
+    if len(prof) >= 1:
         return prof, "ProfilerStep ranges"
     r = r.assign(key=_normalize(r["text"]))
     groups = r.groupby("key", observed=True).agg(
         n=("text", "size"), depth=("depth", "min"), gpu_ns=("gpu_end_ns", "sum"))
-    groups = groups[groups["n"] >= 2]
-    if groups.empty:
+    is_opt = np.array([bool(OPTIMIZER_STEP.search(k)) for k in groups.index], dtype=bool)
+    named = np.array([bool(STEP_NAME.search(k)) for k in groups.index], dtype=bool)
+    stepish = groups[~is_opt & named & (groups["n"].to_numpy() >= 2)]
+    if len(stepish):
+        return _outermost(r, stepish)
+    found = _from_optimizer(r[r["key"].isin(groups.index[is_opt])], kernels)
+    if found is not None:
+        return found
+    repeated = groups[~is_opt & (groups["n"].to_numpy() >= 3)]
+    if repeated.empty:
         return None
-    stepish = groups[[bool(STEP_NAME.search(k)) for k in groups.index]]
-    pick = stepish if len(stepish) else groups[groups["n"] >= 3]
-    if pick.empty:
-        return None
+    sel, source = _outermost(r, repeated)
+    # Not a step marker, only a repeated name: a step only if its GPU spans hold most of the kernel time
+    held = _kernel_time_fraction(kernels, sel["gpu_start_ns"].to_numpy(np.int64), sel["gpu_end_ns"].to_numpy(np.int64))
+    return (sel, source) if held >= MIN_SEQUENCE_COVERAGE else None
+
+
+def _kernel_time_fraction(kernels: pd.DataFrame, span_start: np.ndarray, span_end: np.ndarray) -> float:
+    """Share of the kernel time (sum of durations) of the kernels that start inside one of the spans."""
+    ks = kernels["start_ns"].to_numpy(np.int64)
+    dur = np.maximum(kernels["end_ns"].to_numpy(np.int64) - ks, 0)
+    total = float(dur.sum())
+    if total <= 0 or len(span_start) == 0:
+        return 0.0
+    bs, be = merge_intervals(span_start, span_end)
+    i = np.searchsorted(bs, ks, side="right") - 1
+    inside = (i >= 0) & (ks <= be[np.maximum(i, 0)])
+    return float(dur[inside].sum()) / total
+
+
+def _outermost(r: pd.DataFrame, pick: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     # Outermost first, then the most repetitions.
     key = pick.sort_values(["depth", "n"], ascending=[True, False]).index[0]
     sel = r[(r["key"] == key) & (r["depth"] == pick.loc[key, "depth"])]
     return sel.drop(columns="key"), f"ranges named '{key}'"
 
 
-def _from_kernels(kernels: pd.DataFrame) -> tuple[pd.DataFrame, str] | None:
-    if len(kernels) < 6:
+def _from_optimizer(opt: pd.DataFrame, kernels: pd.DataFrame) -> tuple[pd.DataFrame, str] | None:
+    if opt.empty or kernels.empty:
         return None
-    k = kernels.sort_values("start_ns", kind="stable")
-    counts = k["name"].value_counts()
-    counts = counts[counts >= 3]
-    if counts.empty:
+    # Several optimizers per step (e.g. Shampoo, then an EMA): the step ends with the last one, so take
+    # the most frequent name, and among those the one whose first range ends latest.
+    g = opt.groupby("key", observed=True).agg(n=("key", "size"), first_end=("gpu_end_ns", "min"))
+    key = g.sort_values(["n", "first_end"], ascending=[False, False]).index[0]
+    opt = opt[opt["key"] == key].sort_values("gpu_end_ns", kind="stable")
+    ends = opt["gpu_end_ns"].to_numpy(np.int64)
+    first = int(kernels["start_ns"].min())
+    kstart = np.sort(kernels["start_ns"].to_numpy(np.int64))
+    # step i starts with the first kernel after optimizer step i-1 ends
+    nxt = np.searchsorted(kstart, ends[:-1], side="right")
+    starts = np.r_[first, kstart[np.minimum(nxt, len(kstart) - 1)]]
+    steps = pd.DataFrame({"text": opt["text"].astype(str).to_numpy(), "gpu_start_ns": np.minimum(starts, ends),
+                          "gpu_end_ns": ends})
+    return steps, f"optimizer steps ('{opt['key'].iloc[0]}' ranges end each step)"
+
+
+def _from_kernels(kernels: pd.DataFrame) -> tuple[pd.DataFrame, str] | str:
+    """Steps from a kernel sequence that repeats back to back; else the reason there are none.
+
+    Candidate periods come from anchor kernels whose occurrences are evenly spaced at the end (fewest
+    repetitions first: the longest repeating sequence is the step, so a step made of two identical
+    halves stays one step). The periodic stretch is where ``seq[i] == seq[i + period]``; its blocks are
+    aligned on the longest GPU idle gap inside a period (steps are usually separated by host work);
+    what comes before the first block is one step of its own (warm-up when there are >= 3)."""
+    why = (f"no step markers, and no sequence of at least {MIN_SEQUENCE_KERNELS} kernels repeats to hold "
+           f"{MIN_SEQUENCE_COVERAGE:.0%} of the kernel time")
+    n_k = len(kernels)
+    if n_k < 2 * MIN_SEQUENCE_KERNELS:
+        return f"no step markers, and {n_k} kernels are too few for a repeated sequence"
+    order = np.argsort(kernels["start_ns"].to_numpy(np.int64), kind="stable")
+    ident = kernels["demangled_name"] if "demangled_name" in kernels else kernels["name"]
+    full = ident.astype(str).to_numpy()
+    full = np.where(full == "", kernels["name"].astype(str).to_numpy(), full)
+    seq = pd.factorize(full[order])[0]
+    start = kernels["start_ns"].to_numpy(np.int64)[order]
+    end = kernels["end_ns"].to_numpy(np.int64)[order]
+    dur = np.maximum(end - start, 0)
+    total = float(dur.sum())
+    if total <= 0:
+        return why
+    idle_before = np.r_[0, start[1:] - np.maximum.accumulate(end)[:-1]]
+    counts = np.bincount(seq)
+    first_pos = np.full(len(counts), n_k, np.int64)
+    np.minimum.at(first_pos, seq, np.arange(n_k))
+    tried, periods = 0, set()
+    for reps in np.unique(counts[(counts >= 2) & (counts * MIN_SEQUENCE_KERNELS <= n_k)]):
+        anchors = np.flatnonzero(counts == reps)
+        for a in anchors[np.argsort(first_pos[anchors])][:8]:
+            tried += 1
+            if tried > _MAX_ANCHORS:
+                return why
+            gaps = np.diff(np.flatnonzero(seq == a))
+            period = int(gaps[-1])
+            if period < MIN_SEQUENCE_KERNELS or period in periods:
+                continue
+            periods.add(period)
+            found = _periodic_steps(seq, start, end, dur, idle_before, total, period,
+                                    int(np.flatnonzero(seq == a)[-1]))
+            if found is not None:
+                return found
+    return why
+
+
+def _periodic_steps(seq, start, end, dur, idle_before, total, period: int, inside: int):
+    """Blocks of ``period`` kernels repeating around position ``inside``, or None."""
+    n_k = len(seq)
+    same = seq[:-period] == seq[period:]  # same[i]: kernel i is repeated one period later
+    at = min(inside, len(same) - 1) if inside >= len(same) else inside
+    if at >= len(same) or not same[at]:
+        at = max(inside - period, 0)
+        if at >= len(same) or not same[at]:
+            return None
+    breaks = np.flatnonzero(~same)
+    lo = int(breaks[breaks < at].max()) + 1 if (breaks < at).any() else 0
+    hi = int(breaks[breaks > at].min()) if (breaks > at).any() else len(same)
+    region_end = hi + period  # kernels lo .. region_end-1 are periodic
+    if region_end - lo < 2 * period:
         return None
-    n_steps = int(counts.value_counts().idxmax())
-    names_with_n = set(counts[counts == n_steps].index)
-    first_seen = k[k["name"].isin(names_with_n)].drop_duplicates("name")
-    anchor = first_seen["name"].iloc[0]
-    starts = k.loc[k["name"] == anchor, "start_ns"].to_numpy()
-    ends = np.r_[starts[1:], k["end_ns"].max()]
-    # Each step ends at the last kernel end before the next anchor.
-    kend = k["end_ns"].to_numpy()
-    kstart = k["start_ns"].to_numpy()
-    last_idx = np.searchsorted(kstart, ends, side="left") - 1
-    gpu_end = np.maximum.accumulate(kend)[np.clip(last_idx, 0, len(kend) - 1)]
-    steps = pd.DataFrame({"text": [str(anchor)] * len(starts), "gpu_start_ns": starts, "gpu_end_ns": gpu_end})
-    return steps, f"repeated kernel sequence (one '{str(anchor)[:60]}' per step)"
+    # align the blocks on the longest idle gap within a period (median over the repetitions)
+    span = ((region_end - lo) // period) * period
+    gaps = idle_before[lo:lo + span].reshape(-1, period)
+    shift = int(np.argmax(np.median(gaps, axis=0)))
+    first = lo + shift
+    n_rep = (region_end - first) // period
+    if n_rep < 2:
+        first, n_rep = lo, (region_end - lo) // period
+    # Identical layers repeat too: when every m-th block starts after a much longer idle gap than the
+    # others, the step is m blocks (decode: one token = all the layers, then the host samples).
+    block_gap = idle_before[first:first + n_rep * period:period]
+    big = np.flatnonzero(block_gap > 4 * max(float(np.median(block_gap)), 1.0))
+    if len(big) >= 2 and (np.diff(big) == big[1] - big[0]).all() and big[1] - big[0] >= 2:
+        first, period = first + int(big[0]) * period, int(big[1] - big[0]) * period
+        n_rep = (region_end - first) // period
+        if n_rep < 2:
+            return None
+    hi_k = first + n_rep * period
+    held = float(dur[first:hi_k].sum()) / total
+    if held < MIN_SEQUENCE_COVERAGE:
+        return None
+    seg_start = start[first:hi_k:period]
+    seg_end = np.maximum.reduceat(end[first:hi_k], np.arange(0, n_rep * period, period))
+    names = [f"kernel sequence {i}" for i in range(n_rep)]
+    note = [f"{n_rep} repetitions of {period} kernels holding {held:.0%} of the kernel time"]
+    if first >= MIN_SEQUENCE_KERNELS:  # what ran before the first repetition: one step (warm-up when >= 3)
+        seg_start, seg_end = np.r_[start[0], seg_start], np.r_[end[:first].max(), seg_end]
+        names = ["before the repeated sequence"] + names
+        note.append(f"{first} kernels before them form the first step")
+    elif first:
+        note.append(f"{first} kernels before them are outside the steps")
+    if n_k > hi_k:
+        note.append(f"{n_k - hi_k} kernels after them are outside the steps")
+    steps = pd.DataFrame({"text": names, "gpu_start_ns": seg_start, "gpu_end_ns": seg_end})
+    return steps, "repeated kernel sequence (" + "; ".join(note) + ")"
 
 
 def find_steps(ranges: pd.DataFrame, kernels: pd.DataFrame) -> StepWindow:
     """Steps and the steady-state window of one rank."""
-    found = _from_ranges(ranges) or _from_kernels(kernels)
-    if found is None:
-        if kernels.empty:
-            return StepWindow(pd.DataFrame(columns=["index", "name", "gpu_start_ns", "gpu_end_ns", "duration_ns", "warmup"]),
-                              0, 0, "no GPU work")
+    empty = pd.DataFrame(columns=["index", "name", "gpu_start_ns", "gpu_end_ns", "duration_ns", "warmup"])
+    if kernels.empty:
+        return StepWindow(empty, 0, 0, "no GPU work")
+    found = _from_ranges(ranges, kernels) or _from_kernels(kernels)
+    if isinstance(found, str):
         s, e = int(kernels["start_ns"].min()), int(kernels["end_ns"].max())
-        return StepWindow(pd.DataFrame(columns=["index", "name", "gpu_start_ns", "gpu_end_ns", "duration_ns", "warmup"]),
-                          s, e, "no steps found: whole trace")
+        return StepWindow(empty, s, e, f"no steps found: {found}")
     sel, source = found
     sel = sel.sort_values("gpu_start_ns", kind="stable")
     steps = pd.DataFrame({

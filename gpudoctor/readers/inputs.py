@@ -116,6 +116,8 @@ def _devices_from_manifest(trace: Trace, manifest: dict) -> Trace:
     """A run without a timeline (NVML samples only) has no devices table: take the GPUs the profiler saw,
     from the manifest, for its one rank (with several ranks it cannot tell whose GPU is whose)."""
     gpus = [g for g in manifest.get("gpus") or [] if isinstance(g, dict) and g.get("name")]
+    if isinstance(manifest.get("gpu_state"), dict):  # the capture's conditions travel into run.db's meta
+        trace.meta.setdefault("gpu_state", manifest["gpu_state"])
     ranks = trace.rank_ids
     if len(trace.devices) or not gpus or len(ranks) > 1:
         return trace

@@ -4,19 +4,20 @@
 magic bytes, not by the extension).
 
 Parsing and memory
-    Kineto writes every event of ``traceEvents`` as a block that starts on a new line at a fixed
-    indentation (``"\\n  {"``). The reader streams the file in 16 MB blocks, cuts the array at those
-    event starts, drops unparsed the events the model does not use (recognized by their first bytes:
-    most cpu_op, python_function, gpu_user_annotation and flow events; they are only counted; the
-    cpu_ops kept, ``SHAPE_OPS``, are recognized by name the same way), parses
-    the rest of the batch with orjson (stdlib json when orjson is missing) and turns it into numpy
-    columns before reading on, so only one batch of parsed dicts is alive at a time. A cut in a wrong
-    place can only make a batch invalid JSON, never a different valid one; on any failure the reader
-    starts over and parses the whole document at once (the path that also reports bad input). Files
-    not laid out that way (one-line JSON, a bare event list) take the whole-document path directly
-    (several times slower, ~3 GB for 1 M events). Skipped events are not validated as JSON.
-    The cyclic GC is paused during a read (millions of acyclic objects). Output rows are sorted by
-    time, so the result does not depend on the path or the batching.
+    The reader streams the file in 16 MB blocks whatever its layout (Kineto's one event per block, or
+    one-line JSON from orjson / ``json.dumps``): ``gpudoctor.readers.event_split`` cuts the event array
+    at the file's own separator between events and checks each batch (see there). Events the model
+    does not use are dropped unparsed, recognized by their first bytes: most cpu_op, python_function,
+    gpu_user_annotation and flow events (they are only counted; the cpu_ops kept, ProfilerStep#N,
+    record_param_comms, the c10d collectives and ``SHAPE_OPS``, are recognized by name the same way).
+    The rest of the batch is parsed with orjson and turned into numpy columns before reading on, so
+    only one batch of parsed dicts is alive at a time: memory is bounded by the block size and the
+    model, not by the file. On any failure the reader starts over and parses the whole document at once
+    (the path that also reports bad input, and reads what orjson refuses: NaN, huge integers); both
+    paths give the same tables (tests/test_kineto_reader.py checks it on every real trace at hand).
+    Skipped events are not validated as JSON. The cyclic GC is paused during a read (millions of
+    acyclic objects). Output rows are sorted by time, so the result does not depend on the path or
+    the batching.
 
 Times
     ``ts``/``dur`` are microseconds (the Chrome trace rule; Kineto writes µs with 3 decimals, relative
@@ -24,12 +25,18 @@ Times
     baseTimeNanoseconds (clock_source "baseTimeNanoseconds"), or ts * 1000 when the file has no base
     (clock_source "trace"). The µs -> ns step splits integer and fraction so that it is exact for the
     3-decimal values Kineto writes (while the float64 can hold them to better than 0.5 ns, i.e. up to
-    ~100 days after the base). ts are read as nanoseconds only when the µs reading is impossible
-    (more than a year after baseTimeNanoseconds, or past the year 2190 without one);
-    ``meta["torch_profiler"]["ts_unit"]`` says which reading was used.
+    ~100 days after the base). The unit is decided once per file from its *median* timestamp: ts are
+    read as nanoseconds only when that median is impossible as µs (more than a year after
+    baseTimeNanoseconds, or past the year 2190 without one), so one odd timestamp cannot switch a file;
+    ``meta["torch_profiler"]["ts_unit"]`` says which reading was used. Events that cannot be placed are
+    dropped and counted in ``dropped`` by reason: ts or dur missing or not a number, a negative dur, a
+    ts more than a year from the file's median, or an absolute time outside int64 nanoseconds (never
+    wrapped around).
 
 What becomes what
-    kernel -> kernels (+ collectives for NCCL kernels); gpu_memcpy / gpu_memset -> memops;
+    kernel -> kernels (+ collectives for NCCL kernels: op and sizes from record_param_comms arguments,
+    else the op of the ``nccl:<op>`` / ``c10d::`` / TorchRec range around the launch, else the kernel
+    name; gpudoctor/model/collectives.py); gpu_memcpy / gpu_memset -> memops;
     cuda_runtime / cuda_driver -> api_calls; user_annotation -> ranges (domain "record_function"),
     ProfilerStep#N (cpu_op or user_annotation) -> ranges (domain "profiler_step"), with depth and GPU
     projection; CUDA "[memory]" instants -> memory_events and counters; deviceProperties -> devices;
@@ -38,8 +45,10 @@ What becomes what
     was taken with ``record_shapes``, ``Input Dims`` / ``Input type`` as JSON text. The other cpu_op
     events, python_function, gpu_user_annotation and the other known Kineto categories are not part
     of the model: they are counted in ``meta["torch_profiler"]["event_counts"]`` (cpu_op, all of
-    them, also in ``meta["cpu_op_count"]``). Unknown categories and unusable events are counted in
-    ``dropped``.
+    them, also in ``meta["cpu_op_count"]``). Events of devices gpudoctor does not model (MTIA, HPU,
+    XPU, ...: categories such as ``mtia_ccp_events``, and their ``[memory]`` events) are counted in
+    ``dropped`` as "events of device type X not analyzed" (with "the trace has no CUDA/HIP kernels"
+    when that is so). Unknown categories and unusable events are counted in ``dropped`` too.
 """
 
 from __future__ import annotations
@@ -47,7 +56,10 @@ from __future__ import annotations
 import codecs
 import gc
 import json
+import multiprocessing
 import operator
+import os
+import pickle
 import re
 from collections import Counter
 from itertools import compress, repeat
@@ -55,30 +67,36 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
-
-try:  # orjson is several times faster and is what the performance numbers assume
-    import orjson
-
-    _loads = orjson.loads
-except ImportError:  # pragma: no cover - exercised only without orjson
-    orjson = None
-    _loads = json.loads
 
 from gpudoctor.errors import InputError
 from gpudoctor.model.categories import categorize_kernels, short_names
+from gpudoctor.model.collectives import collective_op, enclosing_ops, op_of_kernel, range_op
+from gpudoctor.model.columns import per_value
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
-from gpudoctor.readers import rank_from_filename
+from gpudoctor.readers import limits, rank_from_filename
+from gpudoctor.readers.event_split import (
+    BLOCK_BYTES,
+    BOM,
+    EventSplitter,
+    NotStreamable,
+    Window,
+    find_cut,
+    join_header,
+    parse_bodies,
+)
 from gpudoctor.readers.limits import gunzip, open_input
+
+_loads = orjson.loads
 
 FORMAT = "kineto_json"
 SOURCE = "kineto"
 
-_BOM = b"\xef\xbb\xbf"
 _GZIP_MAGIC = b"\x1f\x8b"
-_BLOCK = 16 << 20  # bytes read per streaming step
-_MAX_CARRY = 256 << 20  # an "event" this long without a cut point: give up streaming
+_BLOCK = BLOCK_BYTES  # bytes read per streaming step
+_TWO_PROCESS_MIN_BYTES = 256 << 20  # plain files at least this large are read in two halves at once
 _FEED_CHUNK = 200_000  # events per batch on the whole-document path
 
 # Kineto category names (older versions used capitalized names for some).
@@ -102,10 +120,19 @@ _KNOWN_UNMODELED = {
     "cuda_profiler_range", "fwdbwd", "ac2g", "kineto", "collective_comm",
 }
 _FLOW_PHASES = {"s", "t", "f"}
+# Kineto categories of devices gpudoctor does not model, by their prefix (mtia_ccp_events, mtia_runtime,
+# hpu_op, xpu_runtime, gcu_driver, privateuse1_runtime, ...) -> the device type named to the user.
+_OTHER_DEVICE_PREFIXES = {"mtia": "MTIA", "hpu": "HPU", "xpu": "XPU", "gcu": "GCU", "glow": "Glow",
+                          "privateuse1": "PrivateUse1", "mps": "MPS", "xla": "XLA", "ipu": "IPU"}
+# c10::DeviceType codes of "[memory]" events, other than CPU (0) and CUDA (1; HIP builds report CUDA too).
+_C10_DEVICE_TYPES = {6: "HIP", 7: "FPGA", 8: "MAIA", 9: "XLA", 10: "Vulkan", 11: "Metal", 12: "XPU",
+                     13: "MPS", 14: "Meta", 15: "HPU", 16: "VE", 17: "Lazy", 18: "IPU", 19: "MTIA",
+                     20: "PrivateUse1"}
 
 _PROFILER_STEP = "ProfilerStep#"
 _PARAM_COMMS = "record_param_comms"
-_SPECIAL_CPU_OPS = (_PROFILER_STEP, _PARAM_COMMS)
+_C10D = "c10d::"
+_SPECIAL_CPU_OPS = (_PROFILER_STEP, _PARAM_COMMS, _C10D)
 
 # cpu_op events kept in the cpu_ops table (the rest are only counted): the operators whose shapes the
 # analyzers read (matrix products and softmax: analyzers/low_tensor_core.py MM_OPS,
@@ -126,20 +153,6 @@ SHAPE_OPS = frozenset({
 SHAPE_OP_PREFIXES = ("aten::_scaled_dot_product_",)
 
 _NCCL_RE = re.compile(r"nccl", re.I)
-_NCCL_OP_RE = re.compile(
-    r"(AllReduce|AllGather|ReduceScatter|Broadcast|AllToAll|SendRecv|Send|Recv|Reduce)", re.I)
-_KERNEL_OPS = {
-    "allreduce": "all_reduce", "allgather": "all_gather", "reducescatter": "reduce_scatter",
-    "broadcast": "broadcast", "alltoall": "all_to_all", "sendrecv": "send_recv", "send": "send",
-    "recv": "recv", "reduce": "reduce",
-}
-# "Collective name" of record_param_comms, letters only, checked in this order.
-_COLLECTIVE_OPS = [
-    ("allreduce", "all_reduce"), ("reducescatter", "reduce_scatter"), ("allgather", "all_gather"),
-    ("alltoall", "all_to_all"), ("broadcast", "broadcast"), ("sendrecv", "send_recv"),
-    ("send", "send"), ("recv", "recv"), ("barrier", "barrier"), ("reduce", "reduce"),
-    ("gather", "gather"), ("scatter", "scatter"),
-]
 # c10 ScalarType names (Kineto "dtype") -> (torch dtype name, bytes per element).
 _DTYPES = {
     "Byte": ("uint8", 1), "Char": ("int8", 1), "Short": ("int16", 2), "Int": ("int32", 4),
@@ -176,28 +189,28 @@ _MEMORY_KINDS = {
 
 # tensorboard_trace_handler names files "<hostname>_<pid>.<ms>.pt.trace.json[.gz]".
 _TB_NAME_RE = re.compile(r"^(?P<host>.+)_(?P<pid>\d+)\.\d+\.pt\.trace\.json(?:\.gz)?$")
-# Start of an event (after its "{") that the model does not need: flow events, and cpu_op /
+# Start of an event body (after its '{"') that the model does not need: flow events, and cpu_op /
 # python_function / gpu_user_annotation events except ProfilerStep#N and record_param_comms.
 _SKIP_RE = re.compile(
-    rb'\s*"ph"\s*:\s*"(?:([stf])"|X"\s*,\s*"cat"\s*:\s*"(cpu_op|python_function|gpu_user_annotation)"\s*,'
+    rb'ph"\s*:\s*"(?:([stf])"|X"\s*,\s*"cat"\s*:\s*"(cpu_op|python_function|gpu_user_annotation)"\s*,'
     rb'\s*"name"\s*:\s*"(?!ProfilerStep#|record_param_comms"))')
 # How the names of the cpu_op events that are parsed begin in the raw text (after the opening quote):
-# ProfilerStep#N, record_param_comms and SHAPE_OPS. The first _KEY_LEN bytes of each are a quick test.
-_TAKE_BACK_NAMES = (b"ProfilerStep#", b'record_param_comms"') + tuple(
+# ProfilerStep#N, record_param_comms, the c10d collectives and SHAPE_OPS. The first _KEY_LEN bytes of each
+# are a quick test (c10d names are listed by op so that their keys are not all "c10d::").
+_C10D_OPS = (b"allreduce", b"allgather", b"_allgather", b"alltoall", b"reduce", b"_reduce_scatter", b"broadcast",
+             b"send", b"recv", b"gather", b"scatter", b"barrier", b"allreduce_coalesced", b"all_to_all")
+_TAKE_BACK_NAMES = (b"ProfilerStep#", b'record_param_comms"') + tuple(b"c10d::" + op for op in _C10D_OPS) + tuple(
     sorted(n.encode() + b'"' for n in SHAPE_OPS)) + tuple(p.encode() for p in SHAPE_OP_PREFIXES)
 _KEY_LEN = min(map(len, _TAKE_BACK_NAMES))
 _TAKE_BACK_KEYS = frozenset(n[:_KEY_LEN] for n in _TAKE_BACK_NAMES)
 _SKIP_KEYS = {b"s": ("flow", None), b"t": ("flow", None), b"f": ("flow", None), b"cpu_op": ("X", "cpu_op"),
               b"python_function": ("X", "python_function"), b"gpu_user_annotation": ("X", "gpu_user_annotation")}
-_TE_KEY_RE = re.compile(rb'"traceEvents"\s*:\s*\[')
-_WS_B = re.compile(rb"\s*")
-_WS_S = re.compile(r"\s*")
-_OPEN_OBJ_RE = re.compile(rb"\s*\{")
 
 _EMPTY: dict = {}
 _NEG3 = (-1, -1, -1)
 _US_PER_YEAR = 3.2e13  # µs
 _NS_YEAR_2190 = 7.0e18
+_NS_INT64_SAFE = 9.0e18  # |ns| at or above this could wrap int64 once rounded
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,22 +234,36 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
             gc.enable()
 
 
-def _read(path: Path, rank: int | None) -> Trace:
+def _read(path: Path, rank: int | None, stream: bool = True) -> Trace:
+    """``stream=False`` takes the whole-document path directly (tests prove both paths equal)."""
     acc = _Accumulator()
-    header: dict | None
-    parser = "stream"
-    try:
-        header = _stream(path, acc)
-    except InputError:  # corrupt gzip or past a limit: the whole-document path would say the same
-        raise
-    except Exception as e:  # noqa: BLE001 - anything odd: start over on the whole-document path
-        header = None
-        parser = f"whole ({_one_line(e)[:200] or type(e).__name__})"
+    header: dict | None = None
+    parser, layout = "stream", ""
+    if not stream:
+        parser = "whole (asked)"
+    else:
+        if _two_processes(path):
+            try:
+                header, layout = _stream_two(path, acc)
+                parser = "stream (2 processes)"
+            except InputError:  # corrupt gzip or past a limit: the whole-document path would say the same
+                raise
+            except Exception:  # noqa: BLE001 - anything odd: one process, then the whole document
+                acc = _Accumulator()
+        if header is None:
+            try:
+                header, layout = _stream(path, acc)
+                parser = "stream"
+            except InputError:
+                raise
+            except Exception as e:  # noqa: BLE001 - anything odd: start over on the whole-document path
+                header = None
+                parser = f"whole ({_one_line(e)[:200] or type(e).__name__})"
     if header is None:
         acc = _Accumulator()
         header = _parse_whole(path, acc)
     try:
-        return _build(path, header, acc, rank, parser)
+        return _build(path, header, acc, rank, parser, layout)
     except InputError:
         raise
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:
@@ -264,10 +291,6 @@ def _one_line(x: Any) -> str:
     return " ".join(str(x).split())
 
 
-class _NotStreamable(Exception):
-    pass
-
-
 class _Reader:
     """Plain or gzip byte stream (gzip recognized by magic bytes)."""
 
@@ -284,94 +307,122 @@ class _Reader:
         self._f.close()
 
 
-def _stream(path: Path, acc: "_Accumulator") -> dict:
-    """Stream-parse a Kineto-laid-out JSON object; return its header (all keys but traceEvents).
+def _stream(path: Path, acc: "_Accumulator") -> tuple[dict, str]:
+    """Stream-parse the document batch by batch (event_split); return its header and layout.
 
     Raises on anything unexpected; the caller then parses the whole document.
     """
     with _Reader(path) as f:
-        buf = f.read(_BLOCK)
-        if buf.startswith(_BOM):
-            buf = buf[3:]
-        if not _OPEN_OBJ_RE.match(buf):
-            raise _NotStreamable("not an object")
-        m = _TE_KEY_RE.search(buf)
-        if m is None:
-            raise _NotStreamable("traceEvents not near the start")
-        head = buf[: m.start()].decode("utf-8")
-        j = _WS_B.match(buf, m.end()).end()
-        if j >= len(buf):
-            raise _NotStreamable("array start at block end")
-        first = buf[j:j + 1]
-        if first == b"{":
-            nl = buf.rfind(b"\n", m.end(), j)
-            if nl < 0:
-                raise _NotStreamable("events not one per line")
-            indent = buf[nl + 1:j]
-            if indent.strip(b" \t"):
-                raise _NotStreamable("odd indentation")
-            sep = b"\n" + indent + b"{"
-        elif first == b"]":
-            sep = None
-        else:
-            raise _NotStreamable("traceEvents does not hold objects")
-        if sep is None:
-            buf = buf[j:] + f.read(-1)
-            start = 0
-        else:
-            start = nl  # batches start at a separator
-        skipper = _Skipper()
-        while sep is not None:
-            k = buf.rfind(sep, start + 1)
-            if k > start:
-                end = k
-                while end > start and buf[end - 1] in b" \t\r\n":
-                    end -= 1
-                if end > start and buf[end - 1] == 0x2C:  # ","
-                    end -= 1
-                _feed_region(acc, skipper, buf[start:end], sep)
-                start = k
-            more = f.read(_BLOCK)
-            if not more:
-                break
-            if len(buf) - start > _MAX_CARRY:
-                raise _NotStreamable("no event boundary found")
-            buf = buf[start:] + more
-            start = 0
-        rest_text = bytes(memoryview(buf)[start:]).decode("utf-8")
-        del buf
-    events, tail = _decode_tail(rest_text)
-    acc.feed(events)
-    return _join_header(head, tail)
+        splitter = EventSplitter(f, _BLOCK)
+        _feed_batches(splitter.batches(), acc)
+    if splitter.bare and not any(ph is not None for ph, _ in acc.counts):
+        raise NotStreamable("a list of objects that are not trace events")
+    return splitter.header, splitter.layout
+
+
+def _feed_batches(batches, acc: "_Accumulator") -> None:
+    skipper = _Skipper()
+    for batch in batches:
+        if batch.events is not None:
+            acc.feed(batch.events)
+            continue
+        if batch.exact:
+            kept, skipped = skipper.split(batch.bodies)
+            if skipped:
+                acc.count_skipped(skipped)
+        else:  # a body may hold several events: parse every one
+            kept = batch.bodies
+        del batch
+        acc.feed(parse_bodies(kept))
+        del kept
+
+
+def _two_processes(path: Path) -> bool:
+    """Read a large plain (seekable) file in two halves at once, the second in a forked process."""
+    if os.environ.get("GPUDOCTOR_READ_THREADS", "").strip() == "1" or (os.cpu_count() or 1) < 2:
+        return False
+    if "fork" not in multiprocessing.get_all_start_methods() or multiprocessing.current_process().daemon:
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) != _GZIP_MAGIC and path.stat().st_size >= _TWO_PROCESS_MIN_BYTES
+    except OSError:
+        return False
+
+
+def _stream_two(path: Path, acc: "_Accumulator") -> tuple[dict, str]:
+    """``_stream`` on two halves of the file, cut at a separator near the middle: this process reads
+    the first half while a forked one reads the second; their accumulators are then merged (string
+    codes remapped, kernel rows shifted). Same result as ``_stream``: rows are sorted at the end."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        sep, _ = EventSplitter(f, _BLOCK).separator()
+        cut = find_cut(f, size, sep, _BLOCK)
+    if cut < 0:
+        raise NotStreamable("no separator near the middle")
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_second_half, args=(path, sep, cut + len(sep), send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        with open(path, "rb") as f:
+            splitter = EventSplitter(Window(f, cut), _BLOCK)
+            _feed_batches(splitter.batches(until_separator=True), acc)
+        payload = recv.recv_bytes()
+    finally:
+        recv.close()
+        child.join()
+    ok, data = pickle.loads(payload)
+    del payload
+    if not ok:
+        raise NotStreamable(f"second half: {data}")
+    other, tail = data
+    acc.merge(other)
+    return join_header(splitter.head, tail), splitter.layout
+
+
+def _second_half(path: Path, sep: bytes, offset: int, send) -> None:
+    try:
+        acc = _Accumulator()
+        with open(path, "rb") as f:
+            f.seek(offset)
+            splitter = EventSplitter(f, _BLOCK)
+            _feed_batches(splitter.resume(sep), acc)
+        out = (True, (acc, splitter.tail))
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which falls back
+        out = (False, f"{type(e).__name__}: {_one_line(e)[:200]}")
+    send.send_bytes(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
+    send.close()
 
 
 class _Skipper:
     """Recognizes, by their first bytes, the events the model does not use, so they are never parsed.
 
-    Those are most of a trace: cpu_op (except ProfilerStep#N, record_param_comms and ``SHAPE_OPS``),
-    python_function, gpu_user_annotation and flow events. The exact prefixes (Kineto's layout) are
-    learned with a regex from the first events of each region; after that the test is a plain
-    ``bytes.startswith``. The cpu_op events to parse share their category's prefix: they are taken
-    back from the skipped ones by the bytes of their name (a set lookup of the name's first bytes,
-    then ``startswith`` prefix + name on the few that pass; one tuple of ~25 prefixes tested on every
-    skipped event would cost a third of the reading time). An event written differently is simply
-    parsed (and then handled the same way), so this is only a shortcut.
+    Those are most of a trace: cpu_op (except ProfilerStep#N, record_param_comms, c10d collectives and
+    ``SHAPE_OPS``), python_function, gpu_user_annotation and flow events. The exact prefixes (this
+    file's layout) are learned with a regex from the first events of each batch; after that the test is
+    a plain ``bytes.startswith``. The cpu_op events to parse share their category's prefix: they are
+    taken back from the skipped ones by the bytes of their name (a set lookup of the name's first
+    bytes, then ``startswith`` prefix + name on the few that pass; one tuple of ~40 prefixes tested on
+    every skipped event would cost a third of the reading time). An event written differently is
+    simply parsed (and then handled the same way), so this is only a shortcut.
     """
 
-    LEARN_FIRST = 5000  # events looked at in the first region
+    LEARN_FIRST = 5000  # events looked at in the first batch
     LEARN_NEXT = 256  # and in each later one
 
     def __init__(self):
         self.by_key: dict[tuple, set] = {}  # (ph, cat) -> prefixes
         self.skip: tuple = ()
         self.take_back: list[tuple[slice, tuple]] = []  # per cpu_op prefix length: (name key, prefix + name)
-        self.regions = 0
+        self.batches = 0
 
-    def learn(self, pieces: list) -> None:
+    def learn(self, bodies: list) -> None:
         new = False
-        n = self.LEARN_FIRST if self.regions == 0 else self.LEARN_NEXT
-        self.regions += 1
-        for p in pieces[1:n]:
+        n = self.LEARN_FIRST if self.batches == 0 else self.LEARN_NEXT
+        self.batches += 1
+        for p in bodies[:n]:
             m = _SKIP_RE.match(p)
             if m is not None:
                 key = _SKIP_KEYS[m.group(1) or m.group(2)]
@@ -387,22 +438,16 @@ class _Skipper:
                 by_len.setdefault(len(pre), []).extend(pre + s for s in _TAKE_BACK_NAMES)
             self.take_back = [(slice(n, n + _KEY_LEN), tuple(full)) for n, full in sorted(by_len.items())]
 
-    def split(self, region: bytes, sep: bytes) -> tuple[list, Counter]:
-        """Pieces to parse, and counts of the skipped ones by (ph, cat)."""
-        pieces = region.split(sep)
-        self.learn(pieces)
+    def split(self, bodies: list) -> tuple[list, Counter]:
+        """Bodies to parse, and counts of the skipped ones by (ph, cat)."""
+        self.learn(bodies)
         if not self.skip:
-            return pieces[1:], Counter()
-        # Every piece but the region's last ends with its comma; give the last one too, since the
-        # events taken back below go after it.
-        last = pieces[-1].rstrip(b" \t\r\n")
-        if len(pieces) > 1 and not last.endswith(b","):
-            pieces[-1] = last + b","
-        skip = list(map(bytes.startswith, pieces, repeat(self.skip)))
-        kept = list(compress(pieces, map(operator.not_, skip)))
-        skipped = list(compress(pieces, skip))
-        del pieces, skip
-        # ProfilerStep#N / record_param_comms / SHAPE_OPS share the prefix of cpu_op: take them back.
+            return bodies, Counter()
+        skip = list(map(bytes.startswith, bodies, repeat(self.skip)))
+        kept = list(compress(bodies, map(operator.not_, skip)))
+        skipped = list(compress(bodies, skip))
+        del skip
+        # ProfilerStep#N / record_param_comms / c10d:: / SHAPE_OPS share the prefix of cpu_op: take them back.
         special: list = []
         for key, full in self.take_back:
             cand = list(map(_TAKE_BACK_KEYS.__contains__, map(operator.getitem, skipped, repeat(key))))
@@ -410,75 +455,19 @@ class _Skipper:
                 cand = list(compress(skipped, cand))
                 special.extend(compress(cand, map(bytes.startswith, cand, repeat(full))))
         kept.extend(special)
+        # Counts by (ph, cat): every skipped body has exactly one key's prefix, so the most common key
+        # (cpu_op in Kineto traces) is what is left after counting the others (one pass fewer).
         counts: Counter = Counter()
-        flows = len(skipped) - len(special)
-        for key, pres in self.by_key.items():
-            if key[0] == "X":
-                pres = tuple(pres)
-                n = sum(map(bytes.startswith, skipped, repeat(pres)))
-                if special:
-                    n -= sum(map(bytes.startswith, special, repeat(pres)))
-                counts[key] += n
-                flows -= n
-        if flows:
-            counts[("flow", None)] += flows
-        return kept[1:], counts
-
-
-def _feed_region(acc: "_Accumulator", skipper: _Skipper, region: bytes, sep: bytes) -> None:
-    """Events ``<sep>ev1<sep>ev2...`` (each without its opening brace, with its trailing comma) -> acc.
-
-    Dropping whole pieces can only unbalance the text if a cut was not at an event boundary, so a wrong
-    cut still ends in a parse error (and the whole-document path), never in different events.
-    """
-    kept, skipped = skipper.split(region, sep)
-    del region
-    if skipped:
-        acc.count_skipped(skipped)
-    if not kept:
-        return
-    last = kept[-1].rstrip(b" \t\r\n")
-    kept[-1] = last[:-1] if last.endswith(b",") else last
-    data = b"[{" + sep.join(kept) + b"]"
-    del kept
-    events = _loads(data)
-    del data
-    acc.feed(events)
-
-
-def _decode_tail(s: str) -> tuple[list, str]:
-    """Parse the last events and the closing ``]``; return them and the text after the array."""
-    dec = json.JSONDecoder()
-    i = _WS_S.match(s, 0).end()
-    events: list = []
-    if s.startswith("]", i):
-        return events, s[i + 1:]
-    while True:
-        obj, i = dec.raw_decode(s, i)
-        events.append(obj)
-        i = _WS_S.match(s, i).end()
-        if s.startswith(",", i):
-            i = _WS_S.match(s, i + 1).end()
-            continue
-        if s.startswith("]", i):
-            return events, s[i + 1:]
-        raise _NotStreamable("unexpected text after an event")
-
-
-def _join_header(head: str, tail: str) -> dict:
-    h, t = head.rstrip(), tail.strip()
-    if h.endswith(","):
-        if t.startswith(","):
-            t = t[1:]
-        elif t.startswith("}"):
-            h = h[:-1]
-    elif h.endswith("{") and t.startswith(","):
-        t = t[1:]
-    doc = json.loads(h + t)
-    if not isinstance(doc, dict):
-        raise _NotStreamable("header is not an object")
-    doc.pop("traceEvents", None)
-    return doc
+        left = len(skipped) - len(special)
+        keys = sorted(self.by_key, key=lambda k: k == _SKIP_KEYS[b"cpu_op"])
+        for key in keys[:-1]:
+            pres = tuple(self.by_key[key])
+            n = sum(map(bytes.startswith, skipped, repeat(pres)))
+            counts[key] += n
+            left -= n
+        if keys and left:
+            counts[keys[-1]] += left
+        return kept, counts
 
 
 def _read_all(path: Path) -> bytes:
@@ -489,7 +478,7 @@ def _read_all(path: Path) -> bytes:
         raise InputError(path, f"cannot read: {_one_line(e.strerror or e)}") from None
     if data[:2] == _GZIP_MAGIC:
         data = gunzip(data, path)
-    if data.startswith(_BOM):
+    if data.startswith(BOM):
         data = data[3:]
     return data
 
@@ -532,6 +521,7 @@ def _parse_whole(path: Path, acc: "_Accumulator") -> dict:
     elif isinstance(doc, list):
         events, header = doc, {}
         probe = events[:100]
+        _check_depth(doc, path)
         if not probe or not all(isinstance(e, dict) and "ph" in e for e in probe):
             raise InputError(path, "not a trace: the top-level JSON list does not hold trace events "
                                    "(objects with a 'ph' field)")
@@ -553,10 +543,23 @@ def _parse_whole(path: Path, acc: "_Accumulator") -> dict:
     return header
 
 
+def _check_depth(doc: Any, path: Path) -> None:
+    """A list nested past GPUDOCTOR_MAX_JSON_DEPTH is refused as such (some orjson builds parse it; a
+    trace is never that deep). Follows the first element down: cheap, and what a nesting attack uses."""
+    cap = limits.limit("GPUDOCTOR_MAX_JSON_DEPTH")
+    depth, x = 0, doc
+    while isinstance(x, (list, dict)) and x and depth <= cap:
+        x = x[0] if isinstance(x, list) else next(iter(x.values()))
+        depth += 1
+    if depth > cap:
+        raise InputError(path, f"JSON nested too deeply (more than {cap} levels; GPUDOCTOR_MAX_JSON_DEPTH "
+                               "raises the limit)")
+
+
 def _retry_parse(data: bytes, msg: str) -> Any:
     """Second chances: what orjson refuses but is readable (NaN, Infinity, integers beyond 64 bits:
     stdlib json takes them), and a Chrome-trace array without its closing ']' (the format allows it)."""
-    if orjson is not None and "unexpected end of data" not in msg:
+    if "unexpected end of data" not in msg:
         try:
             return json.loads(data)
         except ValueError:
@@ -633,12 +636,15 @@ def _field(dicts: list, key: str, fill: Any = None) -> list:
 
 def _codes(lut: dict, values: list) -> np.ndarray:
     """Intern strings into ``lut`` (value -> code); return the codes."""
-    return np.array([lut.setdefault(v, len(lut)) for v in values], dtype=np.int32)
+    for v in dict.fromkeys(values):  # the distinct values: few
+        if v not in lut:
+            lut[v] = len(lut)
+    return np.fromiter(map(lut.__getitem__, values), dtype=np.int32, count=len(values))
 
 
 def _args_of(evs: list) -> list:
     args = _field(evs, "args")
-    if not all(type(a) is dict for a in args):
+    if not set(map(type, args)) <= {dict}:
         args = [a if isinstance(a, dict) else _EMPTY for a in args]
     return args
 
@@ -691,11 +697,43 @@ class _Accumulator:
         self.knccl: list[bool] = []  # per kernel-name code: NCCL kernel?
         self.nccl: list[tuple] = []  # (kernel row, External id, collective info or None)
         self.rpc: list[tuple] = []  # record_param_comms: (External id, tid, ts, dur, info)
+        self.comm_ops: list[tuple] = []  # c10d:: collective calls: (tid, ts, dur, name)
         self.cpu_op_count = 0
         self.proc_names: dict = {}
         self.proc_labels: dict = {}
         self.host_pids: Counter = Counter()
         self.cpu_memory_events = 0
+        self.other_devices: Counter = Counter()  # device type -> [memory] events of it
+
+    def merge(self, other: "_Accumulator") -> None:
+        """Append what ``other`` accumulated from a later part of the file (codes remapped)."""
+        for name in ("counts", "unknown_cats", "bad_phases", "host_pids", "other_devices"):
+            getattr(self, name).update(getattr(other, name))
+        self.cpu_op_count += other.cpu_op_count
+        self.cpu_memory_events += other.cpu_memory_events
+        for name in ("proc_names", "proc_labels"):
+            for k, v in getattr(other, name).items():
+                getattr(self, name).setdefault(k, v)
+        self.nccl.extend((row + self.kern.n, ext, info) for row, ext, info in other.nccl)
+        self.rpc.extend(other.rpc)
+        self.comm_ops.extend(other.comm_ops)
+        remaps = {  # table -> {code column: (my lut, its lut)}
+            "kern": {"name": (self.kname, other.kname)}, "mem": {"name": (self.mname, other.mname)},
+            "api": {"name": (self.aname, other.aname)}, "rng": {"text": (self.rtext, other.rtext)},
+            "ops": {"name": (self.oname, other.oname), "dims": (self.odims, other.odims),
+                    "types": (self.otypes, other.otypes)},
+            "mev": {},
+        }
+        for table, code_cols in remaps.items():
+            mine, theirs = getattr(self, table), getattr(other, table)
+            maps = {col: np.array([lut.setdefault(v, len(lut)) for v in their_lut], dtype=np.int32)
+                    for col, (lut, their_lut) in code_cols.items()}
+            for col, parts in theirs.parts.items():
+                if col in maps:
+                    parts = [maps[col][p] for p in parts]
+                mine.parts.setdefault(col, []).extend(parts)
+            mine.n += theirs.n
+        self.knccl = [_NCCL_RE.search(_name_of(k)) is not None for k in self.kname]
 
     def count_skipped(self, counts: Counter) -> None:
         for key, n in counts.items():
@@ -705,14 +743,10 @@ class _Accumulator:
 
     # one batch
     def feed(self, events: list) -> None:
-        buckets: dict = {}
-        for e in events:
-            k = (e.get("ph"), e.get("cat"))
-            lst = buckets.get(k)
-            if lst is None:
-                buckets[k] = [e]
-            else:
-                lst.append(e)
+        # Group by (ph, cat) with C-level passes (a handful of distinct keys), no Python loop per event.
+        keys = list(zip(_field(events, "ph"), _field(events, "cat")))
+        buckets = {k: list(compress(events, map(operator.eq, keys, repeat(k)))) for k in dict.fromkeys(keys)}
+        del keys
         for (ph, cat), evs in buckets.items():
             self.counts[("flow", None) if ph in _FLOW_PHASES else (ph, cat)] += len(evs)
             if ph == "X":
@@ -825,6 +859,8 @@ class _Accumulator:
                 a = a if isinstance(a, dict) else _EMPTY
                 self.rpc.append((a.get("External id"), e.get("tid"), e.get("ts"), e.get("dur"),
                                  _collective_info(a)))
+            elif e["name"].startswith(_C10D):
+                self.comm_ops.append((e.get("tid"), e.get("ts"), e.get("dur"), e["name"]))
 
     def _shape_ops(self, evs: list) -> None:
         n = len(evs)
@@ -858,8 +894,9 @@ class _Accumulator:
         dev_type = _ints(_field(args, "Device Type", -1), -1)
         cuda = dev_type == 1  # c10::DeviceType::CUDA
         self.cpu_memory_events += int((dev_type == 0).sum())
-        self.unknown_cats["[memory] event on device type other than CPU/CUDA"] += int(
-            ((dev_type != 0) & ~cuda).sum())
+        other = dev_type[(dev_type != 0) & ~cuda]
+        for code, n in zip(*np.unique(other, return_counts=True)):
+            self.other_devices[_C10_DEVICE_TYPES.get(int(code), f"#{int(code)}")] += int(n)
         if not cuda.any():
             return
         idx = np.flatnonzero(cuda).tolist()
@@ -879,11 +916,10 @@ def _json_text(x: Any) -> str:
     """An args value as compact JSON text ("" when absent)."""
     if x is None:
         return ""
-    if orjson is not None:
-        try:
-            return orjson.dumps(x).decode("utf-8")
-        except TypeError:  # e.g. an integer beyond 64 bits (stdlib-parsed input)
-            pass
+    try:
+        return orjson.dumps(x).decode("utf-8")
+    except TypeError:  # e.g. an integer beyond 64 bits (stdlib-parsed input)
+        pass
     return json.dumps(x, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -905,17 +941,63 @@ def _categorical(lut: dict, codes: np.ndarray, transform=None) -> pd.Categorical
     return pd.Categorical(np.asarray(cats, dtype=object)[codes] if len(codes) else [])
 
 
-def _ts_unit(base: int | None, tables: list[_Cols]) -> str:
-    max_ts = 0.0
-    for t in tables:
-        ts = t.get("ts", None)
-        if len(ts):
-            fin = ts[np.isfinite(ts)] if ts.dtype.kind == "f" else ts
-            if len(fin):
-                max_ts = max(max_ts, float(np.max(np.abs(fin))))
-    if base is not None:
-        return "ns" if max_ts > _US_PER_YEAR else "us"
-    return "ns" if max_ts * 1000.0 > _NS_YEAR_2190 else "us"
+class _Clock:
+    """How this file's ts/dur become ns, decided once per file, and which events cannot be placed.
+
+    Unit: ts are µs (the Chrome trace rule) unless the *median* timestamp is impossible as µs (more
+    than a year after baseTimeNanoseconds, or past the year 2190 without one): one odd timestamp cannot
+    switch the whole file. An event is dropped (counted by reason) when its ts or dur is missing or not
+    a number, its dur is negative, or its ts lies more than a year from the file's median timestamp
+    (which also keeps every ns value far inside int64: no wrap-around however large the base).
+    """
+
+    def __init__(self, base: int | None, tables: list[_Cols]):
+        self.offset = base if base is not None else 0
+        samples = []
+        for t in tables:
+            ts = t.get("ts", None)
+            if len(ts):
+                ts = ts[:: max(1, len(ts) // 100_000)].astype(np.float64)  # a spread-out sample suffices
+                samples.append(ts[np.isfinite(ts)])
+        allts = np.concatenate(samples) if samples else np.empty(0)
+        self.center = float(np.median(allts)) if len(allts) else 0.0
+        if base is not None:
+            self.unit = "ns" if abs(self.center) > _US_PER_YEAR else "us"
+        else:
+            self.unit = "ns" if abs(self.center) * 1000.0 > _NS_YEAR_2190 else "us"
+        self._year = _US_PER_YEAR * (1000.0 if self.unit == "ns" else 1.0)
+        self.dropped: Counter = Counter()
+
+    def valid(self, cols: _Cols, with_dur: bool = True) -> np.ndarray:
+        ts = cols.get("ts", None)
+        ok = np.ones(len(ts), dtype=bool)
+        if ts.dtype.kind == "f":
+            ok &= np.isfinite(ts)
+        if with_dur:
+            dur = cols.get("dur", None)
+            if dur.dtype.kind == "f":
+                ok &= np.isfinite(dur)
+        self.dropped["event missing ts or dur"] += int((~ok).sum())
+        if with_dur:
+            neg = ok & (dur < 0)
+            self.dropped["event with negative duration"] += int(neg.sum())
+            ok &= ~neg
+        tsf = ts.astype(np.float64)
+        far = ok & (np.abs(tsf - self.center) > self._year)
+        self.dropped["timestamp more than a year from the file's median"] += int(far.sum())
+        ok &= ~far
+        # absolute ns (with the base) must fit int64: estimated in float64 before the exact integer step
+        mult = 1.0 if self.unit == "ns" else 1000.0
+        end_f = tsf + (np.maximum(dur.astype(np.float64), 0) if with_dur else 0.0)
+        over = ok & (np.abs(tsf * mult + float(self.offset)) >= _NS_INT64_SAFE) | (
+            ok & (np.abs(end_f * mult + float(self.offset)) >= _NS_INT64_SAFE))
+        self.dropped["time beyond the int64 nanosecond range"] += int(over.sum())
+        return ok & ~over
+
+    def times_ns(self, cols: _Cols, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ts, dur = cols.get("ts", None)[ok], cols.get("dur", None)[ok]
+        start = _to_ns(ts, self.unit) + self.offset
+        return start, start + _to_ns(dur, self.unit)
 
 
 def _to_ns(a: np.ndarray, unit: str) -> np.ndarray:
@@ -926,22 +1008,6 @@ def _to_ns(a: np.ndarray, unit: str) -> np.ndarray:
         return np.rint(a).astype(np.int64)
     whole = np.floor(a)
     return whole.astype(np.int64) * 1000 + np.rint((a - whole) * 1000.0).astype(np.int64)
-
-
-def _valid(cols: _Cols) -> np.ndarray:
-    ts, dur = cols.get("ts", None), cols.get("dur", None)
-    ok = np.ones(len(ts), dtype=bool)
-    if ts.dtype.kind == "f":
-        ok &= np.isfinite(ts)
-    if dur.dtype.kind == "f":
-        ok &= np.isfinite(dur)
-    return ok
-
-
-def _times_ns(cols: _Cols, ok: np.ndarray, unit: str, offset: int) -> tuple[np.ndarray, np.ndarray]:
-    ts, dur = cols.get("ts", None)[ok], cols.get("dur", None)[ok]
-    start = _to_ns(ts, unit) + offset
-    return start, start + _to_ns(dur, unit)
 
 
 def _int_or_none(x: Any) -> int | None:
@@ -985,6 +1051,11 @@ def _main_pid(acc: _Accumulator, path: Path) -> int:
     return int(m.group("pid")) if m else -1
 
 
+def _device_of_category(cat: str) -> str:
+    """The device type of a Kineto event category gpudoctor does not model ("" for others)."""
+    return _OTHER_DEVICE_PREFIXES.get(cat.lower().split("_", 1)[0], "") if "_" in cat else ""
+
+
 def _memop_kind(key: str) -> tuple[str, str, str]:
     if key.startswith("\x00memset\x00"):
         name = key[len("\x00memset\x00"):]
@@ -1000,19 +1071,6 @@ def _memop_kind(key: str) -> tuple[str, str, str]:
     return kind, src, dst
 
 
-def _collective_op(name: Any) -> str | None:
-    if not isinstance(name, str):
-        return None
-    letters = re.sub(r"[^a-z]", "", name.lower())
-    for key, op in _COLLECTIVE_OPS:
-        if key in letters:
-            return op
-    return None
-
-
-def _kernel_op(name: str) -> str:
-    m = _NCCL_OP_RE.search(name)
-    return _KERNEL_OPS.get(m.group(1).lower(), "other") if m else "other"
 
 
 def _kernel_dtype(name: str) -> str:
@@ -1034,8 +1092,11 @@ def _canonical_dtype(d: Any) -> str:
 
 
 def _collectives(acc: _Accumulator, k_row_new: np.ndarray, k_start: np.ndarray, k_end: np.ndarray,
-                 k_names: pd.Categorical, k_corr: np.ndarray, api: dict) -> dict:
-    """One row per NCCL kernel; args from the kernel, else its record_param_comms op."""
+                 k_names: pd.Categorical, k_corr: np.ndarray, api: dict, comm_ranges: dict) -> dict:
+    """One row per NCCL kernel. Op and sizes from the kernel's record_param_comms arguments (matched by
+    External id, else the one around the launch); else the op of the innermost collective-named host
+    range around the launch (``nccl:all_to_all``, ``c10d::alltoall_base_``, TorchRec's
+    ``## alltoall_fwd_single ##``: source "kineto_range"); else the kernel name."""
     rpc_by_ext = {}
     rpc_by_tid: dict = {}
     for ext, tid, ts, dur, info in acc.rpc:
@@ -1047,32 +1108,39 @@ def _collectives(acc: _Accumulator, k_row_new: np.ndarray, k_start: np.ndarray, 
             rpc_by_tid.setdefault(tid, []).append((float(ts), float(ts) + float(dur), info))
     for v in rpc_by_tid.values():
         v.sort(key=lambda x: x[0])
-    # launch (tid, ts in the input's µs) per correlation, only for NCCL kernels
-    launch: dict = {}
-    if acc.nccl and len(api["corr"]):
-        want = np.array([k_corr[k_row_new[r]] for r, _, _ in acc.nccl if k_row_new[r] >= 0], dtype=np.int64)
-        sel = np.flatnonzero(np.isin(api["corr"], want))
-        for i in sel.tolist():
-            launch.setdefault(int(api["corr"][i]), (int(api["tid"][i]), float(api["ts_raw"][i])))
+    rows_k = np.array([k_row_new[r] for r, _, _ in acc.nccl], dtype=np.int64)
+    ok = rows_k >= 0
+    # launch of each NCCL kernel: (tid, ts in the input's units, start ns) through its correlation id
+    corr = k_corr[rows_k[ok]] if ok.any() else np.empty(0, np.int64)
+    order = np.argsort(api["corr"], kind="stable")
+    pos = np.searchsorted(api["corr"][order], corr)
+    pos = np.minimum(pos, max(len(order) - 1, 0))
+    found = (api["corr"][order][pos] == corr) if len(order) else np.zeros(len(corr), bool)
+    li = order[pos] if len(order) else np.zeros(len(corr), np.int64)
+    l_tid = np.where(found, api["tid"][li] if len(order) else -1, -1)
+    l_raw = np.where(found, api["ts_raw"][li].astype(np.float64) if len(order) else np.nan, np.nan)
+    l_ns = np.where(found, api["start_ns"][li] if len(order) else -1, -1)
+    by_range = enclosing_ops(l_tid[found], l_ns[found], comm_ranges["tid"], comm_ranges["start_ns"],
+                             comm_ranges["end_ns"], comm_ranges["op"])
+    range_op = np.full(len(corr), "", dtype=object)
+    range_op[found] = by_range
     rows: dict[str, list] = {k: [] for k in ("start_ns", "end_ns", "op", "bytes", "dtype", "comm_size", "source")}
-    for r, ext, info in acc.nccl:
+    for i, (r, ext, info) in enumerate(compress(acc.nccl, ok)):
         j = k_row_new[r]
-        if j < 0:
-            continue
         name = str(k_names[j])
         if info is None and ext is not None:
             info = rpc_by_ext.get(ext)
-        if info is None:
-            li = launch.get(int(k_corr[j]))
-            if li is not None:
-                for s, e, inf in reversed(rpc_by_tid.get(li[0], [])):
-                    if s <= li[1] <= e:
-                        info = inf
-                        break
-        op, nbytes, dtype, size, source = _kernel_op(name), -1, _kernel_dtype(name), -1, "kernel_name"
+        if info is None and found[i]:
+            for s, e, inf in reversed(rpc_by_tid.get(int(l_tid[i]), [])):
+                if s <= l_raw[i] <= e:
+                    info = inf
+                    break
+        op, nbytes, dtype, size, source = op_of_kernel(name), -1, _kernel_dtype(name), -1, "kernel_name"
+        if range_op[i]:
+            op, source = range_op[i], "kineto_range"
         if info is not None:
             cname, n_in, n_out, gsize, dt = info
-            op = _collective_op(cname) or op
+            op = collective_op(cname) or op
             dtype = _canonical_dtype(dt) or dtype
             size = _int_or_none(gsize)
             size = size if size is not None else -1
@@ -1091,6 +1159,30 @@ def _collectives(acc: _Accumulator, k_row_new: np.ndarray, k_start: np.ndarray, 
     return rows
 
 
+def _comm_ranges(acc: _Accumulator, ranges: pd.DataFrame, unit: str, offset: int) -> dict:
+    """Host ranges that name a collective: record_function ranges (``nccl:all_to_all``, TorchRec's),
+    and the c10d operator calls, with their op."""
+    r_op = per_value(ranges["text"], lambda t: range_op(t) or "", missing="")
+    sel = r_op != ""
+    tid = [ranges["thread_id"].to_numpy()[sel]]
+    start = [ranges["start_ns"].to_numpy()[sel]]
+    end = [ranges["end_ns"].to_numpy()[sel]]
+    ops = [r_op[sel]]
+    if acc.comm_ops:
+        c_tid, c_ts, c_dur, c_name = zip(*acc.comm_ops)
+        ts, dur = _nums(list(c_ts)), _nums(list(c_dur))
+        fin = np.isfinite(ts.astype(np.float64)) & np.isfinite(dur.astype(np.float64))
+        s_ns = _to_ns(ts[fin], unit) + offset
+        tid.append(_ints(list(c_tid), -1)[fin])
+        start.append(s_ns)
+        end.append(s_ns + _to_ns(dur[fin], unit))
+        ops.append(np.array([range_op(n) or "" for n in c_name], dtype=object)[fin])
+    out = {"tid": np.concatenate(tid).astype(np.int64), "start_ns": np.concatenate(start).astype(np.int64),
+           "end_ns": np.concatenate(end).astype(np.int64), "op": np.concatenate(ops)}
+    keep = out["op"] != ""
+    return {k: v[keep] for k, v in out.items()}
+
+
 def _sort(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Rows in time order, ties broken by the other keys, so the result never depends on batching."""
     if len(df) < 2:
@@ -1102,20 +1194,19 @@ def _sort(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return df.take(order).reset_index(drop=True)
 
 
-def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, parser: str) -> Trace:
+def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, parser: str, layout: str) -> Trace:
     rank, rank_from = _resolve_rank(path, header, rank_arg)
     base = _int_or_none(header.get("baseTimeNanoseconds"))
     offset = base if base is not None else 0
-    unit = _ts_unit(base, [acc.kern, acc.mem, acc.api, acc.rng, acc.ops])
+    clock = _Clock(base, [acc.kern, acc.mem, acc.api, acc.rng, acc.ops])
+    unit = clock.unit
     trace = Trace()
-    missing_times = 0
 
     # kernels
     k = acc.kern
-    ok = _valid(k) if k.n else np.zeros(0, bool)
-    missing_times += int((~ok).sum())
+    ok = clock.valid(k) if k.n else np.zeros(0, bool)
     k_row_new = np.where(ok, np.cumsum(ok) - 1, -1)
-    k_start, k_end = _times_ns(k, ok, unit, offset) if k.n else (np.empty(0, np.int64),) * 2
+    k_start, k_end = clock.times_ns(k, ok) if k.n else (np.empty(0, np.int64),) * 2
     k_names = _categorical(acc.kname, k.get("name", np.int32)[ok])
     # Kineto gives the full demangled name; `name` is the short form nsys calls shortName, so the
     # same kernel has the same name whichever profiler recorded it.
@@ -1134,9 +1225,8 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
 
     # memops
     m = acc.mem
-    ok = _valid(m) if m.n else np.zeros(0, bool)
-    missing_times += int((~ok).sum())
-    m_start, m_end = _times_ns(m, ok, unit, offset) if m.n else (np.empty(0, np.int64),) * 2
+    ok = clock.valid(m) if m.n else np.zeros(0, bool)
+    m_start, m_end = clock.times_ns(m, ok) if m.n else (np.empty(0, np.int64),) * 2
     m_codes = m.get("name", np.int32)[ok]
     parsed = [_memop_kind(_name_of(key)) for key in acc.mname]
     n_m = len(m_start)
@@ -1156,9 +1246,8 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
 
     # api calls
     a = acc.api
-    a_ok = _valid(a) if a.n else np.zeros(0, bool)
-    missing_times += int((~a_ok).sum())
-    a_start, a_end = _times_ns(a, a_ok, unit, offset) if a.n else (np.empty(0, np.int64),) * 2
+    a_ok = clock.valid(a) if a.n else np.zeros(0, bool)
+    a_start, a_end = clock.times_ns(a, a_ok) if a.n else (np.empty(0, np.int64),) * 2
     n_a = len(a_start)
     a_corr, a_tid = a.get("corr")[a_ok], a.get("tid")[a_ok]
     trace.set("api_calls", {
@@ -1170,9 +1259,8 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
 
     # ranges: depth and GPU projection
     r = acc.rng
-    ok = _valid(r) if r.n else np.zeros(0, bool)
-    missing_times += int((~ok).sum())
-    r_start, r_end = _times_ns(r, ok, unit, offset) if r.n else (np.empty(0, np.int64),) * 2
+    ok = clock.valid(r) if r.n else np.zeros(0, bool)
+    r_start, r_end = clock.times_ns(r, ok) if r.n else (np.empty(0, np.int64),) * 2
     n_r = len(r_start)
     r_codes = r.get("text", np.int32)[ok]
     r_tid = r.get("tid")[ok]
@@ -1197,17 +1285,17 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
 
     # collectives
     if acc.nccl:
-        api_cols = {"corr": a_corr, "tid": a_tid, "ts_raw": a.get("ts", None)[a_ok]}
-        rows = _collectives(acc, k_row_new, k_start, k_end, k_names, k_corr, api_cols)
+        api_cols = {"corr": a_corr, "tid": a_tid, "ts_raw": a.get("ts", None)[a_ok], "start_ns": a_start}
+        rows = _collectives(acc, k_row_new, k_start, k_end, k_names, k_corr, api_cols,
+                            _comm_ranges(acc, ranges, unit, offset))
         n_c = len(rows["start_ns"])
         trace.set("collectives", {"rank": np.full(n_c, rank, np.int64), **rows})
 
     # cpu ops (SHAPE_OPS) with their shapes
     o = acc.ops
     if o.n:
-        ok = _valid(o)
-        missing_times += int((~ok).sum())
-        o_start, o_end = _times_ns(o, ok, unit, offset)
+        ok = clock.valid(o)
+        o_start, o_end = clock.times_ns(o, ok)
         n_o = len(o_start)
         trace.set("cpu_ops", {
             "rank": np.full(n_o, rank, np.int64), "thread_id": o.get("tid")[ok],
@@ -1223,8 +1311,7 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
     mv = acc.mev
     if mv.n:
         ts = mv.get("ts", None)
-        ok = np.isfinite(ts) if ts.dtype.kind == "f" else np.ones(len(ts), bool)
-        missing_times += int((~ok).sum())
+        ok = clock.valid(mv, with_dur=False)
         t_ns = _to_ns(ts[ok], unit) + offset
         dev = mv.get("device")[ok]
         nbytes = mv.get("bytes")[ok]
@@ -1290,10 +1377,20 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
     # dropped, never silent
     launched = np.isin(np.concatenate([k_corr, trace.memops["correlation_id"].to_numpy()]), a_corr)
     trace.add_dropped(rank, SOURCE, "gpu op with no launch record", int((~launched).sum()))
-    trace.add_dropped(rank, SOURCE, "event missing ts or dur", missing_times)
-    for cat, n in sorted(acc.unknown_cats.items()):
-        reason = cat if cat.startswith("[memory]") else f"unknown event category: {cat}"
+    for reason, n in sorted(clock.dropped.items()):
         trace.add_dropped(rank, SOURCE, reason, n)
+    other = Counter(acc.other_devices)
+    for cat, n in sorted(acc.unknown_cats.items()):
+        device = _device_of_category(cat)
+        if device:
+            other[device] += n
+        else:
+            trace.add_dropped(rank, SOURCE, f"unknown event category: {cat}", n)
+    # Accelerators gpudoctor does not model (MTIA, HPU, XPU, ...): named, so that a trace of one does
+    # not read as an idle GPU.
+    why = "" if n_k else " (the trace has no CUDA/HIP kernels)"
+    for device, n in sorted(other.items()):
+        trace.add_dropped(rank, SOURCE, f"events of device type {device} not analyzed{why}", n)
     for ph, n in sorted(acc.bad_phases.items()):
         trace.add_dropped(rank, SOURCE, f"unsupported event phase: {ph}", n)
 
@@ -1301,6 +1398,8 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
     tp = {k: v for k, v in header.items()}
     tp["ts_unit"] = unit
     tp["parser"] = parser
+    if layout:
+        tp["event_separator"] = layout
     tp["rank_from"] = rank_from
     tp["event_counts"] = {f"{ph}/{cat}" if cat is not None else str(ph): n
                           for (ph, cat), n in sorted(acc.counts.items(), key=lambda x: -x[1])}

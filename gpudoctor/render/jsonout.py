@@ -9,7 +9,7 @@ import numpy as np
 
 from gpudoctor import __version__
 from gpudoctor.analyzers.analysis import Analysis
-from gpudoctor.gate.compare import gate_block
+from gpudoctor.gate.samples import gate_block
 
 JSON_SCHEMA_VERSION = "1.0"
 
