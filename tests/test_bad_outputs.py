@@ -103,12 +103,12 @@ def test_unwritable_output_fails_before_the_analysis(where, tmp_path):
 def test_failed_write_after_the_analysis_still_prints_the_findings(tmp_path, monkeypatch, capsys):
     """Promise: when the write fails after the analysis (disk full), the findings are printed, the
     error is one line and the exit code 2."""
+    from gpudoctor.cli import analyze
     from gpudoctor.cli.main import main
-    from gpudoctor.store import atomic
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(atomic, "atomic_write_text", full)
+    monkeypatch.setattr(analyze, "atomic_write_text", full)  # the name the analyze command writes with
     rc = main(["analyze", str(NSYS), "--json", str(tmp_path / "a.json")])
     out, err = capsys.readouterr()
     assert rc == 2

@@ -24,16 +24,16 @@ from gpudoctor.readers.boundary import input_boundary
 from gpudoctor.readers.manifest import read_manifest
 from gpudoctor.store import rundb
 
-# format (input_format) -> read(path, rank=None) -> Trace
+# format (input_format) -> the reader module, whose read(path, rank=None) -> Trace
 READERS = {
-    "nsys_sqlite": nsys.read,
-    "json": kineto.read,
-    "ncu_csv": ncu.read,
-    "ncu_rep": ncu.read,
-    "nccl_tests": nccltests.read,
-    "pickle": snapshot.read,
-    "prometheus": prometheus.read,
-    "nvml_csv": nvml.read,
+    "nsys_sqlite": nsys,
+    "json": kineto,
+    "ncu_csv": ncu,
+    "ncu_rep": ncu,
+    "nccl_tests": nccltests,
+    "pickle": snapshot,
+    "prometheus": prometheus,
+    "nvml_csv": nvml,
 }
 _DIR_SUFFIXES = (".sqlite", ".json", ".csv", ".log", ".txt", ".pickle", ".nsys-rep", ".ncu-rep", ".prom")
 # A compressed trace in a directory is taken too: gzip is read, the others get a one-line error (never skipped).
@@ -85,7 +85,7 @@ def read_input(path: str | Path, rank: int | None = None, fmt: str | None = None
         return _read_nsys_rep(path, rank)
     if fmt == "run_db":
         return rundb.load(path)
-    return READERS[fmt](path, rank=rank)
+    return READERS[fmt].read(path, rank=rank)  # looked up at call time
 
 
 def read_run_dir(run_dir: Path) -> Trace:
