@@ -69,6 +69,7 @@ from gpudoctor.errors import InputError
 from gpudoctor.model.categories import categorize_kernels, short_names
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
+from gpudoctor.readers.kineto_stacks import add_python_stacks
 from gpudoctor.readers.limits import gunzip, open_input
 
 FORMAT = "kineto_json"
@@ -215,7 +216,9 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of acyclic objects: the cyclic GC would rescan them over and over (4x slower)
     try:
-        return _read(path, rank)
+        trace = _read(path, rank)
+        add_python_stacks(trace, path)  # with_stack traces: Python call stacks
+        return trace
     finally:
         if gc_was_enabled:
             gc.enable()
