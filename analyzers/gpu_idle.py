@@ -31,6 +31,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from gpudoctor.analyzers import source_lines
 from gpudoctor.analyzers.context import AnalysisContext, display_name
 from gpudoctor.analyzers.findings import SEVERITIES, Finding
 from gpudoctor.analyzers.observer_effect import profiler_overhead
@@ -247,6 +248,7 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     if ranked and ranked[0][1] == "launch_bound" and not np.isnan(med_kernel) and med_kernel < int(cfg["launch_bound_kernel_ns"]):
         rec[0] = (f"Median kernel {med_kernel / 1e3:.1f} us is shorter than its launch (median launch call "
                   f"{med_launch / 1e3:.1f} us): " + rec[0])
+    rec = _name_source_lines(ctx, gaps, cause, metrics, evidence) + rec
     sev, title, rec = _observer_effect(ctx, cfg, sev, title, rec, metrics, evidence, by_cause, n_steps)
     return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=saving,
                     estimated_saving_fraction=round(sfrac, 6), recommendation=" ".join(rec), evidence=evidence,
@@ -279,3 +281,19 @@ def _observer_effect(ctx: AnalysisContext, cfg: dict, sev: str, title: str, rec:
            f"{' and with_stack' if est['with_stack'] else ''} costs the host ~{est['per_step_ns'] / 1e6:.2f} ms per step "
            f"({est['how']}). Re-profile with `gpudoctor profile --backend nsys` (no per-operator host cost) before acting."] + rec
     return "low", title, rec
+
+
+def _name_source_lines(ctx: AnalysisContext, gaps: pd.DataFrame, cause: np.ndarray, metrics: dict, evidence: dict) -> list[str]:
+    """With host call stacks: the user-code frames charged with the idle time (evidence ``frames``, each
+    with its gaps for the timeline; metrics ``top_frame*``) and one recommendation line per frame."""
+    charged = source_lines.measure(ctx, gaps, cause, CAUSES, SYNC.pattern)
+    if charged is None:
+        return []
+    frames = source_lines.frames_table(ctx, charged, gaps)
+    if not frames:
+        return []
+    evidence["frames"] = frames
+    metrics["top_frame"] = source_lines.where(frames[0])
+    metrics["top_frame_idle_ns_per_step"] = frames[0]["idle_ns_per_step"]
+    metrics["top_frame_step_fraction"] = frames[0]["step_fraction"]
+    return [source_lines.explain(f) for f in frames]

@@ -157,3 +157,27 @@ def stack_frames(stacks: pd.DataFrame, frames: pd.DataFrame) -> pd.DataFrame:
         callee[at] = np.where(~lib[at], -1, np.where(p_user, at, up_callee))
     return pd.DataFrame({"frame_id": fid, "parent_id": parent, "depth": depth, "library": lib,
                          "user_stack": user_stack, "callee_stack": callee})
+
+
+def innermost_at(host_stacks: pd.DataFrame, stack_depth: np.ndarray, thread: int, t: np.ndarray) -> np.ndarray:
+    """The stack id that ``thread`` was running at each time ``t`` (sorted or not), from ``host_stacks``
+    rows of nested calls: per depth level, the last call starting at or before t (calls of one depth on
+    one thread never overlap) if it has not ended; the deepest such call wins. -1 where none runs."""
+    out = np.full(len(t), -1, np.int64)
+    hs = host_stacks[host_stacks["thread_id"].to_numpy() == thread]
+    if hs.empty or len(t) == 0:
+        return out
+    sid = hs["stack_id"].to_numpy(np.int64)
+    depth = np.where(sid >= 0, stack_depth[np.clip(sid, 0, None)], -1)
+    start = hs["start_ns"].to_numpy(np.int64)
+    end = hs["end_ns"].to_numpy(np.int64)
+    best = np.full(len(t), -1, np.int64)
+    for d in np.unique(depth[depth >= 0]):
+        at = np.flatnonzero(depth == d)
+        at = at[np.argsort(start[at], kind="stable")]
+        j = np.searchsorted(start[at], t, side="right") - 1
+        row = at[np.clip(j, 0, None)]
+        hit = (j >= 0) & (end[row] > t) & (d > best)
+        out[hit] = sid[row[hit]]
+        best[hit] = d
+    return out

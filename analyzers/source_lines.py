@@ -1,0 +1,241 @@
+"""The lines of the user's code that make the GPU wait: gpu_idle's gaps joined with host call stacks.
+
+Needs the stack tables of the trace model (torch.profiler ``with_stack=True``; Nsight Systems with
+Python backtraces / Python sampling). Pure: trace model and gaps in, a table of frames out.
+
+measure  Every gap the host made (all causes but gpu_side) is charged to one or more user frames:
+         - host_sync: the synchronizing call that overlaps the gap, by its stack (``loss.item()``): the
+           sync drained the queue, so the whole gap is its cost, whatever the host did next;
+         - launch_bound: the launch call that ended the gap (the code issuing the small kernels);
+         - the others (host_gap, pageable_memcpy, module_load): what the host thread was running during
+           the gap, sampled at ``frame_samples_per_gap`` evenly spaced times from ``host_stacks``
+           (the launch that ended the gap when the trace has no host stacks).
+         A stack is charged to its innermost frame of user code: library frames (torch, transformers,
+         numpy, site-packages, the standard library, built-in functions) are skipped, and the library
+         frame the user frame called is kept as ``callee`` (``Tensor.item``, ``conv2d``).
+severity gpu_idle's own (these frames explain its idle time; they add no finding of their own).
+explain  One line per frame, naming the cause by what the host was doing, with the per-step cost.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from gpudoctor.analyzers.config import register_defaults
+from gpudoctor.model.stacks import innermost_at, stack_frames
+
+ID = "gpu_idle"
+register_defaults(ID, {
+    "frame_samples_per_gap": (16, "times per idle gap at which the host stack is sampled to charge the gap to code"),
+    "max_frames": (5, "user-code frames named in the finding"),
+    "max_frame_gaps": (50, "gaps listed per frame in the evidence (longest first), for the timeline"),
+    "min_frame_fraction": (0.01, "frames costing less than this fraction of the window are not named"),
+})
+
+_DATALOADER = ("torch/utils/data/",)
+_COMPILE = ("torch/_dynamo/", "torch/_inductor/")
+_AUTOTUNE = ("triton/runtime/autotuner", "torch/_inductor/runtime/triton_heuristics", "torch/_inductor/select_algorithm")
+KINDS = ("sync", "launch", "host")
+
+
+def _stack_info(ctx) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    def compute():
+        st = ctx.trace.stacks
+        if st.empty:
+            return None
+        st = st.sort_values("stack_id", kind="stable").reset_index(drop=True)
+        fr = ctx.trace.frames.sort_values("frame_id", kind="stable").reset_index(drop=True)
+        return stack_frames(st, fr), fr
+    return ctx.cached("source_lines.stacks", compute)
+
+
+def _api_stack(ctx, corr: np.ndarray) -> np.ndarray:
+    """Stack id of the API call with each correlation id (-1 when unknown)."""
+    api = ctx.trace.api_calls
+    c = api["correlation_id"].to_numpy(np.int64)
+    s = api["stack_id"].to_numpy(np.int64)
+    keep = (c >= 0) & (s >= 0)
+    c, s = c[keep], s[keep]
+    order = np.argsort(c, kind="stable")
+    c, s = c[order], s[order]
+    at = np.clip(np.searchsorted(c, corr), 0, max(len(c) - 1, 0))
+    ok = (corr >= 0) & (len(c) > 0)
+    ok &= (c[at] == corr) if len(c) else False
+    return np.where(ok, s[at] if len(s) else -1, -1)
+
+
+def measure(ctx, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...], sync_pattern: str) -> pd.DataFrame | None:
+    """One row per (gap, charged stack): gap index, user stack, kind (sync / launch / host), ns charged."""
+    info = _stack_info(ctx)
+    if info is None or not len(gaps):
+        return None
+    sf, _ = info
+    cfg = ctx.config.section(ID)
+    g0 = gaps["g0"].to_numpy(np.int64)
+    g1 = gaps["g1"].to_numpy(np.int64)
+    dur = g1 - g0
+    fixable = cause != causes.index("gpu_side")
+    stack = np.full(len(gaps), -1, np.int64)
+    kind = np.full(len(gaps), -1, np.int64)
+
+    # host_sync: the last sync call starting before the gap ends, when it overlaps the gap
+    api = ctx.api_calls
+    sync = api[ctx.name_mask(sync_pattern, api, "name")]
+    if len(sync):
+        s0 = sync["start_ns"].to_numpy(np.int64)
+        order = np.argsort(s0, kind="stable")
+        s0, s1 = s0[order], sync["end_ns"].to_numpy(np.int64)[order]
+        ss = sync["stack_id"].to_numpy(np.int64)[order]
+        j = np.searchsorted(s0, g1, side="left") - 1
+        jj = np.clip(j, 0, None)
+        hit = fixable & (cause == causes.index("host_sync")) & (j >= 0) & (s1[jj] > g0) & (ss[jj] >= 0)
+        stack[hit], kind[hit] = ss[jj][hit], KINDS.index("sync")
+
+    # launch_bound: the launch that ended the gap
+    la = ctx.launches()
+    nxt_corr = np.full(len(gaps), -1, np.int64)
+    has_next = gaps["next_row"].to_numpy(np.int64) >= 0
+    if has_next.any():
+        is_k = gaps["next_is_kernel"].to_numpy(bool)
+        rows = gaps["next_row"].to_numpy(np.int64)
+        kc = ctx.kernels["correlation_id"].to_numpy(np.int64)
+        mc = ctx.memops["correlation_id"].to_numpy(np.int64)
+        nxt_corr = np.where(has_next & is_k, kc[np.clip(rows, 0, max(len(kc) - 1, 0))] if len(kc) else -1,
+                            np.where(has_next, mc[np.clip(rows, 0, max(len(mc) - 1, 0))] if len(mc) else -1, -1))
+    nxt_stack = _api_stack(ctx, nxt_corr)
+    lb = fixable & (kind < 0) & (cause == causes.index("launch_bound")) & (nxt_stack >= 0)
+    stack[lb], kind[lb] = nxt_stack[lb], KINDS.index("launch")
+
+    parts = [pd.DataFrame({"gap": np.flatnonzero(kind >= 0), "stack": stack[kind >= 0], "kind": kind[kind >= 0],
+                           "ns": dur[kind >= 0].astype(np.float64)})]
+    # the rest: what the host thread was running during the gap
+    rest = np.flatnonzero(fixable & (kind < 0))
+    hs = ctx.trace.host_stacks
+    launched = la[la["launched"]]
+    if len(rest) and len(hs) and len(launched):
+        thread = int(launched["thread_id"].mode().iloc[0])  # the thread that launches the GPU work
+        k = max(int(cfg["frame_samples_per_gap"]), 1)
+        frac = (np.arange(k) + 0.5) / k
+        t = (g0[rest, None] + dur[rest, None] * frac[None, :]).astype(np.int64).ravel()
+        sampled = innermost_at(hs, sf["depth"].to_numpy(np.int64), thread, t)
+        gap_of = np.repeat(rest, k)
+        ok = sampled >= 0
+        parts.append(pd.DataFrame({"gap": gap_of[ok], "stack": sampled[ok], "kind": KINDS.index("host"),
+                                   "ns": (dur[gap_of[ok]] / k).astype(np.float64)}))
+        rest = np.setdiff1d(rest, gap_of[ok])
+    # no host stacks for a gap: the launch that ended it
+    fallback = rest[nxt_stack[rest] >= 0]
+    parts.append(pd.DataFrame({"gap": fallback, "stack": nxt_stack[fallback], "kind": KINDS.index("host"),
+                               "ns": dur[fallback].astype(np.float64)}))
+    out = pd.concat(parts, ignore_index=True)
+    out["user_stack"] = sf["user_stack"].to_numpy()[out["stack"].to_numpy(np.int64)]
+    out["callee_stack"] = sf["callee_stack"].to_numpy()[out["stack"].to_numpy(np.int64)]
+    return out
+
+
+def _frame_text(fr: pd.DataFrame, frame_id: int) -> tuple[str, int, str]:
+    r = fr.iloc[int(frame_id)]
+    return str(r["file"]), int(r["line"]), str(r["function"])
+
+
+def _ancestor_files(sf: pd.DataFrame, fr: pd.DataFrame, stack: int) -> list[str]:
+    files = fr["file"].astype(str).to_numpy(dtype=object)
+    out = []
+    parent, fid = sf["parent_id"].to_numpy(), sf["frame_id"].to_numpy()
+    while stack >= 0:  # one stack: at most a few hundred frames
+        out.append(files[fid[stack]])
+        stack = int(parent[stack])
+    return out
+
+
+def _context(files: list[str]) -> str:
+    if any(any(p in f for p in _AUTOTUNE) for f in files):
+        return "autotune"
+    if any(any(p in f for p in _COMPILE) for f in files):
+        return "compile"
+    if any(any(p in f for p in _DATALOADER) for f in files):
+        return "dataloader_main_process"
+    return ""
+
+
+def frames_table(ctx, charged: pd.DataFrame, gaps: pd.DataFrame) -> list[dict]:
+    """The user frames ranked by the GPU idle time charged to them, with per-step costs and their gaps."""
+    sf, fr = _stack_info(ctx)
+    cfg = ctx.config.section(ID)
+    c = charged[charged["user_stack"] >= 0]
+    if c.empty:
+        return []
+    c = c.assign(frame=sf["frame_id"].to_numpy()[c["user_stack"].to_numpy(np.int64)])
+    n_steps = max(len(ctx.window.steady), 1)
+    step_ns = ctx.window_ns / n_steps
+    total = c.groupby("frame")["ns"].sum().sort_values(ascending=False)
+    total = total[total >= float(cfg["min_frame_fraction"]) * ctx.window_ns].head(int(cfg["max_frames"]))
+    k = ctx.kernels
+    out = []
+    for frame_id, ns in total.items():  # a handful of frames
+        rows = c[c["frame"] == frame_id]
+        by_kind = rows.groupby("kind")["ns"].sum()
+        kind = KINDS[int(by_kind.idxmax())]
+        callee = rows.loc[rows["callee_stack"] >= 0].groupby("callee_stack")["ns"].sum()
+        callee_fn = _frame_text(fr, sf["frame_id"].iat[int(callee.idxmax())])[2] if len(callee) else ""
+        top_stack = int(rows.groupby("stack")["ns"].sum().idxmax())
+        file, line, function = _frame_text(fr, frame_id)
+        gap_ns = rows.groupby("gap")["ns"].sum().sort_values(ascending=False)
+        g = gaps.iloc[gap_ns.index[: int(cfg["max_frame_gaps"])]]
+        entry = {
+            "file": file, "line": line, "function": function, "callee": callee_fn, "kind": kind,
+            "context": _context(_ancestor_files(sf, fr, top_stack)),
+            "idle_ns": int(round(ns)), "idle_ns_per_step": int(round(ns / n_steps)),
+            "step_fraction": round(ns / n_steps / step_ns, 4) if step_ns > 0 else 0.0,
+            "idle_by_kind_ns": {KINDS[int(i)]: int(round(v)) for i, v in by_kind.items()},
+            "gap_count": int(len(gap_ns)),
+            "gaps": [{"start_us": ctx.rel_us(a), "dur_us": round(int(b - a) / 1e3, 1)}
+                     for a, b in zip(g["g0"].to_numpy(np.int64), g["g1"].to_numpy(np.int64))],
+        }
+        if kind == "launch":
+            entry.update(_launch_stats(ctx, sf, frame_id, n_steps, k))
+        out.append(entry)
+    return out
+
+
+def _launch_stats(ctx, sf: pd.DataFrame, frame_id: int, n_steps: int, k: pd.DataFrame) -> dict:
+    """Kernels per step launched from this frame and their median duration."""
+    stack = _api_stack(ctx, k["correlation_id"].to_numpy(np.int64))
+    user = np.where(stack >= 0, sf["user_stack"].to_numpy()[np.clip(stack, 0, None)], -1)
+    mine = (user >= 0) & (sf["frame_id"].to_numpy()[np.clip(user, 0, None)] == frame_id)
+    d = k["dur_ns"].to_numpy(np.int64)[mine]
+    return {"kernels_per_step": round(int(mine.sum()) / n_steps, 1),
+            "median_kernel_ns": int(np.median(d)) if len(d) else None}
+
+
+def where(f: dict) -> str:
+    at = f"{f['file']}:{f['line']}" if f["file"] else "(native code)"
+    return f"{at} in `{f['function']}`" + (f" -> `{f['callee']}`" if f["callee"] else "")
+
+
+def explain(f: dict) -> str:
+    """One line: where, what it costs per step, what the host was doing there, what to do."""
+    cost = f"{f['idle_ns_per_step'] / 1e6:.2f} ms per step ({f['step_fraction']:.0%} of the step)"
+    ctx = f["context"]
+    if ctx == "autotune":
+        return f"{where(f)}: autotuning (Triton) idles the GPU {cost}: autotune once before the loop and cache the configs."
+    if ctx == "compile":
+        return (f"{where(f)}: torch.compile (re)compiles while the GPU idles {cost}: keep shapes and guards "
+                "stable (mark_dynamic, fixed sizes) so that it compiles once.")
+    if f["kind"] == "sync":
+        return (f"{where(f)} blocks the GPU {cost}: the host waits here until the GPU drains and the GPU idles until "
+                "the next launch; keep the value on the GPU (running sums) and read it every N steps, or copy it "
+                "with non_blocking=True into pinned memory.")
+    if f["kind"] == "launch":
+        n = f.get("kernels_per_step")
+        med = f.get("median_kernel_ns")
+        what = f"issues {n:g} kernels per step" + (f" (median {med / 1e3:.1f} us)" if med is not None else "") if n else \
+            "issues small kernels"
+        return (f"{where(f)} {what}; the GPU idles {cost} between them: fuse them (torch._foreach_* ops, "
+                "torch.compile) or capture the loop in a CUDA graph.")
+    if ctx == "dataloader_main_process":
+        return (f"{where(f)} runs in the main process (DataLoader num_workers=0) while the GPU idles {cost}: use "
+                "DataLoader(num_workers>0, persistent_workers=True, pin_memory=True) or move the work to the GPU.")
+    return (f"{where(f)} keeps the host busy while the GPU idles {cost}: move this work off the training loop "
+            "(a DataLoader worker, a background thread, the GPU) or overlap it with GPU work.")
