@@ -262,7 +262,10 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     if ranked and ranked[0][1] == "launch_bound" and not np.isnan(med_kernel) and med_kernel < int(cfg["launch_bound_kernel_ns"]):
         rec[0] = (f"Median kernel {med_kernel / 1e3:.1f} us is shorter than its launch (median launch call "
                   f"{med_launch / 1e3:.1f} us): " + rec[0])
-    rec = _name_source_lines(ctx, gaps, cause, metrics, evidence) + rec
+    lines = _name_source_lines(ctx, gaps, cause, metrics, evidence)
+    if lines:
+        title += f"; most from {metrics['top_frame']}"
+    rec = lines + rec
     sev, title, rec = _observer_effect(ctx, cfg, sev, title, rec, metrics, evidence, by_cause, n_steps)
     return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=saving,
                     estimated_saving_fraction=round(sfrac, 6), recommendation=" ".join(rec), evidence=evidence,
