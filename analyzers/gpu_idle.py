@@ -303,7 +303,8 @@ def _observer_effect(ctx: AnalysisContext, cfg: dict, sev: str, title: str, rec:
 def _name_source_lines(ctx: AnalysisContext, gaps: pd.DataFrame, cause: np.ndarray, metrics: dict, evidence: dict) -> list[str]:
     """With host call stacks: the user-code frames charged with the idle time (evidence ``frames``, each
     with its gaps for the timeline; metrics ``top_frame*``) and one recommendation line per frame."""
-    charged = source_lines.measure(ctx, gaps, cause, CAUSES, SYNC.pattern)
+    charged = source_lines.measure(ctx, gaps, cause, CAUSES, {"module_load": MODULE_ALWAYS.pattern,
+                                                              "host_sync": SYNC.pattern})
     if charged is None:
         return []
     frames = source_lines.frames_table(ctx, charged, gaps)

@@ -6,6 +6,7 @@ Python backtraces / Python sampling). Pure: trace model and gaps in, a table of 
 measure  Every gap the host made (all causes but gpu_side) is charged to one or more user frames:
          - host_sync: the synchronizing call that overlaps the gap, by its stack (``loss.item()``): the
            sync drained the queue, so the whole gap is its cost, whatever the host did next;
+         - module_load: the module-load call (``cuLibraryLoadData``) that overlaps the gap, by its stack;
          - launch_bound: the launch call that ended the gap (the code issuing the small kernels);
          - the others (host_gap, pageable_memcpy, module_load): what the host thread was running during
            the gap, sampled at ``frame_samples_per_gap`` evenly spaced times from ``host_stacks``
@@ -36,7 +37,7 @@ register_defaults(ID, {
 _DATALOADER = ("torch/utils/data/",)
 _COMPILE = ("torch/_dynamo/", "torch/_inductor/")
 _AUTOTUNE = ("triton/runtime/autotuner", "torch/_inductor/runtime/triton_heuristics", "torch/_inductor/select_algorithm")
-KINDS = ("sync", "launch", "host")
+KINDS = ("sync", "module", "launch", "host")
 
 
 def _stack_info(ctx) -> tuple[pd.DataFrame, pd.DataFrame] | None:
@@ -65,8 +66,11 @@ def _api_stack(ctx, corr: np.ndarray) -> np.ndarray:
     return np.where(ok, s[at] if len(s) else -1, -1)
 
 
-def measure(ctx, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...], sync_pattern: str) -> pd.DataFrame | None:
-    """One row per (gap, charged stack): gap index, user stack, kind (sync / launch / host), ns charged."""
+def measure(ctx, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...],
+            call_causes: dict[str, str]) -> pd.DataFrame | None:
+    """One row per (gap, charged stack): gap index, stack, its user stack and callee, kind (sync / module /
+    launch / host), ns charged. ``call_causes``: cause -> regex of the API calls whose stack explains a
+    gap of that cause (host_sync: the syncs; module_load: the module loads)."""
     info = _stack_info(ctx)
     if info is None or not len(gaps):
         return None
@@ -79,18 +83,20 @@ def measure(ctx, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...],
     stack = np.full(len(gaps), -1, np.int64)
     kind = np.full(len(gaps), -1, np.int64)
 
-    # host_sync: the last sync call starting before the gap ends, when it overlaps the gap
+    # host_sync / module_load: the last such call starting before the gap ends, when it overlaps the gap
     api = ctx.api_calls
-    sync = api[ctx.name_mask(sync_pattern, api, "name")]
-    if len(sync):
-        s0 = sync["start_ns"].to_numpy(np.int64)
+    for c, pattern in call_causes.items():
+        calls = api[ctx.name_mask(pattern, api, "name")]
+        if calls.empty:
+            continue
+        s0 = calls["start_ns"].to_numpy(np.int64)
         order = np.argsort(s0, kind="stable")
-        s0, s1 = s0[order], sync["end_ns"].to_numpy(np.int64)[order]
-        ss = sync["stack_id"].to_numpy(np.int64)[order]
+        s0, s1 = s0[order], calls["end_ns"].to_numpy(np.int64)[order]
+        ss = calls["stack_id"].to_numpy(np.int64)[order]
         j = np.searchsorted(s0, g1, side="left") - 1
         jj = np.clip(j, 0, None)
-        hit = fixable & (cause == causes.index("host_sync")) & (j >= 0) & (s1[jj] > g0) & (ss[jj] >= 0)
-        stack[hit], kind[hit] = ss[jj][hit], KINDS.index("sync")
+        hit = fixable & (kind < 0) & (cause == causes.index(c)) & (j >= 0) & (s1[jj] > g0) & (ss[jj] >= 0)
+        stack[hit], kind[hit] = ss[jj][hit], KINDS.index("sync" if c == "host_sync" else "module")
 
     # launch_bound: the launch that ended the gap
     la = ctx.launches()
@@ -114,7 +120,11 @@ def measure(ctx, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...],
     hs = ctx.trace.host_stacks
     launched = la[la["launched"]]
     if len(rest) and len(hs) and len(launched):
-        thread = int(launched["thread_id"].mode().iloc[0])  # the thread that launches the GPU work
+        # the thread with Python stacks that launches the most GPU work (backward launches from the autograd
+        # thread, which has no Python stack: sampling it would say nothing)
+        py_threads = hs["thread_id"].unique()
+        launching = launched.loc[launched["thread_id"].isin(py_threads), "thread_id"]
+        thread = int(launching.mode().iloc[0]) if len(launching) else int(py_threads[0])
         k = max(int(cfg["frame_samples_per_gap"]), 1)
         frac = (np.arange(k) + 0.5) / k
         t = (g0[rest, None] + dur[rest, None] * frac[None, :]).astype(np.int64).ravel()
@@ -132,6 +142,26 @@ def measure(ctx, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...],
     out["user_stack"] = sf["user_stack"].to_numpy()[out["stack"].to_numpy(np.int64)]
     out["callee_stack"] = sf["callee_stack"].to_numpy()[out["stack"].to_numpy(np.int64)]
     return out
+
+
+def _callee(sf: pd.DataFrame, fr: pd.DataFrame, rows: pd.DataFrame) -> str:
+    """The library function the user frame was in: the innermost native call of the charged stacks
+    (``Tensor.item``, ``conv2d``), else the library frame the user frame called."""
+    native = fr["file"].astype(str).to_numpy(dtype=object) == ""
+    fid = sf["frame_id"].to_numpy()
+    by_stack = rows.groupby("stack")["ns"].sum()
+    names: dict[str, float] = {}
+    parent = sf["parent_id"].to_numpy()
+    for stack, ns in by_stack.items():  # distinct stacks of one frame: a handful
+        s, user = int(stack), int(sf["user_stack"].iat[int(stack)])
+        while s >= 0 and s != user and not (native[fid[s]] and not fr["function"].iat[fid[s]].startswith("nn.Module")):
+            s = int(parent[s])
+        if s < 0 or s == user:
+            s = int(sf["callee_stack"].iat[int(stack)])
+        if s >= 0:
+            name = str(fr["function"].iat[fid[s]])
+            names[name] = names.get(name, 0.0) + ns
+    return max(names, key=names.get) if names else ""
 
 
 def _frame_text(fr: pd.DataFrame, frame_id: int) -> tuple[str, int, str]:
@@ -172,13 +202,13 @@ def frames_table(ctx, charged: pd.DataFrame, gaps: pd.DataFrame) -> list[dict]:
     total = c.groupby("frame")["ns"].sum().sort_values(ascending=False)
     total = total[total >= float(cfg["min_frame_fraction"]) * ctx.window_ns].head(int(cfg["max_frames"]))
     k = ctx.kernels
+    stack_pos, stack_ids = pd.factorize(c["stack"].to_numpy(np.int64))  # a few hundred distinct stacks
     out = []
     for frame_id, ns in total.items():  # a handful of frames
         rows = c[c["frame"] == frame_id]
         by_kind = rows.groupby("kind")["ns"].sum()
         kind = KINDS[int(by_kind.idxmax())]
-        callee = rows.loc[rows["callee_stack"] >= 0].groupby("callee_stack")["ns"].sum()
-        callee_fn = _frame_text(fr, sf["frame_id"].iat[int(callee.idxmax())])[2] if len(callee) else ""
+        callee_fn = _callee(sf, fr, rows)
         top_stack = int(rows.groupby("stack")["ns"].sum().idxmax())
         file, line, function = _frame_text(fr, frame_id)
         gap_ns = rows.groupby("gap")["ns"].sum().sort_values(ascending=False)
@@ -195,6 +225,9 @@ def frames_table(ctx, charged: pd.DataFrame, gaps: pd.DataFrame) -> list[dict]:
         }
         if kind == "launch":
             entry.update(_launch_stats(ctx, sf, frame_id, n_steps, k))
+        if entry["context"] == "dataloader_main_process":  # all the loader's main-process work, not only this frame
+            in_loader = np.array([_context(_ancestor_files(sf, fr, int(x))) == entry["context"] for x in stack_ids])
+            entry["dataloader_idle_ns_per_step"] = int(round(c.loc[in_loader[stack_pos], "ns"].sum() / n_steps))
         out.append(entry)
     return out
 
@@ -223,6 +256,10 @@ def explain(f: dict) -> str:
     if ctx == "compile":
         return (f"{where(f)}: torch.compile (re)compiles while the GPU idles {cost}: keep shapes and guards "
                 "stable (mark_dynamic, fixed sizes) so that it compiles once.")
+    if f["kind"] == "module" or (ctx == "" and "conv" in f["callee"].lower() and f["kind"] == "host"):
+        return (f"{where(f)} builds or loads GPU code while the GPU idles {cost} (cuDNN benchmark / JIT for a new "
+                "input shape, module loading): keep input shapes fixed (pad to a few buckets), or turn "
+                "torch.backends.cudnn.benchmark off when shapes change every step.")
     if f["kind"] == "sync":
         return (f"{where(f)} blocks the GPU {cost}: the host waits here until the GPU drains and the GPU idles until "
                 "the next launch; keep the value on the GPU (running sums) and read it every N steps, or copy it "

@@ -2,6 +2,7 @@
 profiler, with the profiler (CPU activity, record_shapes), and with the profiler plus with_stack=True.
 
     python bench/bench_stack_overhead.py [--steps N] [--repeats R]
+    python bench/bench_stack_overhead.py --per-call   # extra ns per recorded Python call / built-in call
 
 The loop is a small training step with the shapes of fixtures/workloads/culprits.py's tiny_kernels case
 scaled down for a CPU (a stack of Linear layers, backward, SGD, an EMA loop of two in-place ops per
@@ -78,5 +79,37 @@ def main():
                       "torch": torch.__version__}))
 
 
-if __name__ == "__main__":
+# ---------------------------------------------------------------- per recorded call
+def _py_calls(n: int) -> float:
+    return float(sum(i * i % 7 for i in range(n)))  # n generator resumes: Python calls for the tracer
+
+
+def _c_calls(n: int, text: str = "the quick brown fox jumps over the lazy dog ") -> int:
+    s = (text * (n // len(text) + 1))[:n]
+    return len([ord(c) for c in s])  # n calls of a built-in function
+
+
+def per_call_ns(kind: str, n: int, repeats: int) -> dict:
+    """Extra time per recorded call that with_stack=True adds over the same profiler without stacks:
+    (t_with_stack - t_without) / n, median of ``repeats`` interleaved runs."""
+    fn = _py_calls if kind == "python" else _c_calls
+    extra = []
+    for _ in range(repeats):
+        times = {}
+        for stack in (False, True):
+            with profile(activities=[ProfilerActivity.CPU], with_stack=stack):
+                t0 = time.perf_counter()
+                fn(n)
+                times[stack] = time.perf_counter() - t0
+        extra.append((times[True] - times[False]) / n * 1e9)
+    return {"kind": kind, "calls": n, "extra_ns_per_call": round(statistics.median(extra), 1),
+            "runs_ns": [round(x, 1) for x in extra]}
+
+
+if __name__ == "__main__" and "--per-call" in __import__("sys").argv:
+    for k in ("python", "c"):
+        print(json.dumps(per_call_ns(k, 200_000, 5)), flush=True)
+
+
+if __name__ == "__main__" and "--per-call" not in __import__("sys").argv:
     main()

@@ -33,11 +33,11 @@ _STDLIB = frozenset(getattr(sys, "stdlib_module_names", ()))
 
 
 def is_library_file(file: str) -> bool:
-    """True for frames of library or interpreter code: native functions (no file), ``<frozen ...>`` /
-    ``<string>`` pseudo files, anything under site-packages / dist-packages / lib/pythonX.Y, and files
+    """True for frames of library or interpreter code: native functions (no file, or a file that is not
+    Python source: shared objects, the interpreter), ``<frozen ...>`` / ``<string>`` pseudo files, anything under site-packages / dist-packages / lib/pythonX.Y, and files
     whose first path component is a known library package or a standard-library module."""
-    if not file or file.startswith("<"):
-        return True
+    if not file or file.startswith("<") or not file.endswith(".py"):
+        return True  # native code (shared objects, the interpreter) and pseudo files
     if _LIBRARY_DIRS.search(file):
         return True
     if file.startswith("/"):
