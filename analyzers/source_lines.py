@@ -20,6 +20,8 @@ explain  One line per frame, naming the cause by what the host was doing, with t
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
@@ -38,6 +40,7 @@ _DATALOADER = ("torch/utils/data/",)
 _COMPILE = ("torch/_dynamo/", "torch/_inductor/")
 _AUTOTUNE = ("triton/runtime/autotuner", "torch/_inductor/runtime/triton_heuristics", "torch/_inductor/select_algorithm")
 KINDS = ("sync", "module", "launch", "host")
+_JIT = re.compile(r"nvrtc|nvJitLink|cuLibraryLoad|cuModuleLoad|cuLink")
 
 
 def _stack_info(ctx) -> tuple[pd.DataFrame, pd.DataFrame] | None:
@@ -86,7 +89,7 @@ def measure(ctx, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...],
     # host_sync / module_load: the last such call starting before the gap ends, when it overlaps the gap
     api = ctx.api_calls
     for c, pattern in call_causes.items():
-        calls = api[ctx.name_mask(pattern, api, "name")]
+        calls = api[ctx.name_mask(pattern, api, "name") & (api["stack_id"].to_numpy() >= 0)]
         if calls.empty:
             continue
         s0 = calls["start_ns"].to_numpy(np.int64)
@@ -95,7 +98,7 @@ def measure(ctx, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...],
         ss = calls["stack_id"].to_numpy(np.int64)[order]
         j = np.searchsorted(s0, g1, side="left") - 1
         jj = np.clip(j, 0, None)
-        hit = fixable & (kind < 0) & (cause == causes.index(c)) & (j >= 0) & (s1[jj] > g0) & (ss[jj] >= 0)
+        hit = fixable & (kind < 0) & (cause == causes.index(c)) & (j >= 0) & (s1[jj] > g0)
         stack[hit], kind[hit] = ss[jj][hit], KINDS.index("sync" if c == "host_sync" else "module")
 
     # launch_bound: the launch that ended the gap
@@ -125,23 +128,60 @@ def measure(ctx, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...],
         py_threads = hs["thread_id"].unique()
         launching = launched.loc[launched["thread_id"].isin(py_threads), "thread_id"]
         thread = int(launching.mode().iloc[0]) if len(launching) else int(py_threads[0])
-        k = max(int(cfg["frame_samples_per_gap"]), 1)
-        frac = (np.arange(k) + 0.5) / k
-        t = (g0[rest, None] + dur[rest, None] * frac[None, :]).astype(np.int64).ravel()
-        sampled = innermost_at(hs, sf["depth"].to_numpy(np.int64), thread, t)
-        gap_of = np.repeat(rest, k)
-        ok = sampled >= 0
+        mine = hs[hs["thread_id"].to_numpy() == thread]
+        calls = mine["end_ns"].to_numpy(np.int64) > mine["start_ns"].to_numpy(np.int64)
+        if calls.any():  # nested calls (torch.profiler): what ran at evenly spaced times of the gap
+            k = max(int(cfg["frame_samples_per_gap"]), 1)
+            frac = (np.arange(k) + 0.5) / k
+            t = (g0[rest, None] + dur[rest, None] * frac[None, :]).astype(np.int64).ravel()
+            sampled = innermost_at(mine[calls], sf["depth"].to_numpy(np.int64), thread, t)
+            gap_of = np.repeat(rest, k)
+            ok = sampled >= 0
+            weight = np.full(len(t), 1.0 / k)
+        else:  # samples (nsys): the samples taken inside the gap share it
+            ts = mine["start_ns"].to_numpy(np.int64)
+            order = np.argsort(ts, kind="stable")
+            lo, hi = np.searchsorted(ts[order], g0[rest]), np.searchsorted(ts[order], g1[rest])
+            n = hi - lo
+            gap_of = np.repeat(rest, n)
+            idx = order[np.repeat(lo, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))]
+            sampled = mine["stack_id"].to_numpy(np.int64)[idx]
+            ok = sampled >= 0
+            weight = 1.0 / np.repeat(np.maximum(n, 1), n)
         parts.append(pd.DataFrame({"gap": gap_of[ok], "stack": sampled[ok], "kind": KINDS.index("host"),
-                                   "ns": (dur[gap_of[ok]] / k).astype(np.float64)}))
+                                   "ns": (dur[gap_of[ok]] * weight[ok]).astype(np.float64)}))
         rest = np.setdiff1d(rest, gap_of[ok])
     # no host stacks for a gap: the launch that ended it
     fallback = rest[nxt_stack[rest] >= 0]
     parts.append(pd.DataFrame({"gap": fallback, "stack": nxt_stack[fallback], "kind": KINDS.index("host"),
                                "ns": dur[fallback].astype(np.float64)}))
     out = pd.concat(parts, ignore_index=True)
-    out["user_stack"] = sf["user_stack"].to_numpy()[out["stack"].to_numpy(np.int64)]
-    out["callee_stack"] = sf["callee_stack"].to_numpy()[out["stack"].to_numpy(np.int64)]
+    stk = out["stack"].to_numpy(np.int64)
+    user = sf["user_stack"].to_numpy()[stk]
+    if (user < 0).any():  # native-only stacks (nsys backtraces): the innermost frame above CUDA and the profiler
+        uniq, inv = np.unique(stk[user < 0], return_inverse=True)
+        user[user < 0] = np.array([_native_anchor(sf, info[1], int(u)) for u in uniq], dtype=np.int64)[inv.ravel()]
+    out["user_stack"] = user
+    out["callee_stack"] = sf["callee_stack"].to_numpy()[stk]
     return out
+
+
+_NOT_ANCHOR = re.compile(r"libcuda\.so|libcudart|libcupti|libToolsInjection|\[vdso\]|libc\.so|^\[")
+
+
+def _native_anchor(sf: pd.DataFrame, fr: pd.DataFrame, stack: int) -> int:
+    """For a stack of native frames only: the innermost frame that is neither the CUDA driver / runtime,
+    the profiler's injection, libc nor an unresolved address (``at::native::item``...), or -1."""
+    files = fr["file"].astype(str).to_numpy(dtype=object)
+    funcs = fr["function"].astype(str).to_numpy(dtype=object)
+    fid, parent = sf["frame_id"].to_numpy(), sf["parent_id"].to_numpy()
+    s = stack
+    while s >= 0:  # one stack, leaf to root
+        f = fid[s]
+        if not _NOT_ANCHOR.search(files[f]) and not funcs[f].startswith("0x"):
+            return s
+        s = int(parent[s])
+    return -1
 
 
 def _callee(sf: pd.DataFrame, fr: pd.DataFrame, rows: pd.DataFrame) -> str:
@@ -169,17 +209,24 @@ def _frame_text(fr: pd.DataFrame, frame_id: int) -> tuple[str, int, str]:
     return str(r["file"]), int(r["line"]), str(r["function"])
 
 
-def _ancestor_files(sf: pd.DataFrame, fr: pd.DataFrame, stack: int) -> list[str]:
+def _ancestors(sf: pd.DataFrame, fr: pd.DataFrame, stack: int) -> tuple[list[str], list[str]]:
+    """Files and functions of a stack, innermost first."""
     files = fr["file"].astype(str).to_numpy(dtype=object)
-    out = []
+    funcs = fr["function"].astype(str).to_numpy(dtype=object)
+    out, fn = [], []
     parent, fid = sf["parent_id"].to_numpy(), sf["frame_id"].to_numpy()
     while stack >= 0:  # one stack: at most a few hundred frames
         out.append(files[fid[stack]])
+        fn.append(funcs[fid[stack]])
         stack = int(parent[stack])
-    return out
+    return out, fn
 
 
-def _context(files: list[str]) -> str:
+def _context(files: list[str], functions: list[str] = ()) -> str:
+    if any(("time_sorted_plan" in f or "cudnnFind" in f) for f in functions):
+        return "cudnn_benchmark"
+    if any(_JIT.match(f) for f in functions):
+        return "jit"
     if any(any(p in f for p in _AUTOTUNE) for f in files):
         return "autotune"
     if any(any(p in f for p in _COMPILE) for f in files):
@@ -215,7 +262,7 @@ def frames_table(ctx, charged: pd.DataFrame, gaps: pd.DataFrame) -> list[dict]:
         g = gaps.iloc[gap_ns.index[: int(cfg["max_frame_gaps"])]]
         entry = {
             "file": file, "line": line, "function": function, "callee": callee_fn, "kind": kind,
-            "context": _context(_ancestor_files(sf, fr, top_stack)),
+            "context": _context(*_ancestors(sf, fr, top_stack)),
             "idle_ns": int(round(ns)), "idle_ns_per_step": int(round(ns / n_steps)),
             "step_fraction": round(ns / n_steps / step_ns, 4) if step_ns > 0 else 0.0,
             "idle_by_kind_ns": {KINDS[int(i)]: int(round(v)) for i, v in by_kind.items()},
@@ -226,7 +273,7 @@ def frames_table(ctx, charged: pd.DataFrame, gaps: pd.DataFrame) -> list[dict]:
         if kind == "launch":
             entry.update(_launch_stats(ctx, sf, frame_id, n_steps, k))
         if entry["context"] == "dataloader_main_process":  # all the loader's main-process work, not only this frame
-            in_loader = np.array([_context(_ancestor_files(sf, fr, int(x))) == entry["context"] for x in stack_ids])
+            in_loader = np.array([_context(*_ancestors(sf, fr, int(x))) == entry["context"] for x in stack_ids])
             entry["dataloader_idle_ns_per_step"] = int(round(c.loc[in_loader[stack_pos], "ns"].sum() / n_steps))
         out.append(entry)
     return out
@@ -243,7 +290,12 @@ def _launch_stats(ctx, sf: pd.DataFrame, frame_id: int, n_steps: int, k: pd.Data
 
 
 def where(f: dict) -> str:
-    at = f"{f['file']}:{f['line']}" if f["file"] else "(native code)"
+    if not f["file"]:
+        at = "(native code)"
+    elif f["line"] < 0:  # a native frame: its shared object
+        at = f["file"].rsplit("/", 1)[-1]
+    else:
+        at = f"{f['file']}:{f['line']}"
     return f"{at} in `{f['function']}`" + (f" -> `{f['callee']}`" if f["callee"] else "")
 
 
@@ -251,11 +303,19 @@ def explain(f: dict) -> str:
     """One line: where, what it costs per step, what the host was doing there, what to do."""
     cost = f"{f['idle_ns_per_step'] / 1e6:.2f} ms per step ({f['step_fraction']:.0%} of the step)"
     ctx = f["context"]
+    if ctx == "cudnn_benchmark":
+        return (f"{where(f)}: cuDNN benchmark mode times candidate kernels again ({f['callee'] or 'cudnn_frontend'}) "
+                f"while the GPU idles {cost}: the input shape changes every step; keep shapes fixed (pad to a few "
+                "sizes) or set torch.backends.cudnn.benchmark = False.")
     if ctx == "autotune":
         return f"{where(f)}: autotuning (Triton) idles the GPU {cost}: autotune once before the loop and cache the configs."
     if ctx == "compile":
         return (f"{where(f)}: torch.compile (re)compiles while the GPU idles {cost}: keep shapes and guards "
                 "stable (mark_dynamic, fixed sizes) so that it compiles once.")
+    if ctx == "jit":
+        return (f"{where(f)}: runtime compilation / module loading while the GPU idles {cost} (a kernel is built "
+                "for a shape not seen before, e.g. cuDNN's runtime-compiled kernels): keep input shapes fixed or "
+                "warm every shape up before the loop.")
     if f["kind"] == "module" or (ctx == "" and "conv" in f["callee"].lower() and f["kind"] == "host"):
         return (f"{where(f)} builds or loads GPU code while the GPU idles {cost} (cuDNN benchmark / JIT for a new "
                 "input shape, module loading): keep input shapes fixed (pad to a few buckets), or turn "

@@ -183,3 +183,34 @@ def test_shape_change_names_the_step_that_replans():
     assert top["file"].endswith("culprits.py") and top["function"] == "step"
     assert enclosing_function(culprit_line("shape_change")) == ("step", top["line"])
     assert f.metrics["host_sync_fraction"] > 0.5
+
+
+# ------------------------------------------------------------------ Nsight Systems: native backtraces
+def test_nsys_backtraces_link_the_item_sync():
+    """``--cudabacktrace=sync`` with CPU sampling: native stacks of the syncs (no Python frames: the
+    export of nsys 2025.3.1 carried none, see the module docstring of readers/nsys_stacks.py)."""
+    from gpudoctor.readers import nsys
+
+    t = nsys.read(STACKS / "item_sync_stacks.nsys.sqlite")
+    assert len(t.frames) == 199 and len(t.host_stacks) == 66
+    assert set(t.host_stacks["source"].astype(str)) == {"nsys_cpu_sample"}
+    linked = t.api_calls[t.api_calls["stack_id"] >= 0]
+    assert len(linked) == 10 and set(linked["name"].astype(str)) == {"cudaStreamSynchronize"}
+    f = idle_finding(t)
+    top = f.evidence["frames"][0]
+    assert top["kind"] == "sync" and top["function"].startswith("at::native::_local_scalar_dense_cuda")
+    assert top["file"].endswith("libtorch_cuda.so") and top["line"] == -1
+    # nsys barely slows the host: the charge is close to the culprit's cost (2.17 ms), 26% above it
+    assert top["idle_ns_per_step"] / 1e6 == pytest.approx(2.738, abs=0.001)
+    assert top["idle_ns_per_step"] / 1e6 == pytest.approx(culprit_cost_ms("item_sync"), rel=0.3)
+
+
+def test_nsys_names_cudnn_benchmark_and_runtime_compilation():
+    from gpudoctor.readers import nsys
+
+    f = idle_finding(nsys.read(STACKS / "shape_change_stacks.nsys.sqlite"))
+    ctxs = {x["context"]: x for x in f.evidence["frames"]}
+    assert ctxs["cudnn_benchmark"]["function"].startswith("std::vector<cudnn_frontend::ExecutionPlan_v8")
+    assert ctxs["jit"]["function"] == "nvrtcCompileProgram"
+    assert "cudnn.benchmark" in f.recommendation and "runtime compilation" in f.recommendation
+    assert f.metrics["module_load_fraction"] > 0.5
