@@ -175,7 +175,7 @@ TABLES: dict[str, list[tuple[str, str, object]]] = {
         ("rank", "i8", 0),
         ("frame_id", "i8", -1),
         ("file", "cat", ""),  # as the profiler gives it ("" for native functions such as built-in methods)
-        ("line", "i8", -1),  # torch.profiler: the function's first line; nsys: the line being run
+        ("line", "i8", -1),  # torch.profiler: the function's first line; -1 for native frames
         ("function", "cat", ""),
     ],
     # Call stacks as a tree: a stack is its innermost frame plus the stack of its caller (parent_id), so
@@ -188,14 +188,14 @@ TABLES: dict[str, list[tuple[str, str, object]]] = {
         ("depth", "i8", 0),  # 0 = outermost frame
     ],
     # What a host thread was running, over time: Python function calls (torch.profiler with_stack, one
-    # row per call, nested) and call-stack samples (nsys Python sampling, start = end = sample time).
+    # row per call, nested) and call-stack samples (nsys CPU sampling, start = end = sample time).
     "host_stacks": [
         ("rank", "i8", 0),
         ("thread_id", "i8", -1),
         ("start_ns", "i8", 0),
         ("end_ns", "i8", 0),
         ("stack_id", "i8", -1),
-        ("source", "cat", ""),  # torch_python_call | nsys_python_sample
+        ("source", "cat", ""),  # torch_python_call | nsys_cpu_sample
     ],
     # Events that a reader could not place, counted by reason. Never silently dropped.
     "dropped": [
