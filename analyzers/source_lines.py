@@ -184,6 +184,16 @@ def _native_anchor(sf: pd.DataFrame, fr: pd.DataFrame, stack: int) -> int:
     return -1
 
 
+def _traced_calls_per_gap(ctx, gaps: pd.DataFrame) -> np.ndarray:
+    """Python calls that torch.profiler's tracer recorded inside each gap (0 without traced calls)."""
+    hs = ctx.trace.host_stacks
+    hs = hs[hs["end_ns"].to_numpy() > hs["start_ns"].to_numpy()]
+    if hs.empty:
+        return np.zeros(len(gaps))
+    t = np.sort(hs["start_ns"].to_numpy(np.int64))
+    return (np.searchsorted(t, gaps["g1"].to_numpy(np.int64)) - np.searchsorted(t, gaps["g0"].to_numpy(np.int64))).astype(float)
+
+
 def _callee(sf: pd.DataFrame, fr: pd.DataFrame, rows: pd.DataFrame) -> str:
     """The library function the user frame was in: the innermost native call of the charged stacks
     (``Tensor.item``, ``conv2d``), else the library frame the user frame called."""
@@ -250,6 +260,9 @@ def frames_table(ctx, charged: pd.DataFrame, gaps: pd.DataFrame) -> list[dict]:
     total = total[total >= float(cfg["min_frame_fraction"]) * ctx.window_ns].head(int(cfg["max_frames"]))
     k = ctx.kernels
     stack_pos, stack_ids = pd.factorize(c["stack"].to_numpy(np.int64))  # a few hundred distinct stacks
+    calls_in_gap = _traced_calls_per_gap(ctx, gaps)
+    c = c.assign(traced=calls_in_gap[c["gap"].to_numpy()] * c["ns"].to_numpy()
+                 / np.maximum(gaps["dur_ns"].to_numpy(np.float64)[c["gap"].to_numpy()], 1.0))
     out = []
     for frame_id, ns in total.items():  # a handful of frames
         rows = c[c["frame"] == frame_id]
@@ -267,6 +280,7 @@ def frames_table(ctx, charged: pd.DataFrame, gaps: pd.DataFrame) -> list[dict]:
             "step_fraction": round(ns / n_steps / step_ns, 4) if step_ns > 0 else 0.0,
             "idle_by_kind_ns": {KINDS[int(i)]: int(round(v)) for i, v in by_kind.items()},
             "gap_count": int(len(gap_ns)),
+            "traced_python_calls_per_step": int(round(rows["traced"].sum() / n_steps)),
             "gaps": [{"start_us": ctx.rel_us(a), "dur_us": round(int(b - a) / 1e3, 1)}
                      for a, b in zip(g["g0"].to_numpy(np.int64), g["g1"].to_numpy(np.int64))],
         }
@@ -299,8 +313,20 @@ def where(f: dict) -> str:
     return f"{at} in `{f['function']}`" + (f" -> `{f['callee']}`" if f["callee"] else "")
 
 
+TRACED_CALLS_NOTE = 1000  # traced Python calls a step in a frame's gaps from which the charge is flagged
+
+
 def explain(f: dict) -> str:
     """One line: where, what it costs per step, what the host was doing there, what to do."""
+    line = _explain(f)
+    n = f.get("traced_python_calls_per_step", 0)
+    if n >= TRACED_CALLS_NOTE:
+        line += (f" (torch.profiler's Python tracer recorded {n:,} calls a step in these gaps and slows them: "
+                 "without the profiler this costs less)")
+    return line
+
+
+def _explain(f: dict) -> str:
     cost = f"{f['idle_ns_per_step'] / 1e6:.2f} ms per step ({f['step_fraction']:.0%} of the step)"
     ctx = f["context"]
     if ctx == "cudnn_benchmark":

@@ -142,6 +142,9 @@ def test_item_sync_names_the_item_call():
     assert cost == pytest.approx(2.166, abs=0.001)
     assert cost <= top["idle_ns_per_step"] / 1e6 <= f.metrics["window_ns"] / 10 / 1e6
     assert top["idle_ns_per_step"] / 1e6 == pytest.approx(11.63, abs=0.01)
+    # ... and the finding says so: the tracer recorded the bookkeeping's generator steps in these gaps
+    assert 20_000 < top["traced_python_calls_per_step"] < 30_000
+    assert "Python tracer recorded" in f.recommendation.split(". Host syncs")[0]
 
 
 def test_slow_preprocess_names_the_tokenizer():
@@ -202,6 +205,7 @@ def test_nsys_backtraces_link_the_item_sync():
     assert top["file"].endswith("libtorch_cuda.so") and top["line"] == -1
     # nsys barely slows the host: the charge is close to the culprit's cost (2.17 ms), 26% above it
     assert top["idle_ns_per_step"] / 1e6 == pytest.approx(2.738, abs=0.001)
+    assert top["traced_python_calls_per_step"] == 0 and "Python tracer" not in f.recommendation
     assert top["idle_ns_per_step"] / 1e6 == pytest.approx(culprit_cost_ms("item_sync"), rel=0.3)
 
 
