@@ -47,12 +47,13 @@ def is_library_file(file: str) -> bool:
     return head in LIBRARY_PACKAGES or head in _STDLIB
 
 
-def build_stacks(rank: int, file: np.ndarray, line: np.ndarray, function: np.ndarray,
-                 parent: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+def build_stacks(rank: int, file: np.ndarray, line: np.ndarray, function: np.ndarray, parent: np.ndarray,
+                 node_frame: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
     """Intern the frames and stacks of a forest of nodes.
 
-    ``file``, ``line``, ``function``: the frame of each node; ``parent``: index of the caller's node,
-    -1 for an outermost one (a node's parent must not be itself or its descendant). Returns the
+    ``file``, ``line``, ``function``: candidate frames (duplicates allowed); ``node_frame``: the index of
+    each node's frame among them (default: one candidate per node). ``parent``: index of the caller's
+    node, -1 for an outermost one (a node's parent must not be itself or its descendant). Returns the
     ``frames`` and ``stacks`` tables and the stack id of every node.
     """
     n = len(parent)
@@ -60,7 +61,8 @@ def build_stacks(rank: int, file: np.ndarray, line: np.ndarray, function: np.nda
         return conform("frames", {}), conform("stacks", {}), np.zeros(0, np.int64)
     key = pd.MultiIndex.from_arrays([np.asarray(file, dtype=object), np.asarray(line, dtype=np.int64),
                                      np.asarray(function, dtype=object)])
-    frame_code, uniq = pd.factorize(key)
+    cand_code, uniq = pd.factorize(key)  # over the candidates: few when the caller passes node_frame
+    frame_code = cand_code if node_frame is None else cand_code[np.asarray(node_frame, dtype=np.int64)]
     frames = conform("frames", {
         "rank": np.full(len(uniq), rank, np.int64), "frame_id": np.arange(len(uniq), dtype=np.int64),
         "file": uniq.get_level_values(0).astype(str), "line": uniq.get_level_values(1).to_numpy(np.int64),
