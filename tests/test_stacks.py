@@ -218,3 +218,25 @@ def test_nsys_names_cudnn_benchmark_and_runtime_compilation():
     assert ctxs["jit"]["function"] == "nvrtcCompileProgram"
     assert "cudnn.benchmark" in f.recommendation and "runtime compilation" in f.recommendation
     assert f.metrics["module_load_fraction"] > 0.5
+
+
+# ------------------------------------------------------------------ bad input
+def test_call_tree_with_a_cycle_is_an_error():
+    from gpudoctor.model.stacks import build_stacks
+
+    files = np.array(["a.py", "a.py"], dtype=object)
+    with pytest.raises(ValueError, match="cycle"):
+        build_stacks(0, files, np.array([1, 2]), np.array(["f", "g"], dtype=object), np.array([1, 0]))
+
+
+def test_python_function_events_off_layout_are_counted(tmp_path):
+    """A python_function event whose time is not a plain decimal is not taken; it is counted, the rest read."""
+    good = {"ph": "X", "cat": "python_function", "name": "train.py(3): step", "pid": 1, "tid": 1, "ts": 10.5,
+            "dur": 5.0, "args": {"Python parent id": None, "Python id": 1, "Ev Idx": 0}}
+    odd = dict(good, name="train.py(9): log", ts="1e1", args={"Python parent id": 1, "Python id": 2, "Ev Idx": 1})
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": [good, odd], "baseTimeNanoseconds": 1_000_000_000}, indent=2))
+    t = kineto.read(path)
+    assert t.frames["function"].astype(str).tolist() == ["step"] and len(t.host_stacks) == 1
+    assert t.host_stacks["start_ns"].tolist() == [1_000_010_500]
+    assert t.dropped_counts()["python_function event not in Kineto's layout"] == 1
