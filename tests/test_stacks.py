@@ -197,6 +197,8 @@ def test_nsys_backtraces_link_the_item_sync():
     t = nsys.read(STACKS / "item_sync_stacks.nsys.sqlite")
     assert len(t.frames) == 199 and len(t.host_stacks) == 66
     assert set(t.host_stacks["source"].astype(str)) == {"nsys_cpu_sample"}
+    # 108 Python samples and the 10 Python backtraces of the syncs: exported without their frames, counted
+    assert t.dropped_counts()["nsys Python sample / backtrace without its frames (payload not exported)"] == 118
     linked = t.api_calls[t.api_calls["stack_id"] >= 0]
     assert len(linked) == 10 and set(linked["name"].astype(str)) == {"cudaStreamSynchronize"}
     f = idle_finding(t)

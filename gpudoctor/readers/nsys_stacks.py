@@ -10,9 +10,14 @@ Two tables carry stacks (nsys 2025.3):
   process (``--sample=process-tree``), one stack per sample -> host_stacks, source ``nsys_cpu_sample``.
 
 The frames are native (function symbol, shared object or executable as the file, no line): the
-interpreter's ``_PyEval_EvalFrameDefault``, ``THPVariable_item``, ``at::native::item``. In the
-recordings made for the fixtures, ``--python-backtrace=cuda`` and ``--python-sampling=true`` added no
-Python frames to the SQLite export, so Python file and line come from torch.profiler traces.
+interpreter's ``_PyEval_EvalFrameDefault``, ``THPVariable_item``, ``at::native::item``.
+
+Python frames: ``--python-sampling=true`` and ``--python-backtrace=cuda`` write their samples as NVTX
+marks (``NVTX_EVENTS.eventType`` 34) in the domains "Python Periodic Sampling" and "Python Backtrace on
+CUDA", whose payload schema (``NVTX_PAYLOAD_SCHEMA_ENTRIES``: thread state, frames of Function / File /
+Line) is exported and whose strings land in ``StringIds``, but ``nsys export --type sqlite`` of nsys
+2025.3.1 leaves the payload (``binaryData``) empty: the frames of a sample cannot be read back. Those
+marks are counted in ``dropped`` (R_PYTHON_NO_PAYLOAD); Python file and line come from torch.profiler.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from gpudoctor.model.stacks import build_stacks
 from gpudoctor.model.trace import Trace, conform
 
 R_NO_CALL = "CUDA API backtrace whose call is not in api_calls"
+R_PYTHON_NO_PAYLOAD = "nsys Python sample / backtrace without its frames (payload not exported)"
+_PYTHON_DOMAINS = ("Python Periodic Sampling", "Python Backtrace on CUDA")
 
 
 def _has(conn: sqlite3.Connection, table: str, column: str | None = None) -> bool:
@@ -43,6 +50,7 @@ def _chains(conn: sqlite3.Connection, table: str) -> pd.DataFrame:
 
 def add_native_stacks(trace: Trace, conn: sqlite3.Connection, rank: int, offset: int) -> None:
     """Fill ``trace``'s stack tables from the export's call chains (nothing when it has none)."""
+    _count_python_marks(trace, conn, rank)
     parts = []
     if _has(conn, "CUDA_CALLCHAINS") and _has(conn, "CUPTI_ACTIVITY_KIND_RUNTIME", "callchainId"):
         parts.append(("cuda", _chains(conn, "CUDA_CALLCHAINS")))
@@ -96,3 +104,15 @@ def _link_api_calls(trace: Trace, conn: sqlite3.Connection, rank: int, offset: i
     stack_id[at[found]] = [chain_stack.get(("cuda", int(c)), -1) for c in rows[found, 3]]
     api["stack_id"] = stack_id
     trace.add_dropped(rank, "nsys:CUDA_CALLCHAINS", R_NO_CALL, int((~found).sum()))
+
+
+def _count_python_marks(trace: Trace, conn: sqlite3.Connection, rank: int) -> None:
+    """Python samples / backtraces whose frames the export lacks: counted, never silently left out."""
+    if not _has(conn, "NVTX_EVENTS", "domainId") or not _has(conn, "NVTX_EVENTS", "binaryData"):
+        return
+    names = ", ".join("?" for _ in _PYTHON_DOMAINS)
+    n = conn.execute(
+        "SELECT count(*) FROM NVTX_EVENTS e WHERE e.eventType = 34 AND e.binaryData IS NULL AND e.domainId IN "
+        f"(SELECT d.domainId FROM NVTX_EVENTS d WHERE d.eventType = 75 AND d.text IN ({names}))",
+        _PYTHON_DOMAINS).fetchone()[0]
+    trace.add_dropped(rank, "nsys:NVTX_EVENTS", R_PYTHON_NO_PAYLOAD, int(n))
