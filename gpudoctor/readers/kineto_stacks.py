@@ -38,7 +38,7 @@ _EVENT = re.compile(
     rb'\s*,\s*"args":\s*\{\s*"Python parent id":\s*(?:null|-?\d+),\s*"Python id":\s*-?\d+)')
 # bytes -> bytes table keeping the characters of numbers and blanking the rest (keys, quotes, colons)
 _KEEP_NUMBERS = bytes(c if chr(c) in "0123456789.-" else 32 for c in range(256))
-_CAT = b'"python_function"'
+_PY_ID = b'"Python id"'
 _FILE_LINE = re.compile(r"^(.*)\((\d+)\): (.*)$")
 _BUILTIN_METHOD = re.compile(r"^<built-in method (\S+) of (\S+) object(?: at 0x[0-9a-fA-F]+)?>$")
 _BUILTIN_FUNCTION = re.compile(r"^<built-in function (\S+)>$")
@@ -81,7 +81,8 @@ def add_python_stacks(trace: Trace, path: str | Path) -> None:
     data = _raw(Path(path))
     found = _EVENT.findall(data)
     rank = int(trace.ranks["rank"].iat[0]) if len(trace.ranks) else 0
-    trace.add_dropped(rank, SOURCE, R_LAYOUT, data.count(_CAT) - len(found))
+    # events of the Python tracer (they carry a Python id) that the pattern could not take
+    trace.add_dropped(rank, SOURCE, R_LAYOUT, max(data.count(_PY_ID) - len(found), 0))
     del data
     if not found:
         return
