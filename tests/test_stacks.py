@@ -22,7 +22,7 @@ from gpudoctor.store import rundb
 
 ROOT = Path(__file__).resolve().parent.parent
 STACKS = ROOT / "fixtures" / "stacks"
-CULPRITS = ROOT / "fixtures" / "workloads" / "culprits.py"
+CULPRITS = STACKS / "culprits.py"  # the workload as it was when the fixtures were recorded (line numbers)
 
 
 def culprit_line(case: str) -> int:
