@@ -31,6 +31,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from gpudoctor.analyzers import source_lines
 from gpudoctor.analyzers.context import AnalysisContext, display_name
 from gpudoctor.analyzers.findings import SEVERITIES, Finding
 from gpudoctor.analyzers.observer_effect import profiler_overhead
@@ -52,6 +53,11 @@ SETTINGS = (
     Setting("profiler_op_overhead_ns", 2200, "torch.profiler host cost per operator with record_shapes, when no "
             "unprofiled step time was measured", unit="ns"),
     Setting("profiler_op_overhead_stack_ns", 4400, "... with record_shapes and with_stack", unit="ns"),
+    Setting("frame_samples_per_gap", 16, "times per idle gap at which the host stack is sampled to charge the gap to code",
+            unit="count", minimum=1),
+    Setting("max_frames", 5, "user-code frames named in the finding", unit="count"),
+    Setting("max_frame_gaps", 50, "gaps listed per frame in the evidence (longest first), for the timeline", unit="count"),
+    fraction("min_frame_fraction", 0.01, "frames costing less than this fraction of the window are not named"),
 )
 
 CAUSES = ("gpu_side", "module_load", "host_sync", "pageable_memcpy", "launch_bound", "host_gap")
@@ -138,6 +144,15 @@ def find_gaps(ctx: AnalysisContext) -> pd.DataFrame:
     return out
 
 
+def _explained_by(c: str, overlap_ns: np.ndarray, dur: np.ndarray) -> np.ndarray:
+    """Gaps that cause ``c`` explains. A pageable copy explains a gap only when its call covers at least
+    half of it: a gap in which the host computed and then copied the result is host work (named by the
+    host's code), not a copy problem; the copy is counted apart (``pageable_copy_in_gaps_ns``)."""
+    if c == "pageable_memcpy":
+        return 2 * overlap_ns >= dur
+    return overlap_ns > 0
+
+
 def attribute(ctx: AnalysisContext, gaps: pd.DataFrame) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Cause index (into CAUSES) of every gap, and the per-class overlaps used."""
     cfg = ctx.config.section(ID)
@@ -164,7 +179,7 @@ def attribute(ctx: AnalysisContext, gaps: pd.DataFrame) -> tuple[np.ndarray, dic
     # Assign from the lowest priority up so that higher priorities overwrite.
     cause[short] = CAUSES.index("launch_bound")
     for c in ("pageable_memcpy", "host_sync", "module_load"):
-        cause[ov[c] > 0] = CAUSES.index(c)
+        cause[_explained_by(c, ov[c], dur)] = CAUSES.index(c)
     cause[queued] = CAUSES.index("gpu_side")
     return cause, ov
 
@@ -212,6 +227,8 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     }
     for c in CAUSES:
         metrics[f"{c}_fraction"] = round(by_cause[c] / window, 6)
+    pageable_in_gaps = int(ov["pageable_memcpy"][cause != CAUSES.index("gpu_side")].sum()) if len(gaps) else 0
+    metrics["pageable_copy_in_gaps_ns"] = pageable_in_gaps
     saving = int(sum(v for c, v in by_cause.items() if c != "gpu_side"))
     sfrac = saving / window
 
@@ -257,11 +274,18 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     ranked = sorted(((v, c) for c, v in by_cause.items() if c != "gpu_side" and v >= 0.005 * window), reverse=True)
     parts = [f"{c.replace('_', ' ')} {v / window:.0%}" for v, c in ranked[:3]]
     title = f"GPU idle {idle_fraction:.0%} of the steady-state window" + (f": {', '.join(parts)}" if parts else "")
-    rec = [RECOMMEND[c] for v, c in ranked if v / window >= 0.01] or ["Nothing large to fix: the remaining idle time is "
+    rec = [RECOMMEND[c] for v, c in ranked if v / window >= 0.01]
+    if pageable_in_gaps >= 0.01 * window and RECOMMEND["pageable_memcpy"] not in rec:
+        rec.append(RECOMMEND["pageable_memcpy"])
+    rec = rec or ["Nothing large to fix: the remaining idle time is "
                                                                       "latency between queued kernels."]
     if ranked and ranked[0][1] == "launch_bound" and not np.isnan(med_kernel) and med_kernel < int(cfg["launch_bound_kernel_ns"]):
         rec[0] = (f"Median kernel {med_kernel / 1e3:.1f} us is shorter than its launch (median launch call "
                   f"{med_launch / 1e3:.1f} us): " + rec[0])
+    lines = _name_source_lines(ctx, gaps, cause, metrics, evidence)
+    if lines:
+        title += f"; most from {metrics['top_frame']}"
+    rec = lines + rec
     sev, title, rec = _observer_effect(ctx, cfg, sev, title, rec, metrics, evidence, by_cause, n_steps)
     return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=saving,
                     estimated_saving_fraction=round(sfrac, 6), recommendation=" ".join(rec), evidence=evidence,
@@ -296,6 +320,23 @@ def _observer_effect(ctx: AnalysisContext, cfg: dict, sev: str, title: str, rec:
     return "low", title, rec
 
 
+def _name_source_lines(ctx: AnalysisContext, gaps: pd.DataFrame, cause: np.ndarray, metrics: dict, evidence: dict) -> list[str]:
+    """With host call stacks: the user-code frames charged with the idle time (evidence ``frames``, each
+    with its gaps for the timeline; metrics ``top_frame*``) and one recommendation line per frame."""
+    charged = source_lines.measure(ctx, gaps, cause, CAUSES, {"module_load": MODULE_ALWAYS.pattern,
+                                                              "host_sync": SYNC.pattern})
+    if charged is None:
+        return []
+    frames = source_lines.frames_table(ctx, charged, gaps)
+    if not frames:
+        return []
+    evidence["frames"] = frames
+    metrics["top_frame"] = source_lines.where(frames[0])
+    metrics["top_frame_idle_ns_per_step"] = frames[0]["idle_ns_per_step"]
+    metrics["top_frame_step_fraction"] = frames[0]["step_fraction"]
+    return [source_lines.explain(f) for f in frames]
+
+
 SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
     ("idle_by_cause_us", "idle time in the window by cause"),
     ("gaps_by_cause", "number of idle gaps by cause"),
@@ -305,4 +346,6 @@ SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
     ("window", "the steady-state window"),
     ("observer_effect", "under torch.profiler: its estimated per-step host cost, how it was estimated, and the "
                         "host-late idle time per step"),
+    ("frames", "with host call stacks: the user-code frames charged with idle time, largest first, each with its "
+               "gaps (start_us, dur_us) for the timeline"),
 ))

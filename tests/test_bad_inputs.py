@@ -776,6 +776,7 @@ def test_nccl_out_of_range_row_is_counted(field, value, tmp_path):
 def test_nvml_inf_sample_is_not_a_sample(tmp_path):
     t = read_input(_nvml("ts_ns,device_id,gpu_util_pct,power_w\n1000,0,50,inf\n2000,0,60,300\n")(tmp_path))
     assert sorted(zip(t.counters["ts_ns"], t.counters["value"])) == [(1000, 50.0), (2000, 60.0), (2000, 300.0)]
+    assert t.dropped_counts().get("sample value is infinite") == 1  # left out, and counted
 
 
 def test_category_rules_linear_on_adversarial_names():

@@ -323,3 +323,19 @@ def test_window_trace_carries_the_measured_step_times(tmp_path):
     cap = json.loads((run / "manifest.json").read_text())["capture"]
     assert float(meta["unprofiled_step_ms"]) == cap["unprofiled_step_ms"] > 0
     assert float(meta["profiled_step_ms"]) == cap["profiled_step_ms"] > 0
+
+
+@pytest.mark.slow
+def test_force_refuses_a_run_still_being_written(tmp_path):
+    run = tmp_path / "run"
+    proc, log = _start(run, LONG, "--seconds", "300")
+    try:
+        _wait_for((run / "manifest.json").exists, proc, log)
+        second = subprocess.run([sys.executable, "-m", "gpudoctor", "profile", "--backend", "torch", "--no-nvml",
+                                 "--force", "-o", str(run), "--", sys.executable, "-c", "pass"], cwd=ROOT, env=_env(),
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "still being written" in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr and proc.poll() is None  # the first run goes on, untouched
+    finally:
+        _interrupt(proc)
+    assert json.loads((run / "manifest.json").read_text())["outcome"] == "interrupted"

@@ -907,7 +907,8 @@ class Profile:
                 per_rank = {k: v for k, v in per_rank.items() if k < self.world_size}
             merged = rundir.merge_manifests(per_rank, self.world_size)
             rundir.write_json(run_dir / rundir.MANIFEST, merged)
-            done = len(per_rank)
+            # a rank still running has only its start-time manifest: it is not done
+            done = sum(1 for m in per_rank.values() if m.get("outcome") != "running")
             last = self.world_size is not None and done >= self.world_size
         if self.parent_dir:
             return  # the --nproc launcher analyzes the job

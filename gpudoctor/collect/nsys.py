@@ -135,10 +135,11 @@ def profile_command(nsys: str, output_base: str | Path, program: list[str], user
     return cmd
 
 
-# Python call stacks inside the window: backtraces of CUDA API calls and Python sampling of the host thread.
-# Seen on an H200 with nsys 2025.3.1 (bench/gpu/stack-options.txt): --python-backtrace=cuda alone leaves
-# every CUDA API row without a call chain; with --cudabacktrace the slow calls (syncs, long launches) get
-# one (CUDA_CALLCHAINS), and Python sampling fills SAMPLING_CALLCHAINS.
+# Call stacks inside the window. Seen on an H200 with nsys 2025.3.1 (bench/gpu/stack-options.txt): with
+# --cudabacktrace the slow CUDA calls (syncs, long launches) get native backtraces (CUDA_CALLCHAINS), and
+# --sample=process-tree gives native CPU samples (SAMPLING_CALLCHAINS); --python-sampling and
+# --python-backtrace write NVTX marks whose payload the SQLite export leaves empty, so no Python frame is
+# read back from them yet (they are counted in dropped).
 STACK_ARGS = ["--python-backtrace=cuda", "--cudabacktrace=sync,kernel,memory", "--python-sampling=true",
               "--python-sampling-frequency=1000", "--sample=process-tree", "--cpuctxsw=process-tree"]
 

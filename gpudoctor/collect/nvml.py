@@ -569,7 +569,9 @@ def read_samples(path: str | Path, rank: int | None = None):
     metrics = [c for c in df.columns if c not in ("ts_ns", "device_id")]
     long = df.melt(id_vars=["ts_ns", "device_id"], value_vars=metrics, var_name="name", value_name="value")
     long["value"] = pd.to_numeric(long["value"], errors="coerce")
-    long = long[np.isfinite(long["value"].to_numpy(dtype="float64", na_value=np.nan))]  # inf: not a sample
+    values = long["value"].to_numpy(dtype="float64", na_value=np.nan)
+    infinite = int(np.isinf(values).sum())  # damage, not a sample: counted by the reader (dropped)
+    long = long[np.isfinite(values)]  # empty cells are metrics NVML did not give: not samples either
     long = long.sort_values(["ts_ns", "device_id", "name"], kind="stable")
     out = pd.DataFrame({
         "rank": int(rank or 0),
@@ -578,7 +580,9 @@ def read_samples(path: str | Path, rank: int | None = None):
         "name": (COUNTER_PREFIX + long["name"].astype(str)).to_numpy(),
         "value": long["value"].astype("float64").to_numpy(),
     })
-    return conform("counters", out)
+    out = conform("counters", out)
+    out.attrs["infinite_values"] = infinite
+    return out
 
 
 def read_trace(path: str | Path, rank: int | None = None):

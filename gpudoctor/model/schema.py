@@ -80,6 +80,7 @@ TABLES: dict[str, list[tuple[str, str, object]]] = {
         ("api", "cat", ""),  # runtime | driver
         ("correlation_id", "i8", -1),
         ("return_value", "i8", 0),
+        ("stack_id", "i8", -1),  # the host call stack of the call (``stacks``), -1 when not recorded
     ],
     # NVTX / record_function / ProfilerStep ranges (host time), with their projection onto the GPU:
     # the span of the kernels and memops whose launch calls happened inside the range on its thread.
@@ -94,6 +95,7 @@ TABLES: dict[str, list[tuple[str, str, object]]] = {
         ("gpu_start_ns", "i8", -1),  # -1 when no GPU work was launched inside the range
         ("gpu_end_ns", "i8", -1),
         ("gpu_kernel_count", "i8", 0),
+        ("stack_id", "i8", -1),  # the host call stack where the range was opened, -1 when not recorded
     ],
     # Collective / point-to-point communication calls where the input describes them.
     "collectives": [
@@ -166,6 +168,34 @@ TABLES: dict[str, list[tuple[str, str, object]]] = {
         ("input_dims", "str", ""),  # JSON text of "Input Dims": a list per input ([] if not a tensor); "" = none
         ("input_types", "str", ""),  # JSON text of "Input type", e.g. ["c10::BFloat16", "Scalar"]; "" = none
         ("sequence_number", "i8", -1),  # autograd sequence number (pairs forward and backward ops)
+        ("stack_id", "i8", -1),  # the host call stack that called the op, -1 when not recorded
+    ],
+    # Host call-stack frames, each distinct (file, line, function) once per rank.
+    "frames": [
+        ("rank", "i8", 0),
+        ("frame_id", "i8", -1),
+        ("file", "cat", ""),  # as the profiler gives it ("" for native functions such as built-in methods)
+        ("line", "i8", -1),  # torch.profiler: the function's first line; -1 for native frames
+        ("function", "cat", ""),
+    ],
+    # Call stacks as a tree: a stack is its innermost frame plus the stack of its caller (parent_id), so
+    # every distinct stack is one row and shared prefixes are stored once.
+    "stacks": [
+        ("rank", "i8", 0),
+        ("stack_id", "i8", -1),
+        ("parent_id", "i8", -1),  # the caller's stack, -1 for an outermost frame
+        ("frame_id", "i8", -1),
+        ("depth", "i8", 0),  # 0 = outermost frame
+    ],
+    # What a host thread was running, over time: Python function calls (torch.profiler with_stack, one
+    # row per call, nested) and call-stack samples (nsys CPU sampling, start = end = sample time).
+    "host_stacks": [
+        ("rank", "i8", 0),
+        ("thread_id", "i8", -1),
+        ("start_ns", "i8", 0),
+        ("end_ns", "i8", 0),
+        ("stack_id", "i8", -1),
+        ("source", "cat", ""),  # torch_python_call | nsys_cpu_sample
     ],
     # Events that a reader could not place, counted by reason. Never silently dropped.
     "dropped": [

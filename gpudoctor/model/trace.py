@@ -79,6 +79,9 @@ class Trace:
     memory_events: pd.DataFrame = field(default_factory=lambda: empty_frame("memory_events"))
     kernel_metrics: pd.DataFrame = field(default_factory=lambda: empty_frame("kernel_metrics"))
     cpu_ops: pd.DataFrame = field(default_factory=lambda: empty_frame("cpu_ops"))
+    frames: pd.DataFrame = field(default_factory=lambda: empty_frame("frames"))
+    stacks: pd.DataFrame = field(default_factory=lambda: empty_frame("stacks"))
+    host_stacks: pd.DataFrame = field(default_factory=lambda: empty_frame("host_stacks"))
     dropped: pd.DataFrame = field(default_factory=lambda: empty_frame("dropped"))
     meta: dict = field(default_factory=dict)
 

@@ -72,7 +72,12 @@ import pandas as pd
 
 from gpudoctor.errors import InputError
 from gpudoctor.model.categories import categorize_kernels, short_names
-from gpudoctor.model.collectives import collective_op, enclosing_ops, op_of_kernel, range_op
+from gpudoctor.model.collectives import (
+    collective_op,
+    enclosing_ops,
+    op_of_kernel,
+    range_op,
+)
 from gpudoctor.model.columns import per_value
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
@@ -87,6 +92,7 @@ from gpudoctor.readers.event_split import (
     join_header,
     parse_bodies,
 )
+from gpudoctor.readers.kineto_stacks import add_python_stacks
 from gpudoctor.readers.limits import gunzip, open_input
 
 _loads = orjson.loads
@@ -228,7 +234,9 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of acyclic objects: the cyclic GC would rescan them over and over (4x slower)
     try:
-        return _read(path, rank)
+        trace = _read(path, rank)
+        add_python_stacks(trace, path)  # with_stack traces: Python call stacks
+        return trace
     finally:
         if gc_was_enabled:
             gc.enable()

@@ -43,6 +43,7 @@ from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
 from gpudoctor.readers import rank_from_filename
 from gpudoctor.readers.nsys_gpu_metrics import GpuMetricsSchemaError, read_gpu_metrics
+from gpudoctor.readers.nsys_stacks import add_native_stacks
 
 SOURCE_FORMAT = "nsys_sqlite"
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -466,6 +467,7 @@ class _Reader:
         if len(gpu_pids) > 1:
             # Several processes did GPU work; the model has one row per rank, so they share this rank.
             t.meta["nsys_gpu_pids"] = gpu_pids
+        add_native_stacks(t, self.conn, rank, offset)  # backtraces and CPU samples, when recorded
         return t
 
     def drop(self, source: str, reason: str, count: int) -> None:

@@ -16,4 +16,7 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
     t.counters = read_samples(path, rank)
     t.set("ranks", {"rank": [rank], "source_file": [str(path)], "source_format": [SOURCE_FORMAT],
                     "clock_source": ["UTC epoch (sampler)"]})
+    infinite = int(t.counters.attrs.get("infinite_values", 0))
+    if infinite:
+        t.add_dropped(rank, "nvml", "sample value is infinite", infinite)
     return t

@@ -35,6 +35,10 @@ def render(analysis: Analysis) -> str:
                    f"({pct(f.estimated_saving_fraction)} of the window)")
         if f.metrics:
             out.append("- metrics: " + ", ".join(f"`{k}`={metric(v)}" for k, v in f.metrics.items()))
+        for fr in f.evidence.get("frames", []):  # user-code lines charged with the finding's time
+            out.append(f"- at `{fr['file']}:{fr['line']}` in `{fr['function']}`"
+                       + (f" -> `{fr['callee']}`" if fr.get("callee") else "")
+                       + f": {ns(fr['idle_ns_per_step'])} per step ({pct(fr['step_fraction'])} of the step), {fr['kind']}")
         if f.recommendation:
             out.append(f"- fix: {f.recommendation}")
         out.append("")

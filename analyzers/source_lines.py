@@ -1,0 +1,357 @@
+"""The lines of the user's code that make the GPU wait: gpu_idle's gaps joined with host call stacks.
+
+Needs the stack tables of the trace model (torch.profiler ``with_stack=True``; Nsight Systems with
+Python backtraces / Python sampling). Pure: trace model and gaps in, a table of frames out.
+
+measure  Every gap the host made (all causes but gpu_side) is charged to one or more user frames:
+         - host_sync: the synchronizing call that overlaps the gap, by its stack (``loss.item()``): the
+           sync drained the queue, so the whole gap is its cost, whatever the host did next;
+         - module_load: the module-load call (``cuLibraryLoadData``) that overlaps the gap, by its stack;
+         - launch_bound: the launch call that ended the gap (the code issuing the small kernels);
+         - the others (host_gap, pageable_memcpy, module_load): what the host thread was running during
+           the gap, sampled at ``frame_samples_per_gap`` evenly spaced times from ``host_stacks``
+           (the launch that ended the gap when the trace has no host stacks).
+         A stack is charged to its innermost frame of user code: library frames (torch, transformers,
+         numpy, site-packages, the standard library, built-in functions) are skipped, and the library
+         frame the user frame called is kept as ``callee`` (``Tensor.item``, ``conv2d``).
+severity gpu_idle's own (these frames explain its idle time; they add no finding of their own).
+explain  One line per frame, naming the cause by what the host was doing, with the per-step cost.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from gpudoctor.model.stacks import innermost_at, stack_frames
+
+ID = "gpu_idle"  # its settings (frame_samples_per_gap, max_frames, ...) are gpu_idle's SETTINGS
+
+_DATALOADER = ("torch/utils/data/",)
+_COMPILE = ("torch/_dynamo/", "torch/_inductor/")
+_AUTOTUNE = ("triton/runtime/autotuner", "torch/_inductor/runtime/triton_heuristics", "torch/_inductor/select_algorithm")
+KINDS = ("sync", "module", "launch", "host")
+_JIT = re.compile(r"nvrtc|nvJitLink|cuLibraryLoad|cuModuleLoad|cuLink")
+
+
+def _stack_info(ctx) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    def compute():
+        st = ctx.trace.stacks
+        if st.empty:
+            return None
+        st = st.sort_values("stack_id", kind="stable").reset_index(drop=True)
+        fr = ctx.trace.frames.sort_values("frame_id", kind="stable").reset_index(drop=True)
+        return stack_frames(st, fr), fr
+    return ctx.cached("source_lines.stacks", compute)
+
+
+def _api_stack(ctx, corr: np.ndarray) -> np.ndarray:
+    """Stack id of the API call with each correlation id (-1 when unknown)."""
+    api = ctx.trace.api_calls
+    c = api["correlation_id"].to_numpy(np.int64)
+    s = api["stack_id"].to_numpy(np.int64)
+    keep = (c >= 0) & (s >= 0)
+    c, s = c[keep], s[keep]
+    order = np.argsort(c, kind="stable")
+    c, s = c[order], s[order]
+    at = np.clip(np.searchsorted(c, corr), 0, max(len(c) - 1, 0))
+    ok = (corr >= 0) & (len(c) > 0)
+    ok &= (c[at] == corr) if len(c) else False
+    return np.where(ok, s[at] if len(s) else -1, -1)
+
+
+def measure(ctx, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...],
+            call_causes: dict[str, str]) -> pd.DataFrame | None:
+    """One row per (gap, charged stack): gap index, stack, its user stack and callee, kind (sync / module /
+    launch / host), ns charged. ``call_causes``: cause -> regex of the API calls whose stack explains a
+    gap of that cause (host_sync: the syncs; module_load: the module loads)."""
+    info = _stack_info(ctx)
+    if info is None or not len(gaps):
+        return None
+    sf, _ = info
+    cfg = ctx.config.section(ID)
+    g0 = gaps["g0"].to_numpy(np.int64)
+    g1 = gaps["g1"].to_numpy(np.int64)
+    dur = g1 - g0
+    fixable = cause != causes.index("gpu_side")
+    stack = np.full(len(gaps), -1, np.int64)
+    kind = np.full(len(gaps), -1, np.int64)
+
+    # host_sync / module_load: the last such call starting before the gap ends, when it overlaps the gap
+    api = ctx.api_calls
+    for c, pattern in call_causes.items():
+        calls = api[ctx.name_mask(pattern, api, "name") & (api["stack_id"].to_numpy() >= 0)]
+        if calls.empty:
+            continue
+        s0 = calls["start_ns"].to_numpy(np.int64)
+        order = np.argsort(s0, kind="stable")
+        s0, s1 = s0[order], calls["end_ns"].to_numpy(np.int64)[order]
+        ss = calls["stack_id"].to_numpy(np.int64)[order]
+        j = np.searchsorted(s0, g1, side="left") - 1
+        jj = np.clip(j, 0, None)
+        hit = fixable & (kind < 0) & (cause == causes.index(c)) & (j >= 0) & (s1[jj] > g0)
+        stack[hit], kind[hit] = ss[jj][hit], KINDS.index("sync" if c == "host_sync" else "module")
+
+    # launch_bound: the launch that ended the gap
+    la = ctx.launches()
+    nxt_corr = np.full(len(gaps), -1, np.int64)
+    has_next = gaps["next_row"].to_numpy(np.int64) >= 0
+    if has_next.any():
+        is_k = gaps["next_is_kernel"].to_numpy(bool)
+        rows = gaps["next_row"].to_numpy(np.int64)
+        kc = ctx.kernels["correlation_id"].to_numpy(np.int64)
+        mc = ctx.memops["correlation_id"].to_numpy(np.int64)
+        nxt_corr = np.where(has_next & is_k, kc[np.clip(rows, 0, max(len(kc) - 1, 0))] if len(kc) else -1,
+                            np.where(has_next, mc[np.clip(rows, 0, max(len(mc) - 1, 0))] if len(mc) else -1, -1))
+    nxt_stack = _api_stack(ctx, nxt_corr)
+    lb = fixable & (kind < 0) & (cause == causes.index("launch_bound")) & (nxt_stack >= 0)
+    stack[lb], kind[lb] = nxt_stack[lb], KINDS.index("launch")
+
+    parts = [pd.DataFrame({"gap": np.flatnonzero(kind >= 0), "stack": stack[kind >= 0], "kind": kind[kind >= 0],
+                           "ns": dur[kind >= 0].astype(np.float64)})]
+    # the rest: what the host thread was running during the gap
+    rest = np.flatnonzero(fixable & (kind < 0))
+    hs = ctx.trace.host_stacks
+    launched = la[la["launched"]]
+    if len(rest) and len(hs) and len(launched):
+        # the thread with Python stacks that launches the most GPU work (backward launches from the autograd
+        # thread, which has no Python stack: sampling it would say nothing)
+        py_threads = hs["thread_id"].unique()
+        launching = launched.loc[launched["thread_id"].isin(py_threads), "thread_id"]
+        thread = int(launching.mode().iloc[0]) if len(launching) else int(py_threads[0])
+        mine = hs[hs["thread_id"].to_numpy() == thread]
+        calls = mine["end_ns"].to_numpy(np.int64) > mine["start_ns"].to_numpy(np.int64)
+        if calls.any():  # nested calls (torch.profiler): what ran at evenly spaced times of the gap
+            k = max(int(cfg["frame_samples_per_gap"]), 1)
+            frac = (np.arange(k) + 0.5) / k
+            t = (g0[rest, None] + dur[rest, None] * frac[None, :]).astype(np.int64).ravel()
+            sampled = innermost_at(mine[calls], sf["depth"].to_numpy(np.int64), thread, t)
+            gap_of = np.repeat(rest, k)
+            ok = sampled >= 0
+            weight = np.full(len(t), 1.0 / k)
+        else:  # samples (nsys): the samples taken inside the gap share it
+            ts = mine["start_ns"].to_numpy(np.int64)
+            order = np.argsort(ts, kind="stable")
+            lo, hi = np.searchsorted(ts[order], g0[rest]), np.searchsorted(ts[order], g1[rest])
+            n = hi - lo
+            gap_of = np.repeat(rest, n)
+            idx = order[np.repeat(lo, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))]
+            sampled = mine["stack_id"].to_numpy(np.int64)[idx]
+            ok = sampled >= 0
+            weight = 1.0 / np.repeat(np.maximum(n, 1), n)
+        parts.append(pd.DataFrame({"gap": gap_of[ok], "stack": sampled[ok], "kind": KINDS.index("host"),
+                                   "ns": (dur[gap_of[ok]] * weight[ok]).astype(np.float64)}))
+        rest = np.setdiff1d(rest, gap_of[ok])
+    # no host stacks for a gap: the launch that ended it
+    fallback = rest[nxt_stack[rest] >= 0]
+    parts.append(pd.DataFrame({"gap": fallback, "stack": nxt_stack[fallback], "kind": KINDS.index("host"),
+                               "ns": dur[fallback].astype(np.float64)}))
+    out = pd.concat(parts, ignore_index=True)
+    stk = out["stack"].to_numpy(np.int64)
+    user = sf["user_stack"].to_numpy()[stk]
+    if (user < 0).any():  # native-only stacks (nsys backtraces): the innermost frame above CUDA and the profiler
+        uniq, inv = np.unique(stk[user < 0], return_inverse=True)
+        user[user < 0] = np.array([_native_anchor(sf, info[1], int(u)) for u in uniq], dtype=np.int64)[inv.ravel()]
+    out["user_stack"] = user
+    out["callee_stack"] = sf["callee_stack"].to_numpy()[stk]
+    return out
+
+
+_NOT_ANCHOR = re.compile(r"libcuda\.so|libcudart|libcupti|libToolsInjection|\[vdso\]|libc\.so|^\[")
+
+
+def _native_anchor(sf: pd.DataFrame, fr: pd.DataFrame, stack: int) -> int:
+    """For a stack of native frames only: the innermost frame that is neither the CUDA driver / runtime,
+    the profiler's injection, libc nor an unresolved address (``at::native::item``...), or -1."""
+    files = fr["file"].astype(str).to_numpy(dtype=object)
+    funcs = fr["function"].astype(str).to_numpy(dtype=object)
+    fid, parent = sf["frame_id"].to_numpy(), sf["parent_id"].to_numpy()
+    s = stack
+    while s >= 0:  # one stack, leaf to root
+        f = fid[s]
+        if not _NOT_ANCHOR.search(files[f]) and not funcs[f].startswith("0x"):
+            return s
+        s = int(parent[s])
+    return -1
+
+
+def _traced_calls_per_gap(ctx, gaps: pd.DataFrame) -> np.ndarray:
+    """Python calls that torch.profiler's tracer recorded inside each gap (0 without traced calls)."""
+    hs = ctx.trace.host_stacks
+    hs = hs[hs["end_ns"].to_numpy() > hs["start_ns"].to_numpy()]
+    if hs.empty:
+        return np.zeros(len(gaps))
+    t = np.sort(hs["start_ns"].to_numpy(np.int64))
+    return (np.searchsorted(t, gaps["g1"].to_numpy(np.int64)) - np.searchsorted(t, gaps["g0"].to_numpy(np.int64))).astype(float)
+
+
+def _callee(sf: pd.DataFrame, fr: pd.DataFrame, rows: pd.DataFrame) -> str:
+    """The library function the user frame was in: the innermost native call of the charged stacks
+    (``Tensor.item``, ``conv2d``), else the library frame the user frame called."""
+    native = fr["file"].astype(str).to_numpy(dtype=object) == ""
+    fid = sf["frame_id"].to_numpy()
+    by_stack = rows.groupby("stack")["ns"].sum()
+    names: dict[str, float] = {}
+    parent = sf["parent_id"].to_numpy()
+    for stack, ns in by_stack.items():  # distinct stacks of one frame: a handful
+        s, user = int(stack), int(sf["user_stack"].iat[int(stack)])
+        while s >= 0 and s != user and not (native[fid[s]] and not fr["function"].iat[fid[s]].startswith("nn.Module")):
+            s = int(parent[s])
+        if s < 0 or s == user:
+            s = int(sf["callee_stack"].iat[int(stack)])
+        if s >= 0:
+            name = str(fr["function"].iat[fid[s]])
+            names[name] = names.get(name, 0.0) + ns
+    return max(names, key=names.get) if names else ""
+
+
+def _frame_text(fr: pd.DataFrame, frame_id: int) -> tuple[str, int, str]:
+    r = fr.iloc[int(frame_id)]
+    return str(r["file"]), int(r["line"]), str(r["function"])
+
+
+def _ancestors(sf: pd.DataFrame, fr: pd.DataFrame, stack: int) -> tuple[list[str], list[str]]:
+    """Files and functions of a stack, innermost first."""
+    files = fr["file"].astype(str).to_numpy(dtype=object)
+    funcs = fr["function"].astype(str).to_numpy(dtype=object)
+    out, fn = [], []
+    parent, fid = sf["parent_id"].to_numpy(), sf["frame_id"].to_numpy()
+    while stack >= 0:  # one stack: at most a few hundred frames
+        out.append(files[fid[stack]])
+        fn.append(funcs[fid[stack]])
+        stack = int(parent[stack])
+    return out, fn
+
+
+def _context(files: list[str], functions: list[str] = ()) -> str:
+    if any(("time_sorted_plan" in f or "cudnnFind" in f) for f in functions):
+        return "cudnn_benchmark"
+    if any(_JIT.match(f) for f in functions):
+        return "jit"
+    if any(any(p in f for p in _AUTOTUNE) for f in files):
+        return "autotune"
+    if any(any(p in f for p in _COMPILE) for f in files):
+        return "compile"
+    if any(any(p in f for p in _DATALOADER) for f in files):
+        return "dataloader_main_process"
+    return ""
+
+
+def frames_table(ctx, charged: pd.DataFrame, gaps: pd.DataFrame) -> list[dict]:
+    """The user frames ranked by the GPU idle time charged to them, with per-step costs and their gaps."""
+    sf, fr = _stack_info(ctx)
+    cfg = ctx.config.section(ID)
+    c = charged[charged["user_stack"] >= 0]
+    if c.empty:
+        return []
+    c = c.assign(frame=sf["frame_id"].to_numpy()[c["user_stack"].to_numpy(np.int64)])
+    n_steps = max(len(ctx.window.steady), 1)
+    step_ns = ctx.window_ns / n_steps
+    total = c.groupby("frame")["ns"].sum().sort_values(ascending=False)
+    total = total[total >= float(cfg["min_frame_fraction"]) * ctx.window_ns].head(int(cfg["max_frames"]))
+    k = ctx.kernels
+    stack_pos, stack_ids = pd.factorize(c["stack"].to_numpy(np.int64))  # a few hundred distinct stacks
+    calls_in_gap = _traced_calls_per_gap(ctx, gaps)
+    c = c.assign(traced=calls_in_gap[c["gap"].to_numpy()] * c["ns"].to_numpy()
+                 / np.maximum(gaps["dur_ns"].to_numpy(np.float64)[c["gap"].to_numpy()], 1.0))
+    out = []
+    for frame_id, ns in total.items():  # a handful of frames
+        rows = c[c["frame"] == frame_id]
+        by_kind = rows.groupby("kind")["ns"].sum()
+        kind = KINDS[int(by_kind.idxmax())]
+        callee_fn = _callee(sf, fr, rows)
+        top_stack = int(rows.groupby("stack")["ns"].sum().idxmax())
+        file, line, function = _frame_text(fr, frame_id)
+        gap_ns = rows.groupby("gap")["ns"].sum().sort_values(ascending=False)
+        g = gaps.iloc[gap_ns.index[: int(cfg["max_frame_gaps"])]]
+        entry = {
+            "file": file, "line": line, "function": function, "callee": callee_fn, "kind": kind,
+            "context": _context(*_ancestors(sf, fr, top_stack)),
+            "idle_ns": int(round(ns)), "idle_ns_per_step": int(round(ns / n_steps)),
+            "step_fraction": round(ns / n_steps / step_ns, 4) if step_ns > 0 else 0.0,
+            "idle_by_kind_ns": {KINDS[int(i)]: int(round(v)) for i, v in by_kind.items()},
+            "gap_count": int(len(gap_ns)),
+            "traced_python_calls_per_step": int(round(rows["traced"].sum() / n_steps)),
+            "gaps": [{"start_us": ctx.rel_us(a), "dur_us": round(int(b - a) / 1e3, 1)}
+                     for a, b in zip(g["g0"].to_numpy(np.int64), g["g1"].to_numpy(np.int64))],
+        }
+        if kind == "launch":
+            entry.update(_launch_stats(ctx, sf, frame_id, n_steps, k))
+        if entry["context"] == "dataloader_main_process":  # all the loader's main-process work, not only this frame
+            in_loader = np.array([_context(*_ancestors(sf, fr, int(x))) == entry["context"] for x in stack_ids])
+            entry["dataloader_idle_ns_per_step"] = int(round(c.loc[in_loader[stack_pos], "ns"].sum() / n_steps))
+        out.append(entry)
+    return out
+
+
+def _launch_stats(ctx, sf: pd.DataFrame, frame_id: int, n_steps: int, k: pd.DataFrame) -> dict:
+    """Kernels per step launched from this frame and their median duration."""
+    stack = _api_stack(ctx, k["correlation_id"].to_numpy(np.int64))
+    user = np.where(stack >= 0, sf["user_stack"].to_numpy()[np.clip(stack, 0, None)], -1)
+    mine = (user >= 0) & (sf["frame_id"].to_numpy()[np.clip(user, 0, None)] == frame_id)
+    d = k["dur_ns"].to_numpy(np.int64)[mine]
+    return {"kernels_per_step": round(int(mine.sum()) / n_steps, 1),
+            "median_kernel_ns": int(np.median(d)) if len(d) else None}
+
+
+def where(f: dict) -> str:
+    if not f["file"]:
+        at = "(native code)"
+    elif f["line"] < 0:  # a native frame: its shared object
+        at = f["file"].rsplit("/", 1)[-1]
+    else:
+        at = f"{f['file']}:{f['line']}"
+    return f"{at} in `{f['function']}`" + (f" -> `{f['callee']}`" if f["callee"] else "")
+
+
+TRACED_CALLS_NOTE = 1000  # traced Python calls a step in a frame's gaps from which the charge is flagged
+
+
+def explain(f: dict) -> str:
+    """One line: where, what it costs per step, what the host was doing there, what to do."""
+    line = _explain(f)
+    n = f.get("traced_python_calls_per_step", 0)
+    if n >= TRACED_CALLS_NOTE:
+        line += (f" (torch.profiler's Python tracer recorded {n:,} calls a step in these gaps and slows them: "
+                 "without the profiler this costs less)")
+    return line
+
+
+def _explain(f: dict) -> str:
+    cost = f"{f['idle_ns_per_step'] / 1e6:.2f} ms per step ({f['step_fraction']:.0%} of the step)"
+    ctx = f["context"]
+    if ctx == "cudnn_benchmark":
+        return (f"{where(f)}: cuDNN benchmark mode times candidate kernels again ({f['callee'] or 'cudnn_frontend'}) "
+                f"while the GPU idles {cost}: the input shape changes every step; keep shapes fixed (pad to a few "
+                "sizes) or set torch.backends.cudnn.benchmark = False.")
+    if ctx == "autotune":
+        return f"{where(f)}: autotuning (Triton) idles the GPU {cost}: autotune once before the loop and cache the configs."
+    if ctx == "compile":
+        return (f"{where(f)}: torch.compile (re)compiles while the GPU idles {cost}: keep shapes and guards "
+                "stable (mark_dynamic, fixed sizes) so that it compiles once.")
+    if ctx == "jit":
+        return (f"{where(f)}: runtime compilation / module loading while the GPU idles {cost} (a kernel is built "
+                "for a shape not seen before, e.g. cuDNN's runtime-compiled kernels): keep input shapes fixed or "
+                "warm every shape up before the loop.")
+    if f["kind"] == "module" or (ctx == "" and "conv" in f["callee"].lower() and f["kind"] == "host"):
+        return (f"{where(f)} builds or loads GPU code while the GPU idles {cost} (cuDNN benchmark / JIT for a new "
+                "input shape, module loading): keep input shapes fixed (pad to a few buckets), or turn "
+                "torch.backends.cudnn.benchmark off when shapes change every step.")
+    if f["kind"] == "sync":
+        return (f"{where(f)} blocks the GPU {cost}: the host waits here until the GPU drains and the GPU idles until "
+                "the next launch; keep the value on the GPU (running sums) and read it every N steps, or copy it "
+                "with non_blocking=True into pinned memory.")
+    if f["kind"] == "launch":
+        n = f.get("kernels_per_step")
+        med = f.get("median_kernel_ns")
+        what = f"issues {n:g} kernels per step" + (f" (median {med / 1e3:.1f} us)" if med is not None else "") if n else \
+            "issues small kernels"
+        return (f"{where(f)} {what}; the GPU idles {cost} between them: fuse them (torch._foreach_* ops, "
+                "torch.compile) or capture the loop in a CUDA graph.")
+    if ctx == "dataloader_main_process":
+        return (f"{where(f)} runs in the main process (DataLoader num_workers=0) while the GPU idles {cost}: use "
+                "DataLoader(num_workers>0, persistent_workers=True, pin_memory=True) or move the work to the GPU.")
+    return (f"{where(f)} keeps the host busy while the GPU idles {cost}: move this work off the training loop "
+            "(a DataLoader worker, a background thread, the GPU) or overlap it with GPU work.")
