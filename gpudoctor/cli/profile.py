@@ -511,6 +511,7 @@ class Profile:
                                     stacks=self.args.stacks)
             sup = Supervisor(argv, env, group=True, log_dir=self.raw)
             sup.saving = lambda: bool((rundir.read_json(status_path) or {}).get("finalizing_ns"))
+            sup.ready = status_path.exists  # the agent writes it first thing, before importing torch
 
             def poll():
                 st = rundir.read_json(status_path) or {}

@@ -492,6 +492,7 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(s, on_signal)
         except (ValueError, OSError):
             pass
+    write_status()  # first thing: the supervisor holds a Ctrl-C back until the interpreter runs this code
     try:
         import torch
 

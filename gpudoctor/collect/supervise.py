@@ -18,6 +18,7 @@ from gpudoctor.errors import GpudoctorError
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 ESCALATE_AFTER_S = 10.0  # a program still running this long after a forwarded signal gets the next one
+READY_WAIT_S = 10.0  # the longest a signal waits for the child's interpreter to start
 
 
 def say(msg: str) -> None:
@@ -66,6 +67,10 @@ class Supervisor:
         self._old: dict[int, object] = {}
         self._tees: list[StreamTee] = []
         self.saving = None  # optional: True while the program is writing what was collected (no escalation then)
+        # optional: False while the child interpreter is still starting (a SIGINT then kills Python's own
+        # start-up with a fatal error and a traceback): the first signal waits for it, at most READY_WAIT_S
+        self.ready = None
+        self._held: int | None = None
 
     def start(self) -> None:
         pipe = subprocess.PIPE if self.log_dir is not None else None
@@ -99,6 +104,8 @@ class Supervisor:
                 "(signal again to insist, a third time to kill it)")
         if n >= 3:
             self.kill_group(signal.SIGKILL)
+        elif n == 1 and self.ready is not None and not self.ready():
+            self._held = signum  # delivered by wait() once the program runs
         elif n == 1 and self.first_target is not None and self.first_target(signum):
             return
         else:
@@ -144,14 +151,24 @@ class Supervisor:
                     t.join()
                 return rc
             except subprocess.TimeoutExpired:
+                self._deliver_held()
                 self._escalate()
                 if poll is not None:
                     poll()
 
+    def _deliver_held(self) -> None:
+        if self._held is None or self.received_at is None:
+            return
+        if self.ready() or time.monotonic() - self.received_at > READY_WAIT_S or len(self.received) > 1:
+            signum, self._held = self._held, None
+            self.received_at = time.monotonic()
+            if not (self.first_target is not None and self.first_target(signum)):
+                self.send(signum)
+
     def _escalate(self) -> None:
         """A program that ignores a forwarded signal (a Python loop stuck in C code, a handler that swallows
         it) gets SIGTERM, then SIGKILL, ESCALATE_AFTER_S apart: Ctrl-C always ends it within seconds."""
-        if self.received_at is None or self.proc.poll() is not None:
+        if self.received_at is None or self.proc.poll() is not None or self._held is not None:
             return
         if self.saving is not None and self.saving():
             self.received_at = time.monotonic()  # it is ending: its export must not be cut short
