@@ -308,6 +308,11 @@ def test_killed_gpudoctor_never_leaves_the_program_running(tmp_path):
     assert m["outcome"] == "running" and m["command"][-2:] == ["--seconds", "300"]
     st = json.loads(status.read_text())
     assert st["signal"] == "SIGTERM" and (run / "raw/trace.torch.json.gz").stat().st_size > 0
+    # and the directory it left is analyzable: the trace it expected is found and read
+    a = subprocess.run([sys.executable, "-m", "gpudoctor", "analyze", str(run), "--json", str(tmp_path / "a.json")],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert a.returncode == 0, a.stderr
+    assert json.loads((tmp_path / "a.json").read_text())["ranks"]
 
 
 @pytest.mark.slow

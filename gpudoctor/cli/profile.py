@@ -392,13 +392,29 @@ class Profile:
                                 state: str = "running") -> Path:
         m = self._manifest(backend, why, facts, gpu_info, {}, res, start_ns, time.time_ns())
         m.update(outcome=state, exit_code=None, program_exit_code=None, end_utc=None, end_ns=None, wall_s=None,
-                 what_happened=f"the program is running under gpudoctor (pid {os.getpid()})")
+                 what_happened=f"the program is running under gpudoctor (pid {os.getpid()})",
+                 reports_expected=self._expected_reports())
         path = self.run_dir / (rundir.MANIFEST if not self.multi else rundir.rank_manifest_name(self.rank))
         try:
             rundir.write_json(path, m)
         except OSError as e:
             say(f"{self.label}cannot write {path}: {e}")
         return path
+
+    def _expected_reports(self) -> list[dict]:
+        """Where this run's reports will be: what `gpudoctor analyze RUN_DIR` reads if gpudoctor is killed
+        before it can list them (a killed run still leaves an analyzable directory)."""
+        rank, raw = self.rank or 0, rundir.RAW
+        out = []
+        if self.backend == "torch":
+            out.append({"path": f"{raw}/{self.stem}.torch.json.gz", "format": "kineto_json", "rank": rank})
+        elif self.backend == "nsys":
+            out += [{"path": f"{raw}/{self.stem}.sqlite", "format": "nsys_sqlite", "rank": rank},
+                    {"path": f"{raw}/{self.stem}.nsys-rep", "format": "nsys_rep", "rank": rank}]
+        if not self.args.no_nvml:
+            name = "nvml.csv" if not self.multi else f"{self.stem}.nvml.csv"
+            out.append({"path": f"{raw}/{name}", "format": "nvml_csv", "rank": rank})
+        return out
 
     def window_closed(self, res: Result, reports: list[dict], sup: Supervisor | None) -> None:
         """The capture window is recorded: analyze it now and print the findings, while the program runs on."""

@@ -97,7 +97,10 @@ def read_run_dir(run_dir: Path) -> Trace:
     manifest = read_manifest(run_dir)
     traces = []
     root = run_dir.resolve()
-    for rep in manifest.get("reports", []):
+    reports = manifest.get("reports") or []
+    if not reports and manifest.get("outcome") == "running":
+        reports = _left_by_a_killed_run(run_dir, manifest)
+    for rep in reports:
         p = (run_dir / rep["path"]).resolve()
         if root not in p.parents:  # never follow a path out of the run directory
             raise InputError(manifest_path, f"report path {rep['path']!r} points outside the run directory")
@@ -110,6 +113,24 @@ def read_run_dir(run_dir: Path) -> Trace:
         if isinstance(src, dict) and isinstance(src.get("unprofiled_step_ms"), (int, float)):
             trace.meta.setdefault("unprofiled_step_ms", float(src["unprofiled_step_ms"]))
     return trace
+
+
+def _left_by_a_killed_run(run_dir: Path, manifest: dict) -> list[dict]:
+    """A run whose gpudoctor was killed lists only the reports it expected: those that exist, one timeline
+    per rank (the SQLite export before the .nsys-rep)."""
+    out, timeline_ranks = [], set()
+    for rep in manifest.get("reports_expected") or []:
+        if not isinstance(rep, dict) or not isinstance(rep.get("path"), str):
+            continue
+        p = run_dir / rep["path"]
+        if not p.is_file() or p.stat().st_size == 0:
+            continue
+        if rep.get("format") != "nvml_csv":
+            if rep.get("rank") in timeline_ranks:
+                continue
+            timeline_ranks.add(rep.get("rank"))
+        out.append(rep)
+    return out
 
 
 def _devices_from_manifest(trace: Trace, manifest: dict) -> Trace:
