@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "workloads" / "long_train.py"  # --workload replaces it (any script taking --seconds, --log)
 
@@ -37,17 +35,26 @@ def start(name: str, argv: list[str], out: Path) -> dict:
 
 
 def tree_rss(pid: int) -> int:
-    try:
-        p = psutil.Process(pid)
-        procs = [p] + p.children(recursive=True)
-    except psutil.Error:
-        return 0
-    total = 0
-    for q in procs:
+    """Resident bytes of pid and all its descendants, from /proc (no dependency beyond Linux)."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
         try:
-            total += q.memory_info().rss
-        except psutil.Error:
-            pass
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{d}/statm") as f:
+                rss[int(d)] = int(f.read().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+        parents[int(d)] = int(fields[1])
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo.extend(c for c, pp in parents.items() if pp == p)
     return total
 
 
@@ -111,7 +118,9 @@ def sizes(run_dir: Path) -> dict:
     return out
 
 
-def summarize(r: dict, out: Path, reference: str | None) -> dict:
+def summarize(r: dict, out: Path, reference: str | None, window_of: str | None = None) -> dict:
+    """One run's figures; with ``reference``, its step times against that run's outside the capture window
+    (of this run, or of run ``window_of`` for an unprofiled run)."""
     run_dir = out / r["name"]
     row = {k: r.get(k) for k in ("name", "rc", "wall_s", "findings_s")}
     row["peak_rss_mb"] = round(r["peak_rss"] / 2**20)
@@ -131,13 +140,17 @@ def summarize(r: dict, out: Path, reference: str | None) -> dict:
     if (run_dir / "analysis.json").exists():
         a = json.loads((run_dir / "analysis.json").read_text())
         row["findings"] = sorted(f"{f.get('analyzer')}:{f.get('severity')}" for f in a.get("findings", []))
+    if window_of and (out / window_of / "manifest.json").exists():
+        wm = json.loads((out / window_of / "manifest.json").read_text())
+        m = dict(m, capture=wm.get("capture") or {}, analysis=wm.get("analysis"))
+        row["window_of"] = window_of
     if reference and m.get("capture", {}).get("start_ns"):
         cap = m["capture"]
         mine, ref = steps(out / f"{r['name']}.steps.jsonl"), steps(out / f"{reference}.steps.jsonl")
         if mine and ref:
             lo_all = max(mine[0][1], ref[0][1]) + int(30e9)  # past every run's warm-up
             hi_all = min(mine[-1][1], ref[-1][1]) - int(2e9)
-            after = (cap.get("closed_ns") or cap["end_ns"]) + int(((row.get("analysis_s") or 0) + 5) * 1e9)
+            after = (cap.get("closed_ns") or cap["end_ns"]) + int((((m.get("analysis") or {}).get("seconds") or 0) + 5) * 1e9)
             intervals = {"before_window": (lo_all, cap["start_ns"] - int(1e9)), "after_window": (after, hi_all)}
             row["slowdown_outside_window"] = {}
             for key, (lo, hi) in intervals.items():
@@ -169,12 +182,15 @@ def main() -> None:
         for row in rows:
             print(json.dumps(row))
         return
-    first = [bare("bare_long", args.long, out), profiled("nsys_long", "nsys", args.long, out, "--no-gpu-metrics"),
+    # bare_long_b is a second unprofiled run: its ratio to bare_long is the noise floor of the slowdown
+    # figures (seven processes share one GPU).
+    first = [bare("bare_long", args.long, out), bare("bare_long_b", args.long, out),
+             profiled("nsys_long", "nsys", args.long, out, "--no-gpu-metrics"),
              profiled("torch_long", "torch", args.long, out),
              bare("bare_short", args.short, out), profiled("nsys_short", "nsys", args.short, out, "--no-gpu-metrics"),
              profiled("torch_short", "torch", args.short, out)]
     runs = [start(n, argv, out) for n, argv in first]
-    long_runs, short_runs = runs[:3], runs[3:]
+    long_runs, short_runs = runs[:4], runs[4:]
     monitor(short_runs, out)  # the long runs go on meanwhile
     # Then, one after the other beside the long runs: a windowed nsys run with GPU metrics, and the same
     # program recorded whole, for the agreement of the findings.
@@ -185,9 +201,9 @@ def main() -> None:
     monitor(long_runs, out)
     rows = []
     for r in runs + check:
-        ref = {"nsys_long": "bare_long", "torch_long": "bare_long", "nsys_short": "bare_short",
+        ref = {"bare_long_b": "bare_long", "nsys_long": "bare_long", "torch_long": "bare_long", "nsys_short": "bare_short",
                "torch_short": "bare_short"}.get(r["name"])
-        rows.append(summarize(r, out, ref))
+        rows.append(summarize(r, out, ref, "nsys_long" if r["name"] == "bare_long_b" else None))
     doc = {"machine": subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                                      capture_output=True, text=True).stdout.strip(),
            "cpus": os.cpu_count(), "long_s": args.long, "short_s": args.short, "runs": rows}
