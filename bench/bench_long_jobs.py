@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +33,7 @@ def start(name: str, argv: list[str], out: Path) -> dict:
     log = open(out / f"{name}.console.log", "w")
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    return {"name": name, "proc": p, "t0": time.time(), "peak_rss": 0, "findings_s": None, "argv": argv}
+    return {"name": name, "proc": p, "t0": time.time(), "peak_rss": 0, "argv": argv}
 
 
 def tree_rss(pid: int) -> int:
@@ -65,9 +67,6 @@ def monitor(runs: list[dict], out: Path) -> None:
                 r["peak_rss"] = max(r["peak_rss"], tree_rss(r["proc"].pid))
             elif "wall_s" not in r:
                 r["wall_s"] = round(time.time() - r["t0"], 1)
-            run_dir = out / r["name"]
-            if r["findings_s"] is None and (run_dir / "analysis.json").exists():
-                r["findings_s"] = round(time.time() - r["t0"], 1)
         time.sleep(0.5)
     for r in runs:
         r["rc"] = r["proc"].returncode
@@ -122,7 +121,7 @@ def summarize(r: dict, out: Path, reference: str | None, window_of: str | None =
     """One run's figures; with ``reference``, its step times against that run's outside the capture window
     (of this run, or of run ``window_of`` for an unprofiled run)."""
     run_dir = out / r["name"]
-    row = {k: r.get(k) for k in ("name", "rc", "wall_s", "findings_s")}
+    row = {k: r.get(k) for k in ("name", "rc", "wall_s")}
     row["peak_rss_mb"] = round(r["peak_rss"] / 2**20)
     m = {}
     if (run_dir / "manifest.json").exists():
@@ -135,6 +134,11 @@ def summarize(r: dict, out: Path, reference: str | None, window_of: str | None =
         row["export_s"] = (m.get("backend_details") or {}).get("export_seconds_while_running") or next(
             (f.get("export_seconds") for f in m.get("files", []) if f.get("export_seconds")), None)
         row["outcome"] = m.get("outcome")
+        done_utc = (m.get("analysis") or {}).get("done_utc")
+        if done_utc and m.get("start_ns"):  # when analysis.json was written, from gpudoctor's own start
+            done_ns = datetime.fromisoformat(done_utc.replace("Z", "+00:00")).timestamp() * 1e9
+            row["findings_s"] = round((done_ns - m["start_ns"]) / 1e9, 1)
+            row["findings_while_program_ran"] = bool((m.get("analysis") or {}).get("while_program_ran"))
         if cap.get("start_ns"):
             row["window_opened_s"] = round((cap["start_ns"] - m["program_start_ns"]) / 1e9, 1)
     if (run_dir / "analysis.json").exists():
@@ -170,11 +174,22 @@ def main() -> None:
     ap.add_argument("--check", type=float, default=40.0, help="seconds of the windowed-vs-whole check runs")
     ap.add_argument("--workload", type=Path, help="another program taking --seconds and --log")
     ap.add_argument("--cpu", action="store_true", help="no GPU here: the torch backend alone, runs one at a time")
+    ap.add_argument("--resummarize", action="store_true",
+                    help="recompute OUT/long_jobs.json from the run directories and step logs already in OUT")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     global WORK
     WORK = args.workload.resolve() if args.workload else WORK
+    if args.resummarize:
+        doc = json.loads((out / "long_jobs.json").read_text())
+        refs = {"bare_long_b": "bare_long", "nsys_long": "bare_long", "torch_long": "bare_long",
+                "nsys_short": "bare_short", "torch_short": "bare_short", "torch_whole_short": None}
+        doc["runs"] = [summarize({"name": r["name"], "rc": r["rc"], "wall_s": r["wall_s"],
+                                  "peak_rss": r["peak_rss_mb"] * 2**20}, out, refs.get(r["name"]),
+                                 "nsys_long" if r["name"] == "bare_long_b" else None) for r in doc["runs"]]
+        (out / "long_jobs.json").write_text(json.dumps(doc, indent=1))
+        return
     if args.cpu:
         rows = cpu_main(out, args.long, args.short)
         doc = {"machine": f"CPU only, {os.cpu_count()} cores", "long_s": args.long, "short_s": args.short, "runs": rows}
@@ -204,7 +219,7 @@ def main() -> None:
         ref = {"bare_long_b": "bare_long", "nsys_long": "bare_long", "torch_long": "bare_long", "nsys_short": "bare_short",
                "torch_short": "bare_short"}.get(r["name"])
         rows.append(summarize(r, out, ref, "nsys_long" if r["name"] == "bare_long_b" else None))
-    doc = {"machine": subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+    doc = {"machine": subprocess.run(["nvidia-smi" if shutil.which("nvidia-smi") else "true", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                                      capture_output=True, text=True).stdout.strip(),
            "cpus": os.cpu_count(), "long_s": args.long, "short_s": args.short, "runs": rows}
     (out / "long_jobs.json").write_text(json.dumps(doc, indent=1))
