@@ -78,6 +78,8 @@ def measure(ctx, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...],
     fixable = cause != causes.index("gpu_side")
     stack = np.full(len(gaps), -1, np.int64)
     kind = np.full(len(gaps), -1, np.int64)
+    sampled, covered = _from_python_samples(ctx, gaps, fixable, cause, causes)
+    fixable = fixable & ~covered  # the rest: from the stacks of API calls and traced calls, as below
 
     # host_sync / module_load: the last such call starting before the gap ends, when it overlaps the gap
     api = ctx.api_calls
@@ -109,11 +111,12 @@ def measure(ctx, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...],
     lb = fixable & (kind < 0) & (cause == causes.index("launch_bound")) & (nxt_stack >= 0)
     stack[lb], kind[lb] = nxt_stack[lb], KINDS.index("launch")
 
-    parts = [pd.DataFrame({"gap": np.flatnonzero(kind >= 0), "stack": stack[kind >= 0], "kind": kind[kind >= 0],
-                           "ns": dur[kind >= 0].astype(np.float64)})]
+    parts = [sampled, pd.DataFrame({"gap": np.flatnonzero(kind >= 0), "stack": stack[kind >= 0],
+                                    "kind": kind[kind >= 0], "ns": dur[kind >= 0].astype(np.float64)})]
     # the rest: what the host thread was running during the gap
     rest = np.flatnonzero(fixable & (kind < 0))
     hs = ctx.trace.host_stacks
+    hs = hs[hs["source"].astype(str).to_numpy() != "python_sample"]
     launched = la[la["launched"]]
     if len(rest) and len(hs) and len(launched):
         # the thread with Python stacks that launches the most GPU work (backward launches from the autograd
@@ -157,6 +160,40 @@ def measure(ctx, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...],
     out["user_stack"] = user
     out["callee_stack"] = sf["callee_stack"].to_numpy()[stk]
     return out
+
+
+CAUSE_KIND = {"host_sync": "sync", "module_load": "module", "launch_bound": "launch"}
+
+
+def _from_python_samples(ctx, gaps: pd.DataFrame, fixable: np.ndarray, cause: np.ndarray,
+                         causes: tuple[str, ...]) -> tuple[pd.DataFrame, np.ndarray]:
+    """Charge gaps from the agent's Python stack samples: sample i stands for the time since sample i-1,
+    so a gap is split among the samples whose intervals overlap it, in proportion to the overlap (the
+    charges of a gap add up to the gap). The kind follows the gap's cause (a host_sync gap is the sync's
+    however the host spent it). Gaps outside the sampled span are left to the other sources."""
+    covered = np.zeros(len(gaps), bool)
+    hs = ctx.trace.host_stacks
+    ps = hs[hs["source"].astype(str).to_numpy() == "python_sample"]
+    empty = pd.DataFrame({"gap": np.zeros(0, np.int64), "stack": np.zeros(0, np.int64),
+                          "kind": np.zeros(0, np.int64), "ns": np.zeros(0)})
+    if len(ps) < 2:
+        return empty, covered
+    order = np.argsort(ps["start_ns"].to_numpy(np.int64), kind="stable")
+    ts = ps["start_ns"].to_numpy(np.int64)[order]
+    st = ps["stack_id"].to_numpy(np.int64)[order]
+    g0, g1 = gaps["g0"].to_numpy(np.int64), gaps["g1"].to_numpy(np.int64)
+    lo = np.searchsorted(ts, g0, side="right")  # first sample after the gap starts (its interval holds g0)
+    hi = np.searchsorted(ts, g1, side="left")  # first sample at or after the gap ends
+    covered = fixable & (lo >= 1) & (hi < len(ts)) & (g1 > g0)
+    idx = np.flatnonzero(covered)
+    n = hi[idx] - lo[idx] + 1
+    gap_of = np.repeat(idx, n)
+    sample = np.repeat(lo[idx], n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+    ns = np.minimum(ts[sample], g1[gap_of]) - np.maximum(ts[sample - 1], g0[gap_of])
+    kind_of_cause = np.array([KINDS.index(CAUSE_KIND.get(c, "host")) for c in causes], dtype=np.int64)
+    out = pd.DataFrame({"gap": gap_of, "stack": st[sample], "kind": kind_of_cause[cause[gap_of]],
+                        "ns": ns.astype(np.float64)})
+    return out[out["ns"] > 0], covered
 
 
 _NOT_ANCHOR = re.compile(r"libcuda\.so|libcudart|libcupti|libToolsInjection|\[vdso\]|libc\.so|^\[")

@@ -116,9 +116,12 @@ class ProfileCommand(Command):
         w.add_argument("--gpu-metrics-frequency", type=int, metavar="HZ", default=DEFAULT_GPU_METRICS_HZ,
                        help=f"nsys GPU metrics samples per second (default {DEFAULT_GPU_METRICS_HZ})")
         w.add_argument("--stacks", action=argparse.BooleanOptionalAction, default=True,
-                       help="record Python call stacks inside the window, to name the lines that make the GPU "
-                            "wait (torch: with_stack; nsys: Python backtraces of slow CUDA calls and Python "
-                            "sampling); on by default")
+                       help="sample the program's Python call stack inside the window (1 kHz), to name the lines "
+                            "that make the GPU wait; with nsys also native backtraces of CUDA calls and CPU "
+                            "sampling; on by default")
+        w.add_argument("--op-stacks", action="store_true",
+                       help="torch: also torch.profiler's with_stack (a stack on every op; its Python tracer "
+                            "slows Python code about 2x inside the window)")
         p.add_argument("--capture-range", metavar="NVTX_NAME",
                        help="nsys: collect only inside the first NVTX range of that name (e.g. step_3)")
         p.add_argument("--nproc", type=int, metavar="N",
@@ -524,7 +527,7 @@ class Profile:
         try:
             env = tb.child_env(self.env, probe, shim)
             argv = tb.child_command(prog, exe, "torch", str(status_path), self.window_spec(), str(trace),
-                                    stacks=self.args.stacks)
+                                    stacks=self.args.op_stacks, pysamples=self._pysamples_path())
             sup = Supervisor(argv, env, group=True, log_dir=self.raw)
             sup.saving = lambda: bool((rundir.read_json(status_path) or {}).get("finalizing_ns"))
             sup.ready = status_path.exists  # the agent writes it first thing, before importing torch
@@ -598,7 +601,12 @@ class Profile:
         status_path = self.raw / f"{self.stem}.agent.json"
         self._shim = tempfile.mkdtemp(prefix="gpudoctor-path-") if not probe.get("gpudoctor") else None
         env = tb.child_env(self.env, probe, self._shim)
-        return tb.child_command(prog, exe, "cuda", str(status_path), self.window_spec()), env, status_path
+        return (tb.child_command(prog, exe, "cuda", str(status_path), self.window_spec(),
+                                 pysamples=self._pysamples_path()), env, status_path)
+
+    def _pysamples_path(self) -> str | None:
+        """Where the agent writes the window's Python stack samples (beside the report, same stem)."""
+        return str(self.raw / f"{self.stem}.pysamples.json") if self.args.stacks else None
 
     def _run_nsys(self, facts: dict) -> Result:
         from gpudoctor.collect import nsys

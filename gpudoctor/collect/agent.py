@@ -2,7 +2,7 @@
 closes the capture window (``gpudoctor.collect.window``) at step boundaries.
 
 ``gpudoctor profile`` starts it as ``python [OPTS] -m gpudoctor.collect.agent --mode MODE --status S
-[--trace T] [--window SPEC_JSON] [--stacks] -- (script | -m module | -c code) ARGS``. Modes:
+[--trace T] [--window SPEC_JSON] [--stacks] [--pysamples P] -- (script | -m module | -c code) ARGS``. Modes:
 
 ``torch``  torch.profiler (CPU activities, plus CUDA when a GPU is available; record_shapes) records the
            window; the trace is written (gzipped) as soon as the window closes, while the program runs on.
@@ -21,8 +21,11 @@ Steps: the strongest source seen wins (window.SOURCE_RANK): ``gpudoctor.annotate
 ``torch.optim`` optimizer step (the global step hook), the end of each outermost ``nn.Module`` forward
 call, else the clock. All hooks are removed once the window closes, so the rest of the run pays nothing.
 
+``--pysamples P``: sample the main thread's Python stack inside the window (``gpudoctor.collect.pysampler``)
+and write the samples to P when it closes. ``--stacks``: torch.profiler's own ``with_stack`` as well.
+
 This module runs inside the profiled program's interpreter: it imports only the standard library, torch,
-``gpudoctor.annotate`` and ``gpudoctor.collect.window``.
+``gpudoctor.annotate``, ``gpudoctor.collect.window`` and ``gpudoctor.collect.pysampler``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import threading
 import time
 import traceback
 
+from gpudoctor.collect.pysampler import PythonSampler
 from gpudoctor.collect.window import Window, WindowSpec
 
 # A real-time signal that wakes the main thread for the clock: torch.profiler must be started and stopped on
@@ -71,6 +75,13 @@ class TorchRecorder:
         self.prof = profile(activities=activities, record_shapes=True, with_stack=stacks)
         self.trace_path, self.status = trace_path, status
 
+    @staticmethod
+    def mark(name: str) -> None:
+        from torch.profiler import record_function
+
+        with record_function(name):
+            pass
+
     def start(self, source: str | None) -> None:
         # ProfilerStep#N ranges from a step boundary on (none for a clock window or before the first step)
         self.prof.record_steps = source not in (None, "time")
@@ -98,6 +109,9 @@ class CudaProfilerRecorder:
 
         self.torch, self.nvtx = torch, annotate._nvtx()
         self._range = None
+
+    def mark(self, name: str) -> None:
+        self.nvtx.end(self.nvtx.start(name))
 
     def _sync(self) -> None:
         if self.torch.cuda.is_initialized():
@@ -180,8 +194,10 @@ def _forward_hook(mod, fn):
 
 
 class Controller:
-    def __init__(self, window: Window, recorder, status: dict, write_status, sources_factory, gpu_in_use=None):
+    def __init__(self, window: Window, recorder, status: dict, write_status, sources_factory, gpu_in_use=None,
+                 sampler: PythonSampler | None = None):
         self.window, self.recorder, self.status = window, recorder, status
+        self.sampler = sampler
         self.gpu_in_use = gpu_in_use  # callable: has the program initialized CUDA yet (None: not a GPU program)
         window.wait_for_origin = gpu_in_use is not None
         self.write_status = write_status
@@ -266,10 +282,22 @@ class Controller:
     def _apply(self, action: str, how: str) -> None:
         if action == "start":
             self.recorder.start(self.window.source)  # at a step boundary this opens the first step
+            if self.sampler is not None:
+                try:
+                    self.sampler.start(self.recorder.mark)
+                except Exception as e:  # never into the program
+                    self.sampler = None
+                    self._note(f"Python stack sampling did not start: {type(e).__name__}: {e}")
             self.window.started(time.time_ns())
             self.status["capture"] = {"state": "recording", "start_ns": time.time_ns(), "started": how}
             self.write_status()
         elif action == "stop":
+            if self.sampler is not None:
+                try:
+                    self.status["pysamples"] = self.sampler.stop(self.recorder.mark)
+                except Exception as e:
+                    self._note(f"Python stack samples were not written: {type(e).__name__}: {e}")
+                self.sampler = None
             self.recorder.stop(self._facts())
             self.status["capture"] = dict(self.window.summary(), state="done", closed_ns=time.time_ns(),
                                           **self._facts())
@@ -433,7 +461,7 @@ def _run_program(program: list[str]) -> None:
 
 
 USAGE = ("usage: python -m gpudoctor.collect.agent --mode torch|cuda --status S [--trace T] [--window JSON] "
-         "[--stacks] -- (script | -m module | -c code) [args]")
+         "[--stacks] [--pysamples P] -- (script | -m module | -c code) [args]")
 
 
 def _parse(argv: list[str]) -> tuple[dict, list[str]]:
@@ -511,7 +539,8 @@ def main(argv: list[str] | None = None) -> None:
         return StepSources(torch, on_boundary)
 
     gpu_in_use = torch.cuda.is_initialized if status.get("cuda_available") else None
-    ctl = Controller(window, recorder, status, write_status, sources, gpu_in_use)
+    sampler = PythonSampler(opts["--pysamples"]) if opts.get("--pysamples") else None
+    ctl = Controller(window, recorder, status, write_status, sources, gpu_in_use, sampler)
     finished = threading.Event()
 
     def finalize(code: int, signum: int | None = None, exc: str | None = None) -> int:

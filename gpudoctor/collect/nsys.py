@@ -137,11 +137,10 @@ def profile_command(nsys: str, output_base: str | Path, program: list[str], user
 
 # Call stacks inside the window. Seen on an H200 with nsys 2025.3.1 (bench/gpu/stack-options.txt): with
 # --cudabacktrace the slow CUDA calls (syncs, long launches) get native backtraces (CUDA_CALLCHAINS), and
-# --sample=process-tree gives native CPU samples (SAMPLING_CALLCHAINS); --python-sampling and
-# --python-backtrace write NVTX marks whose payload the SQLite export leaves empty, so no Python frame is
-# read back from them yet (they are counted in dropped).
-STACK_ARGS = ["--python-backtrace=cuda", "--cudabacktrace=sync,kernel,memory", "--python-sampling=true",
-              "--python-sampling-frequency=1000", "--sample=process-tree", "--cpuctxsw=process-tree"]
+# --sample=process-tree gives native CPU samples (SAMPLING_CALLCHAINS). --python-sampling and
+# --python-backtrace write NVTX marks whose payload the SQLite export leaves empty, so they are not asked
+# for: Python frames come from the agent's own sampler (collect/pysampler.py).
+STACK_ARGS = ["--cudabacktrace=sync,kernel,memory", "--sample=process-tree", "--cpuctxsw=process-tree"]
 
 
 def capture_api_args(end: str = "stop") -> list[str]:

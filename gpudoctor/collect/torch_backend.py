@@ -129,7 +129,7 @@ def probe_interpreter(exe: str, env: dict, timeout: float = 60.0) -> dict:
 
 
 def child_command(prog: PyProgram, exe: str, mode: str, status_path: str, window: dict,
-                  trace_path: str | None = None, stacks: bool = False) -> list[str]:
+                  trace_path: str | None = None, stacks: bool = False, pysamples: str | None = None) -> list[str]:
     """The program's own interpreter running it under ``gpudoctor.collect.agent`` (mode "torch" or "cuda")."""
     cmd = [exe, *prog.interpreter_options, "-m", "gpudoctor.collect.agent", "--mode", mode,
            "--status", status_path, "--window", json.dumps(window, separators=(",", ":"))]
@@ -137,6 +137,8 @@ def child_command(prog: PyProgram, exe: str, mode: str, status_path: str, window
         cmd += ["--trace", trace_path]
     if stacks:
         cmd.append("--stacks")
+    if pysamples:
+        cmd += ["--pysamples", pysamples]
     return cmd + ["--", *prog.program_args()]
 
 

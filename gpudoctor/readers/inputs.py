@@ -19,7 +19,7 @@ from gpudoctor.collect.ncu import join_to_timeline
 from gpudoctor.collect.nsys import export_sqlite
 from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.model.trace import Trace, conform, merge
-from gpudoctor.readers import detect, kineto, nccltests, ncu, nsys, nvml, prometheus, snapshot
+from gpudoctor.readers import detect, kineto, nccltests, ncu, nsys, nvml, prometheus, pysamples, snapshot
 from gpudoctor.readers.boundary import input_boundary
 from gpudoctor.readers.manifest import read_manifest
 from gpudoctor.store import rundb
@@ -78,14 +78,18 @@ def read_input(path: str | Path, rank: int | None = None, fmt: str | None = None
     """Read one file into a Trace, picking the reader from the file's content (``fmt``: ``input_format``'s
     answer when the caller already sniffed the file)."""
     path = Path(path)
+    if pysamples.is_sample_file(path):
+        raise InputError(path, "Python stack samples are read with their report: pass the trace beside them")
     fmt = fmt or input_format(path)
     if fmt == "run_dir":
         return read_run_dir(path)
-    if fmt == "nsys_rep":
-        return _read_nsys_rep(path, rank)
     if fmt == "run_db":
         return rundb.load(path)
-    return READERS[fmt].read(path, rank=rank)  # looked up at call time
+    t = _read_nsys_rep(path, rank) if fmt == "nsys_rep" else READERS[fmt].read(path, rank=rank)  # looked up at call time
+    samples = pysamples.sibling(path) if fmt in ("nsys_rep", "nsys_sqlite", "json") else None
+    if samples is not None:
+        pysamples.attach(t, samples)
+    return t
 
 
 def read_run_dir(run_dir: Path) -> Trace:
@@ -160,7 +164,8 @@ def expand_inputs(paths: list[str]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_dir() and not ((p / "manifest.json").exists() or (p / "run.db").exists()):
             try:
-                files = sorted(f for f in p.iterdir() if f.is_file() and _trace_file_name(f.name))
+                files = sorted(f for f in p.iterdir() if f.is_file() and _trace_file_name(f.name)
+                               and not pysamples.is_sample_file(f))  # read with their report
             except OSError:
                 files = []  # unreadable directory: detect() says why
             if not files:

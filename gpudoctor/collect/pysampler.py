@@ -1,0 +1,155 @@
+"""A sampler of the program's Python call stack, run inside the program during the capture window.
+
+Tracing every Python call (torch.profiler ``with_stack``) slows Python code 2x and more, which inflates
+exactly the host gaps that gpu_idle charges to the user's lines; Nsight Systems' own Python sampling
+leaves nothing in its SQLite export. So the agent samples the main thread's stack itself.
+
+How: a wall-clock interval timer (``setitimer(ITIMER_REAL)``, SIGALRM every ``interval_s``) whose handler
+runs in the main thread at its next bytecode boundary and reads the frame it interrupted. The kernel
+delivers the signal whatever holds the GIL, so pure-Python stretches are sampled as densely as waits;
+a signal that arrives during a blocking call (``.item()`` waiting for the GPU, a launch) is handled when
+the call returns, with the frame of the line that made it. Each sample stands for the time since the
+previous one. A sampler thread is the fallback when the program owns SIGALRM or the timer already (it
+can only sample where the main thread releases the GIL, so it favours blocking calls; the file says
+which method was used).
+
+Clock: samples carry ``time.monotonic_ns()``. The trace has its own clock, so at the start and the end
+the sampler emits a marker range (``ANCHOR``) through the recorder (an NVTX range for nsys, a
+``record_function`` for torch.profiler) and notes its own time at the marker; the reader
+(``gpudoctor.readers.pysamples``) maps samples onto the trace's clock from the marker ranges it finds.
+
+Standard library only: it runs inside the profiled program.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+ANCHOR = "gpudoctor.pysamples.anchor"
+FORMAT = "gpudoctor.pysamples"
+MAX_SAMPLES = 2_000_000  # about 30 minutes at 1 kHz: far beyond a window; later samples are counted, not kept
+
+
+class PythonSampler:
+    def __init__(self, path: str, interval_s: float = 0.001, thread_ident: int | None = None):
+        self.path, self.interval_s = path, interval_s
+        main = threading.main_thread()
+        self.thread_ident = thread_ident if thread_ident is not None else main.ident
+        self.native_tid = getattr(main, "native_id", None)
+        self._frame_ids: dict[tuple[str, int, str], int] = {}
+        self._stack_ids: dict[tuple[int, ...], int] = {}
+        self.t_ns: list[int] = []
+        self.stack: list[int] = []
+        self.anchors: list[dict] = []
+        self.overflow = 0
+        self._quit = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.method = ""  # "signal" or "thread"
+        self._old_handler = None
+        self.busy_ns = 0  # time the sampler itself spent sampling (its cost to the program)
+
+    # ------------------------------------------------------------------ control (main thread)
+
+    def start(self, mark) -> None:
+        """Begin sampling; ``mark(name)`` emits a marker range on the trace's clock (None: no anchors)."""
+        self._anchor(mark)
+        if self._signal_free():
+            self.method = "signal"
+            self._old_handler = signal.signal(signal.SIGALRM, self._on_signal)
+            signal.setitimer(signal.ITIMER_REAL, self.interval_s, self.interval_s)
+        else:
+            self.method = "thread"
+            self._thread = threading.Thread(target=self._run, name="gpudoctor-pysampler", daemon=True)
+            self._thread.start()
+
+    @staticmethod
+    def _signal_free() -> bool:
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+            return False
+        return signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None) and \
+            signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+    def stop(self, mark) -> dict:
+        """Stop, emit the closing marker, write the file. Returns a summary for the status file."""
+        self._quit.set()
+        if self.method == "signal":
+            signal.setitimer(signal.ITIMER_REAL, 0.0, 0.0)
+            signal.signal(signal.SIGALRM, self._old_handler if self._old_handler is not None else signal.SIG_DFL)
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+        self._anchor(mark)
+        self.write()
+        return {"path": self.path, "method": self.method, "samples": len(self.t_ns), "stacks": len(self._stack_ids),
+                "interval_s": self.interval_s, "overflow": self.overflow,
+                "sampler_busy_ms": round(self.busy_ns / 1e6, 1)}
+
+    def _anchor(self, mark) -> None:
+        if mark is None:
+            return
+        t0 = time.monotonic_ns()
+        mark(ANCHOR)
+        t1 = time.monotonic_ns()
+        self.anchors.append({"t_ns": (t0 + t1) // 2, "width_ns": t1 - t0})
+
+    # ------------------------------------------------------------------ sampling
+
+    def _on_signal(self, signum, frame) -> None:
+        began = time.monotonic_ns()
+        if frame is not None and not self._quit.is_set():
+            self._record(began, frame)
+
+    def _run(self) -> None:
+        current, ident = sys._current_frames, self.thread_ident
+        while not self._quit.wait(self.interval_s):
+            began = time.monotonic_ns()
+            f = current().get(ident)
+            if f is None:
+                return  # the main thread is gone
+            self._record(began, f)
+
+    def _record(self, began: int, f) -> None:
+        frame_ids, stack_ids, t_ns, stacks = self._frame_ids, self._stack_ids, self.t_ns, self.stack
+        key = []
+        while f is not None:  # innermost first
+            code = f.f_code
+            fk = (code.co_filename, f.f_lineno or 0, code.co_name)
+            fid = frame_ids.get(fk)
+            if fid is None:
+                fid = frame_ids[fk] = len(frame_ids)
+            key.append(fid)
+            f = f.f_back
+        del f
+        sk = tuple(key)
+        sid = stack_ids.get(sk)
+        if sid is None:
+            sid = stack_ids[sk] = len(stack_ids)
+        if len(t_ns) < MAX_SAMPLES:
+            t_ns.append(began)
+            stacks.append(sid)
+        else:
+            self.overflow += 1
+        self.busy_ns += time.monotonic_ns() - began
+
+    # ------------------------------------------------------------------ output
+
+    def to_dict(self) -> dict:
+        frames = sorted(self._frame_ids, key=self._frame_ids.__getitem__)
+        stacks = sorted(self._stack_ids, key=self._stack_ids.__getitem__)
+        return {"format": FORMAT, "version": 1, "pid": os.getpid(), "thread_native_id": self.native_tid,
+                "method": self.method,
+                "clock": "monotonic_ns", "interval_s": self.interval_s, "anchors": self.anchors,
+                "frames": [list(f) for f in frames],
+                "stacks": [list(s) for s in stacks],  # frame ids, innermost first
+                "t_ns": self.t_ns, "stack": self.stack, "overflow": self.overflow,
+                "sampler_busy_ns": self.busy_ns}
+
+    def write(self) -> None:
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump(self.to_dict(), fh, separators=(",", ":"))
+        os.replace(tmp, self.path)

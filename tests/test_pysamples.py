@@ -1,0 +1,110 @@
+"""The agent's Python stack sampler (collect/pysampler.py) and its reader (readers/pysamples.py).
+
+A real CPU run under ``gpudoctor profile --backend torch``: the program's culprit (a pure-Python
+function) runs inside a ``record_function`` range, so the trace holds the exact time it took; the
+samples, mapped onto the trace's clock through the marker ranges, must charge the culprit's line that
+time (+-15%), and lie inside the window.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpudoctor.readers import inputs, pysamples
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRAM = ROOT / "tests" / "programs" / "host_culprit_cpu.py"
+
+torch = pytest.importorskip("torch")
+
+
+def culprit_line() -> int:
+    for i, text in enumerate(PROGRAM.read_text().splitlines(), 1):
+        if text.rstrip().endswith("# culprit: slow_host"):
+            return i
+    raise AssertionError("no culprit line")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pysamples") / "run"
+    r = subprocess.run([sys.executable, "-m", "gpudoctor", "profile", "--backend", "torch", "--no-nvml",
+                        "--stop-after-capture", "-o", str(out), "--", sys.executable, str(PROGRAM), "--steps", "400"],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_samples_are_written_beside_the_trace(run_dir):
+    raw = run_dir / "raw"
+    doc = json.loads((raw / "trace.pysamples.json").read_text())
+    assert doc["format"] == "gpudoctor.pysamples" and doc["method"] == "signal"
+    assert len(doc["anchors"]) == 2 and len(doc["t_ns"]) == len(doc["stack"]) > 20
+    status = json.loads((raw / "trace.torch-status.json").read_text())
+    assert status["pysamples"]["samples"] == len(doc["t_ns"])
+    assert pysamples.sibling(raw / "trace.torch.json.gz") == raw / "trace.pysamples.json"
+
+
+def test_samples_charge_the_culprit_its_measured_time(run_dir):
+    t = inputs.read_input(run_dir / "raw" / "trace.torch.json.gz")
+    hs = t.host_stacks[t.host_stacks["source"].astype(str) == "python_sample"].sort_values("start_ns")
+    assert len(hs) > 20
+    marks = t.ranges[t.ranges["text"].astype(str) == pysamples.ANCHOR]
+    ts = hs["start_ns"].to_numpy(np.int64)
+    assert marks["start_ns"].min() <= ts[0] and ts[-1] <= marks["end_ns"].max()  # inside the window
+    # which samples have the culprit line anywhere on their stack
+    frames = t.frames.set_index("frame_id")
+    stacks = t.stacks.set_index("stack_id")
+    line = culprit_line()
+
+    def has_culprit(sid: int) -> bool:
+        while sid >= 0:
+            f = frames.loc[stacks.at[sid, "frame_id"]]
+            if str(f["file"]).endswith("host_culprit_cpu.py") and int(f["line"]) == line:
+                return True
+            sid = int(stacks.at[sid, "parent_id"])
+        return False
+
+    hit = np.array([has_culprit(int(s)) for s in hs["stack_id"]])
+    charged_ns = float(np.diff(ts)[hit[1:]].sum())  # sample i stands for the time since sample i-1
+    r = t.ranges[(t.ranges["text"].astype(str) == "slow_host") & (t.ranges["start_ns"] >= ts[0])
+                 & (t.ranges["end_ns"] <= ts[-1])]
+    measured_ns = float((r["end_ns"] - r["start_ns"]).sum())
+    assert len(r) >= 5 and measured_ns > 0
+    print(f"charged {charged_ns / 1e6:.2f} ms, measured {measured_ns / 1e6:.2f} ms in {len(r)} ranges")
+    assert charged_ns == pytest.approx(measured_ns, rel=0.15)
+
+
+def test_a_sample_file_alone_is_refused(run_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "gpudoctor", "analyze", str(run_dir / "raw" / "trace.pysamples.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "read with their report" in r.stderr
+
+
+def test_samples_without_their_marker_are_counted_not_placed(run_dir, tmp_path):
+    """The trace of another run (no marker ranges) with these samples beside it: counted in dropped."""
+    t = inputs.read_input(run_dir / "raw" / "trace.torch.json.gz")
+    n = len(json.loads((run_dir / "raw" / "trace.pysamples.json").read_text())["t_ns"])
+    t.ranges = t.ranges[t.ranges["text"].astype(str) != pysamples.ANCHOR]
+    t.host_stacks = t.host_stacks.iloc[0:0]
+    pysamples.attach(t, run_dir / "raw" / "trace.pysamples.json")
+    assert t.host_stacks.empty
+    assert t.dropped_counts()["Python stack samples without their clock marker in the trace"] == n
+
+
+def test_a_damaged_sample_file_is_a_one_line_error(run_dir, tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "trace.torch.json.gz").write_bytes((run_dir / "raw" / "trace.torch.json.gz").read_bytes())
+    (d / "trace.pysamples.json").write_text('{"format": "gpudoctor.pysamples", "t_ns": [1, 2], "stack": [5]}')
+    r = subprocess.run([sys.executable, "-m", "gpudoctor", "analyze", str(d / "trace.torch.json.gz")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "differ in length" in r.stderr
