@@ -78,7 +78,7 @@ def measure(ctx, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...],
     fixable = cause != causes.index("gpu_side")
     stack = np.full(len(gaps), -1, np.int64)
     kind = np.full(len(gaps), -1, np.int64)
-    sampled, covered = _from_python_samples(ctx, gaps, fixable, cause, causes)
+    sampled, covered = _from_python_samples(ctx, gaps, fixable, cause, causes, call_causes)
     fixable = fixable & ~covered  # the rest: from the stacks of API calls and traced calls, as below
 
     # host_sync / module_load: the last such call starting before the gap ends, when it overlaps the gap
@@ -166,11 +166,16 @@ CAUSE_KIND = {"host_sync": "sync", "module_load": "module", "launch_bound": "lau
 
 
 def _from_python_samples(ctx, gaps: pd.DataFrame, fixable: np.ndarray, cause: np.ndarray,
-                         causes: tuple[str, ...]) -> tuple[pd.DataFrame, np.ndarray]:
-    """Charge gaps from the agent's Python stack samples: sample i stands for the time since sample i-1,
-    so a gap is split among the samples whose intervals overlap it, in proportion to the overlap (the
-    charges of a gap add up to the gap). The kind follows the gap's cause (a host_sync gap is the sync's
-    however the host spent it). Gaps outside the sampled span are left to the other sources."""
+                         causes: tuple[str, ...], call_causes: dict[str, str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """Charge gaps from the agent's Python stack samples.
+
+    A host_sync / module_load gap goes whole to the line that made the call: the sync drained the queue,
+    so the gap is its cost whatever the host did next. That line is the sample taken as the call
+    returned (a timer signal that arrives during a blocking call is handled right after it, in the
+    calling frame). Any other gap (and such a gap whose call no sample caught) is split among the
+    samples whose intervals overlap it -- sample i stands for the time since sample i-1 -- in proportion
+    to the overlap, so its charges add up to the gap; the kind follows the gap's cause. Gaps outside the
+    sampled span are left to the other sources."""
     covered = np.zeros(len(gaps), bool)
     hs = ctx.trace.host_stacks
     ps = hs[hs["source"].astype(str).to_numpy() == "python_sample"]
@@ -191,9 +196,41 @@ def _from_python_samples(ctx, gaps: pd.DataFrame, fixable: np.ndarray, cause: np
     sample = np.repeat(lo[idx], n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
     ns = np.minimum(ts[sample], g1[gap_of]) - np.maximum(ts[sample - 1], g0[gap_of])
     kind_of_cause = np.array([KINDS.index(CAUSE_KIND.get(c, "host")) for c in causes], dtype=np.int64)
-    out = pd.DataFrame({"gap": gap_of, "stack": st[sample], "kind": kind_of_cause[cause[gap_of]],
-                        "ns": ns.astype(np.float64)})
+    by_call = _caller_samples(ctx, gaps, covered, cause, causes, call_causes, ts, st)
+    keep = by_call[gap_of] < 0
+    out = pd.DataFrame({"gap": gap_of[keep], "stack": st[sample][keep], "kind": kind_of_cause[cause[gap_of[keep]]],
+                        "ns": ns[keep].astype(np.float64)})
+    whole = np.flatnonzero(by_call >= 0)
+    out = pd.concat([out, pd.DataFrame({"gap": whole, "stack": by_call[whole], "kind": kind_of_cause[cause[whole]],
+                                        "ns": (g1 - g0)[whole].astype(np.float64)})], ignore_index=True)
     return out[out["ns"] > 0], covered
+
+
+CALL_RETURN_SLACK_NS = 200_000  # a sample this soon after a call returned was taken in the calling frame
+
+
+def _caller_samples(ctx, gaps: pd.DataFrame, covered: np.ndarray, cause: np.ndarray, causes: tuple[str, ...],
+                    call_causes: dict[str, str], ts: np.ndarray, st: np.ndarray) -> np.ndarray:
+    """Per gap: the sampled stack of the host_sync / module_load call that overlaps it, -1 when none."""
+    out = np.full(len(gaps), -1, np.int64)
+    g0, g1 = gaps["g0"].to_numpy(np.int64), gaps["g1"].to_numpy(np.int64)
+    api = ctx.api_calls
+    for c, pattern in call_causes.items():
+        mine = covered & (cause == causes.index(c))
+        calls = api[ctx.name_mask(pattern, api, "name")]
+        if not mine.any() or calls.empty:
+            continue
+        s0 = calls["start_ns"].to_numpy(np.int64)
+        order = np.argsort(s0, kind="stable")
+        s0, s1 = s0[order], calls["end_ns"].to_numpy(np.int64)[order]
+        j = np.searchsorted(s0, g1, side="left") - 1  # the last such call starting before the gap ends
+        jj = np.clip(j, 0, None)
+        hit = mine & (j >= 0) & (s1[jj] > g0)
+        k = np.searchsorted(ts, s0[jj], side="left")  # the first sample from the call's start on
+        kk = np.clip(k, 0, len(ts) - 1)
+        ok = hit & (k < len(ts)) & (ts[kk] <= s1[jj] + CALL_RETURN_SLACK_NS)
+        out[ok] = st[kk[ok]]
+    return out
 
 
 _NOT_ANCHOR = re.compile(r"libcuda\.so|libcudart|libcupti|libToolsInjection|\[vdso\]|libc\.so|^\[")
@@ -316,6 +353,7 @@ def frames_table(ctx, charged: pd.DataFrame, gaps: pd.DataFrame) -> list[dict]:
         }
         if kind == "launch":
             entry.update(_launch_stats(ctx, sf, frame_id, n_steps, k))
+            entry.update(_unprofiled_launch_cost(ctx.trace.meta, entry))
         if entry["context"] == "dataloader_main_process":  # all the loader's main-process work, not only this frame
             in_loader = np.array([_context(*_ancestors(sf, fr, int(x))) == entry["context"] for x in stack_ids])
             entry["dataloader_idle_ns_per_step"] = int(round(c.loc[in_loader[stack_pos], "ns"].sum() / n_steps))
@@ -331,6 +369,29 @@ def _launch_stats(ctx, sf: pd.DataFrame, frame_id: int, n_steps: int, k: pd.Data
     d = k["dur_ns"].to_numpy(np.int64)[mine]
     return {"kernels_per_step": round(int(mine.sum()) / n_steps, 1),
             "median_kernel_ns": int(np.median(d)) if len(d) else None}
+
+
+def _meta_float(meta: dict, key: str) -> float | None:
+    for src in (meta.get("torch_profiler") or {}, meta):  # torch.profiler's metadata holds strings
+        try:
+            v = float(src.get(key))
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(v) and v > 0:
+            return v
+    return None
+
+
+def _unprofiled_launch_cost(meta: dict, entry: dict) -> dict:
+    """A profiler makes every launch slower, and a launch-bound frame's gaps grow with it. The agent timed
+    a launch on this host with no profiler running (``unprofiled_launch_ns``): the frame's launches at
+    that cost bound what its gaps cost the program unprofiled."""
+    launch_ns = _meta_float(meta, "unprofiled_launch_ns")
+    n = entry.get("kernels_per_step")
+    if not launch_ns or not n:
+        return {}
+    return {"unprofiled_launch_ns": int(launch_ns),
+            "unprofiled_idle_ns_per_step": int(min(entry["idle_ns_per_step"], n * launch_ns))}
 
 
 def where(f: dict) -> str:
@@ -385,7 +446,11 @@ def _explain(f: dict) -> str:
         med = f.get("median_kernel_ns")
         what = f"issues {n:g} kernels per step" + (f" (median {med / 1e3:.1f} us)" if med is not None else "") if n else \
             "issues small kernels"
-        return (f"{where(f)} {what}; the GPU idles {cost} between them: fuse them (torch._foreach_* ops, "
+        unprof = ""
+        if f.get("unprofiled_idle_ns_per_step") is not None:
+            unprof = (f" (about {f['unprofiled_idle_ns_per_step'] / 1e6:.2f} ms without the profiler: a launch took "
+                      f"{f['unprofiled_launch_ns'] / 1e3:.1f} us on this host before the window)")
+        return (f"{where(f)} {what}; the GPU idles {cost} between them{unprof}: fuse them (torch._foreach_* ops, "
                 "torch.compile) or capture the loop in a CUDA graph.")
     if ctx == "dataloader_main_process":
         return (f"{where(f)} runs in the main process (DataLoader num_workers=0) while the GPU idles {cost}: use "

@@ -195,9 +195,11 @@ def _forward_hook(mod, fn):
 
 class Controller:
     def __init__(self, window: Window, recorder, status: dict, write_status, sources_factory, gpu_in_use=None,
-                 sampler: PythonSampler | None = None):
+                 sampler: PythonSampler | None = None, calibrate=None):
         self.window, self.recorder, self.status = window, recorder, status
         self.sampler = sampler
+        self.calibrate = calibrate  # callable: host ns per kernel launch with no profiler, or None
+        self.launch_ns: int | None = None
         self.gpu_in_use = gpu_in_use  # callable: has the program initialized CUDA yet (None: not a GPU program)
         window.wait_for_origin = gpu_in_use is not None
         self.write_status = write_status
@@ -281,6 +283,11 @@ class Controller:
 
     def _apply(self, action: str, how: str) -> None:
         if action == "start":
+            if self.calibrate is not None:
+                try:
+                    self.launch_ns = self.calibrate()
+                except Exception as e:
+                    self._note(f"launch cost calibration: {type(e).__name__}: {e}")
             self.recorder.start(self.window.source)  # at a step boundary this opens the first step
             if self.sampler is not None:
                 try:
@@ -315,6 +322,8 @@ class Controller:
             out["unprofiled_step_ms"] = round(statistics.median(before[-5:]) / 1e6, 3)
         if inside:
             out["profiled_step_ms"] = round(statistics.median(inside) / 1e6, 3)
+        if self.launch_ns:
+            out["unprofiled_launch_ns"] = self.launch_ns
         return out
 
     def remove_hooks(self) -> None:
@@ -379,6 +388,27 @@ def _print_program_traceback(exc: BaseException) -> None:
         sys.excepthook(type(exc), exc, tb)
     except Exception:
         traceback.print_exception(type(exc), exc, tb)
+
+
+LAUNCHES = 200
+
+
+def _launch_ns(torch) -> int | None:
+    """Host nanoseconds per kernel launch of a one-element in-place add, with no profiler running: what a
+    launch costs the program on this host. Measured just before the window opens (the queue drained
+    first), so that launch-bound charges can be told without the profiler's own cost per launch."""
+    if not torch.cuda.is_initialized():
+        return None
+    buf = torch.zeros(1, device="cuda")
+    for _ in range(20):
+        buf.add_(1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter_ns()
+    for _ in range(LAUNCHES):
+        buf.add_(1)
+    t1 = time.perf_counter_ns()
+    torch.cuda.synchronize()
+    return (t1 - t0) // LAUNCHES
 
 
 def _atomic_json(path: str, doc: dict) -> None:
@@ -540,7 +570,8 @@ def main(argv: list[str] | None = None) -> None:
 
     gpu_in_use = torch.cuda.is_initialized if status.get("cuda_available") else None
     sampler = PythonSampler(opts["--pysamples"]) if opts.get("--pysamples") else None
-    ctl = Controller(window, recorder, status, write_status, sources, gpu_in_use, sampler)
+    ctl = Controller(window, recorder, status, write_status, sources, gpu_in_use, sampler,
+                     (lambda: _launch_ns(torch)) if gpu_in_use is not None else None)
     finished = threading.Event()
 
     def finalize(code: int, signum: int | None = None, exc: str | None = None) -> int:

@@ -135,12 +135,13 @@ def profile_command(nsys: str, output_base: str | Path, program: list[str], user
     return cmd
 
 
-# Call stacks inside the window. Seen on an H200 with nsys 2025.3.1 (bench/gpu/stack-options.txt): with
-# --cudabacktrace the slow CUDA calls (syncs, long launches) get native backtraces (CUDA_CALLCHAINS), and
-# --sample=process-tree gives native CPU samples (SAMPLING_CALLCHAINS). --python-sampling and
-# --python-backtrace write NVTX marks whose payload the SQLite export leaves empty, so they are not asked
-# for: Python frames come from the agent's own sampler (collect/pysampler.py).
-STACK_ARGS = ["--cudabacktrace=sync,kernel,memory", "--sample=process-tree", "--cpuctxsw=process-tree"]
+# Call stacks inside the window. Seen on an H200 with nsys 2025.3.1 (bench/gpu/stack-options.txt):
+# --sample=process-tree gives native CPU samples (SAMPLING_CALLCHAINS: cuDNN's planning, module loading).
+# --python-sampling and --python-backtrace write NVTX marks whose payload the SQLite export leaves empty,
+# and --cudabacktrace unwinds every slow sync as it returns, which lengthens the very gaps being charged
+# (+72% on a per-step .item(), fixtures/pysamples): neither is asked for. Python frames come from the
+# agent's own sampler (collect/pysampler.py); --cudabacktrace can still be passed with --nsys-args.
+STACK_ARGS = ["--sample=process-tree", "--cpuctxsw=process-tree"]
 
 
 def capture_api_args(end: str = "stop") -> list[str]:

@@ -103,10 +103,14 @@ def _kernel_time_fraction(kernels: pd.DataFrame, span_start: np.ndarray, span_en
 
 
 def _outermost(r: pd.DataFrame, pick: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    # Outermost first, then the most repetitions.
+    # Outermost first, then the most repetitions. The ranges of that name that no other range of the same
+    # name holds: not the ones at one nesting depth, because start/end ranges (gpudoctor's own
+    # ProfilerStep#N over nsys) cross the program's push/pop ranges and land at different depths.
     key = pick.sort_values(["depth", "n"], ascending=[True, False]).index[0]
-    sel = r[(r["key"] == key) & (r["depth"] == pick.loc[key, "depth"])]
-    return sel.drop(columns="key"), f"ranges named '{key}'"
+    sel = r[r["key"] == key].sort_values(["start_ns", "end_ns"], ascending=[True, False], kind="stable")
+    end = sel["end_ns"].to_numpy(np.int64)
+    held = np.r_[False, end[1:] <= np.maximum.accumulate(end)[:-1]]
+    return sel[~held].drop(columns="key"), f"ranges named '{key}'"
 
 
 def _from_optimizer(opt: pd.DataFrame, kernels: pd.DataFrame) -> tuple[pd.DataFrame, str] | None:

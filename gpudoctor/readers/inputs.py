@@ -114,8 +114,9 @@ def read_run_dir(run_dir: Path) -> Trace:
     trace = _devices_from_manifest(combine(traces), manifest)
     # Step time before the profiler started (the profiler's own cost, measured): gpu_idle reads it.
     for src in (manifest, manifest.get("capture") or {}):
-        if isinstance(src, dict) and isinstance(src.get("unprofiled_step_ms"), (int, float)):
-            trace.meta.setdefault("unprofiled_step_ms", float(src["unprofiled_step_ms"]))
+        for key in ("unprofiled_step_ms", "unprofiled_launch_ns"):
+            if isinstance(src, dict) and isinstance(src.get(key), (int, float)):
+                trace.meta.setdefault(key, float(src[key]))
     return trace
 
 
