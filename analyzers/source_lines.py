@@ -281,6 +281,38 @@ def _callee(sf: pd.DataFrame, fr: pd.DataFrame, rows: pd.DataFrame) -> str:
     return max(names, key=names.get) if names else ""
 
 
+def _native_context_per_gap(ctx, sf: pd.DataFrame, fr: pd.DataFrame, gaps: pd.DataFrame) -> np.ndarray:
+    """Per gap, what native CPU samples (nsys) taken inside it show the process doing (cuDNN planning,
+    runtime compilation...), "" when nothing: Python samples name the line, native ones name the work
+    under it."""
+    out = np.full(len(gaps), "", dtype=object)
+    hs = ctx.trace.host_stacks
+    ns = hs[hs["source"].astype(str).to_numpy() == "nsys_cpu_sample"]
+    if ns.empty or not len(gaps):
+        return out
+    stacks = ns["stack_id"].to_numpy(np.int64)
+    uniq, inv = np.unique(stacks[stacks >= 0], return_inverse=True)
+    ctx_of = np.array([_context(*_ancestors(sf, fr, int(s))) for s in uniq], dtype=object)  # distinct stacks
+    t = ns["start_ns"].to_numpy(np.int64)[stacks >= 0]
+    c = ctx_of[inv.ravel()]
+    t, c = t[c != ""], c[c != ""]
+    g0, g1 = gaps["g0"].to_numpy(np.int64), gaps["g1"].to_numpy(np.int64)
+    order = np.argsort(g0, kind="stable")
+    j = np.searchsorted(g0[order], t, side="right") - 1
+    jj = order[np.clip(j, 0, None)]
+    inside = (j >= 0) & (t < g1[jj])
+    for gap, name in zip(jj[inside], c[inside]):  # samples with a context: a few per gap at most
+        out[gap] = out[gap] or name
+    return out
+
+
+def _weighted_context(native: np.ndarray, gap_ns: pd.Series) -> str:
+    """The native context that holds most of a frame's charged gap time, "" when none."""
+    names = pd.Series(native[gap_ns.index.to_numpy()], index=gap_ns.index)
+    by = gap_ns[names != ""].groupby(names[names != ""]).sum()
+    return str(by.idxmax()) if len(by) else ""
+
+
 def _frame_text(fr: pd.DataFrame, frame_id: int) -> tuple[str, int, str]:
     r = fr.iloc[int(frame_id)]
     return str(r["file"]), int(r["line"]), str(r["function"])
@@ -328,6 +360,7 @@ def frames_table(ctx, charged: pd.DataFrame, gaps: pd.DataFrame) -> list[dict]:
     k = ctx.kernels
     stack_pos, stack_ids = pd.factorize(c["stack"].to_numpy(np.int64))  # a few hundred distinct stacks
     calls_in_gap = _traced_calls_per_gap(ctx, gaps)
+    native = _native_context_per_gap(ctx, sf, fr, gaps)
     c = c.assign(traced=calls_in_gap[c["gap"].to_numpy()] * c["ns"].to_numpy()
                  / np.maximum(gaps["dur_ns"].to_numpy(np.float64)[c["gap"].to_numpy()], 1.0))
     out = []
@@ -342,7 +375,7 @@ def frames_table(ctx, charged: pd.DataFrame, gaps: pd.DataFrame) -> list[dict]:
         g = gaps.iloc[gap_ns.index[: int(cfg["max_frame_gaps"])]]
         entry = {
             "file": file, "line": line, "function": function, "callee": callee_fn, "kind": kind,
-            "context": _context(*_ancestors(sf, fr, top_stack)),
+            "context": _context(*_ancestors(sf, fr, top_stack)) or _weighted_context(native, gap_ns),
             "idle_ns": int(round(ns)), "idle_ns_per_step": int(round(ns / n_steps)),
             "step_fraction": round(ns / n_steps / step_ns, 4) if step_ns > 0 else 0.0,
             "idle_by_kind_ns": {KINDS[int(i)]: int(round(v)) for i, v in by_kind.items()},
@@ -364,6 +397,7 @@ def frames_table(ctx, charged: pd.DataFrame, gaps: pd.DataFrame) -> list[dict]:
 def _launch_stats(ctx, sf: pd.DataFrame, frame_id: int, n_steps: int, k: pd.DataFrame) -> dict:
     """Kernels per step launched from this frame and their median duration."""
     stack = _api_stack(ctx, k["correlation_id"].to_numpy(np.int64))
+    stack = np.where(stack >= 0, stack, _sampled_launch_stack(ctx, len(k)))
     user = np.where(stack >= 0, sf["user_stack"].to_numpy()[np.clip(stack, 0, None)], -1)
     mine = (user >= 0) & (sf["frame_id"].to_numpy()[np.clip(user, 0, None)] == frame_id)
     d = k["dur_ns"].to_numpy(np.int64)[mine]
@@ -392,6 +426,27 @@ def _unprofiled_launch_cost(meta: dict, entry: dict) -> dict:
         return {}
     return {"unprofiled_launch_ns": int(launch_ns),
             "unprofiled_idle_ns_per_step": int(min(entry["idle_ns_per_step"], n * launch_ns))}
+
+
+def _sampled_launch_stack(ctx, n_kernels: int) -> np.ndarray:
+    """Per steady kernel: the main thread's sampled stack when its launch call started (the sample whose
+    interval holds that moment), -1 without Python samples. A launch from another thread (autograd's
+    backward) gets the main thread's line that it works for (``loss.backward()``)."""
+    out = np.full(n_kernels, -1, np.int64)
+    hs = ctx.trace.host_stacks
+    ps = hs[hs["source"].astype(str).to_numpy() == "python_sample"]
+    if len(ps) < 2 or not n_kernels:
+        return out
+    order = np.argsort(ps["start_ns"].to_numpy(np.int64), kind="stable")
+    ts = ps["start_ns"].to_numpy(np.int64)[order]
+    st = ps["stack_id"].to_numpy(np.int64)[order]
+    la = ctx.launches()
+    la = la[la["is_kernel"].to_numpy(bool)]
+    t = la["launch_start_ns"].to_numpy(np.int64)
+    i = np.searchsorted(ts, t, side="left")
+    ok = (la["launched"].to_numpy(bool)) & (i >= 1) & (i < len(ts))
+    out[la["row"].to_numpy(np.int64)[ok]] = st[i[ok]]
+    return out
 
 
 def where(f: dict) -> str:

@@ -1,8 +1,11 @@
 """Call stacks: the readers fill frames / stacks / host_stacks, and gpu_idle names the culprit line.
 
-The culprit loops (fixtures/workloads/culprits.py) were recorded on an H200 with and without their
-culprit line (fixtures/stacks/timings.jsonl): what the culprit costs per step is the difference of the
-two mean step times, and the frame gpu_idle names must be the culprit's and be charged that cost +-20%.
+The culprit loops (fixtures/workloads/culprits.py) were profiled on an H200 the way a user runs them,
+``gpudoctor profile --backend nsys|torch --stop-after-capture -- python culprits.py CASE`` (the default
+window, with the agent's Python stack samples), and in the same session timed with and without their
+culprit line (fixtures/pysamples/timings.jsonl): what the culprit costs per step is the difference of
+the two mean step times. gpu_idle must name the culprit's line and charge it that cost +-20% where the
+profiler does not slow the culprit itself; where it does, the test pins the charge and says why.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import pytest
 from gpudoctor.analyzers.runner import run_all
 from gpudoctor.model.stacks import is_library_file, stack_frames
 from gpudoctor.readers import kineto
+from gpudoctor.readers.inputs import read_input
 from gpudoctor.store import rundb
 
 ROOT = Path(__file__).resolve().parent.parent
 STACKS = ROOT / "fixtures" / "stacks"
-CULPRITS = STACKS / "culprits.py"  # the workload as it was when the fixtures were recorded (line numbers)
+RUNS = ROOT / "fixtures" / "pysamples"
+CULPRITS = RUNS / "culprits.py"  # the workload as it was when the runs were recorded (line numbers)
 
 
 def culprit_line(case: str) -> int:
@@ -32,18 +37,8 @@ def culprit_line(case: str) -> int:
     raise AssertionError(case)
 
 
-def enclosing_function(line: int) -> tuple[str, int]:
-    """(name, first line) of the innermost function of culprits.py that holds ``line``."""
-    best = None
-    for node in ast.walk(ast.parse(CULPRITS.read_text())):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.lineno <= line <= node.end_lineno:
-            if best is None or node.lineno > best.lineno:
-                best = node
-    return best.name, best.lineno
-
-
 def culprit_cost_ms(case: str) -> float:
-    rows = [json.loads(x) for x in (STACKS / "timings.jsonl").read_text().splitlines() if x.strip()]
+    rows = [json.loads(x) for x in (RUNS / "timings.jsonl").read_text().splitlines() if x.strip()]
     with_c = [r["mean_step_ms"] for r in rows if r["case"] == case and not r["fixed"]]
     without = [r["mean_step_ms"] for r in rows if r["case"] == case and r["fixed"]]
     return statistics.mean(with_c) - statistics.mean(without)
@@ -57,10 +52,10 @@ def idle_finding(trace):
 _TRACES: dict = {}
 
 
-def torch_trace(case: str):
-    if case not in _TRACES:  # each trace is read once per session (a few seconds each)
-        _TRACES[case] = kineto.read(STACKS / f"{case}.torch.json.gz")
-    return _TRACES[case]
+def run_trace(name: str):
+    if name not in _TRACES:  # each run is read once per session
+        _TRACES[name] = read_input(RUNS / name)
+    return _TRACES[name]
 
 
 def frame_named(f, function: str) -> dict:
@@ -69,42 +64,74 @@ def frame_named(f, function: str) -> dict:
     return hits[0]
 
 
-def assert_is_culprit(frame: dict, case: str) -> None:
-    """torch.profiler records calls, so the frame's line is the first line of the function that holds
-    the culprit line."""
-    name, first = enclosing_function(culprit_line(case))
+def enclosing_function(line: int) -> str:
+    """The innermost function of culprits.py that holds ``line``."""
+    best = None
+    for node in ast.walk(ast.parse(CULPRITS.read_text())):
+        if isinstance(node, ast.FunctionDef) and node.lineno <= line <= node.end_lineno:
+            if best is None or node.lineno > best.lineno:
+                best = node
+    return best.name
+
+
+def assert_in_culprit_function(frame: dict, case: str) -> None:
+    """A line of the function that holds the culprit (the culprit line marks one of its costly lines)."""
     assert frame["file"].endswith("culprits.py")
-    assert (frame["function"], frame["line"]) == (name, first)
+    assert frame["function"] == enclosing_function(culprit_line(case)), (frame["line"], frame["function"])
+
+
+def assert_is_culprit(frame: dict, case: str) -> None:
+    """Python samples give the line itself, not only its function."""
+    assert frame["file"].endswith("culprits.py")
+    assert frame["line"] == culprit_line(case), (frame["line"], frame["function"])
 
 
 # ------------------------------------------------------------------ reader and model
 def test_with_stack_trace_fills_the_stack_tables():
-    t = torch_trace("item_sync")
-    assert len(t.frames) == 181 and len(t.stacks) == 342 and len(t.host_stacks) == 281_938
+    """torch.profiler's with_stack (``--op-stacks``): one host_stacks row per traced Python call."""
+    t = kineto.read(STACKS / "shape_change.torch.json.gz")
+    assert len(t.frames) == 175 and len(t.stacks) == 313 and len(t.host_stacks) == 3297
+    assert set(t.host_stacks["source"].astype(str)) == {"torch_python_call"}
     assert t.frames["frame_id"].tolist() == list(range(len(t.frames)))
-    # frames are interned: no (file, line, function) twice
-    assert not t.frames.duplicated(["file", "line", "function"]).any()
-    # a stack's parent is shallower by one
+    assert not t.frames.duplicated(["file", "line", "function"]).any()  # frames are interned
     st = t.stacks.set_index("stack_id")
     child = st[st["parent_id"] >= 0]
     assert (st.loc[child["parent_id"], "depth"].to_numpy() == child["depth"].to_numpy() - 1).all()
-    # the .item() syncs: cudaStreamSynchronize called from Tensor.item called from step
+    # calls carry the stack that made them: every kernel launch comes from step's code
     sf = stack_frames(t.stacks, t.frames)
-    sync = t.api_calls[t.api_calls["name"].astype(str) == "cudaStreamSynchronize"]
-    assert len(sync) >= 10 and (sync["stack_id"] >= 0).all()
     fn = t.frames["function"].astype(str).to_numpy()
-    leaf = fn[sf["frame_id"].to_numpy()[sync["stack_id"].to_numpy()]]
-    user = fn[sf["frame_id"].to_numpy()[sf["user_stack"].to_numpy()[sync["stack_id"].to_numpy()]]]
-    assert set(leaf) == {"Tensor.item"} and set(user) == {"step"}
-    assert t.dropped_counts() == {} or all("python_function" not in r for r in t.dropped_counts())
+    api = t.api_calls
+    launch = api[(api["name"].astype(str) == "cudaLaunchKernel") & (api["stack_id"] >= 0)]
+    assert len(launch) == 2080 and (t.cpu_ops["stack_id"] >= 0).sum() == 55
+    user = fn[sf["frame_id"].to_numpy()[sf["user_stack"].to_numpy()[launch["stack_id"].to_numpy()]]]
+    assert set(user) == {"step"}
+
+
+def test_python_samples_fill_the_stack_tables():
+    t = run_trace("torch_item_sync")
+    assert len(t.frames) == 54 and len(t.stacks) == 57
+    assert t.host_stacks["source"].astype(str).tolist() == ["python_sample"] * 67
+    hs = t.host_stacks
+    assert (hs["start_ns"] == hs["end_ns"]).all() and hs["start_ns"].is_monotonic_increasing
+    st = t.stacks.set_index("stack_id")
+    child = st[st["parent_id"] >= 0]
+    assert (st.loc[child["parent_id"], "depth"].to_numpy() == child["depth"].to_numpy() - 1).all()
+    # samples lie between the two clock markers, on the thread that emitted them
+    marks = t.ranges[t.ranges["text"].astype(str) == "gpudoctor.pysamples.anchor"]
+    assert len(marks) == 2 and set(hs["thread_id"]) == set(marks["thread_id"])
+    assert marks["start_ns"].min() <= hs["start_ns"].min() and hs["start_ns"].max() <= marks["end_ns"].max()
+    # nsys: the Python samples beside nsys's own native CPU samples
+    n = run_trace("nsys_item_sync")
+    assert n.host_stacks.groupby("source", observed=True).size().to_dict() == {"nsys_cpu_sample": 155,
+                                                                                "python_sample": 84}
 
 
 def test_stacks_survive_run_db(tmp_path):
-    t = torch_trace("tiny_kernels")
+    t = run_trace("torch_tiny_kernels")
     back = rundb.load(rundb.save(t, tmp_path / "run.db"), use_cache=False)
     for name in ("frames", "stacks", "host_stacks"):
         assert back.table(name).astype(str).equals(t.table(name).astype(str)), name
-    assert (back.api_calls["stack_id"].to_numpy() == t.api_calls["stack_id"].to_numpy()).all()
+    assert idle_finding(back).evidence["frames"] == idle_finding(t).evidence["frames"]
 
 
 def test_traces_without_stacks_have_none():
@@ -125,79 +152,116 @@ def test_library_files():
     assert not is_library_file("mypkg/train.py")
 
 
-# ------------------------------------------------------------------ gpu_idle names the culprit
-def test_item_sync_names_the_item_call():
-    f = idle_finding(torch_trace("item_sync"))
+# ------------------------------------------------------------------ gpu_idle names the culprit line
+def test_item_sync_names_the_item_line():
+    f = idle_finding(run_trace("torch_item_sync"))
     top = f.evidence["frames"][0]
     assert_is_culprit(top, "item_sync")
-    assert top["callee"] == "Tensor.item" and top["kind"] == "sync"
-    assert f.metrics["top_frame"] == "culprits.py:59 in `step` -> `Tensor.item`"
-    assert f.recommendation.startswith("culprits.py:59 in `step` -> `Tensor.item` blocks the GPU")
-    # The gaps for the timeline: each frame lists its gaps (window-relative) and they lie in the window.
+    assert top["kind"] == "sync" and top["function"] == "step"
+    assert f.metrics["top_frame"].endswith(f"culprits.py:{culprit_line('item_sync')} in `step`")
+    assert " blocks the GPU " in f.recommendation.split(". ")[0]
+    # the whole gap after the sync, whatever the host did in it (the bookkeeping that follows)
+    cost = culprit_cost_ms("item_sync")
+    assert cost == pytest.approx(1.547, abs=0.001)
+    assert top["idle_ns_per_step"] / 1e6 == pytest.approx(cost, rel=0.2)
     assert 0 < len(top["gaps"]) <= 50 and all(0 <= g["start_us"] <= f.metrics["window_ns"] / 1e3 for g in top["gaps"])
-    # Charged under torch.profiler: its Python tracer slows the host's Python work (here 25,000 generator
-    # steps per step in the bookkeeping after the sync), so the charge is an upper bound of the culprit's
-    # cost: at least what it costs without the profiler and at most the profiled step.
-    cost = culprit_cost_ms(case="item_sync")
-    assert cost == pytest.approx(2.166, abs=0.001)
-    assert cost <= top["idle_ns_per_step"] / 1e6 <= f.metrics["window_ns"] / 10 / 1e6
-    assert top["idle_ns_per_step"] / 1e6 == pytest.approx(11.63, abs=0.01)
-    # ... and the finding says so: the tracer recorded the bookkeeping's generator steps in these gaps
-    assert 20_000 < top["traced_python_calls_per_step"] < 30_000
-    assert "Python tracer recorded" in f.recommendation.split(". Host syncs")[0]
+    assert top["traced_python_calls_per_step"] == 0 and "Python tracer" not in f.recommendation
 
 
-def test_slow_preprocess_names_the_tokenizer():
-    f = idle_finding(torch_trace("slow_preprocess"))
+def test_item_sync_under_nsys_names_the_item_line():
+    """Recorded with nsys's --cudabacktrace, which unwinds each slow sync as it returns and so lengthens the
+    gap it is charged: +72% here (the default no longer asks for it)."""
+    f = idle_finding(run_trace("nsys_item_sync"))
+    top = f.evidence["frames"][0]
+    assert_is_culprit(top, "item_sync")
+    assert top["kind"] == "sync"
+    assert top["idle_ns_per_step"] / 1e6 == pytest.approx(2.658, abs=0.001)
+    assert top["idle_ns_per_step"] / 1e6 / culprit_cost_ms("item_sync") == pytest.approx(1.72, abs=0.01)
+
+
+@pytest.mark.parametrize("run", ["torch_slow_preprocess", "nsys_slow_preprocess"])
+def test_slow_preprocess_names_the_tokenizer_line(run):
+    f = idle_finding(run_trace(run))
     top = f.evidence["frames"][0]
     assert_is_culprit(top, "slow_preprocess")
-    assert top["callee"] == "ord" and top["kind"] == "host"
-    # The gap ends with a small copy from pageable memory: the cause is the host work, not the copy.
-    assert f.metrics["pageable_memcpy_fraction"] == 0 and f.metrics["host_gap_fraction"] > 0.8
-    cost = culprit_cost_ms("slow_preprocess")
-    assert cost <= top["idle_ns_per_step"] / 1e6 <= 2.5 * cost  # the tracer records 84,000 ord() calls a step
+    assert top["function"] == "tokenize" and top["kind"] == "host"
+    # the gap ends with a small copy from pageable memory: the cause is the host work, not the copy
+    assert f.metrics["pageable_memcpy_fraction"] == 0 and f.metrics["host_gap_fraction"] > 0.65
+    assert top["idle_ns_per_step"] / 1e6 == pytest.approx(culprit_cost_ms("slow_preprocess"), rel=0.2)
 
 
 def test_dataloader0_names_getitem_and_the_main_process_loader():
-    f = idle_finding(torch_trace("dataloader0"))
+    f = idle_finding(run_trace("torch_dataloader0"))
     top = f.evidence["frames"][0]
-    assert_is_culprit(top, "dataloader0")
-    assert top["context"] == "dataloader_main_process"
-    assert "num_workers=0" in f.recommendation.split(". ")[0] or "num_workers>0" in f.recommendation
+    assert_in_culprit_function(top, "dataloader0")
+    # the random image is the costliest line of __getitem__, then the marked clip/flip/copy line
+    assert [x["line"] for x in f.evidence["frames"][:2]] == [culprit_line("dataloader0") - 1, culprit_line("dataloader0")]
+    assert top["function"] == "__getitem__" and top["context"] == "dataloader_main_process"
+    assert "num_workers>0" in f.recommendation.split(". ")[0]
     # all of the loader's main-process work (getitem, collate, pin_memory) vs what num_workers=12 saves
     cost = culprit_cost_ms("dataloader0")
     assert top["dataloader_idle_ns_per_step"] / 1e6 == pytest.approx(cost, rel=0.2)
 
 
-def test_tiny_kernels_names_the_ema_loop_as_launch_bound():
-    f = idle_finding(torch_trace("tiny_kernels"))
+def test_dataloader0_under_nsys():
+    """The culprit's cost swings between runs here (72.6 and 109.9 ms saved by the workers in the two
+    timings): the charge is within the range the timings span, 27% above their mean."""
+    f = idle_finding(run_trace("nsys_dataloader0"))
+    top = f.evidence["frames"][0]
+    assert_in_culprit_function(top, "dataloader0")
+    assert top["context"] == "dataloader_main_process"
+    assert top["dataloader_idle_ns_per_step"] / 1e6 == pytest.approx(115.74, abs=0.01)
+    assert top["dataloader_idle_ns_per_step"] / 1e6 == pytest.approx(culprit_cost_ms("dataloader0"), rel=0.3)
+
+
+@pytest.mark.parametrize("run, charged_ms", [("torch_tiny_kernels", 7.618), ("nsys_tiny_kernels", 6.632)])
+def test_tiny_kernels_names_the_ema_loop_as_launch_bound(run, charged_ms):
+    """Named, with its kernels; but both profilers slow every launch (the loop's 400 launches take 6-8 ms
+    profiled against the 1.1 ms the culprit costs unprofiled), so the charge is the profiled one. The
+    correction needs the agent's launch calibration, recorded in the next test's run."""
+    f = idle_finding(run_trace(run))
     ema = frame_named(f, "update_ema")
     assert_is_culprit(ema, "tiny_kernels")
-    assert ema["kind"] == "launch" and ema["kernels_per_step"] == 400 and ema["median_kernel_ns"] < 5000
-    assert ema["callee"] in ("Tensor.add_", "Tensor.mul_")
-    cost = culprit_cost_ms("tiny_kernels")
-    # profiled: each of the 400 ops also records a CPU op and Python calls
-    assert cost <= ema["idle_ns_per_step"] / 1e6 <= 1.5 * cost
+    assert ema["kind"] == "launch" and 360 <= ema["kernels_per_step"] <= 400 and ema["median_kernel_ns"] < 2000
+    assert ema["idle_ns_per_step"] / 1e6 == pytest.approx(charged_ms, abs=0.001)
+    assert "unprofiled_idle_ns_per_step" not in ema  # recorded before the agent timed launches
 
 
-def test_shape_change_names_the_step_that_replans():
-    f = idle_finding(torch_trace("shape_change"))
-    top = f.evidence["frames"][0]
-    assert top["file"].endswith("culprits.py") and top["function"] == "step"
-    assert enclosing_function(culprit_line("shape_change")) == ("step", top["line"])
-    assert f.metrics["host_sync_fraction"] > 0.5
+def test_launch_bound_charge_comes_with_its_unprofiled_cost():
+    """The agent timed a launch on the recording host before the window (9.9 us, in the manifest); the
+    frame's launches at that cost bound what the loop costs without the profiler."""
+    t = run_trace("torch_tiny_kernels_calibrated")
+    assert t.meta["unprofiled_launch_ns"] == 9934
+    f = idle_finding(t)
+    ema = frame_named(f, "update_ema")
+    assert_is_culprit(ema, "tiny_kernels")
+    assert ema["unprofiled_launch_ns"] == 9934
+    assert ema["unprofiled_idle_ns_per_step"] == int(ema["kernels_per_step"] * 9934)
+    assert ema["unprofiled_idle_ns_per_step"] / ema["idle_ns_per_step"] == pytest.approx(0.378, abs=0.001)
+    assert "without the profiler: a launch took 9.9 us on this host" in f.recommendation
+
+
+def test_shape_change_names_cudnn_benchmark_and_runtime_compilation():
+    """Python samples name the lines (forward and backward of the convolutions), nsys's native CPU samples
+    inside their gaps name the work: cuDNN's benchmark planning and runtime compilation."""
+    f = idle_finding(run_trace("nsys_shape_change"))
+    by_line = {x["line"]: x for x in f.evidence["frames"]}
+    bwd, fwd = by_line[culprit_line("shape_change") + 2], by_line[culprit_line("shape_change") + 1]
+    assert (bwd["context"], bwd["kind"], bwd["callee"]) == ("cudnn_benchmark", "module", "backward")
+    assert (fwd["context"], fwd["kind"]) == ("jit", "module")
+    assert "cudnn.benchmark" in f.recommendation and "runtime compilation" in f.recommendation
+    assert f.metrics["module_load_fraction"] > 0.5
 
 
 # ------------------------------------------------------------------ Nsight Systems: native backtraces
 def test_nsys_backtraces_link_the_item_sync():
-    """``--cudabacktrace=sync`` with CPU sampling: native stacks of the syncs (no Python frames: the
-    export of nsys 2025.3.1 carried none, see the module docstring of readers/nsys_stacks.py)."""
+    """``--cudabacktrace=sync`` with CPU sampling and no Python samples (an export made outside gpudoctor
+    profile): native stacks of the syncs; nsys's own Python samples come out of the export without frames."""
     from gpudoctor.readers import nsys
 
     t = nsys.read(STACKS / "item_sync_stacks.nsys.sqlite")
     assert len(t.frames) == 199 and len(t.host_stacks) == 66
     assert set(t.host_stacks["source"].astype(str)) == {"nsys_cpu_sample"}
-    # 108 Python samples and the 10 Python backtraces of the syncs: exported without their frames, counted
     assert t.dropped_counts()["nsys Python sample / backtrace without its frames (payload not exported)"] == 118
     linked = t.api_calls[t.api_calls["stack_id"] >= 0]
     assert len(linked) == 10 and set(linked["name"].astype(str)) == {"cudaStreamSynchronize"}
@@ -205,21 +269,7 @@ def test_nsys_backtraces_link_the_item_sync():
     top = f.evidence["frames"][0]
     assert top["kind"] == "sync" and top["function"].startswith("at::native::_local_scalar_dense_cuda")
     assert top["file"].endswith("libtorch_cuda.so") and top["line"] == -1
-    # nsys barely slows the host: the charge is close to the culprit's cost (2.17 ms), 26% above it
     assert top["idle_ns_per_step"] / 1e6 == pytest.approx(2.738, abs=0.001)
-    assert top["traced_python_calls_per_step"] == 0 and "Python tracer" not in f.recommendation
-    assert top["idle_ns_per_step"] / 1e6 == pytest.approx(culprit_cost_ms("item_sync"), rel=0.3)
-
-
-def test_nsys_names_cudnn_benchmark_and_runtime_compilation():
-    from gpudoctor.readers import nsys
-
-    f = idle_finding(nsys.read(STACKS / "shape_change_stacks.nsys.sqlite"))
-    ctxs = {x["context"]: x for x in f.evidence["frames"]}
-    assert ctxs["cudnn_benchmark"]["function"].startswith("std::vector<cudnn_frontend::ExecutionPlan_v8")
-    assert ctxs["jit"]["function"] == "nvrtcCompileProgram"
-    assert "cudnn.benchmark" in f.recommendation and "runtime compilation" in f.recommendation
-    assert f.metrics["module_load_fraction"] > 0.5
 
 
 # ------------------------------------------------------------------ bad input
