@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from gpudoctor.analyzers.source_lines import where
 from gpudoctor.dashboards import figures as F
 from gpudoctor.dashboards.timeline import TimelineIndex
 from gpudoctor.model import stats
@@ -388,9 +389,26 @@ def create_app(runs: list[Run], prepare: bool = True, allowed_hosts=()):
             html.Div([html.B("Example in the timeline "),
                       dcc.Link("(open in Timeline →)", href="/timeline", id="finding-timeline-link")]),
             html.P(F.example_caption(run.analysis, f), id="finding-example", style={"fontSize": 13, "margin": "4px 0"}),
+            _source_lines(f),
             dcc.Graph(id="finding-timeline", figure=fig, config={"displaylogo": False}),
         ])
         return detail, {"run": int(run_value), "view": [int(span[0]), int(span[1])], "finding": idx}
+
+    # ------------------------------------------------------------------ a source line's gaps on the timeline
+    @app.callback(Output("finding-timeline", "figure"), Output("focus", "data", allow_duplicate=True),
+                  Input({"type": "frame-gap", "frame": ALL, "gap": ALL}, "n_clicks"),
+                  State("run", "value"), State("focus", "data"), prevent_initial_call=True)
+    def show_frame_gap(clicks, run_value, focus):
+        trig = dash.ctx.triggered_id
+        if not isinstance(trig, dict) or not any(clicks or []) or not isinstance(focus, dict):
+            raise PreventUpdate
+        run = run_of(run_value)
+        f = run.analysis.findings[_int_or_prevent(focus.get("finding"), 0, len(run.analysis.findings))]
+        span = F.frame_gap_span(run.analysis, f, _int_or_prevent(trig.get("frame"), 0, 1000),
+                                _int_or_prevent(trig.get("gap"), 0, 1000))
+        if span is None:
+            raise PreventUpdate
+        return _timeline(run, span), dict(focus, view=[span[0], span[1]])
 
     # ------------------------------------------------------------------ timeline zoom / pan
     # Only x-range changes reach the server: plotly also reports autosize / hover / legend relayouts, and
@@ -527,6 +545,28 @@ def _html_table(id_: str, df: pd.DataFrame, row_ids: list | None = None, row_cla
         kw = {"id": row_ids[i], "n_clicks": 0} if row_ids is not None else {}
         body.append(html.Tr(cells, className=row_class, style={"cursor": "pointer"} if row_ids is not None else None, **kw))
     return html.Table([head, html.Tbody(body)], id=id_, style={"borderCollapse": "collapse", "width": "100%", "margin": "6px 0"})
+
+
+MAX_GAP_LINKS = 5
+
+
+def _source_lines(f):
+    """gpu_idle's source lines, each with links to its largest gaps on the timeline below."""
+    from dash import html
+
+    frames = (f.evidence or {}).get("frames") or []
+    if not frames:
+        return html.Div()
+    items = []
+    for i, fr in enumerate(frames):
+        links = [html.Button(f"+{g['start_us'] / 1e3:.2f} ms ({g['dur_us'] / 1e3:.2f} ms)",
+                             id={"type": "frame-gap", "frame": i, "gap": j}, n_clicks=0,
+                             style={"marginLeft": "6px", "fontSize": 12})
+                 for j, g in enumerate((fr.get("gaps") or [])[:MAX_GAP_LINKS])]
+        what = f"{fr['idle_ns_per_step'] / 1e6:.2f} ms per step, {fr['kind']}" + (f", {fr['context']}" if fr.get("context") else "")
+        items.append(html.Li([html.Code(where(fr)), f" — {what}; its largest gaps:", *links]))
+    return html.Div([html.B("Source lines that make the GPU wait (click a gap to see it below)"),
+                     html.Ul(items, id="finding-frames", style={"fontSize": 13})])
 
 
 def _findings_table(fdf: pd.DataFrame):

@@ -188,6 +188,17 @@ def finding_span(analysis, finding) -> tuple[int, int]:
     return int(s - pad), int(e + pad)
 
 
+def frame_gap_span(analysis, finding, frame: int, gap: int) -> tuple[int, int] | None:
+    """Where the timeline should jump for gap ``gap`` of source line ``frame`` of ``finding`` (gpu_idle's
+    ``evidence["frames"]``), padded like :func:`finding_span`; None when there is no such gap."""
+    frames = (finding.evidence or {}).get("frames") or []
+    if not (0 <= frame < len(frames)) or not (0 <= gap < len(frames[frame].get("gaps") or [])):
+        return None
+    s, e = example_span(analysis, finding, frames[frame]["gaps"][gap])
+    pad = max((e - s) // 10, 50_000)
+    return int(s - pad), int(e + pad)
+
+
 def _rank_window(analysis, finding) -> tuple[int, int]:
     rank = finding.rank if finding.rank is not None else (analysis.ranks[0].rank if analysis.ranks else 0)
     summary = next((r for r in analysis.ranks if r.rank == rank), analysis.ranks[0] if analysis.ranks else None)

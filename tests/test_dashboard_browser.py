@@ -28,8 +28,9 @@ RUNS = [FX / "nsys" / "attn_naive.nsys.sqlite", FX / "nsys" / "attn_sdpa.nsys.sq
 # runs of several inputs each (one run = all inputs of one analyze call)
 MULTI = {"ddp_comm_bound (2x H200, nsys)": [FX / "multigpu" / f"ddp_comm_bound_rank{r}.sqlite" for r in (0, 1)],
          "kv_static (nsys + memory snapshot)": [FX / "nsys" / "kv_static.nsys.sqlite", FX / "kv" / "kv_static.snapshot.pickle"],
-         "decode (nsys)": [FX / "nsys" / "decode.nsys.sqlite"]}
-NAIVE, SDPA, NCU, TORCH, COMM, DDP, KV, DECODE = range(8)
+         "decode (nsys)": [FX / "nsys" / "decode.nsys.sqlite"],
+         "item_sync (torch, sampled stacks)": [FX / "pysamples" / "torch_item_sync"]}
+NAIVE, SDPA, NCU, TORCH, COMM, DDP, KV, DECODE, ITEM_SYNC = range(9)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
@@ -250,6 +251,38 @@ def test_clicking_a_finding_jumps_the_timeline(page, server, errors):
     assert after != pytest.approx(before)
     assert page.inner_text("#timeline-status").startswith("exact:")
     shot(page, "timeline-finding")
+    assert errors == []
+
+
+def test_a_source_line_links_to_its_gaps(page, server, errors):
+    """gpu_idle's source lines list their largest gaps; clicking one shows that gap on the finding's
+    timeline, and "open in Timeline" opens it there."""
+    from gpudoctor.dashboards import figures as F
+    run = server["runs"][ITEM_SYNC]
+    a = run.analysis
+    idx = next(i for i, f in enumerate(a.findings) if f.analyzer == "gpu_idle")
+    f = a.findings[idx]
+    s, e = F.frame_gap_span(a, f, 0, 1)
+    origin = run.index.origin_ns
+    want = [(s - origin) / 1e6, (e - origin) / 1e6]
+    goto(page, server, "/", "Overview")
+    select_run(page, ITEM_SYNC, server)
+    page.wait_for_selector(f"#findings-table tr.finding-row >> nth={idx}")
+    page.click(f"#findings-table tr.finding-row >> nth={idx}")
+    page.wait_for_selector("#finding-frames")
+    line = page.inner_text("#finding-frames li >> nth=0")
+    assert "culprits.py:62 in `step`" in line and "sync" in line
+    page.wait_for_selector("#finding-timeline .scatterlayer .trace", state="attached")
+    before = plot_range(page, "finding-timeline")
+    page.click("#finding-frames li >> nth=0 >> button >> nth=1")
+    page.wait_for_function(f"(() => {{ const g = document.querySelector('#finding-timeline .js-plotly-plot'); "
+                           f"const r = g && g._fullLayout && g._fullLayout.xaxis.range; "
+                           f"return r && Math.abs(r[0] - {want[0]}) < 1e-3; }})()")
+    assert plot_range(page, "finding-timeline") == pytest.approx(want) and want != pytest.approx(before)
+    shot(page, "overview-source-line-gap")
+    page.click("#finding-timeline-link")
+    page.wait_for_selector("#timeline-graph .scatterlayer .trace", state="attached")
+    assert plot_range(page, "timeline-graph") == pytest.approx(want)
     assert errors == []
 
 
