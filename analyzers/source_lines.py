@@ -163,6 +163,9 @@ def measure(ctx, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...],
 
 
 CAUSE_KIND = {"host_sync": "sync", "module_load": "module", "launch_bound": "launch"}
+SMALL_KERNEL_NS = 20_000  # a pass whose median kernel is shorter is bound by launching them
+# library calls that run a model's forward / backward pass: a line calling them launches the pass's kernels
+MODEL_PASS = {"backward": "backward", "_wrapped_call_impl": "forward", "_call_impl": "forward"}
 
 
 def _from_python_samples(ctx, gaps: pd.DataFrame, fixable: np.ndarray, cause: np.ndarray,
@@ -384,7 +387,7 @@ def frames_table(ctx, charged: pd.DataFrame, gaps: pd.DataFrame) -> list[dict]:
             "gaps": [{"start_us": ctx.rel_us(a), "dur_us": round(int(b - a) / 1e3, 1)}
                      for a, b in zip(g["g0"].to_numpy(np.int64), g["g1"].to_numpy(np.int64))],
         }
-        if kind == "launch":
+        if kind == "launch" or callee_fn in MODEL_PASS:
             entry.update(_launch_stats(ctx, sf, frame_id, n_steps, k))
             entry.update(_unprofiled_launch_cost(ctx.trace.meta, entry))
         if entry["context"] == "dataloader_main_process":  # all the loader's main-process work, not only this frame
@@ -507,6 +510,16 @@ def _explain(f: dict) -> str:
                       f"{f['unprofiled_launch_ns'] / 1e3:.1f} us on this host before the window)")
         return (f"{where(f)} {what}; the GPU idles {cost} between them{unprof}: fuse them (torch._foreach_* ops, "
                 "torch.compile) or capture the loop in a CUDA graph.")
+    if f["kind"] == "host" and f["callee"] in MODEL_PASS and f.get("kernels_per_step"):
+        med = f.get("median_kernel_ns")
+        size = f" (median {med / 1e3:.1f} us)" if med is not None else ""
+        head = (f"{where(f)} runs the model's {MODEL_PASS[f['callee']]} pass, {f['kernels_per_step']:g} kernels per step"
+                f"{size}, and the GPU idles {cost} between them")
+        if med is not None and med < SMALL_KERNEL_NS:
+            return head + (": the pass is bound by launching its small kernels; larger batches, torch.compile "
+                           "(mode=\"reduce-overhead\") or CUDA graphs remove the gaps.")
+        return head + (": host work inside the pass issues them late (CPU ops, hooks, custom autograd functions, "
+                       "syncs): look for it in the op table of this window.")
     if ctx == "dataloader_main_process":
         return (f"{where(f)} runs in the main process (DataLoader num_workers=0) while the GPU idles {cost}: use "
                 "DataLoader(num_workers>0, persistent_workers=True, pin_memory=True) or move the work to the GPU.")

@@ -292,3 +292,18 @@ def test_python_function_events_off_layout_are_counted(tmp_path):
     assert t.frames["function"].astype(str).tolist() == ["step"] and len(t.host_stacks) == 1
     assert t.host_stacks["start_ns"].tolist() == [1_000_010_500]
     assert t.dropped_counts()["python_function event not in Kineto's layout"] == 1
+
+
+def test_a_model_pass_line_is_told_by_its_kernels():
+    """A line that calls the model's backward waits while autograd's thread launches the pass: its kernels are
+    counted from the samples, and small ones make it launch-bound; long ones point at host work inside it."""
+    f = idle_finding(run_trace("nsys_tiny_kernels"))
+    bwd = f.evidence["frames"][0]
+    assert (bwd["line"], bwd["callee"], bwd["kind"]) == (culprit_line("tiny_kernels") + 4, "backward", "host")
+    assert bwd["kernels_per_step"] == pytest.approx(511.8) and bwd["median_kernel_ns"] < 20_000
+    assert "runs the model's backward pass, 511.8 kernels per step" in f.recommendation
+    assert "bound by launching its small kernels" in f.recommendation.split(". ")[0]
+    g = idle_finding(run_trace("torch_item_sync"))
+    bwd = frame_named(g, "step") if g.evidence["frames"][0]["callee"] == "backward" else g.evidence["frames"][1]
+    assert bwd["callee"] == "backward" and bwd["median_kernel_ns"] > 20_000
+    assert "host work inside the pass issues them late" in g.recommendation
