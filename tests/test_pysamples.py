@@ -108,3 +108,36 @@ def test_a_damaged_sample_file_is_a_one_line_error(run_dir, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "differ in length" in r.stderr
+
+
+def test_the_programs_own_alarm_is_left_alone(tmp_path):
+    """A program that sets SIGALRM and an alarm of its own during the window keeps them: the sampler stops
+    there, says so, and the next sampler uses a thread instead of the signal."""
+    import signal
+    import time
+
+    from gpudoctor.collect.pysampler import PythonSampler
+
+    old = signal.getsignal(signal.SIGALRM)
+    fired: list[int] = []
+    try:
+        s = PythonSampler(str(tmp_path / "a.json"))
+        s.start(None)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.05:
+            sum(range(1000))
+        signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        summary = s.stop(None)
+        assert summary["method"] == "signal" and summary["samples"] >= 10
+        assert "took over SIGALRM" in summary["notes"][0]
+        time.sleep(0.4)
+        assert fired == [1]  # the program's alarm still fired
+        s2 = PythonSampler(str(tmp_path / "b.json"))
+        s2.start(None)
+        time.sleep(0.05)
+        assert s2.stop(None)["method"] == "thread"
+        assert json.loads((tmp_path / "b.json").read_text())["method"] == "thread"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0.0)
+        signal.signal(signal.SIGALRM, old)

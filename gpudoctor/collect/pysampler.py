@@ -50,6 +50,7 @@ class PythonSampler:
         self._quit = threading.Event()
         self._thread: threading.Thread | None = None
         self.method = ""  # "signal" or "thread"
+        self.notes: list[str] = []
         self._old_handler = None
         self.busy_ns = 0  # time the sampler itself spent sampling (its cost to the program)
 
@@ -78,13 +79,22 @@ class PythonSampler:
         """Stop, emit the closing marker, write the file. Returns a summary for the status file."""
         self._quit.set()
         if self.method == "signal":
-            signal.setitimer(signal.ITIMER_REAL, 0.0, 0.0)
-            signal.signal(signal.SIGALRM, self._old_handler if self._old_handler is not None else signal.SIG_DFL)
+            # The program may have taken SIGALRM or the timer over meanwhile (signal.alarm, its own
+            # handler): then both are its own now and are left as they are.
+            ours = signal.getsignal(signal.SIGALRM) == self._on_signal
+            timer = signal.getitimer(signal.ITIMER_REAL)
+            if ours and abs(timer[1] - self.interval_s) < 1e-9:
+                signal.setitimer(signal.ITIMER_REAL, 0.0, 0.0)
+            else:
+                self.notes.append("the program took over SIGALRM or the interval timer during the window: "
+                                  "sampling stopped there, and they were left to the program")
+            if ours:
+                signal.signal(signal.SIGALRM, self._old_handler if self._old_handler is not None else signal.SIG_DFL)
         if self._thread is not None:
             self._thread.join(timeout=2.0)
         self._anchor(mark)
         self.write()
-        return {"path": self.path, "method": self.method, "samples": len(self.t_ns), "stacks": len(self._stack_ids),
+        return {"path": self.path, "method": self.method, "notes": self.notes, "samples": len(self.t_ns), "stacks": len(self._stack_ids),
                 "interval_s": self.interval_s, "overflow": self.overflow,
                 "sampler_busy_ms": round(self.busy_ns / 1e6, 1)}
 
