@@ -201,14 +201,11 @@ _SKIP_RE = re.compile(
     rb'ph"\s*:\s*"(?:([stf])"|X"\s*,\s*"cat"\s*:\s*"(cpu_op|python_function|gpu_user_annotation)"\s*,'
     rb'\s*"name"\s*:\s*"(?!ProfilerStep#|record_param_comms"))')
 # How the names of the cpu_op events that are parsed begin in the raw text (after the opening quote):
-# ProfilerStep#N, record_param_comms, the c10d collectives and SHAPE_OPS. The first _KEY_LEN bytes of each
-# are a quick test (c10d names are listed by op so that their keys are not all "c10d::").
+# ProfilerStep#N, record_param_comms, the c10d collectives and SHAPE_OPS.
 _C10D_OPS = (b"allreduce", b"allgather", b"_allgather", b"alltoall", b"reduce", b"_reduce_scatter", b"broadcast",
              b"send", b"recv", b"gather", b"scatter", b"barrier", b"allreduce_coalesced", b"all_to_all")
 _TAKE_BACK_NAMES = (b"ProfilerStep#", b'record_param_comms"') + tuple(b"c10d::" + op for op in _C10D_OPS) + tuple(
     sorted(n.encode() + b'"' for n in SHAPE_OPS)) + tuple(p.encode() for p in SHAPE_OP_PREFIXES)
-_KEY_LEN = min(map(len, _TAKE_BACK_NAMES))
-_TAKE_BACK_KEYS = frozenset(n[:_KEY_LEN] for n in _TAKE_BACK_NAMES)
 _SKIP_KEYS = {b"s": ("flow", None), b"t": ("flow", None), b"f": ("flow", None), b"cpu_op": ("X", "cpu_op"),
               b"python_function": ("X", "python_function"), b"gpu_user_annotation": ("X", "gpu_user_annotation")}
 
@@ -335,7 +332,7 @@ def _feed_batches(batches, acc: "_Accumulator") -> None:
             acc.feed(batch.events)
             continue
         if batch.exact:
-            kept, skipped = skipper.split(batch.bodies)
+            kept, skipped = skipper.select(batch.region, batch.sep, batch.count)
             if skipped:
                 acc.count_skipped(skipped)
         else:  # a body may hold several events: parse every one
@@ -405,32 +402,35 @@ def _second_half(path: Path, sep: bytes, offset: int, send) -> None:
 
 
 class _Skipper:
-    """Recognizes, by their first bytes, the events the model does not use, so they are never parsed.
+    """Picks out of a batch's text the events the model uses, so that the others are never parsed nor
+    even cut out.
 
-    Those are most of a trace: cpu_op (except ProfilerStep#N, record_param_comms, c10d collectives and
-    ``SHAPE_OPS``), python_function, gpu_user_annotation and flow events. The exact prefixes (this
-    file's layout) are learned with a regex from the first events of each batch; after that the test is
-    a plain ``bytes.startswith``. The cpu_op events to parse share their category's prefix: they are
-    taken back from the skipped ones by the bytes of their name (a set lookup of the name's first
-    bytes, then ``startswith`` prefix + name on the few that pass; one tuple of ~40 prefixes tested on
-    every skipped event would cost a third of the reading time). An event written differently is
-    simply parsed (and then handled the same way), so this is only a shortcut.
+    Those others are most of a trace: cpu_op (except ProfilerStep#N, record_param_comms, c10d collectives
+    and ``SHAPE_OPS``), python_function, gpu_user_annotation and flow events. Their exact prefixes (this
+    file's layout) are learned with a regex from the first events of each batch. One compiled pattern
+    then finds, in one pass over the batch's text, every separator *not* followed by a skipped prefix
+    (the cpu_op events to keep share their category's prefix and are told apart by their name in the
+    same pattern); each kept body runs to the next separator. The skipped events are counted by
+    category with ``bytes.count`` of separator + prefix (the most common category is what is left).
+    No Python object is made per skipped event. An event written differently is simply kept and
+    parsed (and then handled the same way), so this is only a shortcut.
     """
 
     LEARN_FIRST = 5000  # events looked at in the first batch
     LEARN_NEXT = 256  # and in each later one
+    _LEARN_BYTES_PER_EVENT = 2048  # text sampled per event to learn from
 
     def __init__(self):
         self.by_key: dict[tuple, set] = {}  # (ph, cat) -> prefixes
-        self.skip: tuple = ()
-        self.take_back: list[tuple[slice, tuple]] = []  # per cpu_op prefix length: (name key, prefix + name)
         self.batches = 0
+        self._keep_re: dict[bytes, re.Pattern] = {}  # separator -> pattern of kept bodies' starts
+        self._count_pats: dict[bytes, list] = {}  # separator -> [(key, [sep + prefix, ...])] to count
 
-    def learn(self, bodies: list) -> None:
-        new = False
+    def learn(self, region: bytes, sep: bytes) -> None:
         n = self.LEARN_FIRST if self.batches == 0 else self.LEARN_NEXT
         self.batches += 1
-        for p in bodies[:n]:
+        new = False
+        for p in region[: n * self._LEARN_BYTES_PER_EVENT].split(sep, n)[:n]:
             m = _SKIP_RE.match(p)
             if m is not None:
                 key = _SKIP_KEYS[m.group(1) or m.group(2)]
@@ -439,43 +439,60 @@ class _Skipper:
                     known.add(m.group(0))
                     new = True
         if new:
-            prefixes = [pre for pres in self.by_key.values() for pre in pres]
-            self.skip = tuple(prefixes)
-            by_len: dict[int, list] = {}
-            for pre in self.by_key.get(_SKIP_KEYS[b"cpu_op"], ()):
-                by_len.setdefault(len(pre), []).extend(pre + s for s in _TAKE_BACK_NAMES)
-            self.take_back = [(slice(n, n + _KEY_LEN), tuple(full)) for n, full in sorted(by_len.items())]
+            self._keep_re.clear()
+            self._count_pats.clear()
 
-    def split(self, bodies: list) -> tuple[list, Counter]:
-        """Bodies to parse, and counts of the skipped ones by (ph, cat)."""
-        self.learn(bodies)
-        if not self.skip:
-            return bodies, Counter()
-        skip = list(map(bytes.startswith, bodies, repeat(self.skip)))
-        kept = list(compress(bodies, map(operator.not_, skip)))
-        skipped = list(compress(bodies, skip))
-        del skip
-        # ProfilerStep#N / record_param_comms / c10d:: / SHAPE_OPS share the prefix of cpu_op: take them back.
-        special: list = []
-        for key, full in self.take_back:
-            cand = list(map(_TAKE_BACK_KEYS.__contains__, map(operator.getitem, skipped, repeat(key))))
-            if any(cand):
-                cand = list(compress(skipped, cand))
-                special.extend(compress(cand, map(bytes.startswith, cand, repeat(full))))
-        kept.extend(special)
-        # Counts by (ph, cat): every skipped body has exactly one key's prefix, so the most common key
-        # (cpu_op in Kineto traces) is what is left after counting the others (one pass fewer).
+    def _patterns(self, sep: bytes) -> tuple[re.Pattern, list]:
+        keep = self._keep_re.get(sep)
+        if keep is None:
+            cpu = _SKIP_KEYS[b"cpu_op"]
+            alts = [re.escape(p) for k, pres in self.by_key.items() if k != cpu for p in sorted(pres)]
+            cpu_pres = sorted(self.by_key.get(cpu, ()))
+            if cpu_pres:
+                alts.append(b"(?:" + b"|".join(map(re.escape, cpu_pres)) + b")(?!" + _TAKE_BACK_RE + b")")
+            keep = self._keep_re[sep] = re.compile(re.escape(sep) + b"(?!" + b"|".join(alts) + b")")
+            # every key but the most common (cpu_op in Kineto traces) is counted; that one is the rest
+            keys = sorted(self.by_key, key=lambda k: k == cpu)
+            self._count_pats[sep] = [(k, [sep + p for p in self.by_key[k]]) for k in keys]
+        return keep, self._count_pats[sep]
+
+    def select(self, region: bytes, sep: bytes, count: int) -> tuple[list, Counter]:
+        """Bodies to parse, and counts of the skipped ones by (ph, cat). ``region``: ``count`` bodies
+        joined by ``sep``."""
+        self.learn(region, sep)
+        if not self.by_key:
+            return region.split(sep), Counter()
+        keep, count_pats = self._patterns(sep)
+        text = sep + region  # every body after a separator
+        starts = [m.end() for m in keep.finditer(text)]
+        ends = list(map(text.find, repeat(sep), starts))
+        if ends and ends[-1] < 0:
+            ends[-1] = len(text)
+        kept = list(map(text.__getitem__, map(slice, starts, ends)))
         counts: Counter = Counter()
-        left = len(skipped) - len(special)
-        keys = sorted(self.by_key, key=lambda k: k == _SKIP_KEYS[b"cpu_op"])
-        for key in keys[:-1]:
-            pres = tuple(self.by_key[key])
-            n = sum(map(bytes.startswith, skipped, repeat(pres)))
+        left = count - len(kept)
+        for key, pats in count_pats[:-1]:
+            n = sum(map(text.count, pats))
             counts[key] += n
             left -= n
-        if keys and left:
-            counts[keys[-1]] += left
+        if left:
+            counts[count_pats[-1][0]] += left
         return kept, counts
+
+
+def _alternation(words: list[bytes]) -> bytes:
+    """A regex matching any text that starts with one of ``words``, their common prefixes factored out
+    (a flat alternation of ~40 names costs a test per name at every event)."""
+    if not words or b"" in words:
+        return b""
+    by_first: dict[int, list[bytes]] = {}
+    for w in words:
+        by_first.setdefault(w[0], []).append(w[1:])
+    parts = [re.escape(bytes([c])) + _alternation(rest) for c, rest in sorted(by_first.items())]
+    return parts[0] if len(parts) == 1 else b"(?:" + b"|".join(parts) + b")"
+
+
+_TAKE_BACK_RE = _alternation(sorted(set(_TAKE_BACK_NAMES)))
 
 
 def _read_all(path: Path) -> bytes:
