@@ -92,6 +92,8 @@ from gpudoctor.readers.event_split import (
     join_header,
     parse_bodies,
 )
+from gpudoctor.readers import kineto_events
+from gpudoctor.readers.heap import large_buffers_on_heap
 from gpudoctor.readers.kineto_stacks import add_python_stacks
 from gpudoctor.readers.limits import gunzip, open_input
 
@@ -231,7 +233,8 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of acyclic objects: the cyclic GC would rescan them over and over (4x slower)
     try:
-        trace = _read(path, rank)
+        with large_buffers_on_heap():
+            trace = _read(path, rank)
         add_python_stacks(trace, path)  # with_stack traces: Python call stacks
         return trace
     finally:
@@ -332,9 +335,12 @@ def _feed_batches(batches, acc: "_Accumulator") -> None:
             acc.feed(batch.events)
             continue
         if batch.exact:
-            kept, skipped = skipper.select(batch.region, batch.sep, batch.count)
+            typed, kept, skipped = skipper.select(batch.region, batch.sep, batch.count)
             if skipped:
                 acc.count_skipped(skipped)
+            for cat, bodies in typed.items():
+                acc.feed_typed(cat, bodies)
+            del typed
         else:  # a body may hold several events: parse every one
             kept = batch.bodies
         del batch
@@ -450,34 +456,42 @@ class _Skipper:
             cpu_pres = sorted(self.by_key.get(cpu, ()))
             if cpu_pres:
                 alts.append(b"(?:" + b"|".join(map(re.escape, cpu_pres)) + b")(?!" + _TAKE_BACK_RE + b")")
-            keep = self._keep_re[sep] = re.compile(re.escape(sep) + b"(?!" + b"|".join(alts) + b")")
+            keep = self._keep_re[sep] = re.compile(re.escape(sep) + b"(?!" + b"|".join(alts) + b")" + _TYPED_CAT)
             # every key but the most common (cpu_op in Kineto traces) is counted; that one is the rest
             keys = sorted(self.by_key, key=lambda k: k == cpu)
             self._count_pats[sep] = [(k, [sep + p for p in self.by_key[k]]) for k in keys]
         return keep, self._count_pats[sep]
 
-    def select(self, region: bytes, sep: bytes, count: int) -> tuple[list, Counter]:
-        """Bodies to parse, and counts of the skipped ones by (ph, cat). ``region``: ``count`` bodies
-        joined by ``sep``."""
+    def select(self, region: bytes, sep: bytes, count: int) -> tuple[dict, list, Counter]:
+        """The bodies to parse: those of the categories decoded typed (category -> bodies) and the
+        others; and counts of the skipped ones by (ph, cat). ``region``: ``count`` bodies joined by ``sep``."""
         self.learn(region, sep)
         if not self.by_key:
-            return region.split(sep), Counter()
+            return {}, region.split(sep), Counter()
         keep, count_pats = self._patterns(sep)
         text = sep + region  # every body after a separator
-        starts = [m.end() for m in keep.finditer(text)]
-        ends = list(map(text.find, repeat(sep), starts))
-        if ends and ends[-1] < 0:
-            ends[-1] = len(text)
-        kept = list(map(text.__getitem__, map(slice, starts, ends)))
+        found = [(m.start(), m.group(1)) for m in keep.finditer(text)]
+        left = count - len(found)  # skipped
+        typed: dict[bytes | None, list] = {}
+        if found:
+            starts, cats = zip(*found)
+            del found
+            starts = [s + len(sep) for s in starts]
+            ends = list(map(text.find, repeat(sep), starts))
+            if ends[-1] < 0:
+                ends[-1] = len(text)
+            bodies = list(map(text.__getitem__, map(slice, starts, ends)))
+            for cat in dict.fromkeys(cats):
+                typed[cat] = list(compress(bodies, map(operator.eq, cats, repeat(cat))))
+        kept = typed.pop(None, [])
         counts: Counter = Counter()
-        left = count - len(kept)
         for key, pats in count_pats[:-1]:
             n = sum(map(text.count, pats))
             counts[key] += n
             left -= n
         if left:
             counts[count_pats[-1][0]] += left
-        return kept, counts
+        return {c.decode(): b for c, b in typed.items()}, kept, counts
 
 
 def _alternation(words: list[bytes]) -> bytes:
@@ -493,6 +507,9 @@ def _alternation(words: list[bytes]) -> bytes:
 
 
 _TAKE_BACK_RE = _alternation(sorted(set(_TAKE_BACK_NAMES)))
+# The category of an event decoded typed (kineto_events), where the body starts with ph X and its cat.
+_TYPED_CAT = (rb'(?:ph"\s*:\s*"X"\s*,\s*"cat"\s*:\s*"('
+              + b"|".join(c.encode() for c in sorted(kineto_events.KIND_OF_CATEGORY)) + rb')")?')
 
 
 def _read_all(path: Path) -> bytes:
@@ -655,7 +672,10 @@ def _triples(values: list) -> np.ndarray:
 
 
 def _field(dicts: list, key: str, fill: Any = None) -> list:
-    """``[d.get(key, fill) for d in dicts]`` without a Python frame per item (dicts must be dicts)."""
+    """``[d.get(key, fill) for d in dicts]`` without a Python frame per item (dicts must be dicts, or
+    typed events whose fill for ``key`` is ``fill``: kineto_events)."""
+    if kineto_events.is_typed(dicts):
+        return kineto_events.column(dicts, key)
     return list(map(dict.get, dicts, repeat(key), repeat(fill)))
 
 
@@ -669,6 +689,8 @@ def _codes(lut: dict, values: list) -> np.ndarray:
 
 def _args_of(evs: list) -> list:
     args = _field(evs, "args")
+    if kineto_events.is_typed(evs):  # a typed event's args are always its args Struct
+        return args
     if not set(map(type, args)) <= {dict}:
         args = [a if isinstance(a, dict) else _EMPTY for a in args]
     return args
@@ -765,6 +787,22 @@ class _Accumulator:
             self.counts[key] += n
             if key[1] == "cpu_op":
                 self.cpu_op_count += n
+
+    def feed_typed(self, cat: str, bodies: list) -> None:
+        """Event bodies of one category that kineto_events decodes typed (else parsed into dicts)."""
+        try:
+            evs = kineto_events.decode(cat, bodies)
+        except kineto_events.Unfit:
+            self.feed(parse_bodies(bodies))
+            return
+        del bodies
+        self.counts[("X", cat)] += len(evs)
+        if cat == "kernel":
+            self._kernels(evs)
+        elif cat in ("gpu_memcpy", "gpu_memset"):
+            self._memops(evs, cat)
+        else:
+            self._api(evs, 0 if cat == "cuda_runtime" else 1)
 
     # one batch
     def feed(self, events: list) -> None:
