@@ -335,17 +335,20 @@ def _feed_batches(batches, acc: "_Accumulator") -> None:
             acc.feed(batch.events)
             continue
         if batch.exact:
-            typed, kept, skipped = skipper.select(batch.region, batch.sep, batch.count)
+            typed, kept, skipped = skipper.select(batch)
+            del batch
             if skipped:
                 acc.count_skipped(skipped)
-            for cat, bodies in typed.items():
-                acc.feed_typed(cat, bodies)
+            for cat, objs in typed.items():
+                acc.feed_typed(cat, objs)
             del typed
+            acc.feed(list(map(_loads, kept)))
+            del kept
         else:  # a body may hold several events: parse every one
-            kept = batch.bodies
-        del batch
-        acc.feed(parse_bodies(kept))
-        del kept
+            bodies = batch.bodies
+            del batch
+            acc.feed(parse_bodies(bodies))
+            del bodies
 
 
 def _two_processes(path: Path) -> bool:
@@ -429,14 +432,18 @@ class _Skipper:
     def __init__(self):
         self.by_key: dict[tuple, set] = {}  # (ph, cat) -> prefixes
         self.batches = 0
+        self.typed_prefixes: dict[bytes, str] = {}  # prefix -> category of the events decoded typed
         self._keep_re: dict[bytes, re.Pattern] = {}  # separator -> pattern of kept bodies' starts
         self._count_pats: dict[bytes, list] = {}  # separator -> [(key, [sep + prefix, ...])] to count
 
-    def learn(self, region: bytes, sep: bytes) -> None:
-        n = self.LEARN_FIRST if self.batches == 0 else self.LEARN_NEXT
+    def learn(self, sample: bytes, sep: bytes, n: int) -> None:
+        """Prefixes of the first ``n`` bodies of ``sample`` (the start of a batch)."""
         self.batches += 1
         new = False
-        for p in region[: n * self._LEARN_BYTES_PER_EVENT].split(sep, n)[:n]:
+        for p in sample.split(sep, n)[:n]:
+            t = _TYPED_PREFIX_RE.match(p)
+            if t is not None:
+                self.typed_prefixes.setdefault(t.group(0), t.group(1).decode())
             m = _SKIP_RE.match(p)
             if m is not None:
                 key = _SKIP_KEYS[m.group(1) or m.group(2)]
@@ -456,42 +463,51 @@ class _Skipper:
             cpu_pres = sorted(self.by_key.get(cpu, ()))
             if cpu_pres:
                 alts.append(b"(?:" + b"|".join(map(re.escape, cpu_pres)) + b")(?!" + _TAKE_BACK_RE + b")")
-            keep = self._keep_re[sep] = re.compile(re.escape(sep) + b"(?!" + b"|".join(alts) + b")" + _TYPED_CAT)
+            keep = self._keep_re[sep] = re.compile(re.escape(sep) + (b"(?!" + b"|".join(alts) + b")" if alts else b""))
             # every key but the most common (cpu_op in Kineto traces) is counted; that one is the rest
             keys = sorted(self.by_key, key=lambda k: k == cpu)
-            self._count_pats[sep] = [(k, [sep + p for p in self.by_key[k]]) for k in keys]
+            self._count_pats[sep] = [(k, [sep + p for p in self.by_key[k]]) for k in keys] or [(None, [])]
         return keep, self._count_pats[sep]
 
-    def select(self, region: bytes, sep: bytes, count: int) -> tuple[dict, list, Counter]:
-        """The bodies to parse: those of the categories decoded typed (category -> bodies) and the
-        others; and counts of the skipped ones by (ph, cat). ``region``: ``count`` bodies joined by ``sep``."""
-        self.learn(region, sep)
-        if not self.by_key:
-            return {}, region.split(sep), Counter()
+    def select(self, batch) -> tuple[dict, list, Counter]:
+        """The events to parse, each as the text of one JSON object: those of the categories decoded
+        typed (category -> texts) and the others; and counts of the skipped ones by (ph, cat)."""
+        buf, start, end, sep = batch.buf, batch.start, batch.end, batch.sep
+        n_learn = self.LEARN_FIRST if self.batches == 0 else self.LEARN_NEXT
+        self.learn(buf[start:min(end, start + n_learn * self._LEARN_BYTES_PER_EVENT)], sep, n_learn)
         keep, count_pats = self._patterns(sep)
-        text = sep + region  # every body after a separator
-        found = [(m.start(), m.group(1)) for m in keep.finditer(text)]
-        left = count - len(found)  # skipped
-        typed: dict[bytes | None, list] = {}
-        if found:
-            starts, cats = zip(*found)
-            del found
-            starts = [s + len(sep) for s in starts]
-            ends = list(map(text.find, repeat(sep), starts))
-            if ends[-1] < 0:
-                ends[-1] = len(text)
-            bodies = list(map(text.__getitem__, map(slice, starts, ends)))
-            for cat in dict.fromkeys(cats):
-                typed[cat] = list(compress(bodies, map(operator.eq, cats, repeat(cat))))
-        kept = typed.pop(None, [])
+        n_sep = len(sep)
+        if start >= n_sep and buf.startswith(sep, start - n_sep) and buf.startswith(b"}", end):
+            text, lo, hi = buf, start - n_sep, end  # the separator before and the brace after are there
+        else:
+            text = sep + buf[start:end] + b"}"
+            lo, hi = 0, len(text) - 1
+        # every body not skipped: its separator's offset; its object runs from the separator's "{" to
+        # the next separator's "}"
+        at = [m.start() for m in keep.finditer(text, lo, hi)]
+        body_at = list(map(operator.add, at, repeat(n_sep)))
+        ends = list(map(text.find, repeat(sep), body_at, repeat(hi)))
+        if ends and ends[-1] < 0:
+            ends[-1] = hi
+        objs = list(map(text.__getitem__, map(slice, map(operator.add, at, repeat(sep.rindex(b"{"))),
+                                                  map(operator.add, ends, repeat(1)))))
+        typed: dict[str, list] = {}
+        rest = [True] * len(objs)
+        for prefix, cat in self.typed_prefixes.items():
+            hit = list(map(text.startswith, repeat(prefix), body_at))
+            if any(hit):
+                typed.setdefault(cat, []).extend(compress(objs, hit))
+                rest = list(map(operator.gt, rest, hit))
+        kept = list(compress(objs, rest)) if typed else objs
         counts: Counter = Counter()
+        left = batch.count - len(objs)  # skipped
         for key, pats in count_pats[:-1]:
-            n = sum(map(text.count, pats))
+            n = sum(map(text.count, pats, repeat(lo), repeat(hi)))
             counts[key] += n
             left -= n
         if left:
             counts[count_pats[-1][0]] += left
-        return {c.decode(): b for c, b in typed.items()}, kept, counts
+        return typed, kept, counts
 
 
 def _alternation(words: list[bytes]) -> bytes:
@@ -507,9 +523,9 @@ def _alternation(words: list[bytes]) -> bytes:
 
 
 _TAKE_BACK_RE = _alternation(sorted(set(_TAKE_BACK_NAMES)))
-# The category of an event decoded typed (kineto_events), where the body starts with ph X and its cat.
-_TYPED_CAT = (rb'(?:ph"\s*:\s*"X"\s*,\s*"cat"\s*:\s*"('
-              + b"|".join(c.encode() for c in sorted(kineto_events.KIND_OF_CATEGORY)) + rb')")?')
+# The start of an event body (after its '{"') of a category decoded typed (kineto_events).
+_TYPED_PREFIX_RE = re.compile(rb'ph"\s*:\s*"X"\s*,\s*"cat"\s*:\s*"('
+                              + b"|".join(c.encode() for c in sorted(kineto_events.KIND_OF_CATEGORY)) + rb')"')
 
 
 def _read_all(path: Path) -> bytes:
@@ -788,14 +804,15 @@ class _Accumulator:
             if key[1] == "cpu_op":
                 self.cpu_op_count += n
 
-    def feed_typed(self, cat: str, bodies: list) -> None:
-        """Event bodies of one category that kineto_events decodes typed (else parsed into dicts)."""
+    def feed_typed(self, cat: str, objs: list) -> None:
+        """Events of one category that kineto_events decodes typed, each the text of one JSON object
+        (parsed into dicts where they do not fit the types)."""
         try:
-            evs = kineto_events.decode(cat, bodies)
+            evs = kineto_events.decode(cat, objs)
         except kineto_events.Unfit:
-            self.feed(parse_bodies(bodies))
+            self.feed(list(map(_loads, objs)))
             return
-        del bodies
+        del objs
         self.counts[("X", cat)] += len(evs)
         if cat == "kernel":
             self._kernels(evs)

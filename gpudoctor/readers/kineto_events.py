@@ -54,22 +54,18 @@ def _struct(name: str, fills: dict[str, Any], extra: list | None = None) -> type
 def _decoder(kind: str) -> msgspec.json.Decoder:
     args = _struct(f"{kind}_args", ARG_FILLS[kind])
     event = _struct(f"{kind}_event", EVENT_FILLS, [("args", args, msgspec.field(default_factory=args))])
-    return msgspec.json.Decoder(list[event])  # type: ignore[valid-type]
+    return msgspec.json.Decoder(event)
 
 
 _DECODERS = {kind: _decoder(kind) for kind in ARG_FILLS}
 
 
-def decode(category: str, bodies: list[bytes]) -> list:
-    """Event bodies (the text of each event after its '{"' and before its '}') of one category ->
-    typed events, one per body."""
+def decode(category: str, objs: list[bytes]) -> list:
+    """Events of one category, each the text of one JSON object -> typed events."""
     try:
-        events = _DECODERS[KIND_OF_CATEGORY[category]].decode(b'[{"' + b'},{"'.join(bodies) + b"}]")
+        return list(map(_DECODERS[KIND_OF_CATEGORY[category]].decode, objs))
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise Unfit(str(e)) from None
-    if len(events) != len(bodies):
-        raise Unfit("a body holds more than one event")
-    return events
 
 
 def is_typed(objs: list) -> bool:
