@@ -5,8 +5,10 @@ uneven sizes) as grouped point-to-point transfers: the kernel is then named ``nc
 ``ncclDevKernel_SendRecv`` whatever the collective was. The kernel name alone cannot tell pipeline
 send/recv from an all-to-all, so the op is taken, in this order, from:
 
-1. the profiler's own record of the call (torch.profiler ``record_param_comms`` "Collective name",
-   Nsight Systems' NCCL NVTX domain with its payload): the reader's job;
+1. the profiler's own record of the call (torch.profiler ``record_param_comms`` "Collective name";
+   Nsight Systems' NCCL NVTX domain: the NCCL API call whose range holds the launch, ``ncclAllReduce``,
+   with its payload's message size; calls made between ``ncclGroupStart`` and ``ncclGroupEnd`` launch
+   their kernels inside ``ncclGroupEnd``, which takes the op of the calls it closes: ``nccl_call_ops``);
 2. the innermost collective-named host range around the kernel's launch (``enclosing_ops``):
    ``nccl:all_to_all`` / ``gloo:...`` record_function ranges of ProcessGroupNCCL, ``c10d::alltoall_base_``
    operator calls, ``ncclAllToAll`` NVTX ranges, TorchRec ranges such as ``## alltoall_fwd_single ##``;
@@ -72,18 +74,27 @@ def op_of_kernel(name: str) -> str:
 def enclosing_ops(launch_tid: np.ndarray, launch_ns: np.ndarray, r_tid: np.ndarray, r_start: np.ndarray,
                   r_end: np.ndarray, r_op: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """Op of the innermost range (latest start) on the launch's thread that contains the launch time;
-    "" where none does. Ranges are the collective-named ones only (tens to thousands), so a
+    "" where none does."""
+    idx = enclosing_index(launch_tid, launch_ns, r_tid, r_start, r_end, chunk)
+    ops = np.append(np.asarray(r_op, dtype=object), "")  # index -1 -> ""
+    return ops[idx]
+
+
+def enclosing_index(launch_tid: np.ndarray, launch_ns: np.ndarray, r_tid: np.ndarray, r_start: np.ndarray,
+                    r_end: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Index of the innermost range (latest start) on the launch's thread that contains the launch
+    time; -1 where none does. Ranges are the collective-named ones only (tens to thousands), so a
     launches x ranges test per thread, in chunks of launches, stays small."""
-    out = np.full(len(launch_ns), "", dtype=object)
+    out = np.full(len(launch_ns), -1, dtype=np.int64)
     if len(launch_ns) == 0 or len(r_start) == 0:
         return out
     order = np.argsort(r_start, kind="stable")
-    r_tid, r_start, r_end, r_op = r_tid[order], r_start[order], r_end[order], np.asarray(r_op, dtype=object)[order]
+    r_tid, r_start, r_end = np.asarray(r_tid)[order], np.asarray(r_start)[order], np.asarray(r_end)[order]
     for tid in np.unique(launch_tid):
-        on = r_tid == tid
-        if not on.any():
+        on = np.flatnonzero(r_tid == tid)
+        if not len(on):
             continue
-        rs, re_, ro = r_start[on], r_end[on], r_op[on]
+        rs, re_ = r_start[on], r_end[on]
         idx = np.flatnonzero(launch_tid == tid)
         for lo in range(0, len(idx), chunk):
             sel = idx[lo:lo + chunk]
@@ -91,8 +102,59 @@ def enclosing_ops(launch_tid: np.ndarray, launch_ns: np.ndarray, r_tid: np.ndarr
             inside = (rs[None, :] <= t) & (t <= re_[None, :])
             hit = inside.any(axis=1)
             last = inside.shape[1] - 1 - np.argmax(inside[:, ::-1], axis=1)  # latest-starting range
-            out[sel[hit]] = ro[last[hit]]
+            out[sel[hit]] = order[on[last[hit]]]
     return out
+
+
+_NCCL_CALL = re.compile(r"^nccl([A-Za-z]+)$")
+
+
+def nccl_call_op(text: str) -> str:
+    """The op of an NCCL API call range of NCCL's NVTX domain ("ncclAllReduce" -> "all_reduce"; "" for
+    calls that move nothing: ncclCommInitRank, ncclGroupStart, ...)."""
+    m = _NCCL_CALL.match(text)
+    if not m:
+        return ""
+    name = m.group(1).lower()
+    return "broadcast" if name == "bcast" else collective_op(name) or ""
+
+
+def nccl_call_ops(tid: np.ndarray, start_ns: np.ndarray, texts: list[str],
+                  nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Op and message bytes of each NCCL API call range (NCCL's NVTX domain, one rank), with groups
+    resolved: an ``ncclGroupEnd`` that closes the outermost group gets the op of the calls made since
+    its ``ncclGroupStart`` (send and recv together: "send_recv"; one op: that op; several: the most
+    frequent) and the sum of their bytes (-1 unless all are known), since the group's kernels are
+    launched inside it. NCCL calls are few (one per collective), so this walks them in order."""
+    ops = np.array([nccl_call_op(t) for t in texts], dtype=object)
+    out_bytes = np.asarray(nbytes, dtype=np.int64).copy()
+    depth: dict[int, int] = {}
+    members: dict[int, list[int]] = {}
+    for i in np.lexsort((np.asarray(start_ns), np.asarray(tid))).tolist():
+        t, text = int(tid[i]), texts[i]
+        if text == "ncclGroupStart":
+            depth[t] = depth.get(t, 0) + 1
+            if depth[t] == 1:
+                members[t] = []
+        elif text == "ncclGroupEnd" and depth.get(t, 0) > 0:
+            depth[t] -= 1
+            if depth[t] == 0:
+                inside = members.pop(t, [])
+                ops[i] = _group_op([ops[j] for j in inside])
+                sizes = out_bytes[inside] if inside else np.empty(0, np.int64)
+                out_bytes[i] = int(sizes.sum()) if len(sizes) and (sizes >= 0).all() else -1
+        elif ops[i] and depth.get(t, 0) > 0:
+            members[t].append(i)
+    return ops, out_bytes
+
+
+def _group_op(ops: list[str]) -> str:
+    kinds = set(ops)
+    if not kinds:
+        return ""
+    if kinds == {"send", "recv"}:
+        return "send_recv"
+    return max(sorted(kinds), key=ops.count)
 
 
 
