@@ -5,7 +5,8 @@ what pipeline_bubbles / nccl_dominated make of it, on real traces:
   TorchRec-style embedding job; its ncclKernel_SendRecv kernels run inside nccl:all_to_all /
   nccl:all_reduce / nccl:_all_gather_base ranges, and its profiler wrote no "Collective name");
 - positive for pipeline_bubbles: the 2-stage pipeline recorded on 2x H200 (blocking dist.send/recv), and
-  negative: the DDP job of the same machine (fixtures/multigpu).
+  negative: the DDP job of the same machine (fixtures/multigpu); on these Nsight Systems exports also the
+  op from NCCL's NVTX calls, and send/recv pairs across ranks.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 import pytest
 
 from gpudoctor.analyzers import nccl_dominated, pipeline_bubbles
-from gpudoctor.model.collectives import collective_op, enclosing_ops, nccl_call_ops, op_of_kernel, range_op
+from gpudoctor.model.collectives import collective_op, enclosing_ops, nccl_call_ops, op_of_kernel, pair_p2p, range_op
+from gpudoctor.model.trace import merge
 from gpudoctor.pipeline import analyze_inputs
 from gpudoctor.readers import kineto, nsys
 
@@ -202,3 +204,35 @@ def test_nsys_collective_range_wins_over_grouped_send_recv(tmp_path):
                                   "VALUES (8213500000, 8317690000, 59, 'nccl:all_to_all', 281497693062474, 0)")
     c = nsys.read(path).collectives.sort_values("start_ns")
     assert c["op"].astype(str).tolist() == ["all_to_all"] + ["recv", "send"] * 3 + ["recv"]
+
+
+# ------------------------------------------------------------------------------------------------
+# send/recv pairs across ranks (the 2-stage pipeline: positive; DDP: negative)
+
+
+def _run(case: str):
+    return merge([nsys.read(f) for f in _multi(case)])
+
+
+def test_pipeline_sends_pair_with_the_next_stage_receives():
+    pairs = pair_p2p(_run("pipe_m1").collectives)
+    # 4 steps: the activations 0 -> 1 (forward), then the gradients 1 -> 0 (backward)
+    assert list(zip(pairs["send_rank"], pairs["recv_rank"])) == [(0, 1), (1, 0)] * 4
+    assert (pairs["overlap_ns"] > 0).all()
+    # a blocking receive is posted before its send: the receiving stage waits for the sending one
+    assert (pairs["recv_start_ns"] <= pairs["send_start_ns"]).all()
+    assert (pairs["send_start_ns"] - pairs["recv_start_ns"]).max() > 9_000_000  # a stage's compute, in ns
+
+
+def test_ddp_has_no_send_recv_pairs():
+    assert pair_p2p(_run("ddp_comm_bound").collectives).empty
+
+
+def test_pipeline_finding_names_the_stage_waited_for():
+    a = analyze_inputs(_multi("pipe_m1"), need_trace=True)
+    found = {f.rank: f for f in a.findings if f.analyzer == pipeline_bubbles.ID}
+    for rank, other in ((0, 1), (1, 0)):
+        f = found[rank]
+        assert f.metrics["p2p_pairs"] >= 4 and f.metrics["send_wait_ns"] == 0
+        assert 0.4 < f.metrics["recv_wait_fraction"] <= f.metrics["bubble_fraction"]
+        assert f"receives from rank {other} waited" in f.evidence["p2p_pairs"]

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 # Letters of an op name (lower case, digits and separators removed; "all2all" first made "alltoall"),
 # tested in this order: the first contained key wins ("reducescatter" before "reduce", "sendrecv" before
@@ -156,6 +157,57 @@ def _group_op(ops: list[str]) -> str:
         return "send_recv"
     return max(sorted(kinds), key=ops.count)
 
+
+
+P2P_PAIR_COLUMNS = ("send_rank", "recv_rank", "send_start_ns", "send_end_ns", "recv_start_ns", "recv_end_ns",
+                    "bytes", "overlap_ns")
+
+
+def pair_p2p(collectives: pd.DataFrame) -> pd.DataFrame:
+    """Sends matched to the receives they feed, across the ranks of one run (one row per pair).
+
+    A transfer's send and recv kernels run at the same time (NCCL moves the data while both are in
+    their kernel; the one that starts first waits for the other), so a send on rank a pairs with the
+    receive on another rank b whose kernel overlaps it in time, with the same message size where both
+    are known. For each (a, b) the candidates come in time order (a rank's receives run one after the
+    other on its stream); a send that overlaps receives on two ranks, or two sends one receive, keep the
+    longer overlap. Needs the ranks on one clock (one host, or clocks aligned by the readers); send_recv
+    rows (a group holding both) are not paired. Benchmark rows (nccl_tests) are not this run's traffic."""
+    out = pd.DataFrame({col: pd.Series(dtype="int64") for col in P2P_PAIR_COLUMNS})
+    if collectives.empty:
+        return out
+    c = collectives[collectives["source"].astype(str).to_numpy() != "nccl_tests"]
+    op = c["op"].astype(str).to_numpy()
+    sends, recvs = c[op == "send"], c[op == "recv"]
+    if sends.empty or recvs.empty:
+        return out
+    parts = []
+    for a, s in sends.groupby("rank", sort=True):
+        s = s.sort_values("start_ns")
+        s_start, s_end, s_bytes = (s[k].to_numpy(np.int64) for k in ("start_ns", "end_ns", "bytes"))
+        for b, r in recvs.groupby("rank", sort=True):
+            if b == a:
+                continue
+            r = r.sort_values("start_ns")
+            r_start, r_end, r_bytes = (r[k].to_numpy(np.int64) for k in ("start_ns", "end_ns", "bytes"))
+            # the first receive still running when the send starts
+            j = np.searchsorted(np.maximum.accumulate(r_end), s_start, side="right")
+            ok = j < len(r_start)
+            j = np.minimum(j, len(r_start) - 1)
+            overlap = np.minimum(s_end, r_end[j]) - np.maximum(s_start, r_start[j])
+            same_size = (s_bytes < 0) | (r_bytes[j] < 0) | (s_bytes == r_bytes[j])
+            ok &= (overlap > 0) & same_size
+            if ok.any():
+                parts.append(pd.DataFrame({
+                    "send_rank": int(a), "recv_rank": int(b), "send_start_ns": s_start[ok], "send_end_ns": s_end[ok],
+                    "recv_start_ns": r_start[j[ok]], "recv_end_ns": r_end[j[ok]],
+                    "bytes": np.where(s_bytes[ok] >= 0, s_bytes[ok], r_bytes[j[ok]]), "overlap_ns": overlap[ok]}))
+    if not parts:
+        return out
+    pairs = pd.concat(parts, ignore_index=True).sort_values("overlap_ns", ascending=False, kind="stable")
+    pairs = pairs.drop_duplicates(["send_rank", "send_start_ns", "send_end_ns"])
+    pairs = pairs.drop_duplicates(["recv_rank", "recv_start_ns", "recv_end_ns"])
+    return pairs.sort_values(["send_start_ns", "send_rank"], kind="stable").reset_index(drop=True)
 
 
 # nccl-tests binary stem -> model op name.
