@@ -81,7 +81,7 @@ from gpudoctor.model.collectives import (
 from gpudoctor.model.columns import per_value
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
-from gpudoctor.readers import limits, rank_from_filename
+from gpudoctor.readers import kineto_events, limits, rank_from_filename
 from gpudoctor.readers.event_split import (
     BLOCK_BYTES,
     BOM,
@@ -92,7 +92,6 @@ from gpudoctor.readers.event_split import (
     join_header,
     parse_bodies,
 )
-from gpudoctor.readers import kineto_events
 from gpudoctor.readers.heap import large_buffers_on_heap
 from gpudoctor.readers.kineto_stacks import add_python_stacks
 from gpudoctor.readers.limits import gunzip, open_input
