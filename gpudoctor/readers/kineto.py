@@ -7,14 +7,19 @@ Parsing and memory
     The reader streams the file in 16 MB blocks whatever its layout (Kineto's one event per block, or
     one-line JSON from orjson / ``json.dumps``): ``gpudoctor.readers.event_split`` cuts the event array
     at the file's own separator between events and checks each batch (see there). Events the model
-    does not use are dropped unparsed, recognized by their first bytes: most cpu_op, python_function,
-    gpu_user_annotation and flow events (they are only counted; the cpu_ops kept, ProfilerStep#N,
-    record_param_comms, the c10d collectives and ``SHAPE_OPS``, are recognized by name the same way).
-    The rest of the batch is parsed with orjson and turned into numpy columns before reading on, so
-    only one batch of parsed dicts is alive at a time: memory is bounded by the block size and the
-    model, not by the file. On any failure the reader starts over and parses the whole document at once
-    (the path that also reports bad input, and reads what orjson refuses: NaN, huge integers); both
-    paths give the same tables (tests/test_kineto_reader.py checks it on every real trace at hand).
+    does not use are never parsed nor cut out: most cpu_op, python_function, gpu_user_annotation and
+    flow events, recognized by their first bytes (``_Skipper``: one regex pass over the batch's text
+    finds the separators *not* followed by such a prefix; the cpu_ops kept, ProfilerStep#N,
+    record_param_comms, the c10d collectives and ``SHAPE_OPS``, are told apart by name in the same
+    pattern; the skipped ones are only counted, with ``bytes.count``). Each kept event is parsed from
+    its own text: kernels, memcpy / memset and runtime / driver calls into typed records holding only
+    the fields used (msgspec, ``readers/kineto_events.py``), the others with orjson; then turned into
+    numpy columns before reading on, so only one batch of parsed events is alive at a time: memory is
+    bounded by the block size and the model, not by the file. The block buffers stay on the heap
+    during the read (``readers/heap.py``) rather than being mapped and unmapped for every block. On
+    any failure the reader starts over and parses the whole document at once (the path that also
+    reports bad input, and reads what orjson refuses: NaN, huge integers); both paths give the same
+    tables (tests/test_kineto_reader.py checks it on every real trace at hand).
     Skipped events are not validated as JSON. The cyclic GC is paused during a read (millions of
     acyclic objects). Output rows are sorted by time, so the result does not depend on the path or
     the batching.
