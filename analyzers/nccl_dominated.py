@@ -167,7 +167,7 @@ def sized_collectives(ctx) -> pd.DataFrame:
         return pd.DataFrame(columns=cols + ["gpu_ns"])
     src = c["source"].astype(str).to_numpy()
     parts = []
-    on_gpu = c[np.isin(src, ["kineto_args", "kernel_name"]) & (c["bytes"].to_numpy() > 0)]
+    on_gpu = c[np.isin(src, ["kineto_args", "kineto_range", "nvtx_range", "kernel_name"]) & (c["bytes"].to_numpy() > 0)]
     if len(on_gpu):
         parts.append(on_gpu[cols])
     nvtx = c[(src == "nvtx_nccl") & (c["bytes"].to_numpy() > 0)]

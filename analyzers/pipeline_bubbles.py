@@ -19,6 +19,12 @@ Training on GPU Clusters Using Megatron-LM", SC'21). p: config pipeline_stages, 
 with send/recv kernels, else of ranks in the run (a pure pipeline: with data parallelism too, give p); m: config microbatches, else the distinct indices of ranges named like
 ``microbatch_3`` / ``micro_batch 3`` / ``mb_3``; v: config virtual_stages (default 1).
 
+Where the run's collectives hold sends and receives of several ranks, each send is matched to the
+receive it feeds (``model.collectives.pair_p2p``: kernels overlapping in time, same size where known), and
+the finding adds how long this rank's receives waited for the sending stage (recv_wait_ns,
+recv_wait_fraction) and its sends for the receiving stage (send_wait_ns), with the peer ranks in the
+evidence: the waiting of a receive is the sending stage's work, i.e. where this rank's bubble comes from.
+
 Severity on bubble_fraction: high >= bubble_fraction_high (0.4), medium >= bubble_fraction_medium (0.2),
 else info. The title says whether the measured bubble is near the ideal (the schedule itself is the
 limit: more micro-batches) or far above it (excess >= far_above, 0.1 of the window: blocking transfers,
@@ -43,7 +49,7 @@ from gpudoctor.analyzers.nccl_dominated import (
     world_size,
 )
 from gpudoctor.analyzers.spec import AnalyzerSpec, Setting, fraction
-from gpudoctor.model.collectives import P2P_OPS
+from gpudoctor.model.collectives import P2P_OPS, pair_p2p
 from gpudoctor.model.steps import union_ns
 
 ID = "pipeline_bubbles"
@@ -130,6 +136,30 @@ def bubble_metrics(ctx) -> dict:
             "idle_fraction": (window - busy) / window if window else 0.0}
 
 
+def p2p_waits(ctx) -> dict:
+    """This rank's transfers in the window matched to the other side's (``pair_p2p`` on the whole run):
+    how long its receives ran before the matching send started (waiting for the sending stage) and its
+    sends before the matching receive did (waiting for the receiving stage). Empty without pairs."""
+    run = getattr(ctx, "run_trace", None)
+    if run is None or run.collectives.empty:
+        return {}
+    pairs = pair_p2p(run.collectives)
+    lo, hi = ctx.start_ns, ctx.end_ns
+    recv = pairs[(pairs["recv_rank"] == ctx.rank) & (pairs["recv_end_ns"] > lo) & (pairs["recv_start_ns"] < hi)]
+    send = pairs[(pairs["send_rank"] == ctx.rank) & (pairs["send_end_ns"] > lo) & (pairs["send_start_ns"] < hi)]
+    if recv.empty and send.empty:
+        return {}
+
+    def waited(own_start: pd.Series, other_start: pd.Series) -> int:
+        a = np.maximum(own_start.to_numpy(np.int64), lo)
+        return int(np.clip(np.minimum(other_start.to_numpy(np.int64), hi) - a, 0, None).sum())
+
+    return {"p2p_pairs": int(len(recv) + len(send)),
+            "recv_wait_ns": waited(recv["recv_start_ns"], recv["send_start_ns"]),
+            "send_wait_ns": waited(send["send_start_ns"], send["recv_start_ns"]),
+            "recv_from": sorted(set(recv["send_rank"].tolist())), "send_to": sorted(set(send["recv_rank"].tolist()))}
+
+
 def analyze(ctx) -> list[Finding]:
     if not is_pipeline(ctx.trace) or ctx.window_ns <= 0:
         return []
@@ -149,6 +179,10 @@ def analyze(ctx) -> list[Finding]:
     # high / medium by this analyzer's thresholds, else info (no "low" band: low = medium)
     sev = severity_for(bf, float(cfg["bubble_fraction_medium"]), float(cfg["bubble_fraction_high"]),
                        float(cfg["bubble_fraction_medium"]))
+    pw = p2p_waits(ctx)
+    if pw:
+        m.update({k: pw[k] for k in ("p2p_pairs", "recv_wait_ns", "send_wait_ns")})
+        m["recv_wait_fraction"] = pw["recv_wait_ns"] / window if window else 0.0
     metrics = {key: (round(val, 6) if isinstance(val, float) else val) for key, val in m.items()}
     metrics.update({"pipeline_stages": p if p >= 2 else None, "microbatches": mb, "virtual_stages": v,
                     "ideal_bubble_fraction": None if ideal is None else round(ideal, 6),
@@ -178,11 +212,23 @@ def analyze(ctx) -> list[Finding]:
                        "with the schedule's ideal.")
         elif mb < target_m:
             rec.append(f"More micro-batches also shrink the ideal ({ideal:.0%} now, {ideal_target:.0%} with m={target_m}).")
+    if pw and m["recv_wait_fraction"] >= 0.1:
+        peers = ", ".join(str(r) for r in pw["recv_from"])
+        rec.append(f"Its receives wait {m['recv_wait_fraction']:.0%} of the window for rank {peers} to send (matched "
+                   "send/recv pairs): that stage's work before each send is this rank's bubble.")
     if m["idle_fraction"] >= 0.5 * bf and bf > 0:
         rec.append(f"{m['idle_fraction']:.0%} of the window the GPU runs nothing at all (not even a send/recv): the host "
                    "is late too (see gpu_idle).")
     evidence = {"window": ctx.window.describe(), "p_from": p_source, "m_from": m_source,
                 "formula": "ideal = (p-1)/(v*m+p-1) (GPipe/1F1B v=1; interleaved 1F1B v>1)"}
+    if pw:
+        def ranks(rs: list) -> str:
+            return ", ".join(map(str, rs)) or "-"
+
+        evidence["p2p_pairs"] = (f"{pw['p2p_pairs']} transfers matched across ranks (send and recv kernels "
+                                 f"overlapping in time): receives from rank {ranks(pw['recv_from'])} waited "
+                                 f"{pw['recv_wait_ns'] / 1e6:.1f} ms for the send, sends to rank {ranks(pw['send_to'])} "
+                                 f"{pw['send_wait_ns'] / 1e6:.1f} ms for the receive")
     return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=saving,
                     estimated_saving_fraction=round(saving / window, 6) if window else 0.0,
                     recommendation=" ".join(rec), evidence=evidence, rank=ctx.rank)]
@@ -193,4 +239,5 @@ SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
     ("p_from", "where the number of stages came from"),
     ("m_from", "where the number of micro-batches came from"),
     ("window", "the steady-state window"),
+    ("p2p_pairs", "send/recv pairs matched across ranks and how long each side waited for the other"),
 ))

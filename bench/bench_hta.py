@@ -2,7 +2,7 @@
 
     python -m venv /tmp/hta-venv && /tmp/hta-venv/bin/pip install HolisticTraceAnalysis==0.5.0 'pandas<3'
     python bench/bench_hta.py [--sizes 100000,1000000,2160000] [--layouts kineto,oneline] [--repeat 1]
-                              [--hta-python /tmp/hta-venv/bin/python] [--skip-hta] [--out results.json]
+                              [--hta-python /tmp/hta-venv/bin/python] [--skip-hta] [--analyze] [--out results.json]
 
 Inputs: bench/make_inputs.py kineto (the attn_naive torch.profiler trace with its steady steps
 replicated; plain JSON, Kineto's layout, and the same document on one line). For each size and layout,
@@ -88,6 +88,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="100000,1000000,2160000")
     ap.add_argument("--layouts", default="kineto,oneline", help="kineto (Kineto's layout) and/or oneline")
     ap.add_argument("--skip-hta", action="store_true", help="gpudoctor only (e.g. sizes HTA cannot finish)")
+    ap.add_argument("--analyze", action="store_true",
+                    help="gpudoctor also runs the analyzers after the read (what `gpudoctor analyze` computes): "
+                         "analyze_s, and process_s / process_cpu_s cover read + analyzers")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--hta-python", default="/tmp/hta-venv/bin/python")
     ap.add_argument("--timeout", type=float, default=3600)
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
         trace = make(n, a.data / "kineto")
         counts = make_inputs.kineto_counts(trace)
         counts["layout"] = layout
-        gd = bench_readers.measure({"kind": "kineto", "path": str(trace), "analyze": False}, a.repeat, a.timeout)
+        gd = bench_readers.measure({"kind": "kineto", "path": str(trace), "analyze": a.analyze}, a.repeat, a.timeout)
         hta = {} if a.skip_hta else measure_hta(a.hta_python, hta_dir(trace, a.data, layout), a.repeat, a.timeout)
         row = {"events": counts["events"], "bytes": counts["bytes"], "layout": layout, "gpudoctor": gd, "hta": hta}
         if gd.get("read_s") and hta.get("read_s"):
@@ -114,7 +117,9 @@ def main(argv=None) -> int:
             row["peak_ratio"] = round(gd["tree_peak_mb"] / hta["tree_peak_mb"], 3)
         print(json.dumps({k: v for k, v in row.items() if k not in ("gpudoctor", "hta")} |
                          {"gd_read_s": gd.get("read_s"), "hta_read_s": hta.get("read_s"),
-                          "gd_peak_mb": gd.get("peak_mb"), "hta_peak_mb": hta.get("peak_mb"),
+                          "gd_peak_mb": gd.get("peak_mb"), "gd_tree_peak_mb": gd.get("tree_peak_mb"),
+                         "gd_process_s": gd.get("process_s"), "gd_process_cpu_s": gd.get("process_cpu_s"),
+                         "gd_analyze_s": gd.get("analyze_s"), "hta_peak_mb": hta.get("peak_mb"),
                           "hta_rc": hta.get("rc"), "hta_err": hta.get("stderr_tail", "")[-300:]}), flush=True)
         results["results"].append(row)
     return bench_readers.finish(results, a.out)

@@ -5,20 +5,24 @@ what pipeline_bubbles / nccl_dominated make of it, on real traces:
   TorchRec-style embedding job; its ncclKernel_SendRecv kernels run inside nccl:all_to_all /
   nccl:all_reduce / nccl:_all_gather_base ranges, and its profiler wrote no "Collective name");
 - positive for pipeline_bubbles: the 2-stage pipeline recorded on 2x H200 (blocking dist.send/recv), and
-  negative: the DDP job of the same machine (fixtures/multigpu).
+  negative: the DDP job of the same machine (fixtures/multigpu); on these Nsight Systems exports also the
+  op from NCCL's NVTX calls, and send/recv pairs across ranks.
 """
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gpudoctor.analyzers import nccl_dominated, pipeline_bubbles
-from gpudoctor.model.collectives import collective_op, enclosing_ops, op_of_kernel, range_op
+from gpudoctor.model.collectives import collective_op, enclosing_ops, nccl_call_ops, op_of_kernel, pair_p2p, range_op
+from gpudoctor.model.trace import merge
 from gpudoctor.pipeline import analyze_inputs
-from gpudoctor.readers import kineto
+from gpudoctor.readers import kineto, nsys
 
 ROOT = Path(__file__).resolve().parent.parent
 HTA = ROOT / "fixtures" / "hta" / "trace_filter"
@@ -134,3 +138,101 @@ def test_ddp_is_not_a_pipeline():
     a = analyze_inputs(_multi("ddp_comm_bound"), need_trace=True)
     assert [f for f in a.findings if f.analyzer == pipeline_bubbles.ID] == []
     assert {f.rank for f in a.findings if f.analyzer == nccl_dominated.ID} == {0, 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# Nsight Systems: the NCCL NVTX call around each kernel's launch (the same 2x H200 recordings)
+
+
+def _nccl_kernel_times(t):
+    k = t.kernels[t.kernels["name"].astype(str).str.startswith("nccl")]
+    return sorted(zip(k["start_ns"].tolist(), k["end_ns"].tolist()))
+
+
+def test_nccl_call_ops_resolve_groups():
+    texts = ["ncclGroupStart", "ncclSend", "ncclRecv", "ncclGroupEnd", "ncclAllReduce", "ncclCommInitRankConfig",
+             "ncclGroupStart", "ncclSend", "ncclGroupStart", "ncclSend", "ncclGroupEnd", "ncclGroupEnd", "ncclBcast"]
+    n = len(texts)
+    ops, nbytes = nccl_call_ops(np.zeros(n, np.int64), np.arange(n, dtype=np.int64), texts,
+                                np.array([-1, 100, 200, -1, 8, -1, -1, 5, -1, 7, -1, -1, -1]))
+    assert list(ops) == ["", "send", "recv", "send_recv", "all_reduce", "", "", "send", "", "send", "", "send",
+                         "broadcast"]
+    assert nbytes[3] == 300 and nbytes[11] == 12  # a group's bytes: the sum of its calls'
+    assert nbytes[10] == -1  # an inner ncclGroupEnd launches nothing
+
+
+def test_nsys_pipeline_ops_from_nccl_nvtx_calls():
+    # rank 0 sends the activations (fwd) and receives the gradients (bwd); the NCCL calls are made inside
+    # a group, and the SendRecv kernel is launched inside ncclGroupEnd
+    for rank, first in ((0, "send"), (1, "recv")):
+        t = nsys.read(MULTI / f"pipe_m1_rank{rank}.sqlite")
+        c = t.collectives.sort_values("start_ns")
+        assert list(c["op"].astype(str)) == [first, ({"send", "recv"} - {first}).pop()] * 4
+        assert set(c["source"].astype(str)) == {"nvtx_range"}
+        assert sorted(zip(c["start_ns"].tolist(), c["end_ns"].tolist())) == _nccl_kernel_times(t)  # GPU times
+
+
+def test_nsys_ddp_ops_from_nccl_nvtx_calls():
+    t = nsys.read(MULTI / "ddp_comm_bound_rank0.sqlite")
+    c = t.collectives
+    assert c["op"].astype(str).value_counts().to_dict() == {"all_reduce": 65, "broadcast": 12, "all_gather": 1}
+    assert set(c["source"].astype(str)) == {"nvtx_range"}
+    assert sorted(zip(c["start_ns"].tolist(), c["end_ns"].tolist())) == _nccl_kernel_times(t)
+    assert set(c.loc[c["op"] == "all_reduce", "dtype"].astype(str)) == {"float32"}  # from the kernel name
+
+
+def _edited_copy(tmp_path, sql: str, params=()) -> Path:
+    path = tmp_path / "pipe_m1_rank0.sqlite"
+    shutil.copy(MULTI / "pipe_m1_rank0.sqlite", path)
+    con = sqlite3.connect(path)
+    con.execute(sql, params)
+    con.commit()
+    con.close()
+    return path
+
+
+def test_nsys_without_nccl_ranges_falls_back_to_kernel_names(tmp_path):
+    path = _edited_copy(tmp_path, "DELETE FROM NVTX_EVENTS WHERE domainId = 2")  # NCCL's NVTX domain
+    c = nsys.read(path).collectives
+    assert c["op"].astype(str).tolist() == ["send_recv"] * 8 and set(c["source"].astype(str)) == {"kernel_name"}
+
+
+def test_nsys_collective_range_wins_over_grouped_send_recv(tmp_path):
+    # the first group (ncclSend inside ncclGroupStart/End) wrapped in a range that names an all-to-all, as
+    # ProcessGroupNCCL's own NVTX range would: NCCL runs all-to-all as grouped send/recv
+    path = _edited_copy(tmp_path, "INSERT INTO NVTX_EVENTS (start, end, eventType, text, globalTid, domainId) "
+                                  "VALUES (8213500000, 8317690000, 59, 'nccl:all_to_all', 281497693062474, 0)")
+    c = nsys.read(path).collectives.sort_values("start_ns")
+    assert c["op"].astype(str).tolist() == ["all_to_all"] + ["recv", "send"] * 3 + ["recv"]
+
+
+# ------------------------------------------------------------------------------------------------
+# send/recv pairs across ranks (the 2-stage pipeline: positive; DDP: negative)
+
+
+def _run(case: str):
+    return merge([nsys.read(f) for f in _multi(case)])
+
+
+def test_pipeline_sends_pair_with_the_next_stage_receives():
+    pairs = pair_p2p(_run("pipe_m1").collectives)
+    # 4 steps: the activations 0 -> 1 (forward), then the gradients 1 -> 0 (backward)
+    assert list(zip(pairs["send_rank"], pairs["recv_rank"])) == [(0, 1), (1, 0)] * 4
+    assert (pairs["overlap_ns"] > 0).all()
+    # a blocking receive is posted before its send: the receiving stage waits for the sending one
+    assert (pairs["recv_start_ns"] <= pairs["send_start_ns"]).all()
+    assert (pairs["send_start_ns"] - pairs["recv_start_ns"]).max() > 9_000_000  # a stage's compute, in ns
+
+
+def test_ddp_has_no_send_recv_pairs():
+    assert pair_p2p(_run("ddp_comm_bound").collectives).empty
+
+
+def test_pipeline_finding_names_the_stage_waited_for():
+    a = analyze_inputs(_multi("pipe_m1"), need_trace=True)
+    found = {f.rank: f for f in a.findings if f.analyzer == pipeline_bubbles.ID}
+    for rank, other in ((0, 1), (1, 0)):
+        f = found[rank]
+        assert f.metrics["p2p_pairs"] >= 4 and f.metrics["send_wait_ns"] == 0
+        assert 0.4 < f.metrics["recv_wait_fraction"] <= f.metrics["bubble_fraction"]
+        assert f"receives from rank {other} waited" in f.evidence["p2p_pairs"]

@@ -5,8 +5,10 @@ uneven sizes) as grouped point-to-point transfers: the kernel is then named ``nc
 ``ncclDevKernel_SendRecv`` whatever the collective was. The kernel name alone cannot tell pipeline
 send/recv from an all-to-all, so the op is taken, in this order, from:
 
-1. the profiler's own record of the call (torch.profiler ``record_param_comms`` "Collective name",
-   Nsight Systems' NCCL NVTX domain with its payload): the reader's job;
+1. the profiler's own record of the call (torch.profiler ``record_param_comms`` "Collective name";
+   Nsight Systems' NCCL NVTX domain: the NCCL API call whose range holds the launch, ``ncclAllReduce``,
+   with its payload's message size; calls made between ``ncclGroupStart`` and ``ncclGroupEnd`` launch
+   their kernels inside ``ncclGroupEnd``, which takes the op of the calls it closes: ``nccl_call_ops``);
 2. the innermost collective-named host range around the kernel's launch (``enclosing_ops``):
    ``nccl:all_to_all`` / ``gloo:...`` record_function ranges of ProcessGroupNCCL, ``c10d::alltoall_base_``
    operator calls, ``ncclAllToAll`` NVTX ranges, TorchRec ranges such as ``## alltoall_fwd_single ##``;
@@ -24,6 +26,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 # Letters of an op name (lower case, digits and separators removed; "all2all" first made "alltoall"),
 # tested in this order: the first contained key wins ("reducescatter" before "reduce", "sendrecv" before
@@ -72,18 +75,27 @@ def op_of_kernel(name: str) -> str:
 def enclosing_ops(launch_tid: np.ndarray, launch_ns: np.ndarray, r_tid: np.ndarray, r_start: np.ndarray,
                   r_end: np.ndarray, r_op: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """Op of the innermost range (latest start) on the launch's thread that contains the launch time;
-    "" where none does. Ranges are the collective-named ones only (tens to thousands), so a
+    "" where none does."""
+    idx = enclosing_index(launch_tid, launch_ns, r_tid, r_start, r_end, chunk)
+    ops = np.append(np.asarray(r_op, dtype=object), "")  # index -1 -> ""
+    return ops[idx]
+
+
+def enclosing_index(launch_tid: np.ndarray, launch_ns: np.ndarray, r_tid: np.ndarray, r_start: np.ndarray,
+                    r_end: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Index of the innermost range (latest start) on the launch's thread that contains the launch
+    time; -1 where none does. Ranges are the collective-named ones only (tens to thousands), so a
     launches x ranges test per thread, in chunks of launches, stays small."""
-    out = np.full(len(launch_ns), "", dtype=object)
+    out = np.full(len(launch_ns), -1, dtype=np.int64)
     if len(launch_ns) == 0 or len(r_start) == 0:
         return out
     order = np.argsort(r_start, kind="stable")
-    r_tid, r_start, r_end, r_op = r_tid[order], r_start[order], r_end[order], np.asarray(r_op, dtype=object)[order]
+    r_tid, r_start, r_end = np.asarray(r_tid)[order], np.asarray(r_start)[order], np.asarray(r_end)[order]
     for tid in np.unique(launch_tid):
-        on = r_tid == tid
-        if not on.any():
+        on = np.flatnonzero(r_tid == tid)
+        if not len(on):
             continue
-        rs, re_, ro = r_start[on], r_end[on], r_op[on]
+        rs, re_ = r_start[on], r_end[on]
         idx = np.flatnonzero(launch_tid == tid)
         for lo in range(0, len(idx), chunk):
             sel = idx[lo:lo + chunk]
@@ -91,9 +103,111 @@ def enclosing_ops(launch_tid: np.ndarray, launch_ns: np.ndarray, r_tid: np.ndarr
             inside = (rs[None, :] <= t) & (t <= re_[None, :])
             hit = inside.any(axis=1)
             last = inside.shape[1] - 1 - np.argmax(inside[:, ::-1], axis=1)  # latest-starting range
-            out[sel[hit]] = ro[last[hit]]
+            out[sel[hit]] = order[on[last[hit]]]
     return out
 
+
+_NCCL_CALL = re.compile(r"^nccl([A-Za-z]+)$")
+
+
+def nccl_call_op(text: str) -> str:
+    """The op of an NCCL API call range of NCCL's NVTX domain ("ncclAllReduce" -> "all_reduce"; "" for
+    calls that move nothing: ncclCommInitRank, ncclGroupStart, ...)."""
+    m = _NCCL_CALL.match(text)
+    if not m:
+        return ""
+    name = m.group(1).lower()
+    return "broadcast" if name == "bcast" else collective_op(name) or ""
+
+
+def nccl_call_ops(tid: np.ndarray, start_ns: np.ndarray, texts: list[str],
+                  nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Op and message bytes of each NCCL API call range (NCCL's NVTX domain, one rank), with groups
+    resolved: an ``ncclGroupEnd`` that closes the outermost group gets the op of the calls made since
+    its ``ncclGroupStart`` (send and recv together: "send_recv"; one op: that op; several: the most
+    frequent) and the sum of their bytes (-1 unless all are known), since the group's kernels are
+    launched inside it. NCCL calls are few (one per collective), so this walks them in order."""
+    ops = np.array([nccl_call_op(t) for t in texts], dtype=object)
+    out_bytes = np.asarray(nbytes, dtype=np.int64).copy()
+    depth: dict[int, int] = {}
+    members: dict[int, list[int]] = {}
+    for i in np.lexsort((np.asarray(start_ns), np.asarray(tid))).tolist():
+        t, text = int(tid[i]), texts[i]
+        if text == "ncclGroupStart":
+            depth[t] = depth.get(t, 0) + 1
+            if depth[t] == 1:
+                members[t] = []
+        elif text == "ncclGroupEnd" and depth.get(t, 0) > 0:
+            depth[t] -= 1
+            if depth[t] == 0:
+                inside = members.pop(t, [])
+                ops[i] = _group_op([ops[j] for j in inside])
+                sizes = out_bytes[inside] if inside else np.empty(0, np.int64)
+                out_bytes[i] = int(sizes.sum()) if len(sizes) and (sizes >= 0).all() else -1
+        elif ops[i] and depth.get(t, 0) > 0:
+            members[t].append(i)
+    return ops, out_bytes
+
+
+def _group_op(ops: list[str]) -> str:
+    kinds = set(ops)
+    if not kinds:
+        return ""
+    if kinds == {"send", "recv"}:
+        return "send_recv"
+    return max(sorted(kinds), key=ops.count)
+
+
+
+P2P_PAIR_COLUMNS = ("send_rank", "recv_rank", "send_start_ns", "send_end_ns", "recv_start_ns", "recv_end_ns",
+                    "bytes", "overlap_ns")
+
+
+def pair_p2p(collectives: pd.DataFrame) -> pd.DataFrame:
+    """Sends matched to the receives they feed, across the ranks of one run (one row per pair).
+
+    A transfer's send and recv kernels run at the same time (NCCL moves the data while both are in
+    their kernel; the one that starts first waits for the other), so a send on rank a pairs with the
+    receive on another rank b whose kernel overlaps it in time, with the same message size where both
+    are known. For each (a, b) the candidates come in time order (a rank's receives run one after the
+    other on its stream); a send that overlaps receives on two ranks, or two sends one receive, keep the
+    longer overlap. Needs the ranks on one clock (one host, or clocks aligned by the readers); send_recv
+    rows (a group holding both) are not paired. Benchmark rows (nccl_tests) are not this run's traffic."""
+    out = pd.DataFrame({col: pd.Series(dtype="int64") for col in P2P_PAIR_COLUMNS})
+    if collectives.empty:
+        return out
+    c = collectives[collectives["source"].astype(str).to_numpy() != "nccl_tests"]
+    op = c["op"].astype(str).to_numpy()
+    sends, recvs = c[op == "send"], c[op == "recv"]
+    if sends.empty or recvs.empty:
+        return out
+    parts = []
+    for a, s in sends.groupby("rank", sort=True):
+        s = s.sort_values("start_ns")
+        s_start, s_end, s_bytes = (s[k].to_numpy(np.int64) for k in ("start_ns", "end_ns", "bytes"))
+        for b, r in recvs.groupby("rank", sort=True):
+            if b == a:
+                continue
+            r = r.sort_values("start_ns")
+            r_start, r_end, r_bytes = (r[k].to_numpy(np.int64) for k in ("start_ns", "end_ns", "bytes"))
+            # the first receive still running when the send starts
+            j = np.searchsorted(np.maximum.accumulate(r_end), s_start, side="right")
+            ok = j < len(r_start)
+            j = np.minimum(j, len(r_start) - 1)
+            overlap = np.minimum(s_end, r_end[j]) - np.maximum(s_start, r_start[j])
+            same_size = (s_bytes < 0) | (r_bytes[j] < 0) | (s_bytes == r_bytes[j])
+            ok &= (overlap > 0) & same_size
+            if ok.any():
+                parts.append(pd.DataFrame({
+                    "send_rank": int(a), "recv_rank": int(b), "send_start_ns": s_start[ok], "send_end_ns": s_end[ok],
+                    "recv_start_ns": r_start[j[ok]], "recv_end_ns": r_end[j[ok]],
+                    "bytes": np.where(s_bytes[ok] >= 0, s_bytes[ok], r_bytes[j[ok]]), "overlap_ns": overlap[ok]}))
+    if not parts:
+        return out
+    pairs = pd.concat(parts, ignore_index=True).sort_values("overlap_ns", ascending=False, kind="stable")
+    pairs = pairs.drop_duplicates(["send_rank", "send_start_ns", "send_end_ns"])
+    pairs = pairs.drop_duplicates(["recv_rank", "recv_start_ns", "recv_end_ns"])
+    return pairs.sort_values(["send_start_ns", "send_rank"], kind="stable").reset_index(drop=True)
 
 
 # nccl-tests binary stem -> model op name.

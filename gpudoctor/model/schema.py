@@ -106,7 +106,7 @@ TABLES: dict[str, list[tuple[str, str, object]]] = {
         ("bytes", "i8", -1),
         ("dtype", "cat", ""),
         ("comm_size", "i8", -1),
-        ("source", "cat", ""),  # nvtx_nccl | kineto_args | kineto_range | kernel_name | nccl_tests
+        ("source", "cat", ""),  # nvtx_range | nvtx_nccl | kineto_args | kineto_range | kernel_name | nccl_tests
     ],
     # Named time series (NVML samples, engine metrics, annotations).
     "counters": [

@@ -1,7 +1,8 @@
 """Cut the event array of a Chrome-trace JSON document into batches of event texts, with bounded memory.
 
-``EventSplitter(f).batches()`` reads a binary stream in blocks and yields lists of event *bodies* (the
-bytes of an event after its ``{"`` and before its ``}``), never holding more than about two blocks of text; after
+``EventSplitter(f).batches()`` reads a binary stream in blocks and yields batches of event *bodies* (the
+bytes of an event after its ``{"`` and before its ``}``), each batch one piece of the file's text with its
+separators (``Batch.region``; ``Batch.bodies`` splits it), never holding more than about two blocks of text; after
 the last batch, ``header`` holds the document's other keys (``{}`` for a bare event list).
 
 How events are found whatever the layout
@@ -46,9 +47,29 @@ class NotStreamable(Exception):
 
 @dataclass
 class Batch:
-    bodies: list[bytes]  # event texts without their "{" and first '"', and without their "}"
+    """Event texts of one step: ``buf[start:end]`` holds event bodies joined by ``sep`` (the file's text
+    as it is, neither copied nor split unless ``region`` / ``bodies`` is asked for, so that a reader can
+    pick the events it needs out of it). Where the batch was cut at a separator, ``buf[end]`` is that
+    separator's ``}`` (the last body's closing brace)."""
+
+    buf: bytes
+    start: int
+    end: int
+    sep: bytes
     exact: bool  # False: a body may hold more than one event (parse them all, drop none unparsed)
     events: list | None = None  # the file's last events, already parsed
+    count: int = 0  # bodies in buf[start:end]
+
+    @property
+    def region(self) -> bytes:
+        """The bodies (each without its "{" and first '"', and without its "}"), joined by ``sep``."""
+        return self.buf[self.start:self.end]
+
+    @property
+    def bodies(self) -> list[bytes]:
+        if self.count <= 1:
+            return [self.region] if self.count else []
+        return self.region.split(self.sep)
 
 
 def parse_bodies(bodies: list[bytes]) -> list:
@@ -118,16 +139,20 @@ class EventSplitter:
                 break
             if len(buf) - start > self._max_carry:
                 raise NotStreamable("no event separator found")
-            buf = buf[start:] + more
-            start = 0
+            # the separator before the next body is carried over too: a reader can then treat the
+            # batch's first body like the others (Batch.buf[start - len(sep):start] is that separator)
+            keep = start - len(sep) if start >= len(sep) and buf.startswith(sep, start - len(sep)) else start
+            buf = buf[keep:] + more
+            start -= keep
         if until_separator:  # the stream was cut just before a separator: what is left is one body
             body = bytes(memoryview(buf)[start:])
-            yield Batch([body], exact=body.count(b'"ph"') + body.startswith(b'ph"') == 1)
+            yield Batch(body, 0, len(body), sep or b"", exact=body.count(b'"ph"') + body.startswith(b'ph"') == 1,
+                        count=1)
             return
         rest = '{"' + bytes(memoryview(buf)[start:]).decode("utf-8")
         del buf
         events, self.tail = _decode_tail(rest)
-        yield Batch([], exact=True, events=events)
+        yield Batch(b"", 0, 0, sep or b"", exact=True, events=events)
 
     def separator(self) -> tuple[bytes, int]:
         """The separator between events and the offset of the first event body (after its '{"'), read
@@ -198,12 +223,11 @@ def find_cut(f, size: int, sep: bytes, block_bytes: int = BLOCK_BYTES) -> int:
     return -1 if k < 0 else size // 2 + k
 
 def _batch(buf: bytes, start: int, end: int, sep: bytes) -> Batch:
-    region = buf[start:end]
-    bodies = region.split(sep)
+    count = buf.count(sep, start, end) + 1
     # Every event has one "ph" key: as many as bodies means no body holds two events (the first body's
     # opening quote belongs to the separator before the region).
-    events = region.count(b'"ph"') + region.startswith(b'ph"')
-    return Batch(bodies, exact=events == len(bodies))
+    events = buf.count(b'"ph"', start, end) + buf.startswith(b'ph"', start)
+    return Batch(buf, start, end, sep, exact=events == count, count=count)
 
 
 def _object_end(buf: bytes, i: int, limit: int) -> int:

@@ -7,14 +7,19 @@ Parsing and memory
     The reader streams the file in 16 MB blocks whatever its layout (Kineto's one event per block, or
     one-line JSON from orjson / ``json.dumps``): ``gpudoctor.readers.event_split`` cuts the event array
     at the file's own separator between events and checks each batch (see there). Events the model
-    does not use are dropped unparsed, recognized by their first bytes: most cpu_op, python_function,
-    gpu_user_annotation and flow events (they are only counted; the cpu_ops kept, ProfilerStep#N,
-    record_param_comms, the c10d collectives and ``SHAPE_OPS``, are recognized by name the same way).
-    The rest of the batch is parsed with orjson and turned into numpy columns before reading on, so
-    only one batch of parsed dicts is alive at a time: memory is bounded by the block size and the
-    model, not by the file. On any failure the reader starts over and parses the whole document at once
-    (the path that also reports bad input, and reads what orjson refuses: NaN, huge integers); both
-    paths give the same tables (tests/test_kineto_reader.py checks it on every real trace at hand).
+    does not use are never parsed nor cut out: most cpu_op, python_function, gpu_user_annotation and
+    flow events, recognized by their first bytes (``_Skipper``: one regex pass over the batch's text
+    finds the separators *not* followed by such a prefix; the cpu_ops kept, ProfilerStep#N,
+    record_param_comms, the c10d collectives and ``SHAPE_OPS``, are told apart by name in the same
+    pattern; the skipped ones are only counted, with ``bytes.count``). Each kept event is parsed from
+    its own text: kernels, memcpy / memset and runtime / driver calls into typed records holding only
+    the fields used (msgspec, ``readers/kineto_events.py``), the others with orjson; then turned into
+    numpy columns before reading on, so only one batch of parsed events is alive at a time: memory is
+    bounded by the block size and the model, not by the file. The block buffers stay on the heap
+    during the read (``readers/heap.py``) rather than being mapped and unmapped for every block. On
+    any failure the reader starts over and parses the whole document at once (the path that also
+    reports bad input, and reads what orjson refuses: NaN, huge integers); both paths give the same
+    tables (tests/test_kineto_reader.py checks it on every real trace at hand).
     Skipped events are not validated as JSON. The cyclic GC is paused during a read (millions of
     acyclic objects). Output rows are sorted by time, so the result does not depend on the path or
     the batching.
@@ -81,7 +86,7 @@ from gpudoctor.model.collectives import (
 from gpudoctor.model.columns import per_value
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
-from gpudoctor.readers import limits, rank_from_filename
+from gpudoctor.readers import kineto_events, limits, rank_from_filename
 from gpudoctor.readers.event_split import (
     BLOCK_BYTES,
     BOM,
@@ -92,6 +97,7 @@ from gpudoctor.readers.event_split import (
     join_header,
     parse_bodies,
 )
+from gpudoctor.readers.heap import large_buffers_on_heap
 from gpudoctor.readers.kineto_stacks import add_python_stacks
 from gpudoctor.readers.limits import gunzip, open_input
 
@@ -201,14 +207,11 @@ _SKIP_RE = re.compile(
     rb'ph"\s*:\s*"(?:([stf])"|X"\s*,\s*"cat"\s*:\s*"(cpu_op|python_function|gpu_user_annotation)"\s*,'
     rb'\s*"name"\s*:\s*"(?!ProfilerStep#|record_param_comms"))')
 # How the names of the cpu_op events that are parsed begin in the raw text (after the opening quote):
-# ProfilerStep#N, record_param_comms, the c10d collectives and SHAPE_OPS. The first _KEY_LEN bytes of each
-# are a quick test (c10d names are listed by op so that their keys are not all "c10d::").
+# ProfilerStep#N, record_param_comms, the c10d collectives and SHAPE_OPS.
 _C10D_OPS = (b"allreduce", b"allgather", b"_allgather", b"alltoall", b"reduce", b"_reduce_scatter", b"broadcast",
              b"send", b"recv", b"gather", b"scatter", b"barrier", b"allreduce_coalesced", b"all_to_all")
 _TAKE_BACK_NAMES = (b"ProfilerStep#", b'record_param_comms"') + tuple(b"c10d::" + op for op in _C10D_OPS) + tuple(
     sorted(n.encode() + b'"' for n in SHAPE_OPS)) + tuple(p.encode() for p in SHAPE_OP_PREFIXES)
-_KEY_LEN = min(map(len, _TAKE_BACK_NAMES))
-_TAKE_BACK_KEYS = frozenset(n[:_KEY_LEN] for n in _TAKE_BACK_NAMES)
 _SKIP_KEYS = {b"s": ("flow", None), b"t": ("flow", None), b"f": ("flow", None), b"cpu_op": ("X", "cpu_op"),
               b"python_function": ("X", "python_function"), b"gpu_user_annotation": ("X", "gpu_user_annotation")}
 
@@ -234,7 +237,8 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of acyclic objects: the cyclic GC would rescan them over and over (4x slower)
     try:
-        trace = _read(path, rank)
+        with large_buffers_on_heap():
+            trace = _read(path, rank)
         add_python_stacks(trace, path)  # with_stack traces: Python call stacks
         return trace
     finally:
@@ -335,14 +339,20 @@ def _feed_batches(batches, acc: "_Accumulator") -> None:
             acc.feed(batch.events)
             continue
         if batch.exact:
-            kept, skipped = skipper.split(batch.bodies)
+            typed, kept, skipped = skipper.select(batch)
+            del batch
             if skipped:
                 acc.count_skipped(skipped)
+            for cat, objs in typed.items():
+                acc.feed_typed(cat, objs)
+            del typed
+            acc.feed(list(map(_loads, kept)))
+            del kept
         else:  # a body may hold several events: parse every one
-            kept = batch.bodies
-        del batch
-        acc.feed(parse_bodies(kept))
-        del kept
+            bodies = batch.bodies
+            del batch
+            acc.feed(parse_bodies(bodies))
+            del bodies
 
 
 def _two_processes(path: Path) -> bool:
@@ -405,32 +415,39 @@ def _second_half(path: Path, sep: bytes, offset: int, send) -> None:
 
 
 class _Skipper:
-    """Recognizes, by their first bytes, the events the model does not use, so they are never parsed.
+    """Picks out of a batch's text the events the model uses, so that the others are never parsed nor
+    even cut out.
 
-    Those are most of a trace: cpu_op (except ProfilerStep#N, record_param_comms, c10d collectives and
-    ``SHAPE_OPS``), python_function, gpu_user_annotation and flow events. The exact prefixes (this
-    file's layout) are learned with a regex from the first events of each batch; after that the test is
-    a plain ``bytes.startswith``. The cpu_op events to parse share their category's prefix: they are
-    taken back from the skipped ones by the bytes of their name (a set lookup of the name's first
-    bytes, then ``startswith`` prefix + name on the few that pass; one tuple of ~40 prefixes tested on
-    every skipped event would cost a third of the reading time). An event written differently is
-    simply parsed (and then handled the same way), so this is only a shortcut.
+    Those others are most of a trace: cpu_op (except ProfilerStep#N, record_param_comms, c10d collectives
+    and ``SHAPE_OPS``), python_function, gpu_user_annotation and flow events. Their exact prefixes (this
+    file's layout) are learned with a regex from the first events of each batch. One compiled pattern
+    then finds, in one pass over the batch's text, every separator *not* followed by a skipped prefix
+    (the cpu_op events to keep share their category's prefix and are told apart by their name in the
+    same pattern); each kept body runs to the next separator. The skipped events are counted by
+    category with ``bytes.count`` of separator + prefix (the most common category is what is left).
+    No Python object is made per skipped event. An event written differently is simply kept and
+    parsed (and then handled the same way), so this is only a shortcut.
     """
 
     LEARN_FIRST = 5000  # events looked at in the first batch
     LEARN_NEXT = 256  # and in each later one
+    _LEARN_BYTES_PER_EVENT = 2048  # text sampled per event to learn from
 
     def __init__(self):
         self.by_key: dict[tuple, set] = {}  # (ph, cat) -> prefixes
-        self.skip: tuple = ()
-        self.take_back: list[tuple[slice, tuple]] = []  # per cpu_op prefix length: (name key, prefix + name)
         self.batches = 0
+        self.typed_prefixes: dict[bytes, str] = {}  # prefix -> category of the events decoded typed
+        self._keep_re: dict[bytes, re.Pattern] = {}  # separator -> pattern of kept bodies' starts
+        self._count_pats: dict[bytes, list] = {}  # separator -> [(key, [sep + prefix, ...])] to count
 
-    def learn(self, bodies: list) -> None:
-        new = False
-        n = self.LEARN_FIRST if self.batches == 0 else self.LEARN_NEXT
+    def learn(self, sample: bytes, sep: bytes, n: int) -> None:
+        """Prefixes of the first ``n`` bodies of ``sample`` (the start of a batch)."""
         self.batches += 1
-        for p in bodies[:n]:
+        new = False
+        for p in sample.split(sep, n)[:n]:
+            t = _TYPED_PREFIX_RE.match(p)
+            if t is not None:
+                self.typed_prefixes.setdefault(t.group(0), t.group(1).decode())
             m = _SKIP_RE.match(p)
             if m is not None:
                 key = _SKIP_KEYS[m.group(1) or m.group(2)]
@@ -439,43 +456,80 @@ class _Skipper:
                     known.add(m.group(0))
                     new = True
         if new:
-            prefixes = [pre for pres in self.by_key.values() for pre in pres]
-            self.skip = tuple(prefixes)
-            by_len: dict[int, list] = {}
-            for pre in self.by_key.get(_SKIP_KEYS[b"cpu_op"], ()):
-                by_len.setdefault(len(pre), []).extend(pre + s for s in _TAKE_BACK_NAMES)
-            self.take_back = [(slice(n, n + _KEY_LEN), tuple(full)) for n, full in sorted(by_len.items())]
+            self._keep_re.clear()
+            self._count_pats.clear()
 
-    def split(self, bodies: list) -> tuple[list, Counter]:
-        """Bodies to parse, and counts of the skipped ones by (ph, cat)."""
-        self.learn(bodies)
-        if not self.skip:
-            return bodies, Counter()
-        skip = list(map(bytes.startswith, bodies, repeat(self.skip)))
-        kept = list(compress(bodies, map(operator.not_, skip)))
-        skipped = list(compress(bodies, skip))
-        del skip
-        # ProfilerStep#N / record_param_comms / c10d:: / SHAPE_OPS share the prefix of cpu_op: take them back.
-        special: list = []
-        for key, full in self.take_back:
-            cand = list(map(_TAKE_BACK_KEYS.__contains__, map(operator.getitem, skipped, repeat(key))))
-            if any(cand):
-                cand = list(compress(skipped, cand))
-                special.extend(compress(cand, map(bytes.startswith, cand, repeat(full))))
-        kept.extend(special)
-        # Counts by (ph, cat): every skipped body has exactly one key's prefix, so the most common key
-        # (cpu_op in Kineto traces) is what is left after counting the others (one pass fewer).
+    def _patterns(self, sep: bytes) -> tuple[re.Pattern, list]:
+        keep = self._keep_re.get(sep)
+        if keep is None:
+            cpu = _SKIP_KEYS[b"cpu_op"]
+            alts = [re.escape(p) for k, pres in self.by_key.items() if k != cpu for p in sorted(pres)]
+            cpu_pres = sorted(self.by_key.get(cpu, ()))
+            if cpu_pres:
+                alts.append(b"(?:" + b"|".join(map(re.escape, cpu_pres)) + b")(?!" + _TAKE_BACK_RE + b")")
+            keep = self._keep_re[sep] = re.compile(re.escape(sep) + (b"(?!" + b"|".join(alts) + b")" if alts else b""))
+            # every key but the most common (cpu_op in Kineto traces) is counted; that one is the rest
+            keys = sorted(self.by_key, key=lambda k: k == cpu)
+            self._count_pats[sep] = [(k, [sep + p for p in self.by_key[k]]) for k in keys] or [(None, [])]
+        return keep, self._count_pats[sep]
+
+    def select(self, batch) -> tuple[dict, list, Counter]:
+        """The events to parse, each as the text of one JSON object: those of the categories decoded
+        typed (category -> texts) and the others; and counts of the skipped ones by (ph, cat)."""
+        buf, start, end, sep = batch.buf, batch.start, batch.end, batch.sep
+        n_learn = self.LEARN_FIRST if self.batches == 0 else self.LEARN_NEXT
+        self.learn(buf[start:min(end, start + n_learn * self._LEARN_BYTES_PER_EVENT)], sep, n_learn)
+        keep, count_pats = self._patterns(sep)
+        n_sep = len(sep)
+        if start >= n_sep and buf.startswith(sep, start - n_sep) and buf.startswith(b"}", end):
+            text, lo, hi = buf, start - n_sep, end  # the separator before and the brace after are there
+        else:
+            text = sep + buf[start:end] + b"}"
+            lo, hi = 0, len(text) - 1
+        # every body not skipped: its separator's offset; its object runs from the separator's "{" to
+        # the next separator's "}"
+        at = [m.start() for m in keep.finditer(text, lo, hi)]
+        body_at = list(map(operator.add, at, repeat(n_sep)))
+        ends = list(map(text.find, repeat(sep), body_at, repeat(hi)))
+        if ends and ends[-1] < 0:
+            ends[-1] = hi
+        objs = list(map(text.__getitem__, map(slice, map(operator.add, at, repeat(sep.rindex(b"{"))),
+                                                  map(operator.add, ends, repeat(1)))))
+        typed: dict[str, list] = {}
+        rest = [True] * len(objs)
+        for prefix, cat in self.typed_prefixes.items():
+            hit = list(map(text.startswith, repeat(prefix), body_at))
+            if any(hit):
+                typed.setdefault(cat, []).extend(compress(objs, hit))
+                rest = list(map(operator.gt, rest, hit))
+        kept = list(compress(objs, rest)) if typed else objs
         counts: Counter = Counter()
-        left = len(skipped) - len(special)
-        keys = sorted(self.by_key, key=lambda k: k == _SKIP_KEYS[b"cpu_op"])
-        for key in keys[:-1]:
-            pres = tuple(self.by_key[key])
-            n = sum(map(bytes.startswith, skipped, repeat(pres)))
+        left = batch.count - len(objs)  # skipped
+        for key, pats in count_pats[:-1]:
+            n = sum(map(text.count, pats, repeat(lo), repeat(hi)))
             counts[key] += n
             left -= n
-        if keys and left:
-            counts[keys[-1]] += left
-        return kept, counts
+        if left:
+            counts[count_pats[-1][0]] += left
+        return typed, kept, counts
+
+
+def _alternation(words: list[bytes]) -> bytes:
+    """A regex matching any text that starts with one of ``words``, their common prefixes factored out
+    (a flat alternation of ~40 names costs a test per name at every event)."""
+    if not words or b"" in words:
+        return b""
+    by_first: dict[int, list[bytes]] = {}
+    for w in words:
+        by_first.setdefault(w[0], []).append(w[1:])
+    parts = [re.escape(bytes([c])) + _alternation(rest) for c, rest in sorted(by_first.items())]
+    return parts[0] if len(parts) == 1 else b"(?:" + b"|".join(parts) + b")"
+
+
+_TAKE_BACK_RE = _alternation(sorted(set(_TAKE_BACK_NAMES)))
+# The start of an event body (after its '{"') of a category decoded typed (kineto_events).
+_TYPED_PREFIX_RE = re.compile(rb'ph"\s*:\s*"X"\s*,\s*"cat"\s*:\s*"('
+                              + b"|".join(c.encode() for c in sorted(kineto_events.KIND_OF_CATEGORY)) + rb')"')
 
 
 def _read_all(path: Path) -> bytes:
@@ -638,7 +692,10 @@ def _triples(values: list) -> np.ndarray:
 
 
 def _field(dicts: list, key: str, fill: Any = None) -> list:
-    """``[d.get(key, fill) for d in dicts]`` without a Python frame per item (dicts must be dicts)."""
+    """``[d.get(key, fill) for d in dicts]`` without a Python frame per item (dicts must be dicts, or
+    typed events whose fill for ``key`` is ``fill``: kineto_events)."""
+    if kineto_events.is_typed(dicts):
+        return kineto_events.column(dicts, key)
     return list(map(dict.get, dicts, repeat(key), repeat(fill)))
 
 
@@ -652,6 +709,8 @@ def _codes(lut: dict, values: list) -> np.ndarray:
 
 def _args_of(evs: list) -> list:
     args = _field(evs, "args")
+    if kineto_events.is_typed(evs):  # a typed event's args are always its args Struct
+        return args
     if not set(map(type, args)) <= {dict}:
         args = [a if isinstance(a, dict) else _EMPTY for a in args]
     return args
@@ -748,6 +807,23 @@ class _Accumulator:
             self.counts[key] += n
             if key[1] == "cpu_op":
                 self.cpu_op_count += n
+
+    def feed_typed(self, cat: str, objs: list) -> None:
+        """Events of one category that kineto_events decodes typed, each the text of one JSON object
+        (parsed into dicts where they do not fit the types)."""
+        try:
+            evs = kineto_events.decode(cat, objs)
+        except kineto_events.Unfit:
+            self.feed(list(map(_loads, objs)))
+            return
+        del objs
+        self.counts[("X", cat)] += len(evs)
+        if cat == "kernel":
+            self._kernels(evs)
+        elif cat in ("gpu_memcpy", "gpu_memset"):
+            self._memops(evs, cat)
+        else:
+            self._api(evs, 0 if cat == "cuda_runtime" else 1)
 
     # one batch
     def feed(self, events: list) -> None:

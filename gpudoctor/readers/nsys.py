@@ -38,6 +38,8 @@ import pandas as pd
 
 from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.model.categories import categorize_kernels
+from gpudoctor.model.collectives import P2P_OPS, enclosing_index, enclosing_ops, nccl_call_ops, range_op
+from gpudoctor.model.columns import per_value
 from gpudoctor.model.counters_from_ranges import MALFORMED_REASON, counters_from_ranges
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
@@ -426,7 +428,7 @@ class _Reader:
         gpu_pids = sorted(set(np.r_[kernels["_pid"].to_numpy(), memops["_pid"].to_numpy()].tolist()) - {0})
         devices, gpu_to_dev = self.devices(pid, kernels, memops)
         ranges = self.ranges(api, kernels, memops)
-        collectives = self.collectives(ranges, kernels)
+        collectives = self.collectives(ranges, kernels, api)
         counters = self.counters(gpu_to_dev)
         # gpudoctor.annotate counter samples (e.g. kv_cache) arrive as NVTX ranges with a parseable text.
         annotated = counters_from_ranges(ranges)
@@ -822,11 +824,46 @@ class _Reader:
 
     # -- collectives ---------------------------------------------------------------------------------
 
-    def collectives(self, ranges: pd.DataFrame, kernels: pd.DataFrame) -> pd.DataFrame:
-        rows = self._nccl_from_nvtx(ranges)
-        if rows is not None and len(rows):
+    def collectives(self, ranges: pd.DataFrame, kernels: pd.DataFrame, api: pd.DataFrame) -> pd.DataFrame:
+        """One row per NCCL kernel (GPU times), its op from the NVTX range around its launch (NCCL's own
+        API call, or a collective-named range: model/collectives.py), else from its name. Without NCCL
+        kernels (CUDA not traced), the NCCL API calls themselves, with host times."""
+        rows = self._nccl_from_kernels(kernels, ranges, api)
+        if len(rows):
             return rows
-        return self._nccl_from_kernels(kernels)
+        rows = self._nccl_from_nvtx(ranges)
+        return rows if rows is not None else conform("collectives", pd.DataFrame())
+
+    def _launch_ops(self, ranges: pd.DataFrame, launch_tid: np.ndarray,
+                    launch_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Op and bytes from the NVTX ranges around each launch ("" / -1 where none says). NCCL's own
+        call (groups resolved) wins, except that a point-to-point op inside a range naming another
+        collective (an all-to-all that NCCL runs as grouped send/recv) takes that range's op."""
+        n = len(launch_ns)
+        op, nbytes = np.full(n, "", dtype=object), np.full(n, -1, dtype=np.int64)
+        if ranges.empty or not n:
+            return op, nbytes
+        dom = ranges["domain"].astype(str).str.lower().to_numpy()
+        texts = ranges["text"].astype(str).to_numpy()
+        tid, start, end = (ranges[c].to_numpy(np.int64) for c in ("thread_id", "start_ns", "end_ns"))
+        nccl = np.flatnonzero(dom == "nccl")
+        if len(nccl):
+            rowid, json_id = self._nvtx_json
+            c_ops, c_bytes = nccl_call_ops(tid[nccl], start[nccl], list(texts[nccl]),
+                                           self._nccl_payload_bytes(rowid[nccl], json_id[nccl]))
+            has = c_ops != ""
+            idx = enclosing_index(launch_tid, launch_ns, tid[nccl][has], start[nccl][has], end[nccl][has])
+            got = idx >= 0
+            op[got], nbytes[got] = c_ops[has][idx[got]], c_bytes[has][idx[got]]
+        named = np.array([range_op(t) or "" if d != "nccl" else "" for t, d in zip(texts, dom)], dtype=object) \
+            if len(texts) < 100_000 else per_value(pd.Series(np.where(dom == "nccl", "", texts)),
+                                                   lambda t: range_op(t) or "", missing="")
+        sel = np.flatnonzero(named != "")
+        if len(sel):
+            outer = enclosing_ops(launch_tid, launch_ns, tid[sel], start[sel], end[sel], named[sel])
+            wins = (outer != "") & ((op == "") | np.isin(op.astype(str), P2P_OPS))
+            op[wins] = outer[wins]
+        return op, nbytes
 
     def _nccl_from_nvtx(self, ranges: pd.DataFrame) -> pd.DataFrame | None:
         if ranges.empty:
@@ -875,7 +912,7 @@ class _Reader:
                 out[i] = cache[doc]
         return out
 
-    def _nccl_from_kernels(self, kernels: pd.DataFrame) -> pd.DataFrame:
+    def _nccl_from_kernels(self, kernels: pd.DataFrame, ranges: pd.DataFrame, api: pd.DataFrame) -> pd.DataFrame:
         if kernels.empty:
             return conform("collectives", pd.DataFrame())
         names = kernels["name"]
@@ -891,9 +928,23 @@ class _Reader:
         if not len(sel):
             return conform("collectives", pd.DataFrame())
         dt_arr = np.array(dtype_of + [""], dtype=object)[codes[sel]]
+        # each kernel's launch (thread, host time) through its correlation id
+        corr = kernels["correlation_id"].to_numpy(np.int64)[sel]
+        a_corr = api["correlation_id"].to_numpy(np.int64)
+        order = np.argsort(a_corr, kind="stable")
+        pos = np.minimum(np.searchsorted(a_corr[order], corr), max(len(order) - 1, 0))
+        found = (a_corr[order][pos] == corr) if len(order) else np.zeros(len(corr), bool)
+        li = order[pos[found]] if len(order) else np.empty(0, np.int64)
+        op, nbytes = np.array(op_arr[sel], dtype=object), np.full(len(sel), -1, dtype=np.int64)
+        source = np.full(len(sel), "kernel_name", dtype=object)
+        r_op, r_bytes = self._launch_ops(ranges, api["thread_id"].to_numpy(np.int64)[li],
+                                         api["start_ns"].to_numpy(np.int64)[li])
+        hit = np.flatnonzero(found)[r_op != ""]
+        op[hit], nbytes[hit], source[hit] = r_op[r_op != ""], r_bytes[r_op != ""], "nvtx_range"
         return conform("collectives", pd.DataFrame({
             "rank": self.rank, "start_ns": kernels["start_ns"].to_numpy()[sel], "end_ns": kernels["end_ns"].to_numpy()[sel],
-            "op": pd.Categorical(op_arr[sel]), "bytes": -1, "dtype": pd.Categorical(dt_arr), "source": "kernel_name",
+            "op": pd.Categorical(op), "bytes": nbytes, "dtype": pd.Categorical(dt_arr),
+            "source": pd.Categorical(source),
         }))
 
     # -- counters and memory -------------------------------------------------------------------------
