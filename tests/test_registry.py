@@ -219,3 +219,10 @@ def test_findings_carry_only_declared_evidence(fixture):
     for f in run_all(read_input(FIX / fixture)):
         declared = {k for k, _ in ANALYZERS[f.analyzer].evidence} | {"window_start_ns"}
         assert set(f.evidence) <= declared, (f.analyzer, set(f.evidence) - declared)
+
+
+def test_readme_lists_every_registered_analyzer():
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"^Analyzers \(\[docs/analyzers\.md\]\(docs/analyzers\.md\)\): (.*?)\.\n", readme, re.S | re.M)
+    assert m, "README.md has no 'Analyzers (docs/analyzers.md): ...' sentence"
+    assert re.findall(r"`(\w+)`", m.group(1)) == list(ANALYZERS), "README's analyzer list differs from the registry"

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 from gpudoctor.analyzers.config import Config, load_config
-from gpudoctor.analyzers.registry import ANALYZERS
 from gpudoctor.cli.base import Command
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.gate.rules import KNOWN_ANALYZERS
@@ -136,7 +135,7 @@ def build_options(args, cfg: dict, baseline_tolerances: dict | None = None):
     o.user_metrics = user_metrics_from(cfg)
     o.rules = validate_rules({k: v for k, v in cfg.items() if k in ("fail_on", "fail_on_severity", "max_idle_fraction",
                                                                      "max_exposed_comm_fraction", "min_mbu")},
-                             known_analyzers=_known_analyzers())
+                             known_analyzers=KNOWN_ANALYZERS)
     # command line
     if getattr(args, "tolerance", None) is not None:
         if not (0 <= args.tolerance <= 10):
@@ -153,10 +152,6 @@ def build_options(args, cfg: dict, baseline_tolerances: dict | None = None):
     if getattr(args, "allow_mismatch", False):
         o.allow_mismatch = True
     return o
-
-
-def _known_analyzers() -> tuple[str, ...]:
-    return tuple(dict.fromkeys(list(KNOWN_ANALYZERS) + list(ANALYZERS)))
 
 
 def analyzer_config(path: str | None) -> Config:

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gpudoctor.analyzers.registry import ANALYZERS
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.gate.run import RunData, carriers, finding_dict
 
-# Analyzer ids of the JSON contract (docs/json-schema.md); fail_on must name one of these.
-KNOWN_ANALYZERS = ("unfused_attention", "low_tensor_core", "memory_bound_decode", "gpu_idle", "nccl_dominated",
-                   "pipeline_bubbles", "kv_fragmentation")
+# fail_on must name a registered analyzer.
+KNOWN_ANALYZERS: tuple[str, ...] = tuple(ANALYZERS)
 SEVERITIES = ("info", "low", "medium", "high")
 RULE_KEYS = ("fail_on", "fail_on_severity", "max_idle_fraction", "max_exposed_comm_fraction", "min_mbu")
 # rule -> (metric, which way is bad, analyzer whose evidence is shown when the metric comes from the summary)
