@@ -33,6 +33,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from gpudoctor.errors import GpudoctorError
@@ -184,6 +186,91 @@ def check_space(directory: Path, need: int | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# One process's view of a run directory
+
+
+@dataclass(frozen=True)
+class RunDirectory:
+    """Where one gpudoctor process (the single process, or one rank of a job) writes in a run directory:
+    its raw files (``raw/<stem>.*``) and its own manifest (manifest.json, or manifest.rank<N>.json for a
+    rank, merged into manifest.json by ``merge_manifests``)."""
+
+    path: Path
+    rank: int | None = None
+    multi: bool = False
+
+    @property
+    def raw(self) -> Path:
+        return self.path / RAW
+
+    @property
+    def stem(self) -> str:
+        return file_stem(self.rank, self.multi)
+
+    def raw_file(self, suffix: str) -> Path:
+        """raw/<stem><suffix>, e.g. raw_file(".sqlite") -> raw/trace.sqlite or raw/rank3.sqlite."""
+        return self.raw / f"{self.stem}{suffix}"
+
+    @property
+    def nvml_csv(self) -> Path:
+        return self.raw / ("nvml.csv" if not self.multi else f"{self.stem}.nvml.csv")
+
+    @property
+    def manifest_path(self) -> Path:
+        """This process's manifest: manifest.json, or manifest.rank<N>.json for a rank of a job."""
+        return self.path / (rank_manifest_name(self.rank or 0) if self.multi else MANIFEST)
+
+    @property
+    def job_manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def rel(self, path: Path) -> str:
+        """``path`` relative to the run directory, as manifests list files."""
+        return os.path.relpath(path, self.path)
+
+    def report(self, path: Path, fmt: str) -> dict:
+        """A manifest "reports" entry for ``path``."""
+        return {"path": self.rel(path), "format": fmt, "rank": self.rank or 0}
+
+    def file(self, path: Path, kind: str, **extra: object) -> dict:
+        """A manifest "files" entry for ``path``."""
+        return {"path": self.rel(path), "kind": kind, "rank": self.rank or 0, **extra}
+
+    def expected_reports(self, backend: str, nvml: bool) -> list[dict]:
+        """Where this process's reports will be, written in the start-time manifest as "reports_expected":
+        what ``gpudoctor analyze RUN_DIR`` reads if gpudoctor is killed before it can list them."""
+        out = []
+        if backend == "torch":
+            out.append(self.report(self.raw_file(".torch.json.gz"), "kineto_json"))
+        elif backend == "nsys":
+            out += [self.report(self.raw_file(".sqlite"), "nsys_sqlite"),
+                    self.report(self.raw_file(".nsys-rep"), "nsys_rep")]
+        if nvml:
+            out.append(self.report(self.nvml_csv, "nvml_csv"))
+        return out
+
+    def prepare(self, force: bool, clear_shared: bool = True) -> None:
+        prepare(self.path, force, rank=self.rank, multi=self.multi, clear_shared=clear_shared)
+
+    def write_manifest(self, doc: dict) -> None:
+        """This process's manifest, replaced atomically (a reader never sees half of it)."""
+        write_json(self.manifest_path, doc)
+
+    def read_manifest(self) -> dict | None:
+        return read_json(self.manifest_path)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Hold the RUNNING lock while profiling into a single-process run directory (a rank of a job
+        shares its directory with the other ranks and takes none)."""
+        fd = None if self.multi else hold_running_lock(self.path)
+        try:
+            yield
+        finally:
+            release_running_lock(self.path, fd)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Manifests
 
 
@@ -238,7 +325,7 @@ def release_running_lock(run_dir: Path, fd: int | None) -> None:
 
 
 @contextlib.contextmanager
-def locked(run_dir: Path):
+def locked(run_dir: Path) -> Iterator[None]:
     """An exclusive lock on the run directory (ranks merging their manifests one at a time)."""
     fd = os.open(Path(run_dir) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -3,11 +3,12 @@ a fair comparison."""
 
 from __future__ import annotations
 
-import json
 import re
 import sqlite3
 from pathlib import Path
 
+from gpudoctor.collect.manifest import read_manifest
+from gpudoctor.errors import InputError
 from gpudoctor.gate.run import RunData
 from gpudoctor.model.trace import Trace
 
@@ -62,10 +63,8 @@ def _cudnn_text(v) -> str:
 def manifest_env(run_dir: Path) -> dict:
     """Driver and software versions a run directory's manifest.json records (gpudoctor profile)."""
     try:
-        m = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(m, dict):
+        m = read_manifest(run_dir)
+    except InputError:
         return {}
     v = m.get("versions") if isinstance(m.get("versions"), dict) else {}
     out = {}

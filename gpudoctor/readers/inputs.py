@@ -15,13 +15,14 @@ import pandas as pd
 
 from gpudoctor import progress
 from gpudoctor.collect.locate import find_nsys
+from gpudoctor.collect.manifest import read_manifest, reports_to_read
 from gpudoctor.collect.ncu import join_to_timeline
 from gpudoctor.collect.nsys import export_sqlite
+from gpudoctor.collect.rundir import MANIFEST, RUN_DB
 from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.model.trace import Trace, conform, merge
 from gpudoctor.readers import detect, kineto, nccltests, ncu, nsys, nvml, prometheus, pysamples, snapshot
 from gpudoctor.readers.boundary import input_boundary
-from gpudoctor.readers.manifest import read_manifest
 from gpudoctor.store import rundb
 
 # format (input_format) -> the reader module, whose read(path, rank=None) -> Trace
@@ -94,17 +95,14 @@ def read_input(path: str | Path, rank: int | None = None, fmt: str | None = None
 
 def read_run_dir(run_dir: Path) -> Trace:
     """A run directory: run.db when present (fast), else the raw reports its manifest lists."""
-    db = run_dir / "run.db"
+    db = run_dir / RUN_DB
     if db.exists() and rundb.is_run_db(db):
         return rundb.load(db)
-    manifest_path = run_dir / "manifest.json"
+    manifest_path = run_dir / MANIFEST
     manifest = read_manifest(run_dir)
     traces = []
     root = run_dir.resolve()
-    reports = manifest.get("reports") or []
-    if not reports and manifest.get("outcome") == "running":
-        reports = _left_by_a_killed_run(run_dir, manifest)
-    for rep in reports:
+    for rep in reports_to_read(run_dir, manifest):
         p = (run_dir / rep["path"]).resolve()
         if root not in p.parents:  # never follow a path out of the run directory
             raise InputError(manifest_path, f"report path {rep['path']!r} points outside the run directory")
@@ -118,24 +116,6 @@ def read_run_dir(run_dir: Path) -> Trace:
             if isinstance(src, dict) and isinstance(src.get(key), (int, float)):
                 trace.meta.setdefault(key, float(src[key]))
     return trace
-
-
-def _left_by_a_killed_run(run_dir: Path, manifest: dict) -> list[dict]:
-    """A run whose gpudoctor was killed lists only the reports it expected: those that exist, one timeline
-    per rank (the SQLite export before the .nsys-rep)."""
-    out, timeline_ranks = [], set()
-    for rep in manifest.get("reports_expected") or []:
-        if not isinstance(rep, dict) or not isinstance(rep.get("path"), str):
-            continue
-        p = run_dir / rep["path"]
-        if not p.is_file() or p.stat().st_size == 0:
-            continue
-        if rep.get("format") != "nvml_csv":
-            if rep.get("rank") in timeline_ranks:
-                continue
-            timeline_ranks.add(rep.get("rank"))
-        out.append(rep)
-    return out
 
 
 def _devices_from_manifest(trace: Trace, manifest: dict) -> Trace:
@@ -163,7 +143,7 @@ def expand_inputs(paths: list[str]) -> list[Path]:
     """Directories that are not run directories stand for the trace files inside them (per-rank files)."""
     out: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir() and not ((p / "manifest.json").exists() or (p / "run.db").exists()):
+        if p.is_dir() and not ((p / MANIFEST).exists() or (p / RUN_DB).exists()):
             try:
                 files = sorted(f for f in p.iterdir() if f.is_file() and _trace_file_name(f.name)
                                and not pysamples.is_sample_file(f))  # read with their report
