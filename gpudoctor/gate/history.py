@@ -51,6 +51,20 @@ def record(name: str, run: RunData, directory=None, commit: str = "", metric: st
     return path
 
 
+def find(name: str, gpu: str = "", directory: str | Path | None = None) -> Path:
+    """The history file of baseline NAME: for GPU model ``gpu``, or the only one recorded."""
+    root = baseline_dir(directory)
+    found = sorted(root.glob(f"*/{check_name(name)}.history.jsonl")) if root.is_dir() else []
+    if gpu:
+        found = [p for p in found if p.parent.name == hardware_key(gpu)]
+    if not found:
+        raise GpudoctorError(f"no history for {name!r} in {root} (record one: gpudoctor baseline record {name} RUN)")
+    if len(found) > 1:
+        raise GpudoctorError(f"{name!r} has histories for several GPU models "
+                             f"({', '.join(p.parent.name for p in found)}): pick one with --gpu")
+    return found[0]
+
+
 def load(path: Path) -> tuple[list[dict], int]:
     """(entries oldest first, lines skipped as unreadable)."""
     entries, skipped = [], 0

@@ -9,6 +9,7 @@ import re
 import socket
 import time
 import xml.etree.ElementTree as ET
+from xml.sax.saxutils import escape, quoteattr
 
 from gpudoctor.gate import stats
 from gpudoctor.gate.compare import GateResult, MetricResult, fmt_value, metric_line
@@ -309,3 +310,28 @@ def terminal(result: GateResult) -> str:
     for x in result.mismatches:
         lines.append(f"warning: environments differ (allowed): {x}")
     return "\n".join(lines) + "\n"
+
+
+# -- when the gate cannot decide (input or usage error): CI still gets a report saying why --------------------
+
+
+def error_junit(message: str) -> str:
+    msg = message.replace("\n", " ")
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<testsuites name="gpudoctor gate" tests="1" failures="0" errors="1" skipped="0" time="0">\n'
+            ' <testsuite name="gpudoctor.gate" tests="1" failures="0" errors="1" skipped="0" time="0">\n'
+            '  <testcase classname="gpudoctor.gate" name="inputs" time="0">\n'
+            f'   <error message={quoteattr(msg)} type="input">{escape(msg)}</error>\n'
+            '  </testcase>\n </testsuite>\n</testsuites>\n')
+
+
+def error_markdown(message: str) -> str:
+    return f"## gpudoctor gate: ❌ ERROR\n\n{message}\n"
+
+
+def error_json(message: str) -> str:
+    return json.dumps({"status": "error", "exit_code": 2, "reasons": [message]}, indent=2) + "\n"
+
+
+def error_annotation(message: str) -> str:
+    return f"::error title=gpudoctor gate::{_gh_data(message)}"
