@@ -372,3 +372,17 @@ def test_floats_survive_sqlite_exactly(tmp_path):
     back = load(save(t, tmp_path / "run.db", cache=False), use_cache=False)
     assert back.counters["value"].to_numpy().tobytes() == vals.tobytes()
     assert math.isclose(back.counters["value"].sum(), vals.sum(), rel_tol=0, abs_tol=0)
+
+
+def test_run_db_is_told_from_an_nsys_export_by_its_header(tmp_path, monkeypatch):
+    """A run.db carries its application id, so sniffing it opens no SQLite connection (the reader's is the
+    only one); an nsys export (application id 0) is still asked for the meta table, once."""
+    db = save(Trace(), tmp_path / "run.db")
+    assert int.from_bytes(db.read_bytes()[68:72], "big") == rundb.APPLICATION_ID
+    nsys_export = Path(__file__).resolve().parent.parent / "fixtures" / "nsys" / "tiny_sync.nsys.sqlite"
+    assert int.from_bytes(nsys_export.read_bytes()[68:72], "big") == 0
+    opened = []
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: opened.append(a[0]) or real_connect(*a, **k))
+    assert is_run_db(db) and opened == []
+    assert not is_run_db(nsys_export) and len(opened) == 1

@@ -56,6 +56,10 @@ CACHE_SUFFIX = ".cache.npz"
 CACHE_FORMAT = 1
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+# PRAGMA application_id of every run.db written (bytes 68-71 of the SQLite header, "GDRB"): a run.db is
+# told from an nsys export by its first 100 bytes, without opening it as SQLite. Other SQLite files (nsys
+# exports carry 0, as do run.db files written before it was set) are asked for the meta table.
+APPLICATION_ID = 0x47445242
 
 _SQL_TYPES = {"i8": int, "b": int, "f8": float, "str": str, "cat": str}
 _TEXT = ("str", "cat")
@@ -148,8 +152,12 @@ def is_run_db(path: str | os.PathLike) -> bool:
         if not p.is_file():
             return False
         with open(p, "rb") as f:
-            if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-                return False
+            header = f.read(100)
+        if not header.startswith(SQLITE_MAGIC) or len(header) < 72:
+            return False
+        application_id = int.from_bytes(header[68:72], "big")
+        if application_id == APPLICATION_ID:
+            return True
         conn = _connect_ro(p)
         conn.text_factory = bytes  # damaged text is no reason to fail a yes/no question
         try:
@@ -245,7 +253,7 @@ def _write_db(tmp: Path, encoded: dict[str, tuple[int, dict]], meta_rows: list[t
     conn = sqlite3.connect(str(tmp))
     try:
         for pragma in ("journal_mode = OFF", "synchronous = OFF", "locking_mode = EXCLUSIVE",
-                       "cache_size = -65536"):
+                       "cache_size = -65536", f"application_id = {APPLICATION_ID}"):
             conn.execute(f"PRAGMA {pragma}")
         db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
         # Schema first, with explicit types, so that empty tables exist too.
