@@ -228,7 +228,7 @@ class BaselineCommand(Command):
         raise GpudoctorError("usage: gpudoctor baseline save NAME RUN... | show [NAME] | record NAME RUN... | "
                              "history NAME")
 
-    def record(self, args) -> int:
+    def record(self, args: argparse.Namespace) -> int:
         from gpudoctor.gate import history
 
         for run in load_side(args.runs, analyzer_config(None), [], "", args.dir, []):
@@ -236,7 +236,7 @@ class BaselineCommand(Command):
             print(f"recorded {run.label} in {path}")
         return 0
 
-    def history(self, args) -> int:
+    def history(self, args: argparse.Namespace) -> int:
         from gpudoctor.gate import history
 
         path = history.find(args.name, args.gpu, args.dir)

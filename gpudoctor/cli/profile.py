@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpudoctor.cli.base import Command
 from gpudoctor.collect import backends, multirank, rundir
@@ -24,6 +25,9 @@ from gpudoctor.collect.session import DEFAULT_GPU_METRICS_HZ, DEFAULT_NSYS_TIMEO
 from gpudoctor.collect.supervise import debug_traceback, one_line, say
 from gpudoctor.collect.window import WindowSpec
 from gpudoctor.errors import GpudoctorError
+
+if TYPE_CHECKING:
+    from gpudoctor.analyzers.analysis import Analysis
 
 
 class ProfileCommand(Command):
@@ -210,7 +214,7 @@ class Profile:
 # Analysis: one call
 
 
-def analyze_run_dir(run_dir: Path):
+def analyze_run_dir(run_dir: Path) -> Analysis:
     """Analyze every report of RUN_DIR as one run; write run.db and analysis.json. Returns the Analysis."""
     from gpudoctor.pipeline import analyze_inputs
     from gpudoctor.render.jsonout import render as render_json

@@ -12,7 +12,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import IO
 
 from gpudoctor.errors import GpudoctorError
 
@@ -69,8 +72,8 @@ class Supervisor:
     (nsys, which stops its collection and ends the program itself). A third signal kills the group.
     """
 
-    def __init__(self, argv: list[str], env: dict, group: bool = True, first_target=None,
-                 log_dir: Path | None = None):
+    def __init__(self, argv: list[str], env: dict, group: bool = True,
+                 first_target: Callable[[int], bool] | None = None, log_dir: Path | None = None) -> None:
         self.argv, self.env, self.group = argv, env, group
         self.first_target = first_target  # optional: delivers the first signal instead of send()
         self.log_dir = log_dir  # the program's stdout/stderr are also kept there (program.stdout.log, ...)
@@ -108,7 +111,7 @@ class Supervisor:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.received.append(signum)
         self.received_at = time.monotonic()
         n = len(self.received)
@@ -155,7 +158,7 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 pass
 
-    def wait(self, poll=None, interval: float = 0.2) -> int:
+    def wait(self, poll: Callable[[], None] | None = None, interval: float = 0.2) -> int:
         """Wait for the child; ``poll()`` is called meanwhile (it may terminate the child)."""
         while True:
             try:
@@ -199,7 +202,7 @@ class Supervisor:
         else:
             self.send(nxt)
 
-    def run(self, poll=None) -> tuple[int, int, int]:
+    def run(self, poll: Callable[[], None] | None = None) -> tuple[int, int, int]:
         """start, wait, restore the signal handlers: (return code, start ns, end ns) of the child."""
         start_ns = time.time_ns()
         self.start()
@@ -228,7 +231,7 @@ class StreamTee:
 
     LIMIT_BYTES = 64 * 2**20
 
-    def __init__(self, src, dst, path: Path):
+    def __init__(self, src: IO[bytes], dst: IO[bytes], path: Path) -> None:
         self.src, self.dst, self.path = src, dst, path
         self.thread = threading.Thread(target=self._pump, name=f"gpudoctor-tee-{path.name}", daemon=True)
         self.thread.start()

@@ -50,7 +50,7 @@ def environment(trace: Trace) -> dict:
     return env
 
 
-def _cudnn_text(v) -> str:
+def _cudnn_text(v: object) -> str:
     """cuDNN's integer version: 91900 = 9.19.0 (cuDNN 9+), 8902 = 8.9.2 (cuDNN 8)."""
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         v = int(v)
@@ -81,7 +81,7 @@ def manifest_env(run_dir: Path) -> dict:
     return out
 
 
-def _version_text(v) -> str:
+def _version_text(v: object) -> str:
     """CUDA writes versions as 13000 (13.0) or 12040 (12.4); strings pass through."""
     if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1000:
         v = int(v)
@@ -129,7 +129,7 @@ ENV_KEYS = {
 }
 
 
-def _major(v, parts: int | None):
+def _major(v: object, parts: int | None) -> object:
     if parts is None or not isinstance(v, str):
         return v
     nums = re.split(r"[.+\-]", v)

@@ -32,11 +32,12 @@ MIN_SEGMENT = 3
 MAX_CHANGE_POINTS = 5
 
 
-def history_path(name: str, gpu_name: str, directory=None) -> Path:
+def history_path(name: str, gpu_name: str, directory: str | Path | None = None) -> Path:
     return baseline_dir(directory) / hardware_key(gpu_name) / f"{check_name(name)}.history.jsonl"
 
 
-def record(name: str, run: RunData, directory=None, commit: str = "", metric: str = "gpu_time") -> Path:
+def record(name: str, run: RunData, directory: str | Path | None = None, commit: str = "",
+           metric: str = "gpu_time") -> Path:
     """Append one run's result to the series of NAME for its GPU model."""
     samples = run.samples.get(metric) or []
     if not samples:

@@ -4,6 +4,7 @@ max_idle_fraction, max_exposed_comm_fraction, min_mbu): validated, then evaluate
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,7 +40,7 @@ class RuleResult:
                 "value": self.value, "evidence": self.evidence, "findings": self.findings}
 
 
-def validate_rules(rules: dict, known_analyzers=KNOWN_ANALYZERS) -> dict:
+def validate_rules(rules: dict, known_analyzers: tuple[str, ...] = KNOWN_ANALYZERS) -> dict:
     """Check a rules table (the [gate] keys fail_on, fail_on_severity, max_*, min_mbu); returns it cleaned."""
     out: dict = {}
     for k, v in (rules or {}).items():
@@ -81,7 +82,7 @@ def _brief(f: dict) -> dict:
 
 
 def evaluate_rules(rules: dict, findings: list, values: dict[str, float] | None = None,
-                   baseline_findings=()) -> list[RuleResult]:
+                   baseline_findings: Iterable = ()) -> list[RuleResult]:
     """The rules of ``[gate]`` on the candidate's findings (Finding objects or their dicts) and metric values.
 
     ``values``: idle_fraction / exposed_comm_fraction / mbu of the candidate; a value missing there is taken

@@ -33,6 +33,7 @@ import sqlite3
 import uuid
 import warnings
 import zipfile
+from collections.abc import Iterable
 from itertools import chain, islice
 from pathlib import Path
 
@@ -235,7 +236,7 @@ def _encode_text(s: pd.Series, fill: str) -> _Text:
     return _Text(codes, np.asarray(values, dtype=object))
 
 
-def _text_column(kind: str, codes: np.ndarray, values) -> pd.Categorical | np.ndarray:
+def _text_column(kind: str, codes: np.ndarray, values: Iterable[str]) -> pd.Categorical | np.ndarray:
     """Model column from codes + sorted distinct values: a categorical, or an object array for str."""
     if kind == "cat":
         dtype = pd.CategoricalDtype(pd.Index(list(values), dtype=_CAT_STR))
@@ -312,7 +313,7 @@ def _meta_rows(meta: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _json_default(o):
+def _json_default(o: object) -> object:
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
@@ -344,7 +345,7 @@ def _narrow(a: np.ndarray) -> tuple[np.ndarray, int]:
     return a, 0
 
 
-def _codes_dtype(n_values: int):
+def _codes_dtype(n_values: int) -> type[np.integer]:
     for dt in (np.uint8, np.uint16, np.uint32):
         if n_values <= np.iinfo(dt).max + 1:
             return dt
@@ -522,7 +523,7 @@ class _TextCodes:
     """Codes of a text column read chunk by chunk: each chunk's strings are factorized and dropped, so
     only the distinct values and an int64 code per row stay in memory."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.index: dict[str, int] = {}
         self.parts: list[np.ndarray] = []
 
@@ -532,7 +533,7 @@ class _TextCodes:
         to_global = np.array([index.setdefault(u, len(index)) for u in uniq.tolist()], dtype=np.int64)
         self.parts.append(to_global[codes] if len(to_global) else codes.astype(np.int64))
 
-    def column(self, kind: str):
+    def column(self, kind: str) -> pd.Categorical | np.ndarray:
         codes = np.concatenate(self.parts) if self.parts else np.empty(0, np.int64)
         values = np.array(list(self.index), dtype=object)
         order = np.argsort(values, kind="stable")  # sorted categories, as everywhere else
