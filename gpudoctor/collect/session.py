@@ -1,8 +1,8 @@
 """One ``gpudoctor profile`` collection: the options, the run directory, the NVML sampler beside the
 backend, the backend's run, ``--kernels``, the capture window's early analysis, and the manifest.
 
-The command line (gpudoctor/cli/profile.py) parses the options, picks the backend and analyzes; this
-module collects. It calls back into the command for the analysis (``Session.analyze``), which lives in a
+The command line (gpudoctor/cli/profile.py) parses the options and analyzes; gpudoctor.collect.backends
+picks the backend; this module collects. It calls back into the command for the analysis (``Session.analyze``), which lives in a
 higher layer: a window analyzed while the program runs on, and the whole run at the end.
 """
 
