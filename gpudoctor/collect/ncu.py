@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -91,13 +92,14 @@ def available_metrics(ncu: str | os.PathLike, chip: str | None = None, timeout: 
     return names
 
 
-def unavailable_metrics(metrics, available: set[str]) -> list[str]:
+def unavailable_metrics(metrics: Iterable[str], available: set[str]) -> list[str]:
     """The requested metrics (with suffixes) whose base name is not in ``available``, in request order."""
     return [m for m in metrics if m.split(".", 1)[0] not in available]
 
 
-def build_ncu_command(cmd, out_base, nvtx_range: str | None = None, kernel_regex: str | None = None,
-                      launch_skip: int = 0, launch_count: int | None = None, metrics=ANALYZER_METRICS,
+def build_ncu_command(cmd: list[str] | str, out_base: str | Path, nvtx_range: str | None = None, kernel_regex: str | None = None,
+                      launch_skip: int = 0, launch_count: int | None = None,
+                      metrics: Iterable[str] = ANALYZER_METRICS,
                       ncu: str | None = None) -> list[str]:
     """The ncu command line that profiles ``cmd`` (list or shell-quoted string) into ``out_base``.ncu-rep.
 
@@ -127,8 +129,8 @@ def build_ncu_command(cmd, out_base, nvtx_range: str | None = None, kernel_regex
     return out + argv
 
 
-def run_ncu(cmd, out_base, nvtx_range: str | None = None, kernel_regex: str | None = None, launch_skip: int = 0,
-            launch_count: int | None = None, metrics=ANALYZER_METRICS, ncu: str | None = None,
+def run_ncu(cmd: list[str] | str, out_base: str | Path, nvtx_range: str | None = None, kernel_regex: str | None = None, launch_skip: int = 0,
+            launch_count: int | None = None, metrics: Iterable[str] = ANALYZER_METRICS, ncu: str | None = None,
             chip: str | None = None, timeout: float | None = None) -> dict:
     """Profile ``cmd`` and export the report next to it.
 

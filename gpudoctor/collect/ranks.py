@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 # (rank var, world-size vars, local-rank vars) per launcher, in order of trust.
@@ -51,7 +52,7 @@ class RankInfo:
                 "rank_source": self.source, "launcher": self.launcher}
 
 
-def _int(env, names) -> int | None:
+def _int(env: Mapping[str, str], names: Iterable[str]) -> int | None:
     for name in names:
         value = str(env.get(name, "")).strip()
         if value.isdigit():
@@ -74,7 +75,7 @@ def detect_rank(env: dict | None = None) -> RankInfo | None:
 _SLURM_SPECIAL_STEPS = {"4294967292", "4294967293", "4294967294", "4294967295", "batch", "extern", "interactive"}
 
 
-def _in_srun_step(env) -> bool:
+def _in_srun_step(env: Mapping[str, str]) -> bool:
     """True inside a task that srun started (a job step), False in the batch script itself."""
     step = str(env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", ""))).strip()
     if step:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import glob
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from gpudoctor.analyzers.config import Config
 from gpudoctor.analyzers.runner import TraceAnalysis, analyze_trace
 from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.gate.environment import manifest_env
@@ -21,7 +23,7 @@ from gpudoctor.model.trace import Trace
 from gpudoctor.readers.inputs import load_inputs
 
 
-def analyze(trace: Trace, analyzer_config) -> TraceAnalysis:
+def analyze(trace: Trace, analyzer_config: Config | dict | None) -> TraceAnalysis:
     return analyze_trace(trace, analyzer_config)
 
 
@@ -91,7 +93,7 @@ def run_from_analysis_json(data: dict, label: str) -> RunData:
 
 
 
-def _user_metric_files(base: Path, stem: str, patterns) -> list[Path]:
+def _user_metric_files(base: Path, stem: str, patterns: Iterable[str]) -> list[Path]:
     out: list[Path] = []
     for pat in patterns:
         pat = pat.replace("{stem}", stem)
@@ -142,7 +144,7 @@ def read_user_metrics(paths: list[Path], user_metrics: list[UserMetric], run: Ru
             run.notes.append(f"{um.name}: {len(values)} values from {', '.join(used)}")
 
 
-def load_run(spec: str, analyzer_config=None, user_metrics: list[UserMetric] | None = None) -> RunData:
+def load_run(spec: str, analyzer_config: Config | dict | None = None, user_metrics: list[UserMetric] | None = None) -> RunData:
     """One run: a run directory, an analysis.json, a saved gate run, a trace file, a directory of per-rank
     traces, or several files of one run joined with commas."""
     parts = [s for s in spec.split(",") if s] if "," in spec and not Path(spec).exists() else [spec]

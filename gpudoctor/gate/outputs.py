@@ -23,18 +23,18 @@ STATUS_WORD = {"pass": "PASS", "improvement": "PASS (improvement)", "fail": "FAI
 STATUS_ICON = {"pass": "✅", "improvement": "✅", "fail": "❌", "inconclusive": "⚠️", "error": "❌"}
 
 
-def _x(text) -> str:
+def _x(text: object) -> str:
     return _BAD_XML.sub("?", str(text))
 
 
-def _fmt_ms(ns) -> str:
+def _fmt_ms(ns: float | None) -> str:
     if ns is None:
         return "n/a"
     ns = float(ns)
     return f"{ns / 1e6:.3f} ms" if abs(ns) >= 1e5 else f"{ns / 1e3:.1f} us"
 
 
-def _signed_ms(ns) -> str:
+def _signed_ms(ns: float | None) -> str:
     ns = float(ns)
     return f"{ns / 1e6:+.3f} ms" if abs(ns) >= 1e5 else f"{ns / 1e3:+.1f} us"
 
@@ -62,7 +62,8 @@ def junit_xml(result: GateResult, elapsed_s: float = 0.0) -> str:
     cases: list[ET.Element] = []
     counts = {"failure": 0, "error": 0, "skipped": 0}
 
-    def case(classname: str, name: str, outcome: str, kind: str, message: str, body: str, out: str = "", err: str = ""):
+    def case(classname: str, name: str, outcome: str, kind: str, message: str, body: str, out: str = "",
+             err: str = "") -> None:
         tc = ET.Element("testcase", {"classname": classname, "name": _x(name), "time": "0"})
         if outcome in ("failure", "error"):
             el = ET.SubElement(tc, outcome, {"message": _x(message), "type": kind})
@@ -123,19 +124,19 @@ _TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
 _ENTITY = re.compile(r"&(?=#?\w+;)")
 
 
-def _md(text) -> str:
+def _md(text: object) -> str:
     """Plain Markdown text outside code spans: kept as written (``473 us -> 515 us``), except what would start
     an HTML tag or entity (kernel names are full of <...>) or break a table, which is backslash-escaped."""
     s = str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("`", "'")
     return _ENTITY.sub(r"\\&", _TAG_START.sub(r"\\<", s))
 
 
-def _code(text) -> str:
+def _code(text: object) -> str:
     """A code span inside a table cell."""
     return "`" + str(text).replace("`", "'").replace("|", "\\|").replace("\n", " ") + "`"
 
 
-def _pval(p) -> str:
+def _pval(p: float | None) -> str:
     return "n/a" if p is None or (isinstance(p, float) and not math.isfinite(p)) else f"{p:.2g}"
 
 
