@@ -95,6 +95,12 @@ def default_run_dir(program: str, job_key: str | None = None, base: str | Path =
     return path
 
 
+def holds_run(path: Path) -> bool:
+    """A directory that is analyzed as one run (``gpudoctor analyze DIR``, the gate): it has manifest.json
+    or run.db."""
+    return (path / MANIFEST).exists() or (path / RUN_DB).exists()
+
+
 def _is_run_dir(path: Path) -> bool:
     return (path / MANIFEST).exists() or (path / RAW).is_dir() or (path / RUN_DB).exists() or any(
         _RANK_MANIFEST.match(p.name) for p in path.iterdir())

@@ -15,6 +15,7 @@ import pandas as pd
 
 from gpudoctor.analyzers.config import Config
 from gpudoctor.analyzers.runner import TraceAnalysis, analyze_trace
+from gpudoctor.collect.rundir import MANIFEST, holds_run
 from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.gate.environment import manifest_env
 from gpudoctor.gate.run import RUN_FORMAT, RunData, UserMetric, carriers
@@ -160,7 +161,7 @@ def load_run(spec: str, analyzer_config: Config | dict | None = None, user_metri
                 run = run_from_analysis_json(data, label)
             except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
                 raise InputError(paths[0], f"malformed analysis.json or gate run: {e}") from None
-            if (paths[0].parent / "manifest.json").is_file():  # analysis.json of a run directory
+            if (paths[0].parent / MANIFEST).is_file():  # analysis.json of a run directory
                 run.env.update(manifest_env(paths[0].parent))
             if user_metrics:
                 read_user_metrics(paths, user_metrics, run)
@@ -171,7 +172,7 @@ def load_run(spec: str, analyzer_config: Config | dict | None = None, user_metri
     if trace.kernels.empty:
         raise InputError(spec, "no GPU kernels in this run: nothing to compare")
     result = analyze(trace, analyzer_config)
-    is_run_dir = len(paths) == 1 and paths[0].is_dir() and ((paths[0] / "manifest.json").exists() or (paths[0] / "run.db").exists())
+    is_run_dir = len(paths) == 1 and paths[0].is_dir() and holds_run(paths[0])
     run = run_from_trace(trace, result.ranks, result.findings, label, source="run_dir" if is_run_dir else "trace",
                          rank_samples=result.samples)
     if is_run_dir:

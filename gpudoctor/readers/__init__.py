@@ -11,6 +11,7 @@ import re
 import stat
 from pathlib import Path
 
+from gpudoctor.collect.rundir import MANIFEST, RUN_DB
 from gpudoctor.errors import InputError
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -46,9 +47,9 @@ def detect(path: str | Path) -> str:
             names = set(os.listdir(path))
         except OSError as e:
             raise InputError(path, f"cannot read the directory: {e.strerror or e}") from None
-        if "manifest.json" in names or "run.db" in names:
+        if MANIFEST in names or RUN_DB in names:
             return "run_dir"
-        raise InputError(path, "directory holds no gpudoctor run (no manifest.json or run.db)")
+        raise InputError(path, f"directory holds no gpudoctor run (no {MANIFEST} or {RUN_DB})")
     st = path.stat()
     if not stat.S_ISREG(st.st_mode):
         raise InputError(path, "not a regular file (a FIFO, socket or device); gpudoctor reads files")

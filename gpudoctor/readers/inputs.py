@@ -18,7 +18,7 @@ from gpudoctor.collect.locate import find_nsys
 from gpudoctor.collect.manifest import read_manifest, reports_to_read
 from gpudoctor.collect.ncu import join_to_timeline
 from gpudoctor.collect.nsys import export_sqlite
-from gpudoctor.collect.rundir import MANIFEST, RUN_DB
+from gpudoctor.collect.rundir import MANIFEST, RUN_DB, holds_run
 from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.model.trace import Trace, conform, merge
 from gpudoctor.readers import detect, kineto, nccltests, ncu, nsys, nvml, prometheus, pysamples, snapshot
@@ -143,7 +143,7 @@ def expand_inputs(paths: list[str]) -> list[Path]:
     """Directories that are not run directories stand for the trace files inside them (per-rank files)."""
     out: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir() and not ((p / MANIFEST).exists() or (p / RUN_DB).exists()):
+        if p.is_dir() and not holds_run(p):
             try:
                 files = sorted(f for f in p.iterdir() if f.is_file() and _trace_file_name(f.name)
                                and not pysamples.is_sample_file(f))  # read with their report
