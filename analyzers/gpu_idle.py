@@ -21,12 +21,16 @@ searchsorted over the merged API intervals of that class):
                   loading, CPU preprocessing, JIT that the profiler does not show).
 
 Severity uses this analyzer's own thresholds on idle_fraction (idle_fraction_medium / _high); the
-saving is the idle time of causes 2-6.
+saving is the idle time of causes 2-6. In steps: ``measure`` finds the gaps, their causes, the frames
+charged with them (with host call stacks) and, under torch.profiler, the profiler's own cost;
+``severity`` grades idle_fraction (at most low when the profiler's cost explains the verdict);
+``explain`` words the finding.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -184,22 +188,67 @@ def attribute(ctx: AnalysisContext, gaps: pd.DataFrame) -> tuple[np.ndarray, dic
     return cause, ov
 
 
-def _severity(ctx: AnalysisContext, cfg: dict, idle_fraction: float) -> str:
-    if idle_fraction >= float(cfg["idle_fraction_high"]):
-        return "high"
-    if idle_fraction >= float(cfg["idle_fraction_medium"]):
-        return "medium"
-    sev = ctx.severity(ID, idle_fraction)
-    return "low" if sev in ("medium", "high") else sev  # below this analyzer's own thresholds: never more than low
+@dataclass
+class Measurement:
+    """What ``measure`` found in one rank's window."""
+
+    gaps: pd.DataFrame
+    cause: np.ndarray  # index into CAUSES of every gap
+    by_cause: dict[str, int]  # idle ns by cause
+    counts: dict[str, int]  # gaps by cause
+    window_ns: int
+    idle_fraction: float
+    median_kernel_ns: float  # nan without kernels
+    median_launch_ns: float  # nan without kernel launch calls
+    pageable_copy_in_gaps_ns: int
+    frames: list[dict]  # user-code frames charged with idle time (empty without host call stacks)
+    observer: dict | None  # under torch.profiler: its estimated cost and the idle fraction without it
+    metrics: dict
+    saving_ns: int
 
 
-def analyze(ctx: AnalysisContext) -> list[Finding]:
-    if ctx.kernels.empty and ctx.memops.empty:
+def _medians(ctx: AnalysisContext) -> tuple[float, float]:
+    """Median kernel duration and median kernel-launch call duration (ns; nan when there are none)."""
+    kdur = ctx.kernels["dur_ns"].to_numpy(np.int64)
+    la = ctx.launches()
+    launch_calls = la.loc[la["launched"] & la["is_kernel"]]
+    med_kernel = float(np.median(kdur)) if len(kdur) else float("nan")
+    med_launch = float(np.median(launch_calls["launch_end_ns"] - launch_calls["launch_start_ns"])) if len(launch_calls) else float("nan")
+    return med_kernel, med_launch
+
+
+def _charged_frames(ctx: AnalysisContext, gaps: pd.DataFrame, cause: np.ndarray) -> list[dict]:
+    """With host call stacks: the user-code frames charged with the idle time, largest first (each with its
+    gaps for the timeline); empty without stacks."""
+    charged = source_lines.measure(ctx, gaps, cause, CAUSES, {"module_load": MODULE_ALWAYS.pattern,
+                                                              "host_sync": SYNC.pattern})
+    if charged is None:
         return []
+    return source_lines.frames_table(ctx, charged, gaps)
+
+
+def _observer(ctx: AnalysisContext, by_cause: dict[str, int], window: int, idle: int, n_steps: int) -> dict | None:
+    """Under torch.profiler: the profiler's own per-step host cost (``observer_effect.profiler_overhead``),
+    the host-late idle time and the idle fraction without the profiler's cost; None for other traces."""
     cfg = ctx.config.section(ID)
+    est = profiler_overhead(ctx, float(cfg["profiler_op_overhead_ns"]), float(cfg["profiler_op_overhead_stack_ns"]))
+    if est is None:
+        return None
+    host_late = sum(v for c, v in by_cause.items() if c in ("launch_bound", "host_gap"))
+    cost = min(est["per_step_ns"] * n_steps, idle)  # host time the profiler added shows up as idle GPU time
+    idle_without = (idle - cost) / (window - cost) if window > cost else 0.0
+    return {"estimate": est, "host_late_ns": host_late, "idle_fraction_without": idle_without}
+
+
+def measure(ctx: AnalysisContext) -> Measurement | None:
+    """The idle gaps of the window and their causes (``find_gaps``, ``attribute``), idle time by cause, the
+    median kernel and launch call, the frames charged with idle time and, under torch.profiler, the
+    profiler's own cost; None without GPU work or window."""
+    if ctx.kernels.empty and ctx.memops.empty:
+        return None
     window = ctx.window_ns
     if window <= 0:
-        return []
+        return None
     busy = ctx.busy_ns()
     idle = max(window - busy, 0)
     gaps = find_gaps(ctx)
@@ -207,16 +256,10 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
     gdur = gaps["dur_ns"].to_numpy(np.int64) if len(gaps) else np.zeros(0, np.int64)
     by_cause = {c: int(gdur[cause == i].sum()) for i, c in enumerate(CAUSES)}
     counts = {c: int((cause == i).sum()) for i, c in enumerate(CAUSES)}
-    idle_fraction = idle / window
-    kdur = ctx.kernels["dur_ns"].to_numpy(np.int64)
-    la = ctx.launches()
-    launch_calls = la.loc[la["launched"] & la["is_kernel"]]
-    med_kernel = float(np.median(kdur)) if len(kdur) else float("nan")
-    med_launch = float(np.median(launch_calls["launch_end_ns"] - launch_calls["launch_start_ns"])) if len(launch_calls) else float("nan")
+    med_kernel, med_launch = _medians(ctx)
     n_steps = max(len(ctx.window.steady), 1)
-
     metrics = {
-        "idle_fraction": round(idle_fraction, 6),
+        "idle_fraction": round(idle / window, 6),
         "idle_ns": int(idle),
         "busy_ns": int(busy),
         "window_ns": int(window),
@@ -229,14 +272,51 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
         metrics[f"{c}_fraction"] = round(by_cause[c] / window, 6)
     pageable_in_gaps = int(ov["pageable_memcpy"][cause != CAUSES.index("gpu_side")].sum()) if len(gaps) else 0
     metrics["pageable_copy_in_gaps_ns"] = pageable_in_gaps
+    frames = _charged_frames(ctx, gaps, cause)
+    if frames:
+        metrics["top_frame"] = source_lines.where(frames[0])
+        metrics["top_frame_idle_ns_per_step"] = frames[0]["idle_ns_per_step"]
+        metrics["top_frame_step_fraction"] = frames[0]["step_fraction"]
+    observer = _observer(ctx, by_cause, int(window), int(idle), n_steps)
+    if observer is not None:
+        metrics["profiler_overhead_per_step_ns"] = int(observer["estimate"]["per_step_ns"])
+        metrics["idle_fraction_without_profiler"] = round(observer["idle_fraction_without"], 6)
     saving = int(sum(v for c, v in by_cause.items() if c != "gpu_side"))
-    sfrac = saving / window
+    return Measurement(gaps, cause, by_cause, counts, window, idle / window, med_kernel, med_launch, pageable_in_gaps,
+                       frames, observer, metrics, saving)
 
-    # Evidence: the largest gaps of each cause, with the call that explains them and the op that follows.
-    k = ctx.kernels
-    api = ctx.api_calls
+
+def _severity_at(ctx: AnalysisContext, idle_fraction: float) -> str:
+    """This analyzer's own thresholds on the idle fraction; below them never more than low."""
+    cfg = ctx.config.section(ID)
+    if idle_fraction >= float(cfg["idle_fraction_high"]):
+        return "high"
+    if idle_fraction >= float(cfg["idle_fraction_medium"]):
+        return "medium"
+    sev = ctx.severity(ID, idle_fraction)
+    return "low" if sev in ("medium", "high") else sev  # below this analyzer's own thresholds: never more than low
+
+
+def _profiler_explains(ctx: AnalysisContext, m: Measurement) -> bool:
+    """Under torch.profiler: whether removing the profiler's own cost would lower the severity."""
+    if m.observer is None:
+        return False
+    sev = _severity_at(ctx, m.idle_fraction)
+    without = _severity_at(ctx, m.observer["idle_fraction_without"])
+    return not (SEVERITIES.index(without) >= SEVERITIES.index(sev) or sev in ("info", "low"))
+
+
+def severity(ctx: AnalysisContext, m: Measurement) -> str:
+    """idle_fraction on idle_fraction_high / _medium (below them at most low); low when torch.profiler's own
+    per-op cost explains the verdict (without it the severity would be lower)."""
+    return "low" if _profiler_explains(ctx, m) else _severity_at(ctx, m.idle_fraction)
+
+
+def _examples(ctx: AnalysisContext, m: Measurement, nmax: int) -> dict[str, list]:
+    """The longest gaps of each cause, with the API calls inside each and the op that follows it."""
+    k, api, gaps, cause = ctx.kernels, ctx.api_calls, m.gaps, m.cause
+    gdur = gaps["dur_ns"].to_numpy(np.int64) if len(gaps) else np.zeros(0, np.int64)
     examples: dict[str, list] = {}
-    nmax = int(cfg["max_examples"])
     for i, c in enumerate(CAUSES):
         sel = np.nonzero(cause == i)[0]
         if not len(sel):
@@ -258,83 +338,82 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
                          "api_calls_in_gap": {str(n): {"count": int(v["size"]), "us": round(v["sum"] / 1e3, 1)}
                                               for n, v in calls.iterrows()}})
         examples[c] = rows
+    return examples
+
+
+def _evidence(ctx: AnalysisContext, m: Measurement) -> dict:
+    """Idle time and gaps by cause, the longest gaps of each cause, the frames and the profiler's cost."""
+    med_kernel, med_launch = m.median_kernel_ns, m.median_launch_ns
     evidence = {
         "window": ctx.window.describe(),
-        "idle_by_cause_us": {c: round(v / 1e3, 1) for c, v in by_cause.items() if v},
-        "gaps_by_cause": {c: v for c, v in counts.items() if v},
-        "examples": examples,
+        "idle_by_cause_us": {c: round(v / 1e3, 1) for c, v in m.by_cause.items() if v},
+        "gaps_by_cause": {c: v for c, v in m.counts.items() if v},
+        "examples": _examples(ctx, m, int(ctx.config.section(ID)["max_examples"])),
         "note": ("launch-bound: median kernel {:.1f} us vs median launch call {:.1f} us".format(med_kernel / 1e3, med_launch / 1e3)
                  if not np.isnan(med_kernel) and not np.isnan(med_launch) else ""),
     }
     if ctx.trace.meta.get("torch_profiler") is not None:
         evidence["source_note"] = ("torch.profiler records no driver module loads (cuLibraryLoadData): JIT / module "
                                    "loading shows up as host_gap here")
+    if m.frames:
+        evidence["frames"] = m.frames
+    if m.observer is not None:
+        est, n_steps = m.observer["estimate"], max(len(ctx.window.steady), 1)
+        evidence["observer_effect"] = {**est, "host_late_idle_per_step_ns": int(m.observer["host_late_ns"] / n_steps),
+                                       "basis": "measured unprofiled steps" if est["how"] == "measured" else
+                                       "operators per step x per-operator profiler cost"}
+    return evidence
 
-    sev = _severity(ctx, cfg, idle_fraction)
-    ranked = sorted(((v, c) for c, v in by_cause.items() if c != "gpu_side" and v >= 0.005 * window), reverse=True)
-    parts = [f"{c.replace('_', ' ')} {v / window:.0%}" for v, c in ranked[:3]]
-    title = f"GPU idle {idle_fraction:.0%} of the steady-state window" + (f": {', '.join(parts)}" if parts else "")
+
+def _advice(ctx: AnalysisContext, m: Measurement, ranked: list[tuple[int, str]]) -> list[str]:
+    """One fix per cause with at least 1% of the window, largest first (the pageable-copy fix also when the
+    copies inside host-late gaps reach 1%)."""
+    window, med_kernel = m.window_ns, m.median_kernel_ns
     rec = [RECOMMEND[c] for v, c in ranked if v / window >= 0.01]
-    if pageable_in_gaps >= 0.01 * window and RECOMMEND["pageable_memcpy"] not in rec:
+    if m.pageable_copy_in_gaps_ns >= 0.01 * window and RECOMMEND["pageable_memcpy"] not in rec:
         rec.append(RECOMMEND["pageable_memcpy"])
-    rec = rec or ["Nothing large to fix: the remaining idle time is "
-                                                                      "latency between queued kernels."]
-    if ranked and ranked[0][1] == "launch_bound" and not np.isnan(med_kernel) and med_kernel < int(cfg["launch_bound_kernel_ns"]):
+    rec = rec or ["Nothing large to fix: the remaining idle time is latency between queued kernels."]
+    if ranked and ranked[0][1] == "launch_bound" and not np.isnan(med_kernel) and \
+            med_kernel < int(ctx.config.section(ID)["launch_bound_kernel_ns"]):
         rec[0] = (f"Median kernel {med_kernel / 1e3:.1f} us is shorter than its launch (median launch call "
-                  f"{med_launch / 1e3:.1f} us): " + rec[0])
-    lines = _name_source_lines(ctx, gaps, cause, metrics, evidence)
-    if lines:
-        title += f"; most from {metrics['top_frame']}"
-    rec = lines + rec
-    sev, title, rec = _observer_effect(ctx, cfg, sev, title, rec, metrics, evidence, by_cause, n_steps)
-    return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=saving,
-                    estimated_saving_fraction=round(sfrac, 6), recommendation=" ".join(rec), evidence=evidence,
-                    rank=ctx.rank)]
+                  f"{m.median_launch_ns / 1e3:.1f} us): " + rec[0])
+    return rec
 
 
-def _observer_effect(ctx: AnalysisContext, cfg: dict, sev: str, title: str, rec: list[str], metrics: dict,
-                     evidence: dict, by_cause: dict, n_steps: int) -> tuple[str, str, list[str]]:
-    """Under torch.profiler: the profiler's own per-op host cost, and the idle fraction without it. When
-    removing it would lower the severity, the profiler explains the verdict: say so, rate at most low and
-    point to Nsight Systems."""
-    est = profiler_overhead(ctx, float(cfg["profiler_op_overhead_ns"]), float(cfg["profiler_op_overhead_stack_ns"]))
-    if est is None:
-        return sev, title, rec
-    host_late = sum(v for c, v in by_cause.items() if c in ("launch_bound", "host_gap"))
-    window, idle = metrics["window_ns"], metrics["idle_ns"]
-    cost = min(est["per_step_ns"] * n_steps, idle)  # host time the profiler added shows up as idle GPU time
-    idle_without = (idle - cost) / (window - cost) if window > cost else 0.0
-    metrics["profiler_overhead_per_step_ns"] = int(est["per_step_ns"])
-    metrics["idle_fraction_without_profiler"] = round(idle_without, 6)
-    evidence["observer_effect"] = {**est, "host_late_idle_per_step_ns": int(host_late / n_steps),
-                                   "basis": "measured unprofiled steps" if est["how"] == "measured" else
-                                   "operators per step x per-operator profiler cost"}
-    without = _severity(ctx, cfg, idle_without)
-    if SEVERITIES.index(without) >= SEVERITIES.index(sev) or sev in ("info", "low"):
-        return sev, title, rec
-    title += (f" (torch.profiler's own per-op cost, {est['how']} ~{est['per_step_ns'] / 1e6:.2f} ms/step, can explain it: "
-              f"~{idle_without:.0%} idle without it)")
-    rec = [f"This idle time may be the profiler's: torch.profiler{' with record_shapes' if est['record_shapes'] else ''}"
+def _profiler_note(observer: dict) -> tuple[str, str]:
+    """Title suffix and leading recommendation when torch.profiler's own cost explains the verdict."""
+    est, idle_without = observer["estimate"], observer["idle_fraction_without"]
+    title = (f" (torch.profiler's own per-op cost, {est['how']} ~{est['per_step_ns'] / 1e6:.2f} ms/step, can explain it: "
+             f"~{idle_without:.0%} idle without it)")
+    rec = (f"This idle time may be the profiler's: torch.profiler{' with record_shapes' if est['record_shapes'] else ''}"
            f"{' and with_stack' if est['with_stack'] else ''} costs the host ~{est['per_step_ns'] / 1e6:.2f} ms per step "
-           f"({est['how']}). Re-profile with `gpudoctor profile --backend nsys` (no per-operator host cost) before acting."] + rec
-    return "low", title, rec
+           f"({est['how']}). Re-profile with `gpudoctor profile --backend nsys` (no per-operator host cost) before acting.")
+    return title, rec
 
 
-def _name_source_lines(ctx: AnalysisContext, gaps: pd.DataFrame, cause: np.ndarray, metrics: dict, evidence: dict) -> list[str]:
-    """With host call stacks: the user-code frames charged with the idle time (evidence ``frames``, each
-    with its gaps for the timeline; metrics ``top_frame*``) and one recommendation line per frame."""
-    charged = source_lines.measure(ctx, gaps, cause, CAUSES, {"module_load": MODULE_ALWAYS.pattern,
-                                                              "host_sync": SYNC.pattern})
-    if charged is None:
-        return []
-    frames = source_lines.frames_table(ctx, charged, gaps)
-    if not frames:
-        return []
-    evidence["frames"] = frames
-    metrics["top_frame"] = source_lines.where(frames[0])
-    metrics["top_frame_idle_ns_per_step"] = frames[0]["idle_ns_per_step"]
-    metrics["top_frame_step_fraction"] = frames[0]["step_fraction"]
-    return [source_lines.explain(f) for f in frames]
+def explain(ctx: AnalysisContext, m: Measurement, sev: str) -> Finding:
+    """Title (idle share, the largest causes, the costliest frame), evidence and the fixes: the frames' lines
+    first, then one per cause; when torch.profiler's own cost explains the verdict, a note saying so leads."""
+    window = m.window_ns
+    ranked = sorted(((v, c) for c, v in m.by_cause.items() if c != "gpu_side" and v >= 0.005 * window), reverse=True)
+    parts = [f"{c.replace('_', ' ')} {v / window:.0%}" for v, c in ranked[:3]]
+    title = f"GPU idle {m.idle_fraction:.0%} of the steady-state window" + (f": {', '.join(parts)}" if parts else "")
+    rec = _advice(ctx, m, ranked)
+    if m.frames:
+        title += f"; most from {m.metrics['top_frame']}"
+    rec = [source_lines.explain(f) for f in m.frames] + rec
+    if m.observer is not None and _profiler_explains(ctx, m):
+        note_title, note_rec = _profiler_note(m.observer)
+        title += note_title
+        rec = [note_rec] + rec
+    return Finding(analyzer=ID, severity=sev, title=title, metrics=m.metrics, estimated_saving_ns=m.saving_ns,
+                   estimated_saving_fraction=round(m.saving_ns / window, 6), recommendation=" ".join(rec),
+                   evidence=_evidence(ctx, m), rank=ctx.rank)
+
+
+def analyze(ctx: AnalysisContext) -> list[Finding]:
+    m = measure(ctx)
+    return [] if m is None else [explain(ctx, m, severity(ctx, m))]
 
 
 SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
