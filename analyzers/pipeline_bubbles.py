@@ -29,12 +29,15 @@ Severity on bubble_fraction: high >= bubble_fraction_high (0.4), medium >= bubbl
 else info. The title says whether the measured bubble is near the ideal (the schedule itself is the
 limit: more micro-batches) or far above it (excess >= far_above, 0.1 of the window: blocking transfers,
 unbalanced stages, or host stalls). estimated_saving_ns = (bubble_fraction - ideal at target m) x window,
-target m = target_microbatches_per_stage x p (the ideal is taken as 0 when p is unknown).
+target m = target_microbatches_per_stage x p (the ideal is taken as 0 when p is unknown). In steps:
+``measure`` takes the bubble, p / m / v, the ideals and the matched send/recv waits; ``severity`` grades
+bubble_fraction; ``explain`` words the finding.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -160,9 +163,29 @@ def p2p_waits(ctx) -> dict:
             "recv_from": sorted(set(recv["send_rank"].tolist())), "send_to": sorted(set(send["recv_rank"].tolist()))}
 
 
-def analyze(ctx) -> list[Finding]:
+@dataclass
+class Measurement:
+    """What ``measure`` found in one rank's window."""
+
+    raw: dict  # bubble_metrics (+ the matched p2p waits), unrounded
+    metrics: dict
+    p: int  # pipeline stages
+    p_source: str
+    mb: int | None  # micro-batches per step
+    m_source: str
+    v: int  # model chunks per stage
+    ideal: float | None  # the schedule's ideal bubble at (p, mb, v); None when p or mb is unknown
+    target_m: int
+    ideal_target: float  # the ideal at target_m micro-batches (0 when p is unknown)
+    waits: dict  # p2p_waits (empty without matched pairs)
+    saving_ns: int
+
+
+def measure(ctx) -> Measurement | None:
+    """Bubble, p2p and idle time of the window, p / m / v and where they came from, the ideal bubble now and
+    at target_m, and the matched send/recv waits; None when the rank runs no pipeline transfer."""
     if not is_pipeline(ctx.trace) or ctx.window_ns <= 0:
-        return []
+        return None
     cfg = ctx.config.section(ID)
     m = bubble_metrics(ctx)
     window = m["window_ns"]
@@ -176,9 +199,6 @@ def analyze(ctx) -> list[Finding]:
     target_m = int(cfg["target_microbatches_per_stage"]) * p
     ideal_target = ideal_bubble(p, target_m, v) if p >= 2 else 0.0
     saving = int(max(0.0, bf - ideal_target) * window)
-    # high / medium by this analyzer's thresholds, else info (no "low" band: low = medium)
-    sev = severity_for(bf, float(cfg["bubble_fraction_medium"]), float(cfg["bubble_fraction_high"]),
-                       float(cfg["bubble_fraction_medium"]))
     pw = p2p_waits(ctx)
     if pw:
         m.update({k: pw[k] for k in ("p2p_pairs", "recv_wait_ns", "send_wait_ns")})
@@ -188,11 +208,25 @@ def analyze(ctx) -> list[Finding]:
                     "ideal_bubble_fraction": None if ideal is None else round(ideal, 6),
                     "excess_over_ideal": None if ideal is None else round(bf - ideal, 6),
                     "steps": int(len(ctx.window.steady))})
-    far = ideal is not None and bf - ideal >= float(cfg["far_above"])
-    title = f"Pipeline bubble {bf:.0%} of the steady-state window (no compute running)"
-    if ideal is not None:
-        title += (f", {'far above' if far else 'near'} the ideal {ideal:.0%} for p={p}, m={mb}"
-                  + (f", v={v}" if v > 1 else ""))
+    return Measurement(m, metrics, p, p_source, mb, m_source, v, ideal, target_m, ideal_target, pw, saving)
+
+
+def severity(ctx, m: Measurement) -> str:
+    """high / medium on bubble_fraction by this analyzer's thresholds, else info (no "low" band: low = medium)."""
+    cfg = ctx.config.section(ID)
+    return severity_for(m.raw["bubble_fraction"], float(cfg["bubble_fraction_medium"]),
+                        float(cfg["bubble_fraction_high"]), float(cfg["bubble_fraction_medium"]))
+
+
+def _far_above(ctx, m: Measurement) -> bool:
+    """Whether the measured bubble is at least far_above (fraction of the window) above the ideal."""
+    return m.ideal is not None and m.raw["bubble_fraction"] - m.ideal >= float(ctx.config.section(ID)["far_above"])
+
+
+def _advice(m: Measurement, far: bool) -> list[str]:
+    """More micro-batches when the schedule is the limit; otherwise overlap, balance and the config to give."""
+    p, mb, ideal, target_m, ideal_target, raw = m.p, m.mb, m.ideal, m.target_m, m.ideal_target, m.raw
+    bf = raw["bubble_fraction"]
     rec = []
     if ideal is not None and not far and ideal >= 0.1:
         rec.append(f"The schedule itself is the limit: with {p} stages and {mb} micro-batch{'es' if mb != 1 else ''} "
@@ -203,24 +237,30 @@ def analyze(ctx) -> list[Finding]:
         rec.append("Overlap the transfers with compute: post the receive of the next micro-batch before computing the "
                    "current one (isend/irecv or batch_isend_irecv instead of blocking send/recv), and keep sends "
                    "non-blocking.")
-        if m["p2p_fraction"] >= 0.1:
-            rec.append(f"The GPU sits in send/recv kernels {m['p2p_fraction']:.0%} of the window, mostly waiting for the "
+        if raw["p2p_fraction"] >= 0.1:
+            rec.append(f"The GPU sits in send/recv kernels {raw['p2p_fraction']:.0%} of the window, mostly waiting for the "
                        "neighbouring stage: balance the stages (layers per stage, the embedding and loss on the first "
                        "and last stages) so that every stage takes the same time per micro-batch.")
         if ideal is None:
             rec.append("Give pipeline_stages / microbatches in the config (or name ranges microbatch_<j>) to compare "
                        "with the schedule's ideal.")
-        elif mb < target_m:
+        elif mb is not None and mb < target_m:
             rec.append(f"More micro-batches also shrink the ideal ({ideal:.0%} now, {ideal_target:.0%} with m={target_m}).")
-    if pw and m["recv_wait_fraction"] >= 0.1:
-        peers = ", ".join(str(r) for r in pw["recv_from"])
-        rec.append(f"Its receives wait {m['recv_wait_fraction']:.0%} of the window for rank {peers} to send (matched "
+    if m.waits and raw["recv_wait_fraction"] >= 0.1:
+        peers = ", ".join(str(r) for r in m.waits["recv_from"])
+        rec.append(f"Its receives wait {raw['recv_wait_fraction']:.0%} of the window for rank {peers} to send (matched "
                    "send/recv pairs): that stage's work before each send is this rank's bubble.")
-    if m["idle_fraction"] >= 0.5 * bf and bf > 0:
-        rec.append(f"{m['idle_fraction']:.0%} of the window the GPU runs nothing at all (not even a send/recv): the host "
+    if raw["idle_fraction"] >= 0.5 * bf and bf > 0:
+        rec.append(f"{raw['idle_fraction']:.0%} of the window the GPU runs nothing at all (not even a send/recv): the host "
                    "is late too (see gpu_idle).")
-    evidence = {"window": ctx.window.describe(), "p_from": p_source, "m_from": m_source,
+    return rec
+
+
+def _evidence(ctx, m: Measurement) -> dict:
+    """The window, where p and m came from, the formula and the matched send/recv pairs."""
+    evidence = {"window": ctx.window.describe(), "p_from": m.p_source, "m_from": m.m_source,
                 "formula": "ideal = (p-1)/(v*m+p-1) (GPipe/1F1B v=1; interleaved 1F1B v>1)"}
+    pw = m.waits
     if pw:
         def ranks(rs: list) -> str:
             return ", ".join(map(str, rs)) or "-"
@@ -229,9 +269,25 @@ def analyze(ctx) -> list[Finding]:
                                  f"overlapping in time): receives from rank {ranks(pw['recv_from'])} waited "
                                  f"{pw['recv_wait_ns'] / 1e6:.1f} ms for the send, sends to rank {ranks(pw['send_to'])} "
                                  f"{pw['send_wait_ns'] / 1e6:.1f} ms for the receive")
-    return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=saving,
-                    estimated_saving_fraction=round(saving / window, 6) if window else 0.0,
-                    recommendation=" ".join(rec), evidence=evidence, rank=ctx.rank)]
+    return evidence
+
+
+def explain(ctx, m: Measurement, sev: str) -> Finding:
+    """Title (the bubble, near or far above the ideal), the fixes and the evidence."""
+    bf, window = m.raw["bubble_fraction"], m.raw["window_ns"]
+    far = _far_above(ctx, m)
+    title = f"Pipeline bubble {bf:.0%} of the steady-state window (no compute running)"
+    if m.ideal is not None:
+        title += (f", {'far above' if far else 'near'} the ideal {m.ideal:.0%} for p={m.p}, m={m.mb}"
+                  + (f", v={m.v}" if m.v > 1 else ""))
+    return Finding(analyzer=ID, severity=sev, title=title, metrics=m.metrics, estimated_saving_ns=m.saving_ns,
+                   estimated_saving_fraction=round(m.saving_ns / window, 6) if window else 0.0,
+                   recommendation=" ".join(_advice(m, far)), evidence=_evidence(ctx, m), rank=ctx.rank)
+
+
+def analyze(ctx) -> list[Finding]:
+    m = measure(ctx)
+    return [] if m is None else [explain(ctx, m, severity(ctx, m))]
 
 
 SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
