@@ -292,80 +292,65 @@ def _disagreements(ctx: AnalysisContext, m: dict, dur: np.ndarray) -> list[dict]
             for n, r in g.iterrows()]
 
 
-def analyze(ctx: AnalysisContext) -> list[Finding]:
-    k = ctx.kernels
-    if k.empty:
-        return []
-    cfg = ctx.config.section(ID)
-    gemv_max = int(cfg["gemv_max_n"])
-    gemm, gemv = gemm_kernels(ctx, gemv_max)
-    if not gemm.any():
-        return []
-    dur = k["dur_ns"].to_numpy(np.int64)
-    m = measure(ctx, gemm)
-    non_tc = m["non_tc"]
-    method = {"gpu_metrics": "Nsight Systems GPU metrics Tensor Active (names where not sampled)",
-              "ncu": "Nsight Compute tensor-pipe utilization (names where not measured)",
-              "nvml": "NVML tensor utilization over the window",
-              "shapes": "kernel names + CPU-op shapes", "names": "kernel names"}[m["basis"]]
+METHOD = {"gpu_metrics": "Nsight Systems GPU metrics Tensor Active (names where not sampled)",
+          "ncu": "Nsight Compute tensor-pipe utilization (names where not measured)",
+          "nvml": "NVML tensor utilization over the window",
+          "shapes": "kernel names + CPU-op shapes", "names": "kernel names"}
 
-    # Shapes, when available: GEMV by M/N, misalignment by K/N and dtype.
+
+def _shape_verdicts(ctx: AnalysisContext, gemm: np.ndarray, gemv: np.ndarray, gemv_max: int) -> tuple[np.ndarray, list[dict]]:
+    """With CPU-op shapes: marks GEMV-shaped kernels (min(M, N) <= gemv_max) in ``gemv``, and returns the
+    kernels whose K or N is not a multiple of their dtype's alignment, with up to 5 examples."""
+    k = ctx.kernels
     misaligned = np.zeros(len(k), dtype=bool)
     op_idx = ctx.kernel_ops(MM_OPS)
-    mis_examples = []
-    if ctx.ops is not None and (op_idx >= 0).any():
-        rows = np.nonzero(gemm & (op_idx >= 0))[0]
-        sh = gemm_shapes(ctx).iloc[op_idx[rows]]
-        m_, n_, k_, align = (sh[c].to_numpy(np.int64) for c in ("m", "n", "k", "align"))
-        known = m_ >= 0
-        rows, m_, n_, k_, align = rows[known], m_[known], n_[known], k_[known], align[known]
-        gemv[rows[np.minimum(m_, n_) <= gemv_max]] = True
-        bad = (align > 0) & ((k_ % np.maximum(align, 1) != 0) | (n_ % np.maximum(align, 1) != 0))
-        misaligned[rows[bad]] = True
-        half_name = {8: "16-bit", 16: "fp8"}
-        for i in np.nonzero(bad)[0][:5]:
-            row = rows[i]
-            mis_examples.append({"kernel": str(k["kname"].iat[row])[:100], "M": int(m_[i]), "N": int(n_[i]),
-                                 "K": int(k_[i]), "dtype": _dtype_of(ctx, int(op_idx[row])) or half_name[int(align[i])],
-                                 "start_us": ctx.rel_us(k["start_ns"].iat[row])})
-    basis = m["basis"]
-    confidence = _confidence(basis, m, gemm)
-    counted = gemm & ~gemv
-    total_ns = int(dur[counted].sum())
-    if total_ns == 0:
-        gemv_ns = int(dur[gemv].sum())
-        return [Finding(analyzer=ID, severity="info",
-                        title="All matrix products are GEMV-shaped (matrix x vector): tensor cores cannot help them",
-                        metrics={"non_tensor_core_gemm_fraction": 0.0, "gemm_time_fraction": 0.0,
-                                 "gemv_time_fraction": round(ctx.fraction(gemv_ns), 6)},
-                        recommendation="Nothing to do here; see memory_bound_decode for matrix-vector work.",
-                        evidence={"window": ctx.window.describe(), "method": method, "basis": basis,
-                                  "confidence": confidence}, rank=ctx.rank)]
-    bad = counted & non_tc
-    bad_ns = int(dur[bad].sum())
-    mis = counted & ~non_tc & misaligned
-    mis_ns = int(dur[mis].sum())
-    frac = bad_ns / total_ns
+    mis_examples: list[dict] = []
+    if ctx.ops is None or not (op_idx >= 0).any():
+        return misaligned, mis_examples
+    rows = np.nonzero(gemm & (op_idx >= 0))[0]
+    sh = gemm_shapes(ctx).iloc[op_idx[rows]]
+    m_, n_, k_, align = (sh[c].to_numpy(np.int64) for c in ("m", "n", "k", "align"))
+    known = m_ >= 0
+    rows, m_, n_, k_, align = rows[known], m_[known], n_[known], k_[known], align[known]
+    gemv[rows[np.minimum(m_, n_) <= gemv_max]] = True
+    bad = (align > 0) & ((k_ % np.maximum(align, 1) != 0) | (n_ % np.maximum(align, 1) != 0))
+    misaligned[rows[bad]] = True
+    half_name = {8: "16-bit", 16: "fp8"}
+    for i in np.nonzero(bad)[0][:5]:
+        row = rows[i]
+        mis_examples.append({"kernel": str(k["kname"].iat[row])[:100], "M": int(m_[i]), "N": int(n_[i]),
+                             "K": int(k_[i]), "dtype": _dtype_of(ctx, int(op_idx[row])) or half_name[int(align[i])],
+                             "start_us": ctx.rel_us(k["start_ns"].iat[row])})
+    return misaligned, mis_examples
 
-    fallback = str(cfg["fallback_precision"])
+
+def _all_gemv(ctx: AnalysisContext, gemv_ns: int, head: dict) -> Finding:
+    """The info finding when every matrix product is GEMV-shaped."""
+    return Finding(analyzer=ID, severity="info",
+                   title="All matrix products are GEMV-shaped (matrix x vector): tensor cores cannot help them",
+                   metrics={"non_tensor_core_gemm_fraction": 0.0, "gemm_time_fraction": 0.0,
+                            "gemv_time_fraction": round(ctx.fraction(gemv_ns), 6)},
+                   recommendation="Nothing to do here; see memory_bound_decode for matrix-vector work.",
+                   evidence=head, rank=ctx.rank)
+
+
+def _tensor_core_keep(ctx: AnalysisContext, fallback: str) -> tuple[float, bool]:
+    """The share of its time a non-tensor-core GEMM would keep on tensor cores (fp32 / fallback peak), and
+    whether the GPU's peaks gave it (else 0.5: tensor cores assumed to at least double the rate)."""
     ratio = float("nan")
     if ctx.peaks is not None:
         ratio = ctx.peaks.flops("fp32") / ctx.peaks.flops(fallback)
-    speedup_known = np.isfinite(ratio) and ratio > 0
-    keep = ratio if speedup_known else 0.5  # unknown GPU: assume tensor cores at least double the rate
-    saving = bad_ns * (1.0 - min(keep, 1.0)) + mis_ns * float(cfg["misaligned_penalty"])
-    sfrac = ctx.fraction(saving)
-    metrics = {
-        "non_tensor_core_gemm_fraction": round(frac, 6),
-        "non_tensor_core_gemm_ns": bad_ns,
-        "gemm_ns": total_ns,
-        "gemm_time_fraction": round(ctx.fraction(total_ns), 6),
-        "gemv_time_fraction": round(ctx.fraction(int(dur[gemv].sum())), 6),
-        "misaligned_gemm_fraction": round(mis_ns / total_ns, 6),
-        "tensor_core_speedup_assumed": round(1.0 / keep, 3),
-    }
+    speedup_known = bool(np.isfinite(ratio) and ratio > 0)
+    return (ratio if speedup_known else 0.5), speedup_known
+
+
+def _evidence(ctx: AnalysisContext, m: dict, head: dict, dur: np.ndarray, bad: np.ndarray, mis_examples: list[dict],
+              saving_formula: str) -> dict:
+    """The window, method, basis and confidence (``head``), the measurement and its disagreements with the
+    names, the non-tensor-core kernels with a few launches, misaligned GEMMs, the formula and the peaks."""
+    k = ctx.kernels
     names = ctx.kname_at(np.arange(len(k)))
-    evidence: dict = {"window": ctx.window.describe(), "method": method, "basis": basis, "confidence": confidence}
+    evidence: dict = dict(head)
     if m["details"]:
         evidence["measurement"] = m["details"]
     disagreements = _disagreements(ctx, m, dur)
@@ -379,13 +364,56 @@ def analyze(ctx: AnalysisContext) -> list[Finding]:
                                  "dur_us": round(dur[r] / 1e3, 1)} for r in np.nonzero(bad)[0][:3]]
     if mis_examples:
         evidence["misaligned_examples"] = mis_examples
-    evidence["saving_formula"] = (
-        f"non-tensor-core GEMM time x (1 - fp32/{fallback} peak = {1 - keep:.2f})"
-        + ("" if speedup_known else " [GPU not in the device table: tensor cores assumed 2x]")
-        + (f" + misaligned GEMM time x {cfg['misaligned_penalty']}" if mis_ns else ""))
+    evidence["saving_formula"] = saving_formula
     if ctx.peaks is not None:
         evidence["peaks"] = ctx.peaks.describe()
+    return evidence
 
+
+def analyze(ctx: AnalysisContext) -> list[Finding]:
+    k = ctx.kernels
+    if k.empty:
+        return []
+    cfg = ctx.config.section(ID)
+    gemv_max = int(cfg["gemv_max_n"])
+    gemm, gemv = gemm_kernels(ctx, gemv_max)
+    if not gemm.any():
+        return []
+    dur = k["dur_ns"].to_numpy(np.int64)
+    m = measure(ctx, gemm)
+    non_tc = m["non_tc"]
+    # Shapes, when available: GEMV by M/N, misalignment by K/N and dtype.
+    misaligned, mis_examples = _shape_verdicts(ctx, gemm, gemv, gemv_max)
+    basis = m["basis"]
+    confidence = _confidence(basis, m, gemm)
+    head = {"window": ctx.window.describe(), "method": METHOD[basis], "basis": basis, "confidence": confidence}
+    counted = gemm & ~gemv
+    total_ns = int(dur[counted].sum())
+    if total_ns == 0:
+        return [_all_gemv(ctx, int(dur[gemv].sum()), head)]
+    bad = counted & non_tc
+    bad_ns = int(dur[bad].sum())
+    mis = counted & ~non_tc & misaligned
+    mis_ns = int(dur[mis].sum())
+    frac = bad_ns / total_ns
+
+    fallback = str(cfg["fallback_precision"])
+    keep, speedup_known = _tensor_core_keep(ctx, fallback)
+    saving = bad_ns * (1.0 - min(keep, 1.0)) + mis_ns * float(cfg["misaligned_penalty"])
+    sfrac = ctx.fraction(saving)
+    metrics = {
+        "non_tensor_core_gemm_fraction": round(frac, 6),
+        "non_tensor_core_gemm_ns": bad_ns,
+        "gemm_ns": total_ns,
+        "gemm_time_fraction": round(ctx.fraction(total_ns), 6),
+        "gemv_time_fraction": round(ctx.fraction(int(dur[gemv].sum())), 6),
+        "misaligned_gemm_fraction": round(mis_ns / total_ns, 6),
+        "tensor_core_speedup_assumed": round(1.0 / keep, 3),
+    }
+    saving_formula = (f"non-tensor-core GEMM time x (1 - fp32/{fallback} peak = {1 - keep:.2f})"
+                      + ("" if speedup_known else " [GPU not in the device table: tensor cores assumed 2x]")
+                      + (f" + misaligned GEMM time x {cfg['misaligned_penalty']}" if mis_ns else ""))
+    evidence = _evidence(ctx, m, head, dur, bad, mis_examples, saving_formula)
     return explain(ctx, severity(ctx, sfrac, confidence), metrics, evidence, frac, bad_ns, mis_ns, total_ns, saving, sfrac)
 
 
