@@ -388,11 +388,11 @@ def _r(x, nd=6):
     return None if x is None or not math.isfinite(float(x)) else round(float(x), nd)
 
 
-def explain(ctx: AnalysisContext, cfg: dict, f: dict, sev: str) -> list[Finding]:
+def _roofline(cfg: dict, f: dict) -> dict:
+    """What the measurement implies at this batch: tokens/s now, the roofline ceiling, MFU, the headroom to
+    the ridge point, the batch at which decode turns compute-bound and the batch to quote (target_batch)."""
     tokens, tokens_bound, period_ns, bw = f["tokens"], f["tokens_bound"], f["period_ns"], f["bw"]
     ai, ridge, bytes_step, flops_step, peak_flops = f["ai"], f["ridge"], f["bytes_step"], f["flops_step"], f["peak_flops"]
-    mbu, mbu_busy, busy_steps, n_decode = f["mbu"], f["mbu_busy"], f["busy_steps"], f["n_decode"]
-    steady, sel_idx = f["steady"], f["sel_idx"]
     tok_s = float(tokens) / (period_ns * 1e-9) if tokens is not None and not tokens_bound and period_ns > 0 else float("nan")
     # Roofline ceiling at this batch: a step takes at least max(bytes / bandwidth, FLOPs / peak FLOP/s).
     floor_s = max(bytes_step / bw if math.isfinite(bytes_step) and math.isfinite(bw) else float("nan"),
@@ -405,28 +405,39 @@ def explain(ctx: AnalysisContext, cfg: dict, f: dict, sev: str) -> list[Finding]
     target = int(cfg["target_batch"])
     quote_b = int(min(target, math.floor(compute_bound_batch))) if math.isfinite(compute_bound_batch) else target
     quote_tok_s = quote_b / (period_ns * 1e-9) if period_ns > 0 else float("nan")
-    gemv_busy_fraction = f["gemv_ns"] / f["busy_sel"] if f["busy_sel"] > 0 else 0.0
+    return {"tok_s": tok_s, "ceiling_tok_s": ceiling_tok_s, "mfu": mfu, "headroom": headroom,
+            "compute_bound_batch": compute_bound_batch, "quote_b": quote_b, "quote_tok_s": quote_tok_s}
+
+
+def _metrics(f: dict, d: dict) -> dict:
+    """The finding's metrics from the measurement ``f`` and its roofline numbers ``d``."""
+    headroom = d["headroom"]
     r = _r
     metrics = {
-        "mbu": r(mbu), "mbu_gpu_busy": r(mbu_busy), "arithmetic_intensity": r(ai, 3),
-        "achieved_bandwidth_bytes_per_s": r(f["achieved"], 0), "ridge_point": r(ridge, 2),
+        "mbu": r(f["mbu"]), "mbu_gpu_busy": r(f["mbu_busy"]), "arithmetic_intensity": r(f["ai"], 3),
+        "achieved_bandwidth_bytes_per_s": r(f["achieved"], 0), "ridge_point": r(f["ridge"], 2),
         "bound": ("memory" if math.isfinite(headroom) and headroom > 1 else "compute" if math.isfinite(headroom) else None),
-        "decode_steps": n_decode, "steady_steps": f["n_steps"], "step_period_ns": r(period_ns, 0),
-        "gpu_busy_per_step_ns": r(busy_steps, 0), "bytes_per_step": r(bytes_step, 0), "tokens_per_step": r(tokens, 3),
-        "tokens_per_s": r(tok_s, 3), "roofline_ceiling_tokens_per_s": r(ceiling_tok_s, 3), "mfu": r(mfu),
-        "gemv_busy_fraction": r(gemv_busy_fraction),
+        "decode_steps": f["n_decode"], "steady_steps": f["n_steps"], "step_period_ns": r(f["period_ns"], 0),
+        "gpu_busy_per_step_ns": r(f["busy_steps"], 0), "bytes_per_step": r(f["bytes_step"], 0),
+        "tokens_per_step": r(f["tokens"], 3),
+        "tokens_per_s": r(d["tok_s"], 3), "roofline_ceiling_tokens_per_s": r(d["ceiling_tok_s"], 3), "mfu": r(d["mfu"]),
+        "gemv_busy_fraction": r(f["gemv_ns"] / f["busy_sel"] if f["busy_sel"] > 0 else 0.0),
         "gemv_gemm_fraction": r(f["gemv_ns"] / f["gemm_ns"] if f["gemm_ns"] else 0.0),
         "decode_gemm_busy_fraction": r(f["decode_gemm_ns"] / f["busy_sel"] if f["busy_sel"] > 0 else 0.0),
-        "peak_bandwidth_bytes_per_s": r(bw, 0),
+        "peak_bandwidth_bytes_per_s": r(f["bw"], 0),
         **{k: r(v, 2 if k.startswith("ridge") else 0) for k, v in f["ridges"].items()},
     }
     if f["measured"].get("dram_throughput_fraction") is not None:
         metrics["dram_throughput_fraction"] = f["measured"]["dram_throughput_fraction"]
-    basis = f["basis"]
-    confidence = {"gpu_metrics": "high", "ncu": "high", "shapes": "medium", "names": "low"}[basis]
-    peaks = ctx.peaks
+    return metrics
+
+
+def _evidence(ctx: AnalysisContext, f: dict, confidence: str) -> dict:
+    """The window, basis, how decode steps were found, sources, peaks, GEMV kernels, example steps and the
+    measurement."""
+    steady, sel_idx, peaks = f["steady"], f["sel_idx"], ctx.peaks
     evidence = {
-        "window": ctx.window.describe(), "basis": basis, "confidence": confidence,
+        "window": ctx.window.describe(), "basis": f["basis"], "confidence": confidence,
         "decode_steps_by": f["decode_by"], "sources": f["src"],
         "peaks": peaks.describe() if peaks else "GPU not in the device table and no ceilings measured",
         "gemv_kernels": sorted({str(n)[:100] for n in ctx.kname_at(f["gemv_rows"])})[:8],
@@ -436,27 +447,27 @@ def explain(ctx: AnalysisContext, cfg: dict, f: dict, sev: str) -> list[Finding]
     }
     if f["measured"]:
         evidence["measurement"] = f["measured"]
-    saving = f["decode_gemm_ns"] * (1.0 - 1.0 / max(quote_b, 1)) if n_decode else 0.0
-    sfrac = ctx.fraction(saving)
-    ridge_txt = f"{metrics['ridge_point']}" + (f" (measured ceilings; datasheet {metrics['ridge_point_spec']})"
-                                               if "ridge_point_measured" in metrics and "ridge_point_spec" in metrics else "")
-    ev_txt = f" [evidence: {basis}, confidence {confidence}]"
+    return evidence
 
-    if not n_decode:
-        if metrics["bound"]:
-            title = (f"No decode steps: {metrics['bound']}-bound steps (arithmetic intensity "
-                     f"{metrics['arithmetic_intensity']} FLOP/B vs ridge point {ridge_txt})")
-        else:
-            title = ("No decode steps: the GEMMs are not GEMV-shaped (set memory_bound_decode.model_bytes and "
-                     "tokens_per_step for intensity and MBU)")
-        return [Finding(analyzer=ID, severity="info", title=title + ev_txt, metrics=metrics,
-                        recommendation="Nothing to do: these steps do enough work per weight byte.",
-                        evidence=evidence, rank=ctx.rank)]
 
-    mbu_txt = f"MBU {mbu:.1%}" if math.isfinite(mbu) else "MBU unknown (set memory_bound_decode.model_bytes)"
-    tok_txt = f"{'<=' if tokens_bound else ''}{metrics['tokens_per_step'] or '?'}"
-    title = (f"Decode is memory-bound: {n_decode} decode steps at {tok_txt} tokens/step, "
-             f"arithmetic intensity {metrics['arithmetic_intensity']} FLOP/B vs ridge point {ridge_txt}, {mbu_txt}" + ev_txt)
+def _no_decode(ctx: AnalysisContext, metrics: dict, evidence: dict, ridge_txt: str, ev_txt: str) -> Finding:
+    """The info finding when no step is a decode step."""
+    if metrics["bound"]:
+        title = (f"No decode steps: {metrics['bound']}-bound steps (arithmetic intensity "
+                 f"{metrics['arithmetic_intensity']} FLOP/B vs ridge point {ridge_txt})")
+    else:
+        title = ("No decode steps: the GEMMs are not GEMV-shaped (set memory_bound_decode.model_bytes and "
+                 "tokens_per_step for intensity and MBU)")
+    return Finding(analyzer=ID, severity="info", title=title + ev_txt, metrics=metrics,
+                   recommendation="Nothing to do: these steps do enough work per weight byte.",
+                   evidence=evidence, rank=ctx.rank)
+
+
+def _advice(f: dict, d: dict, metrics: dict, tok_txt: str) -> list[str]:
+    """Why decode is bandwidth-bound, what batching would give, the roofline ceiling, a late host and fewer
+    bytes per token."""
+    tokens, tokens_bound, mbu, mbu_busy = f["tokens"], f["tokens_bound"], f["mbu"], f["mbu_busy"]
+    tok_s, quote_b, quote_tok_s, compute_bound_batch = d["tok_s"], d["quote_b"], d["quote_tok_s"], d["compute_bound_batch"]
     rec = [f"Each decode step reads all weights for {tok_txt} token(s): the GPU is bandwidth-bound "
            f"(ridge point {metrics['ridge_point']} FLOP/B)."]
     if math.isfinite(quote_tok_s) and math.isfinite(tok_s) and tokens is not None and quote_b > tokens:
@@ -471,18 +482,41 @@ def explain(ctx: AnalysisContext, cfg: dict, f: dict, sev: str) -> list[Finding]
     else:
         rec.append("Batching more sequences per step (continuous batching: vLLM, TensorRT-LLM, SGLang) shares each weight "
                    "read between them: tokens/s grows almost linearly with the batch while the step stays memory-bound.")
-    if math.isfinite(ceiling_tok_s):
-        rec.append(f"At this batch the roofline ceiling is ~{ceiling_tok_s:,.0f} tokens/s ({bytes_step / 1e9:.2f} GB per step "
-                   f"at {bw / 1e12:.2f} TB/s).")
+    if math.isfinite(d["ceiling_tok_s"]):
+        rec.append(f"At this batch the roofline ceiling is ~{d['ceiling_tok_s']:,.0f} tokens/s ({f['bytes_step'] / 1e9:.2f} GB "
+                   f"per step at {f['bw'] / 1e12:.2f} TB/s).")
     if math.isfinite(mbu) and math.isfinite(mbu_busy) and mbu_busy > 2 * mbu:
         rec.append(f"The kernels themselves reach {mbu_busy:.0%} of peak bandwidth while running but the step period is "
-                   f"{period_ns / max(busy_steps, 1):.0f}x the GPU busy time: the host is the bottleneck (see gpu_idle) — capture "
-                   "the decode step in a CUDA graph (torch.compile(mode=\"reduce-overhead\"), vLLM/TensorRT-LLM do this).")
+                   f"{f['period_ns'] / max(f['busy_steps'], 1):.0f}x the GPU busy time: the host is the bottleneck (see "
+                   "gpu_idle) — capture the decode step in a CUDA graph (torch.compile(mode=\"reduce-overhead\"), "
+                   "vLLM/TensorRT-LLM do this).")
     rec.append("Fewer bytes per token also help: fp8/int8/int4 weight quantization, a smaller KV cache (GQA, fp8 KV), "
                "speculative decoding.")
+    return rec
+
+
+def explain(ctx: AnalysisContext, cfg: dict, f: dict, sev: str) -> list[Finding]:
+    """Title, metrics (with the roofline numbers at this batch), evidence and the fixes; info when no step is
+    a decode step."""
+    d = _roofline(cfg, f)
+    metrics = _metrics(f, d)
+    basis, n_decode, mbu = f["basis"], f["n_decode"], f["mbu"]
+    confidence = {"gpu_metrics": "high", "ncu": "high", "shapes": "medium", "names": "low"}[basis]
+    evidence = _evidence(ctx, f, confidence)
+    saving = f["decode_gemm_ns"] * (1.0 - 1.0 / max(d["quote_b"], 1)) if n_decode else 0.0
+    sfrac = ctx.fraction(saving)
+    ridge_txt = f"{metrics['ridge_point']}" + (f" (measured ceilings; datasheet {metrics['ridge_point_spec']})"
+                                               if "ridge_point_measured" in metrics and "ridge_point_spec" in metrics else "")
+    ev_txt = f" [evidence: {basis}, confidence {confidence}]"
+    if not n_decode:
+        return [_no_decode(ctx, metrics, evidence, ridge_txt, ev_txt)]
+    mbu_txt = f"MBU {mbu:.1%}" if math.isfinite(mbu) else "MBU unknown (set memory_bound_decode.model_bytes)"
+    tok_txt = f"{'<=' if f['tokens_bound'] else ''}{metrics['tokens_per_step'] or '?'}"
+    title = (f"Decode is memory-bound: {n_decode} decode steps at {tok_txt} tokens/step, "
+             f"arithmetic intensity {metrics['arithmetic_intensity']} FLOP/B vs ridge point {ridge_txt}, {mbu_txt}" + ev_txt)
     return [Finding(analyzer=ID, severity=sev, title=title, metrics=metrics, estimated_saving_ns=int(saving),
-                    estimated_saving_fraction=round(sfrac, 6), recommendation=" ".join(rec), evidence=evidence,
-                    rank=ctx.rank)]
+                    estimated_saving_fraction=round(sfrac, 6), recommendation=" ".join(_advice(f, d, metrics, tok_txt)),
+                    evidence=evidence, rank=ctx.rank)]
 
 
 SPEC = AnalyzerSpec(ID, analyze, SETTINGS, evidence=(
