@@ -121,13 +121,13 @@ class AnalysisContext:
         return self.cached(key, compute)
 
     def name_map(self, fn: Callable[[str], Any], key: str, frame: pd.DataFrame | None = None,
-                 column: str = "kname", dtype=object) -> np.ndarray:
+                 column: str = "kname", dtype: type | str = object) -> np.ndarray:
         """``fn`` applied once per distinct name of ``column``, mapped back to every row."""
         frame = self.kernels if frame is None else frame
 
         return self.cached(("map", key, id(frame), column), lambda: per_value(frame[column], fn, dtype=dtype))
 
-    def kname_at(self, rows) -> np.ndarray:
+    def kname_at(self, rows: np.ndarray | list[int]) -> np.ndarray:
         """Kernel names (str) of the given rows of ctx.kernels, without converting the whole column."""
         col = self.kernels["kname"]
         cats = np.asarray(col.cat.categories, dtype=object)

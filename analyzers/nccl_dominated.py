@@ -37,6 +37,7 @@ compared with the ceiling (info; medium when below link_fraction_medium of it fo
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -47,6 +48,11 @@ from gpudoctor.model import collectives
 from gpudoctor.model.collectives import P2P_OPS
 from gpudoctor.model.columns import equals, per_value
 from gpudoctor.model.steps import union_ns
+
+if TYPE_CHECKING:
+    from gpudoctor.analyzers.context import AnalysisContext
+    from gpudoctor.model.trace import Trace
+
 
 ID = "nccl_dominated"
 
@@ -119,7 +125,7 @@ def overlap_ns(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray
     return ua, ub, max(ua + ub - uab, 0)
 
 
-def world_size(trace) -> int:
+def world_size(trace: Trace) -> int:
     """Ranks in the run: the inputs' ranks (shared meta), else the ranks table."""
     ranks = {i.get("rank") for i in (trace.meta.get("inputs") or []) if isinstance(i, dict) and i.get("rank") is not None}
     if not ranks:
@@ -132,7 +138,7 @@ def kernel_op(name: str) -> str:
     return _OPS.get(m.group(1).lower(), "other") if m else "other"
 
 
-def link_ceiling_gbps(ctx, cfg: dict) -> tuple[float | None, str]:
+def link_ceiling_gbps(ctx: AnalysisContext, cfg: dict) -> tuple[float | None, str]:
     """Per-GPU per-direction link ceiling (GB/s) and where it came from."""
     v = cfg.get("link_bandwidth_gbps")
     if v:
@@ -159,7 +165,7 @@ def bus_factor(op: str, n: int) -> float | None:
 # Sizes of the collectives
 
 
-def sized_collectives(ctx) -> pd.DataFrame:
+def sized_collectives(ctx: AnalysisContext) -> pd.DataFrame:
     """Collectives of the rank with bytes and a GPU span inside the window: op, bytes, comm_size, gpu_ns."""
     c = ctx.trace.collectives
     cols = ["op", "bytes", "comm_size", "start_ns", "end_ns"]
@@ -207,7 +213,7 @@ def bandwidth_by_op(sized: pd.DataFrame, world: int) -> list[dict]:
 # nccl-tests input
 
 
-def nccl_corruption(trace, rank: int | None = None) -> list[Finding]:
+def nccl_corruption(trace: Trace, rank: int | None = None) -> list[Finding]:
     """HIGH finding when an nccl-tests (or nccl-bench) log reports wrong elements (#wrong > 0)."""
     nt = trace.meta.get("nccl_tests")
     if not isinstance(nt, dict):
@@ -227,7 +233,7 @@ def nccl_corruption(trace, rank: int | None = None) -> list[Finding]:
         evidence={"ops": ops, "wrong_rows": rows[:20], "source": nt.get("path", "")}, rank=rank)]
 
 
-def nccl_tests_bandwidth(ctx, cfg: dict) -> list[Finding]:
+def nccl_tests_bandwidth(ctx: AnalysisContext, cfg: dict) -> list[Finding]:
     nt = ctx.trace.meta.get("nccl_tests")
     if not isinstance(nt, dict) or not nt.get("rows") or int(nt.get("wrong_total") or 0):
         return []
@@ -283,7 +289,7 @@ def _nccl_tests_rank(trace) -> int:
 # The analyzer
 
 
-def pipeline_p2p(trace) -> bool:
+def pipeline_p2p(trace: Trace) -> bool:
     """Whether the run has pipeline transfers: send/recv kernels, and either no collective recorded
     for them or a recorded point-to-point op (send / recv / send_recv). A run whose send/recv kernels
     all belong to collectives (NCCL runs all-to-all, and uneven all-gather / reduce-scatter, as grouped
@@ -317,7 +323,7 @@ def pipeline_p2p_mask(kernels: pd.DataFrame, collectives: pd.DataFrame) -> np.nd
     return out
 
 
-def pipeline_p2p_kernels(ctx) -> np.ndarray:
+def pipeline_p2p_kernels(ctx: AnalysisContext) -> np.ndarray:
     """For each steady-window kernel (``ctx.kernels``, clipped): a pipeline send/recv transfer?"""
     k = ctx.kernels
     if k.empty or not pipeline_p2p(ctx.trace):
@@ -326,7 +332,7 @@ def pipeline_p2p_kernels(ctx) -> np.ndarray:
     return full[k["trace_row"].to_numpy()] if "trace_row" in k else pipeline_p2p_mask(k, ctx.trace.collectives)
 
 
-def comm_metrics(ctx) -> dict:
+def comm_metrics(ctx: AnalysisContext) -> dict:
     """Communication / compute / overlap of one rank's steady window (ns and fractions).
 
     Pipeline send/recv kernels (``pipeline_p2p_kernels``) are left out (neither communication nor compute).
@@ -351,7 +357,7 @@ def comm_metrics(ctx) -> dict:
     }
 
 
-def measure(ctx, cfg: dict) -> dict | None:
+def measure(ctx: AnalysisContext, cfg: dict) -> dict | None:
     """Communication in the window (``comm_metrics``), the top communication kernels, collective sizes and
     bandwidths against the link ceiling; None when the rank runs no communication kernel."""
     if ctx.kernels.empty or ctx.window_ns <= 0:
@@ -435,7 +441,7 @@ def _advice(m: dict, cfg: dict) -> list[str]:
     return rec
 
 
-def explain(ctx, m: dict, sev: str, cfg: dict) -> Finding:
+def explain(ctx: AnalysisContext, m: dict, sev: str, cfg: dict) -> Finding:
     raw, window, saving = m["raw"], m["raw"]["window_ns"], m["saving_ns"]
     title = (f"Exposed communication {raw['exposed_comm_fraction']:.0%} of the steady-state window (communication "
              f"{raw['comm_fraction']:.0%}, {raw['overlap_fraction']:.0%} of it overlapped with compute)")
@@ -451,7 +457,7 @@ def explain(ctx, m: dict, sev: str, cfg: dict) -> Finding:
                    recommendation=" ".join(_advice(m, cfg)), evidence=evidence, rank=ctx.rank)
 
 
-def analyze(ctx) -> list[Finding]:
+def analyze(ctx: AnalysisContext) -> list[Finding]:
     cfg = ctx.config.section(ID)
     out: list[Finding] = []
     if isinstance(ctx.trace.meta.get("nccl_tests"), dict) and ctx.rank == _nccl_tests_rank(ctx.trace):

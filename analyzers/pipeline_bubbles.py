@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -54,6 +55,11 @@ from gpudoctor.analyzers.nccl_dominated import (
 from gpudoctor.analyzers.spec import AnalyzerSpec, Setting, fraction
 from gpudoctor.model.collectives import P2P_OPS, pair_p2p
 from gpudoctor.model.steps import union_ns
+
+if TYPE_CHECKING:
+    from gpudoctor.analyzers.context import AnalysisContext
+    from gpudoctor.model.trace import Trace
+
 
 ID = "pipeline_bubbles"
 
@@ -97,7 +103,7 @@ def microbatches_from_ranges(ranges: pd.DataFrame, pattern: str) -> int | None:
     return len(idx) or None
 
 
-def is_pipeline(trace) -> bool:
+def is_pipeline(trace: Trace) -> bool:
     k = trace.kernels
     if len(k) and pipeline_p2p(trace) and pipeline_p2p_mask(k, trace.collectives).any():
         return True
@@ -108,7 +114,7 @@ def is_pipeline(trace) -> bool:
     return bool((timeline & np.isin(c["op"].astype(str).to_numpy(), P2P_OPS)).any())
 
 
-def stages(ctx, cfg: dict) -> tuple[int, str]:
+def stages(ctx: AnalysisContext, cfg: dict) -> tuple[int, str]:
     """Pipeline stages p and where the number came from."""
     if cfg.get("pipeline_stages"):
         return int(cfg["pipeline_stages"]), "config"
@@ -121,7 +127,7 @@ def stages(ctx, cfg: dict) -> tuple[int, str]:
     return world_size(ctx.trace), "ranks in the run"
 
 
-def bubble_metrics(ctx) -> dict:
+def bubble_metrics(ctx: AnalysisContext) -> dict:
     k, mo = ctx.kernels, ctx.memops
     lo, hi = ctx.start_ns, ctx.end_ns
     window = max(hi - lo, 0)
@@ -139,7 +145,7 @@ def bubble_metrics(ctx) -> dict:
             "idle_fraction": (window - busy) / window if window else 0.0}
 
 
-def p2p_waits(ctx) -> dict:
+def p2p_waits(ctx: AnalysisContext) -> dict:
     """This rank's transfers in the window matched to the other side's (``pair_p2p`` on the whole run):
     how long its receives ran before the matching send started (waiting for the sending stage) and its
     sends before the matching receive did (waiting for the receiving stage). Empty without pairs."""
@@ -181,7 +187,7 @@ class Measurement:
     saving_ns: int
 
 
-def measure(ctx) -> Measurement | None:
+def measure(ctx: AnalysisContext) -> Measurement | None:
     """Bubble, p2p and idle time of the window, p / m / v and where they came from, the ideal bubble now and
     at target_m, and the matched send/recv waits; None when the rank runs no pipeline transfer."""
     if not is_pipeline(ctx.trace) or ctx.window_ns <= 0:
@@ -211,7 +217,7 @@ def measure(ctx) -> Measurement | None:
     return Measurement(m, metrics, p, p_source, mb, m_source, v, ideal, target_m, ideal_target, pw, saving)
 
 
-def severity(ctx, m: Measurement) -> str:
+def severity(ctx: AnalysisContext, m: Measurement) -> str:
     """high / medium on bubble_fraction by this analyzer's thresholds, else info (no "low" band: low = medium)."""
     cfg = ctx.config.section(ID)
     return severity_for(m.raw["bubble_fraction"], float(cfg["bubble_fraction_medium"]),
@@ -272,7 +278,7 @@ def _evidence(ctx, m: Measurement) -> dict:
     return evidence
 
 
-def explain(ctx, m: Measurement, sev: str) -> Finding:
+def explain(ctx: AnalysisContext, m: Measurement, sev: str) -> Finding:
     """Title (the bubble, near or far above the ideal), the fixes and the evidence."""
     bf, window = m.raw["bubble_fraction"], m.raw["window_ns"]
     far = _far_above(ctx, m)
@@ -285,7 +291,7 @@ def explain(ctx, m: Measurement, sev: str) -> Finding:
                    recommendation=" ".join(_advice(m, far)), evidence=_evidence(ctx, m), rank=ctx.rank)
 
 
-def analyze(ctx) -> list[Finding]:
+def analyze(ctx: AnalysisContext) -> list[Finding]:
     m = measure(ctx)
     return [] if m is None else [explain(ctx, m, severity(ctx, m))]
 

@@ -21,11 +21,16 @@ explain  One line per frame, naming the cause by what the host was doing, with t
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from gpudoctor.model.stacks import innermost_at, stack_frames
+
+if TYPE_CHECKING:
+    from gpudoctor.analyzers.context import AnalysisContext
+
 
 ID = "gpu_idle"  # its settings (frame_samples_per_gap, max_frames, ...) are gpu_idle's SETTINGS
 
@@ -62,7 +67,7 @@ def _api_stack(ctx, corr: np.ndarray) -> np.ndarray:
     return np.where(ok, s[at] if len(s) else -1, -1)
 
 
-def measure(ctx, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...],
+def measure(ctx: AnalysisContext, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...],
             call_causes: dict[str, str]) -> pd.DataFrame | None:
     """One row per (gap, charged stack): gap index, stack, its user stack and callee, kind (sync / module /
     launch / host), ns charged. ``call_causes``: cause -> regex of the API calls whose stack explains a
@@ -348,7 +353,7 @@ def _context(files: list[str], functions: list[str] = ()) -> str:
     return ""
 
 
-def frames_table(ctx, charged: pd.DataFrame, gaps: pd.DataFrame) -> list[dict]:
+def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame) -> list[dict]:
     """The user frames ranked by the GPU idle time charged to them, with per-step costs and their gaps."""
     sf, fr = _stack_info(ctx)
     cfg = ctx.config.section(ID)

@@ -26,6 +26,8 @@ returns [] from the other ranks' contexts. In steps: ``straggler_table`` measure
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
@@ -34,6 +36,10 @@ from gpudoctor.analyzers.nccl_dominated import comm_mask, intervals, overlap_ns,
 from gpudoctor.analyzers.spec import AnalyzerSpec, fraction
 from gpudoctor.model.steps import StepWindow, find_steps, union_ns
 from gpudoctor.model.trace import Trace
+
+if TYPE_CHECKING:
+    from gpudoctor.analyzers.context import AnalysisContext
+
 
 ID = "stragglers"
 
@@ -178,7 +184,7 @@ def findings_from_table(tab: pd.DataFrame, settings: dict | None, trace: Trace) 
     return [explain(m, tab, severity(m, cfg), pipeline_p2p(trace))]
 
 
-def analyze(ctx) -> list[Finding]:
+def analyze(ctx: AnalysisContext) -> list[Finding]:
     run = ctx.run_trace
     if run is None or ctx.rank != min(run.rank_ids or [0]):
         return []  # one finding per run, from its first rank

@@ -10,7 +10,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import threading
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +22,10 @@ from gpudoctor.dashboards import figures as F
 from gpudoctor.dashboards.timeline import TimelineIndex
 from gpudoctor.model import stats
 from gpudoctor.render import summaries as S
+
+if TYPE_CHECKING:  # dash and plotly are imported where the app is built (optional dependencies)
+    import dash
+    import plotly.graph_objects as go
 
 PAGES = [("/", "Overview"), ("/timeline", "Timeline"), ("/kernels", "Kernels"), ("/summaries", "Summaries"), ("/roofline", "Roofline"),
          ("/communication", "Communication"), ("/memory", "Memory"), ("/compare", "Compare")]
@@ -36,7 +42,7 @@ class Run:
     _cache: dict = field(default_factory=dict, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
-    def cached(self, key, fn):
+    def cached(self, key: Hashable, fn: Callable[[], Any]) -> Any:
         with self._lock:
             if key not in self._cache:
                 self._cache[key] = fn()
@@ -65,11 +71,11 @@ class Run:
     def rank_frame(self) -> pd.DataFrame:
         return self.cached("rank_frame", lambda: F.rank_frame(self.analysis))
 
-    def default_timeline(self):
+    def default_timeline(self) -> go.Figure:
         """The Timeline page's first view (the steady-state window), built once."""
         return self.cached("default_timeline", lambda: _timeline(self, F.default_view(self.analysis)))
 
-    def whole_timeline(self):
+    def whole_timeline(self) -> go.Figure:
         """The whole run, zoomed out."""
         return self.cached("whole_timeline", lambda: _timeline(self, None))
 
@@ -95,7 +101,7 @@ def _table(id_, df: pd.DataFrame, page_size: int = PAGE_SIZE, hidden=(), **kw):
         tooltip_duration=None, **kw)
 
 
-def host_allowed(host_header: str | None, names=()) -> bool:
+def host_allowed(host_header: str | None, names: Iterable[str] = ()) -> bool:
     """True when a request's Host header names this server: an IP literal, ``localhost`` or one of
     ``names``. Any other name is refused: a DNS-rebinding page reaches the server under the attacker's
     domain name, never under an IP literal the browser would treat as another origin."""
@@ -145,7 +151,7 @@ def _view_or_prevent(view) -> tuple[int, int]:
     return a, b
 
 
-def create_app(runs: list[Run], prepare: bool = True, allowed_hosts=()):
+def create_app(runs: list[Run], prepare: bool = True, allowed_hosts: Iterable[str] = ()) -> dash.Dash:
     """The Dash app serving ``runs`` (already analyzed). ``prepare`` builds timeline indexes up front.
     Requests whose Host header is not ``host_allowed`` (with ``allowed_hosts``) get 403."""
     import dash

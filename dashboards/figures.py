@@ -15,6 +15,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,11 @@ from gpudoctor.model.categories import categorize, short_names
 from gpudoctor.model.devices import peaks_for
 from gpudoctor.model.summary import in_window
 from gpudoctor.model.trace import Trace
+
+if TYPE_CHECKING:
+    from gpudoctor.analyzers.analysis import Analysis
+    from gpudoctor.analyzers.findings import Finding
+
 
 MAX_EXACT = 5000  # events drawn one by one when zoomed in to fewer than this many
 BINS = 800  # columns of the aggregated timeline (about one per pixel of a wide screen)
@@ -54,7 +60,7 @@ def _rgba(hex_color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def fmt_ns(v) -> str:
+def fmt_ns(v: float | int | str) -> str:
     v = float(v)
     if not math.isfinite(v):
         return "n/a"
@@ -64,7 +70,7 @@ def fmt_ns(v) -> str:
     return f"{v:.0f} ns"
 
 
-def fmt_bytes(v) -> str:
+def fmt_bytes(v: float | int | str) -> str:
     v = float(v)
     if not math.isfinite(v) or v < 0:
         return "n/a"
@@ -89,7 +95,7 @@ def run_origin_ns(trace: Trace) -> int:
 
 
 # ====================================================================================== overview
-def findings_frame(analysis) -> pd.DataFrame:
+def findings_frame(analysis: Analysis) -> pd.DataFrame:
     """Findings ranked by estimated saving, then severity: one row per finding (``idx`` = position in
     ``analysis.findings``, stable for callbacks)."""
     rows = []
@@ -116,7 +122,7 @@ def _metric(v) -> str:
     return str(v)
 
 
-def rank_frame(analysis) -> pd.DataFrame:
+def rank_frame(analysis: Analysis) -> pd.DataFrame:
     """Per-rank summary: steady window, steps, GPU busy, kernels, the category that took most time."""
     rows = []
     for r in analysis.ranks:
@@ -134,7 +140,7 @@ def rank_frame(analysis) -> pd.DataFrame:
                                        "gpu_busy_pct", "kernels", "steady_kernels", "top_category"])
 
 
-def category_frame(analysis) -> pd.DataFrame:
+def category_frame(analysis: Analysis) -> pd.DataFrame:
     """rank, category, total_ns, fraction (of the rank's steady-state window), categories in display order."""
     rows = []
     order = {c: i for i, c in enumerate(CATEGORIES)}
@@ -148,7 +154,7 @@ def category_frame(analysis) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def category_figure(analysis) -> go.Figure:
+def category_figure(analysis: Analysis) -> go.Figure:
     """Share of the steady-state window per kernel category, one bar per rank."""
     rows = []
     for r in analysis.ranks:
@@ -175,7 +181,7 @@ def category_figure(analysis) -> go.Figure:
 NOT_SAVING_GROUPS = frozenset({"gpu_side"})
 
 
-def finding_span(analysis, finding) -> tuple[int, int]:
+def finding_span(analysis: Analysis, finding: Finding) -> tuple[int, int]:
     """Where the timeline should jump for ``finding``: the span of its evidence example that carries the
     most of its saving (:func:`best_example`), padded by a tenth on each side (at least 50 us); else the
     rank's steady-state window."""
@@ -188,7 +194,7 @@ def finding_span(analysis, finding) -> tuple[int, int]:
     return int(s - pad), int(e + pad)
 
 
-def frame_gap_span(analysis, finding, frame: int, gap: int) -> tuple[int, int] | None:
+def frame_gap_span(analysis: Analysis, finding: Finding, frame: int, gap: int) -> tuple[int, int] | None:
     """Where the timeline should jump for gap ``gap`` of source line ``frame`` of ``finding`` (gpu_idle's
     ``evidence["frames"]``), padded like :func:`finding_span`; None when there is no such gap."""
     frames = (finding.evidence or {}).get("frames") or []
@@ -205,7 +211,7 @@ def _rank_window(analysis, finding) -> tuple[int, int]:
     return (summary.window.start_ns, summary.window.end_ns) if summary is not None else (0, 0)
 
 
-def example_span(analysis, finding, ex: dict | None) -> tuple[int, int] | None:
+def example_span(analysis: Analysis, finding: Finding, ex: dict | None) -> tuple[int, int] | None:
     """An example's (start, end) on the run clock: ``start_ns``/``end_ns``, or ``start_us``/``end_us``/
     ``dur_us`` after the rank's steady-state window start."""
     if ex is None:
@@ -220,7 +226,7 @@ def example_span(analysis, finding, ex: dict | None) -> tuple[int, int] | None:
     return s, s + int(round(float(ex.get("dur_us", 0)) * 1e3))
 
 
-def best_example(finding) -> dict | None:
+def best_example(finding: Finding) -> dict | None:
     """The evidence example that carries the most of the finding's saving: the longest timed example,
     leaving out groups that are not part of the saving (:data:`NOT_SAVING_GROUPS`). Ties go to the
     first. Examples are a list of dicts or lists per cause (a dict of lists)."""
@@ -266,7 +272,7 @@ MAX_COUNTER_TRACKS = 8  # counter names drawn as line tracks; the others are nam
 LANE_PX, COUNTER_PX = 40, 90
 
 
-def default_view(analysis) -> tuple[int, int] | None:
+def default_view(analysis: Analysis) -> tuple[int, int] | None:
     """The timeline's first view: the steady-state windows of all ranks (None: no window, whole run)."""
     ws = [(r.window.start_ns, r.window.end_ns) for r in analysis.ranks if r.window.end_ns > r.window.start_ns]
     if not ws:
@@ -491,7 +497,7 @@ def relayout_view(relayout: dict | None, origin_ns: int) -> tuple[int, int] | No
 
 
 # ====================================================================================== kernels
-def kernel_table(analysis, scope: str = "steady") -> pd.DataFrame:
+def kernel_table(analysis: Analysis, scope: str = "steady") -> pd.DataFrame:
     """One row per kernel (short name + full signature): time, count, mean, share of the window, category,
     tensor-core use and bound (from Nsight Compute metrics when the run has them).
 
@@ -742,7 +748,7 @@ def comm_bandwidth_figure(trace: Trace, ceilings: dict | None = None, link_bytes
 COMM_ANALYZERS = ("nccl_dominated", "pipeline_bubbles", "stragglers")
 
 
-def analysis_link_ceiling(analysis, ceilings: dict | None = None) -> float | None:
+def analysis_link_ceiling(analysis: Analysis, ceilings: dict | None = None) -> float | None:
     """Link ceiling (bytes/s): measured ceilings first, else what the nccl_dominated analyzer used."""
     link, _ = link_ceiling(ceilings)
     if link:
@@ -754,7 +760,7 @@ def analysis_link_ceiling(analysis, ceilings: dict | None = None) -> float | Non
     return None
 
 
-def comm_findings_frame(analysis) -> pd.DataFrame:
+def comm_findings_frame(analysis: Analysis) -> pd.DataFrame:
     """Per-rank exposed communication and pipeline bubbles: the (scalar) metrics of those findings."""
     rows = []
     for f in analysis.findings:
@@ -768,7 +774,7 @@ def comm_findings_frame(analysis) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["rank", "analyzer", "metric", "value", "severity"])
 
 
-def comm_fraction_figure(analysis) -> go.Figure:
+def comm_fraction_figure(analysis: Analysis) -> go.Figure:
     """Bars per rank of the *_fraction metrics of the communication findings (exposed comm, bubbles)."""
     rows = []
     for f in analysis.findings:
@@ -788,7 +794,7 @@ def comm_fraction_figure(analysis) -> go.Figure:
     return fig
 
 
-def straggler_findings_frame(analysis) -> pd.DataFrame:
+def straggler_findings_frame(analysis: Analysis) -> pd.DataFrame:
     """The per-rank table of the stragglers analyzer (step time, compute and exposed comm per step)."""
     for f in analysis.findings:
         ranks = f.metrics.get("ranks") if f.analyzer == "stragglers" else None
@@ -889,7 +895,7 @@ def _downsample_step(t: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.
     return t[keep], y[keep]
 
 
-def kv_frame(analysis) -> pd.DataFrame:
+def kv_frame(analysis: Analysis) -> pd.DataFrame:
     """KV-cache waste: the metrics of kv_fragmentation findings (and any finding with kv_ metrics)."""
     rows = []
     for f in analysis.findings:
@@ -904,7 +910,7 @@ def kv_frame(analysis) -> pd.DataFrame:
 
 
 # ====================================================================================== compare
-def per_step_frame(analysis) -> tuple[pd.DataFrame, int]:
+def per_step_frame(analysis: Analysis) -> tuple[pd.DataFrame, int]:
     """Kernel time per steady step by kernel name (summed over ranks, divided by the steady steps of each
     rank): (frame[kernel, category, count_per_step, us_per_step], steps)."""
     parts, steps_total = [], 0
@@ -928,7 +934,7 @@ def per_step_frame(analysis) -> tuple[pd.DataFrame, int]:
     return g.drop(columns="ns"), steps_total
 
 
-def compare_frame(a, b) -> pd.DataFrame:
+def compare_frame(a: Analysis, b: Analysis) -> pd.DataFrame:
     """Per-kernel difference per step between run A and run B (B - A), largest absolute change first."""
     fa, _ = per_step_frame(a)
     fb, _ = per_step_frame(b)
@@ -944,7 +950,7 @@ def compare_frame(a, b) -> pd.DataFrame:
                       "count_per_step_b": 2}).reset_index(drop=True)
 
 
-def step_time(analysis) -> float:
+def step_time(analysis: Analysis) -> float:
     """Median steady step (ms) of the first rank with steps, else the steady window length."""
     for r in analysis.ranks:
         if len(r.window.steady):
@@ -952,7 +958,7 @@ def step_time(analysis) -> float:
     return analysis.ranks[0].window.duration_ns / 1e6 if analysis.ranks else float("nan")
 
 
-def compare_figure(a, b, name_a: str = "A", name_b: str = "B", top: int = 15) -> go.Figure:
+def compare_figure(a: Analysis, b: Analysis, name_a: str = "A", name_b: str = "B", top: int = 15) -> go.Figure:
     """The kernels whose time per step changed most from run A to run B."""
     df = compare_frame(a, b)
     if df.empty:
@@ -986,7 +992,7 @@ def kernel_delta_figure(df: pd.DataFrame, title: str, top: int = 15) -> go.Figur
 
 
 # ====================================================================================== summaries
-def example_caption(analysis, finding) -> str:
+def example_caption(analysis: Analysis, finding: Finding) -> str:
     """What the finding's timeline example shows: its cause or name, length and start."""
     ex = best_example(finding)
     span = example_span(analysis, finding, ex)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -21,6 +22,10 @@ from gpudoctor.dashboards import figures as F
 from gpudoctor.dashboards.timeline import TimelineIndex
 from gpudoctor.model import stats
 from gpudoctor.render import summaries as S
+
+if TYPE_CHECKING:
+    from gpudoctor.analyzers.analysis import Analysis
+
 
 MAX_EVIDENCE_FIGURES = 5  # findings (largest saving first) whose example gets its own timeline
 
@@ -69,7 +74,7 @@ def _figure_html(fig, div_id: str) -> str:
                        config={"displaylogo": False, "responsive": True})
 
 
-def build_report(analysis, name: str, ceilings: dict | None = None) -> str:
+def build_report(analysis: Analysis, name: str, ceilings: dict | None = None) -> str:
     """The report of one analyzed run as one HTML string (plotly.js inlined once)."""
     from plotly.offline import get_plotlyjs
 
@@ -179,7 +184,7 @@ def build_report(analysis, name: str, ceilings: dict | None = None) -> str:
     return head + "\n".join(parts) + "</body></html>"
 
 
-def typical_step(analysis) -> tuple[int, int] | None:
+def typical_step(analysis: Analysis) -> tuple[int, int] | None:
     """The GPU span of the first rank's median steady step (by duration), or None."""
     if not analysis.ranks or not len(analysis.ranks[0].window.steady):
         return None
@@ -212,5 +217,5 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_text(path, text)
 
 
-def write_report(path: str | os.PathLike, analysis, name: str, ceilings: dict | None = None) -> Path:
+def write_report(path: str | os.PathLike, analysis: Analysis, name: str, ceilings: dict | None = None) -> Path:
     return write_atomic(path, build_report(analysis, name, ceilings))
