@@ -71,22 +71,50 @@ def measure(ctx: AnalysisContext, gaps: pd.DataFrame, cause: np.ndarray, causes:
             call_causes: dict[str, str]) -> pd.DataFrame | None:
     """One row per (gap, charged stack): gap index, stack, its user stack and callee, kind (sync / module /
     launch / host), ns charged. ``call_causes``: cause -> regex of the API calls whose stack explains a
-    gap of that cause (host_sync: the syncs; module_load: the module loads)."""
+    gap of that cause (host_sync: the syncs; module_load: the module loads). Sources, first that applies:
+    Python samples; the stack of the sync / module-load call; the launch that ended a launch-bound gap;
+    what the host thread ran (traced calls or CPU samples); the launch that ended the gap."""
     info = _stack_info(ctx)
     if info is None or not len(gaps):
         return None
-    sf, _ = info
-    cfg = ctx.config.section(ID)
-    g0 = gaps["g0"].to_numpy(np.int64)
-    g1 = gaps["g1"].to_numpy(np.int64)
-    dur = g1 - g0
+    sf, fr = info
+    dur = gaps["g1"].to_numpy(np.int64) - gaps["g0"].to_numpy(np.int64)
     fixable = cause != causes.index("gpu_side")
-    stack = np.full(len(gaps), -1, np.int64)
-    kind = np.full(len(gaps), -1, np.int64)
     sampled, covered = _from_python_samples(ctx, gaps, fixable, cause, causes, call_causes)
     fixable = fixable & ~covered  # the rest: from the stacks of API calls and traced calls, as below
+    stack, kind = _from_call_stacks(ctx, gaps, fixable, cause, causes, call_causes)
+    nxt_stack = _api_stack(ctx, _next_launch_correlation(ctx, gaps))
+    lb = fixable & (kind < 0) & (cause == causes.index("launch_bound")) & (nxt_stack >= 0)
+    stack[lb], kind[lb] = nxt_stack[lb], KINDS.index("launch")
+    parts = [sampled, pd.DataFrame({"gap": np.flatnonzero(kind >= 0), "stack": stack[kind >= 0],
+                                    "kind": kind[kind >= 0], "ns": dur[kind >= 0].astype(np.float64)})]
+    rest = np.flatnonzero(fixable & (kind < 0))
+    hosted = _from_host_stacks(ctx, sf, gaps, rest)
+    if hosted is not None:
+        parts.append(hosted)
+        rest = np.setdiff1d(rest, hosted["gap"].to_numpy(np.int64))
+    # no host stacks for a gap: the launch that ended it
+    fallback = rest[nxt_stack[rest] >= 0]
+    parts.append(pd.DataFrame({"gap": fallback, "stack": nxt_stack[fallback], "kind": KINDS.index("host"),
+                               "ns": dur[fallback].astype(np.float64)}))
+    out = pd.concat(parts, ignore_index=True)
+    stk = out["stack"].to_numpy(np.int64)
+    user = sf["user_stack"].to_numpy()[stk]
+    if (user < 0).any():  # native-only stacks (nsys backtraces): the innermost frame above CUDA and the profiler
+        uniq, inv = np.unique(stk[user < 0], return_inverse=True)
+        user[user < 0] = np.array([_native_anchor(sf, fr, int(u)) for u in uniq], dtype=np.int64)[inv.ravel()]
+    out["user_stack"] = user
+    out["callee_stack"] = sf["callee_stack"].to_numpy()[stk]
+    return out
 
-    # host_sync / module_load: the last such call starting before the gap ends, when it overlaps the gap
+
+def _from_call_stacks(ctx: AnalysisContext, gaps: pd.DataFrame, fixable: np.ndarray, cause: np.ndarray,
+                      causes: tuple[str, ...], call_causes: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """host_sync / module_load gaps: the stack of the last such call starting before the gap ends, when it
+    overlaps the gap. Returns (stack, kind) per gap, -1 where none."""
+    g0, g1 = gaps["g0"].to_numpy(np.int64), gaps["g1"].to_numpy(np.int64)
+    stack = np.full(len(gaps), -1, np.int64)
+    kind = np.full(len(gaps), -1, np.int64)
     api = ctx.api_calls
     for c, pattern in call_causes.items():
         calls = api[ctx.name_mask(pattern, api, "name") & (api["stack_id"].to_numpy() >= 0)]
@@ -100,71 +128,61 @@ def measure(ctx: AnalysisContext, gaps: pd.DataFrame, cause: np.ndarray, causes:
         jj = np.clip(j, 0, None)
         hit = fixable & (kind < 0) & (cause == causes.index(c)) & (j >= 0) & (s1[jj] > g0)
         stack[hit], kind[hit] = ss[jj][hit], KINDS.index("sync" if c == "host_sync" else "module")
+    return stack, kind
 
-    # launch_bound: the launch that ended the gap
-    la = ctx.launches()
-    nxt_corr = np.full(len(gaps), -1, np.int64)
+
+def _next_launch_correlation(ctx: AnalysisContext, gaps: pd.DataFrame) -> np.ndarray:
+    """Correlation id of the kernel or memop that ended each gap, -1 where none."""
+    out = np.full(len(gaps), -1, np.int64)
     has_next = gaps["next_row"].to_numpy(np.int64) >= 0
     if has_next.any():
         is_k = gaps["next_is_kernel"].to_numpy(bool)
         rows = gaps["next_row"].to_numpy(np.int64)
         kc = ctx.kernels["correlation_id"].to_numpy(np.int64)
         mc = ctx.memops["correlation_id"].to_numpy(np.int64)
-        nxt_corr = np.where(has_next & is_k, kc[np.clip(rows, 0, max(len(kc) - 1, 0))] if len(kc) else -1,
-                            np.where(has_next, mc[np.clip(rows, 0, max(len(mc) - 1, 0))] if len(mc) else -1, -1))
-    nxt_stack = _api_stack(ctx, nxt_corr)
-    lb = fixable & (kind < 0) & (cause == causes.index("launch_bound")) & (nxt_stack >= 0)
-    stack[lb], kind[lb] = nxt_stack[lb], KINDS.index("launch")
+        out = np.where(has_next & is_k, kc[np.clip(rows, 0, max(len(kc) - 1, 0))] if len(kc) else -1,
+                       np.where(has_next, mc[np.clip(rows, 0, max(len(mc) - 1, 0))] if len(mc) else -1, -1))
+    return out
 
-    parts = [sampled, pd.DataFrame({"gap": np.flatnonzero(kind >= 0), "stack": stack[kind >= 0],
-                                    "kind": kind[kind >= 0], "ns": dur[kind >= 0].astype(np.float64)})]
-    # the rest: what the host thread was running during the gap
-    rest = np.flatnonzero(fixable & (kind < 0))
+
+def _from_host_stacks(ctx: AnalysisContext, sf: pd.DataFrame, gaps: pd.DataFrame,
+                      rest: np.ndarray) -> pd.DataFrame | None:
+    """Gaps ``rest``: what the host thread was running during them, from torch.profiler's traced calls or
+    nsys's CPU samples (not the Python samples, used before). None when the trace has neither."""
+    g0, g1 = gaps["g0"].to_numpy(np.int64), gaps["g1"].to_numpy(np.int64)
+    dur = g1 - g0
     hs = ctx.trace.host_stacks
     hs = hs[hs["source"].astype(str).to_numpy() != "python_sample"]
+    la = ctx.launches()
     launched = la[la["launched"]]
-    if len(rest) and len(hs) and len(launched):
-        # the thread with Python stacks that launches the most GPU work (backward launches from the autograd
-        # thread, which has no Python stack: sampling it would say nothing)
-        py_threads = hs["thread_id"].unique()
-        launching = launched.loc[launched["thread_id"].isin(py_threads), "thread_id"]
-        thread = int(launching.mode().iloc[0]) if len(launching) else int(py_threads[0])
-        mine = hs[hs["thread_id"].to_numpy() == thread]
-        calls = mine["end_ns"].to_numpy(np.int64) > mine["start_ns"].to_numpy(np.int64)
-        if calls.any():  # nested calls (torch.profiler): what ran at evenly spaced times of the gap
-            k = max(int(cfg["frame_samples_per_gap"]), 1)
-            frac = (np.arange(k) + 0.5) / k
-            t = (g0[rest, None] + dur[rest, None] * frac[None, :]).astype(np.int64).ravel()
-            sampled = innermost_at(mine[calls], sf["depth"].to_numpy(np.int64), thread, t)
-            gap_of = np.repeat(rest, k)
-            ok = sampled >= 0
-            weight = np.full(len(t), 1.0 / k)
-        else:  # samples (nsys): the samples taken inside the gap share it
-            ts = mine["start_ns"].to_numpy(np.int64)
-            order = np.argsort(ts, kind="stable")
-            lo, hi = np.searchsorted(ts[order], g0[rest]), np.searchsorted(ts[order], g1[rest])
-            n = hi - lo
-            gap_of = np.repeat(rest, n)
-            idx = order[np.repeat(lo, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))]
-            sampled = mine["stack_id"].to_numpy(np.int64)[idx]
-            ok = sampled >= 0
-            weight = 1.0 / np.repeat(np.maximum(n, 1), n)
-        parts.append(pd.DataFrame({"gap": gap_of[ok], "stack": sampled[ok], "kind": KINDS.index("host"),
-                                   "ns": (dur[gap_of[ok]] * weight[ok]).astype(np.float64)}))
-        rest = np.setdiff1d(rest, gap_of[ok])
-    # no host stacks for a gap: the launch that ended it
-    fallback = rest[nxt_stack[rest] >= 0]
-    parts.append(pd.DataFrame({"gap": fallback, "stack": nxt_stack[fallback], "kind": KINDS.index("host"),
-                               "ns": dur[fallback].astype(np.float64)}))
-    out = pd.concat(parts, ignore_index=True)
-    stk = out["stack"].to_numpy(np.int64)
-    user = sf["user_stack"].to_numpy()[stk]
-    if (user < 0).any():  # native-only stacks (nsys backtraces): the innermost frame above CUDA and the profiler
-        uniq, inv = np.unique(stk[user < 0], return_inverse=True)
-        user[user < 0] = np.array([_native_anchor(sf, info[1], int(u)) for u in uniq], dtype=np.int64)[inv.ravel()]
-    out["user_stack"] = user
-    out["callee_stack"] = sf["callee_stack"].to_numpy()[stk]
-    return out
+    if not (len(rest) and len(hs) and len(launched)):
+        return None
+    # the thread with Python stacks that launches the most GPU work (backward launches from the autograd
+    # thread, which has no Python stack: sampling it would say nothing)
+    py_threads = hs["thread_id"].unique()
+    launching = launched.loc[launched["thread_id"].isin(py_threads), "thread_id"]
+    thread = int(launching.mode().iloc[0]) if len(launching) else int(py_threads[0])
+    mine = hs[hs["thread_id"].to_numpy() == thread]
+    calls = mine["end_ns"].to_numpy(np.int64) > mine["start_ns"].to_numpy(np.int64)
+    if calls.any():  # nested calls (torch.profiler): what ran at evenly spaced times of the gap
+        k = max(int(ctx.config.section(ID)["frame_samples_per_gap"]), 1)
+        frac = (np.arange(k) + 0.5) / k
+        t = (g0[rest, None] + dur[rest, None] * frac[None, :]).astype(np.int64).ravel()
+        sampled = innermost_at(mine[calls], sf["depth"].to_numpy(np.int64), thread, t)
+        gap_of = np.repeat(rest, k)
+        weight = np.full(len(t), 1.0 / k)
+    else:  # samples (nsys): the samples taken inside the gap share it
+        ts = mine["start_ns"].to_numpy(np.int64)
+        order = np.argsort(ts, kind="stable")
+        lo, hi = np.searchsorted(ts[order], g0[rest]), np.searchsorted(ts[order], g1[rest])
+        n = hi - lo
+        gap_of = np.repeat(rest, n)
+        idx = order[np.repeat(lo, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))]
+        sampled = mine["stack_id"].to_numpy(np.int64)[idx]
+        weight = 1.0 / np.repeat(np.maximum(n, 1), n)
+    ok = sampled >= 0
+    return pd.DataFrame({"gap": gap_of[ok], "stack": sampled[ok], "kind": KINDS.index("host"),
+                         "ns": (dur[gap_of[ok]] * weight[ok]).astype(np.float64)})
 
 
 CAUSE_KIND = {"host_sync": "sync", "module_load": "module", "launch_bound": "launch"}
