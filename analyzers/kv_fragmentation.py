@@ -274,46 +274,65 @@ def measure(ctx: AnalysisContext) -> Measurement | None:
     # training run's activations look the same): speak only when the user gave a memory snapshot.
     if tok.empty and not has_vllm and alloc["source"] != "torch_snapshot":
         return None
-
-    # Keys in the order reports show them; unknown values are left out of the finding.
-    m: dict = {k: None for k in (
-        "waste_fraction", "layout", "reservation_fraction", "internal_fragmentation_fraction", "extra_sequences",
-        "wasted_bytes", "pattern", "pattern_allocations", "pattern_allocation_bytes", "pattern_bytes",
-        "pattern_share", "waste_source", "waste_fraction_last", "waste_fraction_max", "samples", "used_tokens",
-        "allocated_tokens", "wasted_tokens", "block_tokens", "max_len_tokens", "sequences", "sequences_source",
-        "avg_sequence_tokens", "bytes_per_token", "bytes_per_token_source", "pool_tokens", "pool_free_fraction",
-        "kv_cache_usage", "num_gpu_blocks", "allocator_source", "reserved_bytes", "allocated_bytes",
-        "allocator_free_bytes", "inactive_split_bytes", "largest_free_block_bytes", "free_fragmentation",
-        "allocator_rounding_bytes")}
+    m = dict.fromkeys(METRIC_KEYS)
     evidence: dict = {"window": ctx.window.describe()}
-
     if alloc is not None:
-        m.update(allocator_source=alloc["source"], pattern=alloc["pattern"],
-                 pattern_allocations=alloc["allocations"] or None,
-                 pattern_allocation_bytes=alloc["allocation_bytes"] or None,
-                 pattern_bytes=alloc["pattern_bytes"] or None, pattern_share=alloc["share"] or None,
-                 reserved_bytes=alloc["reserved_bytes"], allocated_bytes=alloc["allocated_bytes"],
-                 allocator_free_bytes=alloc["allocator_free_bytes"],
-                 inactive_split_bytes=alloc["inactive_split_bytes"],
-                 largest_free_block_bytes=alloc["largest_free_block_bytes"],
-                 free_fragmentation=alloc["free_fragmentation"],
-                 allocator_rounding_bytes=alloc["allocator_rounding_bytes"])
-        evidence["allocator"] = {"source": alloc["source"], "device_id": alloc["device_id"], "what": alloc["what"],
-                                 "live_bytes": alloc["live_bytes"],
-                                 "largest_allocation_bytes": alloc["largest_allocation_bytes"]}
-
-    # vLLM state (latest scrape)
+        _allocator_metrics(m, evidence, alloc)
     if has_vllm:
-        last = vl[np.isfinite(vl["usage"].to_numpy(np.float64))].iloc[-1]
-        m["kv_cache_usage"] = round(float(last["usage"]), 6)
-        if math.isfinite(last["usage"]):
-            m["pool_free_fraction"] = round(1.0 - float(last["usage"]), 6)
-        if math.isfinite(last["num_gpu_blocks"]):
-            m["num_gpu_blocks"] = int(last["num_gpu_blocks"])
-            if math.isfinite(last["block_size"]):
-                m["pool_tokens"] = int(last["num_gpu_blocks"] * last["block_size"])
+        _vllm_state(m, vl)
+    seq_global, seq_src = _sequences(tok, vl, has_vllm, alloc)
+    waste = None
+    if not tok.empty:
+        waste = _token_waste(ctx, m, evidence, tok, seq_global)
+    elif has_vllm:
+        waste = _vllm_waste(m, evidence, vl)
+    m["layout"] = _layout(m, has_vllm, alloc)
+    _sizes(ctx, m, tok, alloc, seq_global, seq_src)
+    return Measurement(m, evidence, alloc, waste)
 
-    # ---- token slots: annotations first, vLLM estimate second
+
+# Keys in the order reports show them; unknown values are left out of the finding.
+METRIC_KEYS = (
+    "waste_fraction", "layout", "reservation_fraction", "internal_fragmentation_fraction", "extra_sequences",
+    "wasted_bytes", "pattern", "pattern_allocations", "pattern_allocation_bytes", "pattern_bytes",
+    "pattern_share", "waste_source", "waste_fraction_last", "waste_fraction_max", "samples", "used_tokens",
+    "allocated_tokens", "wasted_tokens", "block_tokens", "max_len_tokens", "sequences", "sequences_source",
+    "avg_sequence_tokens", "bytes_per_token", "bytes_per_token_source", "pool_tokens", "pool_free_fraction",
+    "kv_cache_usage", "num_gpu_blocks", "allocator_source", "reserved_bytes", "allocated_bytes",
+    "allocator_free_bytes", "inactive_split_bytes", "largest_free_block_bytes", "free_fragmentation",
+    "allocator_rounding_bytes")
+
+
+def _allocator_metrics(m: dict, evidence: dict, alloc: dict) -> None:
+    m.update(allocator_source=alloc["source"], pattern=alloc["pattern"],
+             pattern_allocations=alloc["allocations"] or None,
+             pattern_allocation_bytes=alloc["allocation_bytes"] or None,
+             pattern_bytes=alloc["pattern_bytes"] or None, pattern_share=alloc["share"] or None,
+             reserved_bytes=alloc["reserved_bytes"], allocated_bytes=alloc["allocated_bytes"],
+             allocator_free_bytes=alloc["allocator_free_bytes"],
+             inactive_split_bytes=alloc["inactive_split_bytes"],
+             largest_free_block_bytes=alloc["largest_free_block_bytes"],
+             free_fragmentation=alloc["free_fragmentation"],
+             allocator_rounding_bytes=alloc["allocator_rounding_bytes"])
+    evidence["allocator"] = {"source": alloc["source"], "device_id": alloc["device_id"], "what": alloc["what"],
+                             "live_bytes": alloc["live_bytes"],
+                             "largest_allocation_bytes": alloc["largest_allocation_bytes"]}
+
+
+def _vllm_state(m: dict, vl: pd.DataFrame) -> None:
+    """vLLM's pool at the latest scrape."""
+    last = vl[np.isfinite(vl["usage"].to_numpy(np.float64))].iloc[-1]
+    m["kv_cache_usage"] = round(float(last["usage"]), 6)
+    if math.isfinite(last["usage"]):
+        m["pool_free_fraction"] = round(1.0 - float(last["usage"]), 6)
+    if math.isfinite(last["num_gpu_blocks"]):
+        m["num_gpu_blocks"] = int(last["num_gpu_blocks"])
+        if math.isfinite(last["block_size"]):
+            m["pool_tokens"] = int(last["num_gpu_blocks"] * last["block_size"])
+
+
+def _sequences(tok: pd.DataFrame, vl: pd.DataFrame, has_vllm: bool, alloc: dict | None) -> tuple[float | None, str | None]:
+    """How many sequences hold the cache, and from where: annotations, vLLM, else the allocator."""
     seq_global, seq_src = None, None
     if not tok.empty and np.isfinite(tok["requests"]).any():
         seq_global, seq_src = float(tok["requests"][np.isfinite(tok["requests"])].iloc[-1]), "annotations"
@@ -325,60 +344,69 @@ def measure(ctx: AnalysisContext) -> Measurement | None:
         # identical buffers count requests only when nothing says the cache is paged (per-layer pools of a
         # paged engine are identical too)
         seq_global, seq_src = float(alloc["allocations"]), "allocator: one buffer per request"
+    return seq_global, seq_src
 
+
+def _token_waste(ctx: AnalysisContext, m: dict, evidence: dict, tok: pd.DataFrame, seq_global: float | None) -> float:
+    """Empty token slots from the annotations: the waste fraction, split into reservation and rounding."""
+    used = tok["used"].to_numpy(np.float64)
+    allocated = tok["allocated"].to_numpy(np.float64)
+    inconsistent = int((used > allocated).sum())
+    used_c = np.minimum(used, allocated)
+    wasted = allocated - used_c
+    block = tok["block"].to_numpy(np.float64)
+    req = tok["requests"].to_numpy(np.float64)
+    if seq_global is not None:
+        req = np.where(np.isfinite(req), req, seq_global)
+    internal, reservation = _split(wasted, block, req)
+    total = allocated.sum()
+    waste = float(wasted.sum() / total)
+    per = wasted / allocated
+    m.update(waste_fraction=round(waste, 6), waste_source="annotations", samples=int(len(tok)),
+             waste_fraction_last=round(float(per[-1]), 6), waste_fraction_max=round(float(per.max()), 6),
+             used_tokens=int(used[-1]), allocated_tokens=int(allocated[-1]), wasted_tokens=int(wasted[-1]),
+             reservation_fraction=round(float(reservation.sum() / total), 6),
+             internal_fragmentation_fraction=round(float(internal.sum() / total), 6))
+    fb = block[np.isfinite(block)]
+    if len(fb):
+        m["block_tokens"] = int(fb[-1])
+    pt = tok["pool_tokens"].to_numpy(np.float64)
+    if np.isfinite(pt).any():
+        m["pool_tokens"] = int(pt[np.isfinite(pt)][-1])
+    if inconsistent:
+        evidence["inconsistent_samples"] = f"{inconsistent} samples report more used than allocated tokens (used capped)"
+    n_list = int(_cfg(ctx, "max_samples_listed"))
+    idx = np.unique(np.r_[np.argsort(-per, kind="stable")[:n_list - 1], len(tok) - 1])[:n_list]
+    evidence["examples"] = [{"start_ns": int(tok["ts_ns"].iat[i]), "start_us": ctx.rel_us(tok["ts_ns"].iat[i]),
+                            "used_tokens": int(used[i]), "allocated_tokens": int(allocated[i]),
+                            "waste_fraction": round(float(per[i]), 4)} for i in idx.tolist()]
+    return waste
+
+
+def _vllm_waste(m: dict, evidence: dict, vl: pd.DataFrame) -> float | None:
+    """vLLM publishes blocks in use, not tokens: half a block per running sequence, estimated."""
     waste = None
-    if not tok.empty:
-        used = tok["used"].to_numpy(np.float64)
-        allocated = tok["allocated"].to_numpy(np.float64)
-        inconsistent = int((used > allocated).sum())
-        used_c = np.minimum(used, allocated)
-        wasted = allocated - used_c
-        block = tok["block"].to_numpy(np.float64)
-        req = tok["requests"].to_numpy(np.float64)
-        if seq_global is not None:
-            req = np.where(np.isfinite(req), req, seq_global)
-        internal, reservation = _split(wasted, block, req)
-        total = allocated.sum()
-        waste = float(wasted.sum() / total)
-        per = wasted / allocated
-        m.update(waste_fraction=round(waste, 6), waste_source="annotations", samples=int(len(tok)),
-                 waste_fraction_last=round(float(per[-1]), 6), waste_fraction_max=round(float(per.max()), 6),
-                 used_tokens=int(used[-1]), allocated_tokens=int(allocated[-1]), wasted_tokens=int(wasted[-1]),
-                 reservation_fraction=round(float(reservation.sum() / total), 6),
-                 internal_fragmentation_fraction=round(float(internal.sum() / total), 6))
-        fb = block[np.isfinite(block)]
-        if len(fb):
-            m["block_tokens"] = int(fb[-1])
-        pt = tok["pool_tokens"].to_numpy(np.float64)
-        if np.isfinite(pt).any():
-            m["pool_tokens"] = int(pt[np.isfinite(pt)][-1])
-        if inconsistent:
-            evidence["inconsistent_samples"] = f"{inconsistent} samples report more used than allocated tokens (used capped)"
-        n_list = int(_cfg(ctx, "max_samples_listed"))
-        idx = np.unique(np.r_[np.argsort(-per, kind="stable")[:n_list - 1], len(tok) - 1])[:n_list]
-        evidence["examples"] = [{"start_ns": int(tok["ts_ns"].iat[i]), "start_us": ctx.rel_us(tok["ts_ns"].iat[i]),
-                                "used_tokens": int(used[i]), "allocated_tokens": int(allocated[i]),
-                                "waste_fraction": round(float(per[i]), 4)} for i in idx.tolist()]
-    elif has_vllm:
-        v = vl.dropna(subset=["usage", "num_gpu_blocks", "block_size", "running"])
-        if not v.empty:
-            slots = (v["usage"] * v["num_gpu_blocks"] * v["block_size"]).to_numpy(np.float64)
-            rounding = np.minimum(v["running"].to_numpy(np.float64) * (v["block_size"].to_numpy(np.float64) - 1) / 2.0,
-                                  slots)
-            if slots.sum() > 0:
-                waste = float(rounding.sum() / slots.sum())
-                last = v.iloc[-1]
-                m.update(waste_fraction=round(waste, 6), waste_source="vllm_metrics_estimate", samples=int(len(v)),
-                         waste_fraction_last=round(float(rounding[-1] / slots[-1]), 6) if slots[-1] > 0 else None,
-                         waste_fraction_max=round(float(np.max(np.divide(rounding, slots, out=np.zeros_like(slots),
-                                                                          where=slots > 0))), 6),
-                         allocated_tokens=int(slots[-1]), wasted_tokens=int(round(rounding[-1])),
-                         block_tokens=int(last["block_size"]), reservation_fraction=0.0,
-                         internal_fragmentation_fraction=round(waste, 6))
-                evidence["estimate"] = ("vLLM publishes blocks in use, not tokens: waste estimated as half a block "
-                                        "per running sequence")
+    v = vl.dropna(subset=["usage", "num_gpu_blocks", "block_size", "running"])
+    if not v.empty:
+        slots = (v["usage"] * v["num_gpu_blocks"] * v["block_size"]).to_numpy(np.float64)
+        rounding = np.minimum(v["running"].to_numpy(np.float64) * (v["block_size"].to_numpy(np.float64) - 1) / 2.0,
+                              slots)
+        if slots.sum() > 0:
+            waste = float(rounding.sum() / slots.sum())
+            last = v.iloc[-1]
+            m.update(waste_fraction=round(waste, 6), waste_source="vllm_metrics_estimate", samples=int(len(v)),
+                     waste_fraction_last=round(float(rounding[-1] / slots[-1]), 6) if slots[-1] > 0 else None,
+                     waste_fraction_max=round(float(np.max(np.divide(rounding, slots, out=np.zeros_like(slots),
+                                                                      where=slots > 0))), 6),
+                     allocated_tokens=int(slots[-1]), wasted_tokens=int(round(rounding[-1])),
+                     block_tokens=int(last["block_size"]), reservation_fraction=0.0,
+                     internal_fragmentation_fraction=round(waste, 6))
+            evidence["estimate"] = ("vLLM publishes blocks in use, not tokens: waste estimated as half a block "
+                                    "per running sequence")
+    return waste
 
-    # ---- layout
+
+def _layout(m: dict, has_vllm: bool, alloc: dict | None) -> str:
     b = m["block_tokens"]
     if b is not None and b > 1:
         layout = "paged"
@@ -392,9 +420,13 @@ def measure(ctx: AnalysisContext) -> Measurement | None:
         layout = "unknown"
     if layout == "contiguous" and alloc is not None and alloc["pattern"] == "static_max_length":
         layout = "static_max_length"
-    m["layout"] = layout
+    return layout
 
-    # ---- sequences and bytes
+
+def _sizes(ctx: AnalysisContext, m: dict, tok: pd.DataFrame, alloc: dict | None, seq_global: float | None,
+           seq_src: str | None) -> None:
+    """Sequences, bytes per token, wasted bytes and the room they would make."""
+    layout = m["layout"]
     if seq_global is not None and seq_global > 0:
         m["sequences"], m["sequences_source"] = int(seq_global), seq_src
     bpt, bpt_src = _cfg(ctx, "bytes_per_token"), "config"
@@ -420,8 +452,6 @@ def measure(ctx: AnalysisContext) -> Measurement | None:
         m["extra_sequences"] = round(m["wasted_tokens"] / avg, 1) if avg > 0 else None
     if m["pool_tokens"] and m["allocated_tokens"] and m["pool_free_fraction"] is None and m["waste_source"] == "annotations":
         m["pool_free_fraction"] = round(max(0.0, 1.0 - m["allocated_tokens"] / m["pool_tokens"]), 6)
-
-    return Measurement(m, evidence, alloc, waste)
 
 
 def explain(ctx: AnalysisContext, found: Measurement, sev: str) -> Finding:
