@@ -155,8 +155,7 @@ def create_app(runs: list[Run], prepare: bool = True, allowed_hosts: Iterable[st
     """The Dash app serving ``runs`` (already analyzed). ``prepare`` builds timeline indexes up front.
     Requests whose Host header is not ``host_allowed`` (with ``allowed_hosts``) get 403."""
     import dash
-    from dash import ALL, Input, Output, State, dcc, html
-    from dash.exceptions import PreventUpdate
+    from dash import dcc, html
 
     if not runs:
         raise ValueError("the dashboard needs at least one run")
@@ -200,154 +199,176 @@ def create_app(runs: list[Run], prepare: bool = True, allowed_hosts: Iterable[st
         html.Div(id="page"),
     ], style={"fontFamily": "system-ui, sans-serif", "margin": "12px 20px"})
 
-    # ------------------------------------------------------------------ pages
-    def overview(i: int, run: Run):
-        a = run.analysis
-        fdf = run.findings()
-        inputs = ", ".join(str(x.get("path", "")) for x in a.inputs)
-        dropped = a.dropped
-        return html.Div([
-            html.H3(f"Overview — {run.name}"),
-            html.Div(f"inputs: {inputs}", className="muted", style={"color": "#555", "fontSize": 13}),
-            html.Div([html.Div(f"error: {e}", style={"color": "#b91c1c"}) for e in a.errors]),
-            html.Div(f"dropped events: {', '.join(f'{k}: {v}' for k, v in dropped.items())}" if dropped else "",
-                     style={"color": "#92400e", "fontSize": 13}),
-            html.H4(f"Findings ({len(fdf)}), largest estimated saving first — click one for its evidence"),
-            _findings_table(fdf),
-            html.Div(id="finding-detail", style={"margin": "12px 0", "padding": "8px 12px", "background": "#f9fafb",
-                                                 "border": "1px solid #e5e7eb", "borderRadius": "6px"},
-                     children=html.Em("No finding selected.")),
-            html.H4("Ranks"),
-            _html_table("ranks-table", run.rank_frame()),
-            html.H4("Time by category (% of the steady-state window)"),
-            _category_bars(run.category_frame()),
-        ])
+    _page_callbacks(app, runs, run_of)
+    _finding_callbacks(app, runs, run_of)
+    _timeline_callbacks(app, runs, run_of)
+    _table_callbacks(app, runs, run_of)
+    return app
 
-    def timeline(i: int, run: Run, focus):
-        view = None
-        if isinstance(focus, dict) and focus.get("run") == i and focus.get("view"):
-            try:
-                view = _view_or_prevent(focus["view"])
-            except PreventUpdate:
-                view = None  # a stored view that is not a time range: show the default
-        fig = _timeline(run, view) if view is not None else run.default_timeline()
-        return html.Div([
-            html.H3(f"Timeline — {run.name}"),
-            html.Div([
-                html.Button("Zoom out (whole run)", id="timeline-reset", n_clicks=0, style={"marginRight": "10px"}),
-                html.Button("Steady-state window", id="timeline-window", n_clicks=0, style={"marginRight": "16px"}),
-                html.Span(_status(fig), id="timeline-status", style={"fontSize": 13, "color": "#374151"}),
-            ], style={"marginBottom": "6px"}),
-            html.Div("Drag to zoom, shift-drag to pan; kernels appear one by one once fewer than "
-                     f"{F.MAX_EXACT:,} are in view.", style={"fontSize": 12, "color": "#6b7280"}),
-            dcc.Graph(id="timeline-graph", figure=fig, config={"displaylogo": False, "scrollZoom": True}),
-            dcc.Store(id="timeline-range"),
-        ])
 
-    def kernels(i: int, run: Run):
-        t = run.kernel_table("steady")
-        cats = sorted(set(t["category"])) if len(t) else []
-        return html.Div([
-            html.H3(f"Kernels — {run.name}"),
-            html.Div([
-                dcc.Input(id="kernel-filter", type="text", placeholder="filter kernel names (substring)", debounce=False,
-                          style={"width": "320px", "marginRight": "12px"}),
-                dcc.Dropdown(id="kernel-category", options=[{"label": c, "value": c} for c in cats], multi=True,
-                             placeholder="categories", style={"width": "320px", "display": "inline-block", "verticalAlign": "middle"}),
-                dcc.RadioItems(id="kernel-scope", options=[{"label": " steady-state window", "value": "steady"},
-                                                            {"label": " whole trace", "value": "all"}],
-                               value="steady", inline=True, style={"display": "inline-block", "marginLeft": "16px"}),
-            ]),
-            html.Div(id="kernel-count", style={"margin": "8px 0", "fontSize": 13}),
-            _table("kernel-table", t, filter_action="native", page_action="native",
-                   style_cell_conditional=[{"if": {"column_id": "signature"}, "maxWidth": "360px"},
-                                           {"if": {"column_id": "kernel"}, "maxWidth": "380px"}]),
-            dcc.Graph(id="kernel-category-graph", config={"displaylogo": False}),
-        ])
+def _page_overview(i: int, run: Run):
+    from dash import html
+    a = run.analysis
+    fdf = run.findings()
+    inputs = ", ".join(str(x.get("path", "")) for x in a.inputs)
+    dropped = a.dropped
+    return html.Div([
+        html.H3(f"Overview — {run.name}"),
+        html.Div(f"inputs: {inputs}", className="muted", style={"color": "#555", "fontSize": 13}),
+        html.Div([html.Div(f"error: {e}", style={"color": "#b91c1c"}) for e in a.errors]),
+        html.Div(f"dropped events: {', '.join(f'{k}: {v}' for k, v in dropped.items())}" if dropped else "",
+                 style={"color": "#92400e", "fontSize": 13}),
+        html.H4(f"Findings ({len(fdf)}), largest estimated saving first — click one for its evidence"),
+        _findings_table(fdf),
+        html.Div(id="finding-detail", style={"margin": "12px 0", "padding": "8px 12px", "background": "#f9fafb",
+                                             "border": "1px solid #e5e7eb", "borderRadius": "6px"},
+                 children=html.Em("No finding selected.")),
+        html.H4("Ranks"),
+        _html_table("ranks-table", run.rank_frame()),
+        html.H4("Time by category (% of the steady-state window)"),
+        _category_bars(run.category_frame()),
+    ])
 
-    def summaries(i: int, run: Run):
-        tabs = run.summaries()
-        a = run.analysis
-        children = [html.H3(f"Summaries — {run.name}"),
-                    html.Div("Times in microseconds; the steady-state window of each rank (operators: the whole trace). "
-                             "`gpudoctor analyze --summary KIND` prints them, `--csv DIR` writes them.",
-                             style={"fontSize": 12, "color": "#6b7280"})]
-        figs = {"kernels": lambda: F.kernel_duration_figure(a.trace, S.windows(a)),
-                "steps": lambda: F.step_figure(tabs["steps"]),
-                "launch": lambda: F.launch_delay_figure(run.launch_delays())}
-        for kind in S.KINDS:
-            df = tabs[kind]
-            children.append(html.H4(S.TITLES[kind]))
-            if kind in figs:
-                children.append(dcc.Graph(id=f"summary-{kind}-graph", figure=figs[kind](), config={"displaylogo": False}))
-            children.append(_table(f"summary-{kind}-table", S.display(df), page_size=15) if len(df)
-                            else html.Em(f"None: {S.EMPTY_WHY[kind]}.", id=f"summary-{kind}-empty"))
-        return html.Div(children)
+def _page_timeline(i: int, run: Run, focus):
+    from dash import dcc, html
+    from dash.exceptions import PreventUpdate
+    view = None
+    if isinstance(focus, dict) and focus.get("run") == i and focus.get("view"):
+        try:
+            view = _view_or_prevent(focus["view"])
+        except PreventUpdate:
+            view = None  # a stored view that is not a time range: show the default
+    fig = _timeline(run, view) if view is not None else run.default_timeline()
+    return html.Div([
+        html.H3(f"Timeline — {run.name}"),
+        html.Div([
+            html.Button("Zoom out (whole run)", id="timeline-reset", n_clicks=0, style={"marginRight": "10px"}),
+            html.Button("Steady-state window", id="timeline-window", n_clicks=0, style={"marginRight": "16px"}),
+            html.Span(_status(fig), id="timeline-status", style={"fontSize": 13, "color": "#374151"}),
+        ], style={"marginBottom": "6px"}),
+        html.Div("Drag to zoom, shift-drag to pan; kernels appear one by one once fewer than "
+                 f"{F.MAX_EXACT:,} are in view.", style={"fontSize": 12, "color": "#6b7280"}),
+        dcc.Graph(id="timeline-graph", figure=fig, config={"displaylogo": False, "scrollZoom": True}),
+        dcc.Store(id="timeline-range"),
+    ])
 
-    def roofline(i: int, run: Run):
-        trace = run.analysis.trace
-        fig = F.roofline_figure(trace, run.ceilings)
-        children = [html.H3(f"Roofline — {run.name}"), dcc.Graph(id="roofline-graph", figure=fig, config={"displaylogo": False})]
-        if not trace.kernel_metrics.empty and not fig.layout.meta.get("empty"):
-            ceil, _ = F.resolve_ceilings(trace, run.ceilings)
-            rf = F.roofline_frame(trace, ceil)
-            show = pd.DataFrame({"kernel": rf["name"].astype(str), "precision": rf["dominant_precision"],
-                                 "flop_per_byte": rf["arithmetic_intensity"].round(2),
-                                 "tflop_s": (rf["achieved_flops_per_s"] / 1e12).round(2),
-                                 "roof_pct": (100 * rf["roof_fraction"]).round(1), "bound": rf["bound"],
-                                 "tensor_pipe_pct": (100 * rf["tensor_pipe_fraction"]).round(1)})
-            children.append(_table("roofline-table", show))
-        return html.Div(children)
+def _page_kernels(i: int, run: Run):
+    from dash import dcc, html
+    t = run.kernel_table("steady")
+    cats = sorted(set(t["category"])) if len(t) else []
+    return html.Div([
+        html.H3(f"Kernels — {run.name}"),
+        html.Div([
+            dcc.Input(id="kernel-filter", type="text", placeholder="filter kernel names (substring)", debounce=False,
+                      style={"width": "320px", "marginRight": "12px"}),
+            dcc.Dropdown(id="kernel-category", options=[{"label": c, "value": c} for c in cats], multi=True,
+                         placeholder="categories", style={"width": "320px", "display": "inline-block", "verticalAlign": "middle"}),
+            dcc.RadioItems(id="kernel-scope", options=[{"label": " steady-state window", "value": "steady"},
+                                                        {"label": " whole trace", "value": "all"}],
+                           value="steady", inline=True, style={"display": "inline-block", "marginLeft": "16px"}),
+        ]),
+        html.Div(id="kernel-count", style={"margin": "8px 0", "fontSize": 13}),
+        _table("kernel-table", t, filter_action="native", page_action="native",
+               style_cell_conditional=[{"if": {"column_id": "signature"}, "maxWidth": "360px"},
+                                       {"if": {"column_id": "kernel"}, "maxWidth": "380px"}]),
+        dcc.Graph(id="kernel-category-graph", config={"displaylogo": False}),
+    ])
 
-    def communication(i: int, run: Run):
-        a = run.analysis
-        strag = F.straggler_frame(a.trace)
-        strag_f = F.straggler_findings_frame(a)
-        cf = F.comm_findings_frame(a)
-        link = F.analysis_link_ceiling(a, run.ceilings)
-        return html.Div([
-            html.H3(f"Communication — {run.name}"),
-            dcc.Graph(id="comm-bw-graph", figure=F.comm_bandwidth_figure(a.trace, run.ceilings, link), config={"displaylogo": False}),
-            dcc.Graph(id="comm-fraction-graph", figure=F.comm_fraction_figure(a), config={"displaylogo": False}),
-            dcc.Graph(id="comm-time-graph", figure=F.collective_time_figure(a.trace, S.windows(a)), config={"displaylogo": False}),
-            html.H4("Communication kernels per rank and collective (steady-state window)"),
-            _table("comm-kernel-table", F.comm_kernel_frame(a.trace, S.windows(a))),
-            html.H4("Collective calls per rank and op (host side, whole trace)"),
-            _table("comm-summary-table", F.collective_summary_frame(a.trace)) if len(a.trace.collectives)
-            else html.Em("No collectives in this run."),
-            html.H4("Exposed communication and bubbles (findings)"),
-            _table("comm-findings-table", cf) if len(cf) else html.Em("No communication findings in this run."),
-            html.H4("Stragglers (last rank to arrive at each collective)"),
-            _table("straggler-table", strag) if len(strag) else html.Em("Needs collectives from two or more ranks."),
-            html.H4("Per-rank step time (stragglers analyzer)"),
-            _table("straggler-ranks-table", strag_f) if len(strag_f) else html.Em("No straggler finding in this run."),
-        ])
+def _page_summaries(i: int, run: Run):
+    from dash import dcc, html
+    tabs = run.summaries()
+    a = run.analysis
+    children = [html.H3(f"Summaries — {run.name}"),
+                html.Div("Times in microseconds; the steady-state window of each rank (operators: the whole trace). "
+                         "`gpudoctor analyze --summary KIND` prints them, `--csv DIR` writes them.",
+                         style={"fontSize": 12, "color": "#6b7280"})]
+    figs = {"kernels": lambda: F.kernel_duration_figure(a.trace, S.windows(a)),
+            "steps": lambda: F.step_figure(tabs["steps"]),
+            "launch": lambda: F.launch_delay_figure(run.launch_delays())}
+    for kind in S.KINDS:
+        df = tabs[kind]
+        children.append(html.H4(S.TITLES[kind]))
+        if kind in figs:
+            children.append(dcc.Graph(id=f"summary-{kind}-graph", figure=figs[kind](), config={"displaylogo": False}))
+        children.append(_table(f"summary-{kind}-table", S.display(df), page_size=15) if len(df)
+                        else html.Em(f"None: {S.EMPTY_WHY[kind]}.", id=f"summary-{kind}-empty"))
+    return html.Div(children)
 
-    def memory(i: int, run: Run):
-        a = run.analysis
-        kv = F.kv_frame(a)
-        return html.Div([
-            html.H3(f"Memory — {run.name}"),
-            dcc.Graph(id="memory-graph", figure=F.memory_figure(a.trace), config={"displaylogo": False}),
-            html.H4("KV cache"),
-            _table("kv-table", kv) if len(kv) else html.Em("No KV-cache finding in this run."),
-        ])
+def _page_roofline(i: int, run: Run):
+    from dash import dcc, html
+    trace = run.analysis.trace
+    fig = F.roofline_figure(trace, run.ceilings)
+    children = [html.H3(f"Roofline — {run.name}"), dcc.Graph(id="roofline-graph", figure=fig, config={"displaylogo": False})]
+    if not trace.kernel_metrics.empty and not fig.layout.meta.get("empty"):
+        ceil, _ = F.resolve_ceilings(trace, run.ceilings)
+        rf = F.roofline_frame(trace, ceil)
+        show = pd.DataFrame({"kernel": rf["name"].astype(str), "precision": rf["dominant_precision"],
+                             "flop_per_byte": rf["arithmetic_intensity"].round(2),
+                             "tflop_s": (rf["achieved_flops_per_s"] / 1e12).round(2),
+                             "roof_pct": (100 * rf["roof_fraction"]).round(1), "bound": rf["bound"],
+                             "tensor_pipe_pct": (100 * rf["tensor_pipe_fraction"]).round(1)})
+        children.append(_table("roofline-table", show))
+    return html.Div(children)
 
-    def compare(i: int, run: Run):
-        b = 1 if len(runs) > 1 else 0
-        return html.Div([
-            html.H3("Compare two runs"),
-            html.Div([
-                html.Span("A "), dcc.Dropdown(id="compare-a", options=run_options, value=i, clearable=False,
-                                              style={"width": "420px", "display": "inline-block", "verticalAlign": "middle"}),
-                html.Span("  B ", style={"marginLeft": "16px"}),
-                dcc.Dropdown(id="compare-b", options=run_options, value=b if b != i else 0, clearable=False,
-                             style={"width": "420px", "display": "inline-block", "verticalAlign": "middle"}),
-            ]),
-            html.Div(id="compare-summary", style={"margin": "10px 0", "fontSize": 14}),
-            dcc.Graph(id="compare-graph", config={"displaylogo": False}),
-            html.Div(id="compare-table-wrap"),
-        ])
+def _page_communication(i: int, run: Run):
+    from dash import dcc, html
+    a = run.analysis
+    strag = F.straggler_frame(a.trace)
+    strag_f = F.straggler_findings_frame(a)
+    cf = F.comm_findings_frame(a)
+    link = F.analysis_link_ceiling(a, run.ceilings)
+    return html.Div([
+        html.H3(f"Communication — {run.name}"),
+        dcc.Graph(id="comm-bw-graph", figure=F.comm_bandwidth_figure(a.trace, run.ceilings, link), config={"displaylogo": False}),
+        dcc.Graph(id="comm-fraction-graph", figure=F.comm_fraction_figure(a), config={"displaylogo": False}),
+        dcc.Graph(id="comm-time-graph", figure=F.collective_time_figure(a.trace, S.windows(a)), config={"displaylogo": False}),
+        html.H4("Communication kernels per rank and collective (steady-state window)"),
+        _table("comm-kernel-table", F.comm_kernel_frame(a.trace, S.windows(a))),
+        html.H4("Collective calls per rank and op (host side, whole trace)"),
+        _table("comm-summary-table", F.collective_summary_frame(a.trace)) if len(a.trace.collectives)
+        else html.Em("No collectives in this run."),
+        html.H4("Exposed communication and bubbles (findings)"),
+        _table("comm-findings-table", cf) if len(cf) else html.Em("No communication findings in this run."),
+        html.H4("Stragglers (last rank to arrive at each collective)"),
+        _table("straggler-table", strag) if len(strag) else html.Em("Needs collectives from two or more ranks."),
+        html.H4("Per-rank step time (stragglers analyzer)"),
+        _table("straggler-ranks-table", strag_f) if len(strag_f) else html.Em("No straggler finding in this run."),
+    ])
+
+def _page_memory(i: int, run: Run):
+    from dash import dcc, html
+    a = run.analysis
+    kv = F.kv_frame(a)
+    return html.Div([
+        html.H3(f"Memory — {run.name}"),
+        dcc.Graph(id="memory-graph", figure=F.memory_figure(a.trace), config={"displaylogo": False}),
+        html.H4("KV cache"),
+        _table("kv-table", kv) if len(kv) else html.Em("No KV-cache finding in this run."),
+    ])
+
+def _page_compare(i: int, run: Run, runs: list[Run]):
+    from dash import dcc, html
+
+    run_options = [{"label": f"{k}: {r.name}", "value": k} for k, r in enumerate(runs)]
+    b = 1 if len(runs) > 1 else 0
+    return html.Div([
+        html.H3("Compare two runs"),
+        html.Div([
+            html.Span("A "), dcc.Dropdown(id="compare-a", options=run_options, value=i, clearable=False,
+                                          style={"width": "420px", "display": "inline-block", "verticalAlign": "middle"}),
+            html.Span("  B ", style={"marginLeft": "16px"}),
+            dcc.Dropdown(id="compare-b", options=run_options, value=b if b != i else 0, clearable=False,
+                         style={"width": "420px", "display": "inline-block", "verticalAlign": "middle"}),
+        ]),
+        html.Div(id="compare-summary", style={"margin": "10px 0", "fontSize": 14}),
+        dcc.Graph(id="compare-graph", config={"displaylogo": False}),
+        html.Div(id="compare-table-wrap"),
+    ])
+
+
+def _page_callbacks(app: dash.Dash, runs: list[Run], run_of: Callable[[Any], Run]) -> None:
+    """The page shown for the URL and the run."""
+    from dash import Input, Output, State, dcc, html
 
     @app.callback(Output("page", "children"), Input("url", "pathname"), Input("run", "value"), State("focus", "data"))
     def render_page(path, run_value, focus):
@@ -355,22 +376,30 @@ def create_app(runs: list[Run], prepare: bool = True, allowed_hosts: Iterable[st
         i = _int_or_prevent(run_value, 0, len(runs))
         path = (path if isinstance(path, str) else "/").rstrip("/") or "/"
         if path == "/timeline":
-            return timeline(i, run, focus)
+            return _page_timeline(i, run, focus)
         if path == "/kernels":
-            return kernels(i, run)
+            return _page_kernels(i, run)
         if path == "/summaries":
-            return summaries(i, run)
+            return _page_summaries(i, run)
         if path == "/roofline":
-            return roofline(i, run)
+            return _page_roofline(i, run)
         if path == "/communication":
-            return communication(i, run)
+            return _page_communication(i, run)
         if path == "/memory":
-            return memory(i, run)
+            return _page_memory(i, run)
         if path == "/compare":
-            return compare(i, run)
+            return _page_compare(i, run, runs)
         if path == "/":
-            return overview(i, run)
+            return _page_overview(i, run)
         return html.Div([html.H3("Not found"), dcc.Link("Overview", href="/")])
+
+
+
+def _finding_callbacks(app: dash.Dash, runs: list[Run], run_of: Callable[[Any], Run]) -> None:
+    """A finding's evidence, and a source line's gaps, on the overview's timeline."""
+    import dash
+    from dash import ALL, Input, Output, State, dcc, html
+    from dash.exceptions import PreventUpdate
 
     # ------------------------------------------------------------------ overview: a finding's evidence
     @app.callback(Output("finding-detail", "children"), Output("focus", "data"),
@@ -416,6 +445,14 @@ def create_app(runs: list[Run], prepare: bool = True, allowed_hosts: Iterable[st
             raise PreventUpdate
         return _timeline(run, span), dict(focus, view=[span[0], span[1]])
 
+
+
+def _timeline_callbacks(app: dash.Dash, runs: list[Run], run_of: Callable[[Any], Run]) -> None:
+    """Zoom and pan of the timeline page."""
+    import dash
+    from dash import Input, Output, State
+    from dash.exceptions import PreventUpdate
+
     # ------------------------------------------------------------------ timeline zoom / pan
     # Only x-range changes reach the server: plotly also reports autosize / hover / legend relayouts, and
     # a second request for this callback while the first is in flight would make Dash drop the first.
@@ -457,6 +494,12 @@ def create_app(runs: list[Run], prepare: bool = True, allowed_hosts: Iterable[st
         fig = _timeline(run, view) if view is not None else run.whole_timeline()
         return fig, _status(fig)
 
+
+
+def _table_callbacks(app: dash.Dash, runs: list[Run], run_of: Callable[[Any], Run]) -> None:
+    """The kernels table's filter and the comparison of two runs."""
+    from dash import Input, Output, State, html
+
     # ------------------------------------------------------------------ kernels table
     @app.callback(Output("kernel-table", "data"), Output("kernel-count", "children"),
                   Output("kernel-category-graph", "figure"),
@@ -490,7 +533,7 @@ def create_app(runs: list[Run], prepare: bool = True, allowed_hosts: Iterable[st
         fig = F.kernel_delta_figure(df, f"Per-kernel time per step, B − A ({fmt_value(sa, 'ns')} → {fmt_value(sb, 'ns')} GPU time)")
         return summary, fig, _table("compare-table", df, page_size=25)
 
-    return app
+
 
 
 _CELL = {"border": "1px solid #e5e7eb", "padding": "4px 8px", "textAlign": "left", "verticalAlign": "top", "fontSize": 13}
