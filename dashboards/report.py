@@ -79,19 +79,32 @@ def build_report(analysis: Analysis, name: str, ceilings: dict | None = None) ->
     from plotly.offline import get_plotlyjs
 
     a = analysis
-    trace = a.trace
-    parts: list[str] = []
     esc = html.escape
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts.append(f"<h1>gpudoctor report — {esc(name)}</h1>")
-    parts.append(f"<div class='muted'>gpudoctor {esc(__version__)} · {esc(when)} · inputs: "
-                 f"{esc(', '.join(str(i.get('path', '')) for i in a.inputs))}</div>")
+    parts: list[str] = [f"<h1>gpudoctor report — {esc(name)}</h1>",
+                        f"<div class='muted'>gpudoctor {esc(__version__)} · {esc(when)} · inputs: "
+                        f"{esc(', '.join(str(i.get('path', '')) for i in a.inputs))}</div>"]
     for e in a.errors:
         parts.append(f"<p class='sev-high'>error: {esc(e)}</p>")
     if a.dropped:
         parts.append(f"<p class='muted'>dropped events: {esc(', '.join(f'{k}: {v}' for k, v in a.dropped.items()))}</p>")
+    index = TimelineIndex.from_trace(a.trace)
+    parts += _findings_section(a, index)
+    parts += ["<section id='ranks'><h2>Ranks</h2>", _table_html(F.rank_frame(a)),
+              _figure_html(F.category_figure(a), "fig-category"), "</section>"]
+    parts += _timeline_section(a, index)
+    parts += _summaries_section(a)
+    parts += _kernels_section(a)
+    parts += _hardware_sections(a, ceilings)
+    head = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>gpudoctor report — {esc(name)}</title>"
+            f"<style>{_CSS}</style><script type='text/javascript'>{get_plotlyjs()}</script></head><body>")
+    return head + "\n".join(parts) + "</body></html>"
 
-    index = TimelineIndex.from_trace(trace)
+
+def _findings_section(a: Analysis, index: TimelineIndex) -> list[str]:
+    """Findings, each with the timeline zoomed to the example that carries most of its saving."""
+    esc = html.escape
+    parts: list[str] = []
     # findings, each with the timeline zoomed to the example that carries most of its saving
     fdf = F.findings_frame(a)
     parts.append(f"<section id='findings'><h2>Findings ({len(fdf)})</h2>")
@@ -109,14 +122,13 @@ def build_report(analysis: Analysis, name: str, ceilings: dict | None = None) ->
             shown += 1
         parts.append(f"<pre>{esc(json.dumps({'metrics': f.metrics, 'evidence': f.evidence}, indent=1, default=_default))}</pre></details>")
     parts.append("</section>")
+    return parts
 
-    # ranks + categories
-    parts.append("<section id='ranks'><h2>Ranks</h2>")
-    parts.append(_table_html(F.rank_frame(a)))
-    parts.append(_figure_html(F.category_figure(a), "fig-category"))
-    parts.append("</section>")
 
-    # timeline: the steady-state window (the dashboard's first view), a typical step when the window is
+def _timeline_section(a: Analysis, index: TimelineIndex) -> list[str]:
+    """The steady-state window (the dashboard's first view), a typical step when the window is too busy
+    to draw kernel by kernel, and the whole run."""
+    parts: list[str] = []
     # too busy to draw kernel by kernel, and the whole run
     if index.n_events:
         parts.append("<section id='timeline'><h2>Timeline</h2>")
@@ -129,8 +141,13 @@ def build_report(analysis: Analysis, name: str, ceilings: dict | None = None) ->
             parts.append(_figure_html(F.timeline_figure(index, step), "fig-timeline-step"))
         parts.append("<p class='muted'>The whole run.</p>" + _figure_html(F.timeline_figure(index), "fig-timeline"))
         parts.append("</section>")
+    return parts
 
-    # summaries
+
+def _summaries_section(a: Analysis) -> list[str]:
+    esc = html.escape
+    trace = a.trace
+    parts: list[str] = []
     tabs = S.tables(a)
     figs = {"kernels": lambda: F.kernel_duration_figure(trace, S.windows(a)),
             "steps": lambda: F.step_figure(tabs["steps"]),
@@ -144,14 +161,24 @@ def build_report(analysis: Analysis, name: str, ceilings: dict | None = None) ->
         parts.append(_table_html(S.display(tabs[kind]), max_rows=30) if len(tabs[kind])
                      else f"<p class='muted'>none: {esc(S.EMPTY_WHY[kind])}</p>")
     parts.append("</section>")
+    return parts
 
-    # kernels
+
+def _kernels_section(a: Analysis) -> list[str]:
+    parts: list[str] = []
     kt = F.kernel_table(a)
     parts.append("<section id='kernels'><h2>Kernels (steady-state window)</h2>")
     parts.append(_table_html(kt.drop(columns=["signature"]), max_rows=30))
     parts.append(_figure_html(F.kernel_category_figure(kt), "fig-kernel-category"))
     parts.append("</section>")
+    return parts
 
+
+def _hardware_sections(a: Analysis, ceilings: dict | None) -> list[str]:
+    """Roofline, communication and memory, where the run has what they need."""
+    esc = html.escape
+    trace = a.trace
+    parts: list[str] = []
     if not trace.kernel_metrics.empty:
         parts.append("<section id='roofline'><h2>Roofline</h2>")
         parts.append(_figure_html(F.roofline_figure(trace, ceilings), "fig-roofline"))
@@ -178,10 +205,7 @@ def build_report(analysis: Analysis, name: str, ceilings: dict | None = None) ->
         if len(kv):
             parts.append("<h3>KV cache</h3>" + _table_html(kv))
         parts.append("</section>")
-
-    head = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>gpudoctor report — {esc(name)}</title>"
-            f"<style>{_CSS}</style><script type='text/javascript'>{get_plotlyjs()}</script></head><body>")
-    return head + "\n".join(parts) + "</body></html>"
+    return parts
 
 
 def typical_step(analysis: Analysis) -> tuple[int, int] | None:
