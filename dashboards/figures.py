@@ -314,77 +314,109 @@ def timeline_figure(index: TimelineIndex, view_ns: tuple[int, int] | None = None
         at = {"row": 1, "col": 1}
     else:
         fig, at = go.Figure(), {}
-    ms = 1e-6
-    drawn = labels = links = 0
     if exact:
-        ev = index.events(lo, hi)
-        drawn = len(ev)
-        min_w = max((hi - lo) // 700, 1)  # at least ~2 px so a 1 us kernel is visible at any zoom
-        for ci, cat in enumerate(CATEGORIES):
-            sel = np.nonzero(ev.category == ci)[0]
-            if len(sel) == 0:
-                continue
-            s = ev.start[sel]
-            e = ev.end[sel]
-            # drawn clipped to the view: geometry far outside it would widen the page (hover keeps the real times)
-            x = _triples(np.maximum(s, lo) * ms, np.minimum(np.maximum(e, s + min_w), max(hi, s.max() + min_w)) * ms)
-            y = _triples(ev.lane[sel], ev.lane[sel])
-            text = [f"{lab}<br>{cat} · {fmt_ns(b - a)}<br>start {a * ms:.3f} ms"
-                    for lab, a, b in zip(ev.label[sel], s, e)]
-            t3 = np.empty(3 * len(sel), dtype=object)
-            t3[0::3] = text
-            t3[1::3] = text
-            t3[2::3] = ""
-            # simplify=False: plotly.js otherwise drops segments shorter than a pixel (a blank lane)
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=cat, line={"color": COLORS[cat], "width": 18, "simplify": False},
-                                     text=t3, hovertemplate="%{text}<extra></extra>", connectgaps=False,
-                                     legendgroup=cat, meta={"category": cat, "events": int(len(sel))}), **at)
-        labels = _add_bar_labels(fig, ev, lo, hi, at)
-        links = _add_launch_links(fig, index, ev, lo, hi, at)
+        drawn, labels, links = _draw_exact(fig, index, lo, hi, at)
         mode = "exact"
     else:
-        edges, frac = index.busy(lo, hi, bins)
-        x = edges * ms
-        gpu_cats = [CATEGORIES.index(c) for c in GPU_CATEGORIES]
-        for ci in index.categories_present:
-            cat = CATEGORIES[ci]
-            lane_ids = sorted({lane for lane, c, _, _ in index.groups if c == ci})
-            if not lane_ids:
-                continue
-            # one heat strip per category, stacked inside the lane when a lane holds several categories
-            per_lane = {li: [c for c in index.categories_present if any(g[0] == li and g[1] == c for g in index.groups)]
-                        for li in lane_ids}
-            yedges, z = [], []
-            for j, li in enumerate(lane_ids):
-                cats_here = per_lane[li] if ci in gpu_cats else [ci]
-                K = len(cats_here) if ci in gpu_cats else 1
-                k = cats_here.index(ci) if ci in gpu_cats else 0
-                h = 0.84 / K
-                y0 = li - 0.42 + k * h
-                yedges += [y0, y0 + h]
-                z.append(np.where(frac[li, ci] > 0, frac[li, ci], np.nan))
-                if j < len(lane_ids) - 1:
-                    z.append(np.full(len(x) - 1, np.nan))
-            z = np.vstack(z)
-            fig.add_trace(go.Heatmap(
-                x=x, y=yedges, z=z, zmin=0, zmax=1, showscale=False, name=cat, hoverongaps=False,
-                colorscale=[[0, _rgba(COLORS[cat], 0.35)], [1, _rgba(COLORS[cat], 1.0)]],
-                hovertemplate=f"{cat}<br>%{{x:.3f}} ms<br>busy %{{z:.0%}}<extra></extra>",
-                meta={"category": cat, "bins": int(len(x) - 1)}), **at)
-            # legend entry (heatmaps have none)
-            fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=cat, legendgroup=cat,
-                                     marker={"color": COLORS[cat], "symbol": "square", "size": 10}, hoverinfo="skip"), **at)
+        _draw_aggregated(fig, index, lo, hi, bins, at)
+        drawn = labels = links = 0
         mode = "aggregated"
-    for row, name in enumerate(tracks, start=2):
-        for label, t, v in index.counter_series(lo, hi, bins, name=name):
-            fig.add_trace(go.Scatter(x=t * ms, y=v, mode="lines", name=label, line={"width": 1.5, "shape": "hv"},
-                                     showlegend=True, meta={"counter": label}), row=row, col=1)
-        fig.update_yaxes(title_text=_short(name, 22), title_font={"size": 10}, row=row, col=1)
+    _draw_counters(fig, index, lo, hi, bins, tracks)
     status = (f"exact: {n_gpu:,} GPU ops ({n_visible:,} events) drawn one by one" if mode == "exact"
               else f"aggregated: {n_gpu:,} GPU ops ({n_visible:,} events) as busy fraction in {bins} bins"
               + ("" if zoomed_in else " — zoom in to see kernels"))
     if counter_names[MAX_COUNTER_TRACKS:]:
         status += f"; counters not drawn: {', '.join(counter_names[MAX_COUNTER_TRACKS:])}"
+    meta = {"mode": mode, "visible_events": int(n_visible), "visible_gpu_ops": int(n_gpu), "drawn_events": int(drawn),
+            "bins": int(bins) if mode == "aggregated" else 0, "origin_ns": int(index.origin_ns),
+            "view_ns": [int(lo + index.origin_ns), int(hi + index.origin_ns)], "status": status,
+            "bar_labels": int(labels), "launch_links": int(links), "counter_tracks": tracks,
+            "counters_not_drawn": counter_names[MAX_COUNTER_TRACKS:]}
+    _timeline_layout(fig, index, lo, hi, lanes_px, tracks, status, meta, at)
+    return fig
+
+
+def _draw_exact(fig: go.Figure, index: TimelineIndex, lo: int, hi: int, at: dict) -> tuple[int, int, int]:
+    """Every event in [lo, hi], one path per category; returns (events drawn, bar labels, launch links)."""
+    ms = 1e-6
+    ev = index.events(lo, hi)
+    drawn = len(ev)
+    min_w = max((hi - lo) // 700, 1)  # at least ~2 px so a 1 us kernel is visible at any zoom
+    for ci, cat in enumerate(CATEGORIES):
+        sel = np.nonzero(ev.category == ci)[0]
+        if len(sel) == 0:
+            continue
+        s = ev.start[sel]
+        e = ev.end[sel]
+        # drawn clipped to the view: geometry far outside it would widen the page (hover keeps the real times)
+        x = _triples(np.maximum(s, lo) * ms, np.minimum(np.maximum(e, s + min_w), max(hi, s.max() + min_w)) * ms)
+        y = _triples(ev.lane[sel], ev.lane[sel])
+        text = [f"{lab}<br>{cat} · {fmt_ns(b - a)}<br>start {a * ms:.3f} ms"
+                for lab, a, b in zip(ev.label[sel], s, e)]
+        t3 = np.empty(3 * len(sel), dtype=object)
+        t3[0::3] = text
+        t3[1::3] = text
+        t3[2::3] = ""
+        # simplify=False: plotly.js otherwise drops segments shorter than a pixel (a blank lane)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=cat, line={"color": COLORS[cat], "width": 18, "simplify": False},
+                                 text=t3, hovertemplate="%{text}<extra></extra>", connectgaps=False,
+                                 legendgroup=cat, meta={"category": cat, "events": int(len(sel))}), **at)
+    labels = _add_bar_labels(fig, ev, lo, hi, at)
+    links = _add_launch_links(fig, index, ev, lo, hi, at)
+    return drawn, labels, links
+
+
+def _draw_aggregated(fig: go.Figure, index: TimelineIndex, lo: int, hi: int, bins: int, at: dict) -> None:
+    """Per lane and category, the busy fraction of each bin as a heat strip."""
+    ms = 1e-6
+    edges, frac = index.busy(lo, hi, bins)
+    x = edges * ms
+    gpu_cats = [CATEGORIES.index(c) for c in GPU_CATEGORIES]
+    for ci in index.categories_present:
+        cat = CATEGORIES[ci]
+        lane_ids = sorted({lane for lane, c, _, _ in index.groups if c == ci})
+        if not lane_ids:
+            continue
+        # one heat strip per category, stacked inside the lane when a lane holds several categories
+        per_lane = {li: [c for c in index.categories_present if any(g[0] == li and g[1] == c for g in index.groups)]
+                    for li in lane_ids}
+        yedges, z = [], []
+        for j, li in enumerate(lane_ids):
+            cats_here = per_lane[li] if ci in gpu_cats else [ci]
+            K = len(cats_here) if ci in gpu_cats else 1
+            k = cats_here.index(ci) if ci in gpu_cats else 0
+            h = 0.84 / K
+            y0 = li - 0.42 + k * h
+            yedges += [y0, y0 + h]
+            z.append(np.where(frac[li, ci] > 0, frac[li, ci], np.nan))
+            if j < len(lane_ids) - 1:
+                z.append(np.full(len(x) - 1, np.nan))
+        z = np.vstack(z)
+        fig.add_trace(go.Heatmap(
+            x=x, y=yedges, z=z, zmin=0, zmax=1, showscale=False, name=cat, hoverongaps=False,
+            colorscale=[[0, _rgba(COLORS[cat], 0.35)], [1, _rgba(COLORS[cat], 1.0)]],
+            hovertemplate=f"{cat}<br>%{{x:.3f}} ms<br>busy %{{z:.0%}}<extra></extra>",
+            meta={"category": cat, "bins": int(len(x) - 1)}), **at)
+        # legend entry (heatmaps have none)
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=cat, legendgroup=cat,
+                                 marker={"color": COLORS[cat], "symbol": "square", "size": 10}, hoverinfo="skip"), **at)
+
+
+def _draw_counters(fig: go.Figure, index: TimelineIndex, lo: int, hi: int, bins: int, tracks: list[str]) -> None:
+    """One line track per counter name, under the lanes."""
+    ms = 1e-6
+    for row, name in enumerate(tracks, start=2):
+        for label, t, v in index.counter_series(lo, hi, bins, name=name):
+            fig.add_trace(go.Scatter(x=t * ms, y=v, mode="lines", name=label, line={"width": 1.5, "shape": "hv"},
+                                     showlegend=True, meta={"counter": label}), row=row, col=1)
+        fig.update_yaxes(title_text=_short(name, 22), title_font={"size": 10}, row=row, col=1)
+
+
+def _timeline_layout(fig: go.Figure, index: TimelineIndex, lo: int, hi: int, lanes_px: int, tracks: list[str],
+                     status: str, meta: dict, at: dict) -> None:
+    ms = 1e-6
+    lanes = index.lanes
+    L = len(lanes)
     yaxis = {"tickmode": "array", "tickvals": list(range(L)), "ticktext": [ln.label for ln in lanes],
              "range": [L - 0.5, -0.5], "showgrid": False, "zeroline": False, "fixedrange": True}
     xr = [lo * ms, hi * ms]
@@ -393,16 +425,11 @@ def timeline_figure(index: TimelineIndex, view_ns: tuple[int, int] | None = None
         margin={"l": 170, "r": 20, "t": 78, "b": 45}, title={"text": status, "font": {"size": 13}, "y": 0.99, "yanchor": "top"},
         uirevision="timeline", dragmode="zoom", hovermode="closest", showlegend=True,
         legend={"orientation": "h", "y": 1.0, "x": 0, "xanchor": "left", "yanchor": "bottom"},
-        meta={"mode": mode, "visible_events": int(n_visible), "visible_gpu_ops": int(n_gpu), "drawn_events": int(drawn),
-              "bins": int(bins) if mode == "aggregated" else 0, "origin_ns": int(index.origin_ns),
-              "view_ns": [int(lo + index.origin_ns), int(hi + index.origin_ns)], "status": status,
-              "bar_labels": int(labels), "launch_links": int(links), "counter_tracks": tracks,
-              "counters_not_drawn": counter_names[MAX_COUNTER_TRACKS:]})
+        meta=meta)
     fig.update_yaxes(**yaxis, **at)
     fig.update_xaxes(range=xr, showgrid=True)
     fig.update_xaxes(title_text="ms since first event", row=1 + len(tracks), col=1) if tracks else \
         fig.update_xaxes(title_text="ms since first event")
-    return fig
 
 
 def _triples(a: np.ndarray, b: np.ndarray) -> np.ndarray:
