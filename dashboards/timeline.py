@@ -20,6 +20,7 @@ keeps prefix sums of a million events over hours well inside int64.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,118 +115,9 @@ class TimelineIndex:
                   r["start_ns"].to_numpy(np.int64), c["start_ns"].to_numpy(np.int64)]
         allstart = np.concatenate(starts) if sum(len(s) for s in starts) else np.zeros(0, np.int64)
         origin = int(allstart.min()) if len(allstart) else 0
-
-        lanes: list[Lane] = []
-        lane_of: dict[tuple, int] = {}
-        a = trace.api_calls
-        ranks = sorted(set(k["rank"].unique().tolist()) | set(m["rank"].unique().tolist())
-                       | set(r["rank"].unique().tolist()) | set(c["rank"].unique().tolist()))
-        purpose = _stream_purposes(k, m)
-        api_thread = _api_lane_threads(a)
-        # Lane keys in display order: per rank, host ranges, CUDA API, then GPU streams, then collectives.
-        for rank in ranks:
-            who = f"rank {rank} · " if len(ranks) > 1 else ""
-            rr = r[r["rank"].to_numpy() == rank]
-            keys = sorted(set(zip(rr["thread_id"].tolist(), np.minimum(rr["depth"].to_numpy(), MAX_RANGE_DEPTH).tolist())))
-            threads = sorted({t for t, _ in keys})
-            nvtx = "NVTX" if (~rr["domain"].astype(str).isin(["record_function", "profiler_step"])).any() else "ranges"
-            for t, d in keys:
-                tl = f" thread {threads.index(t) + 1}" if len(threads) > 1 else ""
-                lane_of[(rank, "nvtx", t, d)] = len(lanes)
-                lanes.append(Lane(rank, "nvtx", f"{who}{nvtx}{tl}" + (f" level {d + 1}" if d else "")))
-            at = sorted({v for (rk, _), v in api_thread.items() if rk == rank}, key=lambda v: (v == -1, v))
-            for j, t in enumerate(at):
-                lane_of[(rank, "api", t)] = len(lanes)
-                tl = " (other threads)" if t == -1 else (f" thread {j + 1}" if len(at) > 1 else "")
-                lanes.append(Lane(rank, "api", f"{who}CUDA API{tl}"))
-            kk = k[k["rank"].to_numpy() == rank]
-            mm = m[m["rank"].to_numpy() == rank]
-            streams = sorted(set(zip(kk["device_id"].tolist(), kk["stream_id"].tolist()))
-                             | set(zip(mm["device_id"].tolist(), mm["stream_id"].tolist())))
-            devices = {d for d, _ in streams}
-            for dev, s in streams:
-                lane_of[(rank, "gpu", dev, s)] = len(lanes)
-                gpu = f"GPU {dev} " if len(devices) > 1 or len(ranks) > 1 else ""
-                lanes.append(Lane(rank, "gpu", f"{who}{gpu}{purpose.get((rank, dev, s), 'compute')} (stream {s})"))
-            if (c["rank"].to_numpy() == rank).any():
-                lane_of[(rank, "nccl")] = len(lanes)
-                lanes.append(Lane(rank, "nccl", f"{who}NCCL calls"))
-
-        def lane_codes(key_of, *cols: np.ndarray) -> np.ndarray:
-            """Each row's lane: ``key_of`` (a lane_of key from one row's values) is called once per
-            distinct row, found by factorizing the integer columns (no per-row Python)."""
-            if not len(cols[0]):
-                return np.zeros(0, np.int32)
-            comb = np.zeros(len(cols[0]), np.int64)
-            for col in cols:
-                codes, uniq = pd.factorize(col)
-                comb = comb * len(uniq) + codes
-            codes, uniq = pd.factorize(comb)
-            first = np.empty(len(uniq), np.int64)
-            first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # the first row of each distinct key
-            table = np.array([lane_of[key_of(*(int(col[i]) for col in cols))] for i in first], np.int32)
-            return table[codes]
-
-        cat_index = {c: i for i, c in enumerate(CATEGORIES)}
-        parts = []
-        # kernels
-        if len(k):
-            kc = _codes_via(k["category"], lambda x: cat_index.get(x, cat_index["other"]), cat_index["other"])
-            parts.append((
-                lane_codes(lambda rk, dev, st: (rk, "gpu", dev, st), k["rank"].to_numpy(), k["device_id"].to_numpy(),
-                           k["stream_id"].to_numpy()),
-                kc.astype(np.int16), k["start_ns"].to_numpy(np.int64), k["end_ns"].to_numpy(np.int64),
-                k["name"], k["correlation_id"].to_numpy(np.int64)))
-        if len(m):
-            mc = np.where(m["kind"].astype(str).to_numpy() == "memset", cat_index["memset"], cat_index["memcpy"]).astype(np.int16)
-            parts.append((
-                lane_codes(lambda rk, dev, st: (rk, "gpu", dev, st), m["rank"].to_numpy(), m["device_id"].to_numpy(),
-                           m["stream_id"].to_numpy()),
-                mc, m["start_ns"].to_numpy(np.int64), m["end_ns"].to_numpy(np.int64),
-                pd.Series(m["kind"].astype(str).to_numpy() + " " + _bytes_text(m["bytes"].to_numpy()).to_numpy()).astype("category"),
-                m["correlation_id"].to_numpy(np.int64)))
-        if len(r):
-            parts.append((
-                lane_codes(lambda rk, t, d: (rk, "nvtx", t, d), r["rank"].to_numpy(), r["thread_id"].to_numpy(),
-                           np.minimum(r["depth"].to_numpy(), MAX_RANGE_DEPTH)),
-                np.full(len(r), cat_index["nvtx"], np.int16), r["start_ns"].to_numpy(np.int64),
-                r["end_ns"].to_numpy(np.int64), r["text"], np.full(len(r), -1, np.int64)))
-        if len(a):
-            parts.append((
-                lane_codes(lambda rk, t: (rk, "api", api_thread.get((rk, t), -1)), a["rank"].to_numpy(), a["thread_id"].to_numpy()),
-                np.full(len(a), cat_index["api"], np.int16), a["start_ns"].to_numpy(np.int64),
-                a["end_ns"].to_numpy(np.int64), a["name"], a["correlation_id"].to_numpy(np.int64)))
-        if len(c):
-            parts.append((
-                lane_codes(lambda rk: (rk, "nccl"), c["rank"].to_numpy()),
-                np.full(len(c), cat_index["nccl"], np.int16), c["start_ns"].to_numpy(np.int64),
-                c["end_ns"].to_numpy(np.int64),
-                pd.Series(c["op"].astype(str).to_numpy() + " " + _bytes_text(c["bytes"].to_numpy()).to_numpy()).astype("category"),
-                np.full(len(c), -1, np.int64)))
-
-        labels: list[str] = []
-        codes_all, lane_all, cat_all, s_all, e_all, corr_all = [], [], [], [], [], []
-        for lane, cat, s, e, lab, corr in parts:
-            lab = lab if isinstance(lab.dtype, pd.CategoricalDtype) else lab.astype(str).astype("category")
-            codes = lab.cat.codes.to_numpy().astype(np.int64)
-            cats = [str(x) for x in lab.cat.categories]
-            codes = np.where(codes >= 0, codes + len(labels), -1)
-            labels.extend(cats)
-            codes_all.append(codes)
-            lane_all.append(lane)
-            cat_all.append(cat)
-            s_all.append(s - origin)
-            e_all.append(np.maximum(e, s) - origin)
-            corr_all.append(corr)
-        labels.append("")
-        if parts:
-            codes = np.concatenate(codes_all)
-            codes = np.where(codes >= 0, codes, len(labels) - 1)
-            arrays = (np.concatenate(lane_all), np.concatenate(cat_all), np.concatenate(s_all), np.concatenate(e_all), codes,
-                      np.concatenate(corr_all))
-        else:
-            arrays = (np.zeros(0, np.int32), np.zeros(0, np.int16), np.zeros(0, np.int64), np.zeros(0, np.int64),
-                      np.zeros(0, np.int64), np.zeros(0, np.int64))
+        api_thread = _api_lane_threads(trace.api_calls)
+        lanes, lane_of = _lanes(trace, api_thread)
+        labels, arrays = _concat_parts(_event_parts(trace, lane_of, api_thread), origin)
         cnt = trace.counters
         counters = pd.DataFrame({"rank": cnt["rank"].to_numpy(), "device_id": cnt["device_id"].to_numpy(),
                                  "t": cnt["ts_ns"].to_numpy(np.int64) - origin, "name": cnt["name"].astype(str).to_numpy(),
@@ -386,3 +278,134 @@ def _bytes_text(b: np.ndarray) -> pd.Series:
                             np.where(b >= 2**10, np.char.add(np.round(b / 2**10, 1).astype(str), " KiB"),
                                      np.char.add(np.maximum(b, 0).astype(np.int64).astype(str), " B"))))
     return pd.Series(np.where(b < 0, "", out), dtype=object)
+
+
+def _lanes(trace: Trace, api_thread: dict) -> tuple[list[Lane], dict[tuple, int]]:
+    """Lanes in display order: per rank, host ranges, CUDA API, then GPU streams, then collectives; and the
+    lane of each key."""
+    k, m, r, c = trace.kernels, trace.memops, trace.ranges, trace.collectives
+    lanes: list[Lane] = []
+    lane_of: dict[tuple, int] = {}
+    ranks = sorted(set(k["rank"].unique().tolist()) | set(m["rank"].unique().tolist())
+                   | set(r["rank"].unique().tolist()) | set(c["rank"].unique().tolist()))
+    purpose = _stream_purposes(k, m)
+    # Lane keys in display order: per rank, host ranges, CUDA API, then GPU streams, then collectives.
+    for rank in ranks:
+        who = f"rank {rank} · " if len(ranks) > 1 else ""
+        rr = r[r["rank"].to_numpy() == rank]
+        keys = sorted(set(zip(rr["thread_id"].tolist(), np.minimum(rr["depth"].to_numpy(), MAX_RANGE_DEPTH).tolist())))
+        threads = sorted({t for t, _ in keys})
+        nvtx = "NVTX" if (~rr["domain"].astype(str).isin(["record_function", "profiler_step"])).any() else "ranges"
+        for t, d in keys:
+            tl = f" thread {threads.index(t) + 1}" if len(threads) > 1 else ""
+            lane_of[(rank, "nvtx", t, d)] = len(lanes)
+            lanes.append(Lane(rank, "nvtx", f"{who}{nvtx}{tl}" + (f" level {d + 1}" if d else "")))
+        at = sorted({v for (rk, _), v in api_thread.items() if rk == rank}, key=lambda v: (v == -1, v))
+        for j, t in enumerate(at):
+            lane_of[(rank, "api", t)] = len(lanes)
+            tl = " (other threads)" if t == -1 else (f" thread {j + 1}" if len(at) > 1 else "")
+            lanes.append(Lane(rank, "api", f"{who}CUDA API{tl}"))
+        kk = k[k["rank"].to_numpy() == rank]
+        mm = m[m["rank"].to_numpy() == rank]
+        streams = sorted(set(zip(kk["device_id"].tolist(), kk["stream_id"].tolist()))
+                         | set(zip(mm["device_id"].tolist(), mm["stream_id"].tolist())))
+        devices = {d for d, _ in streams}
+        for dev, s in streams:
+            lane_of[(rank, "gpu", dev, s)] = len(lanes)
+            gpu = f"GPU {dev} " if len(devices) > 1 or len(ranks) > 1 else ""
+            lanes.append(Lane(rank, "gpu", f"{who}{gpu}{purpose.get((rank, dev, s), 'compute')} (stream {s})"))
+        if (c["rank"].to_numpy() == rank).any():
+            lane_of[(rank, "nccl")] = len(lanes)
+            lanes.append(Lane(rank, "nccl", f"{who}NCCL calls"))
+    return lanes, lane_of
+
+
+def _lane_codes(lane_of: dict[tuple, int], key_of: Callable[..., tuple], *cols: np.ndarray) -> np.ndarray:
+    """Each row's lane: ``key_of`` (a lane_of key from one row's values) is called once per
+    distinct row, found by factorizing the integer columns (no per-row Python)."""
+    if not len(cols[0]):
+        return np.zeros(0, np.int32)
+    comb = np.zeros(len(cols[0]), np.int64)
+    for col in cols:
+        codes, uniq = pd.factorize(col)
+        comb = comb * len(uniq) + codes
+    codes, uniq = pd.factorize(comb)
+    first = np.empty(len(uniq), np.int64)
+    first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # the first row of each distinct key
+    table = np.array([lane_of[key_of(*(int(col[i]) for col in cols))] for i in first], np.int32)
+    return table[codes]
+
+
+def _event_parts(trace: Trace, lane_of: dict[tuple, int], api_thread: dict) -> list[tuple]:
+    """Per table (kernels, memops, ranges, API calls, collectives): lane, category, start, end, label,
+    correlation id."""
+    k, m, r, c, a = trace.kernels, trace.memops, trace.ranges, trace.collectives, trace.api_calls
+
+    def lane_codes(key_of: Callable[..., tuple], *cols: np.ndarray) -> np.ndarray:
+        return _lane_codes(lane_of, key_of, *cols)
+
+    cat_index = {c: i for i, c in enumerate(CATEGORIES)}
+    parts = []
+    # kernels
+    if len(k):
+        kc = _codes_via(k["category"], lambda x: cat_index.get(x, cat_index["other"]), cat_index["other"])
+        parts.append((
+            lane_codes(lambda rk, dev, st: (rk, "gpu", dev, st), k["rank"].to_numpy(), k["device_id"].to_numpy(),
+                       k["stream_id"].to_numpy()),
+            kc.astype(np.int16), k["start_ns"].to_numpy(np.int64), k["end_ns"].to_numpy(np.int64),
+            k["name"], k["correlation_id"].to_numpy(np.int64)))
+    if len(m):
+        mc = np.where(m["kind"].astype(str).to_numpy() == "memset", cat_index["memset"], cat_index["memcpy"]).astype(np.int16)
+        parts.append((
+            lane_codes(lambda rk, dev, st: (rk, "gpu", dev, st), m["rank"].to_numpy(), m["device_id"].to_numpy(),
+                       m["stream_id"].to_numpy()),
+            mc, m["start_ns"].to_numpy(np.int64), m["end_ns"].to_numpy(np.int64),
+            pd.Series(m["kind"].astype(str).to_numpy() + " " + _bytes_text(m["bytes"].to_numpy()).to_numpy()).astype("category"),
+            m["correlation_id"].to_numpy(np.int64)))
+    if len(r):
+        parts.append((
+            lane_codes(lambda rk, t, d: (rk, "nvtx", t, d), r["rank"].to_numpy(), r["thread_id"].to_numpy(),
+                       np.minimum(r["depth"].to_numpy(), MAX_RANGE_DEPTH)),
+            np.full(len(r), cat_index["nvtx"], np.int16), r["start_ns"].to_numpy(np.int64),
+            r["end_ns"].to_numpy(np.int64), r["text"], np.full(len(r), -1, np.int64)))
+    if len(a):
+        parts.append((
+            lane_codes(lambda rk, t: (rk, "api", api_thread.get((rk, t), -1)), a["rank"].to_numpy(), a["thread_id"].to_numpy()),
+            np.full(len(a), cat_index["api"], np.int16), a["start_ns"].to_numpy(np.int64),
+            a["end_ns"].to_numpy(np.int64), a["name"], a["correlation_id"].to_numpy(np.int64)))
+    if len(c):
+        parts.append((
+            lane_codes(lambda rk: (rk, "nccl"), c["rank"].to_numpy()),
+            np.full(len(c), cat_index["nccl"], np.int16), c["start_ns"].to_numpy(np.int64),
+            c["end_ns"].to_numpy(np.int64),
+            pd.Series(c["op"].astype(str).to_numpy() + " " + _bytes_text(c["bytes"].to_numpy()).to_numpy()).astype("category"),
+            np.full(len(c), -1, np.int64)))
+    return parts
+
+
+def _concat_parts(parts: list[tuple], origin: int) -> tuple[list[str], tuple]:
+    """All parts as one set of arrays (times from ``origin``) and one label list."""
+    labels: list[str] = []
+    codes_all, lane_all, cat_all, s_all, e_all, corr_all = [], [], [], [], [], []
+    for lane, cat, s, e, lab, corr in parts:
+        lab = lab if isinstance(lab.dtype, pd.CategoricalDtype) else lab.astype(str).astype("category")
+        codes = lab.cat.codes.to_numpy().astype(np.int64)
+        cats = [str(x) for x in lab.cat.categories]
+        codes = np.where(codes >= 0, codes + len(labels), -1)
+        labels.extend(cats)
+        codes_all.append(codes)
+        lane_all.append(lane)
+        cat_all.append(cat)
+        s_all.append(s - origin)
+        e_all.append(np.maximum(e, s) - origin)
+        corr_all.append(corr)
+    labels.append("")
+    if parts:
+        codes = np.concatenate(codes_all)
+        codes = np.where(codes >= 0, codes, len(labels) - 1)
+        arrays = (np.concatenate(lane_all), np.concatenate(cat_all), np.concatenate(s_all), np.concatenate(e_all), codes,
+                  np.concatenate(corr_all))
+    else:
+        arrays = (np.zeros(0, np.int32), np.zeros(0, np.int16), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                  np.zeros(0, np.int64), np.zeros(0, np.int64))
+    return labels, arrays
