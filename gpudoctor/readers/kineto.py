@@ -1286,47 +1286,10 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
     unit = clock.unit
     trace = Trace()
 
-    # kernels
-    k = acc.kern
-    ok = clock.valid(k) if k.n else np.zeros(0, bool)
-    k_row_new = np.where(ok, np.cumsum(ok) - 1, -1)
-    k_start, k_end = clock.times_ns(k, ok) if k.n else (np.empty(0, np.int64),) * 2
-    k_names = _categorical(acc.kname, k.get("name", np.int32)[ok])
-    # Kineto gives the full demangled name; `name` is the short form nsys calls shortName, so the
-    # same kernel has the same name whichever profiler recorded it.
-    k_short = short_names(k_names)
-    k_corr = k.get("corr")[ok]
+    k_row_new, k_start, k_end, k_names, k_corr = _set_kernels(trace, acc, clock, rank)
     n_k = len(k_start)
-    trace.set("kernels", {
-        "rank": np.full(n_k, rank, np.int64), "device_id": k.get("device")[ok], "stream_id": k.get("stream")[ok],
-        "start_ns": k_start, "end_ns": k_end, "name": k_short, "demangled_name": k_names,
-        "grid_x": k.get("gx")[ok], "grid_y": k.get("gy")[ok], "grid_z": k.get("gz")[ok],
-        "block_x": k.get("bx")[ok], "block_y": k.get("by")[ok], "block_z": k.get("bz")[ok],
-        "registers_per_thread": k.get("regs")[ok], "shared_memory_bytes": k.get("smem")[ok],
-        "correlation_id": k_corr, "graph_id": np.full(n_k, -1, np.int64),
-        "category": categorize_kernels(k_short, k_names),
-    })
-
-    # memops
-    m = acc.mem
-    ok = clock.valid(m) if m.n else np.zeros(0, bool)
-    m_start, m_end = clock.times_ns(m, ok) if m.n else (np.empty(0, np.int64),) * 2
-    m_codes = m.get("name", np.int32)[ok]
-    parsed = [_memop_kind(_name_of(key)) for key in acc.mname]
+    m_start, m_end = _set_memops(trace, acc, clock, rank)
     n_m = len(m_start)
-
-    def _mcat(i: int) -> pd.Categorical:
-        vals = [p[i] for p in parsed]
-        uniq = list(dict.fromkeys(vals))
-        pos = {v: j for j, v in enumerate(uniq)}
-        lut = np.array([pos[v] for v in vals], dtype=np.int32)
-        return pd.Categorical.from_codes(lut[m_codes] if n_m else np.empty(0, np.int32), categories=uniq)
-
-    trace.set("memops", {
-        "rank": np.full(n_m, rank, np.int64), "device_id": m.get("device")[ok], "stream_id": m.get("stream")[ok],
-        "start_ns": m_start, "end_ns": m_end, "kind": _mcat(0), "bytes": m.get("bytes")[ok],
-        "src_kind": _mcat(1), "dst_kind": _mcat(2), "correlation_id": m.get("corr")[ok],
-    })
 
     # api calls
     a = acc.api
@@ -1375,7 +1338,73 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
         n_c = len(rows["start_ns"])
         trace.set("collectives", {"rank": np.full(n_c, rank, np.int64), **rows})
 
-    # cpu ops (SHAPE_OPS) with their shapes
+    _set_cpu_ops(trace, acc, clock, rank)
+    _set_memory(trace, acc, clock, unit, offset, rank)
+    _set_devices(trace, header, rank)
+    # ranks
+    tb = _TB_NAME_RE.match(path.name)
+    trace.set("ranks", {
+        "rank": [rank], "pid": [_main_pid(acc, path)], "hostname": [tb.group("host") if tb else ""],
+        "source_file": [str(path)], "source_format": [FORMAT], "clock_offset_ns": [offset],
+        "clock_source": ["baseTimeNanoseconds" if base is not None else "trace"],
+    })
+
+    _sort_tables(trace)
+    _add_drops(trace, acc, clock, rank, np.concatenate([k_corr, trace.memops["correlation_id"].to_numpy()]), a_corr, n_k)
+    trace.meta = _meta(path, header, acc, rank, rank_from, unit, parser, layout)
+    return trace
+
+
+def _set_kernels(trace: Trace, acc: _Accumulator, clock: _Clock, rank: int) -> tuple:
+    """The kernels table; returns each accumulated kernel's new row (-1 when dropped), and the kept ones'
+    start, end, full names and correlation ids."""
+    k = acc.kern
+    ok = clock.valid(k) if k.n else np.zeros(0, bool)
+    k_row_new = np.where(ok, np.cumsum(ok) - 1, -1)
+    k_start, k_end = clock.times_ns(k, ok) if k.n else (np.empty(0, np.int64),) * 2
+    k_names = _categorical(acc.kname, k.get("name", np.int32)[ok])
+    # Kineto gives the full demangled name; `name` is the short form nsys calls shortName, so the
+    # same kernel has the same name whichever profiler recorded it.
+    k_short = short_names(k_names)
+    k_corr = k.get("corr")[ok]
+    n_k = len(k_start)
+    trace.set("kernels", {
+        "rank": np.full(n_k, rank, np.int64), "device_id": k.get("device")[ok], "stream_id": k.get("stream")[ok],
+        "start_ns": k_start, "end_ns": k_end, "name": k_short, "demangled_name": k_names,
+        "grid_x": k.get("gx")[ok], "grid_y": k.get("gy")[ok], "grid_z": k.get("gz")[ok],
+        "block_x": k.get("bx")[ok], "block_y": k.get("by")[ok], "block_z": k.get("bz")[ok],
+        "registers_per_thread": k.get("regs")[ok], "shared_memory_bytes": k.get("smem")[ok],
+        "correlation_id": k_corr, "graph_id": np.full(n_k, -1, np.int64),
+        "category": categorize_kernels(k_short, k_names),
+    })
+    return k_row_new, k_start, k_end, k_names, k_corr
+
+
+def _set_memops(trace: Trace, acc: _Accumulator, clock: _Clock, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    m = acc.mem
+    ok = clock.valid(m) if m.n else np.zeros(0, bool)
+    m_start, m_end = clock.times_ns(m, ok) if m.n else (np.empty(0, np.int64),) * 2
+    m_codes = m.get("name", np.int32)[ok]
+    parsed = [_memop_kind(_name_of(key)) for key in acc.mname]
+    n_m = len(m_start)
+
+    def _mcat(i: int) -> pd.Categorical:
+        vals = [p[i] for p in parsed]
+        uniq = list(dict.fromkeys(vals))
+        pos = {v: j for j, v in enumerate(uniq)}
+        lut = np.array([pos[v] for v in vals], dtype=np.int32)
+        return pd.Categorical.from_codes(lut[m_codes] if n_m else np.empty(0, np.int32), categories=uniq)
+
+    trace.set("memops", {
+        "rank": np.full(n_m, rank, np.int64), "device_id": m.get("device")[ok], "stream_id": m.get("stream")[ok],
+        "start_ns": m_start, "end_ns": m_end, "kind": _mcat(0), "bytes": m.get("bytes")[ok],
+        "src_kind": _mcat(1), "dst_kind": _mcat(2), "correlation_id": m.get("corr")[ok],
+    })
+    return m_start, m_end
+
+
+def _set_cpu_ops(trace: Trace, acc: _Accumulator, clock: _Clock, rank: int) -> None:
+    """The ops whose shapes the model keeps (SHAPE_OPS)."""
     o = acc.ops
     if o.n:
         ok = clock.valid(o)
@@ -1391,7 +1420,9 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
             "sequence_number": o.get("seq")[ok],
         })
 
-    # memory events / counters (CUDA caching allocator, profile_memory=True)
+
+def _set_memory(trace: Trace, acc: _Accumulator, clock: _Clock, unit: str, offset: int, rank: int) -> None:
+    """Memory events and allocator counters (CUDA caching allocator, profile_memory=True)."""
     mv = acc.mev
     if mv.n:
         ts = mv.get("ts", None)
@@ -1416,7 +1447,9 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
         counters.insert(0, "rank", rank)
         trace.set("counters", counters)
 
-    # devices
+
+def _set_devices(trace: Trace, header: dict, rank: int) -> None:
+    """Devices from the header's deviceProperties, plus any device a GPU op ran on."""
     dev_rows = []
     props = header.get("deviceProperties")
     listed = set()
@@ -1441,15 +1474,9 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
     if dev_rows:
         trace.set("devices", pd.DataFrame(dev_rows))
 
-    # ranks
-    tb = _TB_NAME_RE.match(path.name)
-    trace.set("ranks", {
-        "rank": [rank], "pid": [_main_pid(acc, path)], "hostname": [tb.group("host") if tb else ""],
-        "source_file": [str(path)], "source_format": [FORMAT], "clock_offset_ns": [offset],
-        "clock_source": ["baseTimeNanoseconds" if base is not None else "trace"],
-    })
 
-    # time order (readers are free in the order of rows; sorted output is deterministic and friendlier)
+def _sort_tables(trace: Trace) -> None:
+    """Time order (readers are free in the order of rows; sorted output is deterministic and friendlier)."""
     trace.kernels = _sort(trace.kernels, ["start_ns", "device_id", "stream_id", "correlation_id", "end_ns"])
     trace.memops = _sort(trace.memops, ["start_ns", "device_id", "stream_id", "correlation_id", "end_ns"])
     trace.api_calls = _sort(trace.api_calls, ["start_ns", "thread_id", "correlation_id", "end_ns"])
@@ -1458,8 +1485,11 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
     trace.cpu_ops = _sort(trace.cpu_ops, ["start_ns", "thread_id", "-end_ns", "external_id"])
     trace.memory_events = _sort(trace.memory_events, ["ts_ns", "device_id", "address"])
 
-    # dropped, never silent
-    launched = np.isin(np.concatenate([k_corr, trace.memops["correlation_id"].to_numpy()]), a_corr)
+
+def _add_drops(trace: Trace, acc: _Accumulator, clock: _Clock, rank: int, gpu_corr: np.ndarray, a_corr: np.ndarray,
+               n_k: int) -> None:
+    """What was not kept, counted by reason: never silent."""
+    launched = np.isin(gpu_corr, a_corr)
     trace.add_dropped(rank, SOURCE, "gpu op with no launch record", int((~launched).sum()))
     for reason, n in sorted(clock.dropped.items()):
         trace.add_dropped(rank, SOURCE, reason, n)
@@ -1478,7 +1508,9 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
     for ph, n in sorted(acc.bad_phases.items()):
         trace.add_dropped(rank, SOURCE, f"unsupported event phase: {ph}", n)
 
-    # meta
+
+def _meta(path: Path, header: dict, acc: _Accumulator, rank: int, rank_from: str, unit: str, parser: str,
+          layout: str) -> dict:
     tp = {k: v for k, v in header.items()}
     tp["ts_unit"] = unit
     tp["parser"] = parser
@@ -1489,9 +1521,8 @@ def _build(path: Path, header: dict, acc: _Accumulator, rank_arg: int | None, pa
                           for (ph, cat), n in sorted(acc.counts.items(), key=lambda x: -x[1])}
     if acc.cpu_memory_events:
         tp["cpu_memory_event_count"] = acc.cpu_memory_events
-    trace.meta = {
+    return {
         "inputs": [{"path": str(path), "format": FORMAT, "rank": rank}],
         "torch_profiler": tp,
         "cpu_op_count": acc.cpu_op_count,
     }
-    return trace
