@@ -264,7 +264,7 @@ def _fmt(value) -> str:
     return repr(v)
 
 
-def counter_text(name: str, **values) -> str:
+def counter_text(name: str, **values: float | None) -> str:
     """The annotation text of one counter sample (see the module docstring)."""
     if not _NAME.match(name):
         raise ValueError(f"counter name {name!r} must match [A-Za-z_][A-Za-z0-9_.]*")
@@ -278,7 +278,7 @@ def counter_text(name: str, **values) -> str:
     return " ".join(parts)
 
 
-def counter(name: str, **values) -> None:
+def counter(name: str, **values: float | None) -> None:
     """Record one sample of named values (None values are left out)."""
     text = counter_text(name, **values)
     nv = _nvtx()
@@ -292,7 +292,7 @@ def counter(name: str, **values) -> None:
             pass
 
 
-def kv_cache(used_tokens: int, allocated_tokens: int, block_tokens: int | None = None, **extra) -> None:
+def kv_cache(used_tokens: int, allocated_tokens: int, block_tokens: int | None = None, **extra: float | None) -> None:
     """Record how many KV-cache token slots hold live tokens vs are allocated (and the block size)."""
     counter("kv_cache", used_tokens=used_tokens, allocated_tokens=allocated_tokens, block_tokens=block_tokens,
             **extra)

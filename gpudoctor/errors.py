@@ -1,5 +1,12 @@
 """Errors that carry their exit code and print as one line."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
 
 class GpudoctorError(Exception):
     """An expected failure: printed as one line, exits with ``exit_code``. Never a traceback."""
@@ -39,7 +46,7 @@ def install_hint(extra: str) -> str:
     return f"pip install 'gpudoctor[{extra}]'"
 
 
-def require(module: str, extra: str):
+def require(module: str, extra: str) -> ModuleType:
     """Import an optional dependency or raise MissingExtraError naming the extra to install."""
     import importlib
 

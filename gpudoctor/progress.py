@@ -27,7 +27,7 @@ import os
 import sys
 import threading
 from contextlib import contextmanager
-from typing import Iterable, Iterator, TypeVar
+from typing import IO, Any, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -38,7 +38,7 @@ _display = None  # the shared rich Progress while any task is open
 _open_tasks = 0
 
 
-def enabled(stream=None) -> bool:
+def enabled(stream: IO[str] | None = None) -> bool:
     """Whether bars are drawn: GPUDOCTOR_PROGRESS=0/1 decides, else only when ``stream`` is a terminal."""
     env = os.environ.get("GPUDOCTOR_PROGRESS", "").strip().lower()
     if env in ("0", "false", "no", "off"):
@@ -138,7 +138,7 @@ def task(description: str, total: float | None = None, *, delay: float = DEFAULT
                 _display = None
 
 
-def track(items: Iterable[T], description: str, total: float | None = None, **kw) -> Iterator[T]:
+def track(items: Iterable[T], description: str, total: float | None = None, **kw: Any) -> Iterator[T]:
     """Yield ``items`` while a task counts them (``total`` defaults to ``len(items)`` when it has one)."""
     if total is None:
         try:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from gpudoctor.model.columns import per_value
 from gpudoctor.model.kernel_names import short_kernel_name
+
+if TYPE_CHECKING:
+    from gpudoctor.model.columns import Column
 
 
 class _InOrder:
@@ -75,7 +79,7 @@ def _category_codes(names) -> np.ndarray:
     return per_value(names, lambda n: _ALL.index(category_of(n)), dtype=np.int64, missing=_OTHER)
 
 
-def categorize_kernels(short_names, demangled_names) -> pd.Categorical:
+def categorize_kernels(short_names: Column, demangled_names: Column) -> pd.Categorical:
     """Category from the short name; where that says "other", from the demangled name.
 
     Works on category codes end to end: no per-row string is built, even for millions of kernels."""
@@ -87,7 +91,7 @@ def categorize_kernels(short_names, demangled_names) -> pd.Categorical:
     return pd.Categorical.from_codes(out, categories=_ALL).remove_unused_categories()
 
 
-def short_names(names) -> pd.Categorical:
+def short_names(names: Column) -> pd.Categorical:
     """Short kernel names (as nsys's shortName) for full demangled names, decided once per distinct name."""
     cat = pd.Series(names).astype("category")
     uniq = np.array([short_kernel_name(str(n)) for n in cat.cat.categories], dtype=object)

@@ -89,7 +89,7 @@ def parse_counter_text(text: str) -> tuple[str, dict[str, float], int] | None:
     return group, values, device
 
 
-def format_counter_text(group: str, **values) -> str:
+def format_counter_text(group: str, **values: float) -> str:
     """The annotation text for ``values`` (the inverse of parse_counter_text, for tests and emitters)."""
     parts = [PREFIX, group]
     for k, v in values.items():

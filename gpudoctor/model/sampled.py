@@ -29,11 +29,15 @@ Percent metrics (``[Throughput %]``, ``_pct``) become fractions; other units sta
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from gpudoctor.model.steps import merge_intervals
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 # (canonical key, regex over the counter name, source). First match wins; GPU-metrics names first.
 _CANON: tuple[tuple[str, re.Pattern, str], ...] = tuple((k, re.compile(p, re.I), s) for k, p, s in (
@@ -154,8 +158,8 @@ def sample_count_in(ts: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.
     return np.searchsorted(ts, ends, side="left") - np.searchsorted(ts, starts, side="left")
 
 
-def metric_over(counters: pd.DataFrame, key: str, starts, ends, source: str | None = None,
-                device_id: int | None = None) -> tuple[np.ndarray, str]:
+def metric_over(counters: pd.DataFrame, key: str, starts: npt.ArrayLike, ends: npt.ArrayLike,
+                source: str | None = None, device_id: int | None = None) -> tuple[np.ndarray, str]:
     """Per interval, the time-weighted mean of metric ``key``, and the source it came from ('' = none)."""
     ts, values, src = series(counters, key, source, device_id)
     return interval_means(ts, values, np.asarray(starts), np.asarray(ends)), src

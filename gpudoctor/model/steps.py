@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 STEP_NAME = re.compile(r"(^|[^a-z])(step|iter|iteration|batch)([^a-z]|$)|profilerstep", re.I)
 OPTIMIZER_STEP = re.compile(r"^optimizer\.step#|(^|[^a-z])optimizer[._ ]?step([^a-z]|$)", re.I)
@@ -264,7 +268,7 @@ def find_steps(ranges: pd.DataFrame, kernels: pd.DataFrame) -> StepWindow:
     return StepWindow(steps, int(steady["gpu_start_ns"].min()), int(steady["gpu_end_ns"].max()), source)
 
 
-def merge_intervals(start, end) -> tuple[np.ndarray, np.ndarray]:
+def merge_intervals(start: npt.ArrayLike, end: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """The union of intervals [start, end) as disjoint blocks, sorted: (block starts, block ends), int64."""
     s = np.asarray(start, dtype=np.int64)
     e = np.asarray(end, dtype=np.int64)

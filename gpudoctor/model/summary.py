@@ -64,7 +64,8 @@ def _records(df: pd.DataFrame) -> list[dict]:
     return out
 
 
-def in_window(df: pd.DataFrame, start_ns: int, end_ns: int, start_col="start_ns", end_col="end_ns") -> pd.DataFrame:
+def in_window(df: pd.DataFrame, start_ns: int, end_ns: int, start_col: str = "start_ns",
+              end_col: str = "end_ns") -> pd.DataFrame:
     """Rows overlapping [start_ns, end_ns]."""
     s = df[start_col].to_numpy()
     e = df[end_col].to_numpy()

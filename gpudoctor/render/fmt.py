@@ -1,7 +1,9 @@
 """Number formatting shared by the text renderers."""
 
+from __future__ import annotations
 
-def ns(v) -> str:
+
+def ns(v: float) -> str:
     """A duration in ns, in the unit a person reads best."""
     v = float(v)
     for unit, scale in (("s", 1e9), ("ms", 1e6), ("us", 1e3)):
@@ -10,7 +12,7 @@ def ns(v) -> str:
     return f"{v:.0f} ns"
 
 
-def pct(frac) -> str:
+def pct(frac: float) -> str:
     return f"{100 * float(frac):.1f}%"
 
 
@@ -19,7 +21,7 @@ def short(name: str, width: int = 70) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
 
 
-def metric(v) -> str:
+def metric(v: object) -> str:
     if isinstance(v, float):
         if v != v:
             return "n/a"
@@ -29,7 +31,7 @@ def metric(v) -> str:
     return str(v)
 
 
-def metric_text(v) -> str:
+def metric_text(v: object) -> str:
     """A metric value for people: "unknown" for a value the run could not supply (None / NaN)."""
     if v is None or (isinstance(v, float) and v != v):
         return "unknown"
