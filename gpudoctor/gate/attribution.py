@@ -11,10 +11,17 @@ busy time that the ``gpu_time`` metric measures.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
 from gpudoctor.render.fmt import short
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from gpudoctor.gate.run import RunData
 
 
 def _ms(ns: float) -> str:
@@ -66,7 +73,7 @@ def _records(df: pd.DataFrame) -> list[dict]:
     return out
 
 
-def attribute(baselines, candidates, top: int = 10) -> dict:
+def attribute(baselines: Sequence[RunData], candidates: Sequence[RunData], top: int = 10) -> dict:
     """Per-kernel, per-category and per-range change in GPU time per step (see the module docstring)."""
     kb, bsteps = _pool(baselines, "kernels", ["name", "category"])
     kc, csteps = _pool(candidates, "kernels", ["name", "category"])

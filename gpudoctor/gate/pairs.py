@@ -3,22 +3,29 @@ dashboard's Compare page): the same numbers and the same kernel names as ``gpudo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pandas as pd
 
 from gpudoctor.gate.compare import GateOptions, GateResult, compare
 from gpudoctor.gate.samples import run_from_trace
 
+if TYPE_CHECKING:
+    from gpudoctor.analyzers.analysis import Analysis
+    from gpudoctor.gate.run import RunData
+
 KERNEL_COLUMNS = ["kernel", "category", "status", "us_per_step_a", "us_per_step_b", "diff_us", "diff_pct",
                   "count_per_step_a", "count_per_step_b"]
 
 
-def run_of(analysis, label: str):
+def run_of(analysis: Analysis, label: str) -> RunData:
     """The gate's RunData of an analysis (pipeline.Analysis)."""
     return run_from_trace(analysis.trace, analysis.ranks, analysis.findings, label,
                           rank_samples=getattr(analysis, "gate_samples", None))
 
 
-def compare_analyses(a, b, label_a: str = "A", label_b: str = "B", options: GateOptions | None = None) -> GateResult:
+def compare_analyses(a: Analysis, b: Analysis, label_a: str = "A", label_b: str = "B",
+                     options: GateOptions | None = None) -> GateResult:
     """``gpudoctor gate --baseline A --candidate B`` on two analyses, every kernel attributed."""
     o = options or GateOptions(top=100_000)
     return compare([run_of(a, label_a)], [run_of(b, label_b)], o)

@@ -28,8 +28,12 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from gpudoctor.analyzers.findings import Finding
 
 RUN_FORMAT = "gpudoctor-gate-run"
 RUN_FORMAT_VERSION = 1
@@ -143,12 +147,12 @@ def _finite(x) -> float:
     return v
 
 
-def num(x):
+def num(x: float) -> int | float:
     x = float(x)
     return int(x) if x.is_integer() and abs(x) < 2**53 else x
 
 
-def finding_dict(f) -> dict:
+def finding_dict(f: Finding | dict) -> dict:
     return f if isinstance(f, dict) else f.to_dict()
 
 

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
@@ -11,6 +13,9 @@ from gpudoctor.gate.environment import environment
 from gpudoctor.gate.run import FINDING_METRICS, RunData, carriers, finding_dict
 from gpudoctor.model.samples import rank_data
 from gpudoctor.model.trace import Trace
+
+if TYPE_CHECKING:
+    from gpudoctor.analyzers.analysis import Analysis
 
 
 def combine_steps(per_rank: list[np.ndarray | None], notes: list[str], metric: str) -> list[float] | None:
@@ -71,7 +76,7 @@ def run_from_trace(trace: Trace, ranks: list, findings: list, label: str, source
 
 
 
-def gate_block(analysis) -> dict:
+def gate_block(analysis: Analysis) -> dict:
     """The ``gate`` block of analysis.json for an Analysis: what the gate needs to compare this run later
     without the trace, a few KB, assembled from the per-rank samples the analysis computed."""
     run = run_from_trace(analysis.trace, analysis.ranks, [], label="", source="analysis_json",

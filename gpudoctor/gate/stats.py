@@ -28,10 +28,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gpudoctor.errors import require
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 PASS, REGRESSION, IMPROVEMENT, INCONCLUSIVE, ERROR = "pass", "regression", "improvement", "inconclusive", "error"
 
@@ -122,7 +126,8 @@ def u_critical(m: int, n: int, tail: float) -> int:
     return max(int(math.floor(k)), 0)
 
 
-def shift_ratio_ci(baseline, candidate, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float, float]:
+def shift_ratio_ci(baseline: npt.ArrayLike, candidate: npt.ArrayLike,
+                   confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float, float]:
     """(Hodges-Lehmann ratio estimate, low, high): the distribution-free interval of the multiplicative shift
     candidate / baseline, from the pairwise differences of log values. Infinite bounds when the samples are
     too small for the confidence asked."""
@@ -147,8 +152,8 @@ def _boot_medians(x: np.ndarray, n_boot: int, rng: np.random.Generator, chunk_ce
     return out
 
 
-def bootstrap_ratio_ci(baseline, candidate, n_boot: int = DEFAULT_BOOTSTRAP, confidence: float = DEFAULT_CONFIDENCE,
-                       seed: int = DEFAULT_SEED) -> tuple[float, float]:
+def bootstrap_ratio_ci(baseline: npt.ArrayLike, candidate: npt.ArrayLike, n_boot: int = DEFAULT_BOOTSTRAP,
+                       confidence: float = DEFAULT_CONFIDENCE, seed: int = DEFAULT_SEED) -> tuple[float, float]:
     """Percentile bootstrap CI of median(candidate) / median(baseline), seeded."""
     a = np.asarray(baseline, dtype=float)
     b = np.asarray(candidate, dtype=float)
@@ -197,7 +202,8 @@ def _separation(a: np.ndarray, b: np.ndarray, higher_is_better: bool) -> float |
     return -gap if higher_is_better else gap
 
 
-def decide(baseline, candidate, tolerance: float = DEFAULT_TOLERANCE, *, higher_is_better: bool = False,
+def decide(baseline: npt.ArrayLike, candidate: npt.ArrayLike, tolerance: float = DEFAULT_TOLERANCE, *,
+           higher_is_better: bool = False,
            min_samples: int = DEFAULT_MIN_SAMPLES, alpha: float = DEFAULT_ALPHA,
            confidence: float = DEFAULT_CONFIDENCE, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = DEFAULT_SEED,
            unit_label: str = "steps") -> Decision:
