@@ -15,6 +15,7 @@ import sqlite3
 import struct
 import zlib
 from contextlib import contextmanager
+from typing import Iterator
 
 from gpudoctor import crash
 from gpudoctor.errors import GpudoctorError, InputError
@@ -26,7 +27,7 @@ DATA_ERRORS = (ValueError, ArithmeticError, EOFError, zlib.error, sqlite3.Error,
 
 
 @contextmanager
-def input_boundary(path):
+def input_boundary(path: str | os.PathLike[str]) -> Iterator[None]:
     try:
         yield
     except GpudoctorError:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import orjson
 
@@ -215,7 +215,7 @@ class Window:
         return data
 
 
-def find_cut(f, size: int, sep: bytes, block_bytes: int = BLOCK_BYTES) -> int:
+def find_cut(f: BinaryIO, size: int, sep: bytes, block_bytes: int = BLOCK_BYTES) -> int:
     """Offset of a separator near the middle of a seekable stream of ``size`` bytes (-1 if none)."""
     f.seek(size // 2)
     chunk = f.read(block_bytes)

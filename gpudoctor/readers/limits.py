@@ -25,10 +25,14 @@ import stat
 import sys
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gpudoctor.errors import GpudoctorError, InputError
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 MIB = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
@@ -102,7 +106,7 @@ class BoundedGzip(io.RawIOBase):
                                          f"{_raise_hint('GPUDOCTOR_MAX_GZIP_RATIO')})")
         return data
 
-    def readinto(self, b) -> int:
+    def readinto(self, b: WriteableBuffer) -> int:
         data = self.read(len(b))
         b[:len(data)] = data
         return len(data)
@@ -119,7 +123,7 @@ def gunzip(data: bytes, path: str | os.PathLike) -> bytes:
         return g.read()
 
 
-def open_input(path: str | os.PathLike):
+def open_input(path: str | os.PathLike) -> io.BufferedReader:
     """A binary stream of the file's bytes, inflated within the limits when it is gzip."""
     raw = open(path, "rb")
     try:
@@ -204,7 +208,7 @@ def check_json_depth(data: bytes | str, path: str | os.PathLike) -> None:
                                f"({_raise_hint('GPUDOCTOR_MAX_JSON_DEPTH')})")
 
 
-def loads_json(data: bytes | str, path: str | os.PathLike, what: str = "JSON"):
+def loads_json(data: bytes | str, path: str | os.PathLike, what: str = "JSON") -> Any:
     """Parse a small JSON document within the depth limit; a one-line InputError otherwise."""
     import json
 
@@ -217,7 +221,7 @@ def loads_json(data: bytes | str, path: str | os.PathLike, what: str = "JSON"):
         raise InputError(path, f"invalid {what}: {' '.join(str(e).split())}") from None
 
 
-def read_json_file(path: str | os.PathLike, what: str, *, allow_stdin: bool = False):
+def read_json_file(path: str | os.PathLike, what: str, *, allow_stdin: bool = False) -> Any:
     """A small JSON file (regular file, size and depth limits), parsed."""
     data = read_small_file(path, what, allow_stdin=allow_stdin)
     if data.startswith(b"\xef\xbb\xbf"):
@@ -229,7 +233,7 @@ def read_json_file(path: str | os.PathLike, what: str, *, allow_stdin: bool = Fa
 # pickles
 
 
-def check_pickle_expansion(obj, path: str | os.PathLike) -> int:
+def check_pickle_expansion(obj: object, path: str | os.PathLike) -> int:
     """Containers ``obj`` expands to when each shared reference counts once per use; raise past the
     limit. Linear in the distinct objects: each container's expanded size is computed once (by id)."""
     max_objects = limit("GPUDOCTOR_MAX_PICKLE_OBJECTS")

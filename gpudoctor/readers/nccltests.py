@@ -397,7 +397,7 @@ def to_trace(parsed: Parsed, path: Path, rank: int | None = None) -> Trace:
     return trace
 
 
-def rows_frame(trace_or_meta) -> pd.DataFrame:
+def rows_frame(trace_or_meta: Trace | dict | None) -> pd.DataFrame:
     """meta["nccl_tests"]["rows"] as a DataFrame (empty when the trace has none)."""
     meta = trace_or_meta.meta if hasattr(trace_or_meta, "meta") else trace_or_meta
     rows = (meta or {}).get("nccl_tests", {}).get("rows", [])

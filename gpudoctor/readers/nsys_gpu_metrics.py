@@ -12,8 +12,13 @@ maps the names analyzers use to one key per quantity. A metric id with no name b
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from gpudoctor.readers.nsys import _Reader
 
 TABLE, INFO = "GPU_METRICS", "TARGET_INFO_GPU_METRICS"
 
@@ -22,7 +27,7 @@ class GpuMetricsSchemaError(ValueError):
     """The export has GPU metrics in a layout this reader does not know."""
 
 
-def metric_names(reader) -> tuple[dict[tuple[int, int], str], dict[int, str], list[str]]:
+def metric_names(reader: _Reader) -> tuple[dict[tuple[int, int], str], dict[int, str], list[str]]:
     """(typeId, metricId) -> name, metricId -> name (first seen), and the metric sets (typeName)."""
     names: dict[tuple[int, int], str] = {}
     by_metric: dict[int, str] = {}
@@ -40,8 +45,11 @@ def metric_names(reader) -> tuple[dict[tuple[int, int], str], dict[int, str], li
     return names, by_metric, sets
 
 
-def read_gpu_metrics(reader, gpu_to_dev: dict[int, int], rank: int, offset_ns: int,
-                     map_codes, factorize, cat_from_distinct) -> tuple[pd.DataFrame, list[str]]:
+def read_gpu_metrics(reader: _Reader, gpu_to_dev: dict[int, int], rank: int, offset_ns: int,
+                     map_codes: Callable[..., np.ndarray],
+                     factorize: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                     cat_from_distinct: Callable[[np.ndarray, np.ndarray], pd.Categorical],
+                     ) -> tuple[pd.DataFrame, list[str]]:
     """The samples as counters columns (rank, device_id, ts_ns, name, value) and the metric sets seen.
 
     ``reader`` is the nsys export reader (``has``/``columns``/``col``/``fetch``/``conn``); the three helpers
