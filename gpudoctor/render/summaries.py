@@ -8,11 +8,17 @@ Raw tables keep nanoseconds and fractions (units in the column names, as in the 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import pandas as pd
 
 from gpudoctor.model import stats
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from gpudoctor.analyzers.analysis import Analysis
 
 KINDS = ("kernels", "api", "ops", "steps", "launch")
 TITLES = {"kernels": "Kernels (steady-state window)", "api": "CUDA API calls (steady-state window)",
@@ -26,12 +32,12 @@ EMPTY_WHY = {"kernels": "no kernels in the steady-state window",
              "launch": "no kernels matched to launch calls (needs CUDA API calls with correlation ids)"}
 
 
-def windows(analysis) -> dict[int, tuple[int, int]]:
+def windows(analysis: Analysis) -> dict[int, tuple[int, int]]:
     return {int(r.rank): (int(r.window.start_ns), int(r.window.end_ns)) for r in analysis.ranks
             if r.window.end_ns > r.window.start_ns}
 
 
-def tables(analysis, kinds=KINDS) -> dict[str, pd.DataFrame]:
+def tables(analysis: Analysis, kinds: Iterable[str] = KINDS) -> dict[str, pd.DataFrame]:
     """The raw summary tables (``_ns`` and ``_fraction`` columns) of ``kinds``."""
     t = analysis.trace
     w = windows(analysis)
@@ -52,7 +58,7 @@ def tables(analysis, kinds=KINDS) -> dict[str, pd.DataFrame]:
     return out
 
 
-def step_table(analysis) -> pd.DataFrame:
+def step_table(analysis: Analysis) -> pd.DataFrame:
     """:func:`gpudoctor.model.stats.step_stats` of the steady steps, plus the idle time of each step by
     the gpu_idle analyzer's causes (``idle_<cause>_ns``, by where each idle gap starts)."""
     steps = {int(r.rank): r.window.steady for r in analysis.ranks}
@@ -101,7 +107,7 @@ def display(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def write_csv(analysis, directory: str | Path, kinds=KINDS) -> list[Path]:
+def write_csv(analysis: Analysis, directory: str | Path, kinds: Iterable[str] = KINDS) -> list[Path]:
     """One CSV per summary (``kernels.csv`` ...) in ``directory``, written atomically; returns the paths."""
     from gpudoctor.store.atomic import atomic_write_text
 
@@ -115,7 +121,7 @@ def write_csv(analysis, directory: str | Path, kinds=KINDS) -> list[Path]:
     return paths
 
 
-def render(analysis, kinds, console=None, rows: int = 20) -> None:
+def render(analysis: Analysis, kinds: Iterable[str], console: Console | None = None, rows: int = 20) -> None:
     """The summaries as terminal tables (the first ``rows`` rows of each)."""
     from gpudoctor.render.terminal import make_console
 

@@ -11,12 +11,16 @@ import os
 import re
 import sys
 import textwrap
+from typing import IO, TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from gpudoctor.render.fmt import metric_text, ns, pct, short, unknown_sources
+
+if TYPE_CHECKING:
+    from gpudoctor.analyzers.analysis import Analysis
 
 SEVERITY_STYLE = {"high": "bold red", "medium": "yellow", "low": "cyan", "info": "dim"}
 PIPE_WIDTH = 120
@@ -25,7 +29,7 @@ _NBSP = "\u00a0"
 _KEEP = re.compile(r"(?<=\d) (?=(?:ns|us|µs|ms|s|%|GB|GiB|MB|MiB|KB|KiB|B|W|MHz|GB/s|TB/s|TFLOP/s|FLOP/B|x)\b)|(?<=\d) (?=->|→)|(?<=->) |(?<=→) |(?<=--set) ")
 
 
-def make_console(no_color: bool = False, file=None) -> Console:
+def make_console(no_color: bool = False, file: IO[str] | None = None) -> Console:
     """A console for the summary: the terminal's width on a TTY, else ``COLUMNS`` or 120 columns."""
     out = file or sys.stdout
     tty = hasattr(out, "isatty") and out.isatty()
@@ -53,7 +57,7 @@ def _say(c: Console, text: str, indent: str = "", first: str | None = None, styl
     c.print(Text(paragraph(text, c.width, indent, first), style=style or ""), soft_wrap=True)
 
 
-def render(analysis, console: Console | None = None, top: int = 8, verbose: bool = False) -> None:
+def render(analysis: Analysis, console: Console | None = None, top: int = 8, verbose: bool = False) -> None:
     c = console or make_console()
     for r in analysis.ranks:
         w = r.window
