@@ -7,11 +7,16 @@ import ipaddress
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpudoctor.analyzers.config import load_config
 from gpudoctor.cli.base import Command
 from gpudoctor.errors import GpudoctorError, require
 from gpudoctor.pipeline import analyze_inputs
+
+if TYPE_CHECKING:
+    from gpudoctor.analyzers.config import Config
+    from gpudoctor.dashboards.app import Run
 
 
 def is_loopback(host: str) -> bool:
@@ -73,7 +78,7 @@ def _run_names(args: list[str]) -> list[str]:
     return out
 
 
-def load_runs(paths: list[str], ceilings: dict | None = None, config=None):
+def load_runs(paths: list[str], ceilings: dict | None = None, config: Config | dict | None = None) -> list[Run]:
     """Analyze each argument as one run. Unreadable runs are reported on stderr and skipped."""
     from gpudoctor.dashboards.app import Run
 

@@ -35,11 +35,22 @@ import os
 import socket
 import sys
 import time
+from typing import TYPE_CHECKING, Callable
 
 from gpudoctor import __version__
 from gpudoctor.collect.nccltests_layout import format_footer, format_row, format_run_header, format_table_header
 from gpudoctor.errors import GpudoctorError, install_hint
 from gpudoctor.model.collectives import DTYPE_TYPES, OP_BINARIES, bandwidths, bus_factor, op_sizes, redop_of, root_of
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from torch import Tensor
+    from torch import device as TorchDevice
+    from torch import dtype as TorchDtype
+    from torch._C import _CudaDeviceProperties
+
+    from gpudoctor.model.collectives import OpSize
 
 ALL_OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
 OP_ALIASES = {
@@ -222,7 +233,7 @@ def _nvml_handle(pynvml, device_index: int, props) -> object:
     return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
-def link_info(device_index: int = 0, props=None) -> dict:
+def link_info(device_index: int = 0, props: _CudaDeviceProperties | None = None) -> dict:
     """The GPU's links as NVML sees them: active NVLink links and their generation, and the PCIe link."""
     try:
         import pynvml
@@ -281,7 +292,7 @@ def pattern_k(dtype: str, nranks: int) -> int:
     return max(1, min(PATTERN, _EXACT[dtype] // max(nranks, 1)))
 
 
-def pattern(torch, rank: int, k: int, dtype, device):
+def pattern(torch: ModuleType, rank: int, k: int, dtype: TorchDtype, device: TorchDevice) -> Tensor:
     """The period-PATTERN vector rank ``rank`` fills its input with: ((rank + i) % PATTERN) % k + 1."""
     i = torch.arange(PATTERN, device=device)
     return (((rank + i) % PATTERN) % k + 1).to(dtype)
@@ -292,7 +303,7 @@ def _periodic(vec, offset: int):
     return torch.roll(vec, -(offset % len(vec)))
 
 
-def fill(x, vec, offset: int = 0) -> None:
+def fill(x: Tensor, vec: Tensor, offset: int = 0) -> None:
     """x[i] = vec[(offset + i) % len(vec)] without a buffer the size of x."""
     v = _periodic(vec, offset)
     p = len(v)
@@ -304,7 +315,7 @@ def fill(x, vec, offset: int = 0) -> None:
         x[full * p:].copy_(v[: n - full * p])
 
 
-def count_wrong(x, vec, offset: int = 0) -> int:
+def count_wrong(x: Tensor, vec: Tensor, offset: int = 0) -> int:
     """Elements of x that differ from vec[(offset + i) % len(vec)]."""
     v = _periodic(vec, offset)
     p = len(v)
@@ -338,14 +349,14 @@ class OpBench:
         self.sumvec = torch.stack(self.vecs).sum(0).to(self.dtype)
         self.set_size(max_bytes)
 
-    def set_size(self, size: int):
+    def set_size(self, size: int) -> OpSize:
         self.sz = op_sizes(self.op, size, self.n, self.esize)
         self.s = self.send[: self.sz.send_count]
         self.r = self.recv[: self.sz.recv_count]
         return self.sz
 
     # the calls -------------------------------------------------------------------------------------
-    def call(self, in_place: bool):
+    def call(self, in_place: bool) -> None:
         d, op, s, r, c, rank = self.dist, self.op, self.s, self.r, self.sz.count, self.rank
         if op == "all_reduce":
             d.all_reduce(s if in_place else r)
@@ -407,7 +418,7 @@ class OpBench:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
 
-    def free(self):
+    def free(self) -> None:
         del self.send, self.recv, self.s, self.r
 
 
@@ -426,7 +437,7 @@ class Timer:
             self.start = torch.cuda.Event(enable_timing=True)
             self.end = torch.cuda.Event(enable_timing=True)
 
-    def calibrate(self, fn, n: int) -> None:
+    def calibrate(self, fn: Callable[[], object], n: int) -> None:
         """Host seconds per enqueued call (sets how long the GPU is held before a timed loop)."""
         if n <= 0:
             return
@@ -437,7 +448,7 @@ class Timer:
         if self.cuda:
             self.torch.cuda.synchronize(self.device)
 
-    def time(self, fn, iters: int) -> float:
+    def time(self, fn: Callable[[], object], iters: int) -> float:
         """Seconds per call."""
         torch = self.torch
         if self.barrier is not None:  # every rank's host starts the loop at about the same time

@@ -49,8 +49,16 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpudoctor.errors import install_hint
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    import pandas as pd
+
+    from gpudoctor.model.trace import Trace
 
 METRICS = (
     "gpu_util_pct", "mem_util_pct", "mem_used_bytes", "power_w", "sm_clock_mhz", "mem_clock_mhz", "temp_c",
@@ -96,7 +104,7 @@ def _pynvml():
     return pynvml
 
 
-def init():
+def init() -> ModuleType:
     """Initialize NVML; returns the pynvml module or raises NvmlUnavailable."""
     pynvml = _pynvml()
     try:
@@ -110,7 +118,7 @@ def _str(v) -> str:
     return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
 
 
-def visible_devices(pynvml, env: dict | None = None) -> list[tuple[int, int]]:
+def visible_devices(pynvml: ModuleType, env: dict | None = None) -> list[tuple[int, int]]:
     """(CUDA device ordinal, NVML index) of the GPUs the program sees, honouring CUDA_VISIBLE_DEVICES."""
     env = os.environ if env is None else env
     count = pynvml.nvmlDeviceGetCount()
@@ -533,7 +541,7 @@ def _cell(v) -> str:
 # Reading the CSV back
 
 
-def read_samples(path: str | Path, rank: int | None = None):
+def read_samples(path: str | Path, rank: int | None = None) -> pd.DataFrame:
     """The CSV as rows of the trace model's ``counters`` table: rank, device_id, ts_ns, name, value.
 
     Names are ``nvml.<column>`` (``nvml.gpu_util_pct``...); empty cells are left out; rows are sorted by
@@ -585,7 +593,7 @@ def read_samples(path: str | Path, rank: int | None = None):
     return out
 
 
-def read_trace(path: str | Path, rank: int | None = None):
+def read_trace(path: str | Path, rank: int | None = None) -> Trace:
     """A Trace holding only the samples as counters (no ranks row: it merges with the rank's timeline)."""
     from gpudoctor.model.trace import Trace
 

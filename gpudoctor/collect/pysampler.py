@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Callable
 
 ANCHOR = "gpudoctor.pysamples.anchor"
 FORMAT = "gpudoctor.pysamples"
@@ -56,7 +57,7 @@ class PythonSampler:
 
     # ------------------------------------------------------------------ control (main thread)
 
-    def start(self, mark) -> None:
+    def start(self, mark: Callable[[str], object] | None) -> None:
         """Begin sampling; ``mark(name)`` emits a marker range on the trace's clock (None: no anchors)."""
         self._anchor(mark)
         if self._signal_free():
@@ -75,7 +76,7 @@ class PythonSampler:
         return signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None) and \
             signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
-    def stop(self, mark) -> dict:
+    def stop(self, mark: Callable[[str], object] | None) -> dict:
         """Stop, emit the closing marker, write the file. Returns a summary for the status file."""
         self._quit.set()
         if self.method == "signal":
