@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING
 from gpudoctor.errors import install_hint
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from types import ModuleType
 
     import pandas as pd
@@ -118,7 +119,7 @@ def _str(v) -> str:
     return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
 
 
-def visible_devices(pynvml: ModuleType, env: dict | None = None) -> list[tuple[int, int]]:
+def visible_devices(pynvml: ModuleType, env: Mapping[str, str] | None = None) -> list[tuple[int, int]]:
     """(CUDA device ordinal, NVML index) of the GPUs the program sees, honouring CUDA_VISIBLE_DEVICES."""
     env = os.environ if env is None else env
     count = pynvml.nvmlDeviceGetCount()
