@@ -17,6 +17,7 @@ Tensor shapes (optional)
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -59,6 +60,20 @@ def display_name(name: str, limit: int = 100) -> str:
     if base and base.lower() not in _GENERIC and len(base) >= 6:
         return base
     return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def measured_fact(meta: dict, key: str) -> float | None:
+    """A positive number the collector measured and left in the trace's metadata (``unprofiled_step_ms``,
+    ``unprofiled_launch_ns``): torch.profiler's own metadata first (its add_metadata writes strings),
+    then the run's (a run directory's manifest)."""
+    for src in (meta.get("torch_profiler") or {}, meta):
+        try:
+            v = float(src.get(key))
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(v) and v > 0:
+            return v
+    return None
 
 
 @dataclass

@@ -24,23 +24,14 @@ no per-operator work).
 
 from __future__ import annotations
 
-import math
-
-from gpudoctor.analyzers.context import AnalysisContext
+from gpudoctor.analyzers.context import AnalysisContext, measured_fact
 
 PLAIN_OP_NS_RATIO = 0.2  # per-op cost without record_shapes / with it (see above)
 
 
 def _unprofiled_step_ns(meta: dict) -> float | None:
-    for src in (meta.get("torch_profiler") or {}, meta):
-        v = src.get("unprofiled_step_ms")
-        try:  # torch.profiler's add_metadata writes strings
-            v = float(v)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(v) and v > 0:
-            return v * 1e6
-    return None
+    ms = measured_fact(meta, "unprofiled_step_ms")
+    return None if ms is None else ms * 1e6
 
 
 def profiler_overhead(ctx: AnalysisContext, op_ns: float, stack_op_ns: float) -> dict | None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from gpudoctor.analyzers.context import measured_fact
 from gpudoctor.model.stacks import innermost_at, stack_frames
 
 if TYPE_CHECKING:
@@ -203,15 +204,11 @@ def _from_python_samples(ctx, gaps: pd.DataFrame, fixable: np.ndarray, cause: np
     to the overlap, so its charges add up to the gap; the kind follows the gap's cause. Gaps outside the
     sampled span are left to the other sources."""
     covered = np.zeros(len(gaps), bool)
-    hs = ctx.trace.host_stacks
-    ps = hs[hs["source"].astype(str).to_numpy() == "python_sample"]
     empty = pd.DataFrame({"gap": np.zeros(0, np.int64), "stack": np.zeros(0, np.int64),
                           "kind": np.zeros(0, np.int64), "ns": np.zeros(0)})
-    if len(ps) < 2:
+    ts, st = _python_samples(ctx)
+    if len(ts) < 2:
         return empty, covered
-    order = np.argsort(ps["start_ns"].to_numpy(np.int64), kind="stable")
-    ts = ps["start_ns"].to_numpy(np.int64)[order]
-    st = ps["stack_id"].to_numpy(np.int64)[order]
     g0, g1 = gaps["g0"].to_numpy(np.int64), gaps["g1"].to_numpy(np.int64)
     lo = np.searchsorted(ts, g0, side="right")  # first sample after the gap starts (its interval holds g0)
     hi = np.searchsorted(ts, g1, side="left")  # first sample at or after the gap ends
@@ -431,22 +428,11 @@ def _launch_stats(ctx, sf: pd.DataFrame, frame_id: int, n_steps: int, k: pd.Data
             "median_kernel_ns": int(np.median(d)) if len(d) else None}
 
 
-def _meta_float(meta: dict, key: str) -> float | None:
-    for src in (meta.get("torch_profiler") or {}, meta):  # torch.profiler's metadata holds strings
-        try:
-            v = float(src.get(key))
-        except (TypeError, ValueError):
-            continue
-        if np.isfinite(v) and v > 0:
-            return v
-    return None
-
-
 def _unprofiled_launch_cost(meta: dict, entry: dict) -> dict:
     """A profiler makes every launch slower, and a launch-bound frame's gaps grow with it. The agent timed
     a launch on this host with no profiler running (``unprofiled_launch_ns``): the frame's launches at
     that cost bound what its gaps cost the program unprofiled."""
-    launch_ns = _meta_float(meta, "unprofiled_launch_ns")
+    launch_ns = measured_fact(meta, "unprofiled_launch_ns")
     n = entry.get("kernels_per_step")
     if not launch_ns or not n:
         return {}
@@ -454,18 +440,24 @@ def _unprofiled_launch_cost(meta: dict, entry: dict) -> dict:
             "unprofiled_idle_ns_per_step": int(min(entry["idle_ns_per_step"], n * launch_ns))}
 
 
+def _python_samples(ctx: AnalysisContext) -> tuple[np.ndarray, np.ndarray]:
+    """The agent's Python samples in time order: (times, stack ids), sorted once per context."""
+    def compute() -> tuple[np.ndarray, np.ndarray]:
+        hs = ctx.trace.host_stacks
+        ps = hs[hs["source"].astype(str).to_numpy() == "python_sample"]
+        order = np.argsort(ps["start_ns"].to_numpy(np.int64), kind="stable")
+        return ps["start_ns"].to_numpy(np.int64)[order], ps["stack_id"].to_numpy(np.int64)[order]
+    return ctx.cached("source_lines.python_samples", compute)
+
+
 def _sampled_launch_stack(ctx, n_kernels: int) -> np.ndarray:
     """Per steady kernel: the main thread's sampled stack when its launch call started (the sample whose
     interval holds that moment), -1 without Python samples. A launch from another thread (autograd's
     backward) gets the main thread's line that it works for (``loss.backward()``)."""
     out = np.full(n_kernels, -1, np.int64)
-    hs = ctx.trace.host_stacks
-    ps = hs[hs["source"].astype(str).to_numpy() == "python_sample"]
-    if len(ps) < 2 or not n_kernels:
+    ts, st = _python_samples(ctx)
+    if len(ts) < 2 or not n_kernels:
         return out
-    order = np.argsort(ps["start_ns"].to_numpy(np.int64), kind="stable")
-    ts = ps["start_ns"].to_numpy(np.int64)[order]
-    st = ps["stack_id"].to_numpy(np.int64)[order]
     la = ctx.launches()
     la = la[la["is_kernel"].to_numpy(bool)]
     t = la["launch_start_ns"].to_numpy(np.int64)
