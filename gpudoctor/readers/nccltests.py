@@ -230,21 +230,95 @@ def _parse_row(tokens: list[str], cols: list[str]) -> dict | None:
     return row
 
 
+class _Parser:
+    """Line-by-line state of parse_text: the sections so far and the one being read."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sections: list[Section] = []
+        self.cur = Section()
+        self.bad_rows = 0
+        self.gpudoctor: dict = {}
+
+    def new_section(self) -> Section:
+        if self.cur.started():
+            self.sections.append(self.cur)
+        self.cur = Section()
+        return self.cur
+
+    def comment(self, line: str) -> None:
+        """A '#' line: a test's start, its parameters, a rank, the summary or a column header."""
+        cur = self.cur
+        m = _STARTING.match(line)
+        if m:
+            new = self.new_section()
+            new.op, new.binary = _op_from_binary(m.group(1))
+            return
+        m = _NTHREAD.match(line)
+        if m:
+            self._params(m)
+            return
+        m = _RANK_LINE.match(line)
+        if m:
+            cur.devices.append({"rank": int(m.group("rank")), "group": int(m.group("group")),
+                                "pid": int(m.group("pid")), "host": m.group("host"),
+                                "device": int(m.group("dev")), "bus": m.group("bus"), "name": m.group("name")})
+            return
+        m = _OOB.match(line)
+        if m:
+            cur.out_of_bounds = int(m.group(1))
+            return
+        m = _AVG.match(line)
+        if m:
+            try:
+                cur.avg_busbw_gbps = float(m.group(1))
+            except ValueError:
+                cur.avg_busbw_gbps = None
+            cur.complete = True
+            return
+        m = _GPUDOCTOR.match(line)
+        if m:
+            self.gpudoctor[m.group(1).strip().replace(" ", "_")] = m.group(2)
+            return
+        body = line.lstrip("#").split()
+        if body and body[0] == "size" and len(body) > 3:
+            if cur.rows or cur.complete:  # a second table without a new parameter line
+                new = self.new_section()
+                new.op, new.binary = cur.op, cur.binary
+            self.cur.columns = _columns(line, self.path)
+
+    def _params(self, m: re.Match) -> None:
+        if self.cur.rows or self.cur.params:  # a second test in the same file
+            self.new_section()
+        params = {"nthread": int(m.group(1)), "ngpus": int(m.group(2)), "min_bytes": int(m.group(3)),
+                  "max_bytes": int(m.group(4))}
+        if m.group(5):
+            params["step"] = int(m.group(5))
+            params["step_kind"] = m.group(6)
+        for key, val in re.findall(r"([A-Za-z][A-Za-z ]*?):\s*(-?\d+)", m.group(7) or ""):
+            params[key.strip().replace(" ", "_")] = int(val)
+        self.cur.params = params
+
+    def data(self, line: str) -> bool:
+        """A data line; False when it is a row that does not parse."""
+        tokens = line.split()
+        if not _INT.match(tokens[0]):
+            return True  # NCCL INFO/WARN lines, launcher chatter
+        if self.cur.columns is None:
+            if len(tokens) >= 8 and all(_INT.match(t) for t in tokens[:2]):
+                raise InputError(self.path, "nccl-tests rows before any column header (the '#  size  count ...' line)")
+            return True
+        row = _parse_row(tokens, self.cur.columns)
+        if row is None:
+            self.bad_rows += 1
+            return False
+        self.cur.rows.append(row)
+        return True
+
+
 def parse_text(text: str, path: Path | str = "<text>") -> Parsed:
     """Parse nccl-tests output (one or several tests) into sections of rows."""
-    path = Path(path)
-    sections: list[Section] = []
-    cur = Section()
-    bad_rows = 0
-    gpudoctor: dict = {}
-
-    def new_section() -> Section:
-        nonlocal cur
-        if cur.started():
-            sections.append(cur)
-        cur = Section()
-        return cur
-
+    p = _Parser(Path(path))
     last_bad = last_line = -1
     for lineno, raw in enumerate(text.splitlines()):
         line = raw.strip()
@@ -252,72 +326,14 @@ def parse_text(text: str, path: Path | str = "<text>") -> Parsed:
             continue
         last_line = lineno
         if line.startswith("#"):
-            m = _STARTING.match(line)
-            if m:
-                new_section()
-                cur.op, cur.binary = _op_from_binary(m.group(1))
-                continue
-            m = _NTHREAD.match(line)
-            if m:
-                if cur.rows or cur.params:  # a second test in the same file
-                    new_section()
-                cur.params = {"nthread": int(m.group(1)), "ngpus": int(m.group(2)), "min_bytes": int(m.group(3)),
-                              "max_bytes": int(m.group(4))}
-                if m.group(5):
-                    cur.params["step"] = int(m.group(5))
-                    cur.params["step_kind"] = m.group(6)
-                rest = m.group(7) or ""
-                for key, val in re.findall(r"([A-Za-z][A-Za-z ]*?):\s*(-?\d+)", rest):
-                    cur.params[key.strip().replace(" ", "_")] = int(val)
-                continue
-            m = _RANK_LINE.match(line)
-            if m:
-                cur.devices.append({"rank": int(m.group("rank")), "group": int(m.group("group")),
-                                    "pid": int(m.group("pid")), "host": m.group("host"),
-                                    "device": int(m.group("dev")), "bus": m.group("bus"), "name": m.group("name")})
-                continue
-            m = _OOB.match(line)
-            if m:
-                cur.out_of_bounds = int(m.group(1))
-                continue
-            m = _AVG.match(line)
-            if m:
-                try:
-                    cur.avg_busbw_gbps = float(m.group(1))
-                except ValueError:
-                    cur.avg_busbw_gbps = None
-                cur.complete = True
-                continue
-            m = _GPUDOCTOR.match(line)
-            if m:
-                gpudoctor[m.group(1).strip().replace(" ", "_")] = m.group(2)
-                continue
-            body = line.lstrip("#").split()
-            if body and body[0] == "size" and len(body) > 3:
-                if cur.rows or cur.complete:  # a second table without a new parameter line
-                    op, binary = cur.op, cur.binary
-                    new_section()
-                    cur.op, cur.binary = op, binary
-                cur.columns = _columns(line, path)
-            continue
-        tokens = line.split()
-        if not _INT.match(tokens[0]):
-            continue  # NCCL INFO/WARN lines, launcher chatter
-        if cur.columns is None:
-            if len(tokens) >= 8 and all(_INT.match(t) for t in tokens[:2]):
-                raise InputError(path, "nccl-tests rows before any column header (the '#  size  count ...' line)")
-            continue
-        row = _parse_row(tokens, cur.columns)
-        if row is None:
-            bad_rows += 1
+            p.comment(line)
+        elif not p.data(line):
             last_bad = lineno
-            continue
-        cur.rows.append(row)
-    if last_bad == last_line and last_bad >= 0 and not cur.complete:
-        bad_rows -= 1  # the half-written last line of a log that ends early: counted as that
-    if cur.started():
-        sections.append(cur)
-    return Parsed(sections=sections, bad_rows=bad_rows, gpudoctor=gpudoctor)
+    if last_bad == last_line and last_bad >= 0 and not p.cur.complete:
+        p.bad_rows -= 1  # the half-written last line of a log that ends early: counted as that
+    if p.cur.started():
+        p.sections.append(p.cur)
+    return Parsed(sections=p.sections, bad_rows=p.bad_rows, gpudoctor=p.gpudoctor)
 
 
 def read(path: str | Path, rank: int | None = None) -> Trace:

@@ -123,68 +123,87 @@ def summarize(segments: list[dict]) -> dict[int, dict]:
     out: dict[int, dict] = {}
     for seg in segments:
         dev = _int(seg.get("device"), 0)
-        d = out.setdefault(dev, {
-            "device_id": dev, "reserved_bytes": 0, "allocated_bytes": 0, "active_bytes": 0,
-            "requested_bytes": 0, "free_bytes": 0, "inactive_split_bytes": 0, "releasable_bytes": 0,
-            "largest_free_block_bytes": 0, "segments": 0, "segments_by_type": {}, "blocks": 0,
-            "live_allocations": 0, "_sizes": Counter(), "_pools": set(), "expandable_segments": 0,
-        })
-        total = _int(seg.get("total_size"), 0)
-        blocks = seg.get("blocks") if isinstance(seg.get("blocks"), list) else []
-        d["reserved_bytes"] += max(total, 0)
-        d["segments"] += 1
-        st = str(seg.get("segment_type", "unknown"))
-        d["segments_by_type"][st] = d["segments_by_type"].get(st, 0) + 1
-        pool = seg.get("segment_pool_id")
-        d["_pools"].add(tuple(pool) if isinstance(pool, (list, tuple)) else pool)
-        d["expandable_segments"] += bool(seg.get("is_expandable"))
-        seg_active = 0
-        seg_inactive = 0
-        for b in blocks:
-            if not isinstance(b, dict):
-                continue
-            size = max(_int(b.get("size"), 0), 0)
-            state = b.get("state")
-            d["blocks"] += 1
-            if state == "active_allocated":
-                d["allocated_bytes"] += size
-                d["active_bytes"] += size
-                req = _int(b.get("requested_size"), size)
-                d["requested_bytes"] += req if 0 <= req <= size else size
-                d["live_allocations"] += 1
-                d["_sizes"][size] += 1
-                seg_active += size
-            elif state == "active_pending_free":
-                d["active_bytes"] += size
-                seg_active += size
-            else:
-                d["free_bytes"] += size
-                seg_inactive += size
-                d["largest_free_block_bytes"] = max(d["largest_free_block_bytes"], size)
-        if not blocks:  # a segment listed without blocks: trust its own totals
-            alloc = max(_int(seg.get("allocated_size"), 0), 0)
-            active = max(_int(seg.get("active_size"), alloc), alloc)
-            d["allocated_bytes"] += alloc
-            d["active_bytes"] += active
-            d["requested_bytes"] += max(_int(seg.get("requested_size"), alloc), 0)
-            d["free_bytes"] += max(total - active, 0)
-            seg_active, seg_inactive = active, max(total - active, 0)
-        if seg_active > 0:
-            d["inactive_split_bytes"] += seg_inactive
-        else:
-            d["releasable_bytes"] += total
+        _add_segment(out.setdefault(dev, _empty_device(dev)), seg)
     for d in out.values():
-        sizes: Counter = d.pop("_sizes")
-        d["pools"] = len(d.pop("_pools"))
-        d["live_allocation_sizes"] = [[int(s), int(c)] for s, c in
-                                      sorted(sizes.items(), key=lambda sc: (-sc[0] * sc[1], -sc[0]))]
-        hist = {lab: 0 for lab in HIST_LABELS}
-        for s, c in sizes.items():
-            hist[HIST_LABELS[int(np.searchsorted(_HIST_EDGES, s, side="left"))]] += c
-        d["live_allocation_histogram"] = hist
-        free = d["free_bytes"]
-        d["free_fragmentation"] = round(1.0 - d["largest_free_block_bytes"] / free, 6) if free > 0 else 0.0
+        _finish_device(d)
     return dict(sorted(out.items()))
+
+
+def _empty_device(dev: int) -> dict:
+    return {
+        "device_id": dev, "reserved_bytes": 0, "allocated_bytes": 0, "active_bytes": 0,
+        "requested_bytes": 0, "free_bytes": 0, "inactive_split_bytes": 0, "releasable_bytes": 0,
+        "largest_free_block_bytes": 0, "segments": 0, "segments_by_type": {}, "blocks": 0,
+        "live_allocations": 0, "_sizes": Counter(), "_pools": set(), "expandable_segments": 0,
+    }
+
+
+def _add_segment(d: dict, seg: dict) -> None:
+    """One segment's bytes into its device's totals."""
+    total = _int(seg.get("total_size"), 0)
+    blocks = seg.get("blocks") if isinstance(seg.get("blocks"), list) else []
+    d["reserved_bytes"] += max(total, 0)
+    d["segments"] += 1
+    st = str(seg.get("segment_type", "unknown"))
+    d["segments_by_type"][st] = d["segments_by_type"].get(st, 0) + 1
+    pool = seg.get("segment_pool_id")
+    d["_pools"].add(tuple(pool) if isinstance(pool, (list, tuple)) else pool)
+    d["expandable_segments"] += bool(seg.get("is_expandable"))
+    if blocks:
+        seg_active, seg_inactive = _add_blocks(d, blocks)
+    else:  # a segment listed without blocks: trust its own totals
+        alloc = max(_int(seg.get("allocated_size"), 0), 0)
+        active = max(_int(seg.get("active_size"), alloc), alloc)
+        d["allocated_bytes"] += alloc
+        d["active_bytes"] += active
+        d["requested_bytes"] += max(_int(seg.get("requested_size"), alloc), 0)
+        d["free_bytes"] += max(total - active, 0)
+        seg_active, seg_inactive = active, max(total - active, 0)
+    if seg_active > 0:
+        d["inactive_split_bytes"] += seg_inactive
+    else:
+        d["releasable_bytes"] += total
+
+
+def _add_blocks(d: dict, blocks: list) -> tuple[int, int]:
+    """A segment's blocks into its device's totals; returns the segment's (active, inactive) bytes."""
+    seg_active = seg_inactive = 0
+    for b in blocks:
+        if not isinstance(b, dict):
+            continue
+        size = max(_int(b.get("size"), 0), 0)
+        state = b.get("state")
+        d["blocks"] += 1
+        if state == "active_allocated":
+            d["allocated_bytes"] += size
+            d["active_bytes"] += size
+            req = _int(b.get("requested_size"), size)
+            d["requested_bytes"] += req if 0 <= req <= size else size
+            d["live_allocations"] += 1
+            d["_sizes"][size] += 1
+            seg_active += size
+        elif state == "active_pending_free":
+            d["active_bytes"] += size
+            seg_active += size
+        else:
+            d["free_bytes"] += size
+            seg_inactive += size
+            d["largest_free_block_bytes"] = max(d["largest_free_block_bytes"], size)
+    return seg_active, seg_inactive
+
+
+def _finish_device(d: dict) -> None:
+    """Sizes, histogram, pools and fragmentation from the accumulated totals."""
+    sizes: Counter = d.pop("_sizes")
+    d["pools"] = len(d.pop("_pools"))
+    d["live_allocation_sizes"] = [[int(s), int(c)] for s, c in
+                                  sorted(sizes.items(), key=lambda sc: (-sc[0] * sc[1], -sc[0]))]
+    hist = {lab: 0 for lab in HIST_LABELS}
+    for s, c in sizes.items():
+        hist[HIST_LABELS[int(np.searchsorted(_HIST_EDGES, s, side="left"))]] += c
+    d["live_allocation_histogram"] = hist
+    free = d["free_bytes"]
+    d["free_fragmentation"] = round(1.0 - d["largest_free_block_bytes"] / free, 6) if free > 0 else 0.0
 
 
 def segment_rows(segments: list[dict]) -> list[dict]:
