@@ -585,109 +585,27 @@ def _bench(torch, dist, args, rank: int, world: int, device, backend: str) -> in
     devices = [None] * world
     dist.all_gather_object(devices, me)
     main = rank == 0
-    nccl_version = ""
-    if backend == "nccl":
-        try:
-            v = torch.cuda.nccl.version()
-            nccl_version = ".".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
-        except Exception:  # noqa: BLE001
-            pass
+    nccl_version = _nccl_version(torch) if backend == "nccl" else ""
     link, ceiling = {"kind": "unknown", "error": "CPU backend"}, {"gbps": None, "basis": "", "source": ""}
     if main and device.type == "cuda":
         link = link_info(device.index, torch.cuda.get_device_properties(device.index))
         ceiling = link_ceiling(link)
-    size_list = sizes(args.min_bytes, args.max_bytes, args.factor)
-    type_name = DTYPE_TYPES[args.dtype]
     method = ("CUDA events around --iters back-to-back calls (GPU held by a spin kernel while the host enqueues "
               "them), time averaged over ranks" if device.type == "cuda"
               else "host clock around --iters calls (gloo/CPU test backend, not a GPU measurement)")
     if main:
-        pre = [f"# gpudoctor nccl-bench: torch.distributed {backend}"
-               + (f", NCCL {nccl_version}" if nccl_version else "") + f", torch {torch.__version__}, "
-               f"{world} ranks, dtype {args.dtype}",
-               f"# gpudoctor link: {describe_link(link)}",
-               "# gpudoctor ceiling: " + (f"{ceiling['gbps']:.1f} GB/s per direction per GPU, {ceiling['basis']}; "
-                                          f"source: {ceiling['source']}" if ceiling["gbps"] else "unknown"),
-               f"# gpudoctor method: {method}",
-               "# gpudoctor env: " + " ".join(f"{k}={os.environ.get(k, '')}" for k in SAFETY_ENV)]
-        _print("\n".join(pre) + "\n")
+        _print_preamble(torch, args, backend, nccl_version, world, link, ceiling, method)
     results: dict = {}
     wrong_total = 0
     for op in args.ops:
-        bench = OpBench(torch, dist, op, args.dtype, device, rank, world, args.max_bytes)
-        binary = OP_BINARIES[op]
-        if main:
-            _print(format_run_header(nthreads=1, ngpus=1, min_bytes=args.min_bytes, max_bytes=args.max_bytes,
-                                     factor=args.factor, warmup=args.warmup, iters=args.iters, check=args.check,
-                                     devices=devices, binary=binary))
-            _print(format_table_header())
-        timer = Timer(torch, device, barrier=dist.barrier)
-        # Warm-up at the largest and the smallest size (nccl-tests TimeTest), also calibrating the host.
-        for size in (size_list[-1], size_list[0]):
-            sz = bench.set_size(size)
-            if sz.count:
-                timer.calibrate(lambda: bench.call(False), max(args.warmup, 1))
-        rows, busbws, oob = [], [], 0
-        for size in size_list:
-            sz = bench.set_size(size)
-            if sz.count == 0:
-                continue  # fewer elements than ranks
-            per_mode = []
-            for in_place in (False, True):
-                bench.call(in_place)  # untimed: connections and the size's first call
-                t = timer.time(lambda: bench.call(in_place), args.iters)
-                wrong = bench.check(in_place) if args.check else None
-                per_mode.append((t, wrong))
-            # average time over ranks, sum wrong elements over ranks
-            vals = torch.tensor([per_mode[0][0], per_mode[1][0],
-                                 float(per_mode[0][1] or 0), float(per_mode[1][1] or 0)],
-                                dtype=torch.float64, device=device)
-            dist.all_reduce(vals)
-            t_oop, t_ip = float(vals[0]) / world, float(vals[1]) / world
-            w_oop = None if per_mode[0][1] is None else int(round(float(vals[2])))
-            w_ip = None if per_mode[1][1] is None else int(round(float(vals[3])))
-            row = {"size_bytes": sz.size_bytes, "count": sz.count, "type": type_name, "dtype": args.dtype,
-                   "redop": redop_of(op), "root": root_of(op)}
-            printed = []
-            for mode, t, w in (("out_of_place", t_oop, w_oop), ("in_place", t_ip, w_ip)):
-                alg, bus = bandwidths(op, sz.size_bytes, t, world)
-                if world == 1:
-                    bus = 0.0  # one rank: no byte crosses a link (a broadcast to itself is a no-op)
-                row[mode] = {"time_us": t * 1e6, "algbw_gbps": alg, "busbw_gbps": bus, "wrong": w}
-                printed.append((t * 1e6, alg, bus, w))
-                busbws.append(bus)
-                if w:
-                    oob += 1
-                    wrong_total += w
-            rows.append(row)
-            if main:
-                _print(format_row(sz.size_bytes, sz.count, type_name, redop_of(op), root_of(op), printed))
-        avg = sum(busbws) / len(busbws) if busbws else 0.0
-        if main:
-            _print(format_footer(oob, avg, binary))
-        largest = rows[-1] if rows else None
-        frac = None
-        if largest and ceiling["gbps"] and world > 1:
-            best = max(largest["out_of_place"]["busbw_gbps"], largest["in_place"]["busbw_gbps"])
-            frac = best / ceiling["gbps"]
-        results[op] = {"binary": binary, "bus_factor": bus_factor(op, world), "rows": rows,
-                       "avg_busbw_gbps": avg, "out_of_bounds": oob,
-                       "largest": ({"size_bytes": largest["size_bytes"],
-                                    "busbw_gbps": max(largest["out_of_place"]["busbw_gbps"],
-                                                      largest["in_place"]["busbw_gbps"])} if largest else None),
-                       "fraction_of_ceiling": frac}
-        bench.free()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        results[op], wrong = _bench_op(torch, dist, args, op, rank, world, device, devices, ceiling)
+        wrong_total += wrong
     if main:
-        tail = []
-        for op, r in results.items():
-            if r["largest"]:
-                tail.append(largest_line(op, r, ceiling, world))
+        tail = [largest_line(op, r, ceiling, world) for op, r in results.items() if r["largest"]]
         tail.append(f"# gpudoctor wrong elements: {wrong_total}" + (" (DATA CORRUPTION)" if wrong_total else ""))
         _print("\n".join(tail) + "\n")
         if args.json:
-            doc = {
+            _write_json(args.json, {
                 "tool": "gpudoctor nccl-bench", "schema": 1, "backend": backend, "world_size": world,
                 "nccl_version": nccl_version, "torch_version": torch.__version__, "dtype": args.dtype,
                 "parameters": {"min_bytes": args.min_bytes, "max_bytes": args.max_bytes, "factor": args.factor,
@@ -696,18 +614,118 @@ def _bench(torch, dist, args, rank: int, world: int, device, backend: str) -> in
                 "env": {k: os.environ.get(k) for k in sorted(os.environ) if k.startswith(("NCCL_", "TORCH_NCCL"))
                         or k in SAFETY_ENV},
                 "ops": results, "wrong_total": wrong_total,
-            }
-            from pathlib import Path
-
-            from gpudoctor.store.atomic import atomic_write_text
-            if args.json != "-":
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(args.json, json.dumps(doc, indent=1))
+            })
     if wrong_total:
         if main:
             print(f"gpudoctor: nccl-bench: data corruption: {wrong_total} wrong elements", file=sys.stderr)
         return 0 if getattr(args, "launched_by_cli", False) else 1
     return 0
+
+
+def _nccl_version(torch) -> str:
+    try:
+        v = torch.cuda.nccl.version()
+        return ".".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def _print_preamble(torch, args, backend: str, nccl_version: str, world: int, link: dict, ceiling: dict,
+                    method: str) -> None:
+    pre = [f"# gpudoctor nccl-bench: torch.distributed {backend}"
+           + (f", NCCL {nccl_version}" if nccl_version else "") + f", torch {torch.__version__}, "
+           f"{world} ranks, dtype {args.dtype}",
+           f"# gpudoctor link: {describe_link(link)}",
+           "# gpudoctor ceiling: " + (f"{ceiling['gbps']:.1f} GB/s per direction per GPU, {ceiling['basis']}; "
+                                      f"source: {ceiling['source']}" if ceiling["gbps"] else "unknown"),
+           f"# gpudoctor method: {method}",
+           "# gpudoctor env: " + " ".join(f"{k}={os.environ.get(k, '')}" for k in SAFETY_ENV)]
+    _print("\n".join(pre) + "\n")
+
+
+def _bench_op(torch, dist, args, op: str, rank: int, world: int, device, devices: list,
+              ceiling: dict) -> tuple[dict, int]:
+    """One collective over every size, printed as nccl-tests prints it: (its result, wrong elements)."""
+    main = rank == 0
+    size_list = sizes(args.min_bytes, args.max_bytes, args.factor)
+    bench = OpBench(torch, dist, op, args.dtype, device, rank, world, args.max_bytes)
+    binary = OP_BINARIES[op]
+    if main:
+        _print(format_run_header(nthreads=1, ngpus=1, min_bytes=args.min_bytes, max_bytes=args.max_bytes,
+                                 factor=args.factor, warmup=args.warmup, iters=args.iters, check=args.check,
+                                 devices=devices, binary=binary))
+        _print(format_table_header())
+    timer = Timer(torch, device, barrier=dist.barrier)
+    # Warm-up at the largest and the smallest size (nccl-tests TimeTest), also calibrating the host.
+    for size in (size_list[-1], size_list[0]):
+        if bench.set_size(size).count:
+            timer.calibrate(lambda: bench.call(False), max(args.warmup, 1))
+    rows, busbws, oob, wrong_total = [], [], 0, 0
+    for size in size_list:
+        sz = bench.set_size(size)
+        if sz.count == 0:
+            continue  # fewer elements than ranks
+        row, printed = _size_row(torch, dist, args, op, bench, timer, sz, world, device)
+        for _, _, bus, w in printed:
+            busbws.append(bus)
+            if w:
+                oob += 1
+                wrong_total += w
+        rows.append(row)
+        if main:
+            _print(format_row(sz.size_bytes, sz.count, DTYPE_TYPES[args.dtype], redop_of(op), root_of(op), printed))
+    avg = sum(busbws) / len(busbws) if busbws else 0.0
+    if main:
+        _print(format_footer(oob, avg, binary))
+    bench.free()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return _op_result(op, binary, rows, avg, oob, ceiling, world), wrong_total
+
+
+def _size_row(torch, dist, args, op: str, bench, timer, sz, world: int, device) -> tuple[dict, list]:
+    """Out-of-place and in-place timings of one size, averaged over ranks (wrong elements summed)."""
+    per_mode = []
+    for in_place in (False, True):
+        bench.call(in_place)  # untimed: connections and the size's first call
+        t = timer.time(lambda: bench.call(in_place), args.iters)
+        wrong = bench.check(in_place) if args.check else None
+        per_mode.append((t, wrong))
+    vals = torch.tensor([per_mode[0][0], per_mode[1][0], float(per_mode[0][1] or 0), float(per_mode[1][1] or 0)],
+                        dtype=torch.float64, device=device)
+    dist.all_reduce(vals)
+    t_oop, t_ip = float(vals[0]) / world, float(vals[1]) / world
+    w_oop = None if per_mode[0][1] is None else int(round(float(vals[2])))
+    w_ip = None if per_mode[1][1] is None else int(round(float(vals[3])))
+    row = {"size_bytes": sz.size_bytes, "count": sz.count, "type": DTYPE_TYPES[args.dtype], "dtype": args.dtype,
+           "redop": redop_of(op), "root": root_of(op)}
+    printed = []
+    for mode, t, w in (("out_of_place", t_oop, w_oop), ("in_place", t_ip, w_ip)):
+        alg, bus = bandwidths(op, sz.size_bytes, t, world)
+        if world == 1:
+            bus = 0.0  # one rank: no byte crosses a link (a broadcast to itself is a no-op)
+        row[mode] = {"time_us": t * 1e6, "algbw_gbps": alg, "busbw_gbps": bus, "wrong": w}
+        printed.append((t * 1e6, alg, bus, w))
+    return row, printed
+
+
+def _op_result(op: str, binary: str, rows: list, avg: float, oob: int, ceiling: dict, world: int) -> dict:
+    largest = rows[-1] if rows else None
+    best = max(largest["out_of_place"]["busbw_gbps"], largest["in_place"]["busbw_gbps"]) if largest else None
+    frac = best / ceiling["gbps"] if best is not None and ceiling["gbps"] and world > 1 else None
+    return {"binary": binary, "bus_factor": bus_factor(op, world), "rows": rows,
+            "avg_busbw_gbps": avg, "out_of_bounds": oob,
+            "largest": {"size_bytes": largest["size_bytes"], "busbw_gbps": best} if largest else None,
+            "fraction_of_ceiling": frac}
+
+
+def _write_json(target: str, doc: dict) -> None:
+    from pathlib import Path
+
+    from gpudoctor.store.atomic import atomic_write_text
+    if target != "-":
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, json.dumps(doc, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
