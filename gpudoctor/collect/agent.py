@@ -515,121 +515,132 @@ def _parse(argv: list[str]) -> tuple[dict, list[str]]:
     return opts, program
 
 
-def main(argv: list[str] | None = None) -> None:
-    opts, program = _parse(sys.argv[1:] if argv is None else argv)
-    mode, status_path, trace_path = opts["--mode"], opts["--status"], opts.get("--trace")
-    spec = WindowSpec.from_dict(json.loads(opts.get("--window") or "{}"))
-    status: dict = {"pid": os.getpid(), "start_ns": time.time_ns(), "mode": mode, "trace": None, "exit_code": None,
-                    "signal": None, "exception": None, "notes": [], "capture": {"state": "waiting"}}
-    owner = os.getpid()
-    lock = threading.Lock()
+class _Session:
+    """The agent's state in the program's process: its status file, the controller and the one finalize."""
 
-    def write_status() -> None:
-        with lock:
+    def __init__(self, status_path: str, status: dict):
+        self.status_path, self.status = status_path, status
+        self.owner = os.getpid()
+        self.lock = threading.Lock()
+        self.finished = threading.Event()
+        self.ctl: Controller | None = None
+        self.window: Window | None = None
+
+    def write_status(self) -> None:
+        with self.lock:
             try:
-                _atomic_json(status_path, status)
+                _atomic_json(self.status_path, self.status)
             except OSError as e:
-                print(f"gpudoctor: cannot write {status_path}: {e}", file=sys.stderr)
+                print(f"gpudoctor: cannot write {self.status_path}: {e}", file=sys.stderr)
 
-    def early_exit(code: int, signum: int | None) -> None:
-        status.update(end_ns=time.time_ns(), exit_code=code,
-                      signal=signal.Signals(signum).name if signum else None)
-        status["notes"].append("the program was stopped before it started (while its profiler was being set up)")
-        write_status()
+    def early_exit(self, code: int, signum: int | None) -> None:
+        self.status.update(end_ns=time.time_ns(), exit_code=code,
+                           signal=signal.Signals(signum).name if signum else None)
+        self.status["notes"].append("the program was stopped before it started (while its profiler was being set up)")
+        self.write_status()
         sys.exit(code)
 
-    def on_signal(signum, frame):
-        if os.getpid() != owner:  # a forked child: die the default way
+    def on_signal(self, signum, frame) -> None:
+        if os.getpid() != self.owner:  # a forked child: die the default way
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         raise _Signalled(signum)
 
-    for s in (signal.SIGTERM, signal.SIGHUP):
+    def set_up(self, opts: dict, spec: WindowSpec):
+        """Import torch and make the recorder and the window; a signal meanwhile ends the program here."""
         try:
-            signal.signal(s, on_signal)
-        except (ValueError, OSError):
-            pass
-    write_status()  # first thing: the supervisor holds a Ctrl-C back until the interpreter runs this code
-    try:
-        import torch
+            import torch
 
-        status.update(_torch_facts(torch))
-        if mode == "torch":
-            recorder = TorchRecorder(torch, trace_path, status, bool(opts["--stacks"]))
-        else:
-            recorder = CudaProfilerRecorder(torch)
-        window = Window(spec, status["start_ns"])
-    except KeyboardInterrupt:
-        early_exit(128 + signal.SIGINT, signal.SIGINT)
-    except _Signalled as e:
-        early_exit(128 + e.signum, e.signum)
+            self.status.update(_torch_facts(torch))
+            if opts["--mode"] == "torch":
+                recorder = TorchRecorder(torch, opts.get("--trace"), self.status, bool(opts["--stacks"]))
+            else:
+                recorder = CudaProfilerRecorder(torch)
+            self.window = Window(spec, self.status["start_ns"])
+        except KeyboardInterrupt:
+            self.early_exit(128 + signal.SIGINT, signal.SIGINT)
+        except _Signalled as e:
+            self.early_exit(128 + e.signum, e.signum)
+        gpu_in_use = torch.cuda.is_initialized if self.status.get("cuda_available") else None
+        sampler = PythonSampler(opts["--pysamples"]) if opts.get("--pysamples") else None
+        self.ctl = Controller(self.window, recorder, self.status, self.write_status,
+                              lambda on_boundary: StepSources(torch, on_boundary), gpu_in_use, sampler,
+                              (lambda: _launch_ns(torch)) if gpu_in_use is not None else None)
 
-    def sources(on_boundary):
-        return StepSources(torch, on_boundary)
-
-    gpu_in_use = torch.cuda.is_initialized if status.get("cuda_available") else None
-    sampler = PythonSampler(opts["--pysamples"]) if opts.get("--pysamples") else None
-    ctl = Controller(window, recorder, status, write_status, sources, gpu_in_use, sampler,
-                     (lambda: _launch_ns(torch)) if gpu_in_use is not None else None)
-    finished = threading.Event()
-
-    def finalize(code: int, signum: int | None = None, exc: str | None = None) -> int:
+    def finalize(self, code: int, signum: int | None = None, exc: str | None = None) -> int:
         """Close the window, export, write the status. Runs once, whoever ends the program."""
-        if finished.is_set() or os.getpid() != owner:
+        if self.finished.is_set() or os.getpid() != self.owner:
             return code
-        finished.set()
+        self.finished.set()
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             try:
                 signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the export short
             except (ValueError, OSError):
                 pass
+        status = self.status
         status["end_ns"] = time.time_ns()
         status["finalizing_ns"] = status["end_ns"]  # the supervisor waits for the export instead of escalating
-        write_status()
-        status["exit_code"] = code
-        status["signal"] = signal.Signals(signum).name if signum else None
-        status["exception"] = exc
+        self.write_status()
+        status.update(exit_code=code, signal=signal.Signals(signum).name if signum else None, exception=exc)
         why = f"program end ({signal.Signals(signum).name})" if signum else "program end"
         try:
-            ctl.finish(why)
+            self.ctl.finish(why)
         except Exception as e:
             status["error"] = f"stopping the profiler failed: {type(e).__name__}: {e}"
-        if window.start_ns is None and "error" not in status:
+        if self.window.start_ns is None and "error" not in status:
             status["notes"].append("the program ended before the capture window opened: nothing was recorded")
-        write_status()
+        self.write_status()
         return code
 
-    real_exit = os._exit
+    def run(self, program: list[str]) -> int:
+        """Run the program as ``python`` would, os._exit included; its exit code, after finalize."""
+        real_exit = os._exit
 
-    def patched_exit(code=0):
+        def patched_exit(code=0):
+            try:
+                self.finalize(int(code) & 0xFF, exc="os._exit")
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                real_exit(code)
+
+        os._exit = patched_exit
+        self.write_status()
+        code, signum, exc_name = 0, None, None
         try:
-            finalize(int(code) & 0xFF, exc="os._exit")
-            sys.stdout.flush()
-            sys.stderr.flush()
+            self.ctl.begin()
+            _run_program(program)
+        except SystemExit as e:
+            code = _exit_code(e)
+        except KeyboardInterrupt as e:
+            _print_program_traceback(e)
+            code, signum, exc_name = 128 + signal.SIGINT, signal.SIGINT, "KeyboardInterrupt"
+        except _Signalled as e:
+            code, signum = 128 + e.signum, e.signum
+        except BaseException as e:  # the program's exception: its traceback, exit 1
+            _print_program_traceback(e)
+            code, exc_name = 1, type(e).__name__
         finally:
-            real_exit(code)
+            os._exit = real_exit
+        return self.finalize(code, signum, exc_name)
 
-    os._exit = patched_exit
-    write_status()
 
-    code, signum, exc_name = 0, None, None
-    try:
-        ctl.begin()
-        _run_program(program)
-    except SystemExit as e:
-        code = _exit_code(e)
-    except KeyboardInterrupt as e:
-        _print_program_traceback(e)
-        code, signum, exc_name = 128 + signal.SIGINT, signal.SIGINT, "KeyboardInterrupt"
-    except _Signalled as e:
-        code, signum = 128 + e.signum, e.signum
-    except BaseException as e:  # the program's exception: its traceback, exit 1
-        _print_program_traceback(e)
-        code, exc_name = 1, type(e).__name__
-    finally:
-        os._exit = real_exit
-    finalize(code, signum, exc_name)
+def main(argv: list[str] | None = None) -> None:
+    opts, program = _parse(sys.argv[1:] if argv is None else argv)
+    spec = WindowSpec.from_dict(json.loads(opts.get("--window") or "{}"))
+    status: dict = {"pid": os.getpid(), "start_ns": time.time_ns(), "mode": opts["--mode"], "trace": None,
+                    "exit_code": None, "signal": None, "exception": None, "notes": [],
+                    "capture": {"state": "waiting"}}
+    session = _Session(opts["--status"], status)
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(s, session.on_signal)
+        except (ValueError, OSError):
+            pass
+    session.write_status()  # first thing: the supervisor holds a Ctrl-C back until the interpreter runs this code
+    session.set_up(opts, spec)
+    code = session.run(program)
     try:
         sys.stdout.flush()
         sys.stderr.flush()
