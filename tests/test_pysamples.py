@@ -141,3 +141,39 @@ def test_the_programs_own_alarm_is_left_alone(tmp_path):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0.0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_a_signal_inside_a_sample_is_skipped_and_ids_stay_whole(tmp_path):
+    """On a loaded machine a second SIGALRM can be handled while a sample is being taken (Python runs
+    handlers between any bytecodes). It is skipped and counted; frame and stack ids stay one per key, so
+    the file reads back (before, such a run's file pointed at frames it did not have)."""
+    import sys as _sys
+
+    from gpudoctor.collect.pysampler import PythonSampler
+
+    class Interrupted(PythonSampler):
+        def _record(self, began, f):
+            if len(self.t_ns) == 1:  # a signal lands inside the second sample
+                self._on_signal(14, _sys._getframe())
+            super()._record(began, f)
+
+    s = Interrupted(str(tmp_path / "s.json"))
+    for _ in range(3):
+        s._on_signal(14, _sys._getframe())
+    s.stop(None)
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["nested"] == 1 and len(doc["t_ns"]) == len(doc["stack"]) == 3
+    ids = [fid for stack in doc["stacks"] for fid in stack]
+    assert max(ids) == len(doc["frames"]) - 1 and sorted(set(ids)) == list(range(len(doc["frames"])))
+
+
+def test_a_sample_cut_between_its_two_lists_is_left_out(tmp_path):
+    """A stop signal raised between a sample's stack and its time leaves the sample out whole."""
+    from gpudoctor.collect.pysampler import PythonSampler
+
+    s = PythonSampler(str(tmp_path / "s.json"))
+    s._on_signal(14, sys._getframe())
+    s.stack.append(s.stack[0])  # the stack of a sample whose time was never written
+    s.stop(None)
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert len(doc["t_ns"]) == len(doc["stack"]) == 1

@@ -9,7 +9,8 @@ runs in the main thread at its next bytecode boundary and reads the frame it int
 delivers the signal whatever holds the GIL, so pure-Python stretches are sampled as densely as waits;
 a signal that arrives during a blocking call (``.item()`` waiting for the GPU, a launch) is handled when
 the call returns, with the frame of the line that made it. Each sample stands for the time since the
-previous one. A sampler thread is the fallback when the program owns SIGALRM or the timer already (it
+previous one (so a signal skipped because it arrived while a sample was being taken, counted as
+``nested``, loses no time). A sampler thread is the fallback when the program owns SIGALRM or the timer already (it
 can only sample where the main thread releases the GIL, so it favours blocking calls; the file says
 which method was used).
 
@@ -48,6 +49,8 @@ class PythonSampler:
         self.stack: list[int] = []
         self.anchors: list[dict] = []
         self.overflow = 0
+        self.nested = 0  # signals that arrived while a sample was being taken (skipped, counted)
+        self._in_sample = False
         self._quit = threading.Event()
         self._thread: threading.Thread | None = None
         self.method = ""  # "signal" or "thread"
@@ -96,7 +99,7 @@ class PythonSampler:
         self._anchor(mark)
         self.write()
         return {"path": self.path, "method": self.method, "notes": self.notes, "samples": len(self.t_ns), "stacks": len(self._stack_ids),
-                "interval_s": self.interval_s, "overflow": self.overflow,
+                "interval_s": self.interval_s, "overflow": self.overflow, "nested": self.nested,
                 "sampler_busy_ms": round(self.busy_ns / 1e6, 1)}
 
     def _anchor(self, mark) -> None:
@@ -111,8 +114,18 @@ class PythonSampler:
 
     def _on_signal(self, signum, frame) -> None:
         began = time.monotonic_ns()
-        if frame is not None and not self._quit.is_set():
+        if frame is None or self._quit.is_set():
+            return
+        # Python runs a handler between bytecodes, also those of a handler still running: on a loaded
+        # machine a second SIGALRM can land inside _record and would hand out a frame id twice.
+        if self._in_sample:
+            self.nested += 1
+            return
+        self._in_sample = True
+        try:
             self._record(began, frame)
+        finally:
+            self._in_sample = False
 
     def _run(self) -> None:
         current, ident = sys._current_frames, self.thread_ident
@@ -140,8 +153,8 @@ class PythonSampler:
         if sid is None:
             sid = stack_ids[sk] = len(stack_ids)
         if len(t_ns) < MAX_SAMPLES:
-            t_ns.append(began)
             stacks.append(sid)
+            t_ns.append(began)  # last: a sample whose time is written is whole (see to_dict)
         else:
             self.overflow += 1
         self.busy_ns += time.monotonic_ns() - began
@@ -151,13 +164,16 @@ class PythonSampler:
     def to_dict(self) -> dict:
         frames = sorted(self._frame_ids, key=self._frame_ids.__getitem__)
         stacks = sorted(self._stack_ids, key=self._stack_ids.__getitem__)
+        # A signal's exception (the program being stopped) may cut a sample between its two appends.
+        n = len(self.t_ns)
+        del self.stack[n:]
         return {"format": FORMAT, "version": 1, "pid": os.getpid(), "thread_native_id": self.native_tid,
                 "method": self.method,
                 "clock": "monotonic_ns", "interval_s": self.interval_s, "anchors": self.anchors,
                 "frames": [list(f) for f in frames],
                 "stacks": [list(s) for s in stacks],  # frame ids, innermost first
                 "t_ns": self.t_ns, "stack": self.stack, "overflow": self.overflow,
-                "sampler_busy_ns": self.busy_ns}
+                "nested": self.nested, "sampler_busy_ns": self.busy_ns}
 
     def write(self) -> None:
         tmp = f"{self.path}.tmp{os.getpid()}"
