@@ -99,15 +99,25 @@ def test_samples_without_their_marker_are_counted_not_placed(run_dir, tmp_path):
     assert t.dropped_counts()["Python stack samples without their clock marker in the trace"] == n
 
 
-def test_a_damaged_sample_file_is_a_one_line_error(run_dir, tmp_path):
+def test_a_damaged_sample_file_is_a_one_line_error_and_its_report_is_analyzed(tmp_path):
+    """The H200 item_sync recording with its sample file damaged: one line naming the sample file, exit 2,
+    and the report analyzed all the same (its finding then names no line of code)."""
+    raw = ROOT / "fixtures" / "pysamples" / "torch_item_sync" / "raw"
     d = tmp_path / "d"
     d.mkdir()
-    (d / "trace.torch.json.gz").write_bytes((run_dir / "raw" / "trace.torch.json.gz").read_bytes())
+    (d / "trace.torch.json.gz").write_bytes((raw / "trace.torch.json.gz").read_bytes())
+    cmd = [sys.executable, "-m", "gpudoctor", "analyze", str(d / "trace.torch.json.gz")]
+    (d / "trace.pysamples.json").write_bytes((raw / "trace.pysamples.json").read_bytes())
+    whole = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert whole.returncode == 0
+    assert "culprits.py:62 in `step` blocks the GPU 1.51 ms per step" in " ".join(whole.stdout.split())
     (d / "trace.pysamples.json").write_text('{"format": "gpudoctor.pysamples", "t_ns": [1, 2], "stack": [5]}')
-    r = subprocess.run([sys.executable, "-m", "gpudoctor", "analyze", str(d / "trace.torch.json.gz")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "differ in length" in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"gpudoctor: error: {d / 'trace.pysamples.json'}: sample times and stacks differ in length"]
+    printed = " ".join(r.stdout.split())
+    assert "gpu_idle: GPU idle 20% of the steady-state window" in printed and "culprits.py" not in printed
 
 
 def test_the_programs_own_alarm_is_left_alone(tmp_path):

@@ -89,7 +89,10 @@ def read_input(path: str | Path, rank: int | None = None, fmt: str | None = None
     t = _read_nsys_rep(path, rank) if fmt == "nsys_rep" else READERS[fmt].read(path, rank=rank)  # looked up at call time
     samples = pysamples.sibling(path) if fmt in ("nsys_rep", "nsys_sqlite", "json") else None
     if samples is not None:
-        pysamples.attach(t, samples)
+        try:
+            pysamples.attach(t, samples)
+        except InputError as e:  # the report stands without them; load_inputs names the damaged file
+            t.meta.setdefault("side_errors", []).append(e)
     return t
 
 
@@ -171,6 +174,9 @@ def load_inputs(paths: list[str], rank_map: dict[str, int] | None = None) -> tup
             continue
         traces.append(t)
         inputs.extend(t.meta.get("inputs") or [{"path": str(p)}])
+        for side in t.meta.pop("side_errors", []):
+            errors.append(str(side))
+            inputs.append({"path": side.path, "error": str(side)})
     if not traces:
         return None, inputs, errors
     return combine(traces), inputs, errors

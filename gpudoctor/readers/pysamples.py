@@ -58,6 +58,17 @@ def _clock_map(anchor_t: np.ndarray, range_mid: np.ndarray):
     return lambda t: (t + (range_mid[0] - anchor_t[0])).astype(np.int64)
 
 
+def _check(path: Path, t_ns: np.ndarray, sample_stack: np.ndarray, frames_in: list, stacks_in: list) -> None:
+    if len(t_ns) != len(sample_stack):
+        raise InputError(path, "sample times and stacks differ in length")
+    if len(sample_stack) and (sample_stack.min() < 0 or sample_stack.max() >= len(stacks_in)):
+        raise InputError(path, "a sample points at a stack the file does not have")
+    if any(not stack for stack in stacks_in):
+        raise InputError(path, "a stack without frames")
+    if any(not (0 <= f < len(frames_in)) for stack in stacks_in for f in stack):
+        raise InputError(path, "a stack points at a frame the file does not have")
+
+
 def attach(trace: Trace, path: Path) -> None:
     """Add the samples of ``path`` to ``trace`` (one rank): frames, stacks and host_stacks rows."""
     doc = _load(path)
@@ -65,8 +76,9 @@ def attach(trace: Trace, path: Path) -> None:
     sample_stack = np.asarray(doc.get("stack") or [], dtype=np.int64)
     rank = int(trace.ranks["rank"].iat[0]) if len(trace.ranks) else 0
     source = f"{path.name}"
-    if len(t_ns) != len(sample_stack):
-        raise InputError(path, "sample times and stacks differ in length")
+    frames_in = doc.get("frames") or []
+    stacks_in = doc.get("stacks") or []
+    _check(path, t_ns, sample_stack, frames_in, stacks_in)  # before anything is added to the trace
     if doc.get("overflow"):
         trace.add_dropped(rank, source, "Python stack samples beyond the sampler's limit", int(doc["overflow"]))
     r = trace.ranges
@@ -81,10 +93,6 @@ def attach(trace: Trace, path: Path) -> None:
     trace_t = _clock_map(anchor_t, mid)(t_ns)
     thread = int(marks["thread_id"].iat[0])
 
-    frames_in = doc.get("frames") or []
-    stacks_in = doc.get("stacks") or []
-    if len(sample_stack) and (sample_stack.min() < 0 or sample_stack.max() >= len(stacks_in)):
-        raise InputError(path, "a sample points at a stack the file does not have")
     # one node per frame of each distinct stack, outermost first; a stack's id is its innermost node's
     node_frame, node_parent, innermost = [], [], np.full(len(stacks_in), -1, np.int64)
     for i, frame_ids in enumerate(stacks_in):  # distinct stacks: thousands at most in a window
@@ -94,8 +102,6 @@ def attach(trace: Trace, path: Path) -> None:
             node_parent.append(parent)
             parent = len(node_frame) - 1
         innermost[i] = parent
-    if not node_frame or any(not (0 <= f < len(frames_in)) for f in node_frame):
-        raise InputError(path, "a stack points at a frame the file does not have")
     files = [str(f[0]) for f in frames_in]
     lines = [int(f[1]) for f in frames_in]
     funcs = [str(f[2]) for f in frames_in]
