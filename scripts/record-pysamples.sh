@@ -5,7 +5,8 @@
 # 1. `gpudoctor profile --backend nsys|torch --stop-after-capture` of each case (the default window; Python
 #    stack samples on, as by default): run directories OUTDIR/runs/{nsys,torch}_CASE.
 # 2. What each culprit costs: every case timed with and without its culprit, unprofiled (twice each,
-#    alternating): OUTDIR/timings.jsonl.
+#    alternating): OUTDIR/timings.jsonl. Each line also holds `launch_ns`, the agent's launch timing taken in
+#    that bare process, to check the unprofiled launch bound of launch-bound lines against the measured cost.
 # 3. The in-window cost of the samples: the torch runs again with --no-stacks (OUTDIR/runs/torch_CASE_nostacks).
 # nsys is $NSYS or found as gpudoctor finds it; gpudoctor is imported from this checkout (PYTHONPATH).
 set -uo pipefail
