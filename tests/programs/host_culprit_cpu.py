@@ -1,6 +1,8 @@
 """A CPU training loop with one known slow host line, for the Python stack sampler: each step runs a
 pure-Python ``slow_host()`` (the culprit) inside a ``record_function("slow_host")`` range, so a trace
-of it holds the exact time the culprit took, and then a small model. It also measures itself how much
+of it holds the exact time the culprit took, and then a small model. The culprit takes several sample
+intervals per step (about 9 ms), so that where a sample interval starts and ends does not decide the
+charge even when the machine is loaded and the timer's signals come late. It also measures itself how much
 of the step ``slow_host`` takes and prints it as JSON at the end.
 
     python tests/programs/host_culprit_cpu.py [--steps N]
@@ -13,7 +15,7 @@ import time
 import torch
 
 
-def slow_host(n: int = 30_000) -> int:
+def slow_host(n: int = 100_000) -> int:
     return sum(i * i % 7 for i in range(n))  # culprit: slow_host
 
 
