@@ -37,11 +37,13 @@ def culprit_line(case: str) -> int:
     raise AssertionError(case)
 
 
-def culprit_cost_ms(case: str) -> float:
+def culprit_cost_ms(case: str, without: object = True) -> float:
+    """Step time with the culprit minus without it: ``without=True`` the fixed loop (what the fix saves),
+    ``"removed"`` the loop with the culprit taken out (recordings that have it)."""
     rows = [json.loads(x) for x in (RUNS / "timings.jsonl").read_text().splitlines() if x.strip()]
-    with_c = [r["mean_step_ms"] for r in rows if r["case"] == case and not r["fixed"]]
-    without = [r["mean_step_ms"] for r in rows if r["case"] == case and r["fixed"]]
-    return statistics.mean(with_c) - statistics.mean(without)
+    with_c = [r["mean_step_ms"] for r in rows if r["case"] == case and r["fixed"] is False]
+    base = [r["mean_step_ms"] for r in rows if r["case"] == case and r["fixed"] == without]
+    return statistics.mean(with_c) - statistics.mean(base)
 
 
 def idle_finding(trace):
