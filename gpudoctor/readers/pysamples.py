@@ -111,7 +111,8 @@ def attach(trace: Trace, path: Path) -> None:
     _append(trace, rank, frames, stacks, thread, trace_t, stack_of_sample)
     trace.meta.setdefault("pysamples", []).append({
         "path": str(path), "samples": int(len(t_ns)), "interval_s": doc.get("interval_s"),
-        "sampler_busy_ms": round(float(doc.get("sampler_busy_ns") or 0) / 1e6, 1), "anchors_matched": n})
+        "sampler_busy_ms": round(float(doc.get("sampler_busy_ns") or 0) / 1e6, 1), "anchors_matched": n,
+        "nested_signals": int(doc.get("nested") or 0)})
 
 
 def _append(trace: Trace, rank: int, frames: pd.DataFrame, stacks: pd.DataFrame, thread: int,
