@@ -83,6 +83,12 @@ def server():
     th.join(10)
 
 
+@pytest.fixture(autouse=True)
+def patient(page):
+    """Callbacks render server-side figures; on a loaded machine they take longer than playwright's 30 s."""
+    page.set_default_timeout(90_000)
+
+
 @pytest.fixture
 def errors(page):
     """Console errors and uncaught exceptions of the page; each test asserts it stays empty."""
