@@ -36,7 +36,13 @@ if TYPE_CHECKING:
 ID = "gpu_idle"  # its settings (frame_samples_per_gap, max_frames, ...) are gpu_idle's SETTINGS
 
 _DATALOADER = ("torch/utils/data/",)
-_COMPILE = ("torch/_dynamo/", "torch/_inductor/")
+# Files on the stack only while Dynamo / Inductor compile: Dynamo enters convert_frame on a cache miss (a
+# first compile or a recompile), a lazy backward compiles through compile_fx. Not every torch/_dynamo
+# frame: eval_frame's wrappers run on every call of compiled code and of functions that disable Dynamo
+# (torch.optim's step), so they say nothing about compiling (fixtures/compile_cpu).
+_COMPILE = ("torch/_dynamo/convert_frame.py", "torch/_inductor/compile_fx.py", "torch/_inductor/graph.py",
+            "torch/_inductor/scheduler.py", "torch/_inductor/codegen/", "torch/_inductor/async_compile.py",
+            "torch/_functorch/_aot_autograd/graph_compile.py")
 _AUTOTUNE = ("triton/runtime/autotuner", "torch/_inductor/runtime/triton_heuristics", "torch/_inductor/select_algorithm")
 KINDS = ("sync", "module", "launch", "host")
 _JIT = re.compile(r"nvrtc|nvJitLink|cuLibraryLoad|cuModuleLoad|cuLink")

@@ -243,6 +243,50 @@ def test_launch_bound_charge_comes_with_its_unprofiled_cost():
     assert "without the profiler: a launch took 9.9 us on this host" in f.recommendation
 
 
+def _compile_cpu_samples():
+    """fixtures/compile_cpu: samples of a torch.compile loop on CPU, each with the step it fell in and
+    whether Dynamo compiled a graph during that step."""
+    import gzip
+
+    d = ROOT / "fixtures" / "compile_cpu"
+    doc = json.loads(gzip.decompress((d / "samples.pysamples.json.gz").read_bytes()))
+    steps = json.loads(gzip.decompress((d / "steps.json.gz").read_bytes()))["steps"]
+    starts = np.array([x["start_ns"] for x in steps])
+    ends = np.array([x["end_ns"] for x in steps])
+    t = np.asarray(doc["t_ns"])
+    k = np.searchsorted(starts, t, side="right") - 1
+    inside = (k >= 0) & (t <= ends[np.clip(k, 0, None)])
+    frames = doc["frames"]
+    for ti, sid, ki, ok in zip(t, doc["stack"], k, inside):
+        if ok:
+            stack = [frames[f] for f in doc["stacks"][sid]]
+            yield steps[ki]["graphs_compiled"] > 0, [f[0] for f in stack], [f[2] for f in stack]
+
+
+def test_compile_is_named_only_while_it_compiles():
+    """Real samples of a torch.compile loop (CPU): the steps in which Dynamo compiled are charged to
+    compilation, the steady steps of the compiled model never are, although their stacks pass through
+    torch/_dynamo's wrappers (eval_frame, and the Dynamo-disabled optimizer step)."""
+    from gpudoctor.analyzers.source_lines import _context
+
+    compiling = [_context(files, fns) for c, files, fns in _compile_cpu_samples() if c]
+    steady = [(_context(files, fns), files) for c, files, fns in _compile_cpu_samples() if not c]
+    assert len(compiling) > 1000 and len(steady) > 300
+    assert sum(x in ("compile", "autotune") for x in compiling) / len(compiling) > 0.99
+    assert [x for x, _ in steady if x == "compile"] == []
+    through_dynamo = [f for _, files in steady for f in files if "torch/_dynamo/" in f]
+    assert len(through_dynamo) > 100  # the old rule (any torch/_dynamo frame) called these compilation
+
+
+def test_an_optimizer_call_is_not_compilation():
+    """torch.optim's zero_grad runs through a Dynamo-disable wrapper (torch/_dynamo ``inner``): on the
+    H200 tiny_kernels run its line is host work, not torch.compile."""
+    f = idle_finding(run_trace("torch_tiny_kernels"))
+    step = next(x for x in f.evidence["frames"] if x["callee"] == "inner")
+    assert step["line"] == culprit_line("tiny_kernels") + 6 and step["context"] == "" and step["kind"] == "host"
+    assert "torch.compile (re)compiles" not in f.recommendation
+
+
 def test_shape_change_names_cudnn_benchmark_and_runtime_compilation():
     """Python samples name the lines (forward and backward of the convolutions), nsys's native CPU samples
     inside their gaps name the work: cuDNN's benchmark planning and runtime compilation."""
