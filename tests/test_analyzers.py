@@ -321,6 +321,15 @@ def test_memory_bound_decode_reads_weight_bytes_from_shapes():
     assert f.severity == "high"
 
 
+def test_memory_bound_decode_quiet_on_cnn_training_with_a_small_head():
+    """A conv net trained at batch 16 (the H200 shape_change recording): its only matrix product, the
+    Linear(128, 10) head, has 16 rows, which once made every GEMM/conv kernel 'GEMV-shaped' and the steps
+    decode steps (high, MBU 0.0%). A backward pass and convolution-launched GEMM time rule decode out."""
+    t = kineto.read(Path(__file__).resolve().parent.parent / "fixtures" / "stacks" / "shape_change.torch.json.gz")
+    assert [(f.severity, f.metrics.get("decode_steps")) for f in run_all(t, only=["memory_bound_decode"])
+            if f.severity != "info"] == []
+
+
 def test_memory_bound_decode_without_workload_facts_still_fires_from_kernel_shapes():
     f = one(run_all(load("decode", "nsys"), only=["memory_bound_decode"]), "memory_bound_decode")
     assert f.severity == "high"
