@@ -335,6 +335,39 @@ def _native_context_per_gap(ctx, sf: pd.DataFrame, fr: pd.DataFrame, gaps: pd.Da
     return out
 
 
+_SEARCH_SYNCS = ("cudaEventSynchronize", "cudaDeviceSynchronize", "cuEventSynchronize", "cuCtxSynchronize")
+_CONV_OPS = re.compile(r"^aten::(_?convolution|cudnn_convolution)")
+
+
+def _api_context_per_gap(ctx, gaps: pd.DataFrame) -> np.ndarray:
+    """Per gap, "cudnn_benchmark" when it lies inside a convolution op that waits for the GPU: cuDNN's
+    algorithm search (torch.backends.cudnn.benchmark, a shape not seen before) times each candidate kernel
+    with events and synchronizes; a convolution has no other reason to. What torch.profiler traces show
+    of it, where nsys's native samples name ``cudnnFind`` itself."""
+    out = np.full(len(gaps), "", dtype=object)
+    ops, api = ctx.trace.cpu_ops, ctx.trace.api_calls
+    if ops.empty or api.empty or not len(gaps):
+        return out
+    conv = ops[ops["name"].astype(str).str.match(_CONV_OPS).to_numpy()]
+    syncs = api[api["name"].astype(str).isin(_SEARCH_SYNCS).to_numpy()]
+    if conv.empty or syncs.empty:
+        return out
+    conv = conv.sort_values("start_ns", kind="stable")
+    c0, c1 = conv["start_ns"].to_numpy(np.int64), conv["end_ns"].to_numpy(np.int64)
+    t = syncs["start_ns"].to_numpy(np.int64)
+    j = np.searchsorted(c0, t, side="right") - 1
+    waits = np.zeros(len(conv), dtype=bool)
+    waits[j[(j >= 0) & (t < c1[np.clip(j, 0, None)])]] = True  # the innermost op holding the sync
+    if not waits.any():
+        return out
+    s, e = c0[waits], c1[waits]  # nested ops: any searching op that holds the gap's middle
+    mid = (gaps["g0"].to_numpy(np.int64) + gaps["g1"].to_numpy(np.int64)) // 2
+    k = np.searchsorted(s, mid, side="right") - 1
+    reach = np.maximum.accumulate(e)
+    out[(k >= 0) & (mid < reach[np.clip(k, 0, None)])] = "cudnn_benchmark"
+    return out
+
+
 def _weighted_context(native: np.ndarray, gap_ns: pd.Series) -> str:
     """The native context that holds most of a frame's charged gap time, "" when none."""
     names = pd.Series(native[gap_ns.index.to_numpy()], index=gap_ns.index)
@@ -390,6 +423,8 @@ def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame
     stack_pos, stack_ids = pd.factorize(c["stack"].to_numpy(np.int64))  # a few hundred distinct stacks
     calls_in_gap = _traced_calls_per_gap(ctx, gaps)
     native = _native_context_per_gap(ctx, sf, fr, gaps)
+    from_syncs = (native == "") & (_api_context_per_gap(ctx, gaps) != "")
+    native = np.where(from_syncs, "cudnn_benchmark", native)
     c = c.assign(traced=calls_in_gap[c["gap"].to_numpy()] * c["ns"].to_numpy()
                  / np.maximum(gaps["dur_ns"].to_numpy(np.float64)[c["gap"].to_numpy()], 1.0))
     out = []
@@ -413,6 +448,10 @@ def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame
             "gaps": [{"start_us": ctx.rel_us(a), "dur_us": round(int(b - a) / 1e3, 1)}
                      for a, b in zip(g["g0"].to_numpy(np.int64), g["g1"].to_numpy(np.int64))],
         }
+        if entry["context"] == "cudnn_benchmark":  # what showed it: nsys's CPU samples or the ops' syncs
+            by_src = gap_ns.groupby(from_syncs[gap_ns.index.to_numpy()]).sum()
+            entry["context_evidence"] = "cuda_syncs_in_convolutions" if by_src.get(True, 0) > by_src.get(False, 0) \
+                else "cpu_samples"
         if kind == "launch" or callee_fn in MODEL_PASS:
             entry.update(_launch_stats(ctx, sf, frame_id, n_steps, k))
             entry.update(_unprofiled_launch_cost(ctx.trace.meta, entry))
@@ -500,7 +539,9 @@ def _explain(f: dict) -> str:
     cost = f"{f['idle_ns_per_step'] / 1e6:.2f} ms per step ({f['step_fraction']:.0%} of the step)"
     ctx = f["context"]
     if ctx == "cudnn_benchmark":
-        return (f"{where(f)}: cuDNN benchmark mode times candidate kernels again ({f['callee'] or 'cudnn_frontend'}) "
+        seen = ("(the convolutions wait on the GPU with event and device syncs)"
+                if f.get("context_evidence") == "cuda_syncs_in_convolutions" else f"({f['callee'] or 'cudnn_frontend'})")
+        return (f"{where(f)}: cuDNN benchmark mode times candidate kernels again {seen} "
                 f"while the GPU idles {cost}: the input shape changes every step; keep shapes fixed (pad to a few "
                 "sizes) or set torch.backends.cudnn.benchmark = False.")
     if ctx == "autotune":

@@ -243,6 +243,38 @@ def test_launch_bound_charge_comes_with_its_unprofiled_cost():
     assert "without the profiler: a launch took 9.9 us on this host" in f.recommendation
 
 
+def test_cudnn_benchmark_is_named_from_a_torch_trace():
+    """torch.profiler records no cuDNN calls, but it records the CUDA event and device syncs cuDNN's
+    algorithm search makes inside the convolution ops: on the H200 shape_change trace (benchmark on, a new
+    size every step) the idle gaps inside such ops are 98.7% of the idle time, and the backward line is
+    named as cuDNN benchmark."""
+    from gpudoctor.analyzers import gpu_idle, runner, source_lines
+
+    t = kineto.read(STACKS / "shape_change.torch.json.gz")
+    ctx = runner.contexts(t)[0]
+    gaps = gpu_idle.find_gaps(ctx)
+    named = source_lines._api_context_per_gap(ctx, gaps) == "cudnn_benchmark"
+    assert gaps["dur_ns"].to_numpy()[named].sum() / gaps["dur_ns"].sum() == pytest.approx(0.987, abs=0.001)
+    f = idle_finding(t)
+    top = f.evidence["frames"][0]
+    assert top["context"] == "cudnn_benchmark" and top["callee"] == "torch._C._EngineBase.run_backward"
+    assert top["context_evidence"] == "cuda_syncs_in_convolutions"
+    assert "cuDNN benchmark mode times candidate kernels again (the convolutions wait on the GPU" in f.recommendation
+
+
+@pytest.mark.parametrize("path", ["torch/conv_fp32.torch.json.gz", "torch/conv_bf16.torch.json.gz",
+                                  "pysamples/torch_dataloader0/raw/trace.torch.json.gz"])
+def test_steady_convolutions_are_not_cudnn_benchmark(path):
+    """Conv nets with fixed shapes (conv_fp32 / conv_bf16 run with cudnn.benchmark on: the search happened
+    in the warm-up, before the trace): no gap lies inside a convolution that waits on the GPU."""
+    from gpudoctor.analyzers import gpu_idle, runner, source_lines
+
+    ctx = runner.contexts(kineto.read(ROOT / "fixtures" / path))[0]
+    gaps = gpu_idle.find_gaps(ctx)
+    assert len(gaps) > 1000 and ctx.trace.cpu_ops["name"].str.contains("convolution").sum() > 1000
+    assert not (source_lines._api_context_per_gap(ctx, gaps) != "").any()
+
+
 def _compile_cpu_samples():
     """fixtures/compile_cpu: samples of a torch.compile loop on CPU, each with the step it fell in and
     whether Dynamo compiled a graph during that step."""
@@ -294,6 +326,7 @@ def test_shape_change_names_cudnn_benchmark_and_runtime_compilation():
     by_line = {x["line"]: x for x in f.evidence["frames"]}
     bwd, fwd = by_line[culprit_line("shape_change") + 2], by_line[culprit_line("shape_change") + 1]
     assert (bwd["context"], bwd["kind"], bwd["callee"]) == ("cudnn_benchmark", "module", "backward")
+    assert bwd["context_evidence"] == "cpu_samples"
     assert (fwd["context"], fwd["kind"]) == ("jit", "module")
     assert "cudnn.benchmark" in f.recommendation and "runtime compilation" in f.recommendation
     assert f.metrics["module_load_fraction"] > 0.5
