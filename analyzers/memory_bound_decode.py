@@ -48,8 +48,9 @@ from gpudoctor.model.devices import PRECISIONS, lookup
 ID = "memory_bound_decode"
 
 SETTINGS = (
-    Setting("decode_range_pattern", "decode|generate|generation",
-            "regex (case-insensitive) of step range names that are decode steps", kind="regex"),
+    Setting("decode_range_pattern", r"(?<![a-z])(decode|decoding|generate|generation)(?![a-z])",
+            "regex (case-insensitive) of step range names that are decode steps (a whole word: 'decode_step', "
+            "not 'decoder')", kind="regex"),
     Setting("gemv_max_n", 16, "N tile (nvjet _MxN_) at most this, or M <= this in shapes: a GEMV-shaped (decode) GEMM",
             unit="elements"),
     Setting("decode_max_tokens", 256, "with CPU-op shapes: steps of at most this many tokens whose intensity is below "
@@ -112,11 +113,12 @@ def _shape_facts(ctx: AnalysisContext, gemm_rows: np.ndarray, step_idx: np.ndarr
             "tokens": float(by_step["tokens"].median())}
 
 
-def _named_steps(ctx: AnalysisContext, steady: pd.DataFrame, pat: re.Pattern) -> np.ndarray:
-    """Steps named as decode, or holding a range so named (a ProfilerStep around a ``decode_step`` range)."""
+def _named_steps(ctx: AnalysisContext, steady: pd.DataFrame, pat: re.Pattern, training: bool) -> np.ndarray:
+    """Steps named as decode, or holding a range so named (a ProfilerStep around a ``decode_step`` range;
+    not in a training step, whose inner ranges name modules, e.g. a "decode" block of a training model)."""
     named = np.array([bool(pat.search(str(n))) for n in steady["name"]], dtype=bool)
     r = ctx.trace.ranges
-    if named.all() or r.empty:
+    if named.all() or r.empty or training:
         return named
     hit = ctx.name_mask(pat.pattern, frame=r, column="text")
     inner = r[hit & (r["gpu_start_ns"].to_numpy() >= 0)]
@@ -157,7 +159,7 @@ def find_decode_steps(ctx: AnalysisContext, cfg: dict, steady: pd.DataFrame, ste
     on = step_idx >= 0
     g_all = np.bincount(step_idx[gemm & on], weights=dur[gemm & on], minlength=n_steps)
     g_gemv = np.bincount(step_idx[gemv & on], weights=dur[gemv & on], minlength=n_steps)
-    named = _named_steps(ctx, steady, re.compile(str(cfg["decode_range_pattern"]), re.I))
+    named = _named_steps(ctx, steady, re.compile(str(cfg["decode_range_pattern"]), re.I), _training(ctx))
     share = np.divide(g_gemv, g_all, out=np.zeros(n_steps), where=g_all > 0)
     # A CNN's or a training step's small matrix product (a classifier head at batch 16) is not decode.
     by_share = (share >= float(cfg["decode_gemv_fraction"])) & (not _training(ctx))

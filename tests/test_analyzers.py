@@ -330,6 +330,17 @@ def test_memory_bound_decode_quiet_on_cnn_training_with_a_small_head():
             if f.severity != "info"] == []
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_memory_bound_decode_quiet_on_a_training_model_with_a_decoder_block(rank):
+    """The third-party TorchRec-style training trace names a module range '## decoder fp8 None ##' inside each
+    step; 'decoder' is not 'decode', and a step with a backward pass is not a decode step (it was a LOW
+    'Decode is memory-bound' on both ranks)."""
+    t = kineto.read(Path(__file__).resolve().parent.parent / "fixtures" / "hta" / "trace_filter"
+                    / f"sampled_rank-{rank}.json.gz")
+    assert (t.ranges["text"].astype(str) == "## decoder fp8 None ##").sum() == 4
+    assert [f.severity for f in run_all(t, only=["memory_bound_decode"]) if f.severity != "info"] == []
+
+
 def test_memory_bound_decode_without_workload_facts_still_fires_from_kernel_shapes():
     f = one(run_all(load("decode", "nsys"), only=["memory_bound_decode"]), "memory_bound_decode")
     assert f.severity == "high"
