@@ -79,6 +79,10 @@ RECOMMEND = {
     "host_sync": "Host syncs: remove .item() / .cpu() / .tolist() / print(tensor) / nonzero() on GPU tensors inside the "
                  "loop (keep running sums on the GPU and read them once per step or every N steps), use "
                  "non_blocking copies, and find the syncs with torch.cuda.set_sync_debug_mode(\"warn\").",
+    "cudnn_search": "cuDNN's algorithm search runs inside the steady state (torch.backends.cudnn.benchmark with an "
+                    "input shape it has not seen: the convolutions time candidate kernels and wait for each): keep "
+                    "shapes fixed or pad them to a few sizes warmed up before the loop, or set "
+                    "torch.backends.cudnn.benchmark = False.",
     "module_load": "Module loading / JIT inside the steady state: warm up every shape before measuring, keep shapes "
                    "static (pad sequence lengths to buckets, a fixed-size KV cache) so cuDNN / Triton / torch.compile "
                    "do not build and load new kernels per step; for cuDNN SDPA with changing lengths prefer the flash "
@@ -272,6 +276,9 @@ def measure(ctx: AnalysisContext) -> Measurement | None:
         metrics[f"{c}_fraction"] = round(by_cause[c] / window, 6)
     pageable_in_gaps = int(ov["pageable_memcpy"][cause != CAUSES.index("gpu_side")].sum()) if len(gaps) else 0
     metrics["pageable_copy_in_gaps_ns"] = pageable_in_gaps
+    search = source_lines.cudnn_search_gaps(ctx, gaps) if len(gaps) else np.zeros(0, dtype=bool)
+    metrics["cudnn_search_ns"] = int(gdur[search].sum())
+    metrics["cudnn_search_sync_ns"] = int(gdur[search & (cause == CAUSES.index("host_sync"))].sum())
     frames = _charged_frames(ctx, gaps, cause)
     if frames:
         metrics["top_frame"] = source_lines.where(frames[0])
@@ -370,6 +377,13 @@ def _advice(ctx: AnalysisContext, m: Measurement, ranked: list[tuple[int, str]])
     copies inside host-late gaps reach 1%)."""
     window, med_kernel = m.window_ns, m.median_kernel_ns
     rec = [RECOMMEND[c] for v, c in ranked if v / window >= 0.01]
+    search, search_sync = m.metrics["cudnn_search_ns"], m.metrics["cudnn_search_sync_ns"]
+    if search >= 0.01 * window:  # the syncs are cuDNN's own, not the program's: its advice replaces theirs
+        said = any(f["context"] == "cudnn_benchmark" for f in m.frames)  # a frame's line says it already
+        if search_sync >= 0.8 * m.by_cause["host_sync"] and RECOMMEND["host_sync"] in rec:
+            rec.remove(RECOMMEND["host_sync"])
+        if not said:
+            rec.insert(0, RECOMMEND["cudnn_search"])
     if m.pageable_copy_in_gaps_ns >= 0.01 * window and RECOMMEND["pageable_memcpy"] not in rec:
         rec.append(RECOMMEND["pageable_memcpy"])
     rec = rec or ["Nothing large to fix: the remaining idle time is latency between queued kernels."]

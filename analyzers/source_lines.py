@@ -339,6 +339,11 @@ _SEARCH_SYNCS = ("cudaEventSynchronize", "cudaDeviceSynchronize", "cuEventSynchr
 _CONV_OPS = re.compile(r"^aten::(_?convolution|cudnn_convolution)")
 
 
+def cudnn_search_gaps(ctx, gaps: pd.DataFrame) -> np.ndarray:
+    """Per gap: does it lie inside a convolution op that waits on the GPU (cuDNN's algorithm search)."""
+    return _api_context_per_gap(ctx, gaps) == "cudnn_benchmark"
+
+
 def _api_context_per_gap(ctx, gaps: pd.DataFrame) -> np.ndarray:
     """Per gap, "cudnn_benchmark" when it lies inside a convolution op that waits for the GPU: cuDNN's
     algorithm search (torch.backends.cudnn.benchmark, a shape not seen before) times each candidate kernel

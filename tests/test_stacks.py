@@ -262,6 +262,23 @@ def test_cudnn_benchmark_is_named_from_a_torch_trace():
     assert "cuDNN benchmark mode times candidate kernels again (the convolutions wait on the GPU" in f.recommendation
 
 
+def test_cudnn_search_replaces_the_host_sync_advice():
+    """The same trace's idle time is 'host sync' by its calls, but the syncs are cuDNN's: the finding counts
+    them (cudnn_search_ns), drops the advice to remove .item() calls and, with no frame to say it (frames
+    off), gives the cuDNN advice itself; the fixed-shape conv trace gets none of it."""
+    from gpudoctor.analyzers.config import Config
+
+    t = kineto.read(STACKS / "shape_change.torch.json.gz")
+    f = idle_finding(t)
+    assert f.metrics["cudnn_search_ns"] / f.metrics["idle_ns"] == pytest.approx(0.987, abs=0.002)
+    assert f.metrics["cudnn_search_sync_ns"] >= 0.8 * f.metrics["host_sync_fraction"] * f.metrics["window_ns"]
+    assert "remove .item()" not in f.recommendation and "cuDNN's algorithm search runs" not in f.recommendation
+    (bare,) = run_all(t, Config().update({"gpu_idle.max_frames": 0}), only=["gpu_idle"])
+    assert bare.recommendation.startswith("cuDNN's algorithm search runs inside the steady state")
+    (conv,) = run_all(kineto.read(ROOT / "fixtures" / "torch" / "conv_bf16.torch.json.gz"), only=["gpu_idle"])
+    assert conv.metrics["cudnn_search_ns"] == 0 and "cuDNN" not in conv.recommendation
+
+
 @pytest.mark.parametrize("path", ["torch/conv_fp32.torch.json.gz", "torch/conv_bf16.torch.json.gz",
                                   "pysamples/torch_dataloader0/raw/trace.torch.json.gz"])
 def test_steady_convolutions_are_not_cudnn_benchmark(path):
