@@ -545,7 +545,8 @@ def _explain(f: dict) -> str:
     ctx = f["context"]
     if ctx == "cudnn_benchmark":
         seen = ("(the convolutions wait on the GPU with event and device syncs)"
-                if f.get("context_evidence") == "cuda_syncs_in_convolutions" else f"({f['callee'] or 'cudnn_frontend'})")
+                if f.get("context_evidence") == "cuda_syncs_in_convolutions"
+                else f"({f['callee']})" if "cudnn" in f["callee"].lower() else "(cuDNN's planning in the CPU samples)")
         return (f"{where(f)}: cuDNN benchmark mode times candidate kernels again {seen} "
                 f"while the GPU idles {cost}: the input shape changes every step; keep shapes fixed (pad to a few "
                 "sizes) or set torch.backends.cudnn.benchmark = False.")

@@ -344,6 +344,7 @@ def test_shape_change_names_cudnn_benchmark_and_runtime_compilation():
     bwd, fwd = by_line[culprit_line("shape_change") + 2], by_line[culprit_line("shape_change") + 1]
     assert (bwd["context"], bwd["kind"], bwd["callee"]) == ("cudnn_benchmark", "module", "backward")
     assert bwd["context_evidence"] == "cpu_samples"
+    assert "cuDNN benchmark mode times candidate kernels again (cuDNN's planning in the CPU samples)" in f.recommendation
     assert (fwd["context"], fwd["kind"]) == ("jit", "module")
     assert "cudnn.benchmark" in f.recommendation and "runtime compilation" in f.recommendation
     assert f.metrics["module_load_fraction"] > 0.5
