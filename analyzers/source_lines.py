@@ -359,10 +359,12 @@ def _api_context_per_gap(ctx, gaps: pd.DataFrame) -> np.ndarray:
         return out
     conv = conv.sort_values("start_ns", kind="stable")
     c0, c1 = conv["start_ns"].to_numpy(np.int64), conv["end_ns"].to_numpy(np.int64)
-    t = syncs["start_ns"].to_numpy(np.int64)
-    j = np.searchsorted(c0, t, side="right") - 1
     waits = np.zeros(len(conv), dtype=bool)
-    waits[j[(j >= 0) & (t < c1[np.clip(j, 0, None)])]] = True  # the innermost op holding the sync
+    conv_thread, sync_thread = conv["thread_id"].to_numpy(), syncs["thread_id"].to_numpy()
+    for thread in np.unique(conv_thread):  # an op waits when a sync of its own thread falls inside it
+        t = np.sort(syncs["start_ns"].to_numpy(np.int64)[sync_thread == thread])
+        mine = conv_thread == thread
+        waits[mine] = np.searchsorted(t, c1[mine]) > np.searchsorted(t, c0[mine])
     if not waits.any():
         return out
     s, e = c0[waits], c1[waits]  # nested ops: any searching op that holds the gap's middle
