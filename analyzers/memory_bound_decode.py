@@ -136,10 +136,10 @@ def _training(ctx: AnalysisContext) -> bool:
     return ops is not None and bool(ops["name"].astype(str).str.contains("backward", regex=False).any())
 
 
-def _inference_matmuls(ctx: AnalysisContext, gemm: np.ndarray, dur: np.ndarray) -> bool:
+def _inference_matmuls(ctx: AnalysisContext, gemm: np.ndarray, dur: np.ndarray, training: bool) -> bool:
     """No backward pass among the CPU ops, and most GEMM time launched by matrix-product ops (not
     convolutions): the shape of a decoder's forward pass, not of training or a CNN."""
-    if ctx.ops is None or _training(ctx):
+    if ctx.ops is None or training:
         return False
     by_mm = gemm & (ctx.kernel_ops(MM_OPS) >= 0)
     total = float(dur[gemm].sum())
@@ -153,16 +153,17 @@ def find_decode_steps(ctx: AnalysisContext, cfg: dict, steady: pd.DataFrame, ste
     dur = k["dur_ns"].to_numpy(np.int64)
     n_steps = len(steady)
     gmax = int(cfg["gemv_max_n"])
-    inference = _inference_matmuls(ctx, gemm, dur)
+    training = _training(ctx)
+    inference = _inference_matmuls(ctx, gemm, dur, training)
     if shape and shape["tokens"] <= gmax and inference:
         gemv = gemm.copy()  # the matrix products that launched them are GEMV-shaped (few tokens)
     on = step_idx >= 0
     g_all = np.bincount(step_idx[gemm & on], weights=dur[gemm & on], minlength=n_steps)
     g_gemv = np.bincount(step_idx[gemv & on], weights=dur[gemv & on], minlength=n_steps)
-    named = _named_steps(ctx, steady, re.compile(str(cfg["decode_range_pattern"]), re.I), _training(ctx))
+    named = _named_steps(ctx, steady, re.compile(str(cfg["decode_range_pattern"]), re.I), training)
     share = np.divide(g_gemv, g_all, out=np.zeros(n_steps), where=g_all > 0)
     # A CNN's or a training step's small matrix product (a classifier head at batch 16) is not decode.
-    by_share = (share >= float(cfg["decode_gemv_fraction"])) & (not _training(ctx))
+    by_share = (share >= float(cfg["decode_gemv_fraction"])) & (not training)
     # Any batch: few tokens per step at an intensity below the ridge point (CPU-op shapes).
     by_shapes = np.zeros(n_steps, dtype=bool)
     if (shape and shape.get("weight_bytes") and shape["tokens"] <= int(cfg["decode_max_tokens"])
