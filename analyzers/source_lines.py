@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.analyzers.context import measured_fact
+from gpudoctor.model.columns import isin, per_value
 from gpudoctor.model.stacks import innermost_at, stack_frames
 
 if TYPE_CHECKING:
@@ -353,9 +354,11 @@ def _api_context_per_gap(ctx, gaps: pd.DataFrame) -> np.ndarray:
     ops, api = ctx.trace.cpu_ops, ctx.trace.api_calls
     if ops.empty or api.empty or not len(gaps):
         return out
-    conv = ops[ops["name"].astype(str).str.match(_CONV_OPS).to_numpy()]
-    syncs = api[api["name"].astype(str).isin(_SEARCH_SYNCS).to_numpy()]
-    if conv.empty or syncs.empty:
+    conv = ops[per_value(ops["name"], lambda v: bool(_CONV_OPS.match(v)), dtype=bool, missing=False)]
+    if conv.empty:  # most traces: decided on the distinct names, no row touched
+        return out
+    syncs = api[isin(api["name"], _SEARCH_SYNCS)]
+    if syncs.empty:
         return out
     conv = conv.sort_values("start_ns", kind="stable")
     c0, c1 = conv["start_ns"].to_numpy(np.int64), conv["end_ns"].to_numpy(np.int64)
