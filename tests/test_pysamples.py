@@ -187,3 +187,30 @@ def test_a_sample_cut_between_its_two_lists_is_left_out(tmp_path):
     s.stop(None)
     doc = json.loads((tmp_path / "s.json").read_text())
     assert len(doc["t_ns"]) == len(doc["stack"]) == 1
+
+
+def test_native_blocking_calls_are_not_interrupted_by_the_sampler(tmp_path):
+    """A C library's blocking read (no retry on EINTR, as in much native code) while the sampler's 1 kHz
+    signal runs: the read is restarted and returns its byte, and the wait is still sampled."""
+    import ctypes
+    import os
+    import threading
+    import time
+
+    from gpudoctor.collect.pysampler import PythonSampler
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    r, w = os.pipe()
+    s = PythonSampler(str(tmp_path / "s.json"))
+    s.start(None)
+    writer = threading.Thread(target=lambda: (time.sleep(0.1), os.write(w, b"x")), daemon=True)
+    writer.start()
+    buf = ctypes.create_string_buffer(1)
+    n = libc.read(r, buf, 1)  # returned -1 (EINTR) before the sampler asked for restarted calls
+    err = ctypes.get_errno()
+    summary = s.stop(None)
+    writer.join()
+    os.close(r)
+    os.close(w)
+    assert (n, buf.raw) == (1, b"x"), os.strerror(err)
+    assert summary["method"] == "signal" and summary["samples"] >= 1

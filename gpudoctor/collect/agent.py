@@ -226,6 +226,7 @@ class Controller:
             return  # no clock decisions to make
         if _TIMER_SIGNAL is not None and threading.current_thread() is threading.main_thread():
             signal.signal(_TIMER_SIGNAL, self._on_timer_signal)
+            signal.siginterrupt(_TIMER_SIGNAL, False)  # the program's blocking calls restart (see pysampler)
             self._timer = threading.Thread(target=self._timer_loop, name="gpudoctor-window", daemon=True)
             self._timer.start()
         else:

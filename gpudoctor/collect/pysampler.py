@@ -66,6 +66,10 @@ class PythonSampler:
         if self._signal_free():
             self.method = "signal"
             self._old_handler = signal.signal(signal.SIGALRM, self._on_signal)
+            # signal.signal makes the program's blocking system calls fail with EINTR when the signal
+            # arrives; native code that does not retry (a C++ loader's read, a store's socket) would see an
+            # error a thousand times a second. Restarted calls run the handler when they return instead.
+            signal.siginterrupt(signal.SIGALRM, False)
             signal.setitimer(signal.ITIMER_REAL, self.interval_s, self.interval_s)
         else:
             self.method = "thread"
