@@ -378,6 +378,18 @@ def _api_context_per_gap(ctx, gaps: pd.DataFrame) -> np.ndarray:
     return out
 
 
+def _syncs_unwound(ctx) -> bool:
+    """An Nsight Systems report taken with CUDA backtraces on syncs (``--cudabacktrace=sync``): its sync
+    calls carry stacks. nsys unwinds the stack as each sync returns, so the host reaches its next launch
+    later and every gap after a sync grows (the .item() culprit: charged 2.66 ms against a 1.55 ms cost)."""
+    fmt = set(ctx.trace.ranks["source_format"].astype(str)) if len(ctx.trace.ranks) else set()
+    api = ctx.trace.api_calls
+    if not fmt & {"nsys_sqlite", "nsys_rep"} or api.empty:
+        return False
+    syncs = per_value(api["name"], lambda v: "Synchronize" in v, dtype=bool, missing=False)
+    return bool((api["stack_id"].to_numpy()[syncs] >= 0).any())
+
+
 def _weighted_context(native: np.ndarray, gap_ns: pd.Series) -> str:
     """The native context that holds most of a frame's charged gap time, "" when none."""
     names = pd.Series(native[gap_ns.index.to_numpy()], index=gap_ns.index)
@@ -433,6 +445,7 @@ def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame
     stack_pos, stack_ids = pd.factorize(c["stack"].to_numpy(np.int64))  # a few hundred distinct stacks
     calls_in_gap = _traced_calls_per_gap(ctx, gaps)
     native = _native_context_per_gap(ctx, sf, fr, gaps)
+    unwound = _syncs_unwound(ctx)
     from_syncs = (native == "") & (_api_context_per_gap(ctx, gaps) != "")
     native = np.where(from_syncs, "cudnn_benchmark", native)
     c = c.assign(traced=calls_in_gap[c["gap"].to_numpy()] * c["ns"].to_numpy()
@@ -462,6 +475,8 @@ def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame
             by_src = gap_ns.groupby(from_syncs[gap_ns.index.to_numpy()]).sum()
             entry["context_evidence"] = "cuda_syncs_in_convolutions" if by_src.get(True, 0) > by_src.get(False, 0) \
                 else "cpu_samples"
+        if kind == "sync" and unwound:
+            entry["sync_backtraces"] = True
         if kind == "launch" or callee_fn in MODEL_PASS:
             entry.update(_launch_stats(ctx, sf, frame_id, n_steps, k))
             entry.update(_unprofiled_launch_cost(ctx.trace.meta, entry))
@@ -538,6 +553,9 @@ TRACED_CALLS_NOTE = 1000  # traced Python calls a step in a frame's gaps from wh
 def explain(f: dict) -> str:
     """One line: where, what it costs per step, what the host was doing there, what to do."""
     line = _explain(f)
+    if f.get("sync_backtraces"):
+        line += (" (this report unwound a backtrace as each sync returned, nsys --cudabacktrace=sync, which "
+                 "lengthens the gap after it: without it this costs less)")
     n = f.get("traced_python_calls_per_step", 0)
     if n >= TRACED_CALLS_NOTE:
         line += (f" (torch.profiler's Python tracer recorded {n:,} calls a step in these gaps and slows them: "

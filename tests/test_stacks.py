@@ -168,6 +168,7 @@ def test_item_sync_names_the_item_line():
     assert top["idle_ns_per_step"] / 1e6 == pytest.approx(cost, rel=0.2)
     assert 0 < len(top["gaps"]) <= 50 and all(0 <= g["start_us"] <= f.metrics["window_ns"] / 1e3 for g in top["gaps"])
     assert top["traced_python_calls_per_step"] == 0 and "Python tracer" not in f.recommendation
+    assert "sync_backtraces" not in top and "--cudabacktrace" not in f.recommendation
 
 
 def test_item_sync_under_nsys_names_the_item_line():
@@ -179,6 +180,9 @@ def test_item_sync_under_nsys_names_the_item_line():
     assert top["kind"] == "sync"
     assert top["idle_ns_per_step"] / 1e6 == pytest.approx(2.658, abs=0.001)
     assert top["idle_ns_per_step"] / 1e6 / culprit_cost_ms("item_sync") == pytest.approx(1.72, abs=0.01)
+    # the finding says so: the report's sync calls carry backtraces
+    assert top["sync_backtraces"] is True
+    assert "unwound a backtrace as each sync returned, nsys --cudabacktrace=sync" in f.recommendation
 
 
 @pytest.mark.parametrize("run", ["torch_slow_preprocess", "nsys_slow_preprocess"])
