@@ -63,7 +63,7 @@ from gpudoctor.model.steps import StepWindow
 from gpudoctor.model.summary import RankSummary
 from gpudoctor.model.trace import Trace, conform
 from gpudoctor.readers.boundary import input_boundary
-from gpudoctor.readers.inputs import expand_inputs, input_format, read_input
+from gpudoctor.readers.inputs import expand_inputs, input_format, pop_side_errors, read_input
 
 PARALLEL_MIN_FILES = 8
 """``analyze_inputs`` switches to :func:`analyze_many` from this many input files on."""
@@ -85,6 +85,7 @@ class RankResult:
     path: str
     inputs: list[dict] = field(default_factory=list)
     error: str | None = None
+    side_errors: list[dict] = field(default_factory=list)  # files read with the input that failed alone
     summaries: list[RankSummary] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     ranks: pd.DataFrame | None = None
@@ -167,7 +168,8 @@ def map_rank(path: str, rank: int | None = None, config: Config | dict | None = 
     out.read_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     try:
-        out.inputs = list(trace.meta.get("inputs") or [{"path": str(path)}])
+        out.side_errors = pop_side_errors(trace)
+        out.inputs = list(trace.meta.get("inputs") or [{"path": str(path)}]) + out.side_errors
         # Run-level facts (versions, profiler header); tables kept in meta stay on the worker.
         out.meta = {k: v for k, v in trace.meta.items() if k != "inputs" and not isinstance(v, pd.DataFrame)}
         _announce_world(trace, world or [], str(path))
@@ -221,6 +223,7 @@ def reduce_results(results: list[RankResult], config: Config | dict | None = Non
     inputs, errors, ok = [], [], []
     for r in results:
         inputs.extend(r.inputs)
+        errors.extend(e["error"] for e in r.side_errors)
         if r.error is not None:
             errors.append(r.error)
         else:

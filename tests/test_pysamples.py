@@ -178,7 +178,7 @@ def test_a_signal_inside_a_sample_is_skipped_and_ids_stay_whole(tmp_path):
 
 
 def test_a_sample_cut_between_its_two_lists_is_left_out(tmp_path):
-    """A stop signal raised between a sample's stack and its time leaves the sample out whole."""
+    """A stop signal raised between a sample's stack and its time leaves the sample out whole, counted."""
     from gpudoctor.collect.pysampler import PythonSampler
 
     s = PythonSampler(str(tmp_path / "s.json"))
@@ -186,7 +186,7 @@ def test_a_sample_cut_between_its_two_lists_is_left_out(tmp_path):
     s.stack.append(s.stack[0])  # the stack of a sample whose time was never written
     s.stop(None)
     doc = json.loads((tmp_path / "s.json").read_text())
-    assert len(doc["t_ns"]) == len(doc["stack"]) == 1
+    assert len(doc["t_ns"]) == len(doc["stack"]) == 1 and doc["cut"] == 1  # counted: the reader adds it to dropped
 
 
 def test_native_blocking_calls_are_not_interrupted_by_the_sampler(tmp_path):
@@ -214,3 +214,23 @@ def test_native_blocking_calls_are_not_interrupted_by_the_sampler(tmp_path):
     os.close(w)
     assert (n, buf.raw) == (1, b"x"), os.strerror(err)
     assert summary["method"] == "signal" and summary["samples"] >= 1
+
+
+def test_a_damaged_sample_file_is_named_on_the_parallel_path_too(tmp_path):
+    """Eight rank files (the parallel path), rank 3's sample file damaged: one line names it, exit 2, and
+    all eight ranks are analyzed, rank 3 without its samples."""
+    raw = ROOT / "fixtures" / "pysamples" / "torch_item_sync" / "raw"
+    trace, samples = (raw / "trace.torch.json.gz").read_bytes(), (raw / "trace.pysamples.json").read_bytes()
+    for r in range(8):
+        (tmp_path / f"trace.rank{r}.torch.json.gz").write_bytes(trace)
+        (tmp_path / f"trace.rank{r}.pysamples.json").write_bytes(samples if r != 3 else b'{"format": "x"}')
+    out = tmp_path / "a.json"
+    r = subprocess.run([sys.executable, "-m", "gpudoctor", "analyze", str(tmp_path), "--workers", "2",
+                        "--json", str(out), "-q"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"gpudoctor: error: {tmp_path / 'trace.rank3.pysamples.json'}: not a gpudoctor Python stack sample file"]
+    doc = json.loads(out.read_text())
+    assert sorted(x["rank"] for x in doc["ranks"]) == list(range(8))
+    named = {f["rank"] for f in doc["findings"] if f["analyzer"] == "gpu_idle" and f["evidence"].get("frames")}
+    assert named == set(range(8)) - {3}

@@ -170,6 +170,7 @@ class PythonSampler:
         stacks = sorted(self._stack_ids, key=self._stack_ids.__getitem__)
         # A signal's exception (the program being stopped) may cut a sample between its two appends.
         n = len(self.t_ns)
+        cut = max(len(self.stack) - n, 0)
         del self.stack[n:]
         return {"format": FORMAT, "version": 1, "pid": os.getpid(), "thread_native_id": self.native_tid,
                 "method": self.method,
@@ -177,7 +178,7 @@ class PythonSampler:
                 "frames": [list(f) for f in frames],
                 "stacks": [list(s) for s in stacks],  # frame ids, innermost first
                 "t_ns": self.t_ns, "stack": self.stack, "overflow": self.overflow,
-                "nested": self.nested, "sampler_busy_ns": self.busy_ns}
+                "nested": self.nested, "cut": cut, "sampler_busy_ns": self.busy_ns}
 
     def write(self) -> None:
         tmp = f"{self.path}.tmp{os.getpid()}"

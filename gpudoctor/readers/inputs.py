@@ -91,9 +91,17 @@ def read_input(path: str | Path, rank: int | None = None, fmt: str | None = None
     if samples is not None:
         try:
             pysamples.attach(t, samples)
-        except InputError as e:  # the report stands without them; load_inputs names the damaged file
-            t.meta.setdefault("side_errors", []).append(e)
+        except InputError as e:  # the report stands without them; the callers name the damaged file
+            t.meta.setdefault(SIDE_ERRORS, []).append({"path": e.path, "error": str(e)})
     return t
+
+
+SIDE_ERRORS = "side_errors"  # meta key: [{"path", "error"}] of files read with a report that failed alone
+
+
+def pop_side_errors(t: Trace) -> list[dict]:
+    """The one-line errors of files read with ``t``'s report (its Python samples), taken out of its meta."""
+    return t.meta.pop(SIDE_ERRORS, [])
 
 
 def read_run_dir(run_dir: Path) -> Trace:
@@ -174,9 +182,9 @@ def load_inputs(paths: list[str], rank_map: dict[str, int] | None = None) -> tup
             continue
         traces.append(t)
         inputs.extend(t.meta.get("inputs") or [{"path": str(p)}])
-        for side in t.meta.pop("side_errors", []):
-            errors.append(str(side))
-            inputs.append({"path": side.path, "error": str(side)})
+        for side in pop_side_errors(t):
+            errors.append(side["error"])
+            inputs.append(side)
     if not traces:
         return None, inputs, errors
     return combine(traces), inputs, errors

@@ -81,6 +81,9 @@ def attach(trace: Trace, path: Path) -> None:
     _check(path, t_ns, sample_stack, frames_in, stacks_in)  # before anything is added to the trace
     if doc.get("overflow"):
         trace.add_dropped(rank, source, "Python stack samples beyond the sampler's limit", int(doc["overflow"]))
+    if doc.get("cut"):
+        trace.add_dropped(rank, source, "Python stack sample cut short by a signal that stopped the program",
+                          int(doc["cut"]))
     r = trace.ranges
     marks = r[r["text"].astype(str).to_numpy() == ANCHOR].sort_values("start_ns", kind="stable")
     anchors = doc.get("anchors") or []
