@@ -234,3 +234,16 @@ def test_a_damaged_sample_file_is_named_on_the_parallel_path_too(tmp_path):
     assert sorted(x["rank"] for x in doc["ranks"]) == list(range(8))
     named = {f["rank"] for f in doc["findings"] if f["analyzer"] == "gpu_idle" and f["evidence"].get("frames")}
     assert named == set(range(8)) - {3}
+
+
+def test_cut_and_overflowing_samples_are_counted_in_dropped(tmp_path):
+    raw = ROOT / "fixtures" / "pysamples" / "torch_item_sync" / "raw"
+    (tmp_path / "trace.torch.json.gz").write_bytes((raw / "trace.torch.json.gz").read_bytes())
+    doc = json.loads((raw / "trace.pysamples.json").read_text())
+    doc.update(cut=1, overflow=5)
+    (tmp_path / "trace.pysamples.json").write_text(json.dumps(doc))
+    t = inputs.read_input(tmp_path / "trace.torch.json.gz")
+    d = t.dropped.set_index("reason")["count"]
+    assert d["Python stack sample cut short by a signal that stopped the program"] == 1
+    assert d["Python stack samples beyond the sampler's limit"] == 5
+    assert (t.host_stacks["source"].astype(str) == "python_sample").sum() == len(doc["t_ns"])
