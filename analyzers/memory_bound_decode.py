@@ -43,6 +43,7 @@ from gpudoctor.analyzers.findings import Finding
 from gpudoctor.analyzers.low_tensor_core import MM_OPS, gemm_kernels, gemm_shapes, tile_min
 from gpudoctor.analyzers.spec import AnalyzerSpec, Setting, fraction
 from gpudoctor.model import sampled
+from gpudoctor.model.columns import per_value
 from gpudoctor.model.devices import PRECISIONS, lookup
 
 ID = "memory_bound_decode"
@@ -133,7 +134,7 @@ def _named_steps(ctx: AnalysisContext, steady: pd.DataFrame, pat: re.Pattern, tr
 def _training(ctx: AnalysisContext) -> bool:
     """A backward pass among the CPU ops: training, which no decode step is."""
     ops = ctx.ops
-    return ops is not None and bool(ops["name"].astype(str).str.contains("backward", regex=False).any())
+    return ops is not None and bool(per_value(ops["name"], lambda v: "backward" in v, dtype=bool, missing=False).any())
 
 
 def _inference_matmuls(ctx: AnalysisContext, gemm: np.ndarray, dur: np.ndarray, training: bool) -> bool:
