@@ -349,7 +349,12 @@ def _api_context_per_gap(ctx, gaps: pd.DataFrame) -> np.ndarray:
     """Per gap, "cudnn_benchmark" when it lies inside a convolution op that waits for the GPU: cuDNN's
     algorithm search (torch.backends.cudnn.benchmark, a shape not seen before) times each candidate kernel
     with events and synchronizes; a convolution has no other reason to. What torch.profiler traces show
-    of it, where nsys's native samples name ``cudnnFind`` itself."""
+    of it, where nsys's native samples name ``cudnnFind`` itself. Once per gap table (gpu_idle's measure
+    and its frames both ask)."""
+    return ctx.cached(("source_lines.api_context", id(gaps)), lambda: _search_context(ctx, gaps))
+
+
+def _search_context(ctx, gaps: pd.DataFrame) -> np.ndarray:
     out = np.full(len(gaps), "", dtype=object)
     ops, api = ctx.trace.cpu_ops, ctx.trace.api_calls
     if ops.empty or api.empty or not len(gaps):
