@@ -451,6 +451,7 @@ def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame
     calls_in_gap = _traced_calls_per_gap(ctx, gaps)
     native = _native_context_per_gap(ctx, sf, fr, gaps)
     unwound = _syncs_unwound(ctx)
+    slowdown = _profiled_step_slowdown(ctx, step_ns)
     from_syncs = (native == "") & (_api_context_per_gap(ctx, gaps) != "")
     native = np.where(from_syncs, "cudnn_benchmark", native)
     c = c.assign(traced=calls_in_gap[c["gap"].to_numpy()] * c["ns"].to_numpy()
@@ -485,6 +486,8 @@ def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame
         if kind == "launch" or callee_fn in MODEL_PASS:
             entry.update(_launch_stats(ctx, sf, frame_id, n_steps, k))
             entry.update(_unprofiled_launch_cost(ctx.trace.meta, entry))
+            if kind == "launch" and slowdown:
+                entry["profiled_step_slowdown"] = slowdown
         if entry["context"] == "dataloader_main_process":  # all the loader's main-process work, not only this frame
             in_loader = np.array([_context(*_ancestors(sf, fr, int(x))) == entry["context"] for x in stack_ids])
             entry["dataloader_idle_ns_per_step"] = int(round(c.loc[in_loader[stack_pos], "ns"].sum() / n_steps))
@@ -501,6 +504,17 @@ def _launch_stats(ctx, sf: pd.DataFrame, frame_id: int, n_steps: int, k: pd.Data
     d = k["dur_ns"].to_numpy(np.int64)[mine]
     return {"kernels_per_step": round(int(mine.sum()) / n_steps, 1),
             "median_kernel_ns": int(np.median(d)) if len(d) else None}
+
+
+def _profiled_step_slowdown(ctx, step_ns: float) -> float | None:
+    """The window's mean step over the step the collector timed before the profiler started
+    (``unprofiled_step_ms``), when the profiler made it at least 20% slower: a launch-bound line's gaps grow
+    with every launch the profiler slows."""
+    before_ms = measured_fact(ctx.trace.meta, "unprofiled_step_ms")
+    if not before_ms or step_ns <= 0:
+        return None
+    ratio = step_ns / 1e6 / before_ms
+    return round(ratio, 2) if ratio >= 1.2 else None
 
 
 def _unprofiled_launch_cost(meta: dict, entry: dict) -> dict:
@@ -558,6 +572,9 @@ TRACED_CALLS_NOTE = 1000  # traced Python calls a step in a frame's gaps from wh
 def explain(f: dict) -> str:
     """One line: where, what it costs per step, what the host was doing there, what to do."""
     line = _explain(f)
+    if f.get("profiled_step_slowdown"):
+        line += (f" (the profiled step took {f['profiled_step_slowdown']:.1f}x the step timed before the window: "
+                 "the profiler slows every launch, so without it this costs less)")
     if f.get("sync_backtraces"):
         line += (" (this report unwound a backtrace as each sync returned, nsys --cudabacktrace=sync, which "
                  "lengthens the gap after it: without it this costs less)")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpudoctor.analyzers import runner
 from gpudoctor.analyzers.runner import run_all
 from gpudoctor.model.stacks import is_library_file, stack_frames
 from gpudoctor.readers import kineto
@@ -169,6 +170,7 @@ def test_item_sync_names_the_item_line():
     assert 0 < len(top["gaps"]) <= 50 and all(0 <= g["start_us"] <= f.metrics["window_ns"] / 1e3 for g in top["gaps"])
     assert top["traced_python_calls_per_step"] == 0 and "Python tracer" not in f.recommendation
     assert "sync_backtraces" not in top and "--cudabacktrace" not in f.recommendation
+    assert "profiled_step_slowdown" not in top  # a sync line's gap is the GPU's drain, not slowed launches
 
 
 def test_item_sync_under_nsys_names_the_item_line():
@@ -220,8 +222,9 @@ def test_dataloader0_under_nsys():
     assert top["dataloader_idle_ns_per_step"] / 1e6 == pytest.approx(culprit_cost_ms("dataloader0"), rel=0.3)
 
 
-@pytest.mark.parametrize("run, charged_ms", [("torch_tiny_kernels", 7.618), ("nsys_tiny_kernels", 6.632)])
-def test_tiny_kernels_names_the_ema_loop_as_launch_bound(run, charged_ms):
+@pytest.mark.parametrize("run, charged_ms, slowdown", [("torch_tiny_kernels", 7.618, 2.28),
+                                                       ("nsys_tiny_kernels", 6.632, 1.64)])
+def test_tiny_kernels_names_the_ema_loop_as_launch_bound(run, charged_ms, slowdown):
     """Named, with its kernels; but both profilers slow every launch (the loop's 400 launches take 6-8 ms
     profiled against the 1.1 ms the culprit costs unprofiled), so the charge is the profiled one. The
     correction needs the agent's launch calibration, recorded in the next test's run."""
@@ -231,6 +234,11 @@ def test_tiny_kernels_names_the_ema_loop_as_launch_bound(run, charged_ms):
     assert ema["kind"] == "launch" and 360 <= ema["kernels_per_step"] <= 400 and ema["median_kernel_ns"] < 2000
     assert ema["idle_ns_per_step"] / 1e6 == pytest.approx(charged_ms, abs=0.001)
     assert "unprofiled_idle_ns_per_step" not in ema  # recorded before the agent timed launches
+    # what the run measured says the charge is inflated: the window's step against the one timed before it
+    t = run_trace(run)
+    step_ms = f.metrics["window_ns"] / 1e6 / len(runner.contexts(t)[0].window.steady)
+    assert ema["profiled_step_slowdown"] == slowdown == round(step_ms / t.meta["unprofiled_step_ms"], 2)
+    assert f"(the profiled step took {slowdown:.1f}x the step timed before the window" in f.recommendation
 
 
 def test_launch_bound_charge_comes_with_its_unprofiled_cost():
