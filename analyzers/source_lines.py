@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.analyzers.context import measured_fact
-from gpudoctor.model.columns import isin, per_value
+from gpudoctor.model.columns import equals, isin, per_value
 from gpudoctor.model.stacks import innermost_at, stack_frames
 
 if TYPE_CHECKING:
@@ -56,6 +56,8 @@ def _stack_info(ctx) -> tuple[pd.DataFrame, pd.DataFrame] | None:
             return None
         st = st.sort_values("stack_id", kind="stable").reset_index(drop=True)
         fr = ctx.trace.frames.sort_values("frame_id", kind="stable").reset_index(drop=True)
+        # text once: the walks below read files and functions per stack
+        fr = fr.assign(file=fr["file"].astype(str).astype(object), function=fr["function"].astype(str).astype(object))
         return stack_frames(st, fr), fr
     return ctx.cached("source_lines.stacks", compute)
 
@@ -160,7 +162,7 @@ def _from_host_stacks(ctx: AnalysisContext, sf: pd.DataFrame, gaps: pd.DataFrame
     g0, g1 = gaps["g0"].to_numpy(np.int64), gaps["g1"].to_numpy(np.int64)
     dur = g1 - g0
     hs = ctx.trace.host_stacks
-    hs = hs[hs["source"].astype(str).to_numpy() != "python_sample"]
+    hs = hs[~equals(hs["source"], "python_sample")]
     la = ctx.launches()
     launched = la[la["launched"]]
     if not (len(rest) and len(hs) and len(launched)):
@@ -269,8 +271,7 @@ _NOT_ANCHOR = re.compile(r"libcuda\.so|libcudart|libcupti|libToolsInjection|\[vd
 def _native_anchor(sf: pd.DataFrame, fr: pd.DataFrame, stack: int) -> int:
     """For a stack of native frames only: the innermost frame that is neither the CUDA driver / runtime,
     the profiler's injection, libc nor an unresolved address (``at::native::item``...), or -1."""
-    files = fr["file"].astype(str).to_numpy(dtype=object)
-    funcs = fr["function"].astype(str).to_numpy(dtype=object)
+    files, funcs = fr["file"].to_numpy(dtype=object), fr["function"].to_numpy(dtype=object)
     fid, parent = sf["frame_id"].to_numpy(), sf["parent_id"].to_numpy()
     s = stack
     while s >= 0:  # one stack, leaf to root
@@ -294,7 +295,7 @@ def _traced_calls_per_gap(ctx, gaps: pd.DataFrame) -> np.ndarray:
 def _callee(sf: pd.DataFrame, fr: pd.DataFrame, rows: pd.DataFrame) -> str:
     """The library function the user frame was in: the innermost native call of the charged stacks
     (``Tensor.item``, ``conv2d``), else the library frame the user frame called."""
-    native = fr["file"].astype(str).to_numpy(dtype=object) == ""
+    native = fr["file"].to_numpy(dtype=object) == ""
     fid = sf["frame_id"].to_numpy()
     by_stack = rows.groupby("stack")["ns"].sum()
     names: dict[str, float] = {}
@@ -317,7 +318,7 @@ def _native_context_per_gap(ctx, sf: pd.DataFrame, fr: pd.DataFrame, gaps: pd.Da
     under it."""
     out = np.full(len(gaps), "", dtype=object)
     hs = ctx.trace.host_stacks
-    ns = hs[hs["source"].astype(str).to_numpy() == "nsys_cpu_sample"]
+    ns = hs[equals(hs["source"], "nsys_cpu_sample")]
     if ns.empty or not len(gaps):
         return out
     stacks = ns["stack_id"].to_numpy(np.int64)
@@ -409,8 +410,7 @@ def _frame_text(fr: pd.DataFrame, frame_id: int) -> tuple[str, int, str]:
 
 def _ancestors(sf: pd.DataFrame, fr: pd.DataFrame, stack: int) -> tuple[list[str], list[str]]:
     """Files and functions of a stack, innermost first."""
-    files = fr["file"].astype(str).to_numpy(dtype=object)
-    funcs = fr["function"].astype(str).to_numpy(dtype=object)
+    files, funcs = fr["file"].to_numpy(dtype=object), fr["function"].to_numpy(dtype=object)
     out, fn = [], []
     parent, fid = sf["parent_id"].to_numpy(), sf["frame_id"].to_numpy()
     while stack >= 0:  # one stack: at most a few hundred frames
@@ -495,12 +495,19 @@ def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame
     return out
 
 
+def _kernel_frames(ctx, sf: pd.DataFrame, k: pd.DataFrame) -> np.ndarray:
+    """The user frame that launched each steady kernel (-1 when unknown), once per analysis."""
+    def compute() -> np.ndarray:
+        stack = _api_stack(ctx, k["correlation_id"].to_numpy(np.int64))
+        stack = np.where(stack >= 0, stack, _sampled_launch_stack(ctx, len(k)))
+        user = np.where(stack >= 0, sf["user_stack"].to_numpy()[np.clip(stack, 0, None)], -1)
+        return np.where(user >= 0, sf["frame_id"].to_numpy()[np.clip(user, 0, None)], -1)
+    return ctx.cached("source_lines.kernel_frames", compute)
+
+
 def _launch_stats(ctx, sf: pd.DataFrame, frame_id: int, n_steps: int, k: pd.DataFrame) -> dict:
     """Kernels per step launched from this frame and their median duration."""
-    stack = _api_stack(ctx, k["correlation_id"].to_numpy(np.int64))
-    stack = np.where(stack >= 0, stack, _sampled_launch_stack(ctx, len(k)))
-    user = np.where(stack >= 0, sf["user_stack"].to_numpy()[np.clip(stack, 0, None)], -1)
-    mine = (user >= 0) & (sf["frame_id"].to_numpy()[np.clip(user, 0, None)] == frame_id)
+    mine = _kernel_frames(ctx, sf, k) == frame_id
     d = k["dur_ns"].to_numpy(np.int64)[mine]
     return {"kernels_per_step": round(int(mine.sum()) / n_steps, 1),
             "median_kernel_ns": int(np.median(d)) if len(d) else None}
@@ -533,7 +540,7 @@ def _python_samples(ctx: AnalysisContext) -> tuple[np.ndarray, np.ndarray]:
     """The agent's Python samples in time order: (times, stack ids), sorted once per context."""
     def compute() -> tuple[np.ndarray, np.ndarray]:
         hs = ctx.trace.host_stacks
-        ps = hs[hs["source"].astype(str).to_numpy() == "python_sample"]
+        ps = hs[equals(hs["source"], "python_sample")]
         order = np.argsort(ps["start_ns"].to_numpy(np.int64), kind="stable")
         return ps["start_ns"].to_numpy(np.int64)[order], ps["stack_id"].to_numpy(np.int64)[order]
     return ctx.cached("source_lines.python_samples", compute)
