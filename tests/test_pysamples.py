@@ -247,3 +247,20 @@ def test_cut_and_overflowing_samples_are_counted_in_dropped(tmp_path):
     assert d["Python stack sample cut short by a signal that stopped the program"] == 1
     assert d["Python stack samples beyond the sampler's limit"] == 5
     assert (t.host_stacks["source"].astype(str) == "python_sample").sum() == len(doc["t_ns"])
+
+
+def test_sample_file_errors_of_every_rank_survive_a_merge(tmp_path):
+    """A run directory reads its ranks' reports and merges them: each rank's damaged sample file stays named
+    (the merge kept only the first trace's list before)."""
+    from gpudoctor.model.trace import SIDE_ERRORS, merge
+
+    raw = ROOT / "fixtures" / "pysamples" / "torch_item_sync" / "raw"
+    traces = []
+    for r in (0, 1):
+        (tmp_path / f"trace.rank{r}.torch.json.gz").write_bytes((raw / "trace.torch.json.gz").read_bytes())
+        (tmp_path / f"trace.rank{r}.pysamples.json").write_text('{"format": "x"}')
+        traces.append(inputs.read_input(tmp_path / f"trace.rank{r}.torch.json.gz", rank=r))
+    merged = merge(traces)
+    assert [e["path"] for e in inputs.pop_side_errors(merged)] == [
+        str(tmp_path / "trace.rank0.pysamples.json"), str(tmp_path / "trace.rank1.pysamples.json")]
+    assert SIDE_ERRORS not in merged.meta

@@ -119,6 +119,10 @@ class Trace:
             self.dropped = pd.concat([self.dropped, row], ignore_index=True) if len(self.dropped) else row
 
 
+SIDE_ERRORS = "side_errors"  # meta key: [{"path", "error"}] of files read with a report that failed alone
+JOINED_META = ("inputs", SIDE_ERRORS)  # meta lists that every merged trace adds to (the rest: the first's)
+
+
 def merge(traces: list[Trace]) -> Trace:
     """Merge per-rank traces into one run. Two inputs claiming the same rank is an error."""
     if len(traces) == 1:
@@ -133,7 +137,8 @@ def merge(traces: list[Trace]) -> Trace:
                     "(pass an explicit rank mapping, e.g. --rank FILE=N)"
                 )
             seen[r] = row["source_file"]
-    out = Trace(meta={"inputs": [i for t in traces for i in t.meta.get("inputs", [])]})
+    joined = {key: [i for t in traces for i in t.meta.get(key, [])] for key in JOINED_META}
+    out = Trace(meta={key: v for key, v in joined.items() if v or key == "inputs"})
     for name in TABLES:
         frames = [t.table(name) for t in traces if len(t.table(name))]
         if frames:
@@ -141,6 +146,6 @@ def merge(traces: list[Trace]) -> Trace:
             setattr(out, name, conform(name, df))  # re-unifies categoricals
     for t in traces:
         for k, v in t.meta.items():
-            if k != "inputs":
+            if k not in JOINED_META:
                 out.meta.setdefault(k, v)
     return out

@@ -20,7 +20,7 @@ from gpudoctor.collect.ncu import join_to_timeline
 from gpudoctor.collect.nsys import export_sqlite
 from gpudoctor.collect.rundir import MANIFEST, RUN_DB, holds_run
 from gpudoctor.errors import GpudoctorError, InputError
-from gpudoctor.model.trace import Trace, conform, merge
+from gpudoctor.model.trace import SIDE_ERRORS, Trace, conform, merge
 from gpudoctor.readers import detect, kineto, nccltests, ncu, nsys, nvml, prometheus, pysamples, snapshot
 from gpudoctor.readers.boundary import input_boundary
 from gpudoctor.store import rundb
@@ -95,8 +95,6 @@ def read_input(path: str | Path, rank: int | None = None, fmt: str | None = None
             t.meta.setdefault(SIDE_ERRORS, []).append({"path": e.path, "error": str(e)})
     return t
 
-
-SIDE_ERRORS = "side_errors"  # meta key: [{"path", "error"}] of files read with a report that failed alone
 
 
 def pop_side_errors(t: Trace) -> list[dict]:
