@@ -192,8 +192,7 @@ class Profile:
                 manifest["analysis"] = s.early
                 run.write_manifest(manifest)
                 say(f"run saved in {run_dir} (the findings above are from the capture window)")
-            else:
-                run.write_manifest(manifest)
+            else:  # analyze_and_record writes the manifest first
                 analyze_and_record(run_dir, manifest, run.manifest_path)
         if result.stopped_after_capture and s.early is not None and s.early.get("status") == "ok":
             return 0  # the user asked for the program to be ended: that is success

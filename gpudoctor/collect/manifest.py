@@ -130,12 +130,12 @@ def build(s: Session, res: Result, end_ns: int) -> dict:
     return m
 
 
-def running(s: Session, res: Result, now_ns: int | None = None) -> dict:
+def running(s: Session, res: Result) -> dict:
     """The manifest while the program runs (written at the start and when the window closes): the run so
     far, with "reports_expected" so that a killed gpudoctor still leaves an analyzable directory."""
     import time
 
-    m = build(s, res, now_ns if now_ns is not None else time.time_ns())
+    m = build(s, res, time.time_ns())
     m.update(outcome="running", exit_code=None, program_exit_code=None, end_utc=None, end_ns=None, wall_s=None,
              what_happened=f"the program is running under gpudoctor (pid {os.getpid()})",
              reports_expected=s.run.expected_reports(s.backend, nvml=not s.options.no_nvml))

@@ -86,8 +86,7 @@ def launch(s: Session, run_dir: Path, backend: str) -> int:
             "launched_by": launched, "start_utc": rundir.iso(start_ns), "end_utc": rundir.iso(end_ns)})
         return exit_code_of(rc)[0] or 1
     merged = rundir.merge_manifests(per_rank, nproc, launched_by=launched)
-    rundir.write_json(path, merged)
-    s.analyze(run_dir, merged, path, True)
+    s.analyze(run_dir, merged, path, True)  # writes the merged manifest first
     code = merged.get("exit_code")
     if code is None:
         code = exit_code_of(rc)[0]

@@ -40,10 +40,10 @@ class NsysRun:
     def __post_init__(self) -> None:
         self.base = self.s.run.raw / self.s.run.stem
         self.status_path = self.s.run.raw_file(".program.json")  # the wrapper's: pid, start, end, exit code
-        self.rep = self.base.with_name(self.base.name + ".nsys-rep")
-        self.qdstrm = self.base.with_name(self.base.name + ".qdstrm")
-        self.sqlite = self.base.with_name(self.base.name + ".sqlite")
-        self.export_log = self.base.with_name(self.base.name + ".export.log")
+        self.rep = self.s.run.raw_file(".nsys-rep")  # the names RunDirectory.expected_reports looks for
+        self.qdstrm = self.s.run.raw_file(".qdstrm")
+        self.sqlite = self.s.run.raw_file(".sqlite")
+        self.export_log = self.s.run.raw_file(".export.log")
 
     @property
     def nsys_path(self) -> str:
@@ -77,20 +77,20 @@ class NsysRun:
         res.backend_facts = {"command": shown, "nsys_path": self.nsys_path, "found_by": s.facts["found_by"],
                              "window_driven_by": "in-process agent (cudaProfilerApi)" if agent else None,
                              "gpu_metrics": bool(metrics_args)}
-        try:
+        try:  # the agent's import path (shim) must outlive the retry too
             rc, sup = self._supervise(argv, env)
+            if rc != 0 and (metrics_args or stack_args) and not (read_json(self.status_path) or {}).get("start_ns"):
+                # nsys refused before starting the program: most likely GPU metrics or CPU sampling is not
+                # permitted here; once more without them
+                say(f"{s.label}nsys failed before the program started; retrying without GPU metrics and call stacks")
+                res.notes.append("nsys failed before the program started with GPU metrics sampling / call stacks: "
+                                 "recorded without them")
+                argv = [x for x in argv if x not in metrics_args and x not in stack_args]
+                res.backend_facts["gpu_metrics"] = False
+                rc, sup = self._supervise(argv, env)
         finally:
             if self.shim:
                 shutil.rmtree(self.shim, ignore_errors=True)
-        if rc != 0 and (metrics_args or stack_args) and not (read_json(self.status_path) or {}).get("start_ns"):
-            # nsys refused before starting the program: most likely GPU metrics or CPU sampling is not
-            # permitted here; once more without them
-            say(f"{s.label}nsys failed before the program started; retrying without GPU metrics and call stacks")
-            res.notes.append("nsys failed before the program started with GPU metrics sampling / call stacks: "
-                             "recorded without them")
-            argv = [x for x in argv if x not in metrics_args and x not in stack_args]
-            res.backend_facts["gpu_metrics"] = False
-            rc, sup = self._supervise(argv, env)
         return self._result(rc, sup)
 
     def _agent(self) -> tuple[list[str], dict, Path] | None:

@@ -189,20 +189,21 @@ class Session:
 
     # ------------------------------------------------------------------ the window, analyzed while the program runs
 
-    def write_running_manifest(self, res: Result) -> Path:
-        path = self.run.manifest_path
+    def write_running_manifest(self, res: Result) -> dict:
+        """Write the manifest of the run so far; returns it."""
+        manifest = manifests.running(self, res)
         try:
-            self.run.write_manifest(manifests.running(self, res))
+            self.run.write_manifest(manifest)
         except OSError as e:
-            say(f"{self.label}cannot write {path}: {e}")
-        return path
+            say(f"{self.label}cannot write {self.run.manifest_path}: {e}")
+        return manifest
 
     def window_closed(self, res: Result, reports: list[dict], sup: Supervisor | None) -> None:
         """The capture window is recorded: analyze it now and print the findings, while the program runs on."""
         if self.early is not None or self.multi or not reports:
             return
-        path = self.write_running_manifest(dataclasses.replace(res, reports=list(reports)))
-        manifest = self.run.read_manifest() or {}
+        manifest = self.write_running_manifest(dataclasses.replace(res, reports=list(reports)))
+        path = self.run.manifest_path
         say(f"{self.label}capture window recorded ({window_text(res.capture)}): analyzing it now")
         self.analyze(self.run.path, manifest, path, False)
         self.early = manifest.get("analysis") or {"status": "unknown"}
