@@ -216,7 +216,7 @@ _SKIP_KEYS = {b"s": ("flow", None), b"t": ("flow", None), b"f": ("flow", None), 
               b"python_function": ("X", "python_function"), b"gpu_user_annotation": ("X", "gpu_user_annotation")}
 
 _EMPTY: dict = {}
-_NEG3 = (-1, -1, -1)
+_NEG3 = kineto_events.NEG3  # the typed events' default: both sides fill the same way
 _US_PER_YEAR = 3.2e13  # µs
 _NS_YEAR_2190 = 7.0e18
 _NS_INT64_SAFE = 9.0e18  # |ns| at or above this could wrap int64 once rounded

@@ -38,7 +38,7 @@ import pandas as pd
 
 from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.model.categories import categorize_kernels
-from gpudoctor.model.collectives import P2P_OPS, enclosing_index, enclosing_ops, nccl_call_ops, range_op
+from gpudoctor.model.collectives import P2P_OPS, enclosing_index, enclosing_ops, nccl_call_op, nccl_call_ops, range_op
 from gpudoctor.model.columns import per_value
 from gpudoctor.model.counters_from_ranges import MALFORMED_REASON, counters_from_ranges
 from gpudoctor.model.projection import nesting_depth, project_ranges
@@ -142,7 +142,6 @@ _NCCL_OPS = {
     "alltoallv": "all_to_all", "send": "send", "recv": "recv", "sendrecv": "send_recv",
     "gather": "gather", "scatter": "scatter",
 }
-_NCCL_API = re.compile(r"^nccl([A-Za-z]+)$")
 _NCCL_KERNEL = re.compile(r"^nccl(?:Dev)?Kernel_([A-Za-z]+)")
 _NCCL_DTYPES = {
     "f32": "float32", "float": "float32", "f16": "float16", "half": "float16", "bf16": "bfloat16",
@@ -873,11 +872,7 @@ class _Reader:
         if not len(sel):
             return None
         texts = ranges["text"].iloc[sel]
-        op_of = {}
-        for name in texts.cat.categories if isinstance(texts.dtype, pd.CategoricalDtype) else texts.unique():
-            m = _NCCL_API.match(str(name))
-            op_of[name] = _NCCL_OPS.get(m.group(1).lower(), "") if m else ""
-        ops = texts.map(op_of).astype(object).to_numpy()
+        ops = per_value(texts, nccl_call_op, missing="")  # the one API-name rule (model.collectives)
         is_op = ops != ""
         sel, ops = sel[is_op], ops[is_op]
         if not len(sel):
