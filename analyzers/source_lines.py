@@ -125,20 +125,33 @@ def _from_call_stacks(ctx: AnalysisContext, gaps: pd.DataFrame, fixable: np.ndar
     g0, g1 = gaps["g0"].to_numpy(np.int64), gaps["g1"].to_numpy(np.int64)
     stack = np.full(len(gaps), -1, np.int64)
     kind = np.full(len(gaps), -1, np.int64)
-    api = ctx.api_calls
     for c, pattern in call_causes.items():
-        calls = api[ctx.name_mask(pattern, api, "name") & (api["stack_id"].to_numpy() >= 0)]
-        if calls.empty:
+        found = _overlapping_call(ctx, pattern, g0, g1, with_stack=True)
+        if found is None:
             continue
-        s0 = calls["start_ns"].to_numpy(np.int64)
-        order = np.argsort(s0, kind="stable")
-        s0, s1 = s0[order], calls["end_ns"].to_numpy(np.int64)[order]
-        ss = calls["stack_id"].to_numpy(np.int64)[order]
-        j = np.searchsorted(s0, g1, side="left") - 1
-        jj = np.clip(j, 0, None)
-        hit = fixable & (kind < 0) & (cause == causes.index(c)) & (j >= 0) & (s1[jj] > g0)
-        stack[hit], kind[hit] = ss[jj][hit], KINDS.index("sync" if c == "host_sync" else "module")
+        calls, jj, overlaps = found
+        hit = fixable & (kind < 0) & (cause == causes.index(c)) & overlaps
+        stack[hit], kind[hit] = calls["stack"][jj][hit], KINDS.index("sync" if c == "host_sync" else "module")
     return stack, kind
+
+
+def _overlapping_call(ctx, pattern: str, g0: np.ndarray, g1: np.ndarray, with_stack: bool):
+    """The API calls named like ``pattern`` (with a stack only, if asked) in start order, and per gap the
+    last one starting before the gap ends and whether it overlaps the gap; None when there are none."""
+    api = ctx.api_calls
+    keep = ctx.name_mask(pattern, api, "name")
+    if with_stack:
+        keep = keep & (api["stack_id"].to_numpy() >= 0)
+    calls = api[keep]
+    if calls.empty:
+        return None
+    s0 = calls["start_ns"].to_numpy(np.int64)
+    order = np.argsort(s0, kind="stable")
+    out = {"start": s0[order], "end": calls["end_ns"].to_numpy(np.int64)[order],
+           "stack": calls["stack_id"].to_numpy(np.int64)[order]}
+    j = np.searchsorted(out["start"], g1, side="left") - 1
+    jj = np.clip(j, 0, None)
+    return out, jj, (j >= 0) & (out["end"][jj] > g0)
 
 
 def _next_launch_correlation(ctx: AnalysisContext, gaps: pd.DataFrame) -> np.ndarray:
@@ -246,18 +259,14 @@ def _caller_samples(ctx, gaps: pd.DataFrame, covered: np.ndarray, cause: np.ndar
     """Per gap: the sampled stack of the host_sync / module_load call that overlaps it, -1 when none."""
     out = np.full(len(gaps), -1, np.int64)
     g0, g1 = gaps["g0"].to_numpy(np.int64), gaps["g1"].to_numpy(np.int64)
-    api = ctx.api_calls
     for c, pattern in call_causes.items():
         mine = covered & (cause == causes.index(c))
-        calls = api[ctx.name_mask(pattern, api, "name")]
-        if not mine.any() or calls.empty:
+        found = _overlapping_call(ctx, pattern, g0, g1, with_stack=False) if mine.any() else None
+        if found is None:
             continue
-        s0 = calls["start_ns"].to_numpy(np.int64)
-        order = np.argsort(s0, kind="stable")
-        s0, s1 = s0[order], calls["end_ns"].to_numpy(np.int64)[order]
-        j = np.searchsorted(s0, g1, side="left") - 1  # the last such call starting before the gap ends
-        jj = np.clip(j, 0, None)
-        hit = mine & (j >= 0) & (s1[jj] > g0)
+        calls, jj, overlaps = found
+        s0, s1 = calls["start"], calls["end"]
+        hit = mine & overlaps
         k = np.searchsorted(ts, s0[jj], side="left")  # the first sample from the call's start on
         kk = np.clip(k, 0, len(ts) - 1)
         ok = hit & (k < len(ts)) & (ts[kk] <= s1[jj] + CALL_RETURN_SLACK_NS)
