@@ -33,7 +33,6 @@ sys.path.insert(0, str(ROOT / "fixtures" / "workloads"))
 sys.path.insert(0, str(ROOT))
 
 import culprits  # noqa: E402
-import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from gpudoctor.collect.pysampler import PythonSampler  # noqa: E402
