@@ -91,6 +91,8 @@ class AnalysisContext:
     run_trace: Trace | None = None  # the whole run (all ranks), for analyzers that compare ranks
     run_windows: dict[int, StepWindow] | None = None  # every rank's steady-state window, found once
     _cache: dict = field(default_factory=dict, repr=False)
+    # shared by the contexts of one run's ranks: what is computed from the whole run, once per run
+    _run_cache: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -113,6 +115,12 @@ class AnalysisContext:
         if key not in self._cache:
             self._cache[key] = fn()
         return self._cache[key]
+
+    def run_cached(self, key: Any, fn: Callable[[], Any]) -> Any:
+        """``cached`` for facts of the whole run (``run_trace``), shared by the contexts of its ranks."""
+        if key not in self._run_cache:
+            self._run_cache[key] = fn()
+        return self._run_cache[key]
 
     def severity(self, analyzer: str, fraction: float) -> str:
         return self.config.severity(fraction, analyzer)
@@ -319,9 +327,11 @@ def _ops_for_rank(trace: Trace, rank: int) -> pd.DataFrame | None:
 
 
 def build_context(trace: Trace, rank: int, config: Config, rank_view: Trace | None = None,
-                  window: StepWindow | None = None, run_windows: dict[int, StepWindow] | None = None) -> AnalysisContext:
+                  window: StepWindow | None = None, run_windows: dict[int, StepWindow] | None = None,
+                  run_cache: dict | None = None) -> AnalysisContext:
     """The context of one rank of ``trace`` (``rank_view``: an already filtered view, to avoid refiltering;
-    ``window``: the rank's steady-state window when already found; ``run_windows``: every rank's)."""
+    ``window``: the rank's steady-state window when already found; ``run_windows``: every rank's;
+    ``run_cache``: one dict shared by the contexts of the run's ranks)."""
     t = rank_view if rank_view is not None else trace.for_rank(rank)
     if window is None:
         window = find_steps(t.ranges, t.kernels)
@@ -336,4 +346,4 @@ def build_context(trace: Trace, rank: int, config: Config, rank_view: Trace | No
     peaks = peaks_for(name, ceilings, reported_bw)
     return AnalysisContext(rank=rank, trace=t, window=window, kernels=k, memops=m, api_calls=a,
                            device_name=name, peaks=peaks, config=config, ops=_ops_for_rank(t, rank), run_trace=trace,
-                           run_windows=run_windows)
+                           run_windows=run_windows, _run_cache={} if run_cache is None else run_cache)

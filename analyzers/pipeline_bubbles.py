@@ -152,7 +152,7 @@ def p2p_waits(ctx: AnalysisContext) -> dict:
     run = getattr(ctx, "run_trace", None)
     if run is None or run.collectives.empty:
         return {}
-    pairs = pair_p2p(run.collectives)
+    pairs = ctx.run_cached("p2p_pairs", lambda: pair_p2p(run.collectives))
     lo, hi = ctx.start_ns, ctx.end_ns
     recv = pairs[(pairs["recv_rank"] == ctx.rank) & (pairs["recv_end_ns"] > lo) & (pairs["recv_start_ns"] < hi)]
     send = pairs[(pairs["send_rank"] == ctx.rank) & (pairs["send_end_ns"] > lo) & (pairs["send_start_ns"] < hi)]

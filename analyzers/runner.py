@@ -84,7 +84,9 @@ def contexts(trace: Trace, config: Config | dict | None = None) -> list[Analysis
     cfg = as_config(config)
     views = rank_views(trace)
     windows = {r: find_steps(v.ranges, v.kernels) for r, v in views.items()}
-    return [build_context(trace, r, cfg, rank_view=v, window=windows[r], run_windows=windows) for r, v in views.items()]
+    shared: dict = {}
+    return [build_context(trace, r, cfg, rank_view=v, window=windows[r], run_windows=windows, run_cache=shared)
+            for r, v in views.items()]
 
 
 def analyze_trace(trace: Trace, config: Config | dict | None = None, *, only: list[str] | None = None,
@@ -104,8 +106,9 @@ def analyze_trace(trace: Trace, config: Config | dict | None = None, *, only: li
     if samples:
         out.samples = {r: rank_data(v, windows[r], keys[r]) for r, v in views.items()}
     findings: list[Finding] = []
+    shared: dict = {}  # run-wide facts (p2p pairs), computed by the first rank that needs them
     for r, v in views.items():
-        ctx = build_context(trace, r, cfg, rank_view=v, window=windows[r], run_windows=windows)
+        ctx = build_context(trace, r, cfg, rank_view=v, window=windows[r], run_windows=windows, run_cache=shared)
         findings.extend(run_context(ctx, only, skip))
     out.findings = sort_findings(findings)
     return out

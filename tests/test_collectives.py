@@ -224,6 +224,19 @@ def test_pipeline_sends_pair_with_the_next_stage_receives():
     assert (pairs["send_start_ns"] - pairs["recv_start_ns"]).max() > 9_000_000  # a stage's compute, in ns
 
 
+def test_pairs_are_found_once_per_run(monkeypatch):
+    """pair_p2p reads the whole run: the ranks' contexts share its result, and both stages get their waits."""
+    from gpudoctor.analyzers import runner
+
+    calls = []
+    monkeypatch.setattr(pipeline_bubbles, "pair_p2p", lambda c: calls.append(len(c)) or pair_p2p(c))
+    runner.analyze_trace(_run("pipe_m1"), only=["pipeline_bubbles"], samples=False)
+    assert len(calls) == 1
+    ctxs = runner.contexts(_run("pipe_m1"))
+    assert len(ctxs) == 2 and all(pipeline_bubbles.p2p_waits(c)["p2p_pairs"] > 0 for c in ctxs)
+    assert len(calls) == 2  # once more: the new run's contexts share their own
+
+
 def test_ddp_has_no_send_recv_pairs():
     assert pair_p2p(_run("ddp_comm_bound").collectives).empty
 
