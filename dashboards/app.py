@@ -613,6 +613,8 @@ def _source_lines(f):
                              style={"marginLeft": "6px", "fontSize": 12})
                  for j, g in enumerate((fr.get("gaps") or [])[:MAX_GAP_LINKS])]
         what = f"{fr['idle_ns_per_step'] / 1e6:.2f} ms per step, {fr['kind']}" + (f", {fr['context']}" if fr.get("context") else "")
+        if fr.get("saving_ns_per_step") is not None:
+            what += f"; out of the loop it saves up to {fr['saving_ns_per_step'] / 1e6:.2f} ms per step"
         items.append(html.Li([html.Code(where(fr)), f" — {what}; its largest gaps:", *links]))
     return html.Div([html.B("Source lines that make the GPU wait (click a gap to see it below)"),
                      html.Ul(items, id="finding-frames", style={"fontSize": 13})])

@@ -221,6 +221,15 @@ def test_slow_preprocess_names_the_tokenizer_line(run, idle_ms, saving_ms):
     assert f"so taking it out of the loop saves up to {top['saving_ns_per_step'] / 1e6:.2f} ms per step" in f.recommendation
 
 
+def test_markdown_lists_a_host_line_with_what_removing_it_saves():
+    from gpudoctor.pipeline import analyze_inputs
+    from gpudoctor.render import markdown
+
+    md = markdown.render(analyze_inputs([RUNS / "torch_slow_preprocess"]))
+    line = next(x for x in md.splitlines() if "culprits.py:73` in `tokenize`" in x)
+    assert line.endswith("host; out of the loop it saves up to 5.33 ms per step"), line
+
+
 def test_dataloader0_names_getitem_and_the_main_process_loader():
     f = idle_finding(run_trace("torch_dataloader0"))
     top = f.evidence["frames"][0]

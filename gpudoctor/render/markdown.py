@@ -38,7 +38,9 @@ def render(analysis: Analysis) -> str:
         for fr in f.evidence.get("frames", []):  # user-code lines charged with the finding's time
             out.append(f"- at `{fr['file']}:{fr['line']}` in `{fr['function']}`"
                        + (f" -> `{fr['callee']}`" if fr.get("callee") else "")
-                       + f": {ns(fr['idle_ns_per_step'])} per step ({pct(fr['step_fraction'])} of the step), {fr['kind']}")
+                       + f": {ns(fr['idle_ns_per_step'])} per step ({pct(fr['step_fraction'])} of the step), {fr['kind']}"
+                       + (f"; out of the loop it saves up to {ns(fr['saving_ns_per_step'])} per step"
+                          if fr.get("saving_ns_per_step") is not None else ""))
         if f.recommendation:
             out.append(f"- fix: {f.recommendation}")
         out.append("")
