@@ -177,6 +177,33 @@ def test_a_signal_inside_a_sample_is_skipped_and_ids_stay_whole(tmp_path):
     assert max(ids) == len(doc["frames"]) - 1 and sorted(set(ids)) == list(range(len(doc["frames"])))
 
 
+def test_a_signal_inside_the_handler_is_charged_to_the_program_line(tmp_path, monkeypatch):
+    """A signal handled inside the sampler's own handler (as on the H200 recompile run, whose deep compile
+    stacks made samples slow) hands the handler's frame over: the sample goes to the program's line that
+    the handler interrupted, not to pysampler.py."""
+    import sys as _sys
+
+    from gpudoctor.collect import pysampler
+
+    s = pysampler.PythonSampler(str(tmp_path / "s.json"))
+    inner: list = []
+    real = pysampler.time.monotonic_ns
+
+    def clock():  # called inside _on_signal: take its frame, as a second signal there would
+        inner.append(_sys._getframe(1))
+        return real()
+
+    monkeypatch.setattr(pysampler.time, "monotonic_ns", clock)
+    s._on_signal(14, _sys._getframe())
+    monkeypatch.setattr(pysampler.time, "monotonic_ns", real)
+    assert inner[0].f_code is pysampler.PythonSampler._on_signal.__code__
+    s._record(real(), inner[0])
+    s.stop(None)
+    doc = json.loads((tmp_path / "s.json").read_text())
+    innermost = [doc["frames"][stack[0]][2] for stack in (doc["stacks"][i] for i in doc["stack"])]
+    assert innermost == ["test_a_signal_inside_the_handler_is_charged_to_the_program_line"] * 2
+
+
 def test_a_sample_cut_between_its_two_lists_is_left_out(tmp_path):
     """A stop signal raised between a sample's stack and its time leaves the sample out whole, counted."""
     from gpudoctor.collect.pysampler import PythonSampler

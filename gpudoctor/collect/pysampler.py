@@ -117,17 +117,17 @@ class PythonSampler:
     # ------------------------------------------------------------------ sampling
 
     def _on_signal(self, signum, frame) -> None:
-        began = time.monotonic_ns()
-        if frame is None or self._quit.is_set():
-            return
         # Python runs a handler between bytecodes, also those of a handler still running: on a loaded
-        # machine a second SIGALRM can land inside _record and would hand out a frame id twice.
+        # machine a second SIGALRM can land inside _record and would hand out a frame id twice. The guard
+        # comes first, so that the window before it is as short as can be.
         if self._in_sample:
             self.nested += 1
             return
         self._in_sample = True
         try:
-            self._record(began, frame)
+            began = time.monotonic_ns()
+            if frame is not None and not self._quit.is_set():
+                self._record(began, frame)
         finally:
             self._in_sample = False
 
@@ -143,6 +143,9 @@ class PythonSampler:
     def _record(self, began: int, f) -> None:
         frame_ids, stack_ids, t_ns, stacks = self._frame_ids, self._stack_ids, self.t_ns, self.stack
         key = []
+        # A signal that landed in this handler before its guard was set: the program's frame is the caller.
+        while f is not None and f.f_code in _OWN_CODE:
+            f = f.f_back
         while f is not None:  # innermost first
             code = f.f_code
             fk = (code.co_filename, f.f_lineno or 0, code.co_name)
@@ -185,3 +188,6 @@ class PythonSampler:
         with open(tmp, "w") as fh:
             json.dump(self.to_dict(), fh, separators=(",", ":"))
         os.replace(tmp, self.path)
+
+
+_OWN_CODE = frozenset({PythonSampler._on_signal.__code__, PythonSampler._record.__code__})

@@ -69,6 +69,12 @@ def _check(path: Path, t_ns: np.ndarray, sample_stack: np.ndarray, frames_in: li
         raise InputError(path, "a stack points at a frame the file does not have")
 
 
+def _sampler_frames(frames_in: list) -> set[int]:
+    """Ids of the sampler's own handler frames (files written before the sampler skipped them itself)."""
+    return {i for i, f in enumerate(frames_in)
+            if str(f[0]).replace("\\", "/").endswith("gpudoctor/collect/pysampler.py") and str(f[2]) in ("_on_signal", "_record")}
+
+
 def attach(trace: Trace, path: Path) -> None:
     """Add the samples of ``path`` to ``trace`` (one rank): frames, stacks and host_stacks rows."""
     doc = _load(path)
@@ -98,7 +104,12 @@ def attach(trace: Trace, path: Path) -> None:
 
     # one node per frame of each distinct stack, outermost first; a stack's id is its innermost node's
     node_frame, node_parent, innermost = [], [], np.full(len(stacks_in), -1, np.int64)
+    own = _sampler_frames(frames_in)
     for i, frame_ids in enumerate(stacks_in):  # distinct stacks: thousands at most in a window
+        k = 0  # the sampler's own handler, caught by a signal of its own: the sample is its caller's
+        while k < len(frame_ids) - 1 and frame_ids[k] in own:
+            k += 1
+        frame_ids = frame_ids[k:]
         parent = -1
         for fid in reversed(frame_ids):
             node_frame.append(fid)
