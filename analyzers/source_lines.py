@@ -232,14 +232,8 @@ def _from_python_samples(ctx, gaps: pd.DataFrame, fixable: np.ndarray, cause: np
     if len(ts) < 2:
         return empty, covered
     g0, g1 = gaps["g0"].to_numpy(np.int64), gaps["g1"].to_numpy(np.int64)
-    lo = np.searchsorted(ts, g0, side="right")  # first sample after the gap starts (its interval holds g0)
-    hi = np.searchsorted(ts, g1, side="left")  # first sample at or after the gap ends
-    covered = fixable & (lo >= 1) & (hi < len(ts)) & (g1 > g0)
-    idx = np.flatnonzero(covered)
-    n = hi[idx] - lo[idx] + 1
-    gap_of = np.repeat(idx, n)
-    sample = np.repeat(lo[idx], n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
-    ns = np.minimum(ts[sample], g1[gap_of]) - np.maximum(ts[sample - 1], g0[gap_of])
+    covered = fixable & _sampled_span(ts, g0, g1)
+    gap_of, sample, ns = _samples_in_intervals(ts, g0, g1, np.flatnonzero(covered))
     kind_of_cause = np.array([KINDS.index(CAUSE_KIND.get(c, "host")) for c in causes], dtype=np.int64)
     by_call = _caller_samples(ctx, gaps, covered, cause, causes, call_causes, ts, st)
     keep = by_call[gap_of] < 0
@@ -249,6 +243,26 @@ def _from_python_samples(ctx, gaps: pd.DataFrame, fixable: np.ndarray, cause: np
     out = pd.concat([out, pd.DataFrame({"gap": whole, "stack": by_call[whole], "kind": kind_of_cause[cause[whole]],
                                         "ns": (g1 - g0)[whole].astype(np.float64)})], ignore_index=True)
     return out[out["ns"] > 0], covered
+
+
+def _sampled_span(ts: np.ndarray, g0: np.ndarray, g1: np.ndarray) -> np.ndarray:
+    """Per interval: whether samples are taken on both sides of it (so its time is all accounted for)."""
+    lo = np.searchsorted(ts, g0, side="right")
+    hi = np.searchsorted(ts, g1, side="left")
+    return (lo >= 1) & (hi < len(ts)) & (g1 > g0)
+
+
+def _samples_in_intervals(ts: np.ndarray, g0: np.ndarray, g1: np.ndarray,
+                          idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The samples whose intervals overlap intervals ``idx`` (sample i stands for the time since sample
+    i-1; each interval sampled on both sides): (interval, sample, overlapping ns) per pair."""
+    lo = np.searchsorted(ts, g0[idx], side="right")  # first sample after the start (its interval holds it)
+    hi = np.searchsorted(ts, g1[idx], side="left")  # first sample at or after the end
+    n = hi - lo + 1
+    of = np.repeat(idx, n)
+    sample = np.repeat(lo, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+    ns = np.minimum(ts[sample], g1[of]) - np.maximum(ts[sample - 1], g0[of])
+    return of, sample, ns
 
 
 CALL_RETURN_SLACK_NS = 200_000  # a sample this soon after a call returned was taken in the calling frame
@@ -492,6 +506,8 @@ def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame
                 else "cpu_samples"
         if kind == "sync" and unwound:
             entry["sync_backtraces"] = True
+        if kind == "sync":
+            entry.update(_host_after_sync(ctx, sf, fr, frame_id, gaps.iloc[gap_ns.index], n_steps))
         if kind == "launch" or callee_fn in MODEL_PASS:
             entry.update(_launch_stats(ctx, sf, frame_id, n_steps, k))
             entry.update(_unprofiled_launch_cost(ctx.trace.meta, entry))
@@ -504,6 +520,28 @@ def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame
             entry.update(_host_saving(ctx, sf, fr, frame_id, entry, gaps, n_steps))
         out.append(entry)
     return out
+
+
+def _host_after_sync(ctx, sf: pd.DataFrame, fr: pd.DataFrame, frame_id: int, gaps: pd.DataFrame,
+                     n_steps: int) -> dict:
+    """What the host did while the GPU idled after a sync, from the Python samples in its gaps: the user
+    line that took most of that time (the work the sync left uncovered, which the GPU waited for), and
+    the sampled host time per step in those gaps outside the sync's own line."""
+    ts, st = _python_samples(ctx)
+    if len(ts) < 2 or gaps.empty:
+        return {}
+    g0, g1 = gaps["g0"].to_numpy(np.int64), gaps["g1"].to_numpy(np.int64)
+    _, sample, ns = _samples_in_intervals(ts, g0, g1, np.flatnonzero(_sampled_span(ts, g0, g1)))
+    user = sf["user_stack"].to_numpy()[st[sample]]
+    frame = np.where(user >= 0, sf["frame_id"].to_numpy()[np.clip(user, 0, None)], -1)
+    keep = (frame >= 0) & (frame != frame_id)
+    if not keep.any():
+        return {}
+    by_frame = pd.Series(ns[keep].astype(np.float64)).groupby(frame[keep]).sum().sort_values(ascending=False)
+    file, line, function = _frame_text(fr, int(by_frame.index[0]))
+    return {"host_after_sync": {"file": file, "line": line, "function": function,
+                                "ns_per_step": int(round(by_frame.iat[0] / n_steps))},
+            "host_after_sync_ns_per_step": int(round(by_frame.sum() / n_steps))}
 
 
 def _host_saving(ctx, sf: pd.DataFrame, fr: pd.DataFrame, frame_id: int, entry: dict, gaps: pd.DataFrame,
@@ -672,9 +710,12 @@ def _explain(f: dict) -> str:
                 "input shape, module loading): keep input shapes fixed (pad to a few buckets), or turn "
                 "torch.backends.cudnn.benchmark off when shapes change every step.")
     if f["kind"] == "sync":
+        after = f.get("host_after_sync")
+        then = (f"; then the host spends {after['ns_per_step'] / 1e6:.2f} ms per step in {after['file']}:{after['line']} "
+                f"in `{after['function']}` before the next launch") if after else ""
         return (f"{where(f)} blocks the GPU {cost}: the host waits here until the GPU drains and the GPU idles until "
-                "the next launch; keep the value on the GPU (running sums) and read it every N steps, or copy it "
-                "with non_blocking=True into pinned memory.")
+                f"the next launch{then}; keep the value on the GPU (running sums) and read it every N steps, or copy it "
+                "with non_blocking=True into pinned memory, so that the host work after it overlaps the GPU.")
     if f["kind"] == "launch":
         n = f.get("kernels_per_step")
         med = f.get("median_kernel_ns")
