@@ -449,6 +449,17 @@ def test_user_metric_from_run_directory(tmp_path, runs):
     assert tok["decision"] == "regression" and tok["n_baseline"] == 20 and tok["higher_is_better"]
     assert next(x for x in doc["metrics"] if x["name"] == "gpu_time")["decision"] == "pass"  # same trace
     assert doc["baseline"][0]["source"] == "run_dir"
+    # gpudoctor.toml is read once per gate, for both its [gate] table and the analyzers' config
+    from gpudoctor.analyzers import config as analyzer_config
+    from gpudoctor.gate import config as gate_config
+
+    reads = []
+    real_read = gate_config.read_toml
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (gate_config, analyzer_config):
+            mp.setattr(module, "read_toml", lambda p: reads.append(p) or real_read(p))
+        assert main(["gate", "--baseline", str(a), "--candidate", str(b), "--config", str(cfg), "-q"]) == 1
+    assert reads == [cfg]
     # The regex finds nothing in the candidate's output: an error (exit 2), not a silent pass.
     (b / "stdout.log").write_text("no numbers here\n")
     assert main(["gate", "--baseline", str(a), "--candidate", str(b), "--config", str(cfg), "-q"]) == 2

@@ -21,7 +21,7 @@ from gpudoctor.errors import GpudoctorError
 from gpudoctor.gate import outputs
 from gpudoctor.gate.check import calibrate, gate, load_side, record_candidates
 from gpudoctor.gate.compare import GateResult, fmt_value
-from gpudoctor.gate.config import INCONCLUSIVE_MODES, CommandLine, analyzer_config, read_gate_config, user_metrics_from
+from gpudoctor.gate.config import INCONCLUSIVE_MODES, CommandLine, analyzer_config, read_setup, user_metrics_from
 
 
 def _write(path: str, text: str) -> None:
@@ -182,11 +182,9 @@ class BaselineCommand(Command):
 
         action = getattr(args, "baseline_action", None)
         if action == "save":
-            cfg = read_gate_config(args.config)
-            ums = user_metrics_from(cfg)
-            acfg = analyzer_config(args.config)
-            runs = load_side(args.runs, acfg, ums, "", args.dir or cfg.get("baseline_dir"), [])
-            path = baselines.save(args.name, runs, args.dir or cfg.get("baseline_dir"), allow_mismatch=args.allow_mismatch)
+            setup = read_setup(args.config, args.dir)
+            runs = load_side(args.runs, setup.analyzers, user_metrics_from(setup.table), "", setup.baseline_dir, [])
+            path = baselines.save(args.name, runs, setup.baseline_dir, allow_mismatch=args.allow_mismatch)
             doc = json.loads(path.read_text())
             s = baselines.summary(path, doc)
             print(f"saved baseline {args.name!r} for {s['hardware'] or 'unknown GPU'}: {s['runs']} run(s), "

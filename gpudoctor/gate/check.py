@@ -17,7 +17,7 @@ from gpudoctor.collect.rundir import MANIFEST
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.gate import baselines
 from gpudoctor.gate.compare import GateResult, compare
-from gpudoctor.gate.config import CommandLine, analyzer_config, build_options, read_gate_config
+from gpudoctor.gate.config import CommandLine, build_options, read_setup
 from gpudoctor.gate.environment import check_environment
 from gpudoctor.gate.inputs import load_run
 from gpudoctor.gate.run import METRICS, RunData, UserMetric
@@ -66,17 +66,15 @@ def gate(baseline: list[str], candidate: list[str], config_path: str | None, cli
         raise GpudoctorError("gate needs --baseline RUN... and --candidate RUN... or --candidate-cmd 'CMD' "
                              "(or: gate calibrate --runs ...)")
     t0 = time.monotonic()
-    cfg = read_gate_config(config_path)
-    o = build_options(cli, cfg)
-    acfg = analyzer_config(config_path)
-    bdir = baseline_dir or cfg.get("baseline_dir")
-    cands = load_side(candidate, acfg, o.user_metrics, "", bdir, [])
+    s = read_setup(config_path, baseline_dir)
+    o = build_options(cli, s.table)
+    cands = load_side(candidate, s.analyzers, o.user_metrics, "", s.baseline_dir, [])
     docs: list[dict] = []
-    bases = load_side(baseline, acfg, o.user_metrics, cands[0].gpu_name, bdir, docs)
+    bases = load_side(baseline, s.analyzers, o.user_metrics, cands[0].gpu_name, s.baseline_dir, docs)
     if docs and len(docs) == 1:
         cal = baselines.calibrated_tolerances(docs[0])
         if cal:
-            o = build_options(cli, cfg, cal)
+            o = build_options(cli, s.table, cal)
     return compare(bases, cands, o), time.monotonic() - t0
 
 
@@ -99,11 +97,9 @@ def calibrate(specs: list[str], config_path: str | None, cli: CommandLine,
     if len(specs) < 2:
         raise GpudoctorError("calibrate needs at least 2 runs of the same program (3 or more recommended): "
                              "gpudoctor gate calibrate --runs R1 R2 R3")
-    cfg = read_gate_config(config_path)
-    o = build_options(cli, cfg)
-    acfg = analyzer_config(config_path)
-    bdir = baseline_dir or cfg.get("baseline_dir")
-    runs = load_side(specs, acfg, o.user_metrics, "", bdir, [])
+    s = read_setup(config_path, baseline_dir)
+    o = build_options(cli, s.table)
+    runs = load_side(specs, s.analyzers, o.user_metrics, "", s.baseline_dir, [])
     hard, _ = check_environment(runs[:1], runs[1:])
     if hard and not cli.allow_mismatch:
         raise GpudoctorError("refusing to calibrate on runs from different environments: " + "; ".join(hard)

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpudoctor.analyzers.config import Config, load_config, read_toml
+from gpudoctor.analyzers.config import Config, from_toml, load_config, read_toml
 from gpudoctor.errors import GpudoctorError
 from gpudoctor.gate.compare import GateOptions
 from gpudoctor.gate.rules import KNOWN_ANALYZERS, RULE_KEYS, validate_rules
@@ -42,13 +42,28 @@ def _config_path(path: str | None) -> Path | None:
     return p if p.is_file() else None
 
 
-def read_gate_config(path: str | None) -> dict:
-    """The [gate] table of gpudoctor.toml (``path``, else ./gpudoctor.toml if there is one); unknown keys
-    are an error."""
+@dataclass
+class GateSetup:
+    """What the gate's commands take from gpudoctor.toml, read once: its [gate] table, the analyzers'
+    config, and where baselines live (the command line's directory, else the table's)."""
+
+    table: dict
+    analyzers: Config
+    baseline_dir: str | None
+
+
+def read_setup(path: str | None, baseline_dir: str | None = None) -> GateSetup:
+    """gpudoctor.toml (``path``, else ./gpudoctor.toml if there is one) read and checked once."""
     p = _config_path(path)
-    if p is None:
-        return {}
-    gate = read_toml(p).get("gate", {})
+    doc = read_toml(p) if p is not None else {}
+    table = _gate_table(p, doc)
+    analyzers = from_toml(doc, origin=str(p), base_dir=p.parent) if p is not None else Config()
+    return GateSetup(table, analyzers, baseline_dir or table.get("baseline_dir"))
+
+
+def _gate_table(p: Path | None, doc: dict) -> dict:
+    """The [gate] table of a parsed gpudoctor.toml; unknown keys are an error."""
+    gate = doc.get("gate", {})
     if not isinstance(gate, dict):
         raise GpudoctorError(f"{p}: [gate] must be a table")
     unknown = set(gate) - GATE_KEYS - set(RULE_KEYS)
