@@ -27,6 +27,7 @@ import pandas as pd
 
 from gpudoctor.model.columns import per_value
 from gpudoctor.model.devices import DevicePeaks, peaks_for
+from gpudoctor.model.joins import first_match
 from gpudoctor.model.steps import StepWindow, find_steps, union_ns
 from gpudoctor.model.trace import Trace
 
@@ -177,15 +178,9 @@ class AnalysisContext:
             # Join on correlation id by sorting (the first API call of each id wins): a hash join of
             # ten million ids costs several times more.
             api = self.trace.api_calls
-            corr = api["correlation_id"].to_numpy(np.int64)
-            order = np.argsort(corr, kind="stable")
-            sc = corr[order]
-            first = np.r_[True, sc[1:] != sc[:-1]] & (sc >= 0)
-            keys, rows = sc[first], order[first]
-            want = ops["correlation_id"].to_numpy(np.int64)
-            at = np.clip(np.searchsorted(keys, want), 0, max(len(keys) - 1, 0))
-            ok = (want >= 0) & (len(keys) > 0) & (keys[at] == want if len(keys) else False)
-            src = rows[at] if len(rows) else np.zeros(len(want), np.int64)
+            row = first_match(api["correlation_id"].to_numpy(np.int64), ops["correlation_id"].to_numpy(np.int64))
+            ok = row >= 0
+            src = np.clip(row, 0, None)
             for col, out in (("start_ns", "launch_start_ns"), ("end_ns", "launch_end_ns"), ("thread_id", "thread_id")):
                 vals = api[col].to_numpy(np.int64)
                 ops[out] = np.where(ok, vals[src] if len(vals) else -1, -1)

@@ -28,6 +28,7 @@ import pandas as pd
 
 from gpudoctor.analyzers.context import measured_fact
 from gpudoctor.model.columns import equals, isin, per_value
+from gpudoctor.model.joins import first_match
 from gpudoctor.model.stacks import innermost_at, stack_frames
 
 if TYPE_CHECKING:
@@ -65,16 +66,9 @@ def _stack_info(ctx) -> tuple[pd.DataFrame, pd.DataFrame] | None:
 def _api_stack(ctx, corr: np.ndarray) -> np.ndarray:
     """Stack id of the API call with each correlation id (-1 when unknown)."""
     api = ctx.trace.api_calls
-    c = api["correlation_id"].to_numpy(np.int64)
     s = api["stack_id"].to_numpy(np.int64)
-    keep = (c >= 0) & (s >= 0)
-    c, s = c[keep], s[keep]
-    order = np.argsort(c, kind="stable")
-    c, s = c[order], s[order]
-    at = np.clip(np.searchsorted(c, corr), 0, max(len(c) - 1, 0))
-    ok = (corr >= 0) & (len(c) > 0)
-    ok &= (c[at] == corr) if len(c) else False
-    return np.where(ok, s[at] if len(s) else -1, -1)
+    row = first_match(np.where(s >= 0, api["correlation_id"].to_numpy(np.int64), -1), corr)  # calls with stacks
+    return np.where(row >= 0, s[np.clip(row, 0, None)] if len(s) else -1, -1)
 
 
 def measure(ctx: AnalysisContext, gaps: pd.DataFrame, cause: np.ndarray, causes: tuple[str, ...],

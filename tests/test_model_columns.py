@@ -55,3 +55,14 @@ def test_kernel_categories_match_the_rule_row_by_row():
         assert len(ref) > 100
         assert k["category"].astype(str).tolist() == ref, path.name
         assert list(k["category"].cat.categories) == sorted(set(ref))  # only the categories present
+
+
+def test_first_match_joins_on_ids():
+    """The correlation-id join of the readers and analyzers: the first row holding each id; unknown
+    (negative) ids on either side match nothing."""
+    from gpudoctor.model.joins import first_match
+
+    keys = np.array([5, 3, 5, -1, 7])
+    assert first_match(keys, np.array([5, 7, 3, -1, 4, 9, 0])).tolist() == [0, 4, 1, -1, -1, -1, -1]
+    assert first_match(np.array([], np.int64), np.array([1, 2])).tolist() == [-1, -1]
+    assert first_match(keys, np.array([], np.int64)).tolist() == []

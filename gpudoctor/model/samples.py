@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from gpudoctor.model.columns import as_categorical
+from gpudoctor.model.joins import first_match
 from gpudoctor.model.kernel_names import kernel_keys
 from gpudoctor.model.steps import StepWindow, merge_intervals
 from gpudoctor.model.trace import Trace
@@ -114,18 +115,10 @@ def _range_time(t: Trace, kin: np.ndarray, min_: np.ndarray, steady: pd.DataFram
     k, m = t.kernels, t.memops
     corr = np.r_[k["correlation_id"].to_numpy(np.int64)[kin], m["correlation_id"].to_numpy(np.int64)[min_]]
     dur = np.r_[(k["end_ns"] - k["start_ns"]).to_numpy(np.int64)[kin], (m["end_ns"] - m["start_ns"]).to_numpy(np.int64)[min_]]
-    ac = api[api["correlation_id"].to_numpy() >= 0]
-    acorr = ac["correlation_id"].to_numpy(np.int64)
-    order = np.argsort(acorr, kind="stable")
-    sc = acorr[order]
-    first = np.r_[True, sc[1:] != sc[:-1]] if len(sc) else np.zeros(0, bool)
-    uc, ui = sc[first], order[first]
-    if len(uc) == 0 or len(corr) == 0:
-        return pd.DataFrame(columns=cols)
-    pos = np.minimum(np.searchsorted(uc, corr), len(uc) - 1)
-    hit = (corr >= 0) & (uc[pos] == corr)
-    launches = pd.DataFrame({"thread_id": ac["thread_id"].to_numpy(np.int64)[ui[pos[hit]]],
-                             "start_ns": ac["start_ns"].to_numpy(np.int64)[ui[pos[hit]]], "d": dur[hit]})
+    row = first_match(api["correlation_id"].to_numpy(np.int64), corr)
+    hit = row >= 0
+    launches = pd.DataFrame({"thread_id": api["thread_id"].to_numpy(np.int64)[row[hit]],
+                             "start_ns": api["start_ns"].to_numpy(np.int64)[row[hit]], "d": dur[hit]})
     if launches.empty:
         return pd.DataFrame(columns=cols)
     step_keys = set(_DIGITS.sub("#", str(n)) for n in steady["name"].astype(str))

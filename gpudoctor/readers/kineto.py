@@ -84,6 +84,7 @@ from gpudoctor.model.collectives import (
     range_op,
 )
 from gpudoctor.model.columns import per_value
+from gpudoctor.model.joins import first_match
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
 from gpudoctor.readers import kineto_events, limits, rank_from_filename
@@ -1196,14 +1197,13 @@ def _collectives(acc: _Accumulator, k_row_new: np.ndarray, k_start: np.ndarray, 
     ok = rows_k >= 0
     # launch of each NCCL kernel: (tid, ts in the input's units, start ns) through its correlation id
     corr = k_corr[rows_k[ok]] if ok.any() else np.empty(0, np.int64)
-    order = np.argsort(api["corr"], kind="stable")
-    pos = np.searchsorted(api["corr"][order], corr)
-    pos = np.minimum(pos, max(len(order) - 1, 0))
-    found = (api["corr"][order][pos] == corr) if len(order) else np.zeros(len(corr), bool)
-    li = order[pos] if len(order) else np.zeros(len(corr), np.int64)
-    l_tid = np.where(found, api["tid"][li] if len(order) else -1, -1)
-    l_raw = np.where(found, api["ts_raw"][li].astype(np.float64) if len(order) else np.nan, np.nan)
-    l_ns = np.where(found, api["start_ns"][li] if len(order) else -1, -1)
+    launch = first_match(api["corr"], corr)
+    found = launch >= 0
+    li = np.clip(launch, 0, None)
+    have = len(api["corr"]) > 0
+    l_tid = np.where(found, api["tid"][li] if have else -1, -1)
+    l_raw = np.where(found, api["ts_raw"][li].astype(np.float64) if have else np.nan, np.nan)
+    l_ns = np.where(found, api["start_ns"][li] if have else -1, -1)
     by_range = enclosing_ops(l_tid[found], l_ns[found], comm_ranges["tid"], comm_ranges["start_ns"],
                              comm_ranges["end_ns"], comm_ranges["op"])
     range_op = np.full(len(corr), "", dtype=object)

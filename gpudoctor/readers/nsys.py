@@ -41,6 +41,7 @@ from gpudoctor.model.categories import categorize_kernels
 from gpudoctor.model.collectives import P2P_OPS, enclosing_index, enclosing_ops, nccl_call_op, nccl_call_ops, range_op
 from gpudoctor.model.columns import per_value
 from gpudoctor.model.counters_from_ranges import MALFORMED_REASON, counters_from_ranges
+from gpudoctor.model.joins import first_match
 from gpudoctor.model.projection import nesting_depth, project_ranges
 from gpudoctor.model.trace import Trace, conform
 from gpudoctor.readers import rank_from_filename
@@ -924,12 +925,9 @@ class _Reader:
             return conform("collectives", pd.DataFrame())
         dt_arr = np.array(dtype_of + [""], dtype=object)[codes[sel]]
         # each kernel's launch (thread, host time) through its correlation id
-        corr = kernels["correlation_id"].to_numpy(np.int64)[sel]
-        a_corr = api["correlation_id"].to_numpy(np.int64)
-        order = np.argsort(a_corr, kind="stable")
-        pos = np.minimum(np.searchsorted(a_corr[order], corr), max(len(order) - 1, 0))
-        found = (a_corr[order][pos] == corr) if len(order) else np.zeros(len(corr), bool)
-        li = order[pos[found]] if len(order) else np.empty(0, np.int64)
+        launch = first_match(api["correlation_id"].to_numpy(np.int64), kernels["correlation_id"].to_numpy(np.int64)[sel])
+        found = launch >= 0
+        li = launch[found]
         op, nbytes = np.array(op_arr[sel], dtype=object), np.full(len(sel), -1, dtype=np.int64)
         source = np.full(len(sel), "kernel_name", dtype=object)
         r_op, r_bytes = self._launch_ops(ranges, api["thread_id"].to_numpy(np.int64)[li],
