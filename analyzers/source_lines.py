@@ -526,8 +526,7 @@ def _host_after_sync(ctx, sf: pd.DataFrame, fr: pd.DataFrame, frame_id: int, gap
         return {}
     g0, g1 = gaps["g0"].to_numpy(np.int64), gaps["g1"].to_numpy(np.int64)
     _, sample, ns = _samples_in_intervals(ts, g0, g1, np.flatnonzero(_sampled_span(ts, g0, g1)))
-    user = sf["user_stack"].to_numpy()[st[sample]]
-    frame = np.where(user >= 0, sf["frame_id"].to_numpy()[np.clip(user, 0, None)], -1)
+    frame = _user_frame(sf, st[sample])
     keep = (frame >= 0) & (frame != frame_id)
     if not keep.any():
         return {}
@@ -578,18 +577,20 @@ def _sampled_ns_per_frame(ctx, sf: pd.DataFrame) -> dict[int, float] | None:
     stacks, ns = _sampled_stacks_in_window(ctx)
     if not len(stacks):
         return None
-    user = sf["user_stack"].to_numpy()[stacks]
-    frame = np.where(user >= 0, sf["frame_id"].to_numpy()[np.clip(user, 0, None)], -1)
-    return pd.Series(ns).groupby(frame).sum().to_dict()
+    return pd.Series(ns).groupby(_user_frame(sf, stacks)).sum().to_dict()
+
+
+def _user_frame(sf: pd.DataFrame, stacks: np.ndarray) -> np.ndarray:
+    """The innermost user frame of each stack id (-1 for an unknown stack or one without user code)."""
+    user = np.where(stacks >= 0, sf["user_stack"].to_numpy()[np.clip(stacks, 0, None)], -1)
+    return np.where(user >= 0, sf["frame_id"].to_numpy()[np.clip(user, 0, None)], -1)
 
 
 def _kernel_frames(ctx, sf: pd.DataFrame, k: pd.DataFrame) -> np.ndarray:
     """The user frame that launched each steady kernel (-1 when unknown), once per analysis."""
     def compute() -> np.ndarray:
         stack = _api_stack(ctx, k["correlation_id"].to_numpy(np.int64))
-        stack = np.where(stack >= 0, stack, _sampled_launch_stack(ctx, len(k)))
-        user = np.where(stack >= 0, sf["user_stack"].to_numpy()[np.clip(stack, 0, None)], -1)
-        return np.where(user >= 0, sf["frame_id"].to_numpy()[np.clip(user, 0, None)], -1)
+        return _user_frame(sf, np.where(stack >= 0, stack, _sampled_launch_stack(ctx, len(k))))
     return ctx.cached("source_lines.kernel_frames", compute)
 
 
