@@ -216,18 +216,19 @@ def _from_python_samples(ctx, gaps: pd.DataFrame, fixable: np.ndarray, cause: np
     so the gap is its cost whatever the host did next. That line is the sample taken as the call
     returned (a timer signal that arrives during a blocking call is handled right after it, in the
     calling frame). Any other gap (and such a gap whose call no sample caught) is split among the
-    samples whose intervals overlap it -- sample i stands for the time since sample i-1 -- in proportion
-    to the overlap, so its charges add up to the gap; the kind follows the gap's cause. Gaps outside the
-    sampled span are left to the other sources."""
+    samples whose spans overlap it (``_sample_spans``) in proportion to the overlap, so its charges add
+    up to the gap; the kind follows the gap's cause. Gaps outside the sampled span are left to the other
+    sources."""
     covered = np.zeros(len(gaps), bool)
     empty = pd.DataFrame({"gap": np.zeros(0, np.int64), "stack": np.zeros(0, np.int64),
                           "kind": np.zeros(0, np.int64), "ns": np.zeros(0)})
     ts, st = _python_samples(ctx)
     if len(ts) < 2:
         return empty, covered
+    lo, hi = _sample_spans(ctx)
     g0, g1 = gaps["g0"].to_numpy(np.int64), gaps["g1"].to_numpy(np.int64)
-    covered = fixable & _sampled_span(ts, g0, g1)
-    gap_of, sample, ns = _samples_in_intervals(ts, g0, g1, np.flatnonzero(covered))
+    covered = fixable & _sampled_span(lo, hi, g0, g1)
+    gap_of, sample, ns = _samples_in_intervals(lo, hi, g0, g1, np.flatnonzero(covered))
     kind_of_cause = np.array([KINDS.index(CAUSE_KIND.get(c, "host")) for c in causes], dtype=np.int64)
     by_call = _caller_samples(ctx, gaps, covered, cause, causes, call_causes, ts, st)
     keep = by_call[gap_of] < 0
@@ -239,23 +240,48 @@ def _from_python_samples(ctx, gaps: pd.DataFrame, fixable: np.ndarray, cause: np
     return out[out["ns"] > 0], covered
 
 
-def _sampled_span(ts: np.ndarray, g0: np.ndarray, g1: np.ndarray) -> np.ndarray:
-    """Per interval: whether samples are taken on both sides of it (so its time is all accounted for)."""
-    lo = np.searchsorted(ts, g0, side="right")
-    hi = np.searchsorted(ts, g1, side="left")
-    return (lo >= 1) & (hi < len(ts)) & (g1 > g0)
+BLOCKED_INTERVAL = 1.5  # an interval this many times the median one held a blocking call
 
 
-def _samples_in_intervals(ts: np.ndarray, g0: np.ndarray, g1: np.ndarray,
+def _sample_spans(ctx) -> tuple[np.ndarray, np.ndarray]:
+    """Per Python sample (time order): the span of main-thread time it stands for, [lo, hi); the spans
+    tile the sampled time. A sample shows the line running at its instant, and the line changes at an
+    unknown moment between two samples, so an interval is split at its middle: a line that starts or
+    ends between samples is credited as much at one end as it loses at the other. Blocking calls move
+    the split: the timer's signal waits until the call returns and is handled then, in the calling line.
+    So a long interval is the call's from half a period after its first sample on (the call began less
+    than a period after that sample, or another sample would have come first), and the interval after
+    a sample taken as a call returned goes whole to the next sample (what follows the return is the
+    next line's). With the plain "since the last sample" spans, a line between two blocking calls
+    (``.item()``, bookkeeping, ``loss.backward()``) lost half a period per step: 16% of 2.6 ms."""
+    def compute() -> tuple[np.ndarray, np.ndarray]:
+        ts, _ = _python_samples(ctx)
+        if len(ts) < 2:
+            return ts.copy(), ts.copy()
+        d = np.diff(ts)
+        period = int(np.median(d))
+        blocked = d > BLOCKED_INTERVAL * period
+        after_return = np.r_[False, blocked[:-1]]
+        cut = np.where(after_return, ts[:-1], ts[:-1] + np.where(blocked, period // 2, d // 2))
+        return np.r_[ts[0], cut], np.r_[cut, ts[-1]]
+    return ctx.cached("source_lines.sample_spans", compute)
+
+
+def _sampled_span(lo: np.ndarray, hi: np.ndarray, g0: np.ndarray, g1: np.ndarray) -> np.ndarray:
+    """Per interval: whether it lies inside the sampled time (so its time is all accounted for)."""
+    return (g0 >= lo[0]) & (g1 <= hi[-1]) & (g1 > g0)
+
+
+def _samples_in_intervals(lo: np.ndarray, hi: np.ndarray, g0: np.ndarray, g1: np.ndarray,
                           idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The samples whose intervals overlap intervals ``idx`` (sample i stands for the time since sample
-    i-1; each interval sampled on both sides): (interval, sample, overlapping ns) per pair."""
-    lo = np.searchsorted(ts, g0[idx], side="right")  # first sample after the start (its interval holds it)
-    hi = np.searchsorted(ts, g1[idx], side="left")  # first sample at or after the end
-    n = hi - lo + 1
+    """The samples whose spans overlap intervals ``idx`` (each inside the sampled time): (interval,
+    sample, overlapping ns) per pair."""
+    first = np.searchsorted(hi, g0[idx], side="right")  # the first span that ends after the start
+    last = np.searchsorted(lo, g1[idx], side="left") - 1  # the last span that starts before the end
+    n = np.maximum(last - first + 1, 0)
     of = np.repeat(idx, n)
-    sample = np.repeat(lo, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
-    ns = np.minimum(ts[sample], g1[of]) - np.maximum(ts[sample - 1], g0[of])
+    sample = np.repeat(first, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+    ns = np.minimum(hi[sample], g1[of]) - np.maximum(lo[sample], g0[of])
     return of, sample, ns
 
 
@@ -519,22 +545,35 @@ def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame
 def _host_after_sync(ctx, sf: pd.DataFrame, fr: pd.DataFrame, frame_id: int, gaps: pd.DataFrame,
                      n_steps: int) -> dict:
     """What the host did while the GPU idled after a sync, from the Python samples in its gaps: the user
-    line that took most of that time (the work the sync left uncovered, which the GPU waited for), and
-    the sampled host time per step in those gaps outside the sync's own line."""
+    line that took most of that time, and the host work per step in those gaps outside the sync's own
+    line and the model's passes. That work is what the sync costs: without the sync the host runs ahead
+    and the work overlaps the GPU's queue, while the rest of the gap (the drain, the first launches of
+    the next pass, which a profiler slows) shrinks to a launch's latency. So it is also the sync line's
+    saving, capped by the gaps."""
     ts, st = _python_samples(ctx)
     if len(ts) < 2 or gaps.empty:
         return {}
+    lo, hi = _sample_spans(ctx)
     g0, g1 = gaps["g0"].to_numpy(np.int64), gaps["g1"].to_numpy(np.int64)
-    _, sample, ns = _samples_in_intervals(ts, g0, g1, np.flatnonzero(_sampled_span(ts, g0, g1)))
+    _, sample, ns = _samples_in_intervals(lo, hi, g0, g1, np.flatnonzero(_sampled_span(lo, hi, g0, g1)))
     frame = _user_frame(sf, st[sample])
-    keep = (frame >= 0) & (frame != frame_id)
+    keep = (frame >= 0) & (frame != frame_id) & ~_in_model_pass(sf, fr, st[sample])
     if not keep.any():
         return {}
     by_frame = pd.Series(ns[keep].astype(np.float64)).groupby(frame[keep]).sum().sort_values(ascending=False)
     file, line, function = _frame_text(fr, int(by_frame.index[0]))
+    host_ns = by_frame.sum() / n_steps
     return {"host_after_sync": {"file": file, "line": line, "function": function,
                                 "ns_per_step": int(round(by_frame.iat[0] / n_steps))},
-            "host_after_sync_ns_per_step": int(round(by_frame.sum() / n_steps))}
+            "host_after_sync_ns_per_step": int(round(host_ns)),
+            "saving_ns_per_step": int(round(min(host_ns, float(gaps["dur_ns"].sum()) / n_steps)))}
+
+
+def _in_model_pass(sf: pd.DataFrame, fr: pd.DataFrame, stacks: np.ndarray) -> np.ndarray:
+    """Per stack: whether its user frame called the model's forward or backward (the pass's launches)."""
+    callee = np.where(stacks >= 0, sf["callee_stack"].to_numpy()[np.clip(stacks, 0, None)], -1)
+    name = fr["function"].to_numpy(dtype=object)[sf["frame_id"].to_numpy()[np.clip(callee, 0, None)]]
+    return (callee >= 0) & np.isin(name.astype(str), list(MODEL_PASS))
 
 
 def _host_saving(ctx, sf: pd.DataFrame, fr: pd.DataFrame, frame_id: int, entry: dict, gaps: pd.DataFrame,
@@ -558,15 +597,16 @@ def _host_saving(ctx, sf: pd.DataFrame, fr: pd.DataFrame, frame_id: int, entry: 
 
 
 def _sampled_stacks_in_window(ctx) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct sampled stacks of the window and the main thread's time in each (sample i stands for
-    the time since sample i-1)."""
+    """The distinct sampled stacks of the window and the main thread's time in each (``_sample_spans``)."""
     def compute() -> tuple[np.ndarray, np.ndarray]:
         ts, st = _python_samples(ctx)
         if len(ts) < 2:
             return np.zeros(0, np.int64), np.zeros(0)
-        keep = (ts[1:] > ctx.start_ns) & (ts[1:] <= ctx.end_ns)
-        dt = (np.minimum(ts[1:], ctx.end_ns) - np.maximum(ts[:-1], ctx.start_ns))[keep].astype(np.float64)
-        uniq, inv = np.unique(st[1:][keep], return_inverse=True)
+        lo, hi = _sample_spans(ctx)
+        dt = (np.minimum(hi, ctx.end_ns) - np.maximum(lo, ctx.start_ns)).astype(np.float64)
+        keep = dt > 0
+        dt = dt[keep]
+        uniq, inv = np.unique(st[keep], return_inverse=True)
         return uniq, np.bincount(inv.ravel(), weights=dt, minlength=len(uniq))
     return ctx.cached("source_lines.sampled_stacks", compute)
 
@@ -614,14 +654,17 @@ def _profiled_step_slowdown(ctx, step_ns: float) -> float | None:
 
 
 def _unprofiled_launch_cost(meta: dict, entry: dict) -> dict:
-    """A profiler makes every launch slower, and a launch-bound frame's gaps grow with it. The agent timed
-    a launch on this host with no profiler running (``unprofiled_launch_ns``): the frame's launches at
-    that cost bound what its gaps cost the program unprofiled."""
+    """A profiler makes every launch slower, and a launch-bound frame's gaps grow with it. A launch was timed
+    on this host with no profiler running (``unprofiled_launch_ns``: by the agent before the window, or,
+    under nsys, whose injection slows launches all along, by a bare process before nsys started): the
+    frame's launches at that cost bound what its gaps cost the program unprofiled."""
     launch_ns = measured_fact(meta, "unprofiled_launch_ns")
     n = entry.get("kernels_per_step")
     if not launch_ns or not n:
         return {}
     return {"unprofiled_launch_ns": int(launch_ns),
+            "unprofiled_launch_timed": "bare_process" if meta.get("unprofiled_launch_timed") == "bare_process"
+            else "before_window",
             "unprofiled_idle_ns_per_step": int(min(entry["idle_ns_per_step"], n * launch_ns))}
 
 
@@ -636,19 +679,22 @@ def _python_samples(ctx: AnalysisContext) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sampled_launch_stack(ctx, n_kernels: int) -> np.ndarray:
-    """Per steady kernel: the main thread's sampled stack when its launch call started (the sample whose
-    interval holds that moment), -1 without Python samples. A launch from another thread (autograd's
-    backward) gets the main thread's line that it works for (``loss.backward()``)."""
+    """Per steady kernel: the main thread's sampled stack whose span (``_sample_spans``) holds the moment
+    its launch call started, -1 without Python samples. With the next sample instead, a line that
+    launches fast would lose the launches after its last sample (half an interval at 1 kHz: 12% of a
+    400-launch loop). A launch from another thread (autograd's backward) gets the main thread's line
+    that it works for (``loss.backward()``)."""
     out = np.full(n_kernels, -1, np.int64)
     ts, st = _python_samples(ctx)
     if len(ts) < 2 or not n_kernels:
         return out
+    lo, hi = _sample_spans(ctx)
     la = ctx.launches()
     la = la[la["is_kernel"].to_numpy(bool)]
     t = la["launch_start_ns"].to_numpy(np.int64)
-    i = np.searchsorted(ts, t, side="left")
-    ok = (la["launched"].to_numpy(bool)) & (i >= 1) & (i < len(ts))
-    out[la["row"].to_numpy(np.int64)[ok]] = st[i[ok]]
+    j = np.searchsorted(hi, t, side="left")
+    ok = (la["launched"].to_numpy(bool)) & (t > ts[0]) & (t <= ts[-1])
+    out[la["row"].to_numpy(np.int64)[ok]] = st[np.clip(j, 0, len(ts) - 1)[ok]]
     return out
 
 
@@ -708,9 +754,12 @@ def _explain(f: dict) -> str:
         after = f.get("host_after_sync")
         then = (f"; then the host spends {after['ns_per_step'] / 1e6:.2f} ms per step in {after['file']}:{after['line']} "
                 f"in `{after['function']}` before the next launch") if after else ""
+        saves = (f"; without the sync that host work ({f['host_after_sync_ns_per_step'] / 1e6:.2f} ms per step, Python "
+                 f"samples) overlaps the GPU, saving about {f['saving_ns_per_step'] / 1e6:.2f} ms per step"
+                 if f.get("saving_ns_per_step") is not None else "")
         return (f"{where(f)} blocks the GPU {cost}: the host waits here until the GPU drains and the GPU idles until "
-                f"the next launch{then}; keep the value on the GPU (running sums) and read it every N steps, or copy it "
-                "with non_blocking=True into pinned memory, so that the host work after it overlaps the GPU.")
+                f"the next launch{then}{saves}. Keep the value on the GPU (running sums) and read it every N steps, or "
+                "copy it with non_blocking=True into pinned memory, so that the host work after it overlaps the GPU.")
     if f["kind"] == "launch":
         n = f.get("kernels_per_step")
         med = f.get("median_kernel_ns")
@@ -718,8 +767,10 @@ def _explain(f: dict) -> str:
             "issues small kernels"
         unprof = ""
         if f.get("unprofiled_idle_ns_per_step") is not None:
+            when = "in a process without the profiler" if f.get("unprofiled_launch_timed") == "bare_process" \
+                else "before the window"
             unprof = (f" (about {f['unprofiled_idle_ns_per_step'] / 1e6:.2f} ms without the profiler: a launch took "
-                      f"{f['unprofiled_launch_ns'] / 1e3:.1f} us on this host before the window)")
+                      f"{f['unprofiled_launch_ns'] / 1e3:.1f} us on this host {when})")
         return (f"{where(f)} {what}; the GPU idles {cost} between them{unprof}: fuse them (torch._foreach_* ops, "
                 "torch.compile) or capture the loop in a CUDA graph.")
     if f["kind"] == "host" and f["callee"] in MODEL_PASS and f.get("kernels_per_step"):

@@ -523,6 +523,15 @@ def test_nsys_profile_command():
                                                                                   "cuda,nvtx"]
 
 
+def test_user_nsys_args_replace_the_run_options_they_name():
+    """--nsys-args='--sample=none -s none' turns off the CPU sampling that --stacks asks for: nsys gets one of each."""
+    ours = nsys_mod.STACK_ARGS + ["--gpu-metrics-devices=all", "--capture-range=cudaProfilerApi"]
+    args = nsys_mod.merge_args(ours, nsys_mod.split_user_args("-s none --cpuctxsw=none --cuda-graph-trace=node"))
+    assert args == ["--gpu-metrics-devices=all", "--capture-range=cudaProfilerApi", "-s", "none", "--cpuctxsw=none",
+                    "--cuda-graph-trace=node"]
+    assert nsys_mod.merge_args(ours, []) == ours
+
+
 def test_python_command_parsing():
     p = parse_python_command(["python3", "-u", "-X", "dev", "train.py", "--lr", "1"])
     assert (p.interpreter_options, p.mode, p.target, p.args, p.name) == (["-u", "-X", "dev"], "script", "train.py",
@@ -740,3 +749,31 @@ def test_analyze_nsys_rep_through_nsys_export(tmp_path, fake_nsys, mode):
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and str(rep) in lines[0]
         assert "nsys export failed (exit 1): error: fake export failure" in lines[0]
+
+
+def test_bare_launch_timing_reads_the_child_and_fails_in_one_line(tmp_path):
+    from gpudoctor.collect import launch_timing
+
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "some import noise"\necho \'{"launch_ns": 7042, "batches_ns": [7100, 7042, 7001, 7300, 6990]}\'\n')
+    fake.chmod(0o755)
+    got = launch_timing.time_in_bare_process(str(fake), dict(os.environ))
+    assert (got["launch_ns"], got["batches_ns"]) == (7042, [7100, 7042, 7001, 7300, 6990]) and got["seconds"] < 10
+    fake.write_text('#!/bin/sh\necho \'{"error": "torch sees no CUDA device"}\'\n')
+    assert launch_timing.time_in_bare_process(str(fake), dict(os.environ)) == {"error": "torch sees no CUDA device"}
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    assert launch_timing.time_in_bare_process(str(fake), dict(os.environ)) == {
+        "error": "the bare launch timing printed no result"}
+    fake.write_text("#!/bin/sh\nsleep 5\n")
+    assert "took over 1 s" in launch_timing.time_in_bare_process(str(fake), dict(os.environ), timeout_s=1)["error"]
+
+
+def test_launch_timing_waits_for_the_program_to_initialize_cuda():
+    from gpudoctor.collect import launch_timing
+
+    class Cuda:
+        @staticmethod
+        def is_initialized():
+            return False
+
+    assert launch_timing.launch_ns(type("Torch", (), {"cuda": Cuda})) is None

@@ -42,6 +42,7 @@ import threading
 import time
 import traceback
 
+from gpudoctor.collect import launch_timing
 from gpudoctor.collect.pysampler import PythonSampler
 from gpudoctor.collect.window import Window, WindowSpec
 
@@ -391,25 +392,10 @@ def _print_program_traceback(exc: BaseException) -> None:
         traceback.print_exception(type(exc), exc, tb)
 
 
-LAUNCHES = 200
-
-
 def _launch_ns(torch) -> int | None:
-    """Host nanoseconds per kernel launch of a one-element in-place add, with no profiler running: what a
-    launch costs the program on this host. Measured just before the window opens (the queue drained
-    first), so that launch-bound charges can be told without the profiler's own cost per launch."""
-    if not torch.cuda.is_initialized():
-        return None
-    buf = torch.zeros(1, device="cuda")
-    for _ in range(20):
-        buf.add_(1)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter_ns()
-    for _ in range(LAUNCHES):
-        buf.add_(1)
-    t1 = time.perf_counter_ns()
-    torch.cuda.synchronize()
-    return (t1 - t0) // LAUNCHES
+    """The agent's launch timing, just before the window opens (collect/launch_timing.py)."""
+    timed = launch_timing.launch_ns(torch)
+    return timed[0] if timed else None
 
 
 def _atomic_json(path: str, doc: dict) -> None:

@@ -98,6 +98,13 @@ def split_user_args(text: str | list[str] | None) -> list[str]:
     return args
 
 
+def merge_args(ours: list[str], user_args: list[str]) -> list[str]:
+    """gpudoctor's own ``--key=value`` options for this run (window, GPU metrics, CPU sampling), less those
+    the user's ``--nsys-args`` name, then the user's: nsys never sees an option twice, and the user's wins."""
+    user_keys = {_option_key(a) for a in user_args} - {None}
+    return [a for a in ours if _option_key(a) not in user_keys] + list(user_args)
+
+
 def profile_command(nsys: str, output_base: str | Path, program: list[str], user_args: list[str] | None = None,
                     delay_s: float | None = None, duration_s: float | None = None,
                     capture_range: str | None = None) -> list[str]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gpudoctor.collect import nsys
+from gpudoctor.collect import launch_timing, nsys
 from gpudoctor.collect.manifest import Result
 from gpudoctor.collect.rundir import read_json
 from gpudoctor.collect.supervise import Supervisor, exit_code_of, say, signame, stop_orphan
@@ -30,6 +30,7 @@ def run(s: Session) -> Result:
 class NsysRun:
     s: Session
     res: Result = field(default_factory=Result)
+    exe: str = ""  # the program's interpreter, when the agent drives the window
     shim: str | None = None  # a PATH directory that makes gpudoctor importable in the program's interpreter
     agent_status: Path | None = None  # the agent's status file when it drives the window
     deadline: float | None = None  # nsys must have finished its report by then (monotonic)
@@ -67,16 +68,21 @@ class NsysRun:
         if metrics_note:
             res.notes.append(metrics_note)
         stack_args = nsys.STACK_ARGS if a.stacks else []
-        extra = window_args + metrics_args + stack_args
+        args = nsys.merge_args(window_args + metrics_args + stack_args, user_args)
         delay, duration = (None, None) if agent is not None else (a.delay, a.duration)
         argv = nsys.profile_command(self.nsys_path, self.base, nsys.wrap_program(self.status_path, program),
-                                    extra + user_args, delay, duration, a.capture_range)
+                                    args, delay, duration, a.capture_range)
         env = nsys.profile_env(env, a.capture_range)
-        shown = nsys.profile_command(self.nsys_path, self.base, s.cmd, extra + user_args, delay, duration,
-                                     a.capture_range)
+        shown = nsys.profile_command(self.nsys_path, self.base, s.cmd, args, delay, duration, a.capture_range)
         res.backend_facts = {"command": shown, "nsys_path": self.nsys_path, "found_by": s.facts["found_by"],
                              "window_driven_by": "in-process agent (cudaProfilerApi)" if agent else None,
                              "gpu_metrics": bool(metrics_args)}
+        if agent is not None and a.stacks:  # nsys slows launches all along: time one without it, first
+            say(f"{s.label}timing a kernel launch without nsys (a bare {Path(self.exe).name} process)")
+            timing = launch_timing.time_in_bare_process(self.exe, env)
+            res.backend_facts["bare_launch_timing"] = timing
+            if "error" in timing:
+                res.notes.append(f"launch cost without nsys not timed: {timing['error']}")
         try:  # the agent's import path (shim) must outlive the retry too
             rc, sup = self._supervise(argv, env)
             if rc != 0 and (metrics_args or stack_args) and not (read_json(self.status_path) or {}).get("start_ns"):
@@ -108,6 +114,7 @@ class NsysRun:
         exe = tb.resolve_interpreter(prog, s.env)
         if exe is None:
             return None
+        self.exe = exe
         probe = tb.probe_interpreter(exe, s.env)
         if not probe.get("torch"):
             return None

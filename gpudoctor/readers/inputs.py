@@ -119,7 +119,12 @@ def read_run_dir(run_dir: Path) -> Trace:
     if not traces:
         raise InputError(run_dir, "run directory lists no reports and has no run.db")
     trace = _devices_from_manifest(combine(traces), manifest)
-    # Step time before the profiler started (the profiler's own cost, measured): gpu_idle reads it.
+    # Step time before the profiler started (the profiler's own cost, measured): gpu_idle reads it. Under
+    # nsys a launch is timed in a bare process (collect/launch_timing.py): that one comes first.
+    bare = (manifest.get("backend_details") or {}).get("bare_launch_timing")
+    if isinstance(bare, dict) and isinstance(bare.get("launch_ns"), int) and bare["launch_ns"] > 0:
+        trace.meta.setdefault("unprofiled_launch_ns", float(bare["launch_ns"]))
+        trace.meta.setdefault("unprofiled_launch_timed", "bare_process")
     for src in (manifest, manifest.get("capture") or {}):
         for key in ("unprofiled_step_ms", "unprofiled_launch_ns"):
             if isinstance(src, dict) and isinstance(src.get(key), (int, float)):
