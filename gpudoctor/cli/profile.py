@@ -69,8 +69,9 @@ class ProfileCommand(Command):
                        help=f"nsys GPU metrics samples per second (default {DEFAULT_GPU_METRICS_HZ})")
         w.add_argument("--stacks", action=argparse.BooleanOptionalAction, default=True,
                        help="sample the program's Python call stack inside the window (1 kHz), to name the lines "
-                            "that make the GPU wait; with nsys also native backtraces of CUDA calls and CPU "
-                            "sampling; on by default")
+                            "that make the GPU wait; with nsys also its native CPU samples, and a kernel launch "
+                            "timed in a bare process before nsys starts (a few seconds: what a launch costs "
+                            "without nsys); on by default")
         w.add_argument("--op-stacks", action="store_true",
                        help="torch: also torch.profiler's with_stack (a stack on every op; its Python tracer "
                             "slows Python code about 2x inside the window)")
