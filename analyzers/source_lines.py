@@ -597,13 +597,15 @@ def _host_saving(ctx, sf: pd.DataFrame, fr: pd.DataFrame, frame_id: int, entry: 
 
 
 def _sampled_stacks_in_window(ctx) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct sampled stacks of the window and the main thread's time in each (``_sample_spans``)."""
+    """The distinct sampled stacks of the steady steps and the main thread's time in each (``_sample_spans``),
+    over the steps' span on the host's clock (``StepWindow.host_span``)."""
     def compute() -> tuple[np.ndarray, np.ndarray]:
         ts, st = _python_samples(ctx)
         if len(ts) < 2:
             return np.zeros(0, np.int64), np.zeros(0)
         lo, hi = _sample_spans(ctx)
-        dt = (np.minimum(hi, ctx.end_ns) - np.maximum(lo, ctx.start_ns)).astype(np.float64)
+        start, end = ctx.window.host_span
+        dt = (np.minimum(hi, end) - np.maximum(lo, start)).astype(np.float64)
         keep = dt > 0
         dt = dt[keep]
         uniq, inv = np.unique(st[keep], return_inverse=True)

@@ -1,13 +1,16 @@
 """How fast the program's own Python runs inside a capture window, per collector.
 
-    python bench/bench_host_python.py run OUT.jsonl [--steps N] [--no-sync]     # the program
-    python bench/bench_host_python.py summary OUT.jsonl [RUN_DIR]               # the comparison
+    python bench/bench_host_python.py run OUT.jsonl [--steps N] [--no-sync] [--pin-main CORE]  # the program
+    python bench/bench_host_python.py pure OUT.jsonl [--calls N]     # the bookkeeping alone, no GPU
+    python bench/bench_host_python.py summary OUT.jsonl [RUN_DIR]    # the comparison
 
 ``run`` is a loop shaped like the item_sync culprit (fixtures/workloads/culprits.py): an MLP forward pass
 on the GPU, ``loss.item()`` (the host waits for the GPU to drain), pure-Python bookkeeping, backward and
 the optimizer step. The loop times its own bookkeeping with ``perf_counter_ns`` and appends one JSON line
 per step: wall time, bookkeeping ns, step ns. ``--no-sync`` drops the ``.item()``, so the bookkeeping
-runs while the GPU is busy with the queued forward pass.
+runs while the GPU is busy with the queued forward pass. Each line also names the core the thread ran on
+(``cpu``); ``--pin-main`` keeps the main thread on one core; ``pure`` times the bookkeeping with no GPU and
+no torch (scripts/host-speed-steadiness.sh runs them all).
 
 Run it bare and under ``gpudoctor profile`` (``-o RUN_DIR``); ``summary`` splits the steps by the run's
 capture window (manifest ``capture.start_ns`` / ``end_ns``) and prints the median bookkeeping time before,
@@ -30,7 +33,28 @@ def bookkeeping(n: int = 25_000) -> float:
     return float(sum(i * i % 7 for i in range(n)))
 
 
-def run(out: Path, steps: int, sync: bool) -> None:
+def current_cpu() -> int:
+    """The core this thread last ran on (field 39 of /proc/thread-self/stat), to see migrations."""
+    try:
+        stat = Path("/proc/thread-self/stat").read_text()
+    except OSError:
+        return -1
+    return int(stat.rsplit(")", 1)[1].split()[36])
+
+
+def pure(out: Path, calls: int) -> None:
+    """The bookkeeping call alone, back to back, no GPU: whether the host's speed changes without CUDA."""
+    with out.open("w") as f:
+        for _ in range(calls):
+            b0 = time.perf_counter_ns()
+            bookkeeping()
+            f.write(json.dumps({"t_ns": time.time_ns(), "bookkeeping_ns": time.perf_counter_ns() - b0,
+                                "cpu": current_cpu()}) + "\n")
+
+
+def run(out: Path, steps: int, sync: bool, pin_main: int | None = None) -> None:
+    import os
+
     import torch
     from torch import nn
 
@@ -42,6 +66,8 @@ def run(out: Path, steps: int, sync: bool) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
     total = 0.0
+    if pin_main is not None:  # this thread only (threads started before keep their cores)
+        os.sched_setaffinity(0, {pin_main})
     with out.open("w") as f:
         for _ in range(steps):
             t0 = time.perf_counter_ns()
@@ -55,7 +81,7 @@ def run(out: Path, steps: int, sync: bool) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             f.write(json.dumps({"t_ns": time.time_ns(), "bookkeeping_ns": b1 - b0,
-                                "step_ns": time.perf_counter_ns() - t0}) + "\n")
+                                "step_ns": time.perf_counter_ns() - t0, "cpu": current_cpu()}) + "\n")
     torch.cuda.synchronize()
 
 
@@ -88,12 +114,18 @@ def main() -> None:
     r.add_argument("out", type=Path)
     r.add_argument("--steps", type=int, default=80)
     r.add_argument("--no-sync", action="store_true")
+    r.add_argument("--pin-main", type=int, metavar="CORE", help="pin the main thread to this core after CUDA starts")
+    p = sub.add_parser("pure")
+    p.add_argument("out", type=Path)
+    p.add_argument("--calls", type=int, default=2000)
     s = sub.add_parser("summary")
     s.add_argument("out", type=Path)
     s.add_argument("run_dir", type=Path, nargs="?")
     a = ap.parse_args()
     if a.cmd == "run":
-        run(a.out, a.steps, not a.no_sync)
+        run(a.out, a.steps, not a.no_sync, a.pin_main)
+    elif a.cmd == "pure":
+        pure(a.out, a.calls)
     else:
         print(json.dumps(summary(a.out, a.run_dir)))
 

@@ -16,7 +16,7 @@
 #    between processes (bench/gpu/host-python), so this one is the steadier.
 # 3. The in-window cost of the samples: the torch runs again with --no-stacks (OUTDIR/runs/torch_CASE_nostacks).
 # nsys is $NSYS or found as gpudoctor finds it; gpudoctor is imported from this checkout (PYTHONPATH).
-# Environment: COST_AFTER (above), CASES (default: the five below), STEPS (program steps when profiled, 60), WINDOW (extra
+# Environment: COST_AFTER (above), PIN_MAIN (pin the profiled program's main thread to this core), CASES (default: the five below), STEPS (program steps when profiled, 60), WINDOW (extra
 # gpudoctor profile options), TSTEPS / TWARMUP (steps and warm-up of the timed runs, 40 / 8). The recompile
 # case compiles every step (seconds each):
 #   CASES=recompile STEPS=12 WINDOW="--skip 2 --steps 6" TSTEPS=8 TWARMUP=2 bash scripts/record-pysamples.sh OUT
@@ -44,6 +44,7 @@ prof() {  # name backend case [extra gpudoctor options]
   # COST_AFTER=N: the program runs on after the window and times its culprit in the same process (N steps)
   local stop=(--stop-after-capture) cost=()
   [[ -n ${COST_AFTER:-} ]] && stop=() && cost=(--interleave-after "$COST_AFTER" --cost-log "$out/runs/$name.cost.json")
+  [[ -n ${PIN_MAIN:-} ]] && cost+=(--pin-main "$PIN_MAIN")
   timeout 240 $PY -m gpudoctor profile --backend "$backend" --no-nvml "${stop[@]}" "${WINDOW_OPTS[@]}" "$@" \
     -o "$out/runs/$name" -- $PY $P "$case" --steps "$STEPS" --host-log "$out/runs/$name.host.jsonl" \
     "${cost[@]}" > "$out/runs/$name.console.log" 2>&1 || { log "FAILED $name"; tail -5 "$out/runs/$name.console.log"; }

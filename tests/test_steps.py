@@ -55,6 +55,15 @@ def test_a_single_profiler_step_is_one_step():
     assert w.source == "ProfilerStep ranges" and len(w.steps) == 1 and not w.steps["warmup"].any()
     step = t.ranges[t.ranges["text"].astype(str) == "ProfilerStep#551"].iloc[0]
     assert (w.start_ns, w.end_ns) == (step["gpu_start_ns"], step["gpu_end_ns"])
+    # the host span is the range's own, which starts before its first kernel does
+    assert w.host_span == (step["start_ns"], step["end_ns"]) and w.host_span[0] < w.start_ns
+
+
+def test_steps_found_without_host_ranges_have_only_the_gpu_span():
+    t = _read(str(HTA / "sampled_rank-0.json.gz"))
+    w = find_steps(_without(t.ranges, r"^ProfilerStep#"), t.kernels)
+    assert not w.source.startswith("ProfilerStep")
+    assert w.host_start_ns is None and w.host_span == (w.start_ns, w.end_ns)
 
 
 @pytest.mark.parametrize("case", ["attn_naive", "mlp_bf16"])

@@ -45,6 +45,11 @@ class StepWindow:
     start_ns: int
     end_ns: int
     source: str  # how the steps were found (or why none were), for the user
+    # The steady steps on the host's clock, when the steps are host ranges (None: only the GPU's). A host-bound
+    # loop's GPU work for step i begins after the host's work for it, so the GPU window [start_ns, end_ns)
+    # holds the host work of steps 2..n+1, not 1..n: host time per step is counted over this span instead.
+    host_start_ns: int | None = None
+    host_end_ns: int | None = None
 
     @property
     def steady(self) -> pd.DataFrame:
@@ -54,6 +59,13 @@ class StepWindow:
     @property
     def duration_ns(self) -> int:
         return int(self.end_ns - self.start_ns)
+
+    @property
+    def host_span(self) -> tuple[int, int]:
+        """[start, end) of the steady steps on the host (the GPU window when the steps have no host ranges)."""
+        if self.host_start_ns is None or self.host_end_ns is None:
+            return self.start_ns, self.end_ns
+        return self.host_start_ns, self.host_end_ns
 
     def describe(self) -> str:
         n, w = len(self.steps), int(self.steps["warmup"].sum())
@@ -265,7 +277,10 @@ def find_steps(ranges: pd.DataFrame, kernels: pd.DataFrame) -> StepWindow:
                 break
     steps["warmup"] = warm
     steady = steps[~steps["warmup"]]
-    return StepWindow(steps, int(steady["gpu_start_ns"].min()), int(steady["gpu_end_ns"].max()), source)
+    host = sel.loc[~warm] if {"start_ns", "end_ns"} <= set(sel.columns) else None
+    return StepWindow(steps, int(steady["gpu_start_ns"].min()), int(steady["gpu_end_ns"].max()), source,
+                      None if host is None else int(host["start_ns"].min()),
+                      None if host is None else int(host["end_ns"].max()))
 
 
 def merge_intervals(start: npt.ArrayLike, end: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
