@@ -16,7 +16,11 @@
 #    between processes (bench/gpu/host-python), so this one is the steadier.
 # 3. The in-window cost of the samples: the torch runs again with --no-stacks (OUTDIR/runs/torch_CASE_nostacks).
 # nsys is $NSYS or found as gpudoctor finds it; gpudoctor is imported from this checkout (PYTHONPATH).
-# Environment: COST_AFTER (above), PIN_MAIN (pin the profiled program's main thread to this core), CASES (default: the five below), STEPS (program steps when profiled, 60), WINDOW (extra
+# With ALTERNATE=K the program runs its loop with and without the culprit in blocks of K steps (culprits.py
+#    --alternate): a window over them holds the culprit's cost at the host speed of the sampled steps; e.g.
+#    ALTERNATE=4 WINDOW="--skip 11 --steps 25" starts the window on the last step of a block with the culprit
+#    (the first step of a window is its warm-up), then three blocks without and three with it.
+# Environment: COST_AFTER (above), ALTERNATE (above), BACKENDS (default "nsys torch"), PIN_MAIN (pin the profiled program's main thread to this core), CASES (default: the five below), STEPS (program steps when profiled, 60), WINDOW (extra
 # gpudoctor profile options), TSTEPS / TWARMUP (steps and warm-up of the timed runs, 40 / 8). The recompile
 # case compiles every step (seconds each):
 #   CASES=recompile STEPS=12 WINDOW="--skip 2 --steps 6" TSTEPS=8 TWARMUP=2 bash scripts/record-pysamples.sh OUT
@@ -45,13 +49,14 @@ prof() {  # name backend case [extra gpudoctor options]
   local stop=(--stop-after-capture) cost=()
   [[ -n ${COST_AFTER:-} ]] && stop=() && cost=(--interleave-after "$COST_AFTER" --cost-log "$out/runs/$name.cost.json")
   [[ -n ${PIN_MAIN:-} ]] && cost+=(--pin-main "$PIN_MAIN")
+  [[ -n ${ALTERNATE:-} ]] && cost+=(--alternate "$ALTERNATE")
   timeout 240 $PY -m gpudoctor profile --backend "$backend" --no-nvml "${stop[@]}" "${WINDOW_OPTS[@]}" "$@" \
     -o "$out/runs/$name" -- $PY $P "$case" --steps "$STEPS" --host-log "$out/runs/$name.host.jsonl" \
     "${cost[@]}" > "$out/runs/$name.console.log" 2>&1 || { log "FAILED $name"; tail -5 "$out/runs/$name.console.log"; }
 }
 [[ $parts == *profile* ]] && for c in $CASES; do
-  prof "nsys_$c" nsys "$c" --no-gpu-metrics
-  prof "torch_$c" torch "$c"
+  [[ ${BACKENDS:-nsys torch} == *nsys* ]] && prof "nsys_$c" nsys "$c" --no-gpu-metrics
+  [[ ${BACKENDS:-nsys torch} == *torch* ]] && prof "torch_$c" torch "$c"
 done
 [[ $parts == *timings* ]] && for rep in 1 2; do
   for c in $CASES; do

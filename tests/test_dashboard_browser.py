@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -429,6 +430,17 @@ DRAWN_JS = """() => Object.fromEntries([...document.querySelectorAll('.js-plotly
 }))"""
 
 
+def drawn(page, must) -> dict[str, int]:
+    """Points drawn per graph of the page, once the expected graphs on it have theirs (a loaded machine can
+    answer the figure callbacks after the network went idle), or after 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        now = dict(page.evaluate(DRAWN_JS))
+        if all(now[g] for g in must if g in now) or time.monotonic() > deadline:
+            return now
+        page.wait_for_timeout(250)
+
+
 @pytest.mark.parametrize("run_index", list(KINDS), ids=[v[0] for v in KINDS.values()])
 def test_pages_draw_figures_for_each_fixture_kind(page, server, errors, run_index):
     kind, must = KINDS[run_index]
@@ -445,7 +457,7 @@ def test_pages_draw_figures_for_each_fixture_kind(page, server, errors, run_inde
         for i in range(graphs.count()):  # every graph on the page has been drawn by plotly
             graphs.nth(i).locator(".main-svg").first.wait_for(state="attached", timeout=30_000)
         page.wait_for_load_state("networkidle")
-        seen.update(page.evaluate(DRAWN_JS))
+        seen.update(drawn(page, must))
         shot(page, f"{slug}-{kind}")
     missing = sorted(g for g in must if not seen.get(g))
     assert not missing, (missing, seen)
