@@ -661,6 +661,7 @@ HOSTILE_CASES = [
     ("jsongz_bomb", _gzip_bomb("bomb.json.gz", b'{"traceEvents": [', 80 << 20), "gzip inflates more than 200x"),
     ("ncu_csvgz_bomb", _gzip_bomb("bomb.csv.gz", _NCU_HEAD, 80 << 20), "gzip inflates more than 200x"),
     ("nccl_loggz_bomb", _gzip_bomb("bomb.log.gz", _NCCL_HEAD, 80 << 20), "gzip inflates more than 200x"),
+    ("nsys_sqlitegz_bomb", _gzip_bomb("bomb.sqlite.gz", b"SQLite format 3\x00", 80 << 20), "gzip inflates more than 200x"),
 ]
 
 

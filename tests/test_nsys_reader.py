@@ -576,3 +576,46 @@ def test_read_threads_setting(monkeypatch):
     assert nsys.read_threads() == 5
     monkeypatch.setenv("GPUDOCTOR_READ_THREADS", "")
     assert 1 <= nsys.read_threads() <= nsys.MAX_READ_THREADS
+
+
+# --- gzip-compressed exports -----------------------------------------------------------------------
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "nsys" / "tiny_sync.nsys.sqlite"
+
+
+def test_a_gzipped_export_reads_as_the_plain_one(tmp_path):
+    import gzip
+
+    from gpudoctor.readers.inputs import read_input
+
+    gz = tmp_path / "tiny_sync.nsys.sqlite.gz"
+    gz.write_bytes(gzip.compress(FIXTURE.read_bytes()))
+    plain, packed = read_input(FIXTURE), read_input(gz)
+    assert len(packed.kernels) == len(plain.kernels) == 3585
+    assert packed.kernels["start_ns"].equals(plain.kernels["start_ns"])
+    assert packed.ranks["source_file"].tolist() == [str(gz)]  # named as given, not as the temporary file
+    assert list(tmp_path.iterdir()) == [gz]
+
+
+def test_a_truncated_gzipped_export_is_a_one_line_error(tmp_path):
+    import gzip
+
+    from gpudoctor.readers.inputs import read_input
+
+    gz = tmp_path / "cut.sqlite.gz"
+    data = gzip.compress(FIXTURE.read_bytes())
+    gz.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="corrupt gzip"):
+        read_input(gz)
+
+
+def test_a_run_directory_reads_a_report_gzipped_since_the_run(tmp_path):
+    import gzip
+    import json
+
+    from gpudoctor.readers.inputs import read_input
+
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "trace.sqlite.gz").write_bytes(gzip.compress(FIXTURE.read_bytes()))
+    (tmp_path / "manifest.json").write_text(json.dumps({"outcome": "completed", "reports": [
+        {"path": "raw/trace.sqlite", "format": "nsys_sqlite", "rank": 0}]}))
+    assert len(read_input(tmp_path).kernels) == 3585

@@ -8,6 +8,7 @@ Each input is sniffed once (``input_format``) and its format handed on to the re
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from gpudoctor.errors import GpudoctorError, InputError
 from gpudoctor.model.trace import SIDE_ERRORS, Trace, conform, merge
 from gpudoctor.readers import detect, kineto, nccltests, ncu, nsys, nvml, prometheus, pysamples, snapshot
 from gpudoctor.readers.boundary import input_boundary
+from gpudoctor.readers.limits import is_gzip, open_input
 from gpudoctor.store import rundb
 
 # format (input_format) -> the reader module, whose read(path, rank=None) -> Trace
@@ -61,10 +63,27 @@ def _read_nsys_rep(path: Path, rank: int | None) -> Trace:
         if why is not None:
             raise InputError(path, why)
         t = nsys.read(out, rank=rank)
+    _name_the_input(t, path)
+    return t
+
+
+def _read_gzipped_sqlite(path: Path, rank: int | None) -> Trace:
+    """An nsys SQLite export compressed with gzip (SQLite reads only plain files): inflated, within the
+    limits on decompression, into a temporary file that is read and removed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / path.name.removesuffix(".gz")
+        with open_input(path) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        t = nsys.read(out, rank=rank)
+    _name_the_input(t, path)
+    return t
+
+
+def _name_the_input(t: Trace, path: Path) -> None:
+    """The trace read from a file made from ``path`` names ``path`` as its input."""
     for i in t.meta.get("inputs", []):
         i["path"] = str(path)
     t.ranks["source_file"] = str(path)
-    return t
 
 
 def input_format(path: Path) -> str:
@@ -86,7 +105,12 @@ def read_input(path: str | Path, rank: int | None = None, fmt: str | None = None
         return read_run_dir(path)
     if fmt == "run_db":
         return rundb.load(path)
-    t = _read_nsys_rep(path, rank) if fmt == "nsys_rep" else READERS[fmt].read(path, rank=rank)  # looked up at call time
+    if fmt == "nsys_rep":
+        t = _read_nsys_rep(path, rank)
+    elif fmt == "nsys_sqlite" and is_gzip(path):
+        t = _read_gzipped_sqlite(path, rank)
+    else:
+        t = READERS[fmt].read(path, rank=rank)  # looked up at call time
     samples = pysamples.sibling(path) if fmt in ("nsys_rep", "nsys_sqlite", "json") else None
     if samples is not None:
         try:
@@ -113,6 +137,8 @@ def read_run_dir(run_dir: Path) -> Trace:
     root = run_dir.resolve()
     for rep in reports_to_read(run_dir, manifest):
         p = (run_dir / rep["path"]).resolve()
+        if not p.exists() and p.with_name(p.name + ".gz").is_file():  # a report gzipped since the run
+            p = p.with_name(p.name + ".gz")
         if root not in p.parents:  # never follow a path out of the run directory
             raise InputError(manifest_path, f"report path {rep['path']!r} points outside the run directory")
         traces.append(read_input(p, rank=rep.get("rank")))

@@ -3,7 +3,7 @@
 Every limit is an environment variable (docs/reliability.md lists them):
 
 - ``GPUDOCTOR_MAX_DECOMPRESSED_MB`` (default 8192): bytes a gzip input may inflate to (``.json.gz``,
-  ncu ``.csv.gz``, nccl-tests ``.log.gz``), checked while inflating, so a small decompression bomb stops
+  ncu ``.csv.gz``, nccl-tests ``.log.gz``, nsys ``.sqlite.gz``, which is inflated into a temporary file), checked while inflating, so a small decompression bomb stops
   at the limit instead of filling memory.
 - ``GPUDOCTOR_MAX_GZIP_RATIO`` (default 200): inflated size per compressed byte, checked past the first
   64 MiB. Real traces compress 5-30x; a bomb compresses 1000x.
@@ -121,6 +121,11 @@ def gunzip(data: bytes, path: str | os.PathLike) -> bytes:
     """``data`` inflated, within the limits; a one-line InputError on corrupt gzip or past a limit."""
     with BoundedGzip(io.BytesIO(data), path, len(data)) as g:
         return g.read()
+
+
+def is_gzip(path: str | os.PathLike) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
 
 
 def open_input(path: str | os.PathLike) -> io.BufferedReader:

@@ -23,7 +23,7 @@ from gpudoctor.model.stacks import build_stacks
 from gpudoctor.model.trace import Trace, conform
 
 SUFFIX = ".pysamples.json"
-_REPORT_SUFFIXES = (".torch.json.gz", ".torch.json", ".json.gz", ".json", ".sqlite", ".nsys-rep")
+_REPORT_SUFFIXES = (".torch.json.gz", ".torch.json", ".json.gz", ".json", ".sqlite.gz", ".sqlite", ".nsys-rep")
 
 
 def is_sample_file(path: Path) -> bool:
