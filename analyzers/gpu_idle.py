@@ -228,7 +228,7 @@ def _charged_frames(ctx: AnalysisContext, gaps: pd.DataFrame, cause: np.ndarray)
                                                               "host_sync": SYNC.pattern})
     if charged is None:
         return []
-    return source_lines.frames_table(ctx, charged, gaps)
+    return source_lines.frames_table(ctx, charged, gaps, SYNC.pattern)
 
 
 def _observer(ctx: AnalysisContext, by_cause: dict[str, int], window: int, idle: int, n_steps: int) -> dict | None:

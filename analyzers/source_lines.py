@@ -30,6 +30,7 @@ from gpudoctor.analyzers.context import measured_fact
 from gpudoctor.model.columns import equals, isin, per_value
 from gpudoctor.model.joins import first_match
 from gpudoctor.model.stacks import innermost_at, stack_frames
+from gpudoctor.model.steps import union_ns
 
 if TYPE_CHECKING:
     from gpudoctor.analyzers.context import AnalysisContext
@@ -477,8 +478,9 @@ def _context(files: list[str], functions: list[str] = ()) -> str:
     return ""
 
 
-def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame) -> list[dict]:
-    """The user frames ranked by the GPU idle time charged to them, with per-step costs and their gaps."""
+def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame, sync_pattern: str) -> list[dict]:
+    """The user frames ranked by the GPU idle time charged to them, with per-step costs and their gaps
+    (``sync_pattern``: the API calls in which the host waits for the GPU)."""
     sf, fr = _stack_info(ctx)
     cfg = ctx.config.section(ID)
     c = charged[charged["user_stack"] >= 0]
@@ -528,6 +530,7 @@ def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame
             entry["sync_backtraces"] = True
         if kind == "sync":
             entry.update(_host_after_sync(ctx, sf, fr, frame_id, gaps.iloc[gap_ns.index], n_steps))
+            entry.update(_sync_saving(ctx, sync_pattern, n_steps, entry["idle_ns_per_step"]))
         if kind == "launch" or callee_fn in MODEL_PASS:
             entry.update(_launch_stats(ctx, sf, frame_id, n_steps, k))
             entry.update(_unprofiled_launch_cost(ctx.trace.meta, entry))
@@ -546,10 +549,7 @@ def _host_after_sync(ctx, sf: pd.DataFrame, fr: pd.DataFrame, frame_id: int, gap
                      n_steps: int) -> dict:
     """What the host did while the GPU idled after a sync, from the Python samples in its gaps: the user
     line that took most of that time, and the host work per step in those gaps outside the sync's own
-    line and the model's passes. That work is what the sync costs: without the sync the host runs ahead
-    and the work overlaps the GPU's queue, while the rest of the gap (the drain, the first launches of
-    the next pass, which a profiler slows) shrinks to a launch's latency. So it is also the sync line's
-    saving, capped by the gaps."""
+    line and the model's passes (the work that overlaps the GPU once the sync is gone)."""
     ts, st = _python_samples(ctx)
     if len(ts) < 2 or gaps.empty:
         return {}
@@ -565,8 +565,23 @@ def _host_after_sync(ctx, sf: pd.DataFrame, fr: pd.DataFrame, frame_id: int, gap
     host_ns = by_frame.sum() / n_steps
     return {"host_after_sync": {"file": file, "line": line, "function": function,
                                 "ns_per_step": int(round(by_frame.iat[0] / n_steps))},
-            "host_after_sync_ns_per_step": int(round(host_ns)),
-            "saving_ns_per_step": int(round(min(host_ns, float(gaps["dur_ns"].sum()) / n_steps)))}
+            "host_after_sync_ns_per_step": int(round(host_ns))}
+
+
+def _sync_saving(ctx, sync_pattern: str, n_steps: int, idle_ns_per_step: int) -> dict:
+    """What removing a sync line saves per step: the GPU idle charged to it, bounded by how much shorter
+    the step can get at all. Without any wait the step still takes the longer of the GPU's work and the
+    host's own work (its steps' host time outside the calls that wait for the GPU), so the bound is the
+    step minus that (``step_slack_ns_per_step``). Without the sync the host runs ahead and its work, and
+    the launches after it, overlap the GPU's queue; where the host's own work is the longer, only the
+    difference comes back."""
+    start, end = ctx.window.host_span
+    api = ctx.trace.api_calls
+    s, e = api["start_ns"].to_numpy(np.int64), api["end_ns"].to_numpy(np.int64)
+    waits = ctx.name_mask(sync_pattern, api, "name") & (e > start) & (s < end)
+    host_own = (end - start - union_ns(s[waits], e[waits], start, end)) / n_steps
+    slack = max(ctx.window_ns / n_steps - max(host_own, ctx.busy_ns() / n_steps), 0.0)
+    return {"step_slack_ns_per_step": int(round(slack)), "saving_ns_per_step": int(round(min(idle_ns_per_step, slack)))}
 
 
 def _in_model_pass(sf: pd.DataFrame, fr: pd.DataFrame, stacks: np.ndarray) -> np.ndarray:
@@ -756,9 +771,9 @@ def _explain(f: dict) -> str:
         after = f.get("host_after_sync")
         then = (f"; then the host spends {after['ns_per_step'] / 1e6:.2f} ms per step in {after['file']}:{after['line']} "
                 f"in `{after['function']}` before the next launch") if after else ""
-        saves = (f"; without the sync that host work ({f['host_after_sync_ns_per_step'] / 1e6:.2f} ms per step, Python "
-                 f"samples) overlaps the GPU, saving about {f['saving_ns_per_step'] / 1e6:.2f} ms per step"
-                 if f.get("saving_ns_per_step") is not None else "")
+        saves = (f"; removing it saves about {f['saving_ns_per_step'] / 1e6:.2f} ms per step, as the host runs ahead "
+                 f"and its work overlaps the GPU (at most {f['step_slack_ns_per_step'] / 1e6:.2f} ms: the step less the "
+                 "longer of the GPU's work and the host's own)" if f.get("saving_ns_per_step") is not None else "")
         return (f"{where(f)} blocks the GPU {cost}: the host waits here until the GPU drains and the GPU idles until "
                 f"the next launch{then}{saves}. Keep the value on the GPU (running sums) and read it every N steps, or "
                 "copy it with non_blocking=True into pinned memory, so that the host work after it overlaps the GPU.")

@@ -182,12 +182,15 @@ def run_cost_ms(run: str) -> float:
     return json.loads((RUNS / run / "cost.json").read_text())["cost_ms"]
 
 
-@pytest.mark.parametrize("run, idle_ms, saving_ms, logged_ms", [("torch_item_sync", 1.512, 1.220, 1.349),
-                                                                ("nsys_item_sync", 2.855, 2.610, 2.589)])
-def test_item_sync_names_the_item_line(run, idle_ms, saving_ms, logged_ms):
-    """The sync line is charged the whole gap after it; what removing it saves is the host work the gap
-    exposes (the bookkeeping, which without the sync overlaps the GPU), from the Python samples: within
-    20% of the bookkeeping time the program itself measured in the window's steps (-10%, +1%)."""
+@pytest.mark.parametrize("run, idle_ms, host_ms, logged_ms, slack_ms", [
+    ("torch_item_sync", 1.512, 1.220, 1.349, 2.093), ("nsys_item_sync", 2.855, 2.610, 2.589, 3.343)])
+def test_item_sync_names_the_item_line(run, idle_ms, host_ms, logged_ms, slack_ms):
+    """The sync line is charged the whole gap after it. The host work the gap exposes (the bookkeeping),
+    from the Python samples, is within 20% of the bookkeeping time the program itself measured in the
+    window's steps (-10%, +1%). What removing the sync saves is the gap: without the sync the bookkeeping
+    and the launches after it overlap the GPU's queue, and the fixed loop is bound by the GPU, which the
+    step's slack (the step less the longer of the GPU's work and the host's own) confirms; the alternating
+    runs measure it (tests/test_culprit_costs.py)."""
     f = idle_finding(run_trace(run))
     top = f.evidence["frames"][0]
     assert_is_culprit(top, "item_sync")
@@ -197,11 +200,12 @@ def test_item_sync_names_the_item_line(run, idle_ms, saving_ms, logged_ms):
     assert top["idle_ns_per_step"] / 1e6 == pytest.approx(idle_ms, abs=0.001)
     after = top["host_after_sync"]
     assert after["file"].endswith("culprits.py") and enclosing_function(after["line"]) == "bookkeeping"
-    assert top["saving_ns_per_step"] == top["host_after_sync_ns_per_step"] < top["idle_ns_per_step"]
-    assert top["saving_ns_per_step"] / 1e6 == pytest.approx(saving_ms, abs=0.001)
+    assert top["host_after_sync_ns_per_step"] / 1e6 == pytest.approx(host_ms, abs=0.001)
     assert host_log_ms(run, "bookkeeping") == pytest.approx(logged_ms, abs=0.001)
-    assert top["saving_ns_per_step"] / 1e6 == pytest.approx(logged_ms, rel=0.2)
-    assert f"saving about {saving_ms:.2f} ms per step" in f.recommendation
+    assert top["host_after_sync_ns_per_step"] / 1e6 == pytest.approx(logged_ms, rel=0.2)
+    assert top["step_slack_ns_per_step"] / 1e6 == pytest.approx(slack_ms, abs=0.001)
+    assert top["saving_ns_per_step"] == top["idle_ns_per_step"] < top["step_slack_ns_per_step"]
+    assert f"removing it saves about {top['saving_ns_per_step'] / 1e6:.2f} ms per step, as the host runs ahead" in f.recommendation
     assert f"then the host spends {after['ns_per_step'] / 1e6:.2f} ms per step in {after['file']}:{after['line']}" \
         in f.recommendation
     assert 0 < len(top["gaps"]) <= 50 and all(0 <= g["start_us"] <= f.metrics["window_ns"] / 1e3 for g in top["gaps"])
@@ -512,9 +516,9 @@ def test_a_model_pass_line_is_told_by_its_kernels():
 HOSTPY = ROOT / "fixtures" / "hostpython"
 
 
-@pytest.mark.parametrize("run, saving_ms, logged_ms", [("torch_sync", 2.619, 2.655), ("nsys_sync", 2.459, 2.534),
-                                                       ("nsys_sync_nosample", 2.609, 2.687)])
-def test_host_work_after_a_sync_matches_the_programs_own_timing(run, saving_ms, logged_ms):
+@pytest.mark.parametrize("run, host_ms, logged_ms", [("torch_sync", 2.619, 2.655), ("nsys_sync", 2.459, 2.534),
+                                                     ("nsys_sync_nosample", 2.609, 2.687)])
+def test_host_work_after_a_sync_matches_the_programs_own_timing(run, host_ms, logged_ms):
     """bench/bench_host_python.py times its own bookkeeping (the work between ``.item()`` and
     ``loss.backward()``, both blocking) in every step. The Python samples' estimate of that work in the
     window is 1-3% short of it under torch.profiler, nsys, and nsys without CPU sampling; with the plain
@@ -526,8 +530,8 @@ def test_host_work_after_a_sync_matches_the_programs_own_timing(run, saving_ms, 
     assert len(inside) == 12 and statistics.mean(inside) / 1e6 == pytest.approx(logged_ms, abs=0.001)
     top = idle_finding(t).evidence["frames"][0]
     assert top["kind"] == "sync" and top["host_after_sync"]["function"] == "<genexpr>"
-    assert top["saving_ns_per_step"] / 1e6 == pytest.approx(saving_ms, abs=0.001)
-    assert top["saving_ns_per_step"] / 1e6 == pytest.approx(logged_ms, rel=0.05)
+    assert top["host_after_sync_ns_per_step"] / 1e6 == pytest.approx(host_ms, abs=0.001)
+    assert top["host_after_sync_ns_per_step"] / 1e6 == pytest.approx(logged_ms, rel=0.05)
 
 
 class _SampleContext:
