@@ -8,6 +8,12 @@ if TYPE_CHECKING:
     from types import ModuleType
 
 
+def one_line(x: object) -> str:
+    """A message (or anything printable) on one line; an exception without a message by its type's name."""
+    text = " ".join(str(x).split())
+    return text or (type(x).__name__ if isinstance(x, BaseException) else "")
+
+
 class GpudoctorError(Exception):
     """An expected failure: printed as one line, exits with ``exit_code``. Never a traceback."""
 

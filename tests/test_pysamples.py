@@ -72,10 +72,15 @@ def test_samples_charge_the_culprit_its_measured_time(run_dir):
         return False
 
     hit = np.array([has_culprit(int(s)) for s in hs["stack_id"]])
-    charged_ns = float(np.diff(ts)[hit[1:]].sum())  # sample i stands for the time since sample i-1
-    r = t.ranges[(t.ranges["text"].astype(str) == "slow_host") & (t.ranges["start_ns"] >= ts[0])
-                 & (t.ranges["end_ns"] <= ts[-1])]
-    measured_ns = float((r["end_ns"] - r["start_ns"]).sum())
+    # sample i stands for the middle of its intervals, [(t[i-1] + t[i]) / 2, (t[i] + t[i+1]) / 2], as the
+    # analyzers take it: "since the last sample" would charge the culprit half an interval of the model's
+    # time at each entry, more where a loaded machine delays the timer's signals
+    mid = (ts[:-1] + ts[1:]) / 2
+    charged_ns = float((mid[1:] - mid[:-1])[hit[1:-1]].sum())
+    r = t.ranges[t.ranges["text"].astype(str) == "slow_host"]
+    # the culprit's time over the same span the charged samples cover (ranges cut at its ends)
+    measured_ns = float((np.minimum(r["end_ns"], mid[-1]) - np.maximum(r["start_ns"], mid[0])).clip(lower=0).sum())
+    r = r[(r["end_ns"] > mid[0]) & (r["start_ns"] < mid[-1])]
     assert len(r) >= 5 and measured_ns > 0
     print(f"charged {charged_ns / 1e6:.2f} ms, measured {measured_ns / 1e6:.2f} ms in {len(r)} ranges")
     assert charged_ns == pytest.approx(measured_ns, rel=0.15)

@@ -22,9 +22,9 @@ from gpudoctor.collect import backends, multirank, rundir
 from gpudoctor.collect.backends import BACKENDS
 from gpudoctor.collect.ranks import is_multi_rank, job_key
 from gpudoctor.collect.session import DEFAULT_GPU_METRICS_HZ, DEFAULT_NSYS_TIMEOUT_S, ProfileOptions, Session
-from gpudoctor.collect.supervise import debug_traceback, one_line, say
+from gpudoctor.collect.supervise import debug_traceback, say
 from gpudoctor.collect.window import WindowSpec
-from gpudoctor.errors import GpudoctorError
+from gpudoctor.errors import GpudoctorError, one_line
 
 if TYPE_CHECKING:
     from gpudoctor.analyzers.analysis import Analysis

@@ -21,9 +21,9 @@ from gpudoctor.collect import manifest as manifests
 from gpudoctor.collect.manifest import Result
 from gpudoctor.collect.ranks import RankInfo, detect_rank, is_multi_rank
 from gpudoctor.collect.rundir import RunDirectory
-from gpudoctor.collect.supervise import Supervisor, debug_traceback, one_line, say
+from gpudoctor.collect.supervise import Supervisor, debug_traceback, say
 from gpudoctor.collect.window import WindowSpec
-from gpudoctor.errors import GpudoctorError
+from gpudoctor.errors import GpudoctorError, one_line
 
 PARENT_ENV = "GPUDOCTOR_PROFILE_PARENT"  # set by --nproc for the ranks it launches
 DEFAULT_NSYS_TIMEOUT_S = 600.0

@@ -32,11 +32,6 @@ def say(msg: str) -> None:
         pass
 
 
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line (its type's name when it has none)."""
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def debug_traceback() -> None:
     """The current exception's traceback on stderr, only with $GPUDOCTOR_DEBUG set (users get one line)."""
     if os.environ.get("GPUDOCTOR_DEBUG"):

@@ -75,7 +75,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from gpudoctor.errors import InputError
+from gpudoctor.errors import InputError, one_line
 from gpudoctor.model.categories import categorize_kernels, short_names
 from gpudoctor.model.collectives import (
     collective_op,
@@ -271,7 +271,7 @@ def _read(path: Path, rank: int | None, stream: bool = True) -> Trace:
                 raise
             except Exception as e:  # noqa: BLE001 - anything odd: start over on the whole-document path
                 header = None
-                parser = f"whole ({_one_line(e)[:200] or type(e).__name__})"
+                parser = f"whole ({one_line(e)[:200] or type(e).__name__})"
     if header is None:
         acc = _Accumulator()
         header = _parse_whole(path, acc)
@@ -280,7 +280,7 @@ def _read(path: Path, rank: int | None, stream: bool = True) -> Trace:
     except InputError:
         raise
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:
-        raise InputError(path, f"unexpected event structure: {_one_line(e)}") from None
+        raise InputError(path, f"unexpected event structure: {one_line(e)}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,13 +295,9 @@ def _check_file(path: Path) -> None:
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise InputError(path, f"cannot read: {_one_line(e.strerror or e)}") from None
+        raise InputError(path, f"cannot read: {one_line(e.strerror or e)}") from None
     if size == 0:
         raise InputError(path, "empty file")
-
-
-def _one_line(x: Any) -> str:
-    return " ".join(str(x).split())
 
 
 class _Reader:
@@ -410,7 +406,7 @@ def _second_half(path: Path, sep: bytes, offset: int, send) -> None:
             _feed_batches(splitter.resume(sep), acc)
         out = (True, (acc, splitter.tail))
     except Exception as e:  # noqa: BLE001 - reported to the parent, which falls back
-        out = (False, f"{type(e).__name__}: {_one_line(e)[:200]}")
+        out = (False, f"{type(e).__name__}: {one_line(e)[:200]}")
     send.send_bytes(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
     send.close()
 
@@ -538,7 +534,7 @@ def _read_all(path: Path) -> bytes:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise InputError(path, f"cannot read: {_one_line(e.strerror or e)}") from None
+        raise InputError(path, f"cannot read: {one_line(e.strerror or e)}") from None
     if data[:2] == _GZIP_MAGIC:
         data = gunzip(data, path)
     if data.startswith(BOM):
@@ -572,7 +568,7 @@ def _parse_whole(path: Path, acc: "_Accumulator") -> dict:
             raise InputError(path, f"invalid UTF-8{_utf8_error_at(data)}") from None
         doc = _retry_parse(data, msg)
         if doc is None:
-            raise InputError(path, f"truncated or invalid JSON: {_one_line(msg)}") from None
+            raise InputError(path, f"truncated or invalid JSON: {one_line(msg)}") from None
     del data
     if isinstance(doc, dict):
         if "traceEvents" not in doc:
@@ -602,7 +598,7 @@ def _parse_whole(path: Path, acc: "_Accumulator") -> dict:
         if bad is not None:
             raise InputError(path, f"traceEvents[{bad}] is a {type(events[bad]).__name__}, "
                                    "expected an event object") from None
-        raise InputError(path, f"unexpected event structure: {_one_line(e)}") from None
+        raise InputError(path, f"unexpected event structure: {one_line(e)}") from None
     return header
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gpudoctor.errors import GpudoctorError, InputError
+from gpudoctor.errors import GpudoctorError, InputError, one_line
 from gpudoctor.model.categories import categorize_kernels
 from gpudoctor.model.collectives import P2P_OPS, enclosing_index, enclosing_ops, nccl_call_op, nccl_call_ops, range_op
 from gpudoctor.model.columns import per_value
@@ -178,7 +178,7 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
     try:
         conn = sqlite3.connect(uri, uri=True)
     except sqlite3.Error as e:
-        raise InputError(path, f"cannot open SQLite file: {_one_line(e)}") from None
+        raise InputError(path, f"cannot open SQLite file: {one_line(e)}") from None
     reader = None
     try:
         reader = _Reader(path, conn, uri)
@@ -188,11 +188,11 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
     except _BadExport as e:
         raise InputError(path, str(e)) from None
     except sqlite3.DatabaseError as e:
-        raise InputError(path, f"corrupt or truncated SQLite: {_one_line(e)}") from None
+        raise InputError(path, f"corrupt or truncated SQLite: {one_line(e)}") from None
     except sqlite3.Error as e:
-        raise InputError(path, f"cannot read SQLite: {_one_line(e)}") from None
+        raise InputError(path, f"cannot read SQLite: {one_line(e)}") from None
     except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
-        raise InputError(path, f"unexpected content in nsys export ({type(e).__name__}: {_one_line(e)})") from None
+        raise InputError(path, f"unexpected content in nsys export ({type(e).__name__}: {one_line(e)})") from None
     finally:
         if reader is not None:
             reader.close()
@@ -201,10 +201,6 @@ def read(path: str | Path, rank: int | None = None) -> Trace:
 
 # ----------------------------------------------------------------------------------------------------
 # File checks
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _check_file(path: Path) -> None:

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gpudoctor.errors import GpudoctorError, InputError
+from gpudoctor.errors import GpudoctorError, InputError, one_line
 from gpudoctor.model.schema import TABLES
 from gpudoctor.model.trace import Trace, conform, empty_frame
 from gpudoctor.store.atomic import atomic_path
@@ -118,7 +118,7 @@ def load(path: str | os.PathLike, *, use_cache: bool = True) -> Trace:
         before = db_path.stat()
         conn = _connect_ro(db_path)
     except (OSError, sqlite3.Error) as e:
-        raise InputError(db_path, f"cannot open run.db: {_one_line(e)}") from None
+        raise InputError(db_path, f"cannot open run.db: {one_line(e)}") from None
     try:
         meta, write_id = _read_meta(conn, db_path)
         tables = _read_cache(db_path, write_id) if use_cache else None
@@ -128,9 +128,9 @@ def load(path: str | os.PathLike, *, use_cache: bool = True) -> Trace:
     except GpudoctorError:
         raise
     except sqlite3.Error as e:
-        raise InputError(db_path, f"corrupt or unreadable run.db: {_one_line(e)}") from None
+        raise InputError(db_path, f"corrupt or unreadable run.db: {one_line(e)}") from None
     except (ValueError, TypeError, OverflowError) as e:
-        raise InputError(db_path, f"unexpected content in run.db ({type(e).__name__}: {_one_line(e)})") from None
+        raise InputError(db_path, f"unexpected content in run.db ({type(e).__name__}: {one_line(e)})") from None
     finally:
         conn.close()
     trace = Trace(meta=meta, **tables)
@@ -613,10 +613,6 @@ def _check_file(p: Path) -> None:
 
 def _sql_str(s: str) -> str:
     return "'" + str(s).replace("'", "''") + "'"
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _unlink_quietly(p: Path) -> None:
