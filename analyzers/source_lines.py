@@ -542,7 +542,16 @@ def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame
         if kind == "host" and callee_fn not in MODEL_PASS:
             entry.update(_host_saving(ctx, sf, fr, frame_id, entry, gaps, n_steps))
         out.append(entry)
-    return out
+    return rank_frames(out)
+
+
+def rank_frames(frames: list[dict]) -> list[dict]:
+    """Costliest first. The DataLoader's main-process work spreads over the lines of ``__getitem__``, its
+    transforms and collate, none of which need cost the most alone: its lines rank by the loader's total
+    (``dataloader_idle_ns_per_step``), each after the other by its own idle."""
+    def cost(f: dict) -> tuple[int, int]:
+        return f.get("dataloader_idle_ns_per_step", f["idle_ns_per_step"]), f["idle_ns_per_step"]
+    return sorted(frames, key=cost, reverse=True)
 
 
 def _host_after_sync(ctx, sf: pd.DataFrame, fr: pd.DataFrame, frame_id: int, gaps: pd.DataFrame,

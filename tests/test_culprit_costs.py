@@ -175,3 +175,16 @@ def test_three_more_nsys_recordings(rep, item_sync, slow_preprocess):
             sync = next(x for x in f.evidence["frames"] if x["kind"] == "sync")
             exposed_ms = sync["host_after_sync_ns_per_step"] / 1e6 * c.steady_steps / c.steady_with
             assert exposed_ms < 0.9 * c.cost_ms
+
+
+def test_the_loaders_lines_rank_by_the_loaders_total():
+    """Half the steps load in the main process: the backward line (17.1 ms per step) costs more than two of
+    the loader's three lines alone (16.3, 12.8 ms), but the loader as a whole costs 61 ms per step, so its
+    lines come first, each by its own idle."""
+    mine = frames("nsys_dataloader0")
+    loader = [x for x in mine if x.get("context") == "dataloader_main_process"]
+    assert mine[:len(loader)] == loader and len(loader) == 3
+    assert [x["idle_ns_per_step"] for x in loader] == sorted((x["idle_ns_per_step"] for x in loader), reverse=True)
+    backward = mine[len(loader)]
+    assert backward["callee"] == "backward" and backward["idle_ns_per_step"] > loader[1]["idle_ns_per_step"]
+    assert loader[0]["dataloader_idle_ns_per_step"] > 3 * backward["idle_ns_per_step"]
