@@ -48,6 +48,7 @@ _COMPILE = ("torch/_dynamo/convert_frame.py", "torch/_inductor/compile_fx.py", "
             "torch/_functorch/_aot_autograd/graph_compile.py")
 _AUTOTUNE = ("triton/runtime/autotuner", "torch/_inductor/runtime/triton_heuristics", "torch/_inductor/select_algorithm")
 KINDS = ("sync", "module", "launch", "host")
+_BUILDING = ("compile", "autotune", "jit", "cudnn_benchmark")  # contexts in which the GPU waits for code being built
 _JIT = re.compile(r"nvrtc|nvJitLink|cuLibraryLoad|cuModuleLoad|cuLink")
 
 
@@ -371,14 +372,33 @@ def _native_context_per_gap(ctx, sf: pd.DataFrame, fr: pd.DataFrame, gaps: pd.Da
     t = ns["start_ns"].to_numpy(np.int64)[stacks >= 0]
     c = ctx_of[inv.ravel()]
     t, c = t[c != ""], c[c != ""]
+    return _label_gaps(gaps, t, c)
+
+
+def _label_gaps(gaps: pd.DataFrame, t: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Per gap, the label of the first of the events at times ``t`` that fall inside it ("" for none)."""
+    out = np.full(len(gaps), "", dtype=object)
     g0, g1 = gaps["g0"].to_numpy(np.int64), gaps["g1"].to_numpy(np.int64)
     order = np.argsort(g0, kind="stable")
     j = np.searchsorted(g0[order], t, side="right") - 1
     jj = order[np.clip(j, 0, None)]
     inside = (j >= 0) & (t < g1[jj])
-    for gap, name in zip(jj[inside], c[inside]):  # samples with a context: a few per gap at most
+    for gap, name in zip(jj[inside], label[inside]):  # events with a label: a few per gap at most
         out[gap] = out[gap] or name
     return out
+
+
+def _compile_marks_per_gap(ctx, gaps: pd.DataFrame) -> np.ndarray:
+    """Per gap, "compile" when Dynamo / Inductor mark a compile inside it: torch.profiler records their
+    phases as ranges whose text holds ``compile_id=``, on whichever thread compiles. A backward graph
+    compiles lazily on autograd's thread while the main thread waits in ``loss.backward()``, where its
+    Python samples show nothing but the wait."""
+    r = ctx.trace.ranges
+    if r.empty or not len(gaps):
+        return np.full(len(gaps), "", dtype=object)
+    mark = per_value(r["text"], lambda v: "compile_id=" in v, dtype=bool, missing=False)
+    t = r.loc[mark, "start_ns"].to_numpy(np.int64)
+    return _label_gaps(gaps, t, np.full(len(t), "compile", dtype=object))
 
 
 _SEARCH_SYNCS = ("cudaEventSynchronize", "cudaDeviceSynchronize", "cuEventSynchronize", "cuCtxSynchronize")
@@ -495,6 +515,7 @@ def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame
     stack_pos, stack_ids = pd.factorize(c["stack"].to_numpy(np.int64))  # a few hundred distinct stacks
     calls_in_gap = _traced_calls_per_gap(ctx, gaps)
     native = _native_context_per_gap(ctx, sf, fr, gaps)
+    native = np.where(native == "", _compile_marks_per_gap(ctx, gaps), native)
     unwound = _syncs_unwound(ctx)
     slowdown = _profiled_step_slowdown(ctx, step_ns)
     from_syncs = (native == "") & (_api_context_per_gap(ctx, gaps) != "")
@@ -530,7 +551,10 @@ def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame
             entry["sync_backtraces"] = True
         if kind == "sync":
             entry.update(_host_after_sync(ctx, sf, fr, frame_id, gaps.iloc[gap_ns.index], n_steps))
-            entry.update(_sync_saving(ctx, sync_pattern, n_steps, entry["idle_ns_per_step"]))
+            if entry["context"] in _BUILDING:  # the wait is part of building code: its gaps go with the rebuilds
+                entry["saving_ns_per_step"] = entry["idle_ns_per_step"]
+            else:
+                entry.update(_sync_saving(ctx, sync_pattern, n_steps, entry["idle_ns_per_step"]))
         if kind == "launch" or callee_fn in MODEL_PASS:
             entry.update(_launch_stats(ctx, sf, frame_id, n_steps, k))
             entry.update(_unprofiled_launch_cost(ctx.trace.meta, entry))

@@ -115,8 +115,8 @@ def _culprit_frames(frames: list[dict], case: str) -> list[dict]:
         return [x for x in mine if x.get("context") == "dataloader_main_process"][:1]
     if case == "tiny_kernels":
         return [x for x in mine if x["function"] == "update_ema"][:1]
-    if case == "recompile":
-        return [x for x in mine if x.get("context") == "compile"][:1]
+    if case == "recompile":  # the compiled call's line, and loss.backward() where its backward compiles lazily
+        return [x for x in mine if x.get("context") == "compile"]
     if case == "shape_change":  # cuDNN's planning (torch: its syncs) and the forward's module loads
         return [x for x in mine if x["kind"] == "module" or x.get("context") == "cudnn_benchmark"]
     raise ValueError(case)
