@@ -554,7 +554,8 @@ def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame
             if entry["context"] in _BUILDING:  # the wait is part of building code: its gaps go with the rebuilds
                 entry["saving_ns_per_step"] = entry["idle_ns_per_step"]
             else:
-                entry.update(_sync_saving(ctx, sync_pattern, n_steps, entry["idle_ns_per_step"]))
+                slack = _step_slack_ns(ctx, sync_pattern, n_steps)
+                entry.update(step_slack_ns_per_step=slack, saving_ns_per_step=min(entry["idle_ns_per_step"], slack))
         if kind == "launch" or callee_fn in MODEL_PASS:
             entry.update(_launch_stats(ctx, sf, frame_id, n_steps, k))
             entry.update(_unprofiled_launch_cost(ctx.trace.meta, entry))
@@ -566,10 +567,10 @@ def frames_table(ctx: AnalysisContext, charged: pd.DataFrame, gaps: pd.DataFrame
         if kind == "host" and callee_fn not in MODEL_PASS:
             entry.update(_host_saving(ctx, sf, fr, frame_id, entry, gaps, n_steps))
         out.append(entry)
-    return rank_frames(out)
+    return _rank_frames(out)
 
 
-def rank_frames(frames: list[dict]) -> list[dict]:
+def _rank_frames(frames: list[dict]) -> list[dict]:
     """Costliest first. The DataLoader's main-process work spreads over the lines of ``__getitem__``, its
     transforms and collate, none of which need cost the most alone: its lines rank by the loader's total
     (``dataloader_idle_ns_per_step``), each after the other by its own idle."""
@@ -601,20 +602,20 @@ def _host_after_sync(ctx, sf: pd.DataFrame, fr: pd.DataFrame, frame_id: int, gap
             "host_after_sync_ns_per_step": int(round(host_ns))}
 
 
-def _sync_saving(ctx, sync_pattern: str, n_steps: int, idle_ns_per_step: int) -> dict:
-    """What removing a sync line saves per step: the GPU idle charged to it, bounded by how much shorter
-    the step can get at all. Without any wait the step still takes the longer of the GPU's work and the
-    host's own work (its steps' host time outside the calls that wait for the GPU), so the bound is the
-    step minus that (``step_slack_ns_per_step``). Without the sync the host runs ahead and its work, and
-    the launches after it, overlap the GPU's queue; where the host's own work is the longer, only the
-    difference comes back."""
-    start, end = ctx.window.host_span
-    api = ctx.trace.api_calls
-    s, e = api["start_ns"].to_numpy(np.int64), api["end_ns"].to_numpy(np.int64)
-    waits = ctx.name_mask(sync_pattern, api, "name") & (e > start) & (s < end)
-    host_own = (end - start - union_ns(s[waits], e[waits], start, end)) / n_steps
-    slack = max(ctx.window_ns / n_steps - max(host_own, ctx.busy_ns() / n_steps), 0.0)
-    return {"step_slack_ns_per_step": int(round(slack)), "saving_ns_per_step": int(round(min(idle_ns_per_step, slack)))}
+def _step_slack_ns(ctx, sync_pattern: str, n_steps: int) -> int:
+    """How much shorter the steady step can get at all, per step: what bounds a sync line's saving (its
+    GPU idle). Without any wait the step still takes the longer of the GPU's work and the host's own work
+    (its steps' host time outside the calls that wait for the GPU). Without the sync the host runs ahead
+    and its work, and the launches after it, overlap the GPU's queue; where the host's own work is the
+    longer, only the difference comes back. Once per window, whatever the number of sync lines."""
+    def compute() -> int:
+        start, end = ctx.window.host_span
+        api = ctx.trace.api_calls
+        s, e = api["start_ns"].to_numpy(np.int64), api["end_ns"].to_numpy(np.int64)
+        waits = ctx.name_mask(sync_pattern, api, "name") & (e > start) & (s < end)
+        host_own = (end - start - union_ns(s[waits], e[waits], start, end)) / n_steps
+        return int(round(max(ctx.window_ns / n_steps - max(host_own, ctx.busy_ns() / n_steps), 0.0)))
+    return ctx.cached(("source_lines.step_slack", sync_pattern), compute)
 
 
 def _in_model_pass(sf: pd.DataFrame, fr: pd.DataFrame, stacks: np.ndarray) -> np.ndarray:

@@ -67,31 +67,34 @@ def without_culprit(step: np.ndarray, block: int) -> np.ndarray:
     return (step // block) % 2 == 1
 
 
+def program_steps(trace) -> pd.DataFrame:
+    """The program's step_<i> ranges, with their step number ``i``."""
+    r = trace.ranges
+    r = r.loc[r["text"].astype(str).str.fullmatch(STEP_NAME)]
+    return r.assign(i=r["text"].astype(str).str.slice(5).astype(int))
+
+
 def step_starts(trace) -> pd.Series:
     """Each step_<i> range's first kernel, by i (the torch backend records each step twice: NVTX and
     record_function; both have the same kernels)."""
-    r = trace.ranges
-    i = r["text"].astype(str).str.fullmatch(STEP_NAME)
-    found = r.loc[i & r["gpu_start_ns"].notna()]
-    index = found["text"].astype(str).str.slice(5).astype(int)
-    return found["gpu_start_ns"].astype(np.int64).groupby(index.to_numpy()).min().sort_index()
+    found = program_steps(trace).dropna(subset=["gpu_start_ns"])
+    return found["gpu_start_ns"].astype(np.int64).groupby(found["i"].to_numpy()).min().sort_index()
 
 
 def steady_program_steps(trace, window) -> np.ndarray:
     """The program's step numbers in gpudoctor's steady window: the step_<i> ranges whose middle on the
     host's clock lies in it (the window's own steps are the agent's, cut at the optimizer's steps)."""
-    r = trace.ranges
-    r = r.loc[r["text"].astype(str).str.fullmatch(STEP_NAME)]
+    r = program_steps(trace)
     middle = (r["start_ns"] + r["end_ns"]) // 2
     start, end = window.host_span
-    inside = r.loc[(middle >= start) & (middle < end), "text"].astype(str).str.slice(5).astype(int)
-    return np.unique(inside.to_numpy())
+    return np.unique(r.loc[(middle >= start) & (middle < end), "i"].to_numpy())
 
 
 def window_cost(trace, block: int, steps: np.ndarray) -> dict:
     """The median over blocks of their mean step period, with and without the culprit, over ``steps`` (the
-    steady ones); the first and the last step of each block are left out. Medians, as ``culprits.py --interleave`` takes them: the host's
-    speed can still change inside the window (a block at another speed moves a mean, not the median)."""
+    steady ones); the first and the last step of each block are left out. Medians, as ``culprits.py
+    --interleave`` takes them: the host's speed can still change inside the window (a block at another
+    speed moves a mean, not the median)."""
     start = step_starts(trace)
     start = start[start.index.isin(steps)]
     step = start.index.to_numpy()

@@ -271,7 +271,7 @@ def _read(path: Path, rank: int | None, stream: bool = True) -> Trace:
                 raise
             except Exception as e:  # noqa: BLE001 - anything odd: start over on the whole-document path
                 header = None
-                parser = f"whole ({one_line(e)[:200] or type(e).__name__})"
+                parser = f"whole ({one_line(e)[:200]})"
     if header is None:
         acc = _Accumulator()
         header = _parse_whole(path, acc)
